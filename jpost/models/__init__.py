@@ -1,0 +1,1 @@
+"""Decoder models, heads and checkpoint import/export."""
