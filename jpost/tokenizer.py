@@ -1,0 +1,614 @@
+"""Tokenizer: HF `tokenizers` for text, jinja2 for chat templates, and the
+token spans of every chat message (what loss masks are built from).
+
+Loads a directory holding `tokenizer.json` (+ `tokenizer_config.json`,
+`chat_template.jinja`, `generation_config.json` when present) without
+importing transformers; renders chat templates exactly as transformers'
+`apply_chat_template(tokenize=False)` does.
+
+Message spans (`encode_chat`) work for any template, including templates
+without `{% generation %}` markers and templates that rewrite content
+(Llama 3 trims it; Qwen3 drops the reasoning of earlier assistant turns and
+inserts an empty think block before the last one):
+
+1. The conversation is rendered again with each message's content replaced
+   by a unique sentinel. The text between sentinels is the template's
+   "skeleton": piece 0 (before the first content), piece i (between content
+   i-1 and i), piece n (after the last content, e.g. the generation prompt).
+2. The pieces are found in order in the real rendering; the content of
+   message i is the text between piece i and piece i+1, as printed (trimmed
+   or otherwise cut down by the template). It must be a substring of the
+   message's content; anything else (a template that rewrites content or
+   renders it out of order) is an error, never a guessed span.
+3. The end-of-turn (eot) token of message i is the special token that starts
+   piece i+1, after optional whitespace. Message i's region ends after that
+   token and the whitespace following it (`<|im_end|>\\n`); without one it
+   ends where its content ends. The region of message 0 starts after the last
+   end-of-turn token (or a leading bos token) in piece 0, so text the template
+   puts before the first message (a default system prompt) is a prefix
+   outside every span, as is the generation prompt after the last message.
+4. Character positions become token indices with the encoding's offsets: a
+   token belongs to the span that contains its first character. A token
+   that straddles a boundary (e.g. "\\n " where the content starts with two
+   spaces after a newline header) therefore belongs wholly to one side.
+
+Fields other than 'content' (tool_calls, reasoning_content, ...) reach the
+template but are part of the skeleton, not of the content span.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import datetime
+import functools
+import json
+import pathlib
+from typing import Any, Sequence
+
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
+import tokenizers
+
+# transformers passes these named special tokens to every chat template.
+_NAMED_TOKENS = ('bos_token', 'eos_token', 'unk_token', 'sep_token',
+                 'pad_token', 'cls_token', 'mask_token')
+# transformers copies reasoning given under any of these names to all of them.
+_REASONING_FIELDS = ('reasoning_content', 'thinking', 'reasoning')
+_SENTINEL = '@@jpost-content-{}@@'
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MessageSpan:
+  """Token ranges of one message (half-open, indices into ChatEncoding.ids)."""
+
+  role: str
+  index: int  # position of the message in the conversation
+  start: int  # whole region: header + content + end-of-turn markup
+  end: int
+  content_start: int  # the content as the template printed it
+  content_end: int
+  # The end-of-turn special token closing the message (e.g. <|im_end|>); a
+  # template may put whitespace between content_end and it.
+  eot: int | None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ChatEncoding:
+  ids: list[int]
+  text: str
+  spans: tuple[MessageSpan, ...]
+
+
+# ----------------------------------------------------------------------------
+# Chat template rendering (mirrors transformers.utils.chat_template_utils).
+
+
+class _GenerationTag(jinja2.ext.Extension):
+  """Accepts `{% generation %}...{% endgeneration %}` and renders the body."""
+
+  tags = {'generation'}
+
+  def parse(self, parser):
+    lineno = next(parser.stream).lineno
+    body = parser.parse_statements(('name:endgeneration',), drop_needle=True)
+    return jinja2.nodes.CallBlock(
+        self.call_method('_body'), [], [], body).set_lineno(lineno)
+
+  def _body(self, caller):
+    return caller()
+
+
+class _TemplateDict:
+  # Same limited `dict` global as transformers: no attribute access to break out.
+  def __call__(self, *args, **kwargs):
+    return dict(*args, **kwargs)
+
+  def fromkeys(self, *args, **kwargs):
+    return dict.fromkeys(*args, **kwargs)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+  # Rejects underscore attributes, as transformers does, to keep the sandbox shut.
+  def __init__(*args, **kwargs):
+    self, args = args[0], args[1:]
+    attrs = dict(*args, **kwargs)
+    for name in attrs:
+      _TemplateNamespace._check(name)
+    jinja2.utils.Namespace.__init__(self, attrs)
+
+  def __setitem__(self, name, value):
+    _TemplateNamespace._check(name)
+    jinja2.utils.Namespace.__setitem__(self, name, value)
+
+  @staticmethod
+  def _check(name):
+    if isinstance(name, str) and name.startswith('_'):
+      raise jinja2.exceptions.SecurityError(
+          f'chat templates cannot set underscore attributes on a namespace ({name!r}).')
+
+
+def _raise_exception(message):
+  raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+  # Jinja's own tojson escapes HTML characters; chat templates expect plain JSON.
+  return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
+                    separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt):
+  return datetime.datetime.now().strftime(fmt)
+
+
+@functools.lru_cache(maxsize=32)
+def _compile(template: str) -> jinja2.Template:
+  env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+      trim_blocks=True, lstrip_blocks=True,
+      extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+  env.filters['tojson'] = _tojson
+  env.globals['raise_exception'] = _raise_exception
+  env.globals['strftime_now'] = _strftime_now
+  env.globals['dict'] = _TemplateDict()
+  env.globals['namespace'] = _TemplateNamespace
+  return env.from_string(template)
+
+
+def _template_message(message: dict) -> dict:
+  # transformers drops None values (templates test for missing keys) and
+  # aliases reasoning fields; doing the same keeps renders identical.
+  message = {k: v for k, v in message.items() if v is not None}
+  reasoning = next((message[k] for k in _REASONING_FIELDS if k in message), None)
+  if reasoning is not None:
+    message = {'thinking': reasoning, **message, 'reasoning_content': reasoning}
+  return message
+
+
+def _validate_messages(messages: Any) -> list[dict]:
+  if not isinstance(messages, (list, tuple)) or not messages:
+    raise ValueError(
+        f'messages must be a non-empty list of {{"role": ..., "content": ...}} dicts, '
+        f'got {type(messages).__name__} {str(messages)[:80]!r}.')
+  for i, message in enumerate(messages):
+    if not isinstance(message, dict):
+      raise ValueError(f'message {i} must be a dict with "role" and "content", '
+                       f'got {type(message).__name__}.')
+    if not isinstance(message.get('role'), str):
+      raise ValueError(f'message {i} needs a string "role" (keys: {sorted(message)}).')
+    if not isinstance(message.get('content'), str):
+      raise ValueError(
+          f'message {i} ({message["role"]}) needs a string "content", got '
+          f'{type(message.get("content")).__name__}; join multi-part content into one string.')
+  return list(messages)
+
+
+# ----------------------------------------------------------------------------
+# Loading.
+
+
+def _read_json(path: pathlib.Path) -> Any:
+  try:
+    return json.loads(path.read_text(encoding='utf-8'))
+  except json.JSONDecodeError as e:
+    raise ValueError(
+        f'{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}. '
+        'Fix or re-save the file.') from e
+
+
+def _token_text(value: Any, *, field: str, source: str) -> str | None:
+  """A special token given as a string or an AddedToken dict."""
+  if value is None or isinstance(value, str):
+    return value
+  if isinstance(value, dict) and isinstance(value.get('content'), str):
+    return value['content']
+  raise ValueError(
+      f'{source}: {field} must be a string or a {{"content": ...}} dict, got {value!r}.')
+
+
+def _chat_template(value: Any, *, source: str) -> str | None:
+  if value is None or isinstance(value, str):
+    return value
+  if isinstance(value, list):
+    named = {t.get('name'): t.get('template') for t in value if isinstance(t, dict)}
+    if isinstance(named.get('default'), str):
+      return named['default']
+    raise ValueError(
+        f'{source}: chat_template lists templates {sorted(map(str, named))} but none '
+        "named 'default'; add one or pass chat_template= to Tokenizer.from_dir.")
+  raise ValueError(f'{source}: chat_template must be a string or a list of '
+                   f'{{"name", "template"}} dicts, got {type(value).__name__}.')
+
+
+def _load_backend(path: pathlib.Path) -> tokenizers.Tokenizer:
+  try:
+    return tokenizers.Tokenizer.from_file(str(path))
+  except Exception as e:  # tokenizers raises bare Exception
+    _read_json(path)  # says where, when the file is not JSON at all
+    raise ValueError(f'{path}: `tokenizers` could not load it: {e}') from e
+
+
+def _generation_eos_ids(path: pathlib.Path) -> tuple[int, ...]:
+  if not path.is_file():
+    return ()
+  config = _read_json(path)
+  if not isinstance(config, dict):
+    raise ValueError(f'{path}: must hold a JSON object, got {type(config).__name__}.')
+  value = config.get('eos_token_id')
+  ids = [value] if isinstance(value, int) else value or []
+  if not all(isinstance(i, int) for i in ids):
+    raise ValueError(f'{path}: eos_token_id must be an int or a list of ints, got {value!r}.')
+  return tuple(ids)
+
+
+class Tokenizer:
+  """A `tokenizers.Tokenizer` with its special tokens and chat template."""
+
+  def __init__(self, *, backend: tokenizers.Tokenizer, config: dict, source: str,
+               chat_template: str | None, generation_eos_ids: Sequence[int] = ()):
+    self._backend = backend
+    self._config = dict(config)
+    self._source = source
+    self._chat_template = chat_template
+    self._generation_eos_ids = tuple(generation_eos_ids)
+    self._special = {}  # named special token -> text
+    for name in _NAMED_TOKENS:
+      text = _token_text(config.get(name), field=name, source=source)
+      if text is not None and backend.token_to_id(text) is None:
+        raise ValueError(
+            f'{source}: {name} {text!r} is not a token of the vocabulary; fix the '
+            'field in tokenizer_config.json or add the token to tokenizer.json.')
+      if text is not None:
+        self._special[name] = text
+    if 'eos_token' not in self._special and not self._generation_eos_ids:
+      raise ValueError(
+          f'{source}: no eos_token in tokenizer_config.json and no eos_token_id in '
+          'generation_config.json; set eos_token so generations can stop.')
+    added = backend.get_added_tokens_decoder()
+    # Longest first, so that a token wins over a shorter one it starts with.
+    self._special_texts = tuple(sorted(
+        {t.content for t in added.values() if t.special}, key=len, reverse=True))
+
+  # -- construction ----------------------------------------------------------
+
+  @classmethod
+  def from_dir(cls, path: str | pathlib.Path, *,
+               chat_template: str | None = None) -> Tokenizer:
+    """Loads tokenizer.json, tokenizer_config.json, chat_template.jinja and
+    generation_config.json from `path`; `chat_template` overrides the file's."""
+    path = pathlib.Path(path)
+    if not path.is_dir():
+      raise FileNotFoundError(f'tokenizer directory {path} does not exist.')
+    tokenizer_file = path / 'tokenizer.json'
+    if not tokenizer_file.is_file():
+      raise FileNotFoundError(
+          f'{tokenizer_file} not found; jpost needs a fast-tokenizer tokenizer.json '
+          '(transformers\' tokenizer.save_pretrained(dir) writes one).')
+    backend = _load_backend(tokenizer_file)
+    config_file = path / 'tokenizer_config.json'
+    config = _read_json(config_file) if config_file.is_file() else {}
+    if not isinstance(config, dict):
+      raise ValueError(f'{config_file}: must hold a JSON object, got {type(config).__name__}.')
+    template = _chat_template(config.get('chat_template'), source=str(config_file))
+    jinja_file = path / 'chat_template.jinja'
+    if jinja_file.is_file():  # transformers gives this file precedence too
+      template = jinja_file.read_text(encoding='utf-8')
+    return cls(backend=backend, config=config, source=str(path),
+               chat_template=chat_template if chat_template is not None else template,
+               generation_eos_ids=_generation_eos_ids(path / 'generation_config.json'))
+
+  @classmethod
+  def from_contents(cls, tokenizer_json: dict, config: dict, *, source: str,
+                    chat_template: str | None = None,
+                    generation_eos_ids: Sequence[int] = ()) -> Tokenizer:
+    """From parsed tokenizer.json / tokenizer_config.json contents (e.g. from
+    `jpost.models.gguf_tokenizer.tokenizer_files_from_gguf`). `chat_template`
+    defaults to the config's."""
+    try:
+      backend = tokenizers.Tokenizer.from_str(json.dumps(tokenizer_json))
+    except Exception as e:  # tokenizers raises bare Exception on schema errors
+      raise ValueError(f'{source}: tokenizer.json could not be loaded by `tokenizers`: {e}') from e
+    if chat_template is None:
+      chat_template = _chat_template(config.get('chat_template'), source=source)
+    return cls(backend=backend, config=config, source=source,
+               chat_template=chat_template, generation_eos_ids=generation_eos_ids)
+
+  @classmethod
+  def from_gguf(cls, path: str | pathlib.Path) -> Tokenizer:
+    """The tokenizer stored in a GGUF file's metadata."""
+    import gguf
+    from jpost.models.gguf_tokenizer import tokenizer_files_from_gguf
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise FileNotFoundError(f'GGUF file {path} does not exist.')
+    try:
+      tokenizer_json, config = tokenizer_files_from_gguf(gguf.GGUFReader(path))
+    except ValueError as e:
+      raise ValueError(f'{path}: {e}') from e
+    return cls.from_contents(tokenizer_json, config, source=str(path))
+
+  def with_chat_template(self, chat_template: str) -> Tokenizer:
+    """The same tokenizer with another chat template."""
+    other = Tokenizer(backend=self._backend, config=self._config, source=self._source,
+                      chat_template=chat_template, generation_eos_ids=self._generation_eos_ids)
+    if '_offsets_backend' in self.__dict__:  # share the copy; it is costly to build
+      other.__dict__['_offsets_backend'] = self._offsets_backend
+    return other
+
+  def save(self, path: str | pathlib.Path) -> pathlib.Path:
+    """Writes tokenizer.json and tokenizer_config.json (+ chat_template.jinja)
+    that transformers' AutoTokenizer.from_pretrained(path) loads. Stop ids
+    from generation_config.json are the model's: the model export writes that."""
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    self._backend.save(str(path / 'tokenizer.json'))
+    config = {k: v for k, v in self._config.items() if k not in _NAMED_TOKENS}
+    config |= self._special
+    config.setdefault('tokenizer_class', 'PreTrainedTokenizerFast')
+    config.pop('chat_template', None)
+    jinja_file = path / 'chat_template.jinja'
+    if self._chat_template is not None:
+      # Both places: older transformers read the config, newer the .jinja file.
+      config['chat_template'] = self._chat_template
+      jinja_file.write_text(self._chat_template, encoding='utf-8')
+    else:
+      jinja_file.unlink(missing_ok=True)  # a stale one would shadow the config
+    (path / 'tokenizer_config.json').write_text(
+        json.dumps(config, indent=2, ensure_ascii=False) + '\n', encoding='utf-8')
+    return path
+
+  # -- vocabulary ------------------------------------------------------------
+
+  @property
+  def vocab_size(self) -> int:
+    """Number of ids, added tokens included (the model's embedding may be larger)."""
+    return self._backend.get_vocab_size(with_added_tokens=True)
+
+  def _named_id(self, name: str) -> int | None:
+    text = self._special.get(name)
+    return None if text is None else self._backend.token_to_id(text)
+
+  @property
+  def bos_id(self) -> int | None:
+    return self._named_id('bos_token')
+
+  @property
+  def eos_id(self) -> int:
+    """eos_token, else generation_config.json's first eos_token_id."""
+    eos = self._named_id('eos_token')
+    return self._generation_eos_ids[0] if eos is None else eos
+
+  @property
+  def pad_id(self) -> int:
+    """pad_token, or eos_id when the config names none (see `pad_is_eos`).
+
+    Padding is told apart by `segment_ids == 0`, never by comparing ids with
+    pad_id: with pad == eos that would mask out the real end-of-turn tokens.
+    """
+    pad = self._named_id('pad_token')
+    return self.eos_id if pad is None else pad
+
+  @property
+  def pad_is_eos(self) -> bool:
+    return self.pad_id == self.eos_id
+
+  @functools.cached_property
+  def stop_ids(self) -> tuple[int, ...]:
+    """eos, generation_config.json's eos ids, then the chat template's
+    end-of-turn token when it can be detected (deduplicated, in that order)."""
+    ids = [self.eos_id, *self._generation_eos_ids]
+    eot = self._probe[0]
+    if eot is not None:
+      ids.append(self._backend.token_to_id(eot))
+    return tuple(dict.fromkeys(ids))
+
+  @property
+  def chat_template(self) -> str | None:
+    return self._chat_template
+
+  def token_to_id(self, token: str) -> int | None:
+    return self._backend.token_to_id(token)
+
+  def id_to_token(self, token_id: int) -> str | None:
+    return self._backend.id_to_token(token_id)
+
+  # -- text ------------------------------------------------------------------
+
+  def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+    return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+  def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+    """The text of `ids`. `clean_up_tokenization_spaces` is ignored, as recent
+    transformers does for BPE: it deletes real spaces before punctuation."""
+    return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+  # -- chat ------------------------------------------------------------------
+
+  def _render(self, messages: list[dict], add_generation_prompt: bool,
+              template_kwargs: dict) -> str:
+    if self._chat_template is None:
+      raise ValueError(
+          f'{self._source} has no chat template; set "chat_template" in its '
+          'tokenizer_config.json (or add chat_template.jinja), or pass one with '
+          'Tokenizer.from_dir(..., chat_template=...) / tokenizer.with_chat_template(...).')
+    try:
+      template = _compile(self._chat_template)
+    except jinja2.TemplateSyntaxError as e:
+      raise ValueError(
+          f'chat template of {self._source}: syntax error at line {e.lineno}: {e.message}') from e
+    variables = {**self._special, 'tools': None, 'documents': None, **template_kwargs,
+                 'messages': [_template_message(m) for m in messages],
+                 'add_generation_prompt': add_generation_prompt}
+    try:
+      return template.render(**variables)
+    except jinja2.TemplateError as e:
+      raise ValueError(f'chat template of {self._source} failed: {e}') from e
+
+  def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = False,
+                          **template_kwargs) -> str:
+    """The rendered conversation, as transformers' apply_chat_template(tokenize=False)."""
+    messages = _validate_messages(messages)
+    return self._render(messages, add_generation_prompt, template_kwargs)
+
+  def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = False,
+                  **template_kwargs) -> ChatEncoding:
+    """Token ids of the rendered conversation and each message's spans
+    (see the module docstring for how spans are found)."""
+    messages = _validate_messages(messages)
+    text = self._render(messages, add_generation_prompt, template_kwargs)
+    sentinels = [_SENTINEL.format(i) for i in range(len(messages))]
+    skeleton = self._render([dict(m, content=s) for m, s in zip(messages, sentinels)],
+                            add_generation_prompt, template_kwargs)
+    where = f'{self._source}: chat template'
+    pieces = _skeleton_pieces(skeleton, sentinels, where=where)
+    contents = _locate_contents(text, pieces, [m['content'] for m in messages], where=where)
+
+    # Character regions, then token indices.
+    eots, bounds = [], []  # eot (char, token text) per message; region end chars
+    for (_, content_end), piece in zip(contents, pieces[1:]):
+      gap = len(piece) - len(piece.lstrip())
+      token = self._special_prefix(piece[gap:])
+      if token is None:
+        eots.append(None)
+        bounds.append(content_end)
+      else:
+        eots.append((content_end + gap, token))
+        after = piece[gap + len(token):]
+        bounds.append(content_end + gap + len(token) + len(after) - len(after.lstrip()))
+    first = self._first_region_start(pieces[0], {e[1] for e in eots if e})
+
+    ids, starts = self._encode_with_offsets(text)
+    def index(char: int) -> int:
+      return bisect.bisect_left(starts, char)
+    spans = []
+    for i, message in enumerate(messages):
+      eot = None
+      if eots[i] is not None:
+        char, token = eots[i]
+        eot = index(char)
+        if eot >= len(ids) or starts[eot] != char or ids[eot] != self.token_to_id(token):
+          raise ValueError(
+              f'{where}: the end-of-turn token {token!r} of message {i} did not '
+              'encode as one token; the tokenizer splits it, so spans cannot be mapped.')
+      spans.append(MessageSpan(
+          role=message['role'], index=i,
+          start=index(first if i == 0 else bounds[i - 1]), end=index(bounds[i]),
+          content_start=index(contents[i][0]), content_end=index(contents[i][1]), eot=eot))
+    return ChatEncoding(ids=ids, text=text, spans=tuple(spans))
+
+  # -- span helpers ----------------------------------------------------------
+
+  def _special_prefix(self, text: str) -> str | None:
+    """The special token `text` starts with, if any."""
+    return next((t for t in self._special_texts if text.startswith(t)), None)
+
+  def _first_region_start(self, piece: str, eot_tokens: set[str]) -> int:
+    """Where message 0's region starts inside piece 0: after the last
+    end-of-turn token (+ whitespace) there, else after a leading bos token
+    unless bos is also the token that opens every turn (SmolLM2's <|im_start|>)."""
+    cut = max((piece.rfind(t) + len(t) for t in eot_tokens if t in piece), default=-1)
+    if cut >= 0:
+      return cut + len(piece[cut:]) - len(piece[cut:].lstrip())
+    bos = self._special.get('bos_token')
+    if bos and piece.startswith(bos) and bos != self._probe[1]:
+      return len(bos)
+    return 0
+
+  @functools.cached_property
+  def _offsets_backend(self) -> tokenizers.Tokenizer:
+    # Post-processors only add special tokens (off here) and may trim the
+    # offsets of tokens with leading/trailing spaces, which would move
+    # boundary tokens to the wrong span; without one the offsets are exact.
+    backend = tokenizers.Tokenizer.from_str(self._backend.to_str())
+    backend.post_processor = None
+    return backend
+
+  def _encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+    encoding = self._offsets_backend.encode(text, add_special_tokens=False)
+    starts = [start for start, _ in encoding.offsets]
+    if encoding.ids != self.encode(text) or starts != sorted(starts):
+      raise ValueError(
+          f'{self._source}: token offsets are not usable for spans (ids differ '
+          'without the post-processor, or offsets go backwards).')
+    return encoding.ids, starts
+
+  @functools.cached_property
+  def _probe(self) -> tuple[str | None, str | None]:
+    """(end-of-turn token after an assistant message, token opening the
+    assistant header) of the template, from a user + assistant skeleton;
+    (None, None) when the template rejects that conversation."""
+    if self._chat_template is None:
+      return None, None
+    sentinels = [_SENTINEL.format(0), _SENTINEL.format(1)]
+    try:
+      skeleton = self._render([{'role': 'user', 'content': sentinels[0]},
+                               {'role': 'assistant', 'content': sentinels[1]}], False, {})
+      _, between, after = _skeleton_pieces(skeleton, sentinels, where='probe')
+    except ValueError:
+      return None, None
+    header = between.lstrip()
+    user_eot = self._special_prefix(header)
+    if user_eot is not None:
+      header = header[len(user_eot):].lstrip()
+    return self._special_prefix(after.lstrip()), self._special_prefix(header)
+
+
+def _skeleton_pieces(skeleton: str, sentinels: list[str], *, where: str) -> list[str]:
+  """The text before, between and after the sentinels."""
+  pieces, cursor = [], 0
+  for i, sentinel in enumerate(sentinels):
+    count = skeleton.count(sentinel)
+    if count != 1:
+      raise ValueError(
+          f'{where} prints the content of message {i} {count} times (expected once, '
+          'unchanged); it drops, repeats or rewrites contents, so jpost cannot tell '
+          'which tokens are the content.')
+    at = skeleton.find(sentinel)
+    if at < cursor:
+      raise ValueError(
+          f'{where} prints message {i} before message {i - 1}; spans need the '
+          'messages in conversation order.')
+    pieces.append(skeleton[cursor:at])
+    cursor = at + len(sentinel)
+  pieces.append(skeleton[cursor:])
+  return pieces
+
+
+def _locate_contents(text: str, pieces: list[str], contents: list[str], *,
+                     where: str) -> list[tuple[int, int]]:
+  """(start, end) characters of each message's printed content in `text`."""
+  def error(detail: str) -> ValueError:
+    return ValueError(
+        f'{where}: cannot locate the message contents: {detail}. The template renders '
+        'a message differently from the same message with other content (Qwen3, for '
+        'one, moves the <think> reasoning of the last assistant turn out of its '
+        'content), so jpost cannot tell which tokens are the content; change the '
+        'message or the template.')
+  def missing(i: int, piece: str) -> ValueError:
+    place = ('before message 0' if i == 0 else 'after the last message'
+             if i == len(contents) else f'between messages {i - 1} and {i}')
+    return error(f'the template text {piece[:80]!r} {place} is not in the rendering')
+  if not text.startswith(pieces[0]):
+    raise missing(0, pieces[0])
+  cursor, found, last = len(pieces[0]), [], len(contents) - 1
+  for i, content in enumerate(contents):
+    after = pieces[i + 1]
+    if text.startswith(content + after, cursor) and (
+        i < last or cursor + len(content) + len(after) == len(text)):
+      end = cursor + len(content)  # printed verbatim: no search, no ambiguity
+    else:
+      if after in content:
+        raise error(f'message {i}: it contains the template text {after!r} that follows it')
+      if i == last:  # the last piece ends the rendering
+        end = len(text) - len(after) if text.endswith(after) else -1
+      else:
+        end = text.find(after, cursor)
+      if end < cursor:
+        raise missing(i + 1, after)
+      if text[cursor:end] not in content:
+        raise error(f'message {i}: the template printed {text[cursor:end][:60]!r}, '
+                    'which is not part of the message content')
+    found.append((cursor, end))
+    cursor = end + len(after)
+  return found
