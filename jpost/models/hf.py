@@ -211,15 +211,23 @@ def load(path: str | pathlib.Path, *, mesh=None, rules=None, **overrides) -> Dec
 def save(model: Decoder, path: str | pathlib.Path, *, tokenizer=None,
          dtype: str | None = None, max_shard_bytes: int = 2 << 30) -> pathlib.Path:
   """Writes config.json, safetensors (+ index when sharded) and the tokenizer."""
-  path = pathlib.Path(path)
-  path.mkdir(parents=True, exist_ok=True)
-  cfg = model.config
   tensors = params_to_hf(model)
   if dtype is not None:
     np_dtype = np.dtype(jax.numpy.dtype(dtype))
     tensors = {k: v.astype(np_dtype) for k, v in tensors.items()}
-  hf_config = cfg.to_hf()
-  hf_config['torch_dtype'] = dtype or cfg.param_dtype
+  hf_config = model.config.to_hf()
+  hf_config['torch_dtype'] = dtype or model.config.param_dtype
+  path = write_checkpoint(tensors, hf_config, path, max_shard_bytes=max_shard_bytes)
+  if tokenizer is not None:
+    tokenizer.save(path)
+  return path
+
+
+def write_checkpoint(tensors: dict[str, np.ndarray], hf_config: dict,
+                     path: str | pathlib.Path, *, max_shard_bytes: int = 2 << 30) -> pathlib.Path:
+  """Writes HF-named tensors and a config dict as a transformers checkpoint."""
+  path = pathlib.Path(path)
+  path.mkdir(parents=True, exist_ok=True)
   (path / 'config.json').write_text(json.dumps(hf_config, indent=2) + '\n')
   for old in list(path.glob('*.safetensors')) + [path / _INDEX]:
     old.unlink(missing_ok=True)  # never mix shards of two exports
@@ -234,15 +242,13 @@ def save(model: Decoder, path: str | pathlib.Path, *, tokenizer=None,
   meta = {'format': 'pt'}  # transformers expects this to load safetensors
   if len(shards) == 1:
     save_file(shards[0], path / 'model.safetensors', metadata=meta)
-  else:
-    weight_map = {}
-    for n, shard in enumerate(shards, 1):
-      file = f'model-{n:05d}-of-{len(shards):05d}.safetensors'
-      save_file(shard, path / file, metadata=meta)
-      weight_map |= {name: file for name in shard}
-    total = sum(a.nbytes for a in tensors.values())
-    (path / _INDEX).write_text(json.dumps(
-        {'metadata': {'total_size': total}, 'weight_map': weight_map}, indent=2))
-  if tokenizer is not None:
-    tokenizer.save(path)
+    return path
+  weight_map = {}
+  for n, shard in enumerate(shards, 1):
+    file = f'model-{n:05d}-of-{len(shards):05d}.safetensors'
+    save_file(shard, path / file, metadata=meta)
+    weight_map |= {name: file for name in shard}
+  total = sum(a.nbytes for a in tensors.values())
+  (path / _INDEX).write_text(json.dumps(
+      {'metadata': {'total_size': total}, 'weight_map': weight_map}, indent=2))
   return path

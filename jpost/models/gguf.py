@@ -1,0 +1,142 @@
+"""GGUF (llama.cpp) import for the Llama architecture.
+
+A GGUF file holds quantised weights, the model's hyperparameters and its
+tokenizer with chat template. `convert` dequantises the weights with the
+`gguf` package, undoes llama.cpp's per-head permutation of the query and key
+projections (its rotary layout interleaves the two halves that HF's
+rotate-half keeps apart), and writes an ordinary HF checkpoint directory that
+both jpost and transformers load.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+
+from jpost.models import hf
+
+SUPPORTED_ARCHITECTURES = ('llama',)
+
+# GGUF tensor name (per block {i}) -> HF tensor name.
+_NAMES = {
+    'token_embd.weight': 'model.embed_tokens.weight',
+    'output_norm.weight': 'model.norm.weight',
+    'output.weight': 'lm_head.weight',
+    'blk.{i}.attn_norm.weight': 'model.layers.{i}.input_layernorm.weight',
+    'blk.{i}.attn_q.weight': 'model.layers.{i}.self_attn.q_proj.weight',
+    'blk.{i}.attn_k.weight': 'model.layers.{i}.self_attn.k_proj.weight',
+    'blk.{i}.attn_v.weight': 'model.layers.{i}.self_attn.v_proj.weight',
+    'blk.{i}.attn_output.weight': 'model.layers.{i}.self_attn.o_proj.weight',
+    'blk.{i}.ffn_norm.weight': 'model.layers.{i}.post_attention_layernorm.weight',
+    'blk.{i}.ffn_gate.weight': 'model.layers.{i}.mlp.gate_proj.weight',
+    'blk.{i}.ffn_up.weight': 'model.layers.{i}.mlp.up_proj.weight',
+    'blk.{i}.ffn_down.weight': 'model.layers.{i}.mlp.down_proj.weight',
+}
+
+
+def _field(reader, key, default=None, *, source):
+  field = reader.fields.get(key)
+  if field is None:
+    if default is None:
+      raise ValueError(f'{source}: GGUF metadata key {key!r} is missing.')
+    return default
+  return field.contents()
+
+
+def hf_config_from_gguf(reader, *, source: str) -> dict:
+  """The transformers config.json of a llama-architecture GGUF."""
+  arch = _field(reader, 'general.architecture', source=source)
+  if arch not in SUPPORTED_ARCHITECTURES:
+    raise ValueError(
+        f'{source}: GGUF architecture {arch!r} is not supported; jpost imports '
+        f'{SUPPORTED_ARCHITECTURES} GGUFs. Load an HF checkpoint directory instead.')
+  names = {t.name for t in reader.tensors}
+  if 'rope_freqs.weight' in names:
+    raise ValueError(
+        f'{source}: GGUF carries rope_freqs (Llama 3.1 RoPE scaling), which the '
+        'GGUF import does not map yet; load the HF checkpoint directory instead.')
+  tokens = reader.fields.get('tokenizer.ggml.tokens')
+  heads = int(_field(reader, f'{arch}.attention.head_count', source=source))
+  hidden = int(_field(reader, f'{arch}.embedding_length', source=source))
+  def token_id(key):
+    field = reader.fields.get(f'tokenizer.ggml.{key}')
+    return None if field is None else int(field.contents())
+  return {
+      'architectures': ['LlamaForCausalLM'],
+      'model_type': 'llama',
+      'vocab_size': int(_field(reader, f'{arch}.vocab_size',
+                               len(tokens.data) if tokens else None, source=source)),
+      'hidden_size': hidden,
+      'intermediate_size': int(_field(reader, f'{arch}.feed_forward_length', source=source)),
+      'num_hidden_layers': int(_field(reader, f'{arch}.block_count', source=source)),
+      'num_attention_heads': heads,
+      'num_key_value_heads': int(_field(reader, f'{arch}.attention.head_count_kv', heads, source=source)),
+      'head_dim': int(_field(reader, f'{arch}.attention.key_length', hidden // heads, source=source)),
+      'hidden_act': 'silu',
+      'rms_norm_eps': float(_field(reader, f'{arch}.attention.layer_norm_rms_epsilon', source=source)),
+      'rope_theta': float(_field(reader, f'{arch}.rope.freq_base', 10000.0, source=source)),
+      'max_position_embeddings': int(_field(reader, f'{arch}.context_length', 4096, source=source)),
+      'tie_word_embeddings': 'output.weight' not in names,
+      'attention_bias': False,
+      'mlp_bias': False,
+      'bos_token_id': token_id('bos_token_id'),
+      'eos_token_id': token_id('eos_token_id'),
+      'pad_token_id': token_id('padding_token_id'),
+      'torch_dtype': 'float32',
+  }
+
+
+def unpermute_rotary(weight: np.ndarray, num_heads: int) -> np.ndarray:
+  """Inverts llama.cpp's q/k permutation: per head, rows (pairs interleaved)
+  go back to HF's layout (first half, then second half)."""
+  out_dim = weight.shape[0]
+  head = out_dim // num_heads
+  return (weight.reshape(num_heads, head // 2, 2, *weight.shape[1:])
+          .swapaxes(1, 2).reshape(weight.shape))
+
+
+def hf_tensors_from_gguf(reader, config: dict, *, source: str) -> dict[str, np.ndarray]:
+  """Dequantised float32 tensors under their HF names; every tensor is used."""
+  import gguf
+  table = {}
+  for g, h in _NAMES.items():
+    if '{i}' in g:
+      table |= {g.format(i=i): h.format(i=i) for i in range(config['num_hidden_layers'])}
+    else:
+      table[g] = h
+  unknown = sorted(t.name for t in reader.tensors if t.name not in table)
+  if unknown:
+    raise ValueError(f'{source}: GGUF tensors with no HF mapping: {unknown[:8]}')
+  out = {}
+  for tensor in reader.tensors:
+    array = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+    name = table[tensor.name]
+    if name.endswith('q_proj.weight'):
+      array = unpermute_rotary(array, config['num_attention_heads'])
+    elif name.endswith('k_proj.weight'):
+      array = unpermute_rotary(array, config['num_key_value_heads'])
+    out[name] = np.ascontiguousarray(array)
+  return out
+
+
+def convert(gguf_path: str | pathlib.Path, out_dir: str | pathlib.Path) -> pathlib.Path:
+  """Writes a HF checkpoint directory (config, safetensors, tokenizer) from a GGUF."""
+  import gguf
+  from jpost.models.gguf_tokenizer import tokenizer_files_from_gguf
+  gguf_path = pathlib.Path(gguf_path)
+  if not gguf_path.is_file():
+    raise FileNotFoundError(f'GGUF file {gguf_path} does not exist.')
+  source = str(gguf_path)
+  reader = gguf.GGUFReader(gguf_path)
+  config = hf_config_from_gguf(reader, source=source)
+  tensors = hf_tensors_from_gguf(reader, config, source=source)
+  out_dir = hf.write_checkpoint(tensors, config, out_dir)
+  tokenizer_json, tokenizer_config = tokenizer_files_from_gguf(reader)
+  (out_dir / 'tokenizer.json').write_text(json.dumps(tokenizer_json, ensure_ascii=False))
+  (out_dir / 'tokenizer_config.json').write_text(json.dumps(tokenizer_config, indent=2))
+  generation = {k: config[k] for k in ('bos_token_id', 'eos_token_id', 'pad_token_id')
+                if config[k] is not None}
+  (out_dir / 'generation_config.json').write_text(json.dumps(generation, indent=2))
+  return out_dir
