@@ -1,0 +1,30 @@
+"""Greedy answers of a chat model to a few prompts (the `make demo` job).
+
+  python -m jpost.main --config=configs/generate.py --workdir=runs/generate
+  python -m jpost.main --config=configs/generate.py:tiny --config.model.path=/my/hf/checkpoint
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.trainer = 'generate'
+  config.seed = 0
+  # A HF checkpoint dir, a .gguf file or an embedded name (jpost.models.pretrained).
+  config.model = ml_collections.ConfigDict(dict(
+      path='smollm2-135m-instruct', dtype='float32', param_dtype='float32'))
+  config.system_prompt = ''
+  config.prompts = [
+      'What is the capital of France?',
+      'What is 12 * 7?',
+      'Write a haiku about the sea.',
+      'Give me three tips for writing clear code.',
+  ]
+  config.sampling = ml_collections.ConfigDict(dict(max_new_tokens=64, temperature=0.0))
+  if arg == 'tiny':
+    config.prompts = config.prompts[:2]
+    config.sampling.max_new_tokens = 12
+  elif arg:
+    raise ValueError(f'unknown config argument {arg!r}; use "tiny" or nothing.')
+  return config.lock()

@@ -1,0 +1,36 @@
+"""Recipes by name: `config.trainer` picks one, `run(config, workdir)` runs it."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+_RECIPES: dict[str, Callable] = {}
+
+
+def register(name: str):
+  """Decorator adding a `run(config, workdir)` function under `name`."""
+  def add(fn):
+    if name in _RECIPES:
+      raise ValueError(f'recipe {name!r} is registered twice.')
+    _RECIPES[name] = fn
+    return fn
+  return add
+
+
+def get(name: str) -> Callable:
+  _load_builtin()
+  if name not in _RECIPES:
+    raise ValueError(
+        f'config.trainer={name!r} is not a known recipe; known recipes: '
+        f'{sorted(_RECIPES)}.')
+  return _RECIPES[name]
+
+
+def names() -> list[str]:
+  _load_builtin()
+  return sorted(_RECIPES)
+
+
+def _load_builtin():
+  # Imported here, not at package import, so `jpost.trainers` stays light.
+  from jpost.trainers import generate  # noqa: F401

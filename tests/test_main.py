@@ -1,0 +1,43 @@
+"""The command line: config files, overrides, the recipe registry, the demo job."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jpost import trainers
+
+
+def _run(*args, timeout=600):
+  return subprocess.run([sys.executable, '-m', 'jpost.main', *args],
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_unknown_recipe_lists_known_ones(tmp_path):
+  proc = _run('--config=configs/generate.py:tiny', '--config.trainer=nope',
+              f'--workdir={tmp_path}')
+  assert proc.returncode != 0
+  assert "config.trainer='nope' is not a known recipe" in proc.stderr
+  assert 'generate' in proc.stderr
+
+
+def test_registry_rejects_unknown_names():
+  with pytest.raises(ValueError, match=r"known recipes: \[.*'generate'"):
+    trainers.get('ppo2')
+
+
+def test_generate_tiny_with_overrides(tmp_path):
+  proc = _run('--config=configs/generate.py:tiny', f'--workdir={tmp_path}',
+              '--config.sampling.max_new_tokens=10')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = [json.loads(line) for line in (tmp_path / 'generations.jsonl').open()]
+  assert [r['prompt'] for r in records] == ['What is the capital of France?', 'What is 12 * 7?']
+  assert 'Paris' in records[0]['answer']
+  assert all(0 < r['tokens'] <= 10 for r in records)  # the override took effect
+  assert 'Paris' in proc.stdout
+
+
+def test_bad_config_argument_is_an_error(tmp_path):
+  proc = _run('--config=configs/generate.py:huge', f'--workdir={tmp_path}')
+  assert proc.returncode != 0 and "unknown config argument 'huge'" in proc.stderr
