@@ -68,9 +68,14 @@ class RowFilter:
           f'RowFilter max_examples={self.max_examples!r} must be an int >= 0 '
           '(the number of skipped rows whose messages are kept for the report)')
 
-  def apply(self, fn: Callable[[Any], Any], row: Any, where: str) -> Any:
-    """fn(row); on RowError: re-raise (policy error) or count, return None."""
-    self._seen += 1
+  def apply(self, fn: Callable[[Any], Any], row: Any, where: str, *,
+            new_row: bool = True) -> Any:
+    """fn(row); on RowError: re-raise (policy error) or count, return None.
+
+    `new_row=False` for a later stage of a row an earlier `apply` already
+    counted as seen (e.g. normalising a row the reader tagged).
+    """
+    self._seen += new_row
     try:
       return fn(row)
     except RowError as e:

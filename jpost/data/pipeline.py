@@ -1,0 +1,228 @@
+"""Grain pipelines: rows -> validated examples -> tokens + masks -> packed batches.
+
+    sources (JSONL / Parquet / lists)  -- read and validated up front, so bad
+      rows are reported (file:line) before training starts
+    -> per-process shard -> shuffle(seed) -> repeat(epochs) -> mix(weights)
+    -> map(tokenise + mask + truncate)            (lazily, counted)
+    -> pack (SFT) or pad -> batch -> numpy dicts of the batch contract
+
+Every pipeline is a `grain.IterDataset`: deterministic for a seed, and its
+iterator's `get_state()` / `set_state()` resume exactly (the checkpoint stores
+that state). Batches follow the contract of ../DESIGN.md: `tokens`,
+`positions`, `segment_ids` (0 = padding), `loss_mask`, all [B, T] int32.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import threading
+from typing import Any, Callable, Sequence
+
+import grain
+import numpy as np
+
+from jpost.data import masking, rows, sources
+from jpost.tokenizer import Tokenizer
+
+KINDS = ('sft', 'preference', 'prompt')
+_NORMALIZE = {'sft': rows.normalize_sft, 'preference': rows.normalize_preference,
+              'prompt': rows.normalize_prompt}
+
+
+class PipelineStats:
+  """Counts of what the pipeline did with rows: validation skips (by reason,
+  with examples) from the RowFilter, and truncations/drops while encoding."""
+
+  def __init__(self, row_filter: rows.RowFilter):
+    self.row_filter = row_filter
+    self.encoded = collections.Counter()
+    self._lock = threading.Lock()  # Grain may map in several threads
+
+  def count(self, key: str):
+    with self._lock:
+      self.encoded[key] += 1
+
+  def as_dict(self) -> dict[str, Any]:
+    with self._lock:
+      return {'rows': self.row_filter.stats(), 'encoded': dict(self.encoded)}
+
+  def __getstate__(self):
+    return {'row_filter': self.row_filter, 'encoded': self.encoded}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+
+def load_examples(source, kind: str, row_filter: rows.RowFilter, **normalize_kw) -> list[dict]:
+  """Reads one source and normalises every row (bad rows: error or counted skip)."""
+  normalize = _NORMALIZE[kind]
+  examples = []
+  for row in sources.load_source(source, row_filter=row_filter):
+    where = row[rows.WHERE_KEY]
+    example = row_filter.apply(functools.partial(normalize, where=where, **normalize_kw),
+                               row, where, new_row=False)
+    if example is not None:
+      example['_where'] = where
+      examples.append(example)
+  return examples
+
+
+def _examples_dataset(source_specs: Sequence, kind: str, *, weights, seed: int,
+                      num_epochs: int | None, shard_index: int, shard_count: int,
+                      stats: PipelineStats, **normalize_kw) -> grain.MapDataset:
+  if not isinstance(source_specs, (list, tuple)) or (
+      source_specs and isinstance(source_specs[0], dict)):
+    source_specs = [source_specs]  # one path, or one list of row dicts
+  if weights is not None and len(weights) != len(source_specs):
+    raise ValueError(f'{len(weights)} mixture weights for {len(source_specs)} sources; '
+                     'give one weight per source.')
+  datasets = []
+  for i, spec in enumerate(source_specs):
+    examples = load_examples(spec, kind, stats.row_filter, **normalize_kw)
+    if not examples:
+      raise ValueError(f'data source {i} ({str(spec)[:80]}) has no usable rows '
+                       f'(row stats: {stats.row_filter.stats()}).')
+    ds = grain.MapDataset.source(examples)[shard_index::shard_count]
+    # Each source its own seed, each epoch its own order (Grain reshuffles per repeat).
+    ds = ds.shuffle(seed=seed + 7919 * i).repeat(num_epochs if len(source_specs) == 1 else None)
+    datasets.append(ds)
+  if len(datasets) == 1:
+    return datasets[0]
+  # Mixtures are infinite: a weighted, deterministic interleave of endless sources.
+  return grain.MapDataset.mix(datasets, weights or [1.0] * len(datasets))
+
+
+def _counted(fn: Callable, stats: PipelineStats) -> Callable:
+  """Wraps an encoder: RowErrors become counted drops (None) under the row
+  filter's policy; 'error' stops the run with the row's location."""
+  def encode(example):
+    try:
+      return fn(example)
+    except rows.RowError as e:
+      if stats.row_filter.policy == 'error' and e.reason != 'too_long':
+        raise
+      stats.row_filter.record(e.reason, e.where, str(e))
+      stats.count(f'dropped_{e.reason}')
+      return None
+  return encode
+
+
+def _pad(array: np.ndarray, length: int, value: int = 0) -> np.ndarray:
+  return np.pad(array, (0, length - len(array)), constant_values=value)
+
+
+def _sequence_fields(tokens, mask, length: int, prefix: str = '') -> dict[str, np.ndarray]:
+  n = len(tokens)
+  return {f'{prefix}tokens': _pad(tokens, length), f'{prefix}positions': _pad(np.arange(n, dtype=np.int32), length),
+          f'{prefix}segment_ids': _pad(np.ones(n, np.int32), length),
+          f'{prefix}loss_mask': _pad(mask, length)}
+
+
+def _encode_sft(example, *, tokenizer, mask_config, stats):
+  tokens, mask = masking.encode_sft(example, tokenizer, mask_config.mask_mode)
+  tokens, mask, truncated = masking.truncate(tokens, mask, mask_config, where=example['_where'])
+  stats.count('truncated' if truncated else 'encoded')
+  return {'tokens': tokens, 'loss_mask': mask}
+
+
+def _encode_preference(example, *, tokenizer, mask_config, stats):
+  out = {}
+  for side in ('chosen', 'rejected'):
+    tokens, mask = masking.encode_response(example, side, tokenizer)
+    tokens, mask, truncated = masking.truncate(tokens, mask, mask_config, where=example['_where'])
+    if truncated:
+      stats.count(f'truncated_{side}')
+    out |= _sequence_fields(tokens, mask, mask_config.max_len, f'{side}_')
+  if np.array_equal(out['chosen_tokens'], out['rejected_tokens']):
+    raise rows.RowError('chosen_equals_rejected', example['_where'],
+                        'chosen and rejected are identical after truncation',
+                        'raise max_len or remove the row')
+  stats.count('encoded')
+  return out
+
+
+def _encode_prompt(example, *, tokenizer, max_len, stats):
+  tokens = masking.encode_prompt(example, tokenizer)
+  if len(tokens) > max_len:
+    raise rows.RowError('too_long', example['_where'],
+                        f'prompt has {len(tokens)} tokens, more than max_prompt_len={max_len}',
+                        'raise max_prompt_len or shorten the prompt')
+  stats.count('encoded')
+  return {'tokens': tokens, 'extra': example['extra'], 'prompt': example['prompt']}
+
+
+def _left_pad_batch(items: Sequence[dict], *, length: int, pad_id: int) -> dict[str, Any]:
+  """Prompts right-aligned to `length`; positions start at 0 on the first real token."""
+  batch = {'tokens': np.full((len(items), length), pad_id, np.int32),
+           'positions': np.zeros((len(items), length), np.int32),
+           'segment_ids': np.zeros((len(items), length), np.int32)}
+  for row, item in enumerate(items):
+    n = len(item['tokens'])
+    batch['tokens'][row, length - n:] = item['tokens']
+    batch['positions'][row, length - n:] = np.arange(n)
+    batch['segment_ids'][row, length - n:] = 1
+  batch['extra'] = [item['extra'] for item in items]
+  batch['prompt'] = [item['prompt'] for item in items]
+  return batch
+
+
+def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max_len: int,
+          mask_mode: str = 'auto', truncation: str = 'drop', packing: bool = True,
+          weights: Sequence[float] | None = None, seed: int = 0, num_epochs: int | None = None,
+          policy: str = 'error', shard_index: int = 0, shard_count: int = 1,
+          num_threads: int = 0, require_assistant: bool = False):
+  """(grain.IterDataset of batches, PipelineStats) for `kind` in KINDS.
+
+  sft: packed (or padded) rows of `tokens, positions, segment_ids, loss_mask`.
+  preference: `chosen_*` and `rejected_*` of the same row side by side, padded.
+  prompt: left-padded `tokens, positions, segment_ids` plus `extra` (the row's
+    other columns, unchanged) and `prompt`, lists of length batch_size.
+  `num_epochs=None` repeats forever; `shard_index/shard_count` split the rows
+  across hosts (jax.process_index() / jax.process_count()).
+  """
+  if kind not in KINDS:
+    raise ValueError(f'pipeline kind {kind!r} unknown; use one of {KINDS}.')
+  if batch_size <= 0:
+    raise ValueError(f'batch_size must be positive, got {batch_size}.')
+  stats = PipelineStats(rows.RowFilter(policy=policy))
+  normalize_kw = {'require_assistant': require_assistant} if kind == 'sft' else {}
+  ds = _examples_dataset(source_specs, kind, weights=weights, seed=seed, num_epochs=num_epochs,
+                         shard_index=shard_index, shard_count=shard_count, stats=stats,
+                         **normalize_kw)
+  if kind == 'prompt':
+    encode = functools.partial(_encode_prompt, tokenizer=tokenizer, max_len=max_len, stats=stats)
+  else:
+    mask_config = masking.MaskConfig(max_len=max_len, mask_mode=mask_mode, truncation=truncation)
+    encoder = _encode_sft if kind == 'sft' else _encode_preference
+    encode = functools.partial(encoder, tokenizer=tokenizer, mask_config=mask_config, stats=stats)
+  ds = ds.map(_counted(encode, stats))
+  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * batch_size) \
+      if num_threads else None
+  it = ds.to_iter_dataset(options) if options else ds.to_iter_dataset()
+  it = it.filter(lambda x: x is not None)
+  if kind == 'sft':
+    if packing:
+      it = grain.experimental.FirstFitPackIterDataset(
+          it, length_struct={'tokens': max_len, 'loss_mask': max_len},
+          num_packing_bins=batch_size, seed=seed, shuffle_bins=False)
+      it = it.map(_packed_fields)
+    else:
+      it = it.map(lambda x: _sequence_fields(x['tokens'], x['loss_mask'], max_len))
+    it = it.batch(batch_size, drop_remainder=True)
+  elif kind == 'preference':
+    it = it.batch(batch_size, drop_remainder=True)
+  else:
+    it = it.batch(batch_size, drop_remainder=True,
+                  batch_fn=functools.partial(_left_pad_batch, length=max_len,
+                                             pad_id=tokenizer.pad_id))
+  return it, stats
+
+
+def _packed_fields(packed: dict) -> dict[str, np.ndarray]:
+  """Grain's packer names fields `tokens_segment_ids` etc.; rename to the contract."""
+  return {'tokens': packed['tokens'].astype(np.int32),
+          'positions': packed['tokens_positions'].astype(np.int32),
+          'segment_ids': packed['tokens_segment_ids'].astype(np.int32),
+          'loss_mask': packed['loss_mask'].astype(np.int32)}

@@ -1,0 +1,26 @@
+"""Pure array helpers shared by losses: next-token targets and log-probs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def next_token_targets(tokens, loss_mask, segment_ids):
+  """(targets [B, T-1], weights [B, T-1]) for next-token prediction.
+
+  Logits at position t predict token t+1. A target counts only if it is a
+  target token (loss_mask) in the same non-zero segment as its predictor, so
+  the first token of a packed sample is never predicted from the previous
+  sample's last token.
+  """
+  same_segment = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
+  weights = loss_mask[:, 1:].astype(jnp.float32) * same_segment
+  return tokens[:, 1:], weights
+
+
+def token_logprobs(logits, targets):
+  """log p(target) [B, T-1] from logits [B, T, V] (the last position has no target)."""
+  logits = logits[:, :-1].astype(jnp.float32)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return picked - jax.nn.logsumexp(logits, axis=-1)

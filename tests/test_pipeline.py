@@ -1,0 +1,305 @@
+"""Grain pipelines: masks per mode, packing, resume, mixtures, bad input, shapes."""
+
+import json
+
+import chex
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jpost import assets, ops
+from jpost.data import masking, pipeline
+from jpost.data.rows import RowError
+from jpost.models import pretrained
+from jpost.models.config import ModelConfig
+from jpost.models.decoder import Decoder
+from jpost.tokenizer import Tokenizer
+
+SYSTEM = {'role': 'system', 'content': 'You are terse.'}
+TURNS = [{'role': 'user', 'content': 'What is 2 + 3?'},
+         {'role': 'assistant', 'content': '2 + 3 = 5.'},
+         {'role': 'user', 'content': 'And times 4?'},
+         {'role': 'assistant', 'content': '5 * 4 = 20.\nDone.'}]
+
+
+@pytest.fixture(scope='module', params=['smollm2', 'qwen3'])
+def tokenizer(request):
+  if request.param == 'smollm2':
+    return Tokenizer.from_dir(pretrained.resolve('smollm2-135m-instruct'))
+  return Tokenizer.from_dir(assets.fetch('qwen3-tokenizer'))
+
+
+@pytest.fixture(scope='module')
+def smollm2():
+  return Tokenizer.from_dir(pretrained.resolve('smollm2-135m-instruct'))
+
+
+def _targets(tokens, mask, tokenizer):
+  """Decoded runs of consecutive target tokens."""
+  runs, current = [], []
+  for t, m in zip(tokens, mask):
+    if m:
+      current.append(int(t))
+    elif current:
+      runs.append(tokenizer.decode(current))
+      current = []
+  if current:
+    runs.append(tokenizer.decode(current))
+  return runs
+
+
+@pytest.mark.parametrize('system', [False, True])
+@pytest.mark.parametrize('mode, row, expected', [
+    ('auto', {'messages': TURNS}, ['2 + 3 = 5.<|im_end|>', '5 * 4 = 20.\nDone.<|im_end|>']),
+    ('assistant', {'messages': TURNS}, ['2 + 3 = 5.<|im_end|>', '5 * 4 = 20.\nDone.<|im_end|>']),
+    ('last_assistant', {'messages': TURNS}, ['5 * 4 = 20.\nDone.<|im_end|>']),
+    ('auto', {'prompt': TURNS[:1], 'completion': TURNS[1:2]}, ['2 + 3 = 5.<|im_end|>']),
+    ('completion', {'prompt': TURNS[:3], 'completion': TURNS[3:]}, ['5 * 4 = 20.\nDone.<|im_end|>']),
+    ('assistant', {'messages': TURNS[:2]}, ['2 + 3 = 5.<|im_end|>']),
+])
+def test_mask_modes_target_exactly_assistant_text_and_eot(tokenizer, mode, row, expected, system):
+  row = json.loads(json.dumps(row))
+  key = 'messages' if 'messages' in row else 'prompt'
+  if system:
+    row[key] = [SYSTEM] + row[key]
+  ds, _ = pipeline.build('sft', [row], tokenizer, batch_size=1, max_len=256,
+                         mask_mode=mode, packing=False, num_epochs=1)
+  batch = next(iter(ds))
+  assert _targets(batch['tokens'][0], batch['loss_mask'][0], tokenizer) == expected
+
+
+def test_mask_mode_all_covers_every_real_token(smollm2):
+  ds, _ = pipeline.build('sft', [{'messages': TURNS}], smollm2, batch_size=1, max_len=128,
+                         mask_mode='all', packing=False, num_epochs=1)
+  batch = next(iter(ds))
+  np.testing.assert_array_equal(batch['loss_mask'], batch['segment_ids'])
+
+
+def test_plain_text_prompt_completion_ends_with_eos(smollm2):
+  ds, _ = pipeline.build('sft', [{'prompt': 'Q: 2+2?\nA:', 'completion': ' 4'}], smollm2,
+                         batch_size=1, max_len=32, packing=False, num_epochs=1)
+  batch = next(iter(ds))
+  assert _targets(batch['tokens'][0], batch['loss_mask'][0], smollm2) == [' 4<|im_end|>']
+
+
+def _sft_rows(n, seed=0):
+  rng = np.random.RandomState(seed)
+  out = []
+  for i in range(n):
+    a, b = rng.randint(1, 100, 2)
+    out.append({'prompt': [{'role': 'user', 'content': f'Row {i}: what is {a} + {b}?'}],
+                'completion': [{'role': 'assistant', 'content': f'{a} + {b} = {a + b}.' * (1 + i % 3)}]})
+  return out
+
+
+def test_packed_loss_equals_unpacked_loss(smollm2):
+  cfg = ModelConfig(vocab_size=smollm2.vocab_size, hidden_size=32, intermediate_size=64,
+                    num_layers=2, num_heads=4, num_kv_heads=2)
+  model = Decoder(cfg, rngs=nnx.Rngs(0))
+
+  @nnx.jit
+  def per_token_loss(model, batch):
+    logits = model(batch['tokens'], batch['positions'], batch['segment_ids'])
+    targets, weights = ops.next_token_targets(batch['tokens'], batch['loss_mask'], batch['segment_ids'])
+    return -ops.token_logprobs(logits, targets) * weights, weights
+
+  rows_ = _sft_rows(12)
+  packed, _ = pipeline.build('sft', rows_, smollm2, batch_size=2, max_len=128, num_epochs=1, seed=3)
+  padded, _ = pipeline.build('sft', rows_, smollm2, batch_size=1, max_len=128, num_epochs=1,
+                             packing=False, seed=3)
+  # Per-sample loss sums keyed by the sample's tokens, from both layouts.
+  def sample_losses(batches):
+    out = {}
+    for batch in batches:
+      loss, weights = jax.device_get(per_token_loss(model, batch))
+      for row in range(batch['tokens'].shape[0]):
+        seg = batch['segment_ids'][row]
+        for s in set(seg.tolist()) - {0}:
+          idx = np.nonzero(seg == s)[0]
+          key = tuple(batch['tokens'][row, idx])
+          out[key] = (loss[row, idx[:-1]].sum(), weights[row, idx[:-1]].sum())
+    return out
+  packed_batches = list(packed)
+  assert max(len(set(b['segment_ids'][0].tolist()) - {0}) for b in packed_batches) >= 2
+  a, b = sample_losses(packed_batches), sample_losses(padded)
+  assert a.keys() == b.keys() and len(a) == 12
+  for key in a:
+    np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-5)
+
+
+def test_no_attention_across_segments():
+  cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                    num_heads=4, num_kv_heads=2)
+  model = Decoder(cfg, rngs=nnx.Rngs(1))
+  tokens = np.arange(1, 13)[None] % 64
+  positions = np.array([[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2]])
+  segments = np.array([[1] * 5 + [2] * 4 + [3] * 3])
+  base = np.asarray(model(tokens, positions, segments))
+  changed = tokens.copy()
+  changed[0, :5] = 40  # rewrite segment 1 only
+  after = np.asarray(model(changed, positions, segments))
+  np.testing.assert_array_equal(base[0, 5:], after[0, 5:])
+  assert not np.allclose(base[0, :5], after[0, :5])
+
+
+def _batches(it, n):
+  return [jax.tree.map(np.copy, next(it)) for _ in range(n)]
+
+
+@pytest.mark.parametrize('packing', [True, False])
+@pytest.mark.parametrize('resume_after', [2, 6])  # 6 batches = one epoch of 12 rows unpacked
+def test_iterator_state_restores_exactly(smollm2, packing, resume_after):
+  def make():
+    return pipeline.build('sft', _sft_rows(12), smollm2, batch_size=2, max_len=96,
+                          packing=packing, seed=5, num_epochs=3)[0]
+  it = iter(make())
+  _batches(it, resume_after)
+  state = it.get_state()
+  expected = _batches(it, 5)
+  fresh = iter(make())
+  fresh.set_state(state)
+  for a, b in zip(expected, _batches(fresh, 5)):
+    chex.assert_trees_all_equal(a, b)
+
+
+def test_epochs_reshuffle_and_same_seed_same_order(smollm2):
+  def order(seed):
+    ds, _ = pipeline.build('sft', _sft_rows(8), smollm2, batch_size=1, max_len=96,
+                           packing=False, seed=seed, num_epochs=2)
+    texts = [smollm2.decode(b['tokens'][0][b['segment_ids'][0] == 1]) for b in ds]
+    return [t[t.index('Row '):t.index(':', t.index('Row '))] for t in texts]
+  first = order(0)
+  assert first == order(0) and first != order(1)
+  assert sorted(first[:8]) == sorted(first[8:]) and first[:8] != first[8:]
+
+
+def test_mixture_weights_are_honoured(smollm2):
+  a = [{'messages': [{'role': 'user', 'content': 'a'}, {'role': 'assistant', 'content': 'A'}]}] * 5
+  b = [{'messages': [{'role': 'user', 'content': 'b'}, {'role': 'assistant', 'content': 'B'}]}] * 7
+  def draw(seed):
+    ds, _ = pipeline.build('sft', [a, b], smollm2, batch_size=4, max_len=64, packing=False,
+                           weights=[0.75, 0.25], seed=seed)
+    it = iter(ds)
+    return [smollm2.decode(t[s == 1]).count('<|im_start|>user\na') for batch in _batches(it, 100)
+            for t, s in zip(batch['tokens'], batch['segment_ids'])]
+  picks = draw(0)
+  assert abs(np.mean(picks) - 0.75) < 0.05
+  assert picks == draw(0)
+
+
+def test_preference_batches(smollm2):
+  row = {'prompt': [{'role': 'user', 'content': 'Pick a number.'}],
+         'chosen': [{'role': 'assistant', 'content': 'Seven.'}],
+         'rejected': [{'role': 'assistant', 'content': 'No.'}]}
+  ds, _ = pipeline.build('preference', [row] * 3, smollm2, batch_size=3, max_len=48)
+  batch = next(iter(ds))
+  for side in ('chosen', 'rejected'):
+    for field in ('tokens', 'positions', 'segment_ids', 'loss_mask'):
+      chex.assert_shape(batch[f'{side}_{field}'], (3, 48))
+  assert _targets(batch['chosen_tokens'][0], batch['chosen_loss_mask'][0], smollm2) == ['Seven.<|im_end|>']
+  assert _targets(batch['rejected_tokens'][0], batch['rejected_loss_mask'][0], smollm2) == ['No.<|im_end|>']
+
+
+def test_prompt_batches_left_padded_with_extras(smollm2):
+  rows_ = [{'prompt': [{'role': 'user', 'content': 'Hi' * (i + 1)}], 'answer': str(i), 'meta': {'k': i}}
+           for i in range(4)]
+  ds, _ = pipeline.build('prompt', rows_, smollm2, batch_size=4, max_len=40, num_epochs=1)
+  batch = next(iter(ds))
+  for field in ('tokens', 'positions', 'segment_ids'):
+    chex.assert_shape(batch[field], (4, 40))
+  assert sorted(e['answer'] for e in batch['extra']) == ['0', '1', '2', '3']
+  for row in range(4):
+    seg, pos = batch['segment_ids'][row], batch['positions'][row]
+    n = seg.sum()
+    assert seg[-n:].all() and not seg[:-n].any()  # right-aligned
+    np.testing.assert_array_equal(pos[-n:], np.arange(n))
+    text = smollm2.decode(batch['tokens'][row][-n:])
+    assert text.endswith('<|im_start|>assistant\n')
+
+
+def test_sft_batch_shapes(smollm2):
+  ds, _ = pipeline.build('sft', _sft_rows(10), smollm2, batch_size=3, max_len=64)
+  batch = next(iter(ds))
+  for field in ('tokens', 'positions', 'segment_ids', 'loss_mask'):
+    chex.assert_shape(batch[field], (3, 64))
+    assert batch[field].dtype == np.int32
+  assert (batch['loss_mask'] <= (batch['segment_ids'] > 0)).all()  # padding is never a target
+  assert (batch['segment_ids'].max(axis=1) > 0).all()  # no padding-only rows
+
+
+# --- bad input, truncation --------------------------------------------------
+
+def test_too_long_rows_dropped_and_counted(smollm2):
+  rows_ = _sft_rows(6) + [{'messages': [{'role': 'user', 'content': 'x ' * 300},
+                                        {'role': 'assistant', 'content': 'ok'}]}]
+  ds, stats = pipeline.build('sft', rows_, smollm2, batch_size=1, max_len=128, packing=False,
+                             num_epochs=1)
+  assert len(list(ds)) == 6
+  report = stats.as_dict()
+  assert report['rows']['skipped_by_reason'] == {'too_long': 1}
+  assert 'rows[6]' in report['rows']['examples'][0]['message']
+
+
+def test_truncate_left_cuts_the_prompt_not_the_answer(smollm2):
+  long = {'prompt': [{'role': 'user', 'content': 'word ' * 100}],
+          'completion': [{'role': 'assistant', 'content': 'The answer is 42.'}]}
+  ds, stats = pipeline.build('sft', [long], smollm2, batch_size=1, max_len=48, packing=False,
+                             truncation='truncate_left', num_epochs=1)
+  batch = next(iter(ds))
+  assert stats.as_dict()['encoded'] == {'truncated': 1}
+  assert batch['segment_ids'][0].all()
+  assert _targets(batch['tokens'][0], batch['loss_mask'][0], smollm2) == ['The answer is 42.<|im_end|>']
+
+
+def test_truncate_right_cuts_the_completion_and_drops_rows_without_targets(smollm2):
+  long_answer = {'prompt': [{'role': 'user', 'content': 'Count.'}],
+                 'completion': [{'role': 'assistant', 'content': ' '.join(map(str, range(100)))}]}
+  long_prompt = {'prompt': [{'role': 'user', 'content': 'word ' * 100}],
+                 'completion': [{'role': 'assistant', 'content': 'ok'}]}
+  ds, stats = pipeline.build('sft', [long_answer, long_prompt], smollm2, batch_size=1, max_len=48,
+                             packing=False, truncation='truncate_right', num_epochs=1)
+  batches = list(ds)
+  assert len(batches) == 1
+  report = stats.as_dict()
+  assert report['encoded'] == {'truncated': 1, 'dropped_too_long': 1}
+  targets = _targets(batches[0]['tokens'][0], batches[0]['loss_mask'][0], smollm2)
+  assert targets[0].startswith('0 1 2 3') and '<|im_end|>' not in targets[0]
+
+
+def test_no_assistant_turn_error_and_skip(smollm2):
+  bad = {'messages': [{'role': 'user', 'content': 'hello?'}]}
+  ds, _ = pipeline.build('sft', [bad] + _sft_rows(2), smollm2, batch_size=1, max_len=128,
+                         packing=False, num_epochs=1, seed=0)
+  with pytest.raises(RowError, match=r'rows\[0\].*no target message'):
+    list(ds)
+  ds, stats = pipeline.build('sft', [bad] + _sft_rows(2), smollm2, batch_size=1, max_len=128,
+                             packing=False, num_epochs=1, policy='skip')
+  assert len(list(ds)) == 2
+  assert stats.as_dict()['rows']['skipped_by_reason'] == {'no_assistant_turn': 1}
+
+
+def test_bad_rows_reported_with_location(tmp_path, smollm2):
+  path = tmp_path / 'train.jsonl'
+  good = json.dumps(_sft_rows(1)[0])
+  path.write_text('\n'.join([good, '{"messages": [', good,
+                             json.dumps({'prompt': 'q', 'chosen': 'a', 'rejected': 'a'}),
+                             json.dumps({'prompt': 'q', 'chosen': 'a', 'rejected': 'b'})]) + '\n')
+  with pytest.raises(RowError, match=r'train\.jsonl:2: line is not valid JSON'):
+    pipeline.build('sft', str(path), smollm2, batch_size=1, max_len=64)
+  _, stats = pipeline.build('sft', str(path), smollm2, batch_size=1, max_len=64, policy='skip')
+  skipped = stats.as_dict()['rows']['skipped_by_reason']
+  assert skipped == {'malformed_json': 1, 'missing_key': 2}  # the two preference rows
+  _, stats = pipeline.build('preference', str(path), smollm2, batch_size=1, max_len=64,
+                            policy='skip')
+  report = stats.as_dict()['rows']
+  assert report['skipped_by_reason'] == {'chosen_equals_rejected': 1, 'malformed_json': 1,
+                                         'missing_key': 2}
+  assert report['seen'] == 5 and report['kept'] == 1
+
+
+def test_mask_config_validation():
+  with pytest.raises(ValueError, match="mask_mode 'assistants' unknown"):
+    masking.MaskConfig(max_len=8, mask_mode='assistants')
+  with pytest.raises(ValueError, match="truncation 'cut' unknown"):
+    masking.MaskConfig(max_len=8, truncation='cut')
