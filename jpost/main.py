@@ -4,7 +4,7 @@ Any config field can be overridden on the command line, e.g.
 `--config.sampling.max_new_tokens=32`; `config.trainer` picks the recipe.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -17,6 +17,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from jpost import trainers
+  # Orbax and JAX log every file operation at INFO; -v 0 / --verbosity=0 brings them back.
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   trainers.get(config.trainer)(config, _WORKDIR.value)
 

@@ -24,3 +24,23 @@ def token_logprobs(logits, targets):
   logits = logits[:, :-1].astype(jnp.float32)
   picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def masked_sum(x, mask):
+  return jnp.sum(x * mask)
+
+
+def masked_mean(x, mask, *, normalizer=None):
+  """sum(x * mask) / normalizer; normalizer defaults to sum(mask) (at least 1).
+
+  Pass the whole batch's target count as `normalizer` when x is one
+  micro-batch of it, so that accumulated micro-batches equal one large batch.
+  """
+  if normalizer is None:
+    normalizer = jnp.sum(mask)
+  return jnp.sum(x * mask) / jnp.maximum(normalizer, 1.0)
+
+
+def sequence_mean(x, mask):
+  """Per-sequence masked means [B] (rows without targets give 0)."""
+  return jnp.sum(x * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)

@@ -55,6 +55,22 @@ class PipelineStats:
     self._lock = threading.Lock()
 
 
+def resolve_sources(specs):
+  """Named built-in data sets ('gsm8k:sft_train', ...) -> files; others unchanged."""
+  def one(spec):
+    if isinstance(spec, str) and spec.startswith('gsm8k:'):
+      from jpost.data import gsm8k
+      files = gsm8k.build_gsm8k()
+      name = spec.split(':', 1)[1]
+      if name not in files:
+        raise ValueError(f'data source {spec!r}: unknown split; use gsm8k:{{{", ".join(files)}}}.')
+      return str(files[name])
+    return spec
+  if isinstance(specs, (list, tuple)) and not (specs and isinstance(specs[0], dict)):
+    return [one(s) for s in specs]
+  return one(specs)
+
+
 def load_examples(source, kind: str, row_filter: rows.RowFilter, **normalize_kw) -> list[dict]:
   """Reads one source and normalises every row (bad rows: error or counted skip)."""
   normalize = _NORMALIZE[kind]

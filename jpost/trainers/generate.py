@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 import time
 
 import jax
-from absl import logging
 
 from jpost import sampling
 from jpost.models import hf, pretrained
@@ -54,5 +54,5 @@ def run(config, workdir: str | None):
     with open(path / 'generations.jsonl', 'w') as f:
       for record in records:
         f.write(json.dumps(record) + '\n')
-    logging.info('wrote %s', path / 'generations.jsonl')
+    print(f'wrote {path / "generations.jsonl"}', file=sys.stderr)
   return records

@@ -1,0 +1,98 @@
+"""Run metrics: JSONL always, TensorBoard when enabled, a console line, MFU."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class MetricsWriter:
+  """Appends {'step': s, **metrics} lines to workdir/metrics.jsonl."""
+
+  def __init__(self, workdir: str | pathlib.Path, *, tensorboard: bool = False,
+               resume_step: int = 0):
+    self.path = pathlib.Path(workdir) / 'metrics.jsonl'
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self._drop_after(resume_step)
+    self._tb = None
+    if tensorboard and jax.process_index() == 0:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(str(pathlib.Path(workdir) / 'tensorboard'))
+
+  def _drop_after(self, step: int) -> None:
+    """On resume, forget lines a killed run logged after its last checkpoint,
+    so the file reads as one uninterrupted run."""
+    if not self.path.exists():
+      return
+    kept = [line for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line)['step'] <= step]
+    self.path.write_text(''.join(line + '\n' for line in kept))
+
+  def write(self, step: int, metrics: dict) -> None:
+    if jax.process_index() != 0:
+      return
+    record = {'step': int(step), **{k: _plain(v) for k, v in metrics.items()}}
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    if self._tb is not None:
+      for key, value in record.items():
+        if key != 'step' and isinstance(value, (int, float)):
+          self._tb.add_scalar(key, value, step)
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _plain(value):
+  value = np.asarray(value).item() if np.ndim(value) == 0 else np.asarray(value).tolist()
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)  # JSON has no NaN; keep it visible as text
+  return value
+
+
+def console_line(step: int, total: int, metrics: dict) -> None:
+  keys = ('loss', 'eval_loss', 'lr', 'grad_norm', 'tokens_per_s', 'mfu')
+  parts = [f'step {step}/{total}']
+  for key in keys:
+    if key in metrics:
+      value = float(metrics[key])
+      parts.append(f'{key} {value:.3g}' if key != 'mfu' else f'mfu {100 * value:.2f}%')
+  print(' | '.join(parts), file=sys.stderr, flush=True)
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+  """Training FLOPs per token: 6 x matmul parameters + attention scores
+  (12 x layers x heads x head_dim x context), as in the PaLM appendix."""
+  embed = cfg.vocab_size * cfg.hidden_size
+  matmul_params = cfg.num_params() - (embed if cfg.tie_embeddings else 2 * embed) + embed
+  attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * seq_len
+  return 6 * matmul_params + attention
+
+
+@functools.lru_cache(maxsize=None)
+def measured_peak_flops(dtype: str = 'float32') -> float:
+  """FLOP/s of a large matmul on all local devices: the denominator of MFU.
+
+  Measured rather than looked up, so the figure means the same on a laptop,
+  a 2-core CI box and an H100 (where it sits below the datasheet peak).
+  """
+  n = 2048 if jax.default_backend() == 'cpu' else 8192
+  a = jnp.ones((n, n), dtype)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  repeats, start = 3, time.perf_counter()
+  for _ in range(repeats):
+    matmul(a).block_until_ready()
+  seconds = (time.perf_counter() - start) / repeats
+  devices = 1 if jax.default_backend() == 'cpu' else jax.local_device_count()
+  return 2 * n ** 3 / seconds * devices

@@ -1,0 +1,63 @@
+"""Optimiser and learning-rate schedule from `config.optim`, validated up front."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+OPTIMIZERS = ('adamw', 'sgd')
+SCHEDULES = ('cosine', 'linear', 'constant')
+
+
+def validate(optim, total_steps: int) -> None:
+  """Raises ValueError naming the config field, before anything compiles."""
+  def bad(field, message):
+    raise ValueError(f'config.optim.{field}={optim[field]!r}: {message}')
+  if optim.name not in OPTIMIZERS:
+    bad('name', f'unknown optimiser; use one of {OPTIMIZERS}.')
+  if not optim.lr > 0:
+    bad('lr', 'the learning rate must be positive.')
+  if optim.schedule not in SCHEDULES:
+    bad('schedule', f'unknown schedule; use one of {SCHEDULES}.')
+  if not 0 <= optim.warmup_steps <= total_steps:
+    bad('warmup_steps', f'must be in [0, total steps = {total_steps}].')
+  if optim.weight_decay < 0:
+    bad('weight_decay', 'must be >= 0.')
+  if not optim.clip_norm >= 0:
+    bad('clip_norm', 'must be >= 0 (0 disables clipping).')
+  if not 0 <= optim.end_lr_ratio <= 1:
+    bad('end_lr_ratio', 'must be in [0, 1].')
+
+
+def schedule(optim, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0, then cosine / linear decay to lr * end_lr_ratio, or constant."""
+  end = optim.lr * optim.end_lr_ratio
+  decay_steps = max(total_steps - optim.warmup_steps, 1)
+  if optim.schedule == 'cosine':
+    after = optax.cosine_decay_schedule(optim.lr, decay_steps, alpha=optim.end_lr_ratio)
+  elif optim.schedule == 'linear':
+    after = optax.linear_schedule(optim.lr, end, decay_steps)
+  else:
+    after = optax.constant_schedule(optim.lr)
+  if optim.warmup_steps == 0:
+    return after
+  warmup = optax.linear_schedule(0.0, optim.lr, optim.warmup_steps)
+  return optax.join_schedules([warmup, after], [optim.warmup_steps])
+
+
+def decay_mask(params):
+  """Weight decay on matrices only: norms and biases (ndim < 2) are not decayed."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def build(optim, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  validate(optim, total_steps)
+  lr = schedule(optim, total_steps)
+  if optim.name == 'adamw':
+    tx = optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                     weight_decay=optim.weight_decay, mask=decay_mask)
+  else:
+    tx = optax.sgd(lr, momentum=optim.b1 or None)
+  if optim.clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(optim.clip_norm), tx)
+  return tx, lr

@@ -1,0 +1,55 @@
+"""The `sft` recipe: next-token NLL on the target tokens of chat rows."""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+
+from jpost import ops
+from jpost.data import pipeline
+from jpost.losses.sft import sft_loss
+from jpost.trainers import offline, register
+
+
+def loss_fn(model, batch, normalizer, *, normalization):
+  logits = model(batch['tokens'], batch['positions'], batch['segment_ids'])
+  kw = ({'normalizer': normalizer} if normalization == 'token'
+        else {'num_sequences': normalizer})
+  return sft_loss(logits, batch['tokens'], batch['loss_mask'], batch['segment_ids'],
+                  normalization=normalization, **kw)
+
+
+def normalizer_fn(batch, *, normalization):
+  """The whole batch's target-token count (or count of samples with targets)."""
+  _, weights = ops.next_token_targets(batch['tokens'], batch['loss_mask'], batch['segment_ids'])
+  if normalization == 'token':
+    return jnp.sum(weights)
+  segments = batch['segment_ids'][:, 1:]
+  has_targets = (segments[..., None] == jnp.arange(1, segments.shape[1] + 1)) & (weights[..., None] > 0)
+  return jnp.sum(jnp.any(has_targets, axis=1))
+
+
+def data_fn(data, *, sources, epochs, seed, batch_size):
+  def build(tokenizer, shard_index, shard_count):
+    return pipeline.build(
+        'sft', pipeline.resolve_sources(sources), tokenizer, batch_size=batch_size,
+        max_len=data.max_len, mask_mode=data.mask_mode, truncation=data.truncation,
+        packing=data.packing, weights=list(data.weights) if data.weights else None,
+        seed=seed, num_epochs=epochs, policy=data.policy, shard_index=shard_index,
+        shard_count=shard_count, num_threads=data.num_threads)
+  return build
+
+
+@register('sft')
+def run(config, workdir):
+  normalization = config.loss.normalization
+  data = config.data
+  task = offline.Task(
+      loss_fn=functools.partial(loss_fn, normalization=normalization),
+      normalizer_fn=functools.partial(normalizer_fn, normalization=normalization),
+      train_data=data_fn(data, sources=list(data.train), epochs=None, seed=config.seed,
+                         batch_size=config.batch_size),
+      eval_data=data_fn(data, sources=list(data.eval), epochs=1, seed=0,
+                        batch_size=config.batch_size) if data.eval else None)
+  return offline.run(config, workdir, task)

@@ -1,0 +1,180 @@
+"""Training core: accumulation, sharding, exact resume, the SFT recipe end to end."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import transformers
+import torch
+from flax import nnx
+from safetensors.numpy import load_file
+
+from jpost import optim, sharding
+from jpost.models import hf
+from jpost.trainers import offline, sft
+
+sys.path.insert(0, 'configs')
+
+
+def _task(normalization='token'):
+  return offline.Task(
+      loss_fn=functools.partial(sft.loss_fn, normalization=normalization),
+      normalizer_fn=functools.partial(sft.normalizer_fn, normalization=normalization),
+      train_data=None)
+
+
+def _optim(name='sgd', lr=0.1):
+  return ml_collections.ConfigDict(dict(
+      name=name, lr=lr, warmup_steps=0, schedule='constant', end_lr_ratio=1.0,
+      b1=0.0 if name == 'sgd' else 0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=0.0))
+
+
+def _batch(batch_size, length=24, vocab=49152, seed=0):
+  rng = np.random.RandomState(seed)
+  tokens = rng.randint(0, vocab, (batch_size, length)).astype(np.int32)
+  segments = np.ones((batch_size, length), np.int32)
+  positions = np.tile(np.arange(length, dtype=np.int32), (batch_size, 1))
+  for row in range(batch_size):  # uneven padding and a packed second sample
+    pad, cut = rng.randint(0, 8), rng.randint(6, 14)
+    segments[row, cut:] = 2
+    positions[row, cut:] = np.arange(length - cut)
+    if pad:
+      segments[row, -pad:] = 0
+  mask = (rng.rand(batch_size, length) < 0.6).astype(np.int32) * (segments > 0)
+  return {'tokens': tokens, 'positions': positions, 'segment_ids': segments, 'loss_mask': mask}
+
+
+def _one_step(checkpoint, batch, *, accum_steps, mesh, optim_config, steps=1):
+  model = hf.load(checkpoint, mesh=mesh)
+  tx, schedule = optim.build(optim_config, 10)
+  graphdef, state = offline.init_state(model, tx, 0, mesh)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  step = jax.jit(offline.make_train_step(graphdef, _task(), tx, schedule, accum_steps),
+                 in_shardings=(shardings, None), out_shardings=(shardings, None))
+  losses = []
+  for _ in range(steps):
+    state, out = step(state, offline.place_batch(batch, mesh))
+    losses.append(float(out['loss']))
+  return jax.device_get(state['params']), losses
+
+
+def _assert_params_close(a, b, atol):
+  for (path, x), (_, y) in zip(nnx.to_flat_state(a), nnx.to_flat_state(b)):
+    np.testing.assert_allclose(np.asarray(x.get_value()), np.asarray(y.get_value()),
+                               atol=atol, rtol=0, err_msg=str(path))
+
+
+def test_grad_accumulation_equals_one_large_batch(tiny_checkpoint):
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  batch = _batch(8)
+  full, full_loss = _one_step(tiny_checkpoint, batch, accum_steps=1, mesh=mesh, optim_config=_optim())
+  accum, accum_loss = _one_step(tiny_checkpoint, batch, accum_steps=4, mesh=mesh, optim_config=_optim())
+  np.testing.assert_allclose(accum_loss, full_loss, rtol=1e-6)
+  _assert_params_close(accum, full, atol=1e-5)
+  # Normalising each micro-batch by its own count would differ: the test can fail.
+  counts = [sft.normalizer_fn({k: v[i:i + 2] for k, v in batch.items()}, normalization='token')
+            for i in range(0, 8, 2)]
+  assert len(set(np.asarray(counts).tolist())) > 1
+
+
+@pytest.mark.parametrize('optimizer', ['sgd', 'adamw'])
+def test_fsdp_tensor_parallel_equals_one_device(tiny_checkpoint, optimizer):
+  batch = _batch(8, seed=1)
+  one = sharding.make_mesh(devices=jax.devices()[:1])
+  many = sharding.make_mesh({'data': 1, 'fsdp': 4, 'tensor': 2})
+  config = _optim(optimizer, 0.1 if optimizer == 'sgd' else 1e-3)
+  params_one, loss_one = _one_step(tiny_checkpoint, batch, accum_steps=1, mesh=one,
+                                   optim_config=config, steps=2)
+  params_many, loss_many = _one_step(tiny_checkpoint, batch, accum_steps=1, mesh=many,
+                                     optim_config=config, steps=2)
+  np.testing.assert_allclose(loss_many, loss_one, rtol=1e-5)
+  # Adam divides by sqrt(v): for a weight whose gradient is ~0, summation-order
+  # noise between layouts becomes a visible fraction of lr, hence its tolerance.
+  _assert_params_close(params_many, params_one, atol=1e-6 if optimizer == 'sgd' else 1e-4)
+
+
+def _train(workdir, checkpoint, *extra, env=None, steps=8):
+  args = [sys.executable, '-m', 'jpost.main', '--config=configs/sft.py:tiny', f'--workdir={workdir}',
+          f'--config.model.path={checkpoint}', f'--config.total_steps={steps}',
+          '--config.checkpoint.every=4', '--config.checkpoint.async_save=True', *extra]
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1', **(env or {})}
+  return subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
+
+
+def _losses(workdir):
+  return [json.loads(line)['loss'] for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+
+
+def test_resume_after_sigkill_is_exact(tiny_checkpoint, tmp_path):
+  straight = _train(tmp_path / 'a', tiny_checkpoint)
+  assert straight.returncode == 0, straight.stderr[-3000:]
+  killed = _train(tmp_path / 'b', tiny_checkpoint, env={'JPOST_FAULT_KILL_AT_STEP': '4'})
+  assert killed.returncode == -9  # really killed, right after checkpoint 4
+  assert not (tmp_path / 'b' / 'hf').exists() and len(_losses(tmp_path / 'b')) == 4
+  resumed = _train(tmp_path / 'b', tiny_checkpoint)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'resumed from step 4' in resumed.stderr
+  assert _losses(tmp_path / 'b') == _losses(tmp_path / 'a') and len(_losses(tmp_path / 'a')) == 8
+  a = load_file(tmp_path / 'a' / 'hf' / 'model.safetensors')
+  b = load_file(tmp_path / 'b' / 'hf' / 'model.safetensors')
+  assert a.keys() == b.keys()
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_sigterm_saves_and_resumes(tiny_checkpoint, tmp_path):
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'jpost.main', '--config=configs/sft.py:tiny', f'--workdir={tmp_path}',
+       f'--config.model.path={tiny_checkpoint}', '--config.total_steps=100000',
+       '--config.checkpoint.every=100000'], stderr=subprocess.PIPE, text=True,
+      env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'})
+  metrics = tmp_path / 'metrics.jsonl'
+  while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+  proc.terminate()
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  saved = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
+  assert len(saved) == 1 and saved[0] == len(_losses(tmp_path))
+
+
+def test_nan_loss_stops_without_overwriting_checkpoint(tiny_checkpoint, tmp_path):
+  first = _train(tmp_path, tiny_checkpoint, steps=4)
+  assert first.returncode == 0
+  # Resume with an absurd learning rate: the loss blows up to inf/NaN.
+  blown = _train(tmp_path, tiny_checkpoint, '--config.optim.lr=1e30',
+                 '--config.optim.warmup_steps=0', steps=40)
+  assert blown.returncode != 0
+  assert 'stopping without saving' in blown.stderr
+  assert 'last good checkpoint (step 4)' in blown.stderr
+  saved = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
+  assert saved == [4]  # nothing written after the blow-up
+
+
+def test_resume_with_another_optimiser_structure_is_a_clear_error(tiny_checkpoint, tmp_path):
+  assert _train(tmp_path, tiny_checkpoint, steps=4).returncode == 0
+  proc = _train(tmp_path, tiny_checkpoint, '--config.optim.clip_norm=0', steps=6)
+  assert proc.returncode != 0
+  assert 'cannot resume from step 4' in proc.stderr and 'config.optim' in proc.stderr
+
+
+@pytest.mark.parametrize('override, message', [
+    ('--config.optim.lr=-1e-5', r'config\.optim\.lr=-1e-05: the learning rate must be positive'),
+    ('--config.optim.name=adafactorx', r"config\.optim\.name='adafactorx': unknown optimiser"),
+    ('--config.batch_size=3', r'config\.batch_size=3 .* not divisible by the mesh'),
+    ('--config.accum_steps=3', r'config\.accum_steps=3: must be positive and divide'),
+])
+def test_bad_config_fails_before_compiling(tiny_checkpoint, tmp_path, override, message):
+  extra = [override] + (['--config.mesh.data=2'] if 'batch_size' in override else [])
+  proc = _train(tmp_path, tiny_checkpoint, *extra,
+                env={'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
+  assert proc.returncode != 0
+  import re
+  assert re.search(message, proc.stderr), proc.stderr[-2000:]
+  assert not (tmp_path / 'metrics.jsonl').exists()
