@@ -18,26 +18,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.distributed = False  # jax.distributed.initialize() for multi-host runs
   c.model = ml_collections.ConfigDict(dict(
-      path='smollm2-135m-instruct', dtype='bfloat16', param_dtype='float32', remat=False))
+      path='smollm2-135m-instruct', dtype='float32', param_dtype='float32', remat=True))
   c.data = ml_collections.ConfigDict(dict(
       train=('gsm8k:sft_train',), eval=('gsm8k:sft_test',), weights=(),
       max_len=256, mask_mode='auto', truncation='truncate_left', packing=True,
       policy='error', num_threads=0))
-  c.batch_size = 8
+  c.batch_size = 4
   c.accum_steps = 1
-  c.total_steps = 40
+  c.total_steps = 24
   c.optim = ml_collections.ConfigDict(dict(
-      name='adamw', lr=5e-5, warmup_steps=4, schedule='cosine', end_lr_ratio=0.1,
+      name='adamw', lr=5e-5, warmup_steps=2, schedule='cosine', end_lr_ratio=0.1,
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0))
   c.loss = ml_collections.ConfigDict(dict(normalization='token'))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(every=20, keep=2, async_save=True))
+  c.checkpoint = ml_collections.ConfigDict(dict(every=12, keep=2, async_save=True))
   c.log_every = 1
-  c.eval_every = 20
+  c.eval_every = 12
   c.tensorboard = False
   c.export_hf = True
   if arg == 'tiny':
-    c.model.dtype = 'float32'
+    c.model.remat = False
     c.data.max_len = 128
     c.batch_size = 2
     c.total_steps = 4

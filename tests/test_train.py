@@ -178,3 +178,29 @@ def test_bad_config_fails_before_compiling(tiny_checkpoint, tmp_path, override, 
   import re
   assert re.search(message, proc.stderr), proc.stderr[-2000:]
   assert not (tmp_path / 'metrics.jsonl').exists()
+
+
+def test_default_sft_lowers_held_out_loss_and_exports(tmp_path):
+  """configs/sft.py as shipped (SmolLM2 on GSM8K), shortened to 6 steps."""
+  proc = subprocess.run(
+      [sys.executable, '-m', 'jpost.main', '--config=configs/sft.py', f'--workdir={tmp_path}',
+       '--config.total_steps=6', '--config.eval_every=6', '--config.checkpoint.every=6'],
+      capture_output=True, text=True, timeout=1200,
+      env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  evals = {r['step']: r['eval_loss'] for r in records if 'eval_loss' in r}
+  assert set(evals) == {0, 6} and evals[6] < evals[0] - 0.05, evals
+  # The export loads in transformers and gives jpost's logits.
+  exported = tmp_path / 'hf'
+  ours = hf.load(exported)
+  theirs = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+  from jpost.tokenizer import Tokenizer
+  ids = Tokenizer.from_dir(exported).encode_chat(
+      [{'role': 'user', 'content': 'Natalia sold 48 clips in April. How many in May if half as many?'}],
+      add_generation_prompt=True).ids
+  tokens = np.asarray(ids)[None]
+  logits = np.asarray(ours(tokens, np.arange(len(ids))[None], np.ones_like(tokens)))
+  with torch.no_grad():
+    reference = theirs(torch.tensor(tokens)).logits.numpy()
+  assert np.abs(logits - reference).max() < 1e-3

@@ -115,8 +115,12 @@ def make_train_step(graphdef, task: Task, tx, lr_schedule, accum_steps: int):
       (loss, aux), g = grad_fn(state['params'], micro, normalizer)
       return jax.tree.map(jnp.add, grads, g), (loss, aux)
 
-    zeros = jax.tree.map(jnp.zeros_like, state['params'])
-    grads, (losses, aux) = jax.lax.scan(accumulate, zeros, micro_batches)
+    if accum_steps == 1:  # no accumulator: one params-sized buffer less
+      (loss, aux), grads = grad_fn(state['params'], batch, normalizer)
+      losses, aux = loss[None], jax.tree.map(lambda x: x[None], aux)
+    else:
+      zeros = jax.tree.map(jnp.zeros_like, state['params'])
+      grads, (losses, aux) = jax.lax.scan(accumulate, zeros, micro_batches)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     out = {'loss': jnp.sum(losses), 'grad_norm': optax.tree.norm(grads),

@@ -1,0 +1,105 @@
+"""SFT train-step throughput: tokens/s, MFU and peak memory for SmolLM2-135M.
+
+  python bench/sft_throughput.py [--batch 8] [--seq-len 256] [--steps 6] [--dtypes float32,bfloat16]
+
+Each compute dtype runs in its own process (float32 master weights, AdamW,
+clipping, full packed batches of GSM8K answers) so peak RSS is its own. The
+first step (compilation) is reported apart; tokens/s is the median of the
+rest. The last line is one JSON object: the best setting's `tokens_per_s`,
+its `mfu` and `peak_rss_mb`, plus every setting.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: bool) -> dict:
+  import jax
+  import ml_collections
+  import numpy as np
+
+  from jpost import metrics, optim, sharding
+  from jpost.data import pipeline
+  from jpost.models import hf, pretrained
+  from jpost.tokenizer import Tokenizer
+  from jpost.trainers import offline, sft
+  import functools
+
+  path = pretrained.resolve('smollm2-135m-instruct')
+  tokenizer = Tokenizer.from_dir(path)
+  mesh = sharding.make_mesh()
+  model = hf.load(path, mesh=mesh, dtype=dtype, remat=remat)
+  optim_config = ml_collections.ConfigDict(dict(
+      name='adamw', lr=1e-5, warmup_steps=0, schedule='constant', end_lr_ratio=1.0,
+      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0))
+  tx, schedule = optim.build(optim_config, steps)
+  graphdef, state = offline.init_state(model, tx, 0, mesh)
+  task = offline.Task(loss_fn=functools.partial(sft.loss_fn, normalization='token'),
+                      normalizer_fn=functools.partial(sft.normalizer_fn, normalization='token'),
+                      train_data=None)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  step = jax.jit(offline.make_train_step(graphdef, task, tx, schedule, 1),
+                 in_shardings=(shardings, None), out_shardings=(shardings, None),
+                 donate_argnums=(0,))
+  data, _ = pipeline.build('sft', pipeline.resolve_sources('gsm8k:sft'), tokenizer,
+                           batch_size=batch, max_len=seq_len, truncation='truncate_left')
+  batches = iter(data)
+  times, tokens = [], []
+  for _ in range(steps + 1):
+    host_batch = next(batches)
+    tic = time.perf_counter()
+    state, out = step(state, offline.place_batch(host_batch, mesh))
+    jax.block_until_ready(out['loss'])
+    times.append(time.perf_counter() - tic)
+    tokens.append(int((host_batch['segment_ids'] > 0).sum()))
+  compile_s, run_times = times[0], times[1:]
+  seconds = statistics.median(run_times)
+  tokens_per_step = statistics.median(tokens[1:])
+  peak = metrics.measured_peak_flops(dtype)
+  flops = metrics.flops_per_token(model.config, seq_len) * tokens_per_step
+  return {'dtype': dtype, 'batch': batch, 'seq_len': seq_len, 'remat': remat,
+          'device': jax.devices()[0].device_kind, 'first_step_s': round(compile_s, 2),
+          'step_s_median': round(seconds, 3), 'tokens_per_step': tokens_per_step,
+          'tokens_per_s': round(tokens_per_step / seconds, 1),
+          'mfu': round(flops / seconds / peak, 4), 'peak_flops_measured': peak,
+          'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+          'final_loss': float(out['loss'])}
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--seq-len', type=int, default=256)
+  parser.add_argument('--steps', type=int, default=6)
+  parser.add_argument('--dtypes', default='float32,bfloat16')
+  parser.add_argument('--remat', action='store_true')
+  parser.add_argument('--one', help=argparse.SUPPRESS)  # internal: run one dtype
+  args = parser.parse_args()
+  if args.one:
+    print(json.dumps(measure(args.one, args.batch, args.seq_len, args.steps, args.remat)))
+    return
+  results = []
+  for dtype in args.dtypes.split(','):
+    cmd = [sys.executable, __file__, '--one', dtype, '--batch', str(args.batch),
+           '--seq-len', str(args.seq_len), '--steps', str(args.steps)] + (['--remat'] if args.remat else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+      sys.exit(f'{dtype} run failed:\n{proc.stderr[-3000:]}')
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    results.append(result)
+    print(f"{dtype}: {result['tokens_per_s']} tokens/s, step {result['step_s_median']}s "
+          f"(first step {result['first_step_s']}s), MFU {100 * result['mfu']:.1f}%, "
+          f"peak RSS {result['peak_rss_mb']} MB on {result['device']}", flush=True)
+  best = max(results, key=lambda r: r['tokens_per_s'])
+  print(json.dumps({'tokens_per_s': best['tokens_per_s'], 'mfu': best['mfu'],
+                    'peak_rss_mb': best['peak_rss_mb'], 'best_dtype': best['dtype'],
+                    'settings': results}))
+
+
+if __name__ == '__main__':
+  main()
