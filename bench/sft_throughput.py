@@ -18,22 +18,36 @@ import sys
 import time
 
 
-def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: bool) -> dict:
+def synthetic_batches(batch: int, seq_len: int, vocab: int):
+  """Packed rows of random tokens: two samples per row, targets on the second half."""
+  import numpy as np
+  rng = np.random.RandomState(0)
+  while True:
+    half = seq_len // 2
+    segments = np.repeat(np.array([1, 2], np.int32), [half, seq_len - half])[None].repeat(batch, 0)
+    positions = np.concatenate([np.arange(half), np.arange(seq_len - half)])[None].repeat(batch, 0)
+    mask = (positions >= half // 2).astype(np.int32)
+    yield {'tokens': rng.randint(0, vocab, (batch, seq_len)).astype(np.int32),
+           'positions': positions.astype(np.int32), 'segment_ids': segments, 'loss_mask': mask}
+
+
+def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: bool,
+            random_init: bool) -> dict:
   import jax
   import ml_collections
   import numpy as np
 
   from jpost import metrics, optim, sharding
   from jpost.data import pipeline
-  from jpost.models import hf, pretrained
+  from jpost.models import pretrained
   from jpost.tokenizer import Tokenizer
+
+  import common
   from jpost.trainers import offline, sft
   import functools
 
-  path = pretrained.resolve('smollm2-135m-instruct')
-  tokenizer = Tokenizer.from_dir(path)
   mesh = sharding.make_mesh()
-  model = hf.load(path, mesh=mesh, dtype=dtype, remat=remat)
+  model = common.load_model(random_init=random_init, mesh=mesh, dtype=dtype, remat=remat)
   optim_config = ml_collections.ConfigDict(dict(
       name='adamw', lr=1e-5, warmup_steps=0, schedule='constant', end_lr_ratio=1.0,
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0))
@@ -46,9 +60,13 @@ def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: bool) -> di
   step = jax.jit(offline.make_train_step(graphdef, task, tx, schedule, 1),
                  in_shardings=(shardings, None), out_shardings=(shardings, None),
                  donate_argnums=(0,))
-  data, _ = pipeline.build('sft', pipeline.resolve_sources('gsm8k:sft'), tokenizer,
-                           batch_size=batch, max_len=seq_len, truncation='truncate_left')
-  batches = iter(data)
+  if random_init:
+    batches = synthetic_batches(batch, seq_len, model.config.vocab_size)
+  else:
+    tokenizer = Tokenizer.from_dir(pretrained.resolve('smollm2-135m-instruct'))
+    data, _ = pipeline.build('sft', pipeline.resolve_sources('gsm8k:sft'), tokenizer,
+                             batch_size=batch, max_len=seq_len, truncation='truncate_left')
+    batches = iter(data)
   times, tokens = [], []
   for _ in range(steps + 1):
     host_batch = next(batches)
@@ -62,7 +80,7 @@ def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: bool) -> di
   tokens_per_step = statistics.median(tokens[1:])
   peak = metrics.measured_peak_flops(dtype)
   flops = metrics.flops_per_token(model.config, seq_len) * tokens_per_step
-  return {'dtype': dtype, 'batch': batch, 'seq_len': seq_len, 'remat': remat,
+  return {'dtype': dtype, 'random_init': random_init, 'batch': batch, 'seq_len': seq_len, 'remat': remat,
           'device': jax.devices()[0].device_kind, 'first_step_s': round(compile_s, 2),
           'step_s_median': round(seconds, 3), 'tokens_per_step': tokens_per_step,
           'tokens_per_s': round(tokens_per_step / seconds, 1),
@@ -78,15 +96,19 @@ def main():
   parser.add_argument('--steps', type=int, default=6)
   parser.add_argument('--dtypes', default='float32,bfloat16')
   parser.add_argument('--remat', action='store_true')
+  parser.add_argument('--random-init', action='store_true',
+                      help='random weights of SmolLM2-135M shape and synthetic batches')
   parser.add_argument('--one', help=argparse.SUPPRESS)  # internal: run one dtype
   args = parser.parse_args()
   if args.one:
-    print(json.dumps(measure(args.one, args.batch, args.seq_len, args.steps, args.remat)))
+    print(json.dumps(measure(args.one, args.batch, args.seq_len, args.steps, args.remat,
+                             args.random_init)))
     return
   results = []
   for dtype in args.dtypes.split(','):
     cmd = [sys.executable, __file__, '--one', dtype, '--batch', str(args.batch),
-           '--seq-len', str(args.seq_len), '--steps', str(args.steps)] + (['--remat'] if args.remat else [])
+           '--seq-len', str(args.seq_len), '--steps', str(args.steps)]
+    cmd += ['--remat'] * args.remat + ['--random-init'] * args.random_init
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
       sys.exit(f'{dtype} run failed:\n{proc.stderr[-3000:]}')

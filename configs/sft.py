@@ -18,7 +18,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.distributed = False  # jax.distributed.initialize() for multi-host runs
   c.model = ml_collections.ConfigDict(dict(
-      path='smollm2-135m-instruct', dtype='float32', param_dtype='float32', remat=True))
+      path='smollm2-135m-instruct', dtype='bfloat16', param_dtype='float32', remat=True))
   c.data = ml_collections.ConfigDict(dict(
       train=('gsm8k:sft_train',), eval=('gsm8k:sft_test',), weights=(),
       max_len=256, mask_mode='auto', truncation='truncate_left', packing=True,
@@ -37,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.tensorboard = False
   c.export_hf = True
   if arg == 'tiny':
+    c.model.dtype = 'float32'  # exact-resume tests compare float32 runs
     c.model.remat = False
     c.data.max_len = 128
     c.batch_size = 2

@@ -1,0 +1,31 @@
+"""Model set-up shared by the benchmarks: the real SmolLM2-135M-Instruct, or a
+randomly initialised model of exactly its shape (`--random-init`, for machines
+that cannot fetch the weights; speed does not depend on weight values)."""
+
+import json
+
+from flax import nnx
+
+from jpost.models import hf, pretrained
+from jpost.models.config import ModelConfig
+from jpost.models.decoder import Decoder
+
+# SmolLM2-135M's config.json, as read from its GGUF.
+SMOLLM2_135M = dict(model_type='llama', vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                    num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                    head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
+                    max_position_embeddings=8192, tie_word_embeddings=True,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def load_model(*, random_init: bool, mesh=None, **overrides):
+  if random_init:
+    cfg = ModelConfig.from_hf(json.loads(json.dumps(SMOLLM2_135M)), **overrides)
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    if mesh is not None:
+      from jpost import sharding
+      import jax
+      state = nnx.state(model)
+      nnx.update(model, jax.device_put(state, sharding.state_shardings(state, mesh)))
+    return model
+  return hf.load(pretrained.resolve('smollm2-135m-instruct'), mesh=mesh, **overrides)

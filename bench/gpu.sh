@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The accelerator benchmarks, as run on a lent GPU machine (no network there):
+# wheels for what the machine lacks are carried in .gpu_wheels/, the model is
+# SmolLM2-135M-shaped with random weights (speed does not depend on values).
+#   bash bench/gpu.sh OUTDIR
+set -u
+out=${1:-${OUT:-/tmp/jpost_gpu}}
+mkdir -p "$out"
+site=/tmp/jpost_site
+python3 -m pip install -q --no-deps --no-index --target "$site" .gpu_wheels/*.whl 2>&1 | tail -2
+export PYTHONPATH="$PWD:$site"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, jax.devices())"
+} 2>&1 | tee "$out/env.txt"
+python3 - <<'PY' 2>&1 | tee "$out/parity.txt"
+# Same random decoder on GPU and CPU: float32 logits (highest matmul precision) and bf16 compute.
+import jax, numpy as np, sys
+sys.path.insert(0, 'bench')
+import common
+from flax import nnx
+tokens = np.random.RandomState(0).randint(0, 49152, (2, 64)); pos = np.tile(np.arange(64), (2, 1)); seg = np.ones((2, 64), np.int32)
+def logits(dtype, device, precision='highest'):
+  with jax.default_device(device), jax.default_matmul_precision(precision):
+    m = common.load_model(random_init=True, dtype=dtype)
+    return np.asarray(nnx.jit(lambda m, a, b, c: m(a, b, c))(m, tokens, pos, seg))
+cpu = logits('float32', jax.devices('cpu')[0])
+for dtype, prec in [('float32', 'highest'), ('float32', 'default'), ('bfloat16', 'default')]:
+  gpu = logits(dtype, jax.devices()[0], prec)
+  print(f'{dtype} compute, {prec} precision: max |GPU - CPU float32| = {np.abs(gpu - cpu).max():.2e} (logit scale {np.abs(cpu).max():.2f})')
+PY
+python3 bench/sft_throughput.py --random-init --batch 8 --seq-len 256 --steps 10 2>&1 | grep -v Warn | tee "$out/sft_8x256.txt"
+python3 bench/sft_throughput.py --random-init --batch 32 --seq-len 1024 --steps 10 --dtypes bfloat16 2>&1 | grep -v Warn | tee "$out/sft_32x1024.txt"
+python3 bench/generate_throughput.py --random-init --batches 1,8,32,128 --new-tokens 128 2>&1 | grep -v Warn | tee "$out/generate.txt"
