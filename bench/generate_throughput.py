@@ -59,8 +59,8 @@ def main():
       times = []
       for r in range(args.repeats):
         tic = time.perf_counter()
-        _, out_mask = jax.block_until_ready(
-            sampling.generate(model, tokens, mask, settings, jax.random.key(r + 1)))
+        out_mask = jax.block_until_ready(
+            sampling.generate(model, tokens, mask, settings, jax.random.key(r + 1))).mask
         times.append(time.perf_counter() - tic)
       new = int(np.asarray(out_mask).sum())
       seconds = statistics.median(times)

@@ -1,8 +1,11 @@
-"""Batched generation with a KV cache: one prefill, then a jit-compiled decode loop.
+"""Batched sampling with a KV cache: one prefill, then a jit-compiled decode loop.
 
 Prompts are left-padded ([B, P] with a 0/1 mask); each row's positions start
-at 0 on its first real token, so padding never shifts RoPE. The loop stops
-when every row has produced a stop token or `max_new_tokens` are out.
+at 0 on its first real token, so padding never shifts RoPE. The prompt is
+prefilled once and its cache copied for the `num_samples` completions of each
+prompt. The loop stops when every row has produced a stop token or
+`max_new_tokens` are out. Rollout and training share the decoder, so the
+sampler's temperature-1 log-probs are the trainer's log-probs.
 """
 
 from __future__ import annotations
@@ -17,26 +20,63 @@ from flax import nnx
 
 from jpost.models.decoder import init_cache
 
+_NEG_INF = -1e30  # finite: softmax of a filtered row stays NaN-free
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingConfig:
+  """temperature 0 is greedy. Filters apply in the order temperature, top-k,
+  top-p (nucleus), min-p, as in transformers. 0 / 1.0 / 0.0 disable them."""
+
   max_new_tokens: int = 64
-  temperature: float = 0.0  # 0 = greedy
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  min_p: float = 0.0
+  num_samples: int = 1
   stop_ids: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.max_new_tokens <= 0:
       raise ValueError(f'max_new_tokens must be positive, got {self.max_new_tokens}.')
     if self.temperature < 0:
-      raise ValueError(f'temperature must be >= 0, got {self.temperature}.')
+      raise ValueError(f'temperature must be >= 0 (0 = greedy), got {self.temperature}.')
+    if self.top_k < 0:
+      raise ValueError(f'top_k must be >= 0 (0 = off), got {self.top_k}.')
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f'top_p must be in (0, 1] (1 = off), got {self.top_p}.')
+    if not 0 <= self.min_p < 1:
+      raise ValueError(f'min_p must be in [0, 1) (0 = off), got {self.min_p}.')
+    if self.num_samples < 1:
+      raise ValueError(f'num_samples must be >= 1, got {self.num_samples}.')
     if not self.stop_ids:
-      raise ValueError('stop_ids is empty: give the tokenizer\'s stop_ids so rows can end.')
+      raise ValueError("stop_ids is empty: give the tokenizer's stop_ids so rows can end.")
+    object.__setattr__(self, 'stop_ids', tuple(int(i) for i in self.stop_ids))
+
+
+@dataclasses.dataclass(frozen=True)
+class Completions:
+  """Per completion row (prompt i's samples are rows i*n .. i*n+n-1), [R, N]."""
+
+  tokens: jax.Array  # 0 after the end of each completion
+  mask: jax.Array  # 1 up to and including the stop token
+  logprobs: jax.Array  # log p(token) under the model at temperature 1, unfiltered
+  sampling_logprobs: jax.Array  # under the distribution actually sampled from
+  truncated: jax.Array  # [R] bool: no stop token within max_new_tokens
+  lengths: jax.Array  # [R] tokens in the completion, stop token included
+
+
+jax.tree_util.register_dataclass(
+    Completions, data_fields=[f.name for f in dataclasses.fields(Completions)], meta_fields=[])
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """[B, P] tokens and 0/1 mask, each prompt right-aligned."""
-  if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError('every prompt needs at least one token.')
+  if not prompts:
+    raise ValueError('no prompts given.')
+  for i, prompt in enumerate(prompts):
+    if len(prompt) == 0:
+      raise ValueError(f'prompt {i} is empty: every prompt needs at least one token.')
   width = max(len(p) for p in prompts)
   tokens = np.full((len(prompts), width), pad_id, np.int32)
   mask = np.zeros((len(prompts), width), np.int32)
@@ -46,56 +86,118 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
   return tokens, mask
 
 
-def generate(model, prompt_tokens, prompt_mask, sampling: SamplingConfig, key=None):
-  """Returns (completion tokens [B, N], completion mask [B, N]); the mask
-  covers each row's tokens up to and including its stop token."""
+def filter_logits(logits, sampling: SamplingConfig):
+  """Temperature-scaled logits [.., V] with tokens outside top-k / top-p / min-p
+  set to a large negative value; softmax of the result is what is sampled."""
+  logits = logits.astype(jnp.float32) / sampling.temperature
+  if sampling.top_k:
+    kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, _NEG_INF, logits)
+  if sampling.top_p < 1:
+    sorted_desc = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    # Keep a token if the mass strictly before it is < top_p (the top one always).
+    before = jnp.cumsum(probs, axis=-1) - probs
+    n_keep = jnp.sum(before < sampling.top_p, axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(sorted_desc, n_keep - 1, axis=-1)
+    logits = jnp.where(logits < threshold, _NEG_INF, logits)
+  if sampling.min_p > 0:
+    probs = jax.nn.softmax(logits, axis=-1)
+    keep = probs >= sampling.min_p * jnp.max(probs, axis=-1, keepdims=True)
+    logits = jnp.where(keep, logits, _NEG_INF)
+  return logits
+
+
+def _pick(logits, key, sampling: SamplingConfig):
+  """(token, raw log-prob at temperature 1, log-prob under the sampling distribution)."""
+  raw = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  if sampling.temperature == 0:
+    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampled_lp = jnp.zeros(token.shape, jnp.float32)  # a point mass
+  else:
+    filtered = filter_logits(logits, sampling)
+    token = jax.random.categorical(key, filtered).astype(jnp.int32)
+    sampled_lp = jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1),
+                                     token[:, None], axis=-1)[:, 0]
+  raw_lp = jnp.take_along_axis(raw, token[:, None], axis=-1)[:, 0]
+  return token, raw_lp, sampled_lp
+
+
+def generate(model, prompt_tokens, prompt_mask, sampling: SamplingConfig, key=None,
+             *, batch_sharding=None) -> Completions:
+  """Samples completions for left-padded prompts; see Completions.
+
+  `batch_sharding` (a NamedSharding for [B, P]) spreads prompts over a mesh,
+  e.g. the train state's; the model's parameters are used where they are.
+  """
+  prompt_tokens, prompt_mask = np.asarray(prompt_tokens), np.asarray(prompt_mask)
+  if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
+    raise ValueError(f'prompt tokens {prompt_tokens.shape} and mask {prompt_mask.shape} must '
+                     'be [B, P] and equal; build them with left_pad().')
+  empty = np.nonzero(prompt_mask.sum(axis=1) == 0)[0]
+  if empty.size:
+    raise ValueError(f'prompt row(s) {empty.tolist()} are empty: every prompt needs a token.')
+  limit = model.config.max_position_embeddings
+  if prompt_tokens.shape[1] + sampling.max_new_tokens > limit:
+    raise ValueError(
+        f'prompt length {prompt_tokens.shape[1]} + max_new_tokens {sampling.max_new_tokens} '
+        f'exceeds the model context ({limit} positions); shorten the prompts or max_new_tokens.')
   graphdef, state = nnx.split(model)
   key = jax.random.key(0) if key is None else key
-  return _generate(graphdef, state, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask),
-                   key, sampling)
+  tokens, mask = jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask)
+  if batch_sharding is not None:
+    tokens, mask = jax.device_put((tokens, mask), batch_sharding)
+  return _generate(graphdef, state, tokens, mask, key, sampling)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _generate(graphdef, state, tokens, mask, key, sampling: SamplingConfig):
   model = nnx.merge(graphdef, state)
   batch, prompt_len = tokens.shape
-  n = sampling.max_new_tokens
-  cache = init_cache(model.config, batch, prompt_len + n)
+  n, samples = sampling.max_new_tokens, sampling.num_samples
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+  # Prefill once per prompt, then give every sample its own copy of the cache.
+  cache = init_cache(model.config, batch, prompt_len + n)
   hidden, cache = model.hidden_states(tokens, positions, mask, cache)
+  repeat = lambda x: jnp.repeat(x, samples, axis=1 if x.ndim == 5 else 0)
+  cache = {k: (v if k == 'index' else repeat(v)) for k, v in cache.items()}
+  last_hidden = jnp.repeat(hidden[:, -1], samples, axis=0)
+  last_pos = jnp.repeat(positions[:, -1], samples, axis=0)
+  rows = batch * samples
   stop_ids = jnp.asarray(sampling.stop_ids, jnp.int32)
 
-  def pick(hidden_last, key):
-    logits = model.logits(hidden_last[:, None])[:, 0]
-    if sampling.temperature == 0:
-      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, logits / sampling.temperature).astype(jnp.int32)
-
   key, sub = jax.random.split(key)
-  first = pick(hidden[:, -1], sub)
-  out = jnp.zeros((batch, n), jnp.int32).at[:, 0].set(first)
+  first, raw_lp, sampled_lp = _pick(model.logits(last_hidden[:, None])[:, 0], sub, sampling)
+  out = jnp.zeros((rows, n), jnp.int32).at[:, 0].set(first)
+  raw_out = jnp.zeros((rows, n), jnp.float32).at[:, 0].set(raw_lp)
+  sampled_out = jnp.zeros((rows, n), jnp.float32).at[:, 0].set(sampled_lp)
   done = jnp.isin(first, stop_ids)
-  last_pos = positions[:, -1]
 
   def cond(carry):
-    step, _, done, *_ = carry
+    step, _, _, _, done, *_ = carry
     return (step < n) & ~jnp.all(done)
 
   def body(carry):
-    step, out, done, cache, last_pos, key = carry
-    token = out[:, step - 1]
-    pos = last_pos + 1
-    hidden, cache = model.hidden_states(token[:, None], pos[:, None],
-                                        jnp.ones((batch, 1), jnp.int32), cache)
+    step, out, raw_out, sampled_out, done, cache, pos, key = carry
+    pos = pos + 1
+    hidden, cache = model.hidden_states(out[:, step - 1, None], pos[:, None],
+                                        jnp.ones((rows, 1), jnp.int32), cache)
     key, sub = jax.random.split(key)
-    nxt = jnp.where(done, 0, pick(hidden[:, -1], sub))
-    out = out.at[:, step].set(nxt)
-    return step + 1, out, done | jnp.isin(nxt, stop_ids), cache, pos, key
+    token, raw_lp, sampled_lp = _pick(model.logits(hidden)[:, 0], sub, sampling)
+    token = jnp.where(done, 0, token)
+    out = out.at[:, step].set(token)
+    raw_out = raw_out.at[:, step].set(raw_lp)
+    sampled_out = sampled_out.at[:, step].set(sampled_lp)
+    return step + 1, out, raw_out, sampled_out, done | jnp.isin(token, stop_ids), cache, pos, key
 
-  step, out, done, *_ = jax.lax.while_loop(
-      cond, body, (jnp.int32(1), out, done, cache, last_pos, key))
-  # A token belongs to the completion if no stop token came strictly before it.
-  is_stop = jnp.isin(out, stop_ids)
+  step, out, raw_out, sampled_out, done, *_ = jax.lax.while_loop(
+      cond, body, (jnp.int32(1), out, raw_out, sampled_out, done, cache, last_pos, key))
+  # A token is in the completion if no stop token came strictly before it.
+  is_stop = jnp.isin(out, stop_ids) & (jnp.arange(n)[None] < step)
   stopped_before = jnp.cumsum(is_stop, axis=1) - is_stop
-  completion_mask = (stopped_before == 0) & (jnp.arange(n)[None] < step)
-  return jnp.where(completion_mask, out, 0), completion_mask.astype(jnp.int32)
+  completion = (stopped_before == 0) & (jnp.arange(n)[None] < step)
+  return Completions(
+      tokens=jnp.where(completion, out, 0), mask=completion.astype(jnp.int32),
+      logprobs=jnp.where(completion, raw_out, 0.0),
+      sampling_logprobs=jnp.where(completion, sampled_out, 0.0),
+      truncated=~jnp.any(is_stop, axis=1), lengths=jnp.sum(completion, axis=1))

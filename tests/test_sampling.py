@@ -1,20 +1,25 @@
-"""Greedy generation with the KV cache equals transformers' greedy generate."""
+"""The sampler: greedy parity with transformers, log-probs equal to the
+trainer's, sampling statistics, stop/truncation bookkeeping, bad input."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
-from jpost import sampling
+from jpost import ops, sampling
 from jpost.models import hf, pretrained
+from jpost.models.config import ModelConfig
+from jpost.models.decoder import Decoder
 from jpost.tokenizer import Tokenizer
 
-PROMPTS = [
-    [{'role': 'user', 'content': 'What is the capital of France?'}],
-    [{'role': 'system', 'content': 'You answer in one short sentence.'},
-     {'role': 'user', 'content': 'Name a colour of the sky on a clear day, and explain why it has that colour.'}],
-    [{'role': 'user', 'content': 'Hi'}],
-]
+QUESTIONS = ['What is the capital of France?', 'Hi',
+             'Name a colour of the sky on a clear day, and explain why it has that colour.',
+             'What is 12 * 7?', 'Write a haiku about autumn leaves.',
+             'List three prime numbers.', 'Who wrote Hamlet? Answer in one sentence.',
+             'Translate "thank you" into French, German and Spanish, one per line.']
 
 
 @pytest.fixture(scope='module')
@@ -22,29 +27,148 @@ def checkpoint():
   return pretrained.resolve('smollm2-135m-instruct')
 
 
-def test_greedy_matches_transformers_left_padded(checkpoint):
-  tokenizer = Tokenizer.from_dir(checkpoint)
-  model = hf.load(checkpoint)
-  prompts = [tokenizer.encode_chat(m, add_generation_prompt=True).ids for m in PROMPTS]
+@pytest.fixture(scope='module')
+def tokenizer(checkpoint):
+  return Tokenizer.from_dir(checkpoint)
+
+
+@pytest.fixture(scope='module')
+def model(checkpoint):
+  return hf.load(checkpoint)
+
+
+def _prompts(tokenizer, n=len(QUESTIONS)):
+  return [tokenizer.encode_chat([{'role': 'user', 'content': q}], add_generation_prompt=True).ids
+          for q in QUESTIONS[:n]]
+
+
+def test_greedy_matches_transformers_left_padded(checkpoint, tokenizer, model):
+  prompts = _prompts(tokenizer)
   tokens, mask = sampling.left_pad(prompts, tokenizer.pad_id)
-  assert len({len(p) for p in prompts}) == len(prompts)  # real left padding
-  n = 24
-  out, out_mask = sampling.generate(
-      model, tokens, mask, sampling.SamplingConfig(max_new_tokens=n, stop_ids=tokenizer.stop_ids))
-  out, out_mask = np.asarray(out), np.asarray(out_mask)
+  assert len({len(p) for p in prompts}) > 4  # real left padding
+  n = 64
+  out = jax.device_get(sampling.generate(
+      model, tokens, mask,
+      sampling.SamplingConfig(max_new_tokens=n, temperature=0.0, stop_ids=tokenizer.stop_ids)))
   reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+  ended = 0
   for row, prompt in enumerate(prompts):
     with torch.no_grad():
       ref = reference.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
                                eos_token_id=list(tokenizer.stop_ids), pad_token_id=tokenizer.pad_id)
     ref_new = ref[0, len(prompt):].tolist()
-    ours = out[row][out_mask[row] == 1].tolist()
+    ours = out.tokens[row][out.mask[row] == 1].tolist()
     assert ours == ref_new, (row, tokenizer.decode(ours), tokenizer.decode(ref_new))
-    # The stop token is inside the mask; nothing after it is.
-    if ours and ours[-1] in tokenizer.stop_ids:
-      assert out_mask[row, len(ours):].sum() == 0
+    # Bookkeeping: stop token inside the mask, nothing after it; truncation flag.
+    assert out.lengths[row] == len(ours)
+    if ours[-1] in tokenizer.stop_ids:
+      ended += 1
+      assert not out.truncated[row] and out.mask[row, len(ours):].sum() == 0
+    else:
+      assert out.truncated[row] and len(ours) == n
+  assert 0 < ended < len(prompts)  # both cases are exercised
 
 
-def test_left_pad_rejects_empty_prompt():
-  with pytest.raises(ValueError, match='at least one token'):
+def _full_forward_logprobs(model, prompt, completion):
+  ids = np.asarray(prompt + completion)[None]
+  logits = model(ids, np.arange(ids.shape[1])[None], np.ones_like(ids))
+  return np.asarray(ops.token_logprobs(logits, jnp.asarray(ids[:, 1:])))[0, len(prompt) - 1:]
+
+
+@pytest.mark.parametrize('dtype, atol', [('float32', 1e-4), ('bfloat16', 0.25)])
+def test_sampler_logprobs_equal_full_forward(checkpoint, tokenizer, dtype, atol):
+  """The temperature-1 log-probs the sampler returns are the trainer's.
+
+  bfloat16: the cached decode and the full forward round differently (one
+  token at a time vs. a whole sequence), so they agree to ~0.1 nat, not 1e-4.
+  """
+  model = hf.load(checkpoint, dtype=dtype)
+  prompts = _prompts(tokenizer, 3)
+  tokens, mask = sampling.left_pad(prompts, tokenizer.pad_id)
+  settings = sampling.SamplingConfig(max_new_tokens=16, temperature=1.0, top_k=40,
+                                     num_samples=2, stop_ids=tokenizer.stop_ids)
+  out = jax.device_get(sampling.generate(model, tokens, mask, settings, jax.random.key(3)))
+  assert out.tokens.shape == (6, 16)
+  errors = []
+  for row in range(6):
+    completion = out.tokens[row][out.mask[row] == 1].tolist()
+    full = _full_forward_logprobs(model, prompts[row // 2], completion)
+    errors.append(np.abs(full - out.logprobs[row, :len(completion)]).max())
+    # Sampling with top-k renormalises: its log-probs are >= the raw ones.
+    assert (out.sampling_logprobs[row, :len(completion)] >= out.logprobs[row, :len(completion)] - 1e-5).all()
+  assert max(errors) <= atol, errors
+
+
+def test_samples_of_a_prompt_differ_and_seed_replays(tokenizer, model):
+  tokens, mask = sampling.left_pad(_prompts(tokenizer, 1), tokenizer.pad_id)
+  settings = sampling.SamplingConfig(max_new_tokens=12, temperature=1.0, num_samples=4,
+                                     stop_ids=tokenizer.stop_ids)
+  a = jax.device_get(sampling.generate(model, tokens, mask, settings, jax.random.key(7)))
+  b = jax.device_get(sampling.generate(model, tokens, mask, settings, jax.random.key(7)))
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  assert len({tuple(row) for row in a.tokens}) > 1
+
+
+# --- statistics on a tiny model ------------------------------------------------
+
+@pytest.fixture(scope='module')
+def tiny():
+  cfg = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2,
+                    num_heads=4, num_kv_heads=2, max_position_embeddings=64)
+  model = Decoder(cfg, rngs=nnx.Rngs(5))
+  model.final_norm.set_value(model.final_norm.get_value() * 8)  # peaky logits
+  return model
+
+
+@pytest.mark.parametrize('settings', [
+    dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.0, top_p=0.6),
+    dict(temperature=1.2, min_p=0.4), dict(temperature=1.0, top_k=8, top_p=0.9)])
+def test_empirical_frequencies_match_filtered_softmax(tiny, settings):
+  prompt = np.array([[3, 9, 4]])
+  logits = tiny(prompt, np.arange(3)[None], np.ones((1, 3), np.int32))[0, -1]
+  config = sampling.SamplingConfig(max_new_tokens=1, num_samples=20000, stop_ids=(31,), **settings)
+  expected = np.asarray(jax.nn.softmax(sampling.filter_logits(logits, config)))
+  out = jax.device_get(sampling.generate(tiny, prompt, np.ones_like(prompt), config, jax.random.key(0)))
+  draws = out.tokens[:, 0]
+  freq = np.bincount(draws, minlength=32) / draws.size
+  # Total variation; sampling noise alone is ~0.01 at 20k draws over <= 32 tokens.
+  assert 0.5 * np.abs(freq - expected).sum() < 0.025
+  assert (freq[expected < 1e-9] == 0).all()  # never outside top-k / nucleus / min-p set
+  assert (expected > 1e-9).sum() < 32 or settings == dict(temperature=1.0)
+
+
+def test_filter_logits_hand_computed():
+  logits = jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05]))
+  def kept(**kw):
+    out = sampling.filter_logits(logits, sampling.SamplingConfig(stop_ids=(0,), **kw))
+    return np.asarray(out > -1e29).tolist()
+  assert kept(top_p=0.8) == [True, True, False, False]  # 0.5 + 0.3 reaches 0.8
+  assert kept(top_p=0.81) == [True, True, True, False]
+  assert kept(top_p=0.1) == [True, False, False, False]  # the top token always stays
+  assert kept(top_k=3) == [True, True, True, False]
+  assert kept(min_p=0.5) == [True, True, False, False]  # p >= 0.5 * 0.5
+  np.testing.assert_allclose(
+      jax.nn.softmax(sampling.filter_logits(logits, sampling.SamplingConfig(stop_ids=(0,), temperature=2.0))),
+      np.sqrt([0.5, 0.3, 0.15, 0.05]) / np.sqrt([0.5, 0.3, 0.15, 0.05]).sum(), rtol=1e-5)
+
+
+# --- bad input -------------------------------------------------------------------
+
+@pytest.mark.parametrize('kw, message', [
+    (dict(top_p=0.0), r'top_p must be in \(0, 1\]'), (dict(top_p=1.5), r'top_p must be in \(0, 1\]'),
+    (dict(num_samples=0), 'num_samples must be >= 1'), (dict(max_new_tokens=0), 'max_new_tokens must be positive'),
+    (dict(temperature=-1.0), 'temperature must be >= 0'), (dict(stop_ids=()), 'stop_ids is empty'),
+])
+def test_bad_settings(kw, message):
+  with pytest.raises(ValueError, match=message):
+    sampling.SamplingConfig(**({'stop_ids': (2,)} | kw))
+
+
+def test_bad_prompts(tiny):
+  with pytest.raises(ValueError, match='prompt 1 is empty'):
     sampling.left_pad([[1, 2], []], 0)
+  settings = sampling.SamplingConfig(max_new_tokens=40, stop_ids=(2,))
+  with pytest.raises(ValueError, match=r'prompt length 30 \+ max_new_tokens 40 exceeds the model context \(64'):
+    sampling.generate(tiny, np.ones((1, 30), np.int32), np.ones((1, 30), np.int32), settings)
+  with pytest.raises(ValueError, match=r'prompt row\(s\) \[1\] are empty'):
+    sampling.generate(tiny, np.ones((2, 3), np.int32), np.array([[1, 1, 1], [0, 0, 0]]), settings)

@@ -35,9 +35,9 @@ def run(config, workdir: str | None):
       max_new_tokens=config.sampling.max_new_tokens,
       temperature=config.sampling.temperature, stop_ids=tuple(tokenizer.stop_ids))
   start = time.perf_counter()
-  out, out_mask = sampling.generate(model, tokens, mask, settings,
-                                    jax.random.key(config.seed))
-  out, out_mask = jax.device_get((out, out_mask))
+  completions = jax.device_get(
+      sampling.generate(model, tokens, mask, settings, jax.random.key(config.seed)))
+  out, out_mask = completions.tokens, completions.mask
   seconds = time.perf_counter() - start
   records = []
   for prompt, row, row_mask in zip(config.prompts, out, out_mask):
