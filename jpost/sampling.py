@@ -150,19 +150,32 @@ def generate(model, prompt_tokens, prompt_mask, sampling: SamplingConfig, key=No
   return _generate(graphdef, state, tokens, mask, key, sampling)
 
 
+def _prefill(model, tokens, mask, cache_len: int):
+  """Runs the prompts into a fresh cache: (last hidden [B, D], last position [B], cache)."""
+  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+  cache = init_cache(model.config, tokens.shape[0], cache_len)
+  hidden, cache = model.hidden_states(tokens, positions, mask, cache)
+  return hidden[:, -1], positions[:, -1], cache
+
+
+def _decode(model, token, pos, cache):
+  """One token per row at positions `pos`: (hidden [R, D], cache)."""
+  hidden, cache = model.hidden_states(token[:, None], pos[:, None],
+                                      jnp.ones((token.shape[0], 1), jnp.int32), cache)
+  return hidden[:, -1], cache
+
+
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _generate(graphdef, state, tokens, mask, key, sampling: SamplingConfig):
   model = nnx.merge(graphdef, state)
   batch, prompt_len = tokens.shape
   n, samples = sampling.max_new_tokens, sampling.num_samples
-  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
   # Prefill once per prompt, then give every sample its own copy of the cache.
-  cache = init_cache(model.config, batch, prompt_len + n)
-  hidden, cache = model.hidden_states(tokens, positions, mask, cache)
+  last_hidden, last_pos, cache = _prefill(model, tokens, mask, prompt_len + n)
   repeat = lambda x: jnp.repeat(x, samples, axis=1 if x.ndim == 5 else 0)
   cache = {k: (v if k == 'index' else repeat(v)) for k, v in cache.items()}
-  last_hidden = jnp.repeat(hidden[:, -1], samples, axis=0)
-  last_pos = jnp.repeat(positions[:, -1], samples, axis=0)
+  last_hidden = jnp.repeat(last_hidden, samples, axis=0)
+  last_pos = jnp.repeat(last_pos, samples, axis=0)
   rows = batch * samples
   stop_ids = jnp.asarray(sampling.stop_ids, jnp.int32)
 
@@ -180,10 +193,9 @@ def _generate(graphdef, state, tokens, mask, key, sampling: SamplingConfig):
   def body(carry):
     step, out, raw_out, sampled_out, done, cache, pos, key = carry
     pos = pos + 1
-    hidden, cache = model.hidden_states(out[:, step - 1, None], pos[:, None],
-                                        jnp.ones((rows, 1), jnp.int32), cache)
+    hidden, cache = _decode(model, out[:, step - 1], pos, cache)
     key, sub = jax.random.split(key)
-    token, raw_lp, sampled_lp = _pick(model.logits(hidden)[:, 0], sub, sampling)
+    token, raw_lp, sampled_lp = _pick(model.logits(hidden[:, None])[:, 0], sub, sampling)
     token = jnp.where(done, 0, token)
     out = out.at[:, step].set(token)
     raw_out = raw_out.at[:, step].set(raw_lp)
@@ -201,3 +213,45 @@ def _generate(graphdef, state, tokens, mask, key, sampling: SamplingConfig):
       logprobs=jnp.where(completion, raw_out, 0.0),
       sampling_logprobs=jnp.where(completion, sampled_out, 0.0),
       truncated=~jnp.any(is_stop, axis=1), lengths=jnp.sum(completion, axis=1))
+
+
+# --- streaming (interactive chat): the same prefill / decode / pick, one token
+# per host step so text can be shown as it comes.
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _stream_prefill(graphdef, state, tokens, mask, cache_len):
+  return _prefill(nnx.merge(graphdef, state), tokens, mask, cache_len)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _stream_step(graphdef, state, hidden, pos, cache, key, sampling):
+  model = nnx.merge(graphdef, state)
+  token = _pick(model.logits(hidden[:, None])[:, 0], key, sampling)[0]
+  hidden, cache = _decode(model, token, pos + 1, cache)
+  return token, hidden, pos + 1, cache
+
+
+def stream(model, prompt: list[int], sampling: SamplingConfig, key=None):
+  """Yields the completion's token ids one by one (stop token last, if any).
+
+  Prompts are left-padded to a multiple of 64 so that compilation is paid
+  once per length bucket, not once per turn.
+  """
+  bucket = 64 * -(-len(prompt) // 64)
+  tokens, mask = left_pad([prompt], 0)
+  tokens = np.pad(tokens, ((0, 0), (bucket - tokens.shape[1], 0)))
+  mask = np.pad(mask, ((0, 0), (bucket - mask.shape[1], 0)))
+  if bucket + sampling.max_new_tokens > model.config.max_position_embeddings:
+    raise ValueError(f'conversation of {len(prompt)} tokens + max_new_tokens '
+                     f'{sampling.max_new_tokens} exceeds the model context.')
+  graphdef, state = nnx.split(model)
+  key = jax.random.key(0) if key is None else key
+  hidden, pos, cache = _stream_prefill(graphdef, state, tokens, mask,
+                                       bucket + sampling.max_new_tokens)
+  for _ in range(sampling.max_new_tokens):
+    key, sub = jax.random.split(key)
+    token, hidden, pos, cache = _stream_step(graphdef, state, hidden, pos, cache, sub, sampling)
+    token = int(token[0])
+    yield token
+    if token in sampling.stop_ids:
+      return

@@ -41,3 +41,22 @@ def test_generate_tiny_with_overrides(tmp_path):
 def test_bad_config_argument_is_an_error(tmp_path):
   proc = _run('--config=configs/generate.py:huge', f'--workdir={tmp_path}')
   assert proc.returncode != 0 and "unknown config argument 'huge'" in proc.stderr
+
+
+def test_chat_interactive_two_turns_streams_answers():
+  proc = subprocess.run(
+      [sys.executable, '-m', 'jpost.main', '--config=configs/chat.py:greedy',
+       '--config.sampling.max_new_tokens=30'],
+      input='What is the capital of France?\nAnd of Italy?\n/exit\n',
+      capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  answers = [line for line in proc.stdout.splitlines() if line.startswith('assistant> ')]
+  assert len(answers) == 2
+  assert 'Paris' in answers[0] and 'Rome' in answers[1]  # the second turn saw the first
+
+
+def test_chat_one_shot():
+  proc = _run('--config=configs/chat.py:greedy', '--config.prompt=What is the capital of France?',
+              '--config.sampling.max_new_tokens=20')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'Paris' in proc.stdout

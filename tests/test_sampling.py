@@ -75,12 +75,14 @@ def _full_forward_logprobs(model, prompt, completion):
   return np.asarray(ops.token_logprobs(logits, jnp.asarray(ids[:, 1:])))[0, len(prompt) - 1:]
 
 
-@pytest.mark.parametrize('dtype, atol', [('float32', 1e-4), ('bfloat16', 0.25)])
+@pytest.mark.parametrize('dtype, atol', [('float32', 1e-4), ('bfloat16', 0.2)])
 def test_sampler_logprobs_equal_full_forward(checkpoint, tokenizer, dtype, atol):
   """The temperature-1 log-probs the sampler returns are the trainer's.
 
   bfloat16: the cached decode and the full forward round differently (one
-  token at a time vs. a whole sequence), so they agree to ~0.1 nat, not 1e-4.
+  token at a time vs. a whole sequence); measured here: median 0.012 nat,
+  max 0.11 nat over 96 positions (float32: max 1.9e-5). Hence PPO/GRPO
+  should recompute old log-probs with the trainer in bfloat16 runs.
   """
   model = hf.load(checkpoint, dtype=dtype)
   prompts = _prompts(tokenizer, 3)
@@ -172,3 +174,12 @@ def test_bad_prompts(tiny):
     sampling.generate(tiny, np.ones((1, 30), np.int32), np.ones((1, 30), np.int32), settings)
   with pytest.raises(ValueError, match=r'prompt row\(s\) \[1\] are empty'):
     sampling.generate(tiny, np.ones((2, 3), np.int32), np.array([[1, 1, 1], [0, 0, 0]]), settings)
+
+
+def test_stream_yields_the_same_tokens_as_generate(tokenizer, model):
+  prompt = _prompts(tokenizer, 1)[0]
+  settings = sampling.SamplingConfig(max_new_tokens=20, temperature=0.0, stop_ids=tokenizer.stop_ids)
+  streamed = list(sampling.stream(model, prompt, settings))
+  tokens, mask = sampling.left_pad([prompt], tokenizer.pad_id)
+  out = jax.device_get(sampling.generate(model, tokens, mask, settings))
+  assert streamed == out.tokens[0][out.mask[0] == 1].tolist()
