@@ -40,22 +40,19 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import datetime
 import functools
 import json
 import pathlib
 from typing import Any, Sequence
 
 import jinja2
-import jinja2.ext
-import jinja2.sandbox
 import tokenizers
+
+from jpost import chat_template
 
 # transformers passes these named special tokens to every chat template.
 _NAMED_TOKENS = ('bos_token', 'eos_token', 'unk_token', 'sep_token',
                  'pad_token', 'cls_token', 'mask_token')
-# transformers copies reasoning given under any of these names to all of them.
-_REASONING_FIELDS = ('reasoning_content', 'thinking', 'reasoning')
 _SENTINEL = '@@jpost-content-{}@@'
 
 
@@ -79,109 +76,6 @@ class ChatEncoding:
   ids: list[int]
   text: str
   spans: tuple[MessageSpan, ...]
-
-
-# ----------------------------------------------------------------------------
-# Chat template rendering (mirrors transformers.utils.chat_template_utils).
-
-
-class _GenerationTag(jinja2.ext.Extension):
-  """Accepts `{% generation %}...{% endgeneration %}` and renders the body."""
-
-  tags = {'generation'}
-
-  def parse(self, parser):
-    lineno = next(parser.stream).lineno
-    body = parser.parse_statements(('name:endgeneration',), drop_needle=True)
-    return jinja2.nodes.CallBlock(
-        self.call_method('_body'), [], [], body).set_lineno(lineno)
-
-  def _body(self, caller):
-    return caller()
-
-
-class _TemplateDict:
-  # Same limited `dict` global as transformers: no attribute access to break out.
-  def __call__(self, *args, **kwargs):
-    return dict(*args, **kwargs)
-
-  def fromkeys(self, *args, **kwargs):
-    return dict.fromkeys(*args, **kwargs)
-
-
-class _TemplateNamespace(jinja2.utils.Namespace):
-  # Rejects underscore attributes, as transformers does, to keep the sandbox shut.
-  def __init__(*args, **kwargs):
-    self, args = args[0], args[1:]
-    attrs = dict(*args, **kwargs)
-    for name in attrs:
-      _TemplateNamespace._check(name)
-    jinja2.utils.Namespace.__init__(self, attrs)
-
-  def __setitem__(self, name, value):
-    _TemplateNamespace._check(name)
-    jinja2.utils.Namespace.__setitem__(self, name, value)
-
-  @staticmethod
-  def _check(name):
-    if isinstance(name, str) and name.startswith('_'):
-      raise jinja2.exceptions.SecurityError(
-          f'chat templates cannot set underscore attributes on a namespace ({name!r}).')
-
-
-def _raise_exception(message):
-  raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-  # Jinja's own tojson escapes HTML characters; chat templates expect plain JSON.
-  return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
-                    separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt):
-  return datetime.datetime.now().strftime(fmt)
-
-
-@functools.lru_cache(maxsize=32)
-def _compile(template: str) -> jinja2.Template:
-  env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-      trim_blocks=True, lstrip_blocks=True,
-      extensions=[_GenerationTag, jinja2.ext.loopcontrols])
-  env.filters['tojson'] = _tojson
-  env.globals['raise_exception'] = _raise_exception
-  env.globals['strftime_now'] = _strftime_now
-  env.globals['dict'] = _TemplateDict()
-  env.globals['namespace'] = _TemplateNamespace
-  return env.from_string(template)
-
-
-def _template_message(message: dict) -> dict:
-  # transformers drops None values (templates test for missing keys) and
-  # aliases reasoning fields; doing the same keeps renders identical.
-  message = {k: v for k, v in message.items() if v is not None}
-  reasoning = next((message[k] for k in _REASONING_FIELDS if k in message), None)
-  if reasoning is not None:
-    message = {'thinking': reasoning, **message, 'reasoning_content': reasoning}
-  return message
-
-
-def _validate_messages(messages: Any) -> list[dict]:
-  if not isinstance(messages, (list, tuple)) or not messages:
-    raise ValueError(
-        f'messages must be a non-empty list of {{"role": ..., "content": ...}} dicts, '
-        f'got {type(messages).__name__} {str(messages)[:80]!r}.')
-  for i, message in enumerate(messages):
-    if not isinstance(message, dict):
-      raise ValueError(f'message {i} must be a dict with "role" and "content", '
-                       f'got {type(message).__name__}.')
-    if not isinstance(message.get('role'), str):
-      raise ValueError(f'message {i} needs a string "role" (keys: {sorted(message)}).')
-    if not isinstance(message.get('content'), str):
-      raise ValueError(
-          f'message {i} ({message["role"]}) needs a string "content", got '
-          f'{type(message.get("content")).__name__}; join multi-part content into one string.')
-  return list(messages)
 
 
 # ----------------------------------------------------------------------------
@@ -433,12 +327,12 @@ class Tokenizer:
           'tokenizer_config.json (or add chat_template.jinja), or pass one with '
           'Tokenizer.from_dir(..., chat_template=...) / tokenizer.with_chat_template(...).')
     try:
-      template = _compile(self._chat_template)
+      template = chat_template.compile_template(self._chat_template)
     except jinja2.TemplateSyntaxError as e:
       raise ValueError(
           f'chat template of {self._source}: syntax error at line {e.lineno}: {e.message}') from e
     variables = {**self._special, 'tools': None, 'documents': None, **template_kwargs,
-                 'messages': [_template_message(m) for m in messages],
+                 'messages': [chat_template.template_message(m) for m in messages],
                  'add_generation_prompt': add_generation_prompt}
     try:
       return template.render(**variables)
@@ -448,14 +342,14 @@ class Tokenizer:
   def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = False,
                           **template_kwargs) -> str:
     """The rendered conversation, as transformers' apply_chat_template(tokenize=False)."""
-    messages = _validate_messages(messages)
+    messages = chat_template.validate_messages(messages)
     return self._render(messages, add_generation_prompt, template_kwargs)
 
   def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = False,
                   **template_kwargs) -> ChatEncoding:
     """Token ids of the rendered conversation and each message's spans
     (see the module docstring for how spans are found)."""
-    messages = _validate_messages(messages)
+    messages = chat_template.validate_messages(messages)
     text = self._render(messages, add_generation_prompt, template_kwargs)
     sentinels = [_SENTINEL.format(i) for i in range(len(messages))]
     skeleton = self._render([dict(m, content=s) for m, s in zip(messages, sentinels)],
