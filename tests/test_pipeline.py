@@ -303,3 +303,16 @@ def test_mask_config_validation():
     masking.MaskConfig(max_len=8, mask_mode='assistants')
   with pytest.raises(ValueError, match="truncation 'cut' unknown"):
     masking.MaskConfig(max_len=8, truncation='cut')
+
+
+def test_process_shards_are_disjoint_and_cover_the_rows(smollm2):
+  def rows_seen(shard_index, shard_count, num_threads=0):
+    ds, _ = pipeline.build('sft', _sft_rows(12), smollm2, batch_size=1, max_len=128, packing=False,
+                           num_epochs=1, shard_index=shard_index, shard_count=shard_count,
+                           num_threads=num_threads)
+    texts = [smollm2.decode(b['tokens'][0][b['segment_ids'][0] == 1]) for b in ds]
+    return [t[t.index('Row '):t.index(':', t.index('Row '))] for t in texts]
+  a, b = rows_seen(0, 2), rows_seen(1, 2)
+  assert len(a) == len(b) == 6 and not set(a) & set(b)
+  assert sorted(a + b) == sorted(f'Row {i}' for i in range(12))
+  assert rows_seen(0, 2, num_threads=2) == a  # prefetch threads keep the order

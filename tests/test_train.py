@@ -204,3 +204,10 @@ def test_default_sft_lowers_held_out_loss_and_exports(tmp_path):
   with torch.no_grad():
     reference = theirs(torch.tensor(tokens)).logits.numpy()
   assert np.abs(logits - reference).max() < 1e-3
+
+
+def test_tensorboard_event_files_when_enabled(tiny_checkpoint, tmp_path):
+  proc = _train(tmp_path, tiny_checkpoint, '--config.tensorboard=True', steps=2)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  events = list((tmp_path / 'tensorboard').glob('events.out.tfevents.*'))
+  assert events and events[0].stat().st_size > 0
