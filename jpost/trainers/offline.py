@@ -225,6 +225,9 @@ def run(config, workdir: str | None, task: Task) -> dict[str, Any]:
       tokens = float(np.sum(batch['segment_ids'] > 0)) if 'segment_ids' in batch else 0.0
       out |= {'tokens_per_s': tokens / seconds, 'step_seconds': seconds,
               'mfu': tokens * flops_per_token / seconds / peak}
+      data_report = train_stats.as_dict()  # rows skipped / truncated so far, by kind
+      out |= {f'data/{k}': v for k, v in data_report['encoded'].items()}
+      out |= {f'data/skipped_{k}': v for k, v in data_report['rows']['skipped_by_reason'].items()}
       if task.eval_data is not None and config.eval_every and (
           step % config.eval_every == 0 or step == config.total_steps):
         out['eval_loss'] = evaluate(eval_step, state['params'],
