@@ -184,3 +184,18 @@ def test_stream_yields_the_same_tokens_as_generate(tokenizer, model):
   tokens, mask = sampling.left_pad([prompt], tokenizer.pad_id)
   out = jax.device_get(sampling.generate(model, tokens, mask, settings))
   assert streamed == out.tokens[0][out.mask[0] == 1].tolist()
+
+
+def test_prompts_spread_over_a_mesh_give_the_same_completions(tiny):
+  from jax.sharding import NamedSharding, PartitionSpec
+  from jpost import sharding
+  mesh = sharding.make_mesh({'data': 4, 'tensor': 2})
+  prompts = np.random.RandomState(0).randint(1, 31, (8, 5)).astype(np.int32)
+  mask = np.ones_like(prompts)
+  settings = sampling.SamplingConfig(max_new_tokens=6, temperature=1.0, top_k=10, stop_ids=(31,))
+  local = jax.device_get(sampling.generate(tiny, prompts, mask, settings, jax.random.key(1)))
+  spread = sampling.generate(tiny, prompts, mask, settings, jax.random.key(1),
+                             batch_sharding=NamedSharding(mesh, PartitionSpec('data')))
+  assert len(spread.tokens.sharding.device_set) > 1
+  np.testing.assert_array_equal(jax.device_get(spread.tokens), local.tokens)
+  np.testing.assert_allclose(jax.device_get(spread.logprobs), local.logprobs, atol=1e-5)
