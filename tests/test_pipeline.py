@@ -316,3 +316,13 @@ def test_process_shards_are_disjoint_and_cover_the_rows(smollm2):
   assert len(a) == len(b) == 6 and not set(a) & set(b)
   assert sorted(a + b) == sorted(f'Row {i}' for i in range(12))
   assert rows_seen(0, 2, num_threads=2) == a  # prefetch threads keep the order
+
+
+def test_several_sources_for_one_epoch_are_read_once_each(smollm2):
+  a, b = _sft_rows(3), _sft_rows(5, seed=1)
+  ds, _ = pipeline.build('sft', [a, b], smollm2, batch_size=1, max_len=128, packing=False,
+                         num_epochs=1)
+  assert len(list(ds)) == 8  # finite: an eval set of two files ends
+  with pytest.raises(ValueError, match='weighted mixture of 2 sources is an endless stream'):
+    pipeline.build('sft', [a, b], smollm2, batch_size=1, max_len=128, weights=[0.5, 0.5],
+                   num_epochs=1)

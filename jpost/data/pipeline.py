@@ -94,6 +94,14 @@ def _examples_dataset(source_specs: Sequence, kind: str, *, weights, seed: int,
   if weights is not None and len(weights) != len(source_specs):
     raise ValueError(f'{len(weights)} mixture weights for {len(source_specs)} sources; '
                      'give one weight per source.')
+  # Several sources for a finite pass are read one after the other; otherwise
+  # they are endless streams interleaved by weight (equal weights by default).
+  concatenate = len(source_specs) > 1 and num_epochs is not None
+  if concatenate and weights:
+    raise ValueError(
+        f'a weighted mixture of {len(source_specs)} sources is an endless stream; set '
+        'num_epochs=None (train for a number of steps), or drop the weights to read each '
+        'source num_epochs times one after the other.')
   datasets = []
   for i, spec in enumerate(source_specs):
     examples = load_examples(spec, kind, stats.row_filter, **normalize_kw)
@@ -102,12 +110,13 @@ def _examples_dataset(source_specs: Sequence, kind: str, *, weights, seed: int,
                        f'(row stats: {stats.row_filter.stats()}).')
     ds = grain.MapDataset.source(examples)[shard_index::shard_count]
     # Each source its own seed, each epoch its own order (Grain reshuffles per repeat).
-    ds = ds.shuffle(seed=seed + 7919 * i).repeat(num_epochs if len(source_specs) == 1 else None)
-    datasets.append(ds)
+    ds = ds.shuffle(seed=seed + 7919 * i)
+    datasets.append(ds.repeat(num_epochs if len(source_specs) == 1 or concatenate else None))
   if len(datasets) == 1:
     return datasets[0]
-  # Mixtures are infinite: a weighted, deterministic interleave of endless sources.
-  return grain.MapDataset.mix(datasets, weights or [1.0] * len(datasets))
+  if concatenate:
+    return grain.MapDataset.concatenate(datasets)
+  return grain.MapDataset.mix(datasets, list(weights) if weights else [1.0] * len(datasets))
 
 
 def _counted(fn: Callable, stats: PipelineStats) -> Callable:
