@@ -3,6 +3,11 @@
 # wheels for what the machine lacks are carried in .gpu_wheels/, the model is
 # SmolLM2-135M-shaped with random weights (speed does not depend on values).
 #   bash bench/gpu.sh OUTDIR
+# Build the wheels folder first, on a machine with PyPI access:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any \
+#     -d .gpu_wheels grain array-record cloudpickle portpicker ml-collections pyyaml \
+#     tokenizers safetensors jinja2 markupsafe gguf tqdm etils absl-py
 set -u
 out=${1:-${OUT:-/tmp/jpost_gpu}}
 mkdir -p "$out"
