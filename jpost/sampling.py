@@ -147,13 +147,15 @@ def generate(model, prompt_tokens, prompt_mask, sampling: SamplingConfig, key=No
   tokens, mask = jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask)
   if batch_sharding is not None:
     tokens, mask = jax.device_put((tokens, mask), batch_sharding)
-  return _generate(graphdef, state, tokens, mask, key, sampling)
+  # The empty cache is made outside the compiled function: built inside, XLA
+  # would try to constant-fold writes into a large array of zeros at compile time.
+  cache = init_cache(model.config, tokens.shape[0], tokens.shape[1] + sampling.max_new_tokens)
+  return _generate(graphdef, state, tokens, mask, cache, key, sampling)
 
 
-def _prefill(model, tokens, mask, cache_len: int):
-  """Runs the prompts into a fresh cache: (last hidden [B, D], last position [B], cache)."""
+def _prefill(model, tokens, mask, cache):
+  """Runs the prompts into an empty cache: (last hidden [B, D], last position [B], cache)."""
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-  cache = init_cache(model.config, tokens.shape[0], cache_len)
   hidden, cache = model.hidden_states(tokens, positions, mask, cache)
   return hidden[:, -1], positions[:, -1], cache
 
@@ -165,13 +167,13 @@ def _decode(model, token, pos, cache):
   return hidden[:, -1], cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _generate(graphdef, state, tokens, mask, key, sampling: SamplingConfig):
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _generate(graphdef, state, tokens, mask, cache, key, sampling: SamplingConfig):
   model = nnx.merge(graphdef, state)
-  batch, prompt_len = tokens.shape
+  batch = tokens.shape[0]
   n, samples = sampling.max_new_tokens, sampling.num_samples
   # Prefill once per prompt, then give every sample its own copy of the cache.
-  last_hidden, last_pos, cache = _prefill(model, tokens, mask, prompt_len + n)
+  last_hidden, last_pos, cache = _prefill(model, tokens, mask, cache)
   repeat = lambda x: jnp.repeat(x, samples, axis=1 if x.ndim == 5 else 0)
   cache = {k: (v if k == 'index' else repeat(v)) for k, v in cache.items()}
   last_hidden = jnp.repeat(last_hidden, samples, axis=0)
@@ -218,9 +220,9 @@ def _generate(graphdef, state, tokens, mask, key, sampling: SamplingConfig):
 # --- streaming (interactive chat): the same prefill / decode / pick, one token
 # per host step so text can be shown as it comes.
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _stream_prefill(graphdef, state, tokens, mask, cache_len):
-  return _prefill(nnx.merge(graphdef, state), tokens, mask, cache_len)
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
+def _stream_prefill(graphdef, state, tokens, mask, cache):
+  return _prefill(nnx.merge(graphdef, state), tokens, mask, cache)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6))
@@ -246,8 +248,8 @@ def stream(model, prompt: list[int], sampling: SamplingConfig, key=None):
                      f'{sampling.max_new_tokens} exceeds the model context.')
   graphdef, state = nnx.split(model)
   key = jax.random.key(0) if key is None else key
-  hidden, pos, cache = _stream_prefill(graphdef, state, tokens, mask,
-                                       bucket + sampling.max_new_tokens)
+  cache = init_cache(model.config, 1, bucket + sampling.max_new_tokens)
+  hidden, pos, cache = _stream_prefill(graphdef, state, tokens, mask, cache)
   for _ in range(sampling.max_new_tokens):
     key, sub = jax.random.split(key)
     token, hidden, pos, cache = _stream_step(graphdef, state, hidden, pos, cache, sub, sampling)
