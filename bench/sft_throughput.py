@@ -35,7 +35,6 @@ def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: bool,
             random_init: bool) -> dict:
   import jax
   import ml_collections
-  import numpy as np
 
   from jpost import metrics, optim, sharding
   from jpost.data import pipeline

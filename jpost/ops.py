@@ -44,3 +44,13 @@ def masked_mean(x, mask, *, normalizer=None):
 def sequence_mean(x, mask):
   """Per-sequence masked means [B] (rows without targets give 0)."""
   return jnp.sum(x * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+
+
+def per_sample_sums(x, weights, segment_ids):
+  """(sums of x * weights, sums of weights), one slot per (row, segment) of
+  next-token targets [B, T-1]; slot b * (T + 1) + s is sample s of row b."""
+  b, t = segment_ids.shape
+  ids = (jnp.arange(b)[:, None] * (t + 1) + segment_ids[:, 1:]).reshape(-1)
+  sums = jax.ops.segment_sum((x * weights).reshape(-1), ids, num_segments=b * (t + 1))
+  counts = jax.ops.segment_sum(weights.reshape(-1), ids, num_segments=b * (t + 1))
+  return sums, counts

@@ -2,7 +2,6 @@
 round trips and strict-loading errors."""
 
 import json
-import pathlib
 
 import chex
 import jax

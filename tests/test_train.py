@@ -50,12 +50,13 @@ def _batch(batch_size, length=24, vocab=49152, seed=0):
   return {'tokens': tokens, 'positions': positions, 'segment_ids': segments, 'loss_mask': mask}
 
 
-def _one_step(checkpoint, batch, *, accum_steps, mesh, optim_config, steps=1):
+def _one_step(checkpoint, batch, *, accum_steps, mesh, optim_config, steps=1,
+              normalization='token'):
   model = hf.load(checkpoint, mesh=mesh)
   tx, schedule = optim.build(optim_config, 10)
   graphdef, state = offline.init_state(model, tx, 0, mesh)
   shardings = jax.tree.map(lambda x: x.sharding, state)
-  step = jax.jit(offline.make_train_step(graphdef, _task(), tx, schedule, accum_steps),
+  step = jax.jit(offline.make_train_step(graphdef, _task(normalization), tx, schedule, accum_steps),
                  in_shardings=(shardings, None), out_shardings=(shardings, None))
   losses = []
   for _ in range(steps):
@@ -70,11 +71,13 @@ def _assert_params_close(a, b, atol):
                                atol=atol, rtol=0, err_msg=str(path))
 
 
-def test_grad_accumulation_equals_one_large_batch(tiny_checkpoint):
+@pytest.mark.parametrize('normalization', ['token', 'sequence'])
+def test_grad_accumulation_equals_one_large_batch(tiny_checkpoint, normalization):
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   batch = _batch(8)
-  full, full_loss = _one_step(tiny_checkpoint, batch, accum_steps=1, mesh=mesh, optim_config=_optim())
-  accum, accum_loss = _one_step(tiny_checkpoint, batch, accum_steps=4, mesh=mesh, optim_config=_optim())
+  kw = dict(mesh=mesh, optim_config=_optim(), normalization=normalization)
+  full, full_loss = _one_step(tiny_checkpoint, batch, accum_steps=1, **kw)
+  accum, accum_loss = _one_step(tiny_checkpoint, batch, accum_steps=4, **kw)
   np.testing.assert_allclose(accum_loss, full_loss, rtol=1e-6)
   _assert_params_close(accum, full, atol=1e-5)
   # Normalising each micro-batch by its own count would differ: the test can fail.
@@ -211,3 +214,12 @@ def test_tensorboard_event_files_when_enabled(tiny_checkpoint, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   events = list((tmp_path / 'tensorboard').glob('events.out.tfevents.*'))
   assert events and events[0].stat().st_size > 0
+
+
+def test_sequence_normalizer_counts_samples_with_targets():
+  batch = _batch(8, seed=3)
+  targets = batch['loss_mask'][:, 1:] * (batch['segment_ids'][:, 1:] == batch['segment_ids'][:, :-1])
+  expected = sum(len({s for s, w in zip(batch['segment_ids'][r, 1:], targets[r]) if w and s})
+                 for r in range(8))
+  assert int(sft.normalizer_fn(batch, normalization='sequence')) == expected
+  assert int(sft.normalizer_fn(batch, normalization='token')) == targets.sum()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from jpost import ops
@@ -29,11 +28,7 @@ def sft_loss(logits, tokens, loss_mask, segment_ids, *, normalization: str = 'to
   if normalization == 'token':
     loss = ops.masked_mean(nll, weights, normalizer=normalizer)
   else:
-    # Per-sample means: segment s of row b is sample id b * (T + 1) + s.
-    b, t = segment_ids.shape
-    ids = (jnp.arange(b)[:, None] * (t + 1) + segment_ids[:, 1:]).reshape(-1)
-    sums = jax.ops.segment_sum((nll * weights).reshape(-1), ids, num_segments=b * (t + 1))
-    counts = jax.ops.segment_sum(weights.reshape(-1), ids, num_segments=b * (t + 1))
+    sums, counts = ops.per_sample_sums(nll, weights, segment_ids)
     has = counts > 0
     per_sample = jnp.where(has, sums / jnp.maximum(counts, 1.0), 0.0)
     n = jnp.sum(has) if num_sequences is None else num_sequences

@@ -25,9 +25,8 @@ def normalizer_fn(batch, *, normalization):
   _, weights = ops.next_token_targets(batch['tokens'], batch['loss_mask'], batch['segment_ids'])
   if normalization == 'token':
     return jnp.sum(weights)
-  segments = batch['segment_ids'][:, 1:]
-  has_targets = (segments[..., None] == jnp.arange(1, segments.shape[1] + 1)) & (weights[..., None] > 0)
-  return jnp.sum(jnp.any(has_targets, axis=1))
+  _, counts = ops.per_sample_sums(weights, weights, batch['segment_ids'])
+  return jnp.sum(counts > 0)
 
 
 def data_fn(data, *, sources, epochs, seed, batch_size):
