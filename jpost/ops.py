@@ -54,3 +54,68 @@ def per_sample_sums(x, weights, segment_ids):
   sums = jax.ops.segment_sum((x * weights).reshape(-1), ids, num_segments=b * (t + 1))
   counts = jax.ops.segment_sum(weights.reshape(-1), ids, num_segments=b * (t + 1))
   return sums, counts
+
+
+# KL estimators and whitening for online RL.
+
+KL_ESTIMATORS = ('k1', 'k2', 'k3')
+
+
+def kl_estimate(logprobs, ref_logprobs, estimator):
+  """Per-token estimate of KL(pi || ref) from tokens sampled from pi (elementwise).
+
+  With log_ratio = ref_logprobs - logprobs (Schulman's estimators):
+    k1 = -log_ratio
+    k2 = 0.5 * log_ratio**2
+    k3 = exp(log_ratio) - 1 - log_ratio
+
+  Value, in expectation over x ~ pi: E[k1] = E[k3] = KL(pi || ref) exactly
+  (k3 is never negative, so it has lower variance than k1); E[k2] is biased
+  (it is only close to KL when pi and ref are close).
+
+  Gradient, when the estimate is put in the loss and the sampled tokens are held
+  fixed (what a trainer differentiating `kl_coef * k` does):
+    k2: E[grad k2] = grad KL(pi || ref) exactly; the estimator to use in a loss.
+    k1: E[grad k1] = E[grad log pi] = 0; useless in a loss. Its gradient arrives
+        only through the score function, so k1 belongs in the reward.
+    k3: E[grad k3] = grad KL(ref || pi), the *forward* KL: a biased gradient for
+        the reverse KL it estimates the value of.
+  tests/test_losses_policy.py proves each of these by exact enumeration.
+  """
+  if estimator not in KL_ESTIMATORS:
+    raise ValueError(f'KL estimator {estimator!r} unknown; use one of {KL_ESTIMATORS}.')
+  log_ratio = ref_logprobs - logprobs
+  if estimator == 'k1':
+    return -log_ratio
+  if estimator == 'k2':
+    return 0.5 * jnp.square(log_ratio)
+  return jnp.expm1(log_ratio) - log_ratio
+
+
+def whiten(x, mask, *, shift_mean=True, eps=1e-8):
+  """(x - mean) / sqrt(var + eps) over all entries where mask is 1; 0 elsewhere.
+
+  The mean and variance are taken over every masked entry of the whole array
+  (not per row). The variance is the unbiased one (numpy ddof=1; with a single
+  masked entry the denominator is clamped to 1). shift_mean=False adds the mean
+  back, so only the scale changes.
+  """
+  valid = mask > 0
+  mask = valid.astype(jnp.float32)
+  x = jnp.where(valid, x.astype(jnp.float32), 0.0)  # padding may hold anything
+  count = jnp.sum(mask)
+  mean = jnp.sum(x * mask) / jnp.maximum(count, 1.0)
+  var = jnp.sum(jnp.square(x - mean) * mask) / jnp.maximum(count - 1.0, 1.0)
+  out = (x - mean) * jax.lax.rsqrt(var + eps)
+  if not shift_mean:
+    out = out + mean
+  return jnp.where(valid, out, 0.0)
+
+
+def token_entropy(logits):
+  """Entropy [B, T-1] of the next-token distribution at each position that has a
+  target, aligned with `token_logprobs` (the last position is dropped)."""
+  logits = logits[:, :-1].astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  # Tokens masked to -inf have probability 0 and contribute 0 (not 0 * -inf).
+  return -jnp.sum(jnp.exp(logp) * jnp.where(jnp.isfinite(logp), logp, 0.0), axis=-1)

@@ -63,7 +63,8 @@ def test_bradley_terry_grads():
   f = jax.jit(lambda c, r: bradley_terry_loss(c, r, center_coef=0.05)[0])
   check_grads(f, (chosen, rejected), order=1, modes=['rev'], eps=1e-2)
   # Without centering, descent pushes every chosen reward up and every rejected one down.
-  g_c, g_r = jax.grad(lambda c, r: bradley_terry_loss(c, r)[0], argnums=(0, 1))(chosen, rejected)
+  g_c, g_r = jax.jit(jax.grad(lambda c, r: bradley_terry_loss(c, r)[0], argnums=(0, 1)))(
+      chosen, rejected)
   chex.assert_shape((g_c, g_r), (3,))
   assert (g_c < 0).all() and (g_r > 0).all()
 
