@@ -42,7 +42,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
   return float(1.0 - np.prod(1.0 - k / i))
 
 
-def maj_at_k(answers: Sequence[str | None], gold: str, k: int, *,
+def maj_at_k(answers: Sequence[str | None], gold: str, k: int,
              equivalent: Callable[[str, str], bool] = _same_text) -> bool:
   """Whether the majority answer among the first `k` answers matches `gold`.
 
@@ -78,8 +78,8 @@ def maj_at_k(answers: Sequence[str | None], gold: str, k: int, *,
   return bool(equivalent(winner, gold))
 
 
-def accuracy_report(samples: Sequence[Sequence[bool]], *,
-                    ks: Sequence[int] = DEFAULT_KS,
+def accuracy_report(samples: Sequence[Sequence[bool]],
+                    ks: Sequence[int] = DEFAULT_KS, *,
                     alpha: float = 0.05) -> dict[str, float | int]:
   """Accuracy, pass@k and a Wilson interval from per-sample correctness.
 

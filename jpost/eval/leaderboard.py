@@ -204,7 +204,8 @@ def bootstrap_intervals(battles: Sequence[dict[str, Any]], *,
   Each round resamples the battles with replacement (same count) and refits;
   low/high are the alpha/2 and 1 - alpha/2 quantiles over rounds. With an
   anchor the anchor's interval is a point (it is pinned) and the others are
-  intervals of the difference to it.
+  intervals of the difference to it. Keep l2 > 0 here: a resampled log can
+  leave a model undefeated, which has no finite rating without the penalty.
   """
   if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 2:
     raise ValueError(f'rounds={rounds!r} must be an int >= 2 (200 or more for '
@@ -253,7 +254,10 @@ def leaderboard(battles: Sequence[dict[str, Any]], *,
   (1 - alpha) interval; win_rate counts ties half (pairwise.win_rates).
   rank is Chatbot Arena's: 1 + the number of models whose interval lies
   wholly above this one's (low above this high), so models that cannot be
-  told apart share a rank.
+  told apart share a rank. With an anchor, the anchor's interval is a point
+  and the others' are intervals of their difference to it, so a model is
+  ranked below the anchor as soon as its interval lies below the anchor's
+  rating.
   """
   ratings = bradley_terry(battles, models=models, anchor=anchor, scale=scale,
                           base=base, init_rating=init_rating, l2=l2)
