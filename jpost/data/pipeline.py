@@ -56,7 +56,8 @@ class PipelineStats:
 
 
 def resolve_sources(specs):
-  """Named built-in data sets ('gsm8k:sft_train', ...) -> files; others unchanged."""
+  """Named built-in data sets ('gsm8k:sft_train', 'arith:train') -> files;
+  others unchanged."""
   def one(spec):
     if isinstance(spec, str) and spec.startswith('gsm8k:'):
       from jpost.data import gsm8k
@@ -65,6 +66,9 @@ def resolve_sources(specs):
       if name not in files:
         raise ValueError(f'data source {spec!r}: unknown split; use gsm8k:{{{", ".join(files)}}}.')
       return str(files[name])
+    if isinstance(spec, str) and spec.startswith('arith:'):
+      from jpost.data import arith
+      return str(arith.build(spec.split(':', 1)[1]))
     return spec
   if isinstance(specs, (list, tuple)) and not (specs and isinstance(specs[0], dict)):
     return [one(s) for s in specs]
@@ -197,7 +201,7 @@ def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max
           mask_mode: str = 'auto', truncation: str = 'drop', packing: bool = True,
           weights: Sequence[float] | None = None, seed: int = 0, num_epochs: int | None = None,
           policy: str = 'error', shard_index: int = 0, shard_count: int = 1,
-          num_threads: int = 0, require_assistant: bool = False):
+          num_threads: int = 0, require_assistant: bool = False, drop_remainder: bool = True):
   """(grain.IterDataset of batches, PipelineStats) for `kind` in KINDS.
 
   sft: packed (or padded) rows of `tokens, positions, segment_ids, loss_mask`.
@@ -205,7 +209,8 @@ def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max
   prompt: left-padded `tokens, positions, segment_ids` plus `extra` (the row's
     other columns, unchanged) and `prompt`, lists of length batch_size.
   `num_epochs=None` repeats forever; `shard_index/shard_count` split the rows
-  across hosts (jax.process_index() / jax.process_count()).
+  across hosts (jax.process_index() / jax.process_count()). `drop_remainder`
+  False keeps a last, smaller batch (passes that must see every row once).
   """
   if kind not in KINDS:
     raise ValueError(f'pipeline kind {kind!r} unknown; use one of {KINDS}.')
@@ -237,9 +242,9 @@ def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max
       it = it.map(lambda x: _sequence_fields(x['tokens'], x['loss_mask'], max_len))
     it = it.batch(batch_size, drop_remainder=True)
   elif kind == 'preference':
-    it = it.batch(batch_size, drop_remainder=True)
+    it = it.batch(batch_size, drop_remainder=drop_remainder)
   else:
-    it = it.batch(batch_size, drop_remainder=True,
+    it = it.batch(batch_size, drop_remainder=drop_remainder,
                   batch_fn=functools.partial(_left_pad_batch, length=max_len,
                                              pad_id=tokenizer.pad_id))
   return it, stats

@@ -46,6 +46,27 @@ class Task:
   normalizer_fn: Callable
   train_data: Callable
   eval_data: Callable | None = None
+  # load_model(model_dir, mesh, config) -> NNX model; default: the decoder (hf.load).
+  load_model: Callable | None = None
+  # export(model, path, tokenizer): the final model in HF format; default hf.save.
+  export: Callable | None = None
+  # batch_hook(Setup) -> (host batch -> host batch), built once the model is
+  # loaded: adds fields computed outside the step (DPO's reference log-probs).
+  batch_hook: Callable | None = None
+  # Loss metrics also reported on eval data (means weighted by the normaliser).
+  eval_metrics: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Setup:
+  """What a batch hook may need; built by `run` after loading the model."""
+
+  config: Any
+  workdir: pathlib.Path
+  model_dir: pathlib.Path
+  model: Any
+  tokenizer: Tokenizer
+  mesh: Any
 
 
 class StopRequested(Exception):
@@ -133,20 +154,27 @@ def make_train_step(graphdef, task: Task, tx, lr_schedule, accum_steps: int):
 
 
 def make_eval_step(graphdef, task: Task):
+  """params, batch -> (normalizer, {'eval_loss': .., 'eval_<metric>': ..} x normalizer)."""
   def step(params, batch):
     model = nnx.merge(graphdef, params)
     normalizer = task.normalizer_fn(batch)
-    loss, _ = task.loss_fn(model, batch, normalizer)
-    return loss * normalizer, normalizer
+    loss, aux = task.loss_fn(model, batch, normalizer)
+    sums = {'eval_loss': loss * normalizer}
+    sums |= {f'eval_{k}': aux[k] * normalizer for k in task.eval_metrics}
+    return normalizer, sums
   return step
 
 
-def evaluate(eval_step, params, dataset, mesh) -> float:
-  total, count = 0.0, 0.0
+def evaluate(eval_step, params, dataset, mesh, hook=None) -> dict[str, float]:
+  """Means over the whole eval set, each batch weighted by its normaliser."""
+  totals, count = {}, 0.0
   for batch in dataset:
-    loss_sum, n = jax.device_get(eval_step(params, place_batch(batch, mesh)))
-    total, count = total + float(loss_sum), count + float(n)
-  return total / max(count, 1.0)
+    batch = hook(batch) if hook else batch
+    n, sums = jax.device_get(eval_step(params, place_batch(batch, mesh)))
+    count += float(n)
+    for k, v in sums.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  return {k: v / max(count, 1.0) for k, v in totals.items()}
 
 
 def run(config, workdir: str | None, task: Task) -> dict[str, Any]:
@@ -170,8 +198,13 @@ def run(config, workdir: str | None, task: Task) -> dict[str, Any]:
   # --- model -----------------------------------------------------------------
   model_dir = pretrained.resolve(config.model.path)
   tokenizer = Tokenizer.from_dir(model_dir)
-  model = hf.load(model_dir, mesh=mesh, dtype=config.model.dtype,
-                  param_dtype=config.model.param_dtype, remat=config.model.remat)
+  model_kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                  remat=config.model.remat)
+  model = (task.load_model(model_dir, mesh, config) if task.load_model
+           else hf.load(model_dir, mesh=mesh, **model_kw))
+  hook = task.batch_hook(Setup(config=config, workdir=workdir, model_dir=model_dir,
+                               model=model, tokenizer=tokenizer, mesh=mesh)) \
+      if task.batch_hook else None
   tx, lr_schedule = optim.build(config.optim, config.total_steps)
   graphdef, state = init_state(model, tx, config.seed, mesh)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -200,10 +233,13 @@ def run(config, workdir: str | None, task: Task) -> dict[str, Any]:
   flops_per_token = metrics.flops_per_token(model.config, config.data.max_len)
   peak = metrics.measured_peak_flops(config.model.dtype)
 
+  def run_eval():
+    return evaluate(eval_step, state['params'], task.eval_data(tokenizer, *shard)[0], mesh, hook)
+
   if start == 0 and task.eval_data is not None and config.eval_every:
-    baseline = evaluate(eval_step, state['params'], task.eval_data(tokenizer, *shard)[0], mesh)
-    writer.write(0, {'eval_loss': baseline})
-    metrics.console_line(0, config.total_steps, {'eval_loss': baseline})
+    baseline = run_eval()
+    writer.write(0, baseline)
+    metrics.console_line(0, config.total_steps, baseline)
 
   stop = {'requested': False}
   previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
@@ -213,6 +249,7 @@ def run(config, workdir: str | None, task: Task) -> dict[str, Any]:
     while step < config.total_steps:
       tic = time.perf_counter()
       batch = next(train_iter)
+      batch = hook(batch) if hook else batch
       state, out = train_step(state, place_batch(batch, mesh))
       out = jax.device_get(out)
       step += 1
@@ -222,7 +259,7 @@ def run(config, workdir: str | None, task: Task) -> dict[str, Any]:
             f'checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is kept. Lower '
             'config.optim.lr, enable clipping (config.optim.clip_norm) or check the data.')
       seconds = time.perf_counter() - tic
-      tokens = float(np.sum(batch['segment_ids'] > 0)) if 'segment_ids' in batch else 0.0
+      tokens = float(sum(np.sum(v > 0) for k, v in batch.items() if k.endswith('segment_ids')))
       out |= {'tokens_per_s': tokens / seconds, 'step_seconds': seconds,
               'mfu': tokens * flops_per_token / seconds / peak}
       data_report = train_stats.as_dict()  # rows skipped / truncated so far, by kind
@@ -230,8 +267,7 @@ def run(config, workdir: str | None, task: Task) -> dict[str, Any]:
       out |= {f'data/skipped_{k}': v for k, v in data_report['rows']['skipped_by_reason'].items()}
       if task.eval_data is not None and config.eval_every and (
           step % config.eval_every == 0 or step == config.total_steps):
-        out['eval_loss'] = evaluate(eval_step, state['params'],
-                                    task.eval_data(tokenizer, *shard)[0], mesh)
+        out |= run_eval()
       writer.write(step, out)
       if step % config.log_every == 0 or step == config.total_steps or 'eval_loss' in out:
         metrics.console_line(step, config.total_steps, out)
@@ -252,6 +288,7 @@ def run(config, workdir: str | None, task: Task) -> dict[str, Any]:
 
   data_report = train_stats.as_dict()
   if step >= config.total_steps and config.export_hf and jax.process_index() == 0:
-    export = hf.save(nnx.merge(graphdef, state['params']), workdir / 'hf', tokenizer=tokenizer)
+    save = task.export or hf.save
+    export = save(nnx.merge(graphdef, state['params']), workdir / 'hf', tokenizer=tokenizer)
     print(f'exported HF checkpoint to {export}', file=sys.stderr)
   return {'step': step, 'last': last, 'data': data_report, 'state': state}

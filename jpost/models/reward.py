@@ -1,0 +1,191 @@
+"""A scalar head on the decoder: reward models and PPO critics.
+
+`ScalarModel` maps every token to one number. A reward model reads it at the
+last non-padding token of each sequence (as transformers'
+`...ForSequenceClassification` does); a PPO critic reads it at every token.
+
+On disk a reward model is a transformers sequence classifier: the decoder's
+`model.*` tensors plus `score.weight` [1, D], `num_labels` 1. It can start
+from a causal LM checkpoint (the LM head is dropped: a reward model never
+predicts tokens) or from such a classifier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jpost.models import hf
+from jpost.models.config import ModelConfig
+from jpost.models.decoder import Decoder
+
+SCORE_TENSOR = 'score.weight'
+
+
+class ScalarModel(nnx.Module):
+  """Decoder trunk + linear head: `__call__` gives float32 values [B, T]."""
+
+  def __init__(self, decoder: Decoder, *, rngs: nnx.Rngs, init_std: float | None = None):
+    self.decoder = decoder
+    self.config = decoder.config
+    d = self.config.hidden_size
+    # 1/sqrt(D+1) keeps the initial rewards O(1) whatever the width.
+    std = 1.0 / np.sqrt(d + 1) if init_std is None else init_std
+    self.score = nnx.Param(
+        std * jax.random.normal(rngs.params(), (d,), jnp.dtype(self.config.param_dtype)),
+        logical_axes=('embed',))
+
+  def __call__(self, tokens, positions, segment_ids):
+    hidden, _ = self.decoder.hidden_states(tokens, positions, segment_ids)
+    return jnp.einsum('btd,d->bt', hidden.astype(jnp.float32),
+                      self.score[...].astype(jnp.float32))
+
+
+def last_token_values(values_bt, segment_ids):
+  """values [B, T] read at each row's last non-padding token -> [B]."""
+  t = jnp.arange(values_bt.shape[1])
+  last = jnp.argmax(jnp.where(segment_ids > 0, t, -1), axis=1)
+  return jnp.take_along_axis(values_bt, last[:, None], axis=1)[:, 0]
+
+
+def _trunk_config(path: pathlib.Path, overrides) -> ModelConfig:
+  # Tied: the trunk never needs an LM head (untied checkpoints drop theirs).
+  cfg = ModelConfig.from_file(path / 'config.json', **overrides)
+  return dataclasses.replace(cfg, tie_embeddings=True)
+
+
+def load(path: str | pathlib.Path, *, mesh=None, seed: int = 0, init_std: float | None = None,
+         **overrides) -> ScalarModel:
+  """A ScalarModel from a sequence-classifier or causal-LM checkpoint dir.
+
+  A classifier's `score.weight` is loaded (it must have one label); a causal
+  LM gets a fresh head drawn from `seed`. `overrides` set ModelConfig fields.
+  """
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f'reward model directory {path} does not exist; pass a folder '
+                            'holding config.json and *.safetensors.')
+  cfg = _trunk_config(path, overrides)
+  tensors = hf.read_tensors(path)
+  score = tensors.pop(SCORE_TENSOR, None)
+  tensors.pop('lm_head.weight', None)
+  params = hf.hf_to_params(tensors, cfg, source=str(path))
+  shardings = None
+  if mesh is not None:
+    from jpost import sharding
+    abstract = nnx.state(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+    shardings = sharding.state_shardings(abstract, mesh)
+  model = ScalarModel(hf.build_decoder(cfg, params, shardings), rngs=nnx.Rngs(seed),
+                      init_std=init_std)
+  if score is not None:
+    weight = score()
+    if weight.shape != (1, cfg.hidden_size):
+      raise ValueError(
+          f'{path}: {SCORE_TENSOR} has shape {tuple(weight.shape)}; a reward model has one '
+          f'label, shape (1, {cfg.hidden_size}). Multi-label classifiers are not reward models.')
+    model.score.set_value(jnp.asarray(weight[0], jnp.dtype(cfg.param_dtype)))
+  if mesh is not None:
+    from jax.sharding import NamedSharding, PartitionSpec
+    model.score.set_value(jax.device_put(model.score[...], NamedSharding(mesh, PartitionSpec())))
+  return model
+
+
+def export_pad_id(tokenizer) -> int:
+  """The pad id written to config.json. transformers finds a row's last real
+  token as the last one != pad_token_id; with pad == end-of-turn (SmolLM2) it
+  would skip the end of every answer, so another special token is used."""
+  if not tokenizer.pad_is_eos and tokenizer.pad_id not in tokenizer.stop_ids:
+    return tokenizer.pad_id
+  for candidate in (tokenizer.bos_id, tokenizer.token_to_id('<|endoftext|>')):
+    if candidate is not None and candidate not in tokenizer.stop_ids:
+      return candidate
+  raise ValueError('the tokenizer has no pad token distinct from its stop tokens; add one '
+                   "(tokenizer_config.json 'pad_token') so transformers can batch the scores.")
+
+
+def save(model: ScalarModel, path: str | pathlib.Path, *, tokenizer=None) -> pathlib.Path:
+  """Writes a transformers sequence classifier (num_labels 1) to `path`."""
+  tensors = hf.params_to_hf(model.decoder)
+  tensors[SCORE_TENSOR] = np.asarray(model.score[...], np.float32)[None, :].astype(
+      np.dtype(jnp.dtype(model.config.param_dtype)))
+  config = model.config.to_hf()
+  config['architectures'] = [config['architectures'][0].replace(
+      'ForCausalLM', 'ForSequenceClassification')]
+  config['id2label'] = {'0': 'LABEL_0'}
+  config['label2id'] = {'LABEL_0': 0}
+  config['torch_dtype'] = model.config.param_dtype
+  if tokenizer is not None:
+    config['pad_token_id'] = export_pad_id(tokenizer)
+  path = hf.write_checkpoint(tensors, config, path)
+  if tokenizer is not None:
+    tokenizer.save(path)
+  return path
+
+
+def _right_pad(rows: list[list[int]], width: int) -> dict[str, np.ndarray]:
+  tokens = np.zeros((len(rows), width), np.int32)
+  segments = np.zeros((len(rows), width), np.int32)
+  for i, row in enumerate(rows):
+    tokens[i, :len(row)] = row
+    segments[i, :len(row)] = 1
+  positions = np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape).copy()
+  return {'tokens': tokens, 'positions': positions, 'segment_ids': segments}
+
+
+def as_messages(prompt) -> list[dict]:
+  """A prompt given as text or as chat messages -> chat messages."""
+  if isinstance(prompt, str):
+    return [{'role': 'user', 'content': prompt}]
+  return list(prompt)
+
+
+class Scorer:
+  """scorer(prompts, completions) -> rewards [N]: the RL and eval entry point.
+
+  Each prompt (text or messages) plus its completion as the assistant turn is
+  encoded with the chat template, exactly as reward training encodes pairs,
+  and scored at its last token. Lengths are bucketed to multiples of 64 so a
+  run compiles a handful of shapes; longer rows keep their last `max_len`.
+  """
+
+  def __init__(self, model: ScalarModel, tokenizer, *, batch_size: int = 16,
+               max_len: int = 1024):
+    self.tokenizer, self.batch_size, self.max_len = tokenizer, batch_size, max_len
+    graphdef, self._state = nnx.split(model)
+
+    @jax.jit
+    def scores(state, batch):
+      m = nnx.merge(graphdef, state)
+      return last_token_values(m(batch['tokens'], batch['positions'], batch['segment_ids']),
+                               batch['segment_ids'])
+    self._scores = scores
+
+  def encode(self, prompt, completion: str) -> list[int]:
+    messages = as_messages(prompt) + [{'role': 'assistant', 'content': completion}]
+    return self.tokenizer.encode_chat(messages).ids[-self.max_len:]
+
+  def __call__(self, prompts, completions) -> np.ndarray:
+    if len(prompts) != len(completions):
+      raise ValueError(f'{len(prompts)} prompts but {len(completions)} completions.')
+    rows = [self.encode(p, c) for p, c in zip(prompts, completions)]
+    out = []
+    for start in range(0, len(rows), self.batch_size):
+      chunk = rows[start:start + self.batch_size]
+      width = min(-(-max(map(len, chunk)) // 64) * 64, self.max_len)
+      chunk = chunk + [chunk[-1]] * (self.batch_size - len(chunk))  # one batch shape
+      values = self._scores(self._state, _right_pad(chunk, width))
+      out.append(np.asarray(values)[:len(rows) - start])
+    return np.concatenate(out).astype(np.float32)
+
+
+def load_scorer(path: str | pathlib.Path, **kwargs) -> Scorer:
+  """A Scorer for a reward model directory (jpost export or transformers')."""
+  from jpost.models import pretrained
+  from jpost.tokenizer import Tokenizer
+  path = pretrained.resolve(str(path))
+  return Scorer(load(path, dtype='float32'), Tokenizer.from_dir(path), **kwargs)
