@@ -1,0 +1,54 @@
+"""DPO (or IPO, conservative DPO, SimPO) on verifier-ranked pairs, SmolLM2-135M.
+
+  python -m jpost.main --config=configs/pairs.py --workdir=runs/pairs    # pairs first
+  python -m jpost.main --config=configs/dpo.py --workdir=runs/dpo
+  python -m jpost.main --config=configs/dpo.py --workdir=runs/simpo --config.dpo.loss_type=simpo
+  python -m jpost.main --config=configs/dpo.py:tiny --workdir=runs/dpo_tiny
+
+`dpo.reference='cache'` computes the frozen reference's log-probs once
+(workdir/reference_logps.npz); 'on_the_fly' runs it every batch.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.trainer = 'dpo'
+  c.seed = 0
+  c.distributed = False
+  c.model = ml_collections.ConfigDict(dict(
+      path='smollm2-135m-instruct', dtype='bfloat16', param_dtype='float32', remat=True))
+  c.data = ml_collections.ConfigDict(dict(
+      train=('runs/pairs/pairs_train.jsonl',), eval=('runs/pairs/pairs_test.jsonl',),
+      weights=(), max_len=192, truncation='truncate_left', policy='skip', num_threads=0))
+  c.batch_size = 8
+  c.eval_batch_size = 4
+  c.accum_steps = 1
+  c.epochs = 2.0
+  c.total_steps = 0  # 0: derived from `epochs`
+  c.optim = ml_collections.ConfigDict(dict(
+      name='adamw', lr=5e-6, warmup_steps=2, schedule='cosine', end_lr_ratio=0.1,
+      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0))
+  c.dpo = ml_collections.ConfigDict(dict(
+      loss_type='sigmoid', beta=0.1, label_smoothing=0.0, simpo_gamma=0.5,
+      reference='cache', cache_batch_size=8))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=1, async_save=True))
+  c.log_every = 1
+  c.eval_every = 1000  # and at the start and the end
+  c.tensorboard = False
+  c.export_hf = True
+  if arg == 'tiny':
+    c.model.dtype = 'float32'
+    c.model.remat = False
+    c.data.max_len = 96
+    c.batch_size = 2
+    c.eval_batch_size = 2
+    c.total_steps = 4
+    c.optim.warmup_steps = 1
+    c.checkpoint.every = 2
+    c.dpo.cache_batch_size = 2
+  elif arg:
+    raise ValueError(f'unknown config argument {arg!r}; use "tiny" or nothing.')
+  return c.lock()

@@ -1,0 +1,36 @@
+"""Preference pairs from SmolLM2's own samples, ranked by the math verifier.
+
+  python -m jpost.main --config=configs/pairs.py --workdir=runs/pairs
+  python -m jpost.main --config=configs/pairs.py:tiny --workdir=runs/pairs_tiny
+
+Samples `sampling.num_samples` answers per prompt, scores them with
+`rewards`, keeps (best, worst) when they differ by at least `pairs.min_gap`,
+and writes `pairs_train.jsonl` / `pairs_test.jsonl` (preference rows) to the
+workdir: the input of configs/reward.py and configs/dpo.py.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.trainer = 'pairs'
+  c.seed = 0
+  c.model = ml_collections.ConfigDict(dict(
+      path='smollm2-135m-instruct', dtype='float32', param_dtype='float32'))
+  c.data = ml_collections.ConfigDict(dict(
+      train=('arith:train',), eval=('arith:test',), max_prompt_len=96, policy='error'))
+  c.batch_size = 16  # prompts per sampler call
+  c.sampling = ml_collections.ConfigDict(dict(
+      max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, num_samples=8))
+  c.rewards = ml_collections.ConfigDict({'math': {'weight': 1.0}})
+  c.pairs = ml_collections.ConfigDict(dict(min_gap=0.5, max_prompts=0))  # 0: all prompts
+  if arg == 'tiny':
+    c.batch_size = 4
+    c.sampling.max_new_tokens = 16
+    c.sampling.num_samples = 4
+    c.pairs.min_gap = 0.0  # random tiny models rarely answer right: keep every distinct pair
+    c.pairs.max_prompts = 8
+  elif arg:
+    raise ValueError(f'unknown config argument {arg!r}; use "tiny" or nothing.')
+  return c.lock()

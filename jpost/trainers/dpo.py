@@ -1,0 +1,184 @@
+"""The `dpo` recipe: DPO, IPO, conservative DPO and SimPO on preference pairs.
+
+The losses need, per pair, the summed log-probs of each response's target
+tokens under the policy and under the frozen reference (the starting
+checkpoint). `config.dpo.reference` picks how the reference's are made:
+
+- 'cache': one pass over train + eval data before training, stored in
+  `workdir/reference_logps.npz` keyed by the pair's tokens (a resumed run
+  reuses it); a pair missing from the cache is an error, never a zero.
+- 'on_the_fly': the reference runs on every batch (no pass up front; costs a
+  forward per step).
+SimPO needs no reference at all.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jpost import ops
+from jpost.data import pipeline
+from jpost.losses.dpo import dpo_loss
+from jpost.models import hf
+from jpost.trainers import offline, register
+from jpost.trainers.reward import epochs_to_steps, preference_data
+
+REFERENCE_MODES = ('cache', 'on_the_fly')
+CACHE_FILE = 'reference_logps.npz'
+EVAL_METRICS = ('rewards/accuracy', 'rewards/margin', 'rewards/chosen', 'rewards/rejected',
+                'logps/chosen', 'logps/rejected')
+
+
+def response_logps(model, batch):
+  """Summed target log-probs and target counts of both sides: 4 arrays [B]."""
+  both = {k: jnp.concatenate([batch[f'chosen_{k}'], batch[f'rejected_{k}']])
+          for k in ('tokens', 'positions', 'segment_ids', 'loss_mask')}
+  logits = model(both['tokens'], both['positions'], both['segment_ids'])
+  targets, weights = ops.next_token_targets(both['tokens'], both['loss_mask'],
+                                            both['segment_ids'])
+  sums = jnp.sum(ops.token_logprobs(logits, targets) * weights, axis=-1)
+  counts = jnp.sum(weights, axis=-1)
+  n = batch['chosen_tokens'].shape[0]
+  return sums[:n], sums[n:], counts[:n], counts[n:]
+
+
+def loss_fn(model, batch, normalizer, *, loss_cfg):
+  chosen, rejected, chosen_len, rejected_len = response_logps(model, batch)
+  simpo = loss_cfg.loss_type == 'simpo'
+  return dpo_loss(
+      chosen, rejected, None if simpo else batch['ref_chosen_logps'],
+      None if simpo else batch['ref_rejected_logps'], loss_type=loss_cfg.loss_type,
+      beta=loss_cfg.beta, label_smoothing=loss_cfg.label_smoothing,
+      chosen_lengths=chosen_len, rejected_lengths=rejected_len,
+      simpo_gamma=loss_cfg.simpo_gamma, normalizer=normalizer)
+
+
+def normalizer_fn(batch):
+  return jnp.asarray(batch['chosen_tokens'].shape[0], jnp.float32)
+
+
+def pair_key(chosen_tokens: np.ndarray, rejected_tokens: np.ndarray) -> str:
+  digest = hashlib.sha1(np.ascontiguousarray(chosen_tokens, np.int32).tobytes())
+  digest.update(b'|')
+  digest.update(np.ascontiguousarray(rejected_tokens, np.int32).tobytes())
+  return digest.hexdigest()
+
+
+class Reference:
+  """The frozen starting model: summed response log-probs per pair."""
+
+  def __init__(self, setup: offline.Setup):
+    cfg = setup.config
+    model = hf.load(setup.model_dir, mesh=setup.mesh, dtype=cfg.model.dtype,
+                    param_dtype=cfg.model.param_dtype)
+    graphdef, self.params = nnx.split(model)
+    self.mesh = setup.mesh
+
+    @jax.jit
+    def logps(params, batch):
+      chosen, rejected, _, _ = response_logps(nnx.merge(graphdef, params), batch)
+      return chosen, rejected
+    self._logps = logps
+
+  def __call__(self, batch: dict) -> tuple[np.ndarray, np.ndarray]:
+    fields = {k: v for k, v in batch.items() if k.startswith(('chosen_', 'rejected_'))}
+    n = len(fields['chosen_tokens'])
+    shards = self.mesh.shape['data'] * self.mesh.shape['fsdp']
+    pad = -n % shards  # the last batch of a pass may not split over the mesh
+    if pad:
+      fields = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in fields.items()}
+    chosen, rejected = jax.device_get(self._logps(self.params,
+                                                  offline.place_batch(fields, self.mesh)))
+    return np.asarray(chosen[:n]), np.asarray(rejected[:n])
+
+
+def build_cache(setup: offline.Setup, reference: Reference, sources) -> dict[str, np.ndarray]:
+  """One pass over every pair of `sources` -> {key: (chosen, rejected)} arrays."""
+  cfg = setup.config
+  data = cfg.data
+  dataset, _ = pipeline.build(
+      'preference', pipeline.resolve_sources(sources), setup.tokenizer,
+      batch_size=cfg.dpo.cache_batch_size, max_len=data.max_len, truncation=data.truncation,
+      seed=0, num_epochs=1, policy=data.policy, drop_remainder=False)
+  keys, chosen, rejected = [], [], []
+  for batch in dataset:
+    c, r = reference(batch)
+    keys += [pair_key(a, b) for a, b in zip(batch['chosen_tokens'], batch['rejected_tokens'])]
+    chosen.append(c)
+    rejected.append(r)
+  return {'keys': np.asarray(keys), 'chosen': np.concatenate(chosen),
+          'rejected': np.concatenate(rejected)}
+
+
+def cached_reference(setup: offline.Setup, reference: Reference):
+  path = setup.workdir / CACHE_FILE
+  if path.exists():
+    with np.load(path) as f:
+      cache = {k: f[k] for k in f.files}
+    print(f'reference log-probs: {len(cache["keys"])} pairs from {path}', file=sys.stderr)
+  else:
+    data = setup.config.data
+    cache = build_cache(setup, reference, list(data.train) + list(data.eval))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **cache)
+    print(f'reference log-probs: computed {len(cache["keys"])} pairs -> {path}', file=sys.stderr)
+  index = {k: i for i, k in enumerate(cache['keys'].tolist())}
+  return lookup_hook(index, cache, path)
+
+
+def lookup_hook(index: dict, cache: dict, path: pathlib.Path):
+  def hook(batch):
+    rows = []
+    for i, (c, r) in enumerate(zip(batch['chosen_tokens'], batch['rejected_tokens'])):
+      row = index.get(pair_key(c, r))
+      if row is None:
+        raise KeyError(
+            f'batch row {i} has no reference log-probs in {path}: the cache was computed '
+            'for other data or another data.max_len. Delete the file to recompute it, or '
+            "set config.dpo.reference='on_the_fly'.")
+      rows.append(row)
+    return batch | {'ref_chosen_logps': cache['chosen'][rows],
+                    'ref_rejected_logps': cache['rejected'][rows]}
+  return hook
+
+
+def make_batch_hook(setup: offline.Setup):
+  dpo = setup.config.dpo
+  if dpo.loss_type == 'simpo':
+    return lambda batch: batch
+  reference = Reference(setup)
+  if dpo.reference == 'cache':
+    return cached_reference(setup, reference)
+
+  def on_the_fly(batch):
+    chosen, rejected = reference(batch)
+    return batch | {'ref_chosen_logps': chosen, 'ref_rejected_logps': rejected}
+  return on_the_fly
+
+
+@register('dpo')
+def run(config, workdir):
+  if config.dpo.reference not in REFERENCE_MODES:
+    raise ValueError(f'config.dpo.reference={config.dpo.reference!r}; use one of '
+                     f'{REFERENCE_MODES}.')
+  data = config.data
+  with config.unlocked():
+    config.total_steps = epochs_to_steps(config, list(data.train))
+  task = offline.Task(
+      loss_fn=functools.partial(loss_fn, loss_cfg=config.dpo),
+      normalizer_fn=normalizer_fn,
+      train_data=preference_data(data, sources=list(data.train), epochs=None,
+                                 seed=config.seed, batch_size=config.batch_size),
+      eval_data=preference_data(data, sources=list(data.eval), epochs=1, seed=0,
+                                batch_size=config.eval_batch_size) if data.eval else None,
+      batch_hook=make_batch_hook,
+      eval_metrics=EVAL_METRICS)
+  return offline.run(config, workdir, task)

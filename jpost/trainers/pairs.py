@@ -1,0 +1,122 @@
+"""The `pairs` recipe: preference pairs from the model's own samples.
+
+For each prompt: sample N answers, score them with the configured rewards (a
+verifier, a reward model, a judge), keep (best, worst) when the gap is at
+least `pairs.min_gap`. Writes `pairs.jsonl` rows in the preference format
+({'prompt', 'chosen', 'rejected'} + scores) and `pairs_stats.json`. On
+verifiable data this gives real on-policy pairs without human labels.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+
+from jpost import rewards, sampling
+from jpost.data import pipeline
+from jpost.trainers import register, rollout
+from jpost.trainers.generate import load_model_and_tokenizer
+
+
+def choose_pair(scores: np.ndarray, min_gap: float) -> tuple[int, int] | None:
+  """(best, worst) sample indices of one prompt, or None without a real gap.
+
+  NaN scores (a reward failed on that sample) are neither chosen nor
+  rejected. Ties go to the earliest sample, so reruns pick the same pair."""
+  valid = np.isfinite(scores)
+  if valid.sum() < 2:
+    return None
+  best = int(np.argmax(np.where(valid, scores, -np.inf)))
+  worst = int(np.argmin(np.where(valid, scores, np.inf)))
+  if scores[best] - scores[worst] < min_gap or best == worst:
+    return None
+  return best, worst
+
+
+def make_pairs(model, tokenizer, batches, reward_fns, settings: sampling.SamplingConfig, *,
+               min_gap: float, seed: int, max_prompts: int | None = None):
+  """Yields preference rows and returns stats; `batches` are prompt batches."""
+  stats = {'prompts': 0, 'samples': 0, 'pairs': 0, 'no_gap': 0, 'identical': 0,
+           'reward_sum': 0.0, 'failures': {}}
+  rows = []
+  key = jax.random.key(seed)
+  n = settings.num_samples
+  for batch in batches:
+    key, sub = jax.random.split(key)
+    out = jax.device_get(sampling.generate(model, batch['tokens'], batch['segment_ids'] > 0,
+                                           settings, sub))
+    texts = rollout.completion_texts(tokenizer, out.tokens, out.lengths)
+    prompts = [p for p in batch['prompt'] for _ in range(n)]
+    extras = [e for e in batch['extra'] for _ in range(n)]
+    result = rewards.score(reward_fns, [rollout.prompt_text(p) for p in prompts], texts, extras)
+    for name, counts in result.failures.items():
+      stats['failures'][name] = stats['failures'].get(name, 0) + sum(counts.values())
+    failed = np.any([~np.isfinite(v) for v in result.per_source.values()], axis=0)
+    scores = np.where(failed, np.nan, result.total)
+    stats['samples'] += len(texts)
+    stats['reward_sum'] += float(np.sum(result.total))
+    for i, prompt in enumerate(batch['prompt']):
+      stats['prompts'] += 1
+      group = slice(i * n, (i + 1) * n)
+      pick = choose_pair(scores[group], min_gap)
+      if pick is None:
+        stats['no_gap'] += 1
+        continue
+      best, worst = (i * n + j for j in pick)
+      if texts[best].strip() == texts[worst].strip():
+        stats['identical'] += 1
+        continue
+      rows.append({'prompt': prompt, 'chosen': [{'role': 'assistant', 'content': texts[best]}],
+                   'rejected': [{'role': 'assistant', 'content': texts[worst]}],
+                   'chosen_score': float(result.total[best]),
+                   'rejected_score': float(result.total[worst]), **batch['extra'][i]})
+      stats['pairs'] += 1
+    if max_prompts and stats['prompts'] >= max_prompts:
+      break
+  stats['mean_reward'] = stats.pop('reward_sum') / max(stats['samples'], 1)
+  return rows, stats
+
+
+def write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix('.tmp')
+  with tmp.open('w', encoding='utf-8') as f:
+    for row in rows:
+      f.write(json.dumps(row, ensure_ascii=False) + '\n')
+  tmp.replace(path)
+
+
+@register('pairs')
+def run(config, workdir):
+  if workdir is None:
+    raise ValueError('--workdir is required: pairs.jsonl is written there.')
+  workdir = pathlib.Path(workdir)
+  model, tokenizer = load_model_and_tokenizer(config.model)
+  reward_fns = rewards.build(config.rewards)
+  settings = rollout.sampling_config(config.sampling, tokenizer)
+  result = {}
+  for split, sources in (('train', config.data.train), ('test', config.data.eval)):
+    if not sources:
+      continue
+    batches, _ = pipeline.build('prompt', pipeline.resolve_sources(list(sources)), tokenizer,
+                                batch_size=config.batch_size, max_len=config.data.max_prompt_len,
+                                num_epochs=1, seed=config.seed, policy=config.data.policy,
+                                drop_remainder=False)
+    tic = time.perf_counter()
+    rows, stats = make_pairs(model, tokenizer, batches, reward_fns, settings,
+                             min_gap=config.pairs.min_gap, seed=config.seed,
+                             max_prompts=config.pairs.max_prompts or None)
+    stats['seconds'] = round(time.perf_counter() - tic, 1)
+    path = workdir / f'pairs_{split}.jsonl'
+    write_jsonl(path, rows)
+    result[split] = stats | {'path': str(path)}
+    print(f'{split}: {stats["pairs"]} pairs from {stats["prompts"]} prompts '
+          f'(mean reward {stats["mean_reward"]:.3f}, {stats["no_gap"]} without a gap) '
+          f'-> {path}', file=sys.stderr)
+  (workdir / 'pairs_stats.json').write_text(json.dumps(result, indent=2) + '\n')
+  return result

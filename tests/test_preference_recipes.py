@@ -1,0 +1,110 @@
+"""The reward, DPO and pairs recipes end to end on the tiny model."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jpost.trainers import pairs
+
+
+def _pairs_file(path, n=12):
+  rows = []
+  for i in range(n):
+    a, b = i + 2, i + 5
+    rows.append({'prompt': [{'role': 'user', 'content': f'What is {a} + {b}?'}],
+                 'chosen': [{'role': 'assistant', 'content': f'{a} + {b} = {a + b}'}],
+                 'rejected': [{'role': 'assistant', 'content': f'I think it is {a * b + 1}.'}]})
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  return path
+
+
+def _run(config, workdir, *extra):
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  return subprocess.run([sys.executable, '-m', 'jpost.main', f'--config={config}',
+                         f'--workdir={workdir}', *extra],
+                        capture_output=True, text=True, timeout=900, env=env)
+
+
+def _metrics(workdir):
+  return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+
+
+@pytest.fixture(scope='module')
+def pair_files(tmp_path_factory):
+  folder = tmp_path_factory.mktemp('pairs')
+  return _pairs_file(folder / 'train.jsonl'), _pairs_file(folder / 'test.jsonl', n=4)
+
+
+def _data_flags(checkpoint, pair_files):
+  train, test = pair_files
+  return [f'--config.model.path={checkpoint}', f'--config.data.train=("{train}",)',
+          f'--config.data.eval=("{test}",)']
+
+
+def test_reward_recipe_trains_evaluates_and_exports(tiny_checkpoint, pair_files, tmp_path):
+  proc = _run('configs/reward.py:tiny', tmp_path, *_data_flags(tiny_checkpoint, pair_files),
+              '--config.optim.lr=1e-3', '--config.total_steps=6')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = _metrics(tmp_path)
+  assert {'accuracy', 'margin', 'chosen_reward', 'rejected_reward'} <= set(records[1])
+  evals = [r for r in records if 'eval_accuracy' in r]
+  assert [r['step'] for r in evals] == [0, 6]
+  assert evals[-1]['eval_loss'] < evals[0]['eval_loss']  # learns the easy pairs
+  config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+  assert config['architectures'] == ['LlamaForSequenceClassification']
+
+
+def _dpo(tmp_path, checkpoint, pair_files, *extra):
+  return _run('configs/dpo.py:tiny', tmp_path, *_data_flags(checkpoint, pair_files),
+              '--config.total_steps=3', '--config.eval_every=3', *extra)
+
+
+def test_dpo_cached_and_on_the_fly_references_agree(tiny_checkpoint, pair_files, tmp_path):
+  cached = _dpo(tmp_path / 'cache', tiny_checkpoint, pair_files)
+  assert cached.returncode == 0, cached.stderr[-3000:]
+  assert (tmp_path / 'cache' / 'reference_logps.npz').exists()
+  fly = _dpo(tmp_path / 'fly', tiny_checkpoint, pair_files,
+             '--config.dpo.reference=on_the_fly')
+  assert fly.returncode == 0, fly.stderr[-3000:]
+  a, b = _metrics(tmp_path / 'cache'), _metrics(tmp_path / 'fly')
+  # Policy == reference at the start: every DPO loss starts at exactly log 2.
+  assert a[0]['eval_loss'] == pytest.approx(np.log(2), abs=1e-5)
+  assert a[1]['loss'] == pytest.approx(np.log(2), abs=1e-5)
+  for ra, rb in zip(a, b):
+    for key in ('loss', 'eval_loss', 'rewards/margin'):
+      if key in ra:
+        assert ra[key] == pytest.approx(rb[key], abs=1e-5), key
+  assert a[-1]['eval_rewards/margin'] > 0 and np.isfinite(a[-1]['eval_logps/chosen'])
+
+
+def test_dpo_stale_reference_cache_is_a_clear_error(tiny_checkpoint, pair_files, tmp_path):
+  train, _ = pair_files
+  other = _pairs_file(tmp_path / 'other.jsonl', n=6)
+  first = _dpo(tmp_path / 'run', tiny_checkpoint, (other, other))
+  assert first.returncode == 0, first.stderr[-3000:]
+  (tmp_path / 'run' / 'checkpoints').rename(tmp_path / 'old_checkpoints')
+  second = _dpo(tmp_path / 'run', tiny_checkpoint, pair_files)
+  assert second.returncode != 0
+  assert 'no reference log-probs' in second.stderr and 'Delete the file' in second.stderr
+
+
+@pytest.mark.parametrize('loss_type', ['ipo', 'simpo', 'cdpo'])
+def test_dpo_family_runs(tiny_checkpoint, pair_files, tmp_path, loss_type):
+  extra = ['--config.dpo.label_smoothing=0.1'] if loss_type == 'cdpo' else []
+  proc = _dpo(tmp_path, tiny_checkpoint, pair_files, f'--config.dpo.loss_type={loss_type}',
+              *extra)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = _metrics(tmp_path)
+  assert all(np.isfinite(r['loss']) for r in records if 'loss' in r)
+  assert (loss_type == 'simpo') != (tmp_path / 'reference_logps.npz').exists()
+
+
+def test_choose_pair_needs_a_real_gap():
+  assert pairs.choose_pair(np.array([0.0, 1.0, 0.0, 1.0]), 0.5) == (1, 0)
+  assert pairs.choose_pair(np.array([1.0, 1.0, 1.0]), 0.5) is None
+  assert pairs.choose_pair(np.array([0.2, 0.5]), 0.5) is None
+  assert pairs.choose_pair(np.array([np.nan, 1.0, 0.0]), 0.5) == (1, 2)  # failures never win
