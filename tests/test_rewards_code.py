@@ -142,3 +142,10 @@ def test_missing_tests_column_is_a_counted_failure():
   result = rewards.score(sources, ['q'], ['x = 1'], [{'answer': '1'}])
   assert result.failures['code']['raised'] == 1
   assert "no 'tests' column" in result.errors['code']
+
+
+def test_a_sandbox_that_cannot_start_is_an_error_not_a_zero_reward():
+  with pytest.raises(sandbox.SandboxError, match='did not start'):
+    sandbox.run_tests('x = 1', 'assert x', python='/nonexistent/python')
+  with pytest.raises(RuntimeError, match='no Python interpreter runs inside the code sandbox'):
+    rewards.build({'code': {'python': '/nonexistent/python'}})

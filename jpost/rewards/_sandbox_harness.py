@@ -8,7 +8,8 @@ runs it sets the resource limits (soft = hard), drops to `uid` when started
 as root, and replaces the socket constructors with functions that raise.
 Then it executes the code and, unless that raised, each test statement, in
 one namespace, and
-writes {"nonce", "passed", "total", "error"} to RESULT_FD. Only the original
+writes {"nonce", "passed", "total", "error"} to RESULT_FD, after a first
+line {"nonce", "started": true} that tells the parent the sandbox started. Only the original
 process reports: a copy made by os.fork() in the program exits silently.
 """
 
@@ -69,6 +70,11 @@ def main() -> None:
   sys.stdin.close()
   out = os.fdopen(int(sys.argv[1]), 'w')
   nonce = job['nonce']
+  out.write(json.dumps({'nonce': nonce, 'started': True}) + '\n')
+  out.flush()
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)  # stderr so far told the parent why a start failed; now discard it
+  os.close(devnull)
   _limit(job['limits'])
   if job['uid'] is not None:
     _drop_privileges(job['uid'])

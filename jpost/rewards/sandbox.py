@@ -49,6 +49,10 @@ for _slot in range(MAX_PARALLEL):
   _UIDS.put(SANDBOX_UID_BASE + _slot)
 
 
+class SandboxError(RuntimeError):
+  """The sandbox itself failed (not the program in it): a set-up problem."""
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Limits:
   wall_seconds: float = 10.0
@@ -116,8 +120,12 @@ def sandbox_python(python: str | None = None) -> str:
                                         shutil.which('python3')]
   tried = []
   for candidate in dict.fromkeys(c for c in candidates if c):
-    result = run_tests('import collections, json, math, re', 'assert True',
-                       python=candidate)
+    try:
+      result = run_tests('import collections, json, math, re', 'assert True',
+                         python=candidate)
+    except SandboxError as e:
+      tried.append(f'{candidate} ({e})')
+      continue
     if result.outcome == 'passed':
       return candidate
     tried.append(f'{candidate} ({result.outcome}: {result.error})')
@@ -127,7 +135,8 @@ def sandbox_python(python: str | None = None) -> str:
 
 def run_tests(code: str, tests: str | list[tuple[bool, str]], *, limits: Limits = Limits(),
               python: str | None = None) -> RunResult:
-  """Runs `code` then `tests` in the sandbox; never raises for what the code does."""
+  """Runs `code` then `tests` in the sandbox. Whatever the code does is an
+  outcome; SandboxError only if the sandbox could not start."""
   parts = split_tests(tests) if isinstance(tests, str) else tests
   python = python or sandbox_python()
   uid = _UIDS.get() if os.geteuid() == 0 else None
@@ -135,6 +144,7 @@ def run_tests(code: str, tests: str | list[tuple[bool, str]], *, limits: Limits 
   read_fd, write_fd = os.pipe()
   nonce = secrets.token_hex(16)
   start = time.monotonic()
+  errors = tempfile.TemporaryFile()  # stderr until the harness has started
   try:
     if uid is not None:
       os.chown(workdir, uid, uid)
@@ -148,14 +158,19 @@ def run_tests(code: str, tests: str | list[tuple[bool, str]], *, limits: Limits 
            'LANG': 'C.UTF-8', 'OMP_NUM_THREADS': '1', 'OPENBLAS_NUM_THREADS': '1'}
     proc = subprocess.Popen(
         [*isolation(), python, '-I', str(_HARNESS), str(write_fd)], cwd=workdir, env=env,
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors,
         pass_fds=(write_fd,), start_new_session=True)
     os.close(write_fd)
     write_fd = -1
     timed_out = _feed_and_wait(proc, json.dumps(job).encode(), start + limits.wall_seconds)
     seconds = time.monotonic() - start
-    report = _read_report(read_fd, nonce)
+    started, report = _read_report(read_fd, nonce)
+    if not started and not timed_out:
+      errors.seek(0)
+      message = errors.read(2000).decode(errors='replace').strip()
+      raise SandboxError(f'the code sandbox did not start (exit {proc.returncode}): {message}')
   finally:
+    errors.close()
     for fd in (read_fd, write_fd):
       if fd >= 0:
         os.close(fd)
@@ -226,7 +241,8 @@ def _children(pid: int) -> list[int]:
   return found
 
 
-def _read_report(fd: int, nonce: str) -> dict | None:
+def _read_report(fd: int, nonce: str) -> tuple[bool, dict | None]:
+  """(whether the harness started, its final report or None)."""
   os.set_blocking(fd, False)
   data = b''
   while len(data) < (1 << 20):
@@ -237,13 +253,16 @@ def _read_report(fd: int, nonce: str) -> dict | None:
     if not chunk:
       break
     data += chunk
-  try:
-    report = json.loads(data)
-  except ValueError:
-    return None
-  if not isinstance(report, dict) or report.get('nonce') != nonce:
-    return None
-  return report
+  lines = []
+  for line in data.splitlines():
+    try:
+      lines.append(json.loads(line))
+    except ValueError:
+      lines.append(None)
+  ours = [x for x in lines if isinstance(x, dict) and x.get('nonce') == nonce]
+  started = bool(ours) and ours[0].get('started') is True
+  report = ours[-1] if len(ours) >= 2 and 'passed' in ours[-1] else None
+  return started, report
 
 
 def _tasks_of(uid: int) -> int:
