@@ -17,6 +17,12 @@ credentials), stdout/stderr discarded, and:
     namespaces (`isolation()` says which applies);
   - a wall-clock timeout, after which the whole process group is killed.
 
+The interpreter is this one if the sandbox uid can run it, else the system's
+`python3` (`sandbox_python()`): a Python installed under /root is unreadable
+to that uid, and then only the system's packages are importable. Without
+namespaces, a process that leaves its process group (setsid) outlives the
+timeout, bounded by the CPU and process limits.
+
 The limits are set in the child itself rather than in a `preexec_fn`: the
 parent runs JAX threads, and `preexec_fn` is unsafe in threaded processes.
 A program could find the result nonce by inspecting the harness's frames and
