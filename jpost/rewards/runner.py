@@ -118,8 +118,7 @@ class _Batch:
       for source in self.sources:
         todo = self.pending[source.name]
         while todo and in_flight[source.name] < source.concurrency:
-          self._start(source, todo.popleft())
-          in_flight[source.name] += 1
+          in_flight[source.name] += self._start(source, todo.popleft())
       if not self.active:
         return
       now = time.monotonic()
@@ -146,7 +145,7 @@ class _Batch:
       except Exception as e:  # noqa: BLE001 -- a strange return value is counted too
         self._fail(by_name[key[0]], key[1], 'bad_type', f'unusable return value: {e!r}')
 
-  def _start(self, source: Source, index: int | None):
+  def _start(self, source: Source, index: int | None) -> bool:
     if source.batched:
       args = (self.prompts, self.completions)
     else:
@@ -154,8 +153,13 @@ class _Batch:
     key = (source.name, index)
     thread = threading.Thread(target=_call, args=(key, source.fn, args, self.results),
                               name=f'reward-{source.name}', daemon=True)
+    try:
+      thread.start()
+    except RuntimeError as e:  # the process is out of threads (many abandoned calls?)
+      self._fail(source, index, 'raised', f'could not start a thread: {e}')
+      return False
     self.active[key] = (time.monotonic() + source.timeout, thread)
-    thread.start()
+    return True
 
   def _fail(self, source: Source, index: int | None, kind: str, message: str, count=None,
             exc: BaseException | None = None):
