@@ -1,0 +1,66 @@
+"""GRPO on verifiable arithmetic with SmolLM2-135M-Instruct: jpost's main job.
+
+  python -m jpost.main --config=configs/grpo.py --workdir=runs/grpo
+  python -m jpost.main --config=configs/grpo.py:tiny --workdir=runs/grpo_tiny
+  python -m jpost.main --config=configs/grpo.py --workdir=runs/mine \\
+      --config.model.path=/my/hf/checkpoint --config.data.train='("prompts.jsonl",)'
+
+Each step samples `sampling.num_samples` answers to each of
+`prompts_per_step` prompts, scores them with `rewards` (the math verifier:
+\\boxed{..}, '#### N' or the last number, checked against the row's 'answer'),
+and takes clipped policy-gradient steps on group-relative advantages with a
+KL leash (`rl.beta`) to the starting model. Held-out prompts are answered
+greedily before and after training; the trained model is exported to
+`workdir/hf`.
+
+Named choices in `rl` (see README, "Online RL"): `aggregation` ('token' =
+DAPO, 'sequence' = original GRPO, 'constant' = Dr. GRPO), `scale` ('std' or
+'none' = Dr. GRPO), `clip_low`/`clip_high` (DAPO clip-higher),
+`filter_zero_variance`, `kl_estimator` and `kl_in` ('loss' with k2 gives the
+per-token KL gradient; 'reward' with k1 the sequence-level one),
+`old_logprobs` ('sampler' or 'recompute').
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.trainer = 'grpo'
+  c.seed = 0
+  c.model = ml_collections.ConfigDict(dict(
+      path='smollm2-135m-instruct', dtype='float32', param_dtype='float32', remat=False))
+  c.data = ml_collections.ConfigDict(dict(
+      train=("arith:train",), eval=("arith:test",), max_prompt_len=52, policy="error"))
+  c.prompts_per_step = 2
+  c.eval_batch_size = 16
+  c.sampling = ml_collections.ConfigDict(dict(
+      max_new_tokens=64, temperature=0.7, top_k=0, top_p=1.0, min_p=0.0, num_samples=8))
+  c.rewards = ml_collections.ConfigDict({'math': {'weight': 1.0}})
+  c.rl = ml_collections.ConfigDict(dict(
+      epochs=1, minibatches=1, clip_low=0.2, clip_high=0.28, aggregation='token', scale='std',
+      filter_zero_variance=False, beta=0.04, kl_estimator='k2', kl_in='loss',
+      old_logprobs='sampler', entropy_coef=0.0,
+      gamma=1.0, lam=0.95, whiten_advantages=True))  # the last three: PPO only
+  c.total_steps = 24
+  c.optim = ml_collections.ConfigDict(dict(
+      name='adamw', lr=2e-5, warmup_steps=0, schedule='constant', end_lr_ratio=1.0,
+      b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, clip_norm=1.0))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=1, async_save=True))
+  c.log_every = 1
+  c.eval_every = 1000  # and before the first step and after the last
+  c.tensorboard = False
+  c.export_hf = True
+  if arg == 'tiny':
+    c.data.max_prompt_len = 56
+    c.prompts_per_step = 2
+    c.eval_batch_size = 8
+    c.sampling.max_new_tokens = 8
+    c.sampling.num_samples = 4
+    c.total_steps = 3
+    c.checkpoint.every = 2
+    c.eval_every = 0
+  elif arg:
+    raise ValueError(f'unknown config argument {arg!r}; use "tiny" or nothing.')
+  return c.lock()

@@ -1,0 +1,39 @@
+"""PPO with a critic on verifiable arithmetic, SmolLM2-135M-Instruct.
+
+  python -m jpost.main --config=configs/ppo.py --workdir=runs/ppo
+  python -m jpost.main --config=configs/ppo.py:tiny --workdir=runs/ppo_tiny
+  python -m jpost.main --config=configs/ppo.py --workdir=runs/ppo_rm \\
+      --config.ppo.critic_path=runs/reward/hf \\
+      --config.rewards='{"reward_model": {"path": "runs/reward/hf"}}'
+
+The seed's objective E[r] - beta KL(pi || pi_0): per-token rewards are
+-beta * k1 on every completion token plus the score on the last one;
+advantages come from GAE(gamma, lambda) over a critic's values (a scalar
+head on the policy's trunk, or on `ppo.critic_path`, e.g. a trained reward
+model), whitened; the critic's loss is clipped like the policy's ratio.
+Everything else is configs/grpo.py's (prompts, sampling, rewards, eval).
+"""
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+# The GRPO config next to this file (configs are loaded by path, not as a package).
+_spec = importlib.util.spec_from_file_location(
+    'jpost_configs_grpo', pathlib.Path(__file__).with_name('grpo.py'))
+grpo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(grpo)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = grpo.get_config(arg).unlock()
+  c.trainer = 'ppo'
+  c.rl.kl_in = 'reward'  # the KL penalty is part of the per-token reward
+  c.rl.entropy_coef = 0.0
+  c.ppo = ml_collections.ConfigDict(dict(critic_path='', value_clip=0.2))
+  c.ppo.critic_optim = ml_collections.ConfigDict(dict(c.optim))
+  c.ppo.critic_optim.lr = 5e-5
+  if arg == 'tiny':
+    c.ppo.critic_optim.lr = 1e-3
+  return c.lock()
