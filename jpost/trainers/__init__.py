@@ -33,4 +33,4 @@ def names() -> list[str]:
 
 def _load_builtin():
   # Imported here, not at package import, so `jpost.trainers` stays light.
-  from jpost.trainers import chat, dpo, generate, online, pairs, reward, sft  # noqa: F401
+  from jpost.trainers import chat, dpo, evaluate, generate, online, pairs, reward, sft  # noqa: F401

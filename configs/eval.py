@@ -1,0 +1,47 @@
+"""Evaluate models on held-out prompts: verifier accuracy, pass@k / maj@k,
+an optional rubric judge, pairwise battles and a leaderboard, in a report.
+
+  python -m jpost.main --config=configs/eval.py --workdir=runs/eval \\
+      --config.models='{"smollm2": "smollm2-135m-instruct", "grpo": "runs/grpo/hf"}'
+  python -m jpost.main --config=configs/eval.py:tiny --workdir=runs/eval_tiny
+
+`models` maps a name to a checkpoint directory, an embedded name or a
+`completions_NAME.jsonl` written by an earlier eval (no sampling again). The
+first model is the leaderboard's anchor (rating 1000). `pairwise.judge`:
+'verifier' (ground truth decides each battle), 'endpoint' (an
+OpenAI-compatible LLM judge, asked twice with positions swapped) or 'none'.
+`rubric.name` ('amazon_summary' or '') adds a point-wise rubric judge whose
+`rubric.judge` fields (endpoint, model, ...) say who judges.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.trainer = 'eval'
+  c.seed = 0
+  c.title = 'jpost evaluation'
+  c.models = ml_collections.ConfigDict({'smollm2': 'smollm2-135m-instruct',
+                                        'grpo': 'runs/grpo/hf'})
+  c.model = ml_collections.ConfigDict(dict(path='', dtype='float32', param_dtype='float32'))
+  c.data = ml_collections.ConfigDict(dict(eval=('arith:test',), max_prompt_len=64,
+                                          policy='error'))
+  c.batch_size = 16
+  c.sampling = ml_collections.ConfigDict(dict(
+      max_new_tokens=64, temperature=0.7, top_k=0, top_p=1.0, min_p=0.0, num_samples=4))
+  c.rewards = ml_collections.ConfigDict({'math': {'weight': 1.0}})  # the ground-truth verifier
+  c.answer_key = 'answer'
+  c.rubric = ml_collections.ConfigDict(dict(name='', judge={'endpoint': '', 'model': ''}))
+  c.pairwise = ml_collections.ConfigDict(dict(
+      judge='verifier', endpoint='', model='', retries=2, bootstrap_rounds=200))
+  c.report_examples = 8
+  if arg == 'tiny':
+    c.batch_size = 8
+    c.sampling.max_new_tokens = 8
+    c.sampling.num_samples = 2
+    c.pairwise.bootstrap_rounds = 20
+    c.report_examples = 2
+  elif arg:
+    raise ValueError(f'unknown config argument {arg!r}; use "tiny" or nothing.')
+  return c.lock()

@@ -1,0 +1,220 @@
+"""The `eval` recipe: compare models on held-out prompts and write a report.
+
+For every model in `config.models` (name -> checkpoint, embedded name, or a
+`completions_*.jsonl` file an earlier eval wrote): a greedy answer and
+`sampling.num_samples` sampled answers per prompt. Then:
+
+- ground truth with the RL verifiers: greedy accuracy (Wilson interval),
+  pass@k and maj@k over the samples;
+- optionally a point-wise rubric judge (`config.rubric`, the rubric reward);
+- pairwise battles between every two models on the greedy answers, judged by
+  the verifier (correct beats wrong; both right = tie; both wrong =
+  both_bad) or by an LLM judge with positions swapped (`pairwise.judge`);
+  a Bradley-Terry leaderboard with bootstrap intervals and a win matrix;
+- report.md / report.html with tables and plots, results.json, and each
+  model's completions (reusable as input).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import pathlib
+import sys
+from typing import Any
+
+import jax
+import numpy as np
+
+from jpost import rewards, sampling
+from jpost import eval as ev
+from jpost.data import pipeline
+from jpost.eval.leaderboard import leaderboard
+from jpost.tokenizer import Tokenizer
+from jpost.trainers import register, rollout
+from jpost.trainers.generate import load_model_and_tokenizer
+
+PAIRWISE_JUDGES = ('verifier', 'endpoint', 'none')
+
+
+def prompt_rows(config, tokenizer: Tokenizer) -> list[dict]:
+  data, _ = pipeline.build('prompt', pipeline.resolve_sources(list(config.data.eval)), tokenizer,
+                           batch_size=config.batch_size, max_len=config.data.max_prompt_len,
+                           num_epochs=1, seed=0, policy=config.data.policy, drop_remainder=False)
+  return list(data)
+
+
+def sample_model(path: str, config) -> list[dict]:
+  """Greedy and sampled answers of one model to every eval prompt."""
+  model_cfg = config.model.copy_and_resolve_references()
+  with model_cfg.unlocked():
+    model_cfg.path = path
+  model, tokenizer = load_model_and_tokenizer(model_cfg)
+  sampled = rollout.sampling_config(config.sampling, tokenizer)
+  greedy = sampling.SamplingConfig(max_new_tokens=sampled.max_new_tokens, temperature=0.0,
+                                   stop_ids=sampled.stop_ids)
+  out, n = [], sampled.num_samples
+  for i, batch in enumerate(prompt_rows(config, tokenizer)):
+    key = jax.random.fold_in(jax.random.key(config.seed), i)
+    mask = batch['segment_ids'] > 0
+    first = jax.device_get(sampling.generate(model, batch['tokens'], mask, greedy, key))
+    many = jax.device_get(sampling.generate(model, batch['tokens'], mask, sampled, key))
+    texts = rollout.completion_texts(tokenizer, first.tokens, first.lengths)
+    samples = rollout.completion_texts(tokenizer, many.tokens, many.lengths)
+    for j, prompt in enumerate(batch['prompt']):
+      out.append({'prompt': rollout.prompt_text(prompt), 'extra': batch['extra'][j],
+                  'greedy': texts[j], 'truncated': bool(first.truncated[j]),
+                  'samples': samples[j * n:(j + 1) * n]})
+  return out
+
+
+def load_completions(path: pathlib.Path) -> list[dict]:
+  rows = []
+  for line_no, line in enumerate(path.read_text(encoding='utf-8').splitlines(), 1):
+    row = json.loads(line)
+    missing = {'prompt', 'greedy', 'samples', 'extra'} - set(row)
+    if missing:
+      raise ValueError(f'{path}:{line_no}: completions row lacks {sorted(missing)}; use a '
+                       'file written by the eval recipe (completions_NAME.jsonl).')
+    rows.append(row)
+  return rows
+
+
+def correctness(reward_fns, rows: list[dict], texts_of) -> np.ndarray:
+  """Verifier score (1/0; NaN where it failed) of each row's texts [P, n]."""
+  prompts, texts, extras = [], [], []
+  for row in rows:
+    for text in texts_of(row):
+      prompts.append(row['prompt'])
+      texts.append(text)
+      extras.append(row['extra'])
+  result = rewards.score(reward_fns, prompts, texts, extras)
+  return result.total.reshape(len(rows), -1)
+
+
+def ground_truth(rows: list[dict], reward_fns, answer_key: str) -> dict[str, Any]:
+  greedy = correctness(reward_fns, rows, lambda r: [r['greedy']])[:, 0]
+  samples = correctness(reward_fns, rows, lambda r: r['samples'])
+  k = samples.shape[1]
+  report = ev.accuracy_report([list(s > 0.5) for s in samples], ks=tuple(sorted({1, k})))
+  majority = [ev.maj_at_k([rewards.extract_answer(t) for t in r['samples']],
+                          str(r['extra'][answer_key]), k,
+                          lambda a, b: rewards.is_equivalent(a, b))
+              for r in rows]
+  low, high = ev.wilson_interval(float(np.sum(greedy > 0.5)), len(rows))
+  return {'greedy_accuracy': float(np.mean(greedy > 0.5)), 'greedy_low': low,
+          'greedy_high': high, 'sampled_accuracy': report['accuracy'],
+          f'pass@{k}': report[f'pass@{k}'], f'maj@{k}': float(np.mean(majority)),
+          'truncated': float(np.mean([r['truncated'] for r in rows])),
+          'length': float(np.mean([len(r['greedy']) for r in rows])),
+          '_greedy': greedy, '_per_prompt': samples.mean(axis=1)}
+
+
+def verifier_battles(names: list[str], correct: dict[str, np.ndarray]) -> list[dict]:
+  battles = []
+  for a, b in itertools.combinations(names, 2):
+    for i, (ca, cb) in enumerate(zip(correct[a] > 0.5, correct[b] > 0.5)):
+      winner = ('tie' if ca and cb else 'both_bad' if not (ca or cb)
+                else 'model_a' if ca else 'model_b')
+      battles.append({'model_a': a, 'model_b': b, 'winner': winner, 'prompt': i})
+  return battles
+
+
+def judge_battles(names, outputs, pairwise) -> tuple[list[dict], int]:
+  chat = rewards.openai_chat(pairwise.endpoint, pairwise.model, temperature=0.0, seed=0,
+                             max_tokens=256, timeout=60.0)
+  battles, failures = [], 0
+  for a, b in itertools.combinations(names, 2):
+    for i, (ra, rb) in enumerate(zip(outputs[a], outputs[b])):
+      result = ev.judge_pair(chat, ra['prompt'], ra['greedy'], rb['greedy'],
+                             retries=pairwise.retries)
+      if result.outcome is None:
+        failures += 1
+        continue
+      battles.append(ev.to_battle(a, b, result, prompt=i))
+  return battles, failures
+
+
+@register('eval')
+def run(config, workdir):
+  if workdir is None:
+    raise ValueError('--workdir is required: the report is written there.')
+  if config.pairwise.judge not in PAIRWISE_JUDGES:
+    raise ValueError(f'config.pairwise.judge={config.pairwise.judge!r}; use one of '
+                     f'{PAIRWISE_JUDGES}.')
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  names = list(config.models)
+  if not names:
+    raise ValueError('config.models is empty: give {name: checkpoint path or completions file}.')
+  reward_fns = rewards.build(config.rewards)
+  outputs, results = {}, {}
+  for name in names:
+    source = pathlib.Path(str(config.models[name]))
+    if source.suffix == '.jsonl':
+      outputs[name] = load_completions(source)
+    else:
+      outputs[name] = sample_model(str(config.models[name]), config)
+      (workdir / f'completions_{name}.jsonl').write_text(
+          ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in outputs[name]))
+    results[name] = ground_truth(outputs[name], reward_fns, config.answer_key)
+    print(f'{name}: greedy accuracy {results[name]["greedy_accuracy"]:.3f} on '
+          f'{len(outputs[name])} prompts', file=sys.stderr)
+  sizes = {len(v) for v in outputs.values()}
+  if len(sizes) != 1:
+    raise ValueError(f'models answered different numbers of prompts: '
+                     f'{ {k: len(v) for k, v in outputs.items()} }.')
+
+  sections = [ev.Section(
+      title='Ground truth',
+      text=f'{sizes.pop()} prompts; greedy accuracy with a Wilson 95% interval; pass@k and '
+      'maj@k over the sampled answers (`sampling` in the config).',
+      table=[{'model': n, **{k: v for k, v in r.items() if not k.startswith('_')}}
+             for n, r in results.items()],
+      images=[ev.plot_scores({n: r['_per_prompt'] for n, r in results.items()},
+                             workdir / 'per_prompt_accuracy.png')])]
+  if config.rubric.name:
+    rubric_fns = rewards.build({'rubric': {'rubric': config.rubric.name,
+                                           'judge': dict(config.rubric.judge)}})
+    scores = {}
+    for name in names:
+      result = rewards.score(rubric_fns, [r['prompt'] for r in outputs[name]],
+                             [r['greedy'] for r in outputs[name]],
+                             [r['extra'] for r in outputs[name]])
+      scores[name] = result.per_source['rubric']
+      results[name]['rubric'] = float(np.nanmean(scores[name]))
+      results[name]['rubric_failures'] = int(np.sum(np.isnan(scores[name])))
+    sections.append(ev.Section(
+        title='Rubric judge', text=f'rubric {config.rubric.name!r}; score in [0, 1].',
+        table=[{'model': n, 'rubric': results[n]['rubric'],
+                'failures': results[n]['rubric_failures']} for n in names],
+        images=[ev.plot_scores({n: s[np.isfinite(s)] for n, s in scores.items()},
+                               workdir / 'rubric_scores.png')]))
+  board = []
+  if len(names) > 1 and config.pairwise.judge != 'none':
+    if config.pairwise.judge == 'verifier':
+      battles, failures = verifier_battles(names, {n: results[n]['_greedy'] for n in names}), 0
+    else:
+      battles, failures = judge_battles(names, outputs, config.pairwise)
+    (workdir / 'battles.jsonl').write_text(''.join(json.dumps(b) + '\n' for b in battles))
+    board = leaderboard(battles, models=names, anchor=names[0],
+                        rounds=config.pairwise.bootstrap_rounds, seed=config.seed)
+    sections.append(ev.Section(
+        title='Leaderboard',
+        text=f'{len(battles)} battles on the greedy answers, judged by {config.pairwise.judge} '
+        f'({failures} failed judgements left out); Bradley-Terry ratings anchored at '
+        f'{names[0]} = 1000, {config.pairwise.bootstrap_rounds}-round bootstrap 95% intervals.',
+        table=board, images=[ev.plot_leaderboard(board, workdir / 'leaderboard.png'),
+                             ev.plot_win_matrix(battles, workdir / 'win_matrix.png',
+                                                models=names)]))
+  examples = [{'prompt': outputs[names[0]][i]['prompt'],
+               **{n: outputs[n][i]['greedy'][:200] for n in names}}
+              for i in range(min(config.report_examples, len(outputs[names[0]])))]
+  sections.append(ev.Section(title='Examples (greedy)', table=examples))
+  report = ev.write_report(workdir, title=config.title, sections=sections)
+  summary = {n: {k: v for k, v in r.items() if not k.startswith('_')}
+             for n, r in results.items()}
+  (workdir / 'results.json').write_text(json.dumps(
+      {'models': summary, 'leaderboard': board}, indent=2, default=float) + '\n')
+  print(f'report: {report}', file=sys.stderr)
+  return {'models': summary, 'leaderboard': board, 'report': str(report)}

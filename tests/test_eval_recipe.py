@@ -1,0 +1,113 @@
+"""The `eval` recipe end to end: saved completions, a tiny model, LLM judges."""
+
+import http.server
+import json
+import sys
+import threading
+
+import pytest
+
+from jpost.trainers import evaluate
+
+sys.path.insert(0, 'configs')
+import eval as eval_config  # noqa: E402
+
+
+def _completions(path, answers):
+  rows = [{'prompt': f'Problem {i}', 'extra': {'answer': '60'}, 'truncated': False,
+           'greedy': f'So the answer is \\boxed{{{a}}}.',
+           'samples': [f'\\boxed{{{a}}}', 'I think 60', f'maybe {a}', 'no idea']}
+          for i, a in enumerate(answers)]
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  return path
+
+
+def _config(models, **changes):
+  c = eval_config.get_config('tiny')
+  with c.unlocked():
+    c.models = models
+    for key, value in changes.items():
+      *parents, leaf = key.split('.')
+      node = c
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  return c
+
+
+def test_saved_completions_are_graded_ranked_and_reported(tmp_path):
+  # The seed's example: with gold 60, \boxed{60} is correct and \boxed{55} is not.
+  good = _completions(tmp_path / 'good.jsonl', ['60'] * 6)
+  bad = _completions(tmp_path / 'bad.jsonl', ['55'] * 6)
+  mixed = _completions(tmp_path / 'mixed.jsonl', ['60', '55'] * 3)
+  out = evaluate.run(_config({'bad': str(bad), 'good': str(good), 'mixed': str(mixed)}),
+                     tmp_path / 'report')
+  models = out['models']
+  assert models['good']['greedy_accuracy'] == 1.0 and models['bad']['greedy_accuracy'] == 0.0
+  assert models['mixed']['greedy_accuracy'] == 0.5
+  # Samples: 'I think 60' is right by the last-number rule, 'maybe 55' and 'no idea' not.
+  assert models['bad']['sampled_accuracy'] == pytest.approx(0.25)
+  assert models['good']['pass@4'] == 1.0 and models['good']['maj@4'] == 1.0
+  assert models['bad']['maj@4'] == 0.0  # 55, 60, 55: the majority is wrong
+  ranking = [row['model'] for row in out['leaderboard']]
+  assert ranking == ['good', 'mixed', 'bad']
+  report = (tmp_path / 'report' / 'report.md').read_text()
+  for text in ('## Ground truth', '## Leaderboard', 'leaderboard.png', 'win_matrix.png'):
+    assert text in report
+  assert (tmp_path / 'report' / 'report.html').stat().st_size > 10_000  # plots embedded
+
+
+class _Judge(http.server.BaseHTTPRequestHandler):
+  """Pairwise: always 'A' (pure position bias). Rubric: fixed valid scores."""
+
+  def do_POST(self):
+    body = json.loads(self.rfile.read(int(self.headers['Content-Length'])))
+    text = body['messages'][-1]['content']
+    if '"verdict"' in text:
+      content = json.dumps({'verdict': 'A', 'rationale': 'the first one'})
+    else:
+      content = json.dumps({'helpfulness': 7, 'factuality': 4, 'clarity': 1,
+                            'rationale': 'scripted'})
+    payload = json.dumps({'choices': [{'index': 0, 'message': {
+        'role': 'assistant', 'content': content}}]}).encode()
+    self.send_response(200)
+    self.send_header('Content-Type', 'application/json')
+    self.send_header('Content-Length', str(len(payload)))
+    self.end_headers()
+    self.wfile.write(payload)
+
+  def log_message(self, *args):
+    pass
+
+
+def test_models_judged_by_an_endpoint(tiny_checkpoint, tmp_path, monkeypatch):
+  for name in ('http_proxy', 'HTTP_PROXY', 'all_proxy', 'ALL_PROXY'):
+    monkeypatch.delenv(name, raising=False)
+  httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _Judge)
+  threading.Thread(target=httpd.serve_forever, daemon=True).start()
+  endpoint = f'http://127.0.0.1:{httpd.server_address[1]}/v1'
+  try:
+    config = _config({'a': str(tiny_checkpoint), 'b': str(tiny_checkpoint)}, **{
+        'pairwise.judge': 'endpoint', 'pairwise.endpoint': endpoint,
+        'pairwise.model': 'judge', 'rubric.name': 'amazon_summary',
+        'rubric.judge': {'endpoint': endpoint, 'model': 'judge'}})
+    out = evaluate.run(config, tmp_path)
+  finally:
+    httpd.shutdown()
+    httpd.server_close()
+  battles = [json.loads(line) for line in (tmp_path / 'battles.jsonl').read_text().splitlines()]
+  assert len(battles) == 48  # every held-out arith prompt
+  assert {b['winner'] for b in battles} == {'tie'}  # position bias removed by swapping
+  # Amazon rubric, weights 0.4/0.4/0.2 on (7, 4, 1) over 1..7: 0.4*1 + 0.4*0.5 + 0 = 0.6.
+  assert out['models']['a']['rubric'] == pytest.approx(0.6)
+  # The completions file written for 'a' evaluates again without sampling.
+  again = evaluate.run(_config({'a': str(tmp_path / 'completions_a.jsonl')},
+                               **{'pairwise.judge': 'none'}), tmp_path / 'again')
+  assert again['models']['a']['greedy_accuracy'] == out['models']['a']['greedy_accuracy']
+
+
+def test_bad_completions_file_names_the_line(tmp_path):
+  path = tmp_path / 'broken.jsonl'
+  path.write_text(json.dumps({'prompt': 'p', 'greedy': 'g'}) + '\n')
+  with pytest.raises(ValueError, match='broken.jsonl:1'):
+    evaluate.run(_config({'x': str(path)}), tmp_path / 'out')
