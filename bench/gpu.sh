@@ -2,14 +2,18 @@
 # The accelerator benchmarks, as run on a lent GPU machine (no network there):
 # wheels for what the machine lacks are carried in .gpu_wheels/, the model is
 # SmolLM2-135M-shaped with random weights (speed does not depend on values).
-#   bash bench/gpu.sh OUTDIR
+#   bash bench/gpu.sh OUTDIR [all|grpo]
+# GRPO also needs .gpu_assets/: SmolLM2's tokenizer files (tokenizer/) and
+# GSM8K's rl_train.jsonl, copied from ~/.cache/jpost.
 # Build the wheels folder first, on a machine with PyPI access:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any \
 #     -d .gpu_wheels grain array-record cloudpickle portpicker ml-collections pyyaml \
-#     tokenizers safetensors jinja2 markupsafe gguf tqdm etils absl-py
+#     tokenizers safetensors jinja2 markupsafe gguf tqdm etils absl-py \
+#     math-verify latex2sympy2_extended antlr4-python3-runtime==4.13.2 sympy mpmath
 set -u
 out=${1:-${OUT:-/tmp/jpost_gpu}}
+what=${2:-all}
 mkdir -p "$out"
 site=/tmp/jpost_site
 python3 -m pip install -q --no-deps --no-index --target "$site" .gpu_wheels/*.whl 2>&1 | tail -2
@@ -18,6 +22,7 @@ export PYTHONPATH="$PWD:$site"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, jax.devices())"
 } 2>&1 | tee "$out/env.txt"
+if [ "$what" = all ]; then
 python3 - <<'PY' 2>&1 | tee "$out/parity.txt"
 # Same random decoder on GPU and CPU: float32 logits (highest matmul precision) and bf16 compute.
 import jax, numpy as np, sys
@@ -37,3 +42,23 @@ PY
 python3 bench/sft_throughput.py --random-init --batch 8 --seq-len 256 --steps 10 2>&1 | grep -v Warn | tee "$out/sft_8x256.txt"
 python3 bench/sft_throughput.py --random-init --batch 32 --seq-len 1024 --steps 10 --dtypes bfloat16 2>&1 | grep -v Warn | tee "$out/sft_32x1024.txt"
 python3 bench/generate_throughput.py --random-init --batches 1,8,32,128 --new-tokens 128 2>&1 | grep -v Warn | tee "$out/generate.txt"
+fi
+# GRPO: a random SmolLM2-shaped policy with the real tokenizer (random weights
+# rarely stop, so every completion runs to max_new_tokens: the worst case).
+python3 - <<'PY'
+import json, sys
+sys.path.insert(0, 'bench')
+import common
+from flax import nnx
+from jpost.models import hf
+from jpost.models.config import ModelConfig
+from jpost.models.decoder import Decoder
+from jpost.tokenizer import Tokenizer
+cfg = ModelConfig.from_hf(json.loads(json.dumps(common.SMOLLM2_135M)))
+hf.save(Decoder(cfg, rngs=nnx.Rngs(0)), '/tmp/smollm2_random',
+        tokenizer=Tokenizer.from_dir('.gpu_assets/tokenizer'))
+PY
+rl="--model /tmp/smollm2_random --data .gpu_assets/rl_train.jsonl"
+python3 bench/grpo_step.py $rl --steps 5 2>&1 | grep -v Warn | tail -7 | tee "$out/grpo_2x8x128_f32.txt"
+python3 bench/grpo_step.py $rl --steps 5 --dtype bfloat16 2>&1 | grep -v Warn | tail -7 | tee "$out/grpo_2x8x128_bf16.txt"
+python3 bench/grpo_step.py $rl --steps 4 --dtype bfloat16 --prompts 16 --max-new 256 2>&1 | grep -v Warn | tail -6 | tee "$out/grpo_16x8x256_bf16.txt"

@@ -33,13 +33,33 @@ def test_training_rows_layout():
   # Left padding never shifts positions: the first real token is position 0.
   np.testing.assert_array_equal(rows['positions'][0], [0, 0, 0, 1, 2, 3, 0])
   np.testing.assert_array_equal(rows['positions'][2], [0, 0, 1, 2, 3, 0, 0])
-  # The stop token (2) is a target; what follows it is not.
-  np.testing.assert_array_equal(rows['loss_mask'][0], [0, 0, 0, 0, 1, 1, 0])
-  weights = online.target_weights(rows)
-  np.testing.assert_array_equal(weights[0], [0, 0, 0, 1, 1, 0])
-  # Sampler log-probs sit where the next-token layout predicts each token.
-  np.testing.assert_array_equal(rows['sampler_logprobs'][0], [0, 0, 0, -1, -2, 0])
-  np.testing.assert_array_equal(rows['sampler_logprobs'][3], [0, 0, 0, -7, -8, -9])
+  # The stop token (2) is in the mask; what follows it is not.
+  np.testing.assert_array_equal(rows['completion_mask'][0], [1, 1, 0])
+  np.testing.assert_array_equal(rows['sampler_logprobs'][0], [-1, -2, 0])
+  np.testing.assert_array_equal(rows['sampler_logprobs'][3], [-7, -8, -9])
+
+
+def test_completion_logprobs_equal_a_full_forward(tiny_checkpoint):
+  """Only the completion positions go through the LM head; the log-probs are
+  those of the full forward at the same positions."""
+  import jax.numpy as jnp
+  from jpost import ops
+  from jpost.models import hf
+  model = hf.load(tiny_checkpoint)
+  rng = np.random.RandomState(0)
+  prompts = {'tokens': rng.randint(3, 500, (2, 6)),
+             'segment_ids': np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])}
+  completions = Completions(
+      tokens=rng.randint(3, 500, (4, 4)), mask=np.array([[1, 1, 1, 0]] * 2 + [[1, 1, 1, 1]] * 2),
+      logprobs=np.zeros((4, 4)), sampling_logprobs=np.zeros((4, 4)),
+      truncated=np.zeros(4, bool), lengths=np.array([3, 3, 4, 4]))
+  rows = online.training_rows(prompts, completions, num_samples=2)
+  batch = {k: jnp.asarray(v) for k, v in rows.items()}
+  ours = online.completion_logprobs(online.completion_logits(model, batch, 0.7), batch)
+  full = model(batch['tokens'], batch['positions'], batch['segment_ids']) / 0.7
+  reference = ops.token_logprobs(full, batch['tokens'][:, 1:])[:, -4:]
+  mask = rows['completion_mask'] > 0
+  np.testing.assert_allclose(np.asarray(ours)[mask], np.asarray(reference)[mask], atol=1e-5)
 
 
 def test_ppo_token_rewards_put_the_score_on_the_last_token():

@@ -7,11 +7,13 @@ checkpoint. The policy, its frozen reference (the starting weights) and the
 PPO critic share one mesh; rollouts sample from the train state's own
 parameters, so nothing is copied out of it.
 
-Sequence layout (every array [R, T] with T = max_prompt_len + max_new_tokens):
-left-padded prompt, then the completion; `loss_mask` is 1 on completion
-tokens up to and including the stop token. Per-token quantities (log-probs,
-values, advantages) use the next-token layout [R, T-1] of `ops.token_logprobs`:
-index j belongs to the token at j + 1.
+Layout: `tokens`, `positions`, `segment_ids` are [R, T] with T = P + N (the
+left-padded prompt of width P, then N = max_new_tokens completion slots).
+Everything per token (`completion_mask`, log-probs, values, advantages) is
+[R, N], index j being completion token j: it is predicted from position
+P - 1 + j, so only those N positions go through the LM head (the prompt's
+logits are never computed). `completion_mask` is 1 up to and including the
+stop token.
 """
 
 from __future__ import annotations
@@ -80,44 +82,56 @@ def validate(config, algorithm: str) -> None:
 
 
 def training_rows(prompts: dict, completions, num_samples: int) -> dict[str, np.ndarray]:
-  """Prompt + completion sequences [R, T] and the sampler's log-probs [R, T-1]."""
+  """Prompt + completion sequences [R, T], the completion mask and the
+  sampler's log-probs [R, N] (0 outside the mask)."""
   prompt_tokens = np.repeat(prompts['tokens'], num_samples, axis=0)
   prompt_seg = np.repeat(prompts['segment_ids'] > 0, num_samples, axis=0)
   comp_mask = np.asarray(completions.mask) > 0
-  width = prompt_tokens.shape[1]
   tokens = np.concatenate([prompt_tokens, np.asarray(completions.tokens)], axis=1)
   real = np.concatenate([prompt_seg, comp_mask], axis=1)
   positions = np.where(real, np.cumsum(real, axis=1) - 1, 0)
-  loss_mask = np.concatenate([np.zeros_like(prompt_seg), comp_mask], axis=1)
-  sampler_lp = np.zeros((tokens.shape[0], tokens.shape[1] - 1), np.float32)
-  sampler_lp[:, width - 1:] = np.where(comp_mask, completions.sampling_logprobs, 0.0)
   return {'tokens': tokens.astype(np.int32), 'positions': positions.astype(np.int32),
-          'segment_ids': real.astype(np.int32), 'loss_mask': loss_mask.astype(np.int32),
-          'sampler_logprobs': sampler_lp}
+          'segment_ids': real.astype(np.int32),
+          'completion_mask': comp_mask.astype(np.float32),
+          'sampler_logprobs': np.where(comp_mask, completions.sampling_logprobs,
+                                       0.0).astype(np.float32)}
 
 
-def target_weights(rows: dict) -> np.ndarray:
-  """The completion mask in the next-token layout [R, T-1]."""
-  same = (rows['segment_ids'][:, 1:] == rows['segment_ids'][:, :-1]) & (rows['segment_ids'][:, 1:] > 0)
-  return (rows['loss_mask'][:, 1:] * same).astype(np.float32)
+def completion_logits(model, batch, temperature: float):
+  """Logits [R, N, V] predicting each completion token, at the rollout
+  temperature (the distribution the sampler drew from)."""
+  n = batch['completion_mask'].shape[1]
+  hidden, _ = model.hidden_states(batch['tokens'], batch['positions'], batch['segment_ids'])
+  return model.logits(hidden[:, -n - 1:-1]) / temperature
+
+
+def completion_logprobs(logits, batch):
+  """log p(completion token j) [R, N] from completion_logits."""
+  n = batch['completion_mask'].shape[1]
+  # token_logprobs drops its last position, so pad one: logits[:, j] -> token j.
+  padded = jnp.pad(logits, ((0, 0), (0, 1), (0, 0)))
+  return ops.token_logprobs(padded, batch['tokens'][:, -n:])
 
 
 def make_logprobs_fn(graphdef, temperature: float):
-  """Jitted (params, rows) -> log-probs [R, T-1] of the rows' tokens at the
-  rollout temperature (the distribution the sampler drew from)."""
+  """Jitted (params, rows) -> log-probs [R, N] of the completion tokens."""
   @jax.jit
   def logprobs(params, batch):
     model = nnx.merge(graphdef, params)
-    logits = model(batch['tokens'], batch['positions'], batch['segment_ids']) / temperature
-    return ops.token_logprobs(logits, batch['tokens'][:, 1:])
+    return completion_logprobs(completion_logits(model, batch, temperature), batch)
   return logprobs
+
+
+def completion_values(critic, batch):
+  """The critic's value [R, N] of the state before each completion token."""
+  n = batch['completion_mask'].shape[1]
+  return critic(batch['tokens'], batch['positions'], batch['segment_ids'])[:, -n - 1:-1]
 
 
 def make_values_fn(graphdef):
   @jax.jit
   def values(params, batch):
-    critic = nnx.merge(graphdef, params)
-    return critic(batch['tokens'], batch['positions'], batch['segment_ids'])[:, :-1]
+    return completion_values(nnx.merge(graphdef, params), batch)
   return values
 
 
@@ -125,15 +139,16 @@ def make_values_fn(graphdef):
 
 
 def policy_loss_fn(model, batch, normalizer, *, rl, temperature, max_new_tokens, kl_coef):
-  logits = model(batch['tokens'], batch['positions'], batch['segment_ids']) / temperature
-  targets, weights = ops.next_token_targets(batch['tokens'], batch['loss_mask'],
-                                            batch['segment_ids'])
-  logprobs = ops.token_logprobs(logits, targets)
+  logits = completion_logits(model, batch, temperature)
+  logprobs = completion_logprobs(logits, batch)
+  weights = batch['completion_mask']
+  # token_entropy, like token_logprobs, drops the last position: pad one.
+  entropy = ops.token_entropy(jnp.pad(logits, ((0, 0), (0, 1), (0, 0))))
   loss, out = policy_loss(
       logprobs, batch['old_logprobs'], batch['advantages'], weights,
       clip_low=rl.clip_low, clip_high=rl.clip_high, aggregation=rl.aggregation,
       max_tokens=max_new_tokens, normalizer=normalizer, ref_logprobs=batch.get('ref_logprobs'),
-      kl_coef=kl_coef, kl_estimator=rl.kl_estimator, entropy=ops.token_entropy(logits),
+      kl_coef=kl_coef, kl_estimator=rl.kl_estimator, entropy=entropy,
       entropy_coef=rl.entropy_coef)
   out['logprob_mismatch'] = ops.masked_mean(
       jnp.abs(logprobs - batch['old_logprobs']), weights)
@@ -141,7 +156,7 @@ def policy_loss_fn(model, batch, normalizer, *, rl, temperature, max_new_tokens,
 
 
 def policy_normalizer_fn(batch, *, aggregation, max_new_tokens):
-  _, weights = ops.next_token_targets(batch['tokens'], batch['loss_mask'], batch['segment_ids'])
+  weights = batch['completion_mask']
   if aggregation == 'token':
     return jnp.sum(weights)
   sequences = jnp.sum(jnp.any(weights > 0, axis=-1))
@@ -149,29 +164,27 @@ def policy_normalizer_fn(batch, *, aggregation, max_new_tokens):
 
 
 def critic_loss_fn(critic, batch, normalizer, *, clip_range):
-  values = critic(batch['tokens'], batch['positions'], batch['segment_ids'])[:, :-1]
-  _, weights = ops.next_token_targets(batch['tokens'], batch['loss_mask'], batch['segment_ids'])
-  return value_loss(values, batch['old_values'], batch['returns'], weights,
+  return value_loss(completion_values(critic, batch), batch['old_values'], batch['returns'],
+                    batch['completion_mask'],
                     clip_range=clip_range, normalizer=normalizer)
 
 
 def critic_normalizer_fn(batch):
-  _, weights = ops.next_token_targets(batch['tokens'], batch['loss_mask'], batch['segment_ids'])
-  return jnp.sum(weights)
+  return jnp.sum(batch['completion_mask'])
 
 
 # --- advantages --------------------------------------------------------------------
 
 
-def grpo_advantages(scores: np.ndarray, rows: dict, weights: np.ndarray, *, rl,
+def grpo_advantages(scores: np.ndarray, rows: dict, *, rl,
                     num_samples: int) -> tuple[np.ndarray, dict]:
   """Group-relative advantages [R]; zero-variance groups optionally dropped
-  from the loss (their loss_mask is zeroed) and always counted."""
+  from the loss (their completion_mask is zeroed) and always counted."""
   flat = adv.zero_variance_groups(jnp.asarray(scores), num_samples)
   advantages = adv.group_advantages(jnp.asarray(scores), num_samples, scale=rl.scale)
   flat = np.asarray(flat)
   if rl.filter_zero_variance:
-    rows['loss_mask'] = rows['loss_mask'] * ~flat[:, None]
+    rows['completion_mask'] = rows['completion_mask'] * ~flat[:, None]
   return np.asarray(advantages, np.float32), {'groups/zero_variance_fraction': float(flat.mean())}
 
 
@@ -360,9 +373,10 @@ def run(config, workdir: str | None, algorithm: str) -> dict[str, Any]:
 
       tic = time.perf_counter()
       rows = training_rows(batch, completions, num_samples)
-      weights = target_weights(rows)
+      weights = rows['completion_mask']
       placed = offline.place_batch({k: rows[k] for k in
-                                    ('tokens', 'positions', 'segment_ids')}, mesh)
+                                    ('tokens', 'positions', 'segment_ids', 'completion_mask')},
+                                   mesh)
       out: dict[str, Any] = {}
       if rl.old_logprobs == 'recompute':
         old_lp = np.asarray(logprobs_fn(state['policy']['params'], placed))
@@ -375,14 +389,14 @@ def run(config, workdir: str | None, algorithm: str) -> dict[str, Any]:
       if algorithm == 'grpo':
         if use_ref and rl.kl_in == 'reward':  # k1 per sequence, in the reward
           scores = scores - rl.beta * np.sum((old_lp - ref_lp) * weights, axis=1)
-        advantages, extra = grpo_advantages(scores, rows, weights, rl=rl, num_samples=num_samples)
+        advantages, extra = grpo_advantages(scores, rows, rl=rl, num_samples=num_samples)
         out |= extra
         train_rows = {'advantages': advantages}
       else:
         old_values = np.asarray(values_fn(state['critic']['params'], placed))
         train_rows = ppo_advantages(scores, old_values, old_lp, ref_lp, weights, rl=rl)
         train_rows['old_values'] = old_values
-      train_rows |= {k: rows[k] for k in ('tokens', 'positions', 'segment_ids', 'loss_mask')}
+      train_rows |= {k: rows[k] for k in ('tokens', 'positions', 'segment_ids', 'completion_mask')}
       train_rows['old_logprobs'] = old_lp
       if kl_coef:
         train_rows['ref_logprobs'] = ref_lp

@@ -1,0 +1,89 @@
+"""GRPO step time for SmolLM2-135M: seconds per step, split into rollout and update.
+
+  python bench/grpo_step.py [--steps 5] [--prompts 2] [--samples 8] [--max-new 128]
+                            [--beta 0.04] [--dtype float32] [--data gsm8k:rl_train]
+
+Runs the real online loop (jpost.trainers.online, configs/grpo.py with these
+overrides: GSM8K prompts, 2 prompts x 8 samples x up to 128 new tokens,
+beta 0.04, no held-out eval) and reads its per-step timings. The first step
+(compilation) is reported apart; the figures are medians over the rest. The
+last line is one JSON object with `s_per_step`, `rollout_s`, `update_s`
+(`update_s` counts the reference / old log-prob forwards and the update),
+`reward_s` and peak RSS.
+"""
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import resource
+import statistics
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def grpo_config(args):
+  spec = importlib.util.spec_from_file_location('grpo_config', ROOT / 'configs' / 'grpo.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config().unlock()
+  c.data.train = (args.data,)
+  c.data.eval = ()
+  c.data.max_prompt_len = args.max_prompt_len
+  c.prompts_per_step = args.prompts
+  c.sampling.num_samples = args.samples
+  c.sampling.max_new_tokens = args.max_new
+  c.sampling.temperature = 1.0
+  c.rl.beta = args.beta
+  c.model.dtype = args.dtype
+  c.model.path = args.model
+  c.total_steps = args.steps
+  c.eval_every = 0
+  c.export_hf = False
+  c.checkpoint.every = 10_000
+  return c.lock()
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--steps', type=int, default=5)
+  parser.add_argument('--prompts', type=int, default=2)
+  parser.add_argument('--samples', type=int, default=8)
+  parser.add_argument('--max-new', type=int, default=128)
+  parser.add_argument('--max-prompt-len', type=int, default=256)
+  parser.add_argument('--beta', type=float, default=0.04)
+  parser.add_argument('--dtype', default='float32')
+  parser.add_argument('--data', default='gsm8k:rl_train')
+  parser.add_argument('--model', default='smollm2-135m-instruct')
+  args = parser.parse_args()
+
+  from jpost.trainers import online
+  with tempfile.TemporaryDirectory() as workdir:
+    online.run(grpo_config(args), workdir, 'grpo')
+    records = [json.loads(line) for line in
+               (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
+  steps = [r for r in records if 'time/step_s' in r]
+  for r in steps:
+    print(f"step {r['step']}: {r['time/step_s']:.1f} s (rollout {r['time/rollout_s']:.1f}, "
+          f"reward {r['time/reward_s']:.2f}, prep {r['time/prep_s']:.1f}, "
+          f"update {r['time/update_s']:.1f}); completion length {r['completion/length']:.0f}, "
+          f"truncated {r['completion/truncated']:.2f}")
+  rest = steps[1:] or steps
+  median = lambda key: statistics.median(r[key] for r in rest)
+  result = {
+      'setup': f'{args.prompts} prompts x {args.samples} samples x <= {args.max_new} new tokens, '
+               f'beta {args.beta}, {args.dtype}, {args.data}',
+      's_per_step': round(median('time/step_s'), 2),
+      'rollout_s': round(median('time/rollout_s'), 2),
+      'update_s': round(median('time/prep_s') + median('time/update_s'), 2),
+      'reward_s': round(median('time/reward_s'), 3),
+      'first_step_s': round(steps[0]['time/step_s'], 1),
+      'steps_measured': len(rest),
+      'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+  }
+  print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  main()
