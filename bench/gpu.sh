@@ -61,4 +61,4 @@ PY
 rl="--model /tmp/smollm2_random --data .gpu_assets/rl_train.jsonl"
 python3 bench/grpo_step.py $rl --steps 5 2>&1 | grep -v Warn | tail -7 | tee "$out/grpo_2x8x128_f32.txt"
 python3 bench/grpo_step.py $rl --steps 5 --dtype bfloat16 2>&1 | grep -v Warn | tail -7 | tee "$out/grpo_2x8x128_bf16.txt"
-python3 bench/grpo_step.py $rl --steps 4 --dtype bfloat16 --prompts 16 --max-new 256 2>&1 | grep -v Warn | tail -6 | tee "$out/grpo_16x8x256_bf16.txt"
+python3 bench/grpo_step.py $rl --steps 4 --dtype bfloat16 --prompts 16 --max-new 256 --remat 2>&1 | grep -v Warn | tail -6 | tee "$out/grpo_16x8x256_bf16.txt"

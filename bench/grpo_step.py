@@ -38,6 +38,8 @@ def grpo_config(args):
   c.rl.beta = args.beta
   c.model.dtype = args.dtype
   c.model.path = args.model
+  c.model.remat = args.remat
+  c.rl.minibatches = args.minibatches
   c.total_steps = args.steps
   c.eval_every = 0
   c.export_hf = False
@@ -56,6 +58,8 @@ def main():
   parser.add_argument('--dtype', default='float32')
   parser.add_argument('--data', default='gsm8k:rl_train')
   parser.add_argument('--model', default='smollm2-135m-instruct')
+  parser.add_argument('--remat', action='store_true')
+  parser.add_argument('--minibatches', type=int, default=1)
   args = parser.parse_args()
 
   from jpost.trainers import online
@@ -73,7 +77,8 @@ def main():
   median = lambda key: statistics.median(r[key] for r in rest)
   result = {
       'setup': f'{args.prompts} prompts x {args.samples} samples x <= {args.max_new} new tokens, '
-               f'beta {args.beta}, {args.dtype}, {args.data}',
+               f'beta {args.beta}, {args.dtype}, {args.minibatches} minibatch(es), '
+               f'remat {args.remat}, {args.data}',
       's_per_step': round(median('time/step_s'), 2),
       'rollout_s': round(median('time/rollout_s'), 2),
       'update_s': round(median('time/prep_s') + median('time/update_s'), 2),
