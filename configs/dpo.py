@@ -21,11 +21,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       path='smollm2-135m-instruct', dtype='bfloat16', param_dtype='float32', remat=True))
   c.data = ml_collections.ConfigDict(dict(
       train=('runs/pairs/pairs_train.jsonl',), eval=('runs/pairs/pairs_test.jsonl',),
-      weights=(), max_len=192, truncation='truncate_left', policy='skip', num_threads=0))
+      weights=(), max_len=128, truncation='truncate_left', policy='skip', num_threads=0))
   c.batch_size = 8
   c.eval_batch_size = 4
   c.accum_steps = 1
-  c.epochs = 2.0
+  c.epochs = 1.0
   c.total_steps = 0  # 0: derived from `epochs`
   c.optim = ml_collections.ConfigDict(dict(
       name='adamw', lr=5e-6, warmup_steps=2, schedule='cosine', end_lr_ratio=0.1,

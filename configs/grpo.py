@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       gamma=1.0, lam=0.95, whiten_advantages=True))  # the last three: PPO only
   c.total_steps = 24
   c.optim = ml_collections.ConfigDict(dict(
-      name='adamw', lr=2e-5, warmup_steps=0, schedule='constant', end_lr_ratio=1.0,
+      name='adamw', lr=5e-6, warmup_steps=0, schedule='constant', end_lr_ratio=1.0,
       b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, clip_norm=1.0))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=1, async_save=True))

@@ -22,14 +22,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       train=('arith:train',), eval=('arith:test',), max_prompt_len=96, policy='error'))
   c.batch_size = 16  # prompts per sampler call
   c.sampling = ml_collections.ConfigDict(dict(
-      max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, num_samples=8))
+      max_new_tokens=64, temperature=0.7, top_k=0, top_p=1.0, min_p=0.0, num_samples=8))
   c.rewards = ml_collections.ConfigDict({'math': {'weight': 1.0}})
-  c.pairs = ml_collections.ConfigDict(dict(min_gap=0.5, max_prompts=0))  # 0: all prompts
+  c.pairs = ml_collections.ConfigDict(dict(
+      min_gap=0.5,  # keep (best, worst) only with at least this reward gap
+      max_prompts=160,  # per split; 0: all
+      best_min_score=1.0))  # best-of-n SFT rows: the best answer must score this
   if arg == 'tiny':
     c.batch_size = 4
     c.sampling.max_new_tokens = 16
     c.sampling.num_samples = 4
     c.pairs.min_gap = 0.0  # random tiny models rarely answer right: keep every distinct pair
+    c.pairs.best_min_score = 0.0
     c.pairs.max_prompts = 8
   elif arg:
     raise ValueError(f'unknown config argument {arg!r}; use "tiny" or nothing.')

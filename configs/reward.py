@@ -24,7 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       path='smollm2-135m-instruct', dtype='bfloat16', param_dtype='float32', remat=True))
   c.data = ml_collections.ConfigDict(dict(
       train=('runs/pairs/pairs_train.jsonl',), eval=('runs/pairs/pairs_test.jsonl',),
-      weights=(), max_len=192, truncation='truncate_left', policy='skip', num_threads=0))
+      weights=(), max_len=128, truncation='truncate_left', policy='skip', num_threads=0))
   c.batch_size = 8
   c.eval_batch_size = 4
   c.accum_steps = 1

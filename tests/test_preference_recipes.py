@@ -108,3 +108,39 @@ def test_choose_pair_needs_a_real_gap():
   assert pairs.choose_pair(np.array([1.0, 1.0, 1.0]), 0.5) is None
   assert pairs.choose_pair(np.array([0.2, 0.5]), 0.5) is None
   assert pairs.choose_pair(np.array([np.nan, 1.0, 0.0]), 0.5) == (1, 2)  # failures never win
+
+
+def test_pairs_recipe_writes_ranked_preference_rows(char_checkpoint, tmp_path):
+  sys.path.insert(0, 'configs')
+  import pairs as pairs_config
+  from jpost import rewards
+  from jpost.data import pipeline, rows
+
+  @rewards.register('digit_share_pairs')
+  def share(prompt, completion, row):
+    return sum(c.isdigit() for c in completion) / max(len(completion), 1)
+
+  config = pairs_config.get_config('tiny').unlock()
+  config.model.path = str(char_checkpoint)
+  config.data.max_prompt_len = 80
+  config.rewards = {'digit_share_pairs': {'weight': 1.0}}
+  config.pairs.min_gap = 0.01
+  config.pairs.best_min_score = 0.05
+  try:
+    result = pairs.run(config.lock(), tmp_path)
+  finally:
+    rewards.unregister('digit_share_pairs')
+  train = result['train']
+  assert train['prompts'] == 8 and train['samples'] == 32
+  assert train['pairs'] + train['no_gap'] + train['identical'] == 8 and train['pairs'] >= 4
+  written = [json.loads(line) for line in (tmp_path / 'pairs_train.jsonl').read_text().splitlines()]
+  assert len(written) == train['pairs']
+  for row in written:
+    assert row['chosen_score'] >= row['rejected_score'] + 0.01 and 'answer' in row
+  best = [json.loads(line) for line in (tmp_path / 'best_of_n_train.jsonl').read_text().splitlines()]
+  assert len(best) == train['best_of_n'] and all(r['score'] >= 0.05 for r in best)
+  pipeline.load_examples(str(tmp_path / 'best_of_n_train.jsonl'), 'sft', rows.RowFilter(policy='error'))
+  # The rows are valid preference rows for the reward and DPO recipes.
+  examples = pipeline.load_examples(str(tmp_path / 'pairs_train.jsonl'), 'preference',
+                                    rows.RowFilter(policy='error'))
+  assert len(examples) == len(written)

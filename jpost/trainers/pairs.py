@@ -1,10 +1,12 @@
-"""The `pairs` recipe: preference pairs from the model's own samples.
+"""The `pairs` recipe: preference pairs and best-of-n data from the model's own samples.
 
 For each prompt: sample N answers, score them with the configured rewards (a
 verifier, a reward model, a judge), keep (best, worst) when the gap is at
-least `pairs.min_gap`. Writes `pairs.jsonl` rows in the preference format
-({'prompt', 'chosen', 'rejected'} + scores) and `pairs_stats.json`. On
-verifiable data this gives real on-policy pairs without human labels.
+least `pairs.min_gap`. Writes `pairs_{split}.jsonl` rows in the preference
+format ({'prompt', 'chosen', 'rejected'} + scores), `best_of_n_{split}.jsonl`
+(rejection sampling: the best answer as an SFT row, when it scores at least
+`pairs.best_min_score`) and `pairs_stats.json`. On verifiable data this gives
+real on-policy data without human labels.
 """
 
 from __future__ import annotations
@@ -39,11 +41,12 @@ def choose_pair(scores: np.ndarray, min_gap: float) -> tuple[int, int] | None:
 
 
 def make_pairs(model, tokenizer, batches, reward_fns, settings: sampling.SamplingConfig, *,
-               min_gap: float, seed: int, max_prompts: int | None = None):
-  """Yields preference rows and returns stats; `batches` are prompt batches."""
+               min_gap: float, seed: int, max_prompts: int | None = None,
+               best_min_score: float = float('inf')):
+  """(preference rows, best-of-n SFT rows, stats) from prompt batches."""
   stats = {'prompts': 0, 'samples': 0, 'pairs': 0, 'no_gap': 0, 'identical': 0,
-           'reward_sum': 0.0, 'failures': {}}
-  rows = []
+           'best_of_n': 0, 'reward_sum': 0.0, 'failures': {}}
+  rows, best_rows = [], []
   key = jax.random.key(seed)
   n = settings.num_samples
   for batch in batches:
@@ -63,6 +66,12 @@ def make_pairs(model, tokenizer, batches, reward_fns, settings: sampling.Samplin
     for i, prompt in enumerate(batch['prompt']):
       stats['prompts'] += 1
       group = slice(i * n, (i + 1) * n)
+      top = int(np.argmax(np.where(np.isfinite(scores[group]), scores[group], -np.inf)))
+      if scores[i * n + top] >= best_min_score:
+        best_rows.append({'prompt': prompt, 'completion': [
+            {'role': 'assistant', 'content': texts[i * n + top]}],
+            'score': float(scores[i * n + top]), **batch['extra'][i]})
+        stats['best_of_n'] += 1
       pick = choose_pair(scores[group], min_gap)
       if pick is None:
         stats['no_gap'] += 1
@@ -79,7 +88,7 @@ def make_pairs(model, tokenizer, batches, reward_fns, settings: sampling.Samplin
     if max_prompts and stats['prompts'] >= max_prompts:
       break
   stats['mean_reward'] = stats.pop('reward_sum') / max(stats['samples'], 1)
-  return rows, stats
+  return rows, best_rows, stats
 
 
 def write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
@@ -108,12 +117,14 @@ def run(config, workdir):
                                 num_epochs=1, seed=config.seed, policy=config.data.policy,
                                 drop_remainder=False)
     tic = time.perf_counter()
-    rows, stats = make_pairs(model, tokenizer, batches, reward_fns, settings,
-                             min_gap=config.pairs.min_gap, seed=config.seed,
-                             max_prompts=config.pairs.max_prompts or None)
+    rows, best_rows, stats = make_pairs(
+        model, tokenizer, batches, reward_fns, settings, min_gap=config.pairs.min_gap,
+        seed=config.seed, max_prompts=config.pairs.max_prompts or None,
+        best_min_score=config.pairs.best_min_score)
     stats['seconds'] = round(time.perf_counter() - tic, 1)
     path = workdir / f'pairs_{split}.jsonl'
     write_jsonl(path, rows)
+    write_jsonl(workdir / f'best_of_n_{split}.jsonl', best_rows)
     result[split] = stats | {'path': str(path)}
     print(f'{split}: {stats["pairs"]} pairs from {stats["prompts"]} prompts '
           f'(mean reward {stats["mean_reward"]:.3f}, {stats["no_gap"]} without a gap) '
