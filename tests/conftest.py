@@ -77,3 +77,47 @@ def char_checkpoint(tmp_path_factory):
                     bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
   hf.save(Decoder(cfg, rngs=nnx.Rngs(0)), path, tokenizer=tokenizer)
   return path
+
+
+@pytest.fixture
+def chat_server(monkeypatch):
+  """serve(reply) -> base URL of a real local OpenAI-compatible chat endpoint.
+
+  reply(request_body: dict) -> (HTTP status, message content or error body).
+  Proxies are unset so the judge client talks to it directly."""
+  import http.server
+  import json
+  import threading
+
+  for name in ('http_proxy', 'HTTP_PROXY', 'all_proxy', 'ALL_PROXY'):
+    monkeypatch.delenv(name, raising=False)
+  servers = []
+
+  def serve(reply):
+    class Handler(http.server.BaseHTTPRequestHandler):
+      def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers['Content-Length'])))
+        status, content = reply(body)
+        if status == 200:
+          content = json.dumps({'object': 'chat.completion', 'choices': [{
+              'index': 0, 'message': {'role': 'assistant', 'content': content},
+              'finish_reason': 'stop'}]})
+        payload = content.encode()
+        self.send_response(status)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+      def log_message(self, *args):
+        pass
+
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    servers.append(httpd)
+    return f'http://127.0.0.1:{httpd.server_address[1]}/v1'
+
+  yield serve
+  for httpd in servers:
+    httpd.shutdown()
+    httpd.server_close()

@@ -1,9 +1,7 @@
 """The `eval` recipe end to end: saved completions, a tiny model, LLM judges."""
 
-import http.server
 import json
 import sys
-import threading
 
 import pytest
 
@@ -57,44 +55,21 @@ def test_saved_completions_are_graded_ranked_and_reported(tmp_path):
   assert (tmp_path / 'report' / 'report.html').stat().st_size > 10_000  # plots embedded
 
 
-class _Judge(http.server.BaseHTTPRequestHandler):
+def _judge(body):
   """Pairwise: always 'A' (pure position bias). Rubric: fixed valid scores."""
-
-  def do_POST(self):
-    body = json.loads(self.rfile.read(int(self.headers['Content-Length'])))
-    text = body['messages'][-1]['content']
-    if '"verdict"' in text:
-      content = json.dumps({'verdict': 'A', 'rationale': 'the first one'})
-    else:
-      content = json.dumps({'helpfulness': 7, 'factuality': 4, 'clarity': 1,
-                            'rationale': 'scripted'})
-    payload = json.dumps({'choices': [{'index': 0, 'message': {
-        'role': 'assistant', 'content': content}}]}).encode()
-    self.send_response(200)
-    self.send_header('Content-Type', 'application/json')
-    self.send_header('Content-Length', str(len(payload)))
-    self.end_headers()
-    self.wfile.write(payload)
-
-  def log_message(self, *args):
-    pass
+  if '"verdict"' in body['messages'][-1]['content']:
+    return 200, json.dumps({'verdict': 'A', 'rationale': 'the first one'})
+  return 200, json.dumps({'helpfulness': 7, 'factuality': 4, 'clarity': 1,
+                          'rationale': 'scripted'})
 
 
-def test_models_judged_by_an_endpoint(tiny_checkpoint, tmp_path, monkeypatch):
-  for name in ('http_proxy', 'HTTP_PROXY', 'all_proxy', 'ALL_PROXY'):
-    monkeypatch.delenv(name, raising=False)
-  httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _Judge)
-  threading.Thread(target=httpd.serve_forever, daemon=True).start()
-  endpoint = f'http://127.0.0.1:{httpd.server_address[1]}/v1'
-  try:
-    config = _config({'a': str(tiny_checkpoint), 'b': str(tiny_checkpoint)}, **{
-        'pairwise.judge': 'endpoint', 'pairwise.endpoint': endpoint,
-        'pairwise.model': 'judge', 'rubric.name': 'amazon_summary',
-        'rubric.judge': {'endpoint': endpoint, 'model': 'judge'}})
-    out = evaluate.run(config, tmp_path)
-  finally:
-    httpd.shutdown()
-    httpd.server_close()
+def test_models_judged_by_an_endpoint(tiny_checkpoint, tmp_path, chat_server):
+  endpoint = chat_server(_judge)
+  config = _config({'a': str(tiny_checkpoint), 'b': str(tiny_checkpoint)}, **{
+      'pairwise.judge': 'endpoint', 'pairwise.endpoint': endpoint,
+      'pairwise.model': 'judge', 'rubric.name': 'amazon_summary',
+      'rubric.judge': {'endpoint': endpoint, 'model': 'judge'}})
+  out = evaluate.run(config, tmp_path)
   battles = [json.loads(line) for line in (tmp_path / 'battles.jsonl').read_text().splitlines()]
   assert len(battles) == 48  # every held-out arith prompt
   assert {b['winner'] for b in battles} == {'tie'}  # position bias removed by swapping

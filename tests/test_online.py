@@ -1,10 +1,7 @@
 """The online RL loop (GRPO, PPO): layouts, learning on a toy task, faults, resume."""
 
-import collections
-import http.server
 import json
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -132,35 +129,18 @@ def test_ppo_with_kl_in_the_reward_learns(char_checkpoint, digit_share, tmp_path
   assert (tmp_path / 'hf' / 'model.safetensors').exists()
 
 
-class _Judge(http.server.BaseHTTPRequestHandler):
-  """An OpenAI-compatible endpoint that fails: invalid JSON, then HTTP 500."""
-  count = 0
+def _failing_judge():
+  """Replies alternate: a reply that is not JSON, then HTTP 500."""
+  count = [0]
 
-  def do_POST(self):
-    self.rfile.read(int(self.headers['Content-Length']))
-    type(self).count += 1
-    if type(self).count % 2:
-      status, body = 200, json.dumps({'choices': [{'index': 0, 'message': {
-          'role': 'assistant', 'content': 'Great answer! 7/7'}}]})
-    else:
-      status, body = 500, '{"error": "overloaded"}'
-    payload = body.encode()
-    self.send_response(status)
-    self.send_header('Content-Type', 'application/json')
-    self.send_header('Content-Length', str(len(payload)))
-    self.end_headers()
-    self.wfile.write(payload)
-
-  def log_message(self, *args):
-    pass
+  def reply(body):
+    count[0] += 1
+    return (200, 'Great answer! 7/7') if count[0] % 2 else (500, '{"error": "overloaded"}')
+  return reply
 
 
-def test_faulty_rewards_are_counted_and_the_run_goes_on(char_checkpoint, tmp_path, monkeypatch):
-  for name in ('http_proxy', 'HTTP_PROXY', 'all_proxy', 'ALL_PROXY'):
-    monkeypatch.delenv(name, raising=False)
-  httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _Judge)
-  threading.Thread(target=httpd.serve_forever, daemon=True).start()
-  endpoint = f'http://127.0.0.1:{httpd.server_address[1]}/v1'
+def test_faulty_rewards_are_counted_and_the_run_goes_on(char_checkpoint, tmp_path, chat_server):
+  endpoint = chat_server(_failing_judge())
 
   @rewards.register('raises')
   def raises(prompt, completion, row):
@@ -185,8 +165,6 @@ def test_faulty_rewards_are_counted_and_the_run_goes_on(char_checkpoint, tmp_pat
   finally:
     for name in ('raises', 'hangs', 'nan'):
       rewards.unregister(name)
-    httpd.shutdown()
-    httpd.server_close()
   records = _records(tmp_path)
   assert [r['step'] for r in records] == [1, 2]
   rows = 2 * 4  # prompts_per_step x num_samples
