@@ -60,13 +60,18 @@ def _plain(value):
   return value
 
 
+CONSOLE_KEYS = ('loss', 'eval_loss', 'eval_accuracy', 'reward/total/mean', 'kl',
+                'completion/length', 'eval/reward', 'lr', 'grad_norm', 'tokens_per_s',
+                'time/step_s', 'mfu')
+
+
 def console_line(step: int, total: int, metrics: dict) -> None:
-  keys = ('loss', 'eval_loss', 'lr', 'grad_norm', 'tokens_per_s', 'mfu')
   parts = [f'step {step}/{total}']
-  for key in keys:
+  for key in CONSOLE_KEYS:
     if key in metrics:
       value = float(metrics[key])
-      parts.append(f'{key} {value:.3g}' if key != 'mfu' else f'mfu {100 * value:.2f}%')
+      name = key.replace('/mean', '').replace('completion/', '').replace('time/', '')
+      parts.append(f'{name} {value:.3g}' if key != 'mfu' else f'mfu {100 * value:.2f}%')
   print(' | '.join(parts), file=sys.stderr, flush=True)
 
 

@@ -73,6 +73,8 @@ def validate(config, algorithm: str) -> None:
   if config.sampling.temperature <= 0:
     raise ValueError('config.sampling.temperature must be > 0 for RL: greedy rollouts have '
                      'no exploration and no defined log-probs.')
+  if algorithm == 'ppo' and rl.kl_in != 'reward':
+    raise ValueError("PPO puts the KL penalty in the per-token reward: set config.rl.kl_in='reward'.")
   if algorithm == 'grpo' and config.sampling.num_samples < 2:
     raise ValueError('GRPO needs config.sampling.num_samples >= 2 (a group per prompt).')
   optim.validate(config.optim, config.total_steps)
