@@ -8,7 +8,7 @@ import pytest
 
 from jpost import rewards
 from jpost.sampling import Completions
-from jpost.trainers import online
+from jpost.trainers import online, rl_parts
 
 sys.path.insert(0, 'configs')
 import grpo  # noqa: E402
@@ -24,7 +24,7 @@ def test_training_rows_layout():
       logprobs=np.full((4, 3), -9.0), sampling_logprobs=np.array(
           [[-1.0, -2.0, 0.0], [-3.0, -4.0, -5.0], [-6.0, 0.0, 0.0], [-7.0, -8.0, -9.0]]),
       truncated=np.array([False, True, False, False]), lengths=np.array([2, 3, 1, 3]))
-  rows = online.training_rows(prompts, completions, num_samples=2)
+  rows = rl_parts.training_rows(prompts, completions, num_samples=2)
   np.testing.assert_array_equal(rows['tokens'][1], [0, 0, 7, 8, 4, 4, 4])
   np.testing.assert_array_equal(rows['segment_ids'][0], [0, 0, 1, 1, 1, 1, 0])
   # Left padding never shifts positions: the first real token is position 0.
@@ -50,9 +50,9 @@ def test_completion_logprobs_equal_a_full_forward(tiny_checkpoint):
       tokens=rng.randint(3, 500, (4, 4)), mask=np.array([[1, 1, 1, 0]] * 2 + [[1, 1, 1, 1]] * 2),
       logprobs=np.zeros((4, 4)), sampling_logprobs=np.zeros((4, 4)),
       truncated=np.zeros(4, bool), lengths=np.array([3, 3, 4, 4]))
-  rows = online.training_rows(prompts, completions, num_samples=2)
+  rows = rl_parts.training_rows(prompts, completions, num_samples=2)
   batch = {k: jnp.asarray(v) for k, v in rows.items()}
-  ours = online.completion_logprobs(online.completion_logits(model, batch, 0.7), batch)
+  ours = rl_parts.completion_logprobs(rl_parts.completion_logits(model, batch, 0.7), batch)
   full = model(batch['tokens'], batch['positions'], batch['segment_ids']) / 0.7
   reference = ops.token_logprobs(full, batch['tokens'][:, 1:])[:, -4:]
   mask = rows['completion_mask'] > 0
@@ -67,7 +67,7 @@ def test_ppo_token_rewards_put_the_score_on_the_last_token():
   with rl.unlocked():
     rl.beta, rl.gamma, rl.lam, rl.whiten_advantages = 0.1, 1.0, 1.0, False
   values = np.zeros_like(weights)
-  out = online.ppo_advantages(np.array([1.0, 0.0]), values, old, ref, weights, rl=rl)
+  out = rl_parts.ppo_advantages(np.array([1.0, 0.0]), values, old, ref, weights, rl=rl)
   # Row 0: k1 = old - ref = (0.5, 0, -0.5), token rewards -0.1 * k1 + (0, 0, 1)
   # = (-0.05, 0, 1.05); with gamma = lam = 1 and zero values the advantage is
   # the reward-to-go.

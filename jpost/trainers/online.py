@@ -7,13 +7,8 @@ checkpoint. The policy, its frozen reference (the starting weights) and the
 PPO critic share one mesh; rollouts sample from the train state's own
 parameters, so nothing is copied out of it.
 
-Layout: `tokens`, `positions`, `segment_ids` are [R, T] with T = P + N (the
-left-padded prompt of width P, then N = max_new_tokens completion slots).
-Everything per token (`completion_mask`, log-probs, values, advantages) is
-[R, N], index j being completion token j: it is predicted from position
-P - 1 + j, so only those N positions go through the LM head (the prompt's
-logits are never computed). `completion_mask` is 1 up to and including the
-stop token.
+The per-step pieces (training rows, log-probs, losses, advantages) are in
+rl_parts.py.
 """
 
 from __future__ import annotations
@@ -33,14 +28,16 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from jpost import advantages as adv
 from jpost import checkpoint, metrics, ops, optim, rewards, sampling, sharding
 from jpost.data import pipeline
-from jpost.losses.policy import AGGREGATIONS, policy_loss, value_loss
+from jpost.losses.policy import AGGREGATIONS
 from jpost.models import hf, pretrained
 from jpost.models import reward as scalar_models
 from jpost.tokenizer import Tokenizer
 from jpost.trainers import offline, register, rollout
+from jpost.trainers.rl_parts import (critic_loss_fn, critic_normalizer_fn, grpo_advantages,
+                                     make_logprobs_fn, make_values_fn, policy_loss_fn,
+                                     policy_normalizer_fn, ppo_advantages, training_rows)
 
 KL_PLACEMENT = ('loss', 'reward')
 OLD_LOGPROBS = ('sampler', 'recompute')
@@ -78,134 +75,6 @@ def validate(config, algorithm: str) -> None:
   if algorithm == 'grpo' and config.sampling.num_samples < 2:
     raise ValueError('GRPO needs config.sampling.num_samples >= 2 (a group per prompt).')
   optim.validate(config.optim, config.total_steps)
-
-
-# --- rollout -> training rows ---------------------------------------------------
-
-
-def training_rows(prompts: dict, completions, num_samples: int) -> dict[str, np.ndarray]:
-  """Prompt + completion sequences [R, T], the completion mask and the
-  sampler's log-probs [R, N] (0 outside the mask)."""
-  prompt_tokens = np.repeat(prompts['tokens'], num_samples, axis=0)
-  prompt_seg = np.repeat(prompts['segment_ids'] > 0, num_samples, axis=0)
-  comp_mask = np.asarray(completions.mask) > 0
-  tokens = np.concatenate([prompt_tokens, np.asarray(completions.tokens)], axis=1)
-  real = np.concatenate([prompt_seg, comp_mask], axis=1)
-  positions = np.where(real, np.cumsum(real, axis=1) - 1, 0)
-  return {'tokens': tokens.astype(np.int32), 'positions': positions.astype(np.int32),
-          'segment_ids': real.astype(np.int32),
-          'completion_mask': comp_mask.astype(np.float32),
-          'sampler_logprobs': np.where(comp_mask, completions.sampling_logprobs,
-                                       0.0).astype(np.float32)}
-
-
-def completion_logits(model, batch, temperature: float):
-  """Logits [R, N, V] predicting each completion token, at the rollout
-  temperature (the distribution the sampler drew from)."""
-  n = batch['completion_mask'].shape[1]
-  hidden, _ = model.hidden_states(batch['tokens'], batch['positions'], batch['segment_ids'])
-  return model.logits(hidden[:, -n - 1:-1]) / temperature
-
-
-def completion_logprobs(logits, batch):
-  """log p(completion token j) [R, N] from completion_logits."""
-  n = batch['completion_mask'].shape[1]
-  # token_logprobs drops its last position, so pad one: logits[:, j] -> token j.
-  padded = jnp.pad(logits, ((0, 0), (0, 1), (0, 0)))
-  return ops.token_logprobs(padded, batch['tokens'][:, -n:])
-
-
-def make_logprobs_fn(graphdef, temperature: float):
-  """Jitted (params, rows) -> log-probs [R, N] of the completion tokens."""
-  @jax.jit
-  def logprobs(params, batch):
-    model = nnx.merge(graphdef, params)
-    return completion_logprobs(completion_logits(model, batch, temperature), batch)
-  return logprobs
-
-
-def completion_values(critic, batch):
-  """The critic's value [R, N] of the state before each completion token."""
-  n = batch['completion_mask'].shape[1]
-  return critic(batch['tokens'], batch['positions'], batch['segment_ids'])[:, -n - 1:-1]
-
-
-def make_values_fn(graphdef):
-  @jax.jit
-  def values(params, batch):
-    return completion_values(nnx.merge(graphdef, params), batch)
-  return values
-
-
-# --- losses ----------------------------------------------------------------------
-
-
-def policy_loss_fn(model, batch, normalizer, *, rl, temperature, max_new_tokens, kl_coef):
-  logits = completion_logits(model, batch, temperature)
-  logprobs = completion_logprobs(logits, batch)
-  weights = batch['completion_mask']
-  # token_entropy, like token_logprobs, drops the last position: pad one.
-  entropy = ops.token_entropy(jnp.pad(logits, ((0, 0), (0, 1), (0, 0))))
-  loss, out = policy_loss(
-      logprobs, batch['old_logprobs'], batch['advantages'], weights,
-      clip_low=rl.clip_low, clip_high=rl.clip_high, aggregation=rl.aggregation,
-      max_tokens=max_new_tokens, normalizer=normalizer, ref_logprobs=batch.get('ref_logprobs'),
-      kl_coef=kl_coef, kl_estimator=rl.kl_estimator, entropy=entropy,
-      entropy_coef=rl.entropy_coef)
-  out['logprob_mismatch'] = ops.masked_mean(
-      jnp.abs(logprobs - batch['old_logprobs']), weights)
-  return loss, out
-
-
-def policy_normalizer_fn(batch, *, aggregation, max_new_tokens):
-  weights = batch['completion_mask']
-  if aggregation == 'token':
-    return jnp.sum(weights)
-  sequences = jnp.sum(jnp.any(weights > 0, axis=-1))
-  return sequences * (max_new_tokens if aggregation == 'constant' else 1)
-
-
-def critic_loss_fn(critic, batch, normalizer, *, clip_range):
-  return value_loss(completion_values(critic, batch), batch['old_values'], batch['returns'],
-                    batch['completion_mask'],
-                    clip_range=clip_range, normalizer=normalizer)
-
-
-def critic_normalizer_fn(batch):
-  return jnp.sum(batch['completion_mask'])
-
-
-# --- advantages --------------------------------------------------------------------
-
-
-def grpo_advantages(scores: np.ndarray, rows: dict, *, rl,
-                    num_samples: int) -> tuple[np.ndarray, dict]:
-  """Group-relative advantages [R]; zero-variance groups optionally dropped
-  from the loss (their completion_mask is zeroed) and always counted."""
-  flat = adv.zero_variance_groups(jnp.asarray(scores), num_samples)
-  advantages = adv.group_advantages(jnp.asarray(scores), num_samples, scale=rl.scale)
-  flat = np.asarray(flat)
-  if rl.filter_zero_variance:
-    rows['completion_mask'] = rows['completion_mask'] * ~flat[:, None]
-  return np.asarray(advantages, np.float32), {'groups/zero_variance_fraction': float(flat.mean())}
-
-
-def ppo_advantages(scores: np.ndarray, values: np.ndarray, old_lp: np.ndarray,
-                   ref_lp: np.ndarray | None, weights: np.ndarray, *, rl) -> dict:
-  """Per-token rewards (-beta * k1 on every token, the score on the last),
-  then GAE and optional whitening: the seed's objective E[r] - beta KL."""
-  token_rewards = np.zeros_like(weights)
-  if ref_lp is not None and rl.beta > 0:
-    token_rewards -= rl.beta * (old_lp - ref_lp) * weights
-  last = weights.shape[1] - 1 - np.argmax(weights[:, ::-1], axis=1)
-  has = weights.sum(axis=1) > 0
-  token_rewards[np.arange(len(scores))[has], last[has]] += scores[has]
-  advantages, returns = adv.gae(jnp.asarray(token_rewards), jnp.asarray(values),
-                                jnp.asarray(weights), gamma=rl.gamma, lam=rl.lam)
-  if rl.whiten_advantages:
-    advantages = ops.whiten(advantages, jnp.asarray(weights))
-  return {'advantages': np.asarray(advantages, np.float32),
-          'returns': np.asarray(returns, np.float32)}
 
 
 # --- evaluation ---------------------------------------------------------------------
