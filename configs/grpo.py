@@ -31,8 +31,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       path='smollm2-135m-instruct', dtype='float32', param_dtype='float32', remat=False))
   c.data = ml_collections.ConfigDict(dict(
-      train=("arith:train",), eval=("arith:test",), max_prompt_len=52, policy="error"))
-  c.prompts_per_step = 2
+      train=("arith:train",), eval=("arith:test",), max_prompt_len=52, policy="error",
+      prompt_bucket=64))  # per step, prompts are cut to the batch's longest (in steps of 64)
+  c.prompts_per_step = 4
   c.eval_batch_size = 16
   c.sampling = ml_collections.ConfigDict(dict(
       max_new_tokens=64, temperature=0.7, top_k=0, top_p=1.0, min_p=0.0, num_samples=8))
@@ -42,9 +43,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       filter_zero_variance=False, beta=0.04, kl_estimator='k2', kl_in='loss',
       old_logprobs='sampler', entropy_coef=0.0,
       gamma=1.0, lam=0.95, whiten_advantages=True))  # the last three: PPO only
-  c.total_steps = 24
+  c.total_steps = 16
   c.optim = ml_collections.ConfigDict(dict(
-      name='adamw', lr=5e-6, warmup_steps=0, schedule='constant', end_lr_ratio=1.0,
+      name='adamw', lr=1.5e-5, warmup_steps=0, schedule='linear', end_lr_ratio=0.0,
       b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, clip_norm=1.0))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=1, async_save=True))
@@ -54,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.export_hf = True
   if arg == 'tiny':
     c.data.max_prompt_len = 56
-    c.prompts_per_step = 2
+    c.prompts_per_step = 4
     c.eval_batch_size = 8
     c.sampling.max_new_tokens = 8
     c.sampling.num_samples = 4

@@ -31,6 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.trainer = 'ppo'
   c.rl.kl_in = 'reward'  # the KL penalty is part of the per-token reward
   c.rl.entropy_coef = 0.0
+  c.sampling.num_samples = 4  # no groups needed: the critic is the baseline
   c.ppo = ml_collections.ConfigDict(dict(critic_path='', value_clip=0.2))
   c.ppo.critic_optim = ml_collections.ConfigDict(dict(c.optim))
   c.ppo.critic_optim.lr = 5e-5

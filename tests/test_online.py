@@ -59,6 +59,19 @@ def test_completion_logprobs_equal_a_full_forward(tiny_checkpoint):
   np.testing.assert_allclose(np.asarray(ours)[mask], np.asarray(reference)[mask], atol=1e-5)
 
 
+def test_trim_prompts_keeps_a_bucketed_width():
+  segments = np.zeros((2, 10), np.int32)
+  segments[0, -3:] = 1
+  segments[1, -5:] = 1
+  batch = {'tokens': np.arange(20).reshape(2, 10), 'positions': np.zeros((2, 10)),
+           'segment_ids': segments, 'prompt': ['a', 'b']}
+  trimmed = rl_parts.trim_prompts(batch, 4)
+  np.testing.assert_array_equal(trimmed['tokens'], batch['tokens'][:, 2:])  # 5 -> 8 wide
+  assert trimmed['prompt'] == ['a', 'b']
+  assert rl_parts.trim_prompts(batch, 0) is batch
+  assert rl_parts.trim_prompts(batch, 16)['tokens'].shape == (2, 10)  # never wider
+
+
 def test_ppo_token_rewards_put_the_score_on_the_last_token():
   rl = grpo.get_config().rl
   weights = np.array([[0, 1, 1, 1, 0], [0, 0, 1, 0, 0]], np.float32)

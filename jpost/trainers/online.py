@@ -34,7 +34,7 @@ from jpost.losses.policy import AGGREGATIONS
 from jpost.models import hf, pretrained
 from jpost.models import reward as scalar_models
 from jpost.tokenizer import Tokenizer
-from jpost.trainers import offline, register, rollout
+from jpost.trainers import offline, register, rl_parts, rollout
 from jpost.trainers.rl_parts import (critic_loss_fn, critic_normalizer_fn, grpo_advantages,
                                      make_logprobs_fn, make_values_fn, policy_loss_fn,
                                      policy_normalizer_fn, ppo_advantages, training_rows)
@@ -229,7 +229,7 @@ def run(config, workdir: str | None, algorithm: str) -> dict[str, Any]:
     while step < config.total_steps:
       tic = time.perf_counter()
       key = jax.random.fold_in(jax.random.key(config.seed), step)
-      batch = next(prompt_iter)
+      batch = rl_parts.trim_prompts(next(prompt_iter), config.data.get('prompt_bucket', 0))
       policy_model = nnx.merge(graphdef, state['policy']['params'])
       completions = jax.device_get(sampling.generate(
           policy_model, batch['tokens'], batch['segment_ids'] > 0, settings, key))

@@ -25,6 +25,17 @@ from jpost.losses.policy import policy_loss, value_loss
 # --- rollout -> training rows ---------------------------------------------------
 
 
+def trim_prompts(batch: dict, bucket: int) -> dict:
+  """Drops left-padding columns no prompt of the batch uses, keeping the width
+  a multiple of `bucket` (0: no trimming) so only a few shapes compile."""
+  longest = int(np.max(np.sum(batch['segment_ids'] > 0, axis=1)))
+  width = batch['tokens'].shape[1]
+  if bucket <= 0 or longest >= width:
+    return batch
+  keep = min(width, -(-longest // bucket) * bucket)
+  return batch | {k: batch[k][:, width - keep:] for k in ('tokens', 'positions', 'segment_ids')}
+
+
 def training_rows(prompts: dict, completions, num_samples: int) -> dict[str, np.ndarray]:
   """Prompt + completion sequences [R, T], the completion mask and the
   sampler's log-probs [R, N] (0 outside the mask)."""
