@@ -110,6 +110,28 @@ def ground_truth(rows: list[dict], reward_fns, answer_key: str) -> dict[str, Any
           '_greedy': greedy, '_per_prompt': samples.mean(axis=1)}
 
 
+def _row_key(row: dict) -> str:
+  return json.dumps([row['prompt'], row['extra']], sort_keys=True, ensure_ascii=False)
+
+
+def align(outputs: dict, results: dict, reward_fns, answer_key: str):
+  """Every model's rows in the first model's prompt order, so battles compare
+  answers to the same prompt; a prompt some model lacks is an error."""
+  names = list(outputs)
+  order = [_row_key(r) for r in outputs[names[0]]]
+  for name in names[1:]:
+    by_key = {_row_key(r): r for r in outputs[name]}
+    missing = [k for k in order if k not in by_key]
+    if missing or len(by_key) != len(order):
+      raise ValueError(
+          f'model {name!r} answered other prompts than {names[0]!r} ({len(missing)} of '
+          f'{len(order)} missing, e.g. {missing[:1]}); evaluate every model on the same data.')
+    if [_row_key(r) for r in outputs[name]] != order:
+      outputs[name] = [by_key[k] for k in order]
+      results[name] = ground_truth(outputs[name], reward_fns, answer_key)
+  return outputs, results
+
+
 def verifier_battles(names: list[str], correct: dict[str, np.ndarray]) -> list[dict]:
   battles = []
   for a, b in itertools.combinations(names, 2):
@@ -160,10 +182,8 @@ def run(config, workdir):
     results[name] = ground_truth(outputs[name], reward_fns, config.answer_key)
     print(f'{name}: greedy accuracy {results[name]["greedy_accuracy"]:.3f} on '
           f'{len(outputs[name])} prompts', file=sys.stderr)
+  outputs, results = align(outputs, results, reward_fns, config.answer_key)
   sizes = {len(v) for v in outputs.values()}
-  if len(sizes) != 1:
-    raise ValueError(f'models answered different numbers of prompts: '
-                     f'{ {k: len(v) for k, v in outputs.items()} }.')
 
   sections = [ev.Section(
       title='Ground truth',
