@@ -23,7 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       train=('runs/pairs/pairs_train.jsonl',), eval=('runs/pairs/pairs_test.jsonl',),
       weights=(), max_len=128, truncation='truncate_left', policy='skip', num_threads=0))
   c.batch_size = 8
-  c.eval_batch_size = 4
+  c.eval_batch_size = 1  # divides any held-out set: every pair is scored
   c.accum_steps = 1
   c.epochs = 1.0
   c.total_steps = 0  # 0: derived from `epochs`
@@ -32,7 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0))
   c.dpo = ml_collections.ConfigDict(dict(
       loss_type='sigmoid', beta=0.1, label_smoothing=0.0, simpo_gamma=0.5,
-      reference='cache', cache_batch_size=8))
+      reference='cache', cache_batch_size=8,
+      kl_prompts=16, kl_max_new_tokens=64))  # after training: KL on sampled held-out answers
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=1, async_save=True))
   c.log_every = 1
@@ -49,6 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 1
     c.checkpoint.every = 2
     c.dpo.cache_batch_size = 2
+    c.dpo.kl_prompts = 2
+    c.dpo.kl_max_new_tokens = 8
   elif arg:
     raise ValueError(f'unknown config argument {arg!r}; use "tiny" or nothing.')
   return c.lock()

@@ -79,6 +79,8 @@ def test_dpo_cached_and_on_the_fly_references_agree(tiny_checkpoint, pair_files,
       if key in ra:
         assert ra[key] == pytest.approx(rb[key], abs=1e-5), key
   assert a[-1]['eval_rewards/margin'] > 0 and np.isfinite(a[-1]['eval_logps/chosen'])
+  kl = json.loads((tmp_path / 'cache' / 'kl.json').read_text())
+  assert kl['samples'] == 2 and np.isfinite(kl['kl_per_token']) and np.isfinite(kl['kl_per_sequence'])
 
 
 def test_dpo_stale_reference_cache_is_a_clear_error(tiny_checkpoint, pair_files, tmp_path):

@@ -10,12 +10,18 @@ checkpoint). `config.dpo.reference` picks how the reference's are made:
 - 'on_the_fly': the reference runs on every batch (no pass up front; costs a
   forward per step).
 SimPO needs no reference at all.
+
+After training, the KL of the trained policy from the reference is measured
+where it is defined, on the policy's own samples: answers to the held-out
+prompts at temperature 1, KL ~ mean of sum_t log pi(y_t) - log ref(y_t) (the
+k1 estimator, unbiased for KL(pi || ref)); written to `workdir/kl.json`.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import pathlib
 import sys
 
@@ -24,11 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jpost import ops
-from jpost.data import pipeline
+from jpost import ops, sampling
+from jpost.data import pipeline, rows as row_lib
 from jpost.losses.dpo import dpo_loss
-from jpost.models import hf
-from jpost.trainers import offline, register
+from jpost.models import hf, pretrained
+from jpost.models.reward import as_messages
+from jpost.tokenizer import Tokenizer
+from jpost.trainers import offline, register, rl_parts
 from jpost.trainers.reward import epochs_to_steps, preference_data
 
 REFERENCE_MODES = ('cache', 'on_the_fly')
@@ -164,6 +172,45 @@ def make_batch_hook(setup: offline.Setup):
   return on_the_fly
 
 
+def sampled_kl(policy, reference, tokenizer, prompts, *, max_new_tokens: int,
+               seed: int) -> dict[str, float]:
+  """k1 estimate of KL(policy || reference) on the policy's samples (temperature 1)."""
+  ids = [tokenizer.encode_chat(as_messages(p), add_generation_prompt=True).ids for p in prompts]
+  tokens, mask = sampling.left_pad(ids, tokenizer.pad_id)
+  settings = sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0,
+                                     stop_ids=tuple(tokenizer.stop_ids))
+  out = jax.device_get(sampling.generate(policy, tokens, mask, settings, jax.random.key(seed)))
+  rows = rl_parts.training_rows({'tokens': tokens, 'segment_ids': mask}, out, 1)
+  graphdef, params = nnx.split(reference)
+  ref_lp = np.asarray(rl_parts.make_logprobs_fn(graphdef, 1.0)(params, rows))
+  per_token = (np.asarray(out.logprobs) - ref_lp) * rows['completion_mask']
+  per_sequence = per_token.sum(axis=1)
+  return {'kl_per_sequence': float(per_sequence.mean()),
+          'kl_per_token': float(per_token.sum() / rows['completion_mask'].sum()),
+          'kl_sequence_stderr': float(per_sequence.std() / np.sqrt(len(per_sequence))),
+          'samples': len(per_sequence)}
+
+
+def report_kl(config, workdir: pathlib.Path, state) -> dict[str, float]:
+  """The trained policy's KL from the starting model on held-out prompts."""
+  model_dir = pretrained.resolve(config.model.path)
+  kw = dict(dtype='float32', param_dtype='float32')
+  reference = hf.load(model_dir, **kw)
+  graphdef, _ = nnx.split(reference)
+  policy = nnx.merge(graphdef, jax.device_get(state['params']))
+  examples = []
+  for source in pipeline.resolve_sources(list(config.data.eval)):
+    examples += pipeline.load_examples(source, 'preference', row_lib.RowFilter(policy='skip'))
+  prompts = [e['prompt'] for e in examples[:config.dpo.kl_prompts]]
+  report = sampled_kl(policy, reference, Tokenizer.from_dir(model_dir), prompts,
+                      max_new_tokens=config.dpo.kl_max_new_tokens, seed=config.seed)
+  (workdir / 'kl.json').write_text(json.dumps(report, indent=2) + '\n')
+  print(f'KL(policy || reference) on {report["samples"]} sampled held-out answers: '
+        f'{report["kl_per_sequence"]:.3f} nats per answer, {report["kl_per_token"]:.4f} per '
+        'token', file=sys.stderr)
+  return report
+
+
 @register('dpo')
 def run(config, workdir):
   if config.dpo.reference not in REFERENCE_MODES:
@@ -181,4 +228,7 @@ def run(config, workdir):
                                 batch_size=config.eval_batch_size) if data.eval else None,
       batch_hook=make_batch_hook,
       eval_metrics=EVAL_METRICS)
-  return offline.run(config, workdir, task)
+  result = offline.run(config, workdir, task)
+  if data.eval and config.dpo.kl_prompts and result['step'] >= config.total_steps:
+    result['kl'] = report_kl(config, pathlib.Path(workdir), result['state'])
+  return result
