@@ -25,10 +25,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batch_size = 8
   c.eval_batch_size = 1  # divides any held-out set: every pair is scored
   c.accum_steps = 1
-  c.epochs = 1.0
+  c.epochs = 2.0
   c.total_steps = 0  # 0: derived from `epochs`
   c.optim = ml_collections.ConfigDict(dict(
-      name='adamw', lr=5e-6, warmup_steps=2, schedule='cosine', end_lr_ratio=0.1,
+      name='adamw', lr=2e-5, warmup_steps=2, schedule='cosine', end_lr_ratio=0.1,
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0))
   c.dpo = ml_collections.ConfigDict(dict(
       loss_type='sigmoid', beta=0.1, label_smoothing=0.0, simpo_gamma=0.5,
