@@ -6,8 +6,8 @@ an optional rubric judge, pairwise battles and a leaderboard, in a report.
   python -m jpost.main --config=configs/eval.py:tiny --workdir=runs/eval_tiny
 
 `models` maps a name to a checkpoint directory, an embedded name or a
-`completions_NAME.jsonl` written by an earlier eval (no sampling again). The
-first model is the leaderboard's anchor (rating 1000). `pairwise.judge`:
+`completions_NAME.jsonl` written by an earlier eval (no sampling again).
+`anchor` names the model rated 1000 on the leaderboard. `pairwise.judge`:
 'verifier' (ground truth decides each battle), 'endpoint' (an
 OpenAI-compatible LLM judge, asked twice with positions swapped) or 'none'.
 `rubric.name` ('amazon_summary' or '') adds a point-wise rubric judge whose
@@ -24,6 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.title = 'jpost evaluation'
   c.models = ml_collections.ConfigDict({'smollm2': 'smollm2-135m-instruct',
                                         'grpo': 'runs/grpo/hf'})
+  c.anchor = 'smollm2'  # rated 1000 on the leaderboard; '' = the first name in sorted order
   c.model = ml_collections.ConfigDict(dict(path='', dtype='float32', param_dtype='float32'))
   c.data = ml_collections.ConfigDict(dict(eval=('arith:test',), max_prompt_len=64,
                                           policy='error'))
@@ -37,6 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       judge='verifier', endpoint='', model='', retries=2, bootstrap_rounds=200))
   c.report_examples = 8
   if arg == 'tiny':
+    c.anchor = ''
     c.batch_size = 8
     c.sampling.max_new_tokens = 8
     c.sampling.num_samples = 2

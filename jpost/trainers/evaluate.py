@@ -106,7 +106,7 @@ def ground_truth(rows: list[dict], reward_fns, answer_key: str) -> dict[str, Any
           'greedy_high': high, 'sampled_accuracy': report['accuracy'],
           f'pass@{k}': report[f'pass@{k}'], f'maj@{k}': float(np.mean(majority)),
           'truncated': float(np.mean([r['truncated'] for r in rows])),
-          'length': float(np.mean([len(r['greedy']) for r in rows])),
+          'length_chars': float(np.mean([len(r['greedy']) for r in rows])),
           '_greedy': greedy, '_per_prompt': samples.mean(axis=1)}
 
 
@@ -169,6 +169,11 @@ def run(config, workdir):
   names = list(config.models)
   if not names:
     raise ValueError('config.models is empty: give {name: checkpoint path or completions file}.')
+  if config.anchor:
+    if config.anchor not in names:
+      raise ValueError(f'config.anchor={config.anchor!r} is not one of the models {names}.')
+    names.remove(config.anchor)
+    names.insert(0, config.anchor)
   reward_fns = rewards.build(config.rewards)
   outputs, results = {}, {}
   for name in names:
