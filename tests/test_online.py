@@ -213,3 +213,19 @@ def test_resume_continues_exactly(char_checkpoint, digit_share, tmp_path):
 def test_bad_config_is_a_clear_error(char_checkpoint, tmp_path, change, message):
   with pytest.raises(ValueError, match=message):
     online.run(_config(char_checkpoint, **change), tmp_path, 'grpo')
+
+
+def test_shipped_grpo_config_runs_on_smollm2(tmp_path):
+  """configs/grpo.py as `make demo` runs it, cut to one short step."""
+  import os
+  import subprocess
+  proc = subprocess.run(
+      [sys.executable, '-m', 'jpost.main', '--config=configs/grpo.py', f'--workdir={tmp_path}',
+       '--config.total_steps=1', '--config.eval_every=0', '--config.prompts_per_step=1',
+       '--config.sampling.max_new_tokens=8', '--config.export_hf=False'],
+      capture_output=True, text=True, timeout=900,
+      env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  record = _records(tmp_path)[0]
+  assert record['step'] == 1 and np.isfinite(record['loss'])
+  assert record['completion/length'] <= 8 and 'reward/math/mean' in record
