@@ -55,11 +55,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.export_hf = True
   if arg == 'tiny':
     c.data.max_prompt_len = 56
-    c.prompts_per_step = 4
+    c.prompts_per_step = 2
     c.eval_batch_size = 8
     c.sampling.max_new_tokens = 8
     c.sampling.num_samples = 4
     c.total_steps = 3
+    c.optim.schedule = 'constant'  # tests compare runs of different lengths
     c.checkpoint.every = 2
     c.eval_every = 0
   elif arg:
