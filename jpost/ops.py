@@ -1,4 +1,5 @@
-"""Pure array helpers shared by losses: next-token targets and log-probs."""
+"""Pure array helpers shared by losses: next-token targets, log-probs, masked
+means, KL estimators, whitening and entropy."""
 
 from __future__ import annotations
 
