@@ -114,7 +114,7 @@ def _row_key(row: dict) -> str:
   return json.dumps([row['prompt'], row['extra']], sort_keys=True, ensure_ascii=False)
 
 
-def align(outputs: dict, results: dict, reward_fns, answer_key: str):
+def align(outputs: dict) -> dict:
   """Every model's rows in the first model's prompt order, so battles compare
   answers to the same prompt; a prompt some model lacks is an error."""
   names = list(outputs)
@@ -126,10 +126,8 @@ def align(outputs: dict, results: dict, reward_fns, answer_key: str):
       raise ValueError(
           f'model {name!r} answered other prompts than {names[0]!r} ({len(missing)} of '
           f'{len(order)} missing, e.g. {missing[:1]}); evaluate every model on the same data.')
-    if [_row_key(r) for r in outputs[name]] != order:
-      outputs[name] = [by_key[k] for k in order]
-      results[name] = ground_truth(outputs[name], reward_fns, answer_key)
-  return outputs, results
+    outputs[name] = [by_key[k] for k in order]
+  return outputs
 
 
 def verifier_battles(names: list[str], correct: dict[str, np.ndarray]) -> list[dict]:
@@ -175,7 +173,7 @@ def run(config, workdir):
     names.remove(config.anchor)
     names.insert(0, config.anchor)
   reward_fns = rewards.build(config.rewards)
-  outputs, results = {}, {}
+  outputs = {}
   for name in names:
     source = pathlib.Path(str(config.models[name]))
     if source.suffix == '.jsonl':
@@ -184,10 +182,11 @@ def run(config, workdir):
       outputs[name] = sample_model(str(config.models[name]), config)
       (workdir / f'completions_{name}.jsonl').write_text(
           ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in outputs[name]))
+  outputs, results = align(outputs), {}
+  for name in names:
     results[name] = ground_truth(outputs[name], reward_fns, config.answer_key)
     print(f'{name}: greedy accuracy {results[name]["greedy_accuracy"]:.3f} on '
           f'{len(outputs[name])} prompts', file=sys.stderr)
-  outputs, results = align(outputs, results, reward_fns, config.answer_key)
   sizes = {len(v) for v in outputs.values()}
 
   sections = [ev.Section(
