@@ -86,45 +86,86 @@ class Decoder(nnx.Module):
     hidden, _ = self.hidden_states(tokens, positions, segment_ids)
     return self.logits(hidden)
 
-  def hidden_states(self, tokens, positions, segment_ids, cache: dict | None = None):
-    """Final-normed hidden states [B, T, D] (for heads) and the updated KV cache."""
+  def hidden_states(self, tokens, positions, segment_ids, cache: dict | None = None,
+                    layers: list[dict] | None = None):
+    """Final-normed hidden states [B, T, D] (for heads) and the updated KV cache.
+
+    `layers` (from `decode_layers()`) are the per-layer parameters a decode
+    loop prepared once, outside the loop.
+    """
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
-    layer_params = {name: getattr(self.layers, name)[...] for name in layer_param_shapes(cfg)}
+    if layers is None:
+      layers = {name: getattr(self.layers, name)[...] for name in layer_param_shapes(cfg)}
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
     x = sharding.constrain(x, ('batch', 'seq', 'act_embed'))
-    x, cache = decoder_stack(x, layer_params, positions, segment_ids, cfg, cache)
+    x, cache = decoder_stack(x, layers, positions, segment_ids, cfg, cache)
     return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), cache
 
-  def logits(self, hidden):
+  def decode_layers(self) -> list[dict]:
+    """Each layer's parameters as separate arrays in the compute dtype.
+
+    A loop that decodes one token per step and reads the stacked [L, ...]
+    parameters slices (copies) every layer's weights every step; on CPU that
+    copy cost as much as the matmuls. Sliced and cast once, they are read in place.
+    """
     dtype = jnp.dtype(self.config.dtype)
-    if self.config.tie_embeddings:
-      return jnp.einsum('btd,vd->btv', hidden, self.embed[...].astype(dtype),
-                        preferred_element_type=jnp.float32)
-    return jnp.einsum('btd,dv->btv', hidden, self.lm_head[...].astype(dtype),
-                      preferred_element_type=jnp.float32)
+    stacked = {name: getattr(self.layers, name)[...] for name in layer_param_shapes(self.config)}
+    return [{name: value[i].astype(dtype) for name, value in stacked.items()}
+            for i in range(self.config.num_layers)]
+
+  def head(self):
+    """The output projection [V, D] in the compute dtype (see `logits`)."""
+    dtype = jnp.dtype(self.config.dtype)
+    weight = self.embed[...] if self.config.tie_embeddings else self.lm_head[...].T
+    return weight.astype(dtype)
+
+  def logits(self, hidden, head=None):
+    """Float32 logits [B, T, V]; `head` is `self.head()` computed once by a decode loop."""
+    head = self.head() if head is None else head
+    return jnp.einsum('btd,vd->btv', hidden, head, preferred_element_type=jnp.float32)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict[str, Any]:
   """An empty KV cache: every slot has segment 0, so nothing attends to it.
 
-  Keys are [layers, batch, kv_heads, head_dim, slots] and values [layers,
-  batch, kv_heads, slots, head_dim]: the layouts the two attention matmuls
-  read without transposing the cache (4x faster decoding on CPU).
+  One array per layer, so that a decode step writes its new keys into each
+  in place. Keys are [batch, kv_heads, head_dim, slots] and values [batch,
+  kv_heads, slots, head_dim]: the layouts the two attention matmuls read
+  without transposing the cache (4x faster decoding on CPU).
   """
-  dtype = jnp.dtype(dtype or cfg.dtype)
-  l, k, h = cfg.num_layers, cfg.num_kv_heads, cfg.head_size
+  dtype = _storage_dtype(jnp.dtype(dtype or cfg.dtype))
+  k, h = cfg.num_kv_heads, cfg.head_size
+  layers = range(cfg.num_layers)
   return {
-      'k': jnp.zeros((l, batch, k, h, max_len), dtype),
-      'v': jnp.zeros((l, batch, k, max_len, h), dtype),
+      'k': [jnp.zeros((batch, k, h, max_len), dtype) for _ in layers],
+      'v': [jnp.zeros((batch, k, max_len, h), dtype) for _ in layers],
       'positions': jnp.zeros((batch, max_len), jnp.int32),
       'segment_ids': jnp.zeros((batch, max_len), jnp.int32),
       'index': jnp.zeros((), jnp.int32),
   }
 
 
+def _storage_dtype(dtype):
+  """16-bit float caches are stored in float32: XLA:CPU runs a bfloat16
+  dynamic-update-slice in float32, converting the whole cache there and back
+  at every write (15 ms per decoded token for SmolLM2 at batch 32)."""
+  return jnp.dtype(jnp.float32) if dtype.itemsize == 2 else dtype
+
+
+def _write_slots(cache, new, start):
+  """Writes `new` into `cache` at `start` (rounded to new's dtype, so that a
+  bfloat16 model attends to bfloat16 keys whatever the storage)."""
+  return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), start)
+
+
 def decoder_stack(x, layer_params, positions, segment_ids, cfg: ModelConfig, cache=None):
-  """Runs every block over x [B, T, D] with a scan over the stacked layers."""
+  """Runs every block over x [B, T, D].
+
+  Without a cache (training), a scan over the stacked [L, ...] parameters:
+  one layer is traced and compiled. With a cache (generation), a loop over
+  the layers, with `layer_params` either stacked or a list of per-layer dicts.
+  """
   cos, sin = rope_tables(positions, cfg)
   new_mask = attention_mask(positions, segment_ids, positions, segment_ids, cfg.sliding_window)
   if cache is None:
@@ -135,47 +176,47 @@ def decoder_stack(x, layer_params, positions, segment_ids, cfg: ModelConfig, cac
     x, _ = jax.lax.scan(block, x, layer_params)
     return x, None
 
-  # With a cache, new tokens attend to the cached slots (the slots about to be
-  # written still have segment 0, so they are masked) and to each other. The
-  # scan reads one layer of the cache at a time and returns only the new
-  # keys/values; one update then writes them for all layers. Carrying the
-  # cache through the scan, or returning whole layers, copies all of it per token.
+  # The new tokens' keys and values are written into each layer's cache
+  # first, then the tokens attend over the whole cache (slots not yet written
+  # have segment 0, so they are masked). Reading the buffer only after the
+  # write lets XLA update it in place: reading it before made a copy of every
+  # layer's cache per step.
+  if isinstance(layer_params, dict):
+    layer_params = [{name: value[i] for name, value in layer_params.items()}
+                    for i in range(cfg.num_layers)]
   index = cache['index']
-  cached_mask = attention_mask(positions, segment_ids, cache['positions'],
-                               cache['segment_ids'], cfg.sliding_window)
-
-  def cached_block(x, scanned):
-    params, cache_k, cache_v = scanned
-    return decoder_block(x, params, cos, sin, new_mask, cfg, (cache_k, cache_v, cached_mask))
-
-  x, (new_k, new_v) = jax.lax.scan(cached_block, x, (layer_params, cache['k'], cache['v']))
-  cache = dict(
-      cache, index=index + x.shape[1],
-      k=jax.lax.dynamic_update_slice(cache['k'], new_k.astype(cache['k'].dtype), (0, 0, 0, 0, index)),
-      v=jax.lax.dynamic_update_slice(cache['v'], new_v.astype(cache['v'].dtype), (0, 0, 0, index, 0)),
-      positions=jax.lax.dynamic_update_slice_in_dim(
-          cache['positions'], positions.astype(jnp.int32), index, axis=1),
-      segment_ids=jax.lax.dynamic_update_slice_in_dim(
-          cache['segment_ids'], segment_ids.astype(jnp.int32), index, axis=1))
-  return x, cache
+  cache_positions = jax.lax.dynamic_update_slice_in_dim(
+      cache['positions'], positions.astype(jnp.int32), index, axis=1)
+  cache_segments = jax.lax.dynamic_update_slice_in_dim(
+      cache['segment_ids'], segment_ids.astype(jnp.int32), index, axis=1)
+  mask = attention_mask(positions, segment_ids, cache_positions, cache_segments,
+                        cfg.sliding_window)
+  keys, values = [], []
+  for params, cache_k, cache_v in zip(layer_params, cache['k'], cache['v'], strict=True):
+    x, (cache_k, cache_v) = decoder_block(x, params, cos, sin, mask, cfg, (cache_k, cache_v, index))
+    keys.append(cache_k)
+    values.append(cache_v)
+  return x, dict(cache, index=index + x.shape[1], k=keys, v=values, positions=cache_positions,
+                 segment_ids=cache_segments)
 
 
-def decoder_block(x, p, cos, sin, mask, cfg: ModelConfig, cached=None):
+def decoder_block(x, p, cos, sin, mask, cfg: ModelConfig, cache=None):
   """One pre-norm block: x + attn(norm(x)), then + SwiGLU(norm(x)).
 
-  `cached` = (keys [B, K, H, S], values [B, K, S, H], mask [B, T, S]) of
-  earlier tokens adds them to what the new tokens attend to. Returns (x,
-  (new keys [B, K, H, T], new values [B, K, T, H])).
+  Without a cache the tokens attend to each other (mask [B, T, T]) and the
+  second output is their (keys [B, K, H, T], values [B, K, T, H]). With
+  `cache` = (keys [B, K, H, S], values [B, K, S, H], slot index), the new
+  keys and values are written at the index, the tokens attend over all S
+  slots (mask [B, T, S]), and the updated cache arrays are returned.
   """
   dtype = x.dtype
   b, t, _ = x.shape
   n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
-  w = {name: value.astype(dtype) for name, value in p.items()}
+  # Matrices go to `dense` as stored (it casts); the small vectors are cast here.
+  w = {name: value if value.ndim == 2 else value.astype(dtype) for name, value in p.items()}
 
   act = rms_norm(x, w['attn_norm'], cfg.rms_norm_eps)
-  q = jnp.einsum('btd,dq->btq', act, w['q'])
-  key = jnp.einsum('btd,dq->btq', act, w['k'])
-  val = jnp.einsum('btd,dq->btq', act, w['v'])
+  q, key, val = dense(act, w['q']), dense(act, w['k']), dense(act, w['v'])
   if cfg.qkv_bias:
     q, key, val = q + w['q_bias'], key + w['k_bias'], val + w['v_bias']
   q_btnh = q.reshape(b, t, n, h)
@@ -184,25 +225,56 @@ def decoder_block(x, p, cos, sin, mask, cfg: ModelConfig, cached=None):
     q_btnh = rms_norm(q_btnh, w['q_norm'], cfg.rms_norm_eps)
     k_btkh = rms_norm(k_btkh, w['k_norm'], cfg.rms_norm_eps)
   q_btnh = apply_rope(q_btnh, cos, sin)
-  k_bkht = apply_rope(k_btkh, cos, sin).transpose(0, 2, 3, 1)
-  v_bkth = v_btkh.transpose(0, 2, 1, 3)
-  parts = [(k_bkht, v_bkth, mask)]
-  if cached is not None:
-    cache_k, cache_v, cache_mask = cached
-    parts.insert(0, (cache_k.astype(dtype), cache_v.astype(dtype), cache_mask))
-  attn = attention(q_btnh, parts)
-  out = jnp.einsum('btq,qd->btd', attn.reshape(b, t, n * h), w['o'])
+  keys = apply_rope(k_btkh, cos, sin).transpose(0, 2, 3, 1)
+  values = v_btkh.transpose(0, 2, 1, 3)
+  if cache is not None:
+    cache_k, cache_v, index = cache
+    keys = cache_k = _write_slots(cache_k, keys, (0, 0, 0, index))
+    values = cache_v = _write_slots(cache_v, values, (0, 0, index, 0))
+  attn = attention(q_btnh, keys, values, mask)
+  out = dense(attn.reshape(b, t, n * h), w['o'])
   if cfg.o_bias:
     out = out + w['o_bias']
   x = x + out
   x = sharding.constrain(x, ('batch', 'seq', 'act_embed'))
 
   act = rms_norm(x, w['mlp_norm'], cfg.rms_norm_eps)
-  gate = jnp.einsum('btd,df->btf', act, w['gate'])
-  up = jnp.einsum('btd,df->btf', act, w['up'])
+  gate, up = dense(act, w['gate']), dense(act, w['up'])
   hidden = sharding.constrain(jax.nn.silu(gate) * up, ('batch', 'seq', 'mlp'))
-  x = x + jnp.einsum('btf,fd->btd', hidden, w['down'])
-  return sharding.constrain(x, ('batch', 'seq', 'act_embed')), (k_bkht, v_bkth)
+  x = x + dense(hidden, w['down'])
+  return sharding.constrain(x, ('batch', 'seq', 'act_embed')), (keys, values)
+
+
+@jax.custom_vjp
+def dense(x, w):
+  """x [..., D] @ w [D, F] in x's dtype, accumulated in float32; w is cast to
+  x's dtype and its gradient comes back in w's own (the master weights').
+
+  Asking for a float32 result is what makes XLA:CPU run bfloat16 matmuls on
+  the AVX512-BF16 dot instructions: 200-400 GFLOP/s on a 2-core EPYC against
+  ~35 for a bfloat16 result. The custom gradient keeps the backward's two
+  matmuls on that path too (autodiff would run them in float32).
+  """
+  return _matmul(x, w.astype(x.dtype), '...d,df->...f').astype(x.dtype)
+
+
+def _matmul(a, b, equation):
+  return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)
+
+
+def _dense_fwd(x, w):
+  return dense(x, w), (x, w)
+
+
+def _dense_bwd(res, g):
+  x, w = res
+  g, w_low = g.astype(x.dtype), w.astype(x.dtype)
+  dx = _matmul(g, w_low, '...f,df->...d').astype(x.dtype)
+  dw = _matmul(x, g, '...d,...f->df').astype(w.dtype)
+  return dx, dw
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def rms_norm(x, weight, eps: float):
@@ -212,27 +284,19 @@ def rms_norm(x, weight, eps: float):
   return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
-def attention(q_btnh, parts):
-  """Grouped-query attention: each of k heads serves n // k query heads.
-
-  `parts` is a list of (keys [B, K, H, S_i], values [B, K, S_i, H], mask
-  [B, T, S_i]) whose slots are attended jointly, one softmax over all of them
-  (a KV cache and the new tokens, without concatenating them).
+def attention(q_btnh, keys, values, mask):
+  """Grouped-query attention of q [B, T, N, H] over keys [B, K, H, S] and
+  values [B, K, S, H] where mask [B, T, S]: each of the K key/value heads
+  serves N // K query heads. Scores and softmax are float32.
   """
   b, t, n, h = q_btnh.shape
-  k = parts[0][0].shape[1]
+  k = keys.shape[1]
   q_bkgth = q_btnh.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
-  scores = [jnp.where(mask[:, None, None], jnp.einsum(
-      'bkgth,bkhs->bkgts', q_bkgth, keys, preferred_element_type=jnp.float32) * (h ** -0.5),
-                      _MASK_VALUE) for keys, _, mask in parts]
-  probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
-  out, start = 0, 0
-  for keys, values, _ in parts:
-    width = keys.shape[3]
-    out = out + jnp.einsum('bkgts,bksh->bkgth', probs[..., start:start + width].astype(values.dtype),
-                           values)
-    start += width
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+  scores = jnp.einsum('bkgth,bkhs->bkgts', q_bkgth, keys, preferred_element_type=jnp.float32)
+  scores = jnp.where(mask[:, None, None], scores * (h ** -0.5), _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+  out = jnp.einsum('bkgts,bksh->bkgth', probs, values, preferred_element_type=jnp.float32)
+  return out.astype(q_btnh.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def attention_mask(q_pos, q_seg, k_pos, k_seg, sliding_window: int | None = None):
