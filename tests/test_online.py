@@ -34,6 +34,15 @@ def test_training_rows_layout():
   np.testing.assert_array_equal(rows['completion_mask'][0], [1, 1, 0])
   np.testing.assert_array_equal(rows['sampler_logprobs'][0], [-1, -2, 0])
   np.testing.assert_array_equal(rows['sampler_logprobs'][3], [-7, -8, -9])
+  # Shared-prompt layout: each prompt once, completions continue its positions.
+  np.testing.assert_array_equal(rows['prompt_tokens'], prompts['tokens'])
+  np.testing.assert_array_equal(rows['prompt_positions'], [[0, 0, 0, 1], [0, 0, 1, 2]])
+  np.testing.assert_array_equal(rows['completion_tokens'], completions.tokens)
+  np.testing.assert_array_equal(rows['completion_positions'][1], [2, 3, 4])
+  np.testing.assert_array_equal(rows['completion_positions'][2], [3, 4, 5])
+  picked = rl_parts.select_rows(rows, np.array([3, 0]), num_samples=2)
+  np.testing.assert_array_equal(picked['prompt_tokens'], prompts['tokens'][[1, 0]])
+  np.testing.assert_array_equal(picked['completion_tokens'], completions.tokens[[3, 0]])
 
 
 def test_completion_logprobs_equal_a_full_forward(tiny_checkpoint):
@@ -57,6 +66,40 @@ def test_completion_logprobs_equal_a_full_forward(tiny_checkpoint):
   reference = ops.token_logprobs(full, batch['tokens'][:, 1:])[:, -4:]
   mask = rows['completion_mask'] > 0
   np.testing.assert_allclose(np.asarray(ours)[mask], np.asarray(reference)[mask], atol=1e-5)
+
+
+def test_shared_prompt_gradient_equals_full_rows(tiny_checkpoint):
+  """Each prompt is computed once per group; the gradient (summed over the
+  group's samples through the shared prompt) is that of full rows."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from jpost import ops
+  from jpost.models import hf
+  graphdef, params = nnx.split(hf.load(tiny_checkpoint))
+  rng = np.random.RandomState(1)
+  prompts = {'tokens': rng.randint(3, 500, (2, 5)),
+             'segment_ids': np.array([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])}
+  completions = Completions(
+      tokens=rng.randint(3, 500, (6, 4)), mask=np.array([[1, 1, 0, 0], [1, 1, 1, 1]] * 3),
+      logprobs=np.zeros((6, 4)), sampling_logprobs=np.zeros((6, 4)),
+      truncated=np.zeros(6, bool), lengths=np.array([2, 4] * 3))
+  rows = {k: jnp.asarray(v) for k, v in rl_parts.training_rows(prompts, completions, 3).items()}
+  weights = rows['completion_mask'] * jnp.arange(1, 5)  # distinct per-token weights
+
+  def shared(params):
+    model = nnx.merge(graphdef, params)
+    return jnp.sum(rl_parts.completion_logprobs(
+        rl_parts.completion_logits(model, rows, 1.0), rows) * weights)
+
+  def full(params):
+    logits = nnx.merge(graphdef, params)(rows['tokens'], rows['positions'], rows['segment_ids'])
+    return jnp.sum(ops.token_logprobs(logits, rows['tokens'][:, 1:])[:, -4:] * weights)
+
+  (value, grads), (ref_value, ref_grads) = (jax.value_and_grad(f)(params) for f in (shared, full))
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_trim_prompts_keeps_a_bucketed_width():

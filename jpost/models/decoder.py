@@ -102,6 +102,20 @@ class Decoder(nnx.Module):
     x, cache = decoder_stack(x, layers, positions, segment_ids, cfg, cache)
     return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), cache
 
+  def shared_prompt_hidden_states(self, prompt_tokens, prompt_positions, prompt_segment_ids,
+                                  tokens, positions, segment_ids):
+    """Final-normed hidden states of G left-padded prompts [G, P] and of
+    their R = G * n continuations [R, N] (row r continues prompt r // n),
+    each prompt computed once: ([G, P, D], [R, N, D])."""
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    layers = {name: getattr(self.layers, name)[...] for name in layer_param_shapes(cfg)}
+    embed = lambda t: jnp.take(self.embed[...], t, axis=0).astype(dtype)
+    xp, xc = shared_prompt_stack(embed(prompt_tokens), embed(tokens), layers, prompt_positions,
+                                 prompt_segment_ids, positions, segment_ids, cfg)
+    norm = lambda x: rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+    return norm(xp), norm(xc)
+
   def decode_layers(self) -> list[dict]:
     """Each layer's parameters as separate arrays in the compute dtype.
 
@@ -111,6 +125,10 @@ class Decoder(nnx.Module):
     """
     dtype = jnp.dtype(self.config.dtype)
     stacked = {name: getattr(self.layers, name)[...] for name in layer_param_shapes(self.config)}
+    # One wide matmul instead of three (q, k, v) and of two (gate, up): fewer,
+    # larger operations are what a small-batch decode step is short of.
+    stacked['qkv'] = jnp.concatenate([stacked.pop(n) for n in ('q', 'k', 'v')], axis=-1)
+    stacked['gate_up'] = jnp.concatenate([stacked.pop(n) for n in ('gate', 'up')], axis=-1)
     return [{name: value[i].astype(dtype) for name, value in stacked.items()}
             for i in range(self.config.num_layers)]
 
@@ -209,14 +227,29 @@ def decoder_block(x, p, cos, sin, mask, cfg: ModelConfig, cache=None):
   keys and values are written at the index, the tokens attend over all S
   slots (mask [B, T, S]), and the updated cache arrays are returned.
   """
-  dtype = x.dtype
+  w = _block_weights(p, x.dtype)
+  q, keys, values = _attention_inputs(x, w, cos, sin, cfg)
+  if cache is not None:
+    cache_k, cache_v, index = cache
+    keys = _write_slots(cache_k, keys, (0, 0, 0, index))
+    values = _write_slots(cache_v, values, (0, 0, index, 0))
+  return _block_output(x, attention(q, keys, values, mask), w, cfg), (keys, values)
+
+
+def _block_weights(p, dtype):
+  # Matrices go to `dense` as stored (it casts); the small vectors are cast here.
+  return {name: value if value.ndim == 2 else value.astype(dtype) for name, value in p.items()}
+
+
+def _attention_inputs(x, w, cos, sin, cfg: ModelConfig):
+  """Queries [B, T, N, H] and keys [B, K, H, T] / values [B, K, T, H] of x."""
   b, t, _ = x.shape
   n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
-  # Matrices go to `dense` as stored (it casts); the small vectors are cast here.
-  w = {name: value if value.ndim == 2 else value.astype(dtype) for name, value in p.items()}
-
   act = rms_norm(x, w['attn_norm'], cfg.rms_norm_eps)
-  q, key, val = dense(act, w['q']), dense(act, w['k']), dense(act, w['v'])
+  if 'qkv' in w:  # fused by Decoder.decode_layers
+    q, key, val = jnp.split(dense(act, w['qkv']), [n * h, (n + k) * h], axis=-1)
+  else:
+    q, key, val = dense(act, w['q']), dense(act, w['k']), dense(act, w['v'])
   if cfg.qkv_bias:
     q, key, val = q + w['q_bias'], key + w['k_bias'], val + w['v_bias']
   q_btnh = q.reshape(b, t, n, h)
@@ -224,14 +257,13 @@ def decoder_block(x, p, cos, sin, mask, cfg: ModelConfig, cache=None):
   if cfg.qk_norm:
     q_btnh = rms_norm(q_btnh, w['q_norm'], cfg.rms_norm_eps)
     k_btkh = rms_norm(k_btkh, w['k_norm'], cfg.rms_norm_eps)
-  q_btnh = apply_rope(q_btnh, cos, sin)
-  keys = apply_rope(k_btkh, cos, sin).transpose(0, 2, 3, 1)
-  values = v_btkh.transpose(0, 2, 1, 3)
-  if cache is not None:
-    cache_k, cache_v, index = cache
-    keys = cache_k = _write_slots(cache_k, keys, (0, 0, 0, index))
-    values = cache_v = _write_slots(cache_v, values, (0, 0, index, 0))
-  attn = attention(q_btnh, keys, values, mask)
+  return (apply_rope(q_btnh, cos, sin), apply_rope(k_btkh, cos, sin).transpose(0, 2, 3, 1),
+          v_btkh.transpose(0, 2, 1, 3))
+
+
+def _block_output(x, attn, w, cfg: ModelConfig):
+  """x + o(attn), then the SwiGLU half of the block."""
+  b, t, n, h = attn.shape
   out = dense(attn.reshape(b, t, n * h), w['o'])
   if cfg.o_bias:
     out = out + w['o_bias']
@@ -239,10 +271,53 @@ def decoder_block(x, p, cos, sin, mask, cfg: ModelConfig, cache=None):
   x = sharding.constrain(x, ('batch', 'seq', 'act_embed'))
 
   act = rms_norm(x, w['mlp_norm'], cfg.rms_norm_eps)
-  gate, up = dense(act, w['gate']), dense(act, w['up'])
+  if 'gate_up' in w:
+    gate, up = jnp.split(dense(act, w['gate_up']), 2, axis=-1)
+  else:
+    gate, up = dense(act, w['gate']), dense(act, w['up'])
   hidden = sharding.constrain(jax.nn.silu(gate) * up, ('batch', 'seq', 'mlp'))
   x = x + dense(hidden, w['down'])
-  return sharding.constrain(x, ('batch', 'seq', 'act_embed')), (keys, values)
+  return sharding.constrain(x, ('batch', 'seq', 'act_embed'))
+
+
+def shared_prompt_stack(x_prompt, x_comp, layer_params, prompt_pos, prompt_seg, comp_pos,
+                        comp_seg, cfg: ModelConfig):
+  """Runs every block over G prompts [G, P, D] and their R = G * n
+  completions [R, N, D] (completion r continues prompt r // n), computing
+  each prompt once instead of once per sample.
+
+  Completions attend to their prompt's keys and values (repeated per
+  sample, so the backward pass sums the samples' gradients into the shared
+  prompt) and causally to each other; the result equals running every
+  prompt + completion row through `decoder_stack`.
+  """
+  samples = x_comp.shape[0] // x_prompt.shape[0]
+  prompt_seg, comp_seg = prompt_seg.astype(jnp.int32), comp_seg.astype(jnp.int32)
+  repeat = lambda a: jnp.repeat(a, samples, axis=0)
+  p_cos, p_sin = rope_tables(prompt_pos, cfg)
+  c_cos, c_sin = rope_tables(comp_pos, cfg)
+  prompt_mask = attention_mask(prompt_pos, prompt_seg, prompt_pos, prompt_seg, cfg.sliding_window)
+  # A completion token sees its whole (real) prompt and the completion so far.
+  comp_mask = jnp.concatenate([
+      attention_mask(comp_pos, comp_seg, repeat(prompt_pos),
+                     jnp.where(repeat(prompt_seg) > 0, comp_seg[:, :1], 0), cfg.sliding_window),
+      attention_mask(comp_pos, comp_seg, comp_pos, comp_seg, cfg.sliding_window)], axis=-1)
+
+  def block(carry, params):
+    xp, xc = carry
+    w = _block_weights(params, xp.dtype)
+    pq, pk, pv = _attention_inputs(xp, w, p_cos, p_sin, cfg)
+    cq, ck, cv = _attention_inputs(xc, w, c_cos, c_sin, cfg)
+    keys = jnp.concatenate([repeat(pk), ck], axis=-1)
+    values = jnp.concatenate([repeat(pv), cv], axis=-2)
+    xp = _block_output(xp, attention(pq, pk, pv, prompt_mask), w, cfg)
+    xc = _block_output(xc, attention(cq, keys, values, comp_mask), w, cfg)
+    return (xp, xc), None
+
+  if cfg.remat:
+    block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
+  (x_prompt, x_comp), _ = jax.lax.scan(block, (x_prompt, x_comp), layer_params)
+  return x_prompt, x_comp
 
 
 @jax.custom_vjp

@@ -91,14 +91,21 @@ def validate(config) -> None:
   optim.validate(config.optim, config.total_steps)
 
 
-def place_batch(batch: dict, mesh) -> dict:
-  """Host arrays -> global arrays sharded over the batch axes of the mesh."""
+def place_batch(batch: dict, mesh, *, replicate_uneven: tuple[str, ...] = ()) -> dict:
+  """Host arrays -> global arrays sharded over the batch axes of the mesh.
+
+  Arrays named in `replicate_uneven` whose leading dim does not divide over
+  those axes (e.g. a few shared prompts) are replicated instead.
+  """
   spec = sharding.logical_to_spec(('batch',), mesh=mesh)
-  def place(x):
+  axes = [a for part in spec if part for a in ((part,) if isinstance(part, str) else part)]
+  shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+  def place(name, x):
     x = np.asarray(x)
+    lead = spec if name not in replicate_uneven or x.shape[0] % shards == 0 else (None,)
     return jax.make_array_from_process_local_data(
-        NamedSharding(mesh, PartitionSpec(*spec, *([None] * (x.ndim - 1)))), x)
-  return {k: place(v) for k, v in batch.items() if isinstance(v, np.ndarray)}
+        NamedSharding(mesh, PartitionSpec(*lead, *([None] * (x.ndim - 1)))), x)
+  return {k: place(k, v) for k, v in batch.items() if isinstance(v, np.ndarray)}
 
 
 def init_state(model, tx, seed: int, mesh):

@@ -14,6 +14,7 @@ rl_parts.py.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -245,9 +246,10 @@ def run(config, workdir: str | None, algorithm: str) -> dict[str, Any]:
       tic = time.perf_counter()
       rows = training_rows(batch, completions, num_samples)
       weights = rows['completion_mask']
-      placed = offline.place_batch({k: rows[k] for k in
-                                    ('tokens', 'positions', 'segment_ids', 'completion_mask')},
-                                   mesh)
+      row_keys = rl_parts.POLICY_KEYS + (rl_parts.CRITIC_KEYS if algorithm == 'ppo' else ())
+      place = functools.partial(offline.place_batch, mesh=mesh,
+                                replicate_uneven=rl_parts.PROMPT_KEYS)
+      placed = place({k: rows[k] for k in row_keys})
       out: dict[str, Any] = {}
       if rl.old_logprobs == 'recompute':
         old_lp = np.asarray(logprobs_fn(state['policy']['params'], placed))
@@ -267,7 +269,7 @@ def run(config, workdir: str | None, algorithm: str) -> dict[str, Any]:
         old_values = np.asarray(values_fn(state['critic']['params'], placed))
         train_rows = ppo_advantages(scores, old_values, old_lp, ref_lp, weights, rl=rl)
         train_rows['old_values'] = old_values
-      train_rows |= {k: rows[k] for k in ('tokens', 'positions', 'segment_ids', 'completion_mask')}
+      train_rows |= {k: rows[k] for k in row_keys}
       train_rows['old_logprobs'] = old_lp
       if kl_coef:
         train_rows['ref_logprobs'] = ref_lp
@@ -280,8 +282,10 @@ def run(config, workdir: str | None, algorithm: str) -> dict[str, Any]:
       for epoch in range(rl.epochs):
         order = order_rng.permutation(rows_per_step)
         for m in range(rl.minibatches):
-          picked = order[m * size:(m + 1) * size]
-          mini = offline.place_batch({k: v[picked] for k, v in train_rows.items()}, mesh)
+          # One minibatch keeps the G shared prompts (the loss does not depend
+          # on row order); smaller ones give each row its own prompt.
+          mini = place(train_rows if rl.minibatches == 1 else rl_parts.select_rows(
+              train_rows, order[m * size:(m + 1) * size], num_samples))
           state['policy'], policy_out = policy_step(state['policy'], mini)
           if algorithm == 'ppo':
             state['critic'], critic_out = critic_step(state['critic'], mini)

@@ -37,35 +37,67 @@ def trim_prompts(batch: dict, bucket: int) -> dict:
 
 
 def training_rows(prompts: dict, completions, num_samples: int) -> dict[str, np.ndarray]:
-  """Prompt + completion sequences [R, T], the completion mask and the
-  sampler's log-probs [R, N] (0 outside the mask)."""
-  prompt_tokens = np.repeat(prompts['tokens'], num_samples, axis=0)
-  prompt_seg = np.repeat(prompts['segment_ids'] > 0, num_samples, axis=0)
+  """The rollout as training rows, in two layouts.
+
+  Shared-prompt (what the policy trains on): the G left-padded prompts
+  `prompt_tokens` / `prompt_positions` / `prompt_segment_ids` [G, P] once,
+  and `completion_tokens` / `completion_positions` [R, N], row r continuing
+  prompt r // num_samples. Full rows (for a critic): `tokens`, `positions`,
+  `segment_ids` [R, P + N]. Both with `completion_mask` and the sampler's
+  log-probs [R, N] (0 outside the mask).
+  """
+  prompt_tokens = np.asarray(prompts['tokens'])
+  prompt_real = np.asarray(prompts['segment_ids']) > 0
   comp_mask = np.asarray(completions.mask) > 0
-  tokens = np.concatenate([prompt_tokens, np.asarray(completions.tokens)], axis=1)
-  real = np.concatenate([prompt_seg, comp_mask], axis=1)
-  positions = np.where(real, np.cumsum(real, axis=1) - 1, 0)
-  return {'tokens': tokens.astype(np.int32), 'positions': positions.astype(np.int32),
-          'segment_ids': real.astype(np.int32),
+  comp_tokens = np.asarray(completions.tokens)
+  prompt_positions = np.where(prompt_real, np.cumsum(prompt_real, axis=1) - 1, 0)
+  prompt_lengths = np.repeat(prompt_real.sum(axis=1), num_samples)
+  comp_positions = prompt_lengths[:, None] + np.arange(comp_tokens.shape[1])[None]
+  full_tokens = np.concatenate([np.repeat(prompt_tokens, num_samples, axis=0), comp_tokens], axis=1)
+  full_real = np.concatenate([np.repeat(prompt_real, num_samples, axis=0), comp_mask], axis=1)
+  full_positions = np.where(full_real, np.cumsum(full_real, axis=1) - 1, 0)
+  i32 = lambda a: np.asarray(a, np.int32)
+  return {'prompt_tokens': i32(prompt_tokens), 'prompt_positions': i32(prompt_positions),
+          'prompt_segment_ids': i32(prompt_real),
+          'completion_tokens': i32(comp_tokens), 'completion_positions': i32(comp_positions),
+          'tokens': i32(full_tokens), 'positions': i32(full_positions),
+          'segment_ids': i32(full_real),
           'completion_mask': comp_mask.astype(np.float32),
           'sampler_logprobs': np.where(comp_mask, completions.sampling_logprobs,
                                        0.0).astype(np.float32)}
 
 
+POLICY_KEYS = ('prompt_tokens', 'prompt_positions', 'prompt_segment_ids', 'completion_tokens',
+               'completion_positions', 'completion_mask')
+CRITIC_KEYS = ('tokens', 'positions', 'segment_ids', 'completion_mask')
+PROMPT_KEYS = ('prompt_tokens', 'prompt_positions', 'prompt_segment_ids')
+
+
+def select_rows(rows: dict, picked: np.ndarray, num_samples: int) -> dict:
+  """The rows `picked` (indices into R) of a training batch; each picked row
+  gets its own copy of its prompt (a minibatch mixes groups)."""
+  return {k: v[picked // num_samples] if k in PROMPT_KEYS else v[picked] for k, v in rows.items()}
+
+
 def completion_logits(model, batch, temperature: float):
   """Logits [R, N, V] predicting each completion token, at the rollout
-  temperature (the distribution the sampler drew from)."""
-  n = batch['completion_mask'].shape[1]
-  hidden, _ = model.hidden_states(batch['tokens'], batch['positions'], batch['segment_ids'])
-  return model.logits(hidden[:, -n - 1:-1]) / temperature
+  temperature (the distribution the sampler drew from). Token j is
+  predicted from the hidden state before it: the prompt's last for j = 0."""
+  prompt_hidden, comp_hidden = model.shared_prompt_hidden_states(
+      batch['prompt_tokens'], batch['prompt_positions'], batch['prompt_segment_ids'],
+      batch['completion_tokens'], batch['completion_positions'], batch['completion_mask'])
+  samples = comp_hidden.shape[0] // prompt_hidden.shape[0]
+  # Prompts are left-padded, so column -1 is each prompt's last real token.
+  last_prompt = jnp.repeat(prompt_hidden[:, -1:], samples, axis=0)
+  hidden = jnp.concatenate([last_prompt, comp_hidden[:, :-1]], axis=1)
+  return model.logits(hidden) / temperature
 
 
 def completion_logprobs(logits, batch):
   """log p(completion token j) [R, N] from completion_logits."""
-  n = batch['completion_mask'].shape[1]
   # token_logprobs drops its last position, so pad one: logits[:, j] -> token j.
   padded = jnp.pad(logits, ((0, 0), (0, 1), (0, 0)))
-  return ops.token_logprobs(padded, batch['tokens'][:, -n:])
+  return ops.token_logprobs(padded, batch['completion_tokens'])
 
 
 def make_logprobs_fn(graphdef, temperature: float):
