@@ -32,7 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       path='smollm2-135m-instruct', dtype='float32', param_dtype='float32', remat=False))
   c.data = ml_collections.ConfigDict(dict(
       train=("arith:train",), eval=("arith:test",), max_prompt_len=52, policy="error",
-      prompt_bucket=64))  # per step, prompts are cut to the batch's longest (in steps of 64)
+      prompt_bucket=64,  # per step, prompts are cut to the batch's longest (in steps of 64)
+      completion_bucket=32))  # and completion slots to the longest answer (steps of 32)
   c.prompts_per_step = 4
   c.eval_batch_size = 16
   c.sampling = ml_collections.ConfigDict(dict(

@@ -115,6 +115,19 @@ def test_trim_prompts_keeps_a_bucketed_width():
   assert rl_parts.trim_prompts(batch, 16)['tokens'].shape == (2, 10)  # never wider
 
 
+def test_trim_completions_keeps_a_bucketed_width():
+  full = lambda: np.arange(2 * 10).reshape(2, 10)
+  completions = Completions(tokens=full(), mask=full() % 10 < np.array([[3], [5]]),
+                            logprobs=full(), sampling_logprobs=full(),
+                            truncated=np.zeros(2, bool), lengths=np.array([3, 5]))
+  trimmed = rl_parts.trim_completions(completions, 4)
+  np.testing.assert_array_equal(trimmed.tokens, full()[:, :8])  # longest 5 -> 8 wide
+  np.testing.assert_array_equal(trimmed.mask, completions.mask[:, :8])
+  np.testing.assert_array_equal(trimmed.lengths, [3, 5])
+  assert rl_parts.trim_completions(completions, 0) is completions
+  assert rl_parts.trim_completions(completions, 16) is completions  # never wider
+
+
 def test_ppo_token_rewards_put_the_score_on_the_last_token():
   rl = grpo.get_config().rl
   weights = np.array([[0, 1, 1, 1, 0], [0, 0, 1, 0, 0]], np.float32)

@@ -234,6 +234,7 @@ def run(config, workdir: str | None, algorithm: str) -> dict[str, Any]:
       policy_model = nnx.merge(graphdef, state['policy']['params'])
       completions = jax.device_get(sampling.generate(
           policy_model, batch['tokens'], batch['segment_ids'] > 0, settings, key))
+      completions = rl_parts.trim_completions(completions, config.data.get('completion_bucket', 0))
       texts = rollout.completion_texts(tokenizer, completions.tokens, completions.lengths)
       rollout_s = time.perf_counter() - tic
 

@@ -12,6 +12,8 @@ stop token.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,6 +36,21 @@ def trim_prompts(batch: dict, bucket: int) -> dict:
     return batch
   keep = min(width, -(-longest // bucket) * bucket)
   return batch | {k: batch[k][:, width - keep:] for k in ('tokens', 'positions', 'segment_ids')}
+
+
+def trim_completions(completions, bucket: int):
+  """Drops completion slots after the longest completion of the rollout,
+  keeping the width a multiple of `bucket` (0: no trimming), so the update
+  does not run over slots every row left empty."""
+  longest = int(np.max(completions.lengths))
+  width = completions.tokens.shape[1]
+  keep = width if bucket <= 0 else min(width, max(bucket, -(-longest // bucket) * bucket))
+  if keep == width:
+    return completions
+  cut = lambda a: np.asarray(a)[:, :keep]
+  return dataclasses.replace(completions, tokens=cut(completions.tokens), mask=cut(completions.mask),
+                             logprobs=cut(completions.logprobs),
+                             sampling_logprobs=cut(completions.sampling_logprobs))
 
 
 def training_rows(prompts: dict, completions, num_samples: int) -> dict[str, np.ndarray]:
