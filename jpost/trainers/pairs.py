@@ -5,7 +5,8 @@ verifier, a reward model, a judge), keep (best, worst) when the gap is at
 least `pairs.min_gap`. Writes `pairs_{split}.jsonl` rows in the preference
 format ({'prompt', 'chosen', 'rejected'} + scores), `best_of_n_{split}.jsonl`
 (rejection sampling: the best answer as an SFT row, when it scores at least
-`pairs.best_min_score`) and `pairs_stats.json`. On verifiable data this gives
+`pairs.best_min_score`) and `pairs_stats.json` (counts of prompts without a
+gap, identical pairs, and empty answers, which are never chosen). On verifiable data this gives
 real on-policy data without human labels.
 """
 
@@ -44,7 +45,7 @@ def make_pairs(model, tokenizer, batches, reward_fns, settings: sampling.Samplin
                min_gap: float, seed: int, max_prompts: int | None = None,
                best_min_score: float = float('inf')):
   """(preference rows, best-of-n SFT rows, stats) from prompt batches."""
-  stats = {'prompts': 0, 'samples': 0, 'pairs': 0, 'no_gap': 0, 'identical': 0,
+  stats = {'prompts': 0, 'samples': 0, 'pairs': 0, 'no_gap': 0, 'identical': 0, 'blank': 0,
            'best_of_n': 0, 'reward_sum': 0.0, 'failures': {}}
   rows, best_rows = [], []
   key = jax.random.key(seed)
@@ -60,7 +61,11 @@ def make_pairs(model, tokenizer, batches, reward_fns, settings: sampling.Samplin
     for name, counts in result.failures.items():
       stats['failures'][name] = stats['failures'].get(name, 0) + sum(counts.values())
     failed = np.any([~np.isfinite(v) for v in result.per_source.values()], axis=0)
-    scores = np.where(failed, np.nan, result.total)
+    # An empty answer (the stop token first) is no preference or SFT row: the
+    # data layer rejects blank responses. Like a failed reward, it is skipped.
+    blank = np.array([not text.strip() for text in texts])
+    stats['blank'] += int(blank.sum())
+    scores = np.where(failed | blank, np.nan, result.total)
     stats['samples'] += len(texts)
     stats['reward_sum'] += float(np.sum(result.total))
     for i, prompt in enumerate(batch['prompt']):
