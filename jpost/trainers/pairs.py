@@ -6,8 +6,8 @@ least `pairs.min_gap`. Writes `pairs_{split}.jsonl` rows in the preference
 format ({'prompt', 'chosen', 'rejected'} + scores), `best_of_n_{split}.jsonl`
 (rejection sampling: the best answer as an SFT row, when it scores at least
 `pairs.best_min_score`) and `pairs_stats.json` (counts of prompts without a
-gap, identical pairs, and empty answers, which are never chosen). On verifiable data this gives
-real on-policy data without human labels.
+gap, identical pairs, and empty answers, which are never chosen). On
+verifiable data this gives real on-policy data without human labels.
 """
 
 from __future__ import annotations
