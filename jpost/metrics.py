@@ -93,7 +93,9 @@ def measured_peak_flops(dtype: str = 'float32') -> float:
   """
   n = 2048 if jax.default_backend() == 'cpu' else 8192
   a = jnp.ones((n, n), dtype)
-  matmul = jax.jit(lambda x: x @ x)
+  # Accumulated in float32, as the model's matmuls are (`decoder.dense`): on
+  # CPU a bfloat16 result is a far slower path, which would inflate MFU.
+  matmul = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
   matmul(a).block_until_ready()
   repeats, start = 3, time.perf_counter()
   for _ in range(repeats):
