@@ -256,11 +256,12 @@ def _stream_prefill(graphdef, state, tokens, mask, cache):
   return _prefill(nnx.merge(graphdef, state), tokens, mask, cache)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6))
-def _stream_step(graphdef, state, hidden, pos, cache, key, sampling):
+@functools.partial(jax.jit, static_argnums=(0, 8), donate_argnums=(6,))
+def _stream_step(graphdef, state, layers, head, hidden, pos, cache, key, sampling):
   model = nnx.merge(graphdef, state)
-  token = _pick(model.logits(hidden[:, None])[:, 0], key, sampling)[0]
-  hidden, cache = _decode(model, token, pos + 1, cache)
+  head = (head, model.config.tie_embeddings)  # a tied head is [V, D]
+  token = _pick(model.logits(hidden[:, None], head)[:, 0], key, sampling)[0]
+  hidden, cache = _decode(model, token, pos + 1, cache, layers)
   return token, hidden, pos + 1, cache
 
 
@@ -281,9 +282,12 @@ def stream(model, prompt: list[int], sampling: SamplingConfig, key=None):
   key = jax.random.key(0) if key is None else key
   cache = init_cache(model.config, 1, bucket + sampling.max_new_tokens)
   hidden, pos, cache = _stream_prefill(graphdef, state, tokens, mask, cache)
+  # Sliced and cast once per reply; the cache is updated in place (donated).
+  layers, (head, _) = model.decode_layers(), model.head()
   for _ in range(sampling.max_new_tokens):
     key, sub = jax.random.split(key)
-    token, hidden, pos, cache = _stream_step(graphdef, state, hidden, pos, cache, sub, sampling)
+    token, hidden, pos, cache = _stream_step(graphdef, state, layers, head, hidden, pos, cache,
+                                             sub, sampling)
     token = int(token[0])
     yield token
     if token in sampling.stop_ids:
