@@ -100,7 +100,7 @@ class Decoder(nnx.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     if layers is None:
-      layers = {name: getattr(self.layers, name)[...] for name in layer_param_shapes(cfg)}
+      layers = self.stacked_layers()
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
     x = sharding.constrain(x, ('batch', 'seq', 'act_embed'))
     x, cache = decoder_stack(x, layers, positions, segment_ids, cfg, cache)
@@ -113,12 +113,16 @@ class Decoder(nnx.Module):
     each prompt computed once: ([G, P, D], [R, N, D])."""
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
-    layers = {name: getattr(self.layers, name)[...] for name in layer_param_shapes(cfg)}
+    layers = self.stacked_layers()
     embed = lambda t: jnp.take(self.embed[...], t, axis=0).astype(dtype)
     xp, xc = shared_prompt_stack(embed(prompt_tokens), embed(tokens), layers, prompt_positions,
                                  prompt_segment_ids, positions, segment_ids, cfg)
     norm = lambda x: rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
     return norm(xp), norm(xc)
+
+  def stacked_layers(self) -> dict:
+    """Name -> the [L, ...] array of every layer parameter."""
+    return {name: getattr(self.layers, name)[...] for name in layer_param_shapes(self.config)}
 
   def decode_layers(self) -> list[dict]:
     """Each layer's parameters as separate arrays in the compute dtype.
@@ -128,7 +132,7 @@ class Decoder(nnx.Module):
     copy cost as much as the matmuls. Sliced and cast once, they are read in place.
     """
     dtype = jnp.dtype(self.config.dtype)
-    stacked = {name: getattr(self.layers, name)[...] for name in layer_param_shapes(self.config)}
+    stacked = self.stacked_layers()
     # One wide matmul instead of three (q, k, v) and of two (gate, up): fewer,
     # larger operations are what a small-batch decode step is short of.
     stacked['qkv'] = jnp.concatenate([stacked.pop(n) for n in ('q', 'k', 'v')], axis=-1)
