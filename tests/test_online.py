@@ -102,6 +102,54 @@ def test_shared_prompt_gradient_equals_full_rows(tiny_checkpoint):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('num_prompts', [8, 2])
+def test_shared_prompts_on_a_mesh_match_one_device(tiny_checkpoint, num_prompts):
+  """On 8 devices, 8 shared prompts are split over the batch axis and 2 are
+  replicated; either way log-probs and gradients equal one device's."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from jpost import sharding
+  from jpost.models import hf
+  from jpost.trainers import offline
+  mesh = sharding.make_mesh({'data': -1})
+  assert mesh.devices.size == 8, 'the suite runs on 8 host devices (tests/conftest.py)'
+  samples, width, new = 16 // num_prompts, 6, 4  # 16 rows either way
+  rng = np.random.RandomState(2)
+  real = rng.randint(1, width + 1, num_prompts)
+  prompts = {'tokens': rng.randint(3, 500, (num_prompts, width)),
+             'segment_ids': (np.arange(width)[None] >= width - real[:, None]).astype(np.int32)}
+  lengths = rng.randint(1, new + 1, num_prompts * samples)
+  mask = (np.arange(new)[None] < lengths[:, None]).astype(np.int32)
+  completions = Completions(
+      tokens=rng.randint(3, 500, mask.shape) * mask, mask=mask,
+      logprobs=np.zeros(mask.shape), sampling_logprobs=np.zeros(mask.shape),
+      truncated=np.zeros(len(lengths), bool), lengths=lengths)
+  rows = {k: rl_parts.training_rows(prompts, completions, samples)[k] for k in rl_parts.POLICY_KEYS}
+
+  def loss(graphdef, params, batch):
+    model = nnx.merge(graphdef, params)
+    logprobs = rl_parts.completion_logprobs(rl_parts.completion_logits(model, batch, 1.0), batch)
+    return jnp.sum(logprobs * batch['completion_mask'] * jnp.arange(1, new + 1)), logprobs
+
+  def run(model, batch):
+    graphdef, params = nnx.split(model)
+    fn = jax.jit(jax.value_and_grad(lambda p, b: loss(graphdef, p, b), has_aux=True))
+    (value, logprobs), grads = fn(params, batch)
+    return value, logprobs, grads
+
+  want = run(hf.load(tiny_checkpoint), {k: jnp.asarray(v) for k, v in rows.items()})
+  placed = offline.place_batch(rows, mesh, replicate_uneven=rl_parts.PROMPT_KEYS)
+  prompt_spec = placed['prompt_tokens'].sharding.spec
+  assert (prompt_spec[0] is None) == (num_prompts % 8 != 0), prompt_spec
+  assert placed['completion_tokens'].sharding.spec[0] is not None
+  got = run(hf.load(tiny_checkpoint, mesh=mesh), placed)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), atol=1e-5)
+  for g, w in zip(jax.tree.leaves(got[2]), jax.tree.leaves(want[2])):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
+
+
 def test_trim_prompts_keeps_a_bucketed_width():
   segments = np.zeros((2, 10), np.int32)
   segments[0, -3:] = 1
