@@ -11,6 +11,8 @@
 #     -d .gpu_wheels grain array-record cloudpickle portpicker ml-collections pyyaml \
 #     tokenizers safetensors jinja2 markupsafe gguf tqdm etils absl-py \
 #     math-verify latex2sympy2_extended antlr4-python3-runtime==4.13.2 sympy mpmath
+# Order: what matters most first (a 15-minute device budget did not fit the
+# whole script: first generate calls compile for 17-76 s each on jax 0.11).
 set -u
 out=${1:-${OUT:-/tmp/jpost_gpu}}
 what=${2:-all}
@@ -22,6 +24,24 @@ export PYTHONPATH="$PWD:$site"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, jax.devices())"
 } 2>&1 | tee "$out/env.txt"
+# GRPO: a random SmolLM2-shaped policy with the real tokenizer (random weights
+# rarely stop, so every completion runs to max_new_tokens: the worst case).
+python3 - <<'PY'
+import json, sys
+sys.path.insert(0, 'bench')
+import common
+from flax import nnx
+from jpost.models import hf
+from jpost.models.config import ModelConfig
+from jpost.models.decoder import Decoder
+from jpost.tokenizer import Tokenizer
+cfg = ModelConfig.from_hf(json.loads(json.dumps(common.SMOLLM2_135M)))
+hf.save(Decoder(cfg, rngs=nnx.Rngs(0)), '/tmp/smollm2_random',
+        tokenizer=Tokenizer.from_dir('.gpu_assets/tokenizer'))
+PY
+rl="--model /tmp/smollm2_random --data .gpu_assets/rl_train.jsonl"
+python3 bench/grpo_step.py $rl --steps 5 --dtype bfloat16 2>&1 | grep -v Warn | tail -7 | tee "$out/grpo_2x8x128_bf16.txt"
+python3 bench/grpo_step.py $rl --steps 4 --dtype bfloat16 --prompts 16 --max-new 256 --remat 2>&1 | grep -v Warn | tail -6 | tee "$out/grpo_16x8x256_bf16.txt"
 if [ "$what" = all ]; then
 python3 - <<'PY' 2>&1 | tee "$out/parity.txt"
 # Same random decoder on GPU and CPU: float32 logits (highest matmul precision) and bf16 compute.
@@ -40,25 +60,7 @@ for dtype, prec in [('float32', 'highest'), ('float32', 'default'), ('bfloat16',
   print(f'{dtype} compute, {prec} precision: max |GPU - CPU float32| = {np.abs(gpu - cpu).max():.2e} (logit scale {np.abs(cpu).max():.2f})')
 PY
 python3 bench/sft_throughput.py --random-init --batch 8 --seq-len 256 --steps 10 2>&1 | grep -v Warn | tee "$out/sft_8x256.txt"
-python3 bench/sft_throughput.py --random-init --batch 32 --seq-len 1024 --steps 10 --dtypes bfloat16 2>&1 | grep -v Warn | tee "$out/sft_32x1024.txt"
+python3 bench/sft_throughput.py --random-init --batch 32 --seq-len 1024 --steps 10 --dtypes bfloat16 --remat 2>&1 | grep -v Warn | tee "$out/sft_32x1024.txt"
 python3 bench/generate_throughput.py --random-init --batches 1,8,32,128 --new-tokens 128 2>&1 | grep -v Warn | tee "$out/generate.txt"
 fi
-# GRPO: a random SmolLM2-shaped policy with the real tokenizer (random weights
-# rarely stop, so every completion runs to max_new_tokens: the worst case).
-python3 - <<'PY'
-import json, sys
-sys.path.insert(0, 'bench')
-import common
-from flax import nnx
-from jpost.models import hf
-from jpost.models.config import ModelConfig
-from jpost.models.decoder import Decoder
-from jpost.tokenizer import Tokenizer
-cfg = ModelConfig.from_hf(json.loads(json.dumps(common.SMOLLM2_135M)))
-hf.save(Decoder(cfg, rngs=nnx.Rngs(0)), '/tmp/smollm2_random',
-        tokenizer=Tokenizer.from_dir('.gpu_assets/tokenizer'))
-PY
-rl="--model /tmp/smollm2_random --data .gpu_assets/rl_train.jsonl"
 python3 bench/grpo_step.py $rl --steps 5 2>&1 | grep -v Warn | tail -7 | tee "$out/grpo_2x8x128_f32.txt"
-python3 bench/grpo_step.py $rl --steps 5 --dtype bfloat16 2>&1 | grep -v Warn | tail -7 | tee "$out/grpo_2x8x128_bf16.txt"
-python3 bench/grpo_step.py $rl --steps 4 --dtype bfloat16 --prompts 16 --max-new 256 --remat 2>&1 | grep -v Warn | tail -6 | tee "$out/grpo_16x8x256_bf16.txt"
