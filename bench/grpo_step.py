@@ -9,7 +9,9 @@ beta 0.04, no held-out eval) and reads its per-step timings. The first step
 (compilation) is reported apart; the figures are medians over the rest. The
 last line is one JSON object with `s_per_step`, `rollout_s`, `update_s`
 (`update_s` counts the reference / old log-prob forwards and the update),
-`reward_s` and peak RSS.
+`reward_s` and peak RSS. A step with a prompt or completion width not seen
+before compiles again; `warm_s_per_step` is the median over the steps that
+did not.
 """
 
 import argparse
@@ -68,11 +70,20 @@ def main():
     records = [json.loads(line) for line in
                (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
   steps = [r for r in records if 'time/step_s' in r]
+  # A step whose prompt width (rollout) or prompt + completion widths
+  # (update) were not seen before compiles; `warm_s_per_step` leaves those out.
+  seen, warm = set(), []
   for r in steps:
+    widths = (r['shape/prompt_width'], r['shape/completion_width'])
+    compiled = widths[0] not in seen or widths not in seen
+    seen |= {widths[0], widths}
+    if not compiled:
+      warm.append(r['time/step_s'])
     print(f"step {r['step']}: {r['time/step_s']:.1f} s (rollout {r['time/rollout_s']:.1f}, "
           f"reward {r['time/reward_s']:.2f}, prep {r['time/prep_s']:.1f}, "
           f"update {r['time/update_s']:.1f}); completion length {r['completion/length']:.0f}, "
-          f"truncated {r['completion/truncated']:.2f}")
+          f"truncated {r['completion/truncated']:.2f}, widths {widths[0]} + {widths[1]}"
+          f"{', compiled' if compiled else ''}")
   rest = steps[1:] or steps
   median = lambda key: statistics.median(r[key] for r in rest)
   result = {
@@ -80,6 +91,8 @@ def main():
                f'beta {args.beta}, {args.dtype}, {args.minibatches} minibatch(es), '
                f'remat {args.remat}, {args.data}',
       's_per_step': round(median('time/step_s'), 2),
+      'warm_s_per_step': round(statistics.median(warm), 2) if warm else None,
+      'warm_steps': len(warm),
       'rollout_s': round(median('time/rollout_s'), 2),
       'update_s': round(median('time/prep_s') + median('time/update_s'), 2),
       'reward_s': round(median('time/reward_s'), 3),

@@ -310,6 +310,9 @@ def run(config, workdir: str | None, algorithm: str) -> dict[str, Any]:
         out[f'failures_total/{name}'] = failures_total[name]
       out |= {'completion/length': float(np.mean(completions.lengths)),
               'completion/truncated': float(np.mean(completions.truncated)),
+              # Widths the rollout and update were compiled for (a new one recompiles).
+              'shape/prompt_width': batch['tokens'].shape[1],
+              'shape/completion_width': completions.tokens.shape[1],
               'time/rollout_s': rollout_s, 'time/reward_s': reward_s, 'time/prep_s': prep_s,
               'time/update_s': update_s,
               'time/step_s': rollout_s + reward_s + prep_s + update_s}
