@@ -1,12 +1,17 @@
 """Generation throughput of jpost's KV-cache sampler on SmolLM2-135M.
 
   python bench/generate_throughput.py [--batches 1,8,32] [--new-tokens 128] [--dtypes float32,bfloat16]
+      [--decode default,loop:float32,scan:model]
 
 Every row generates exactly --new-tokens tokens (no early stop), sampling at
 temperature 1 from left-padded chat prompts. The first call of each shape
 (compilation included) is reported apart; tokens/s is the median of the
 timed calls. The last line is one JSON object whose `tokens_per_s` is the
 best dtype at the largest batch.
+
+--decode compares decode steps: `loop` or `scan` over the layers, with the
+KV cache stored in float32 or in the `model`'s dtype (`default` = what the
+backend uses; see sampling.scan_layers_by_default and decoder.cache_storage_dtype).
 """
 
 import argparse
@@ -37,6 +42,40 @@ def prompt_ids(batch: int, random_init: bool) -> list[list[int]]:
                                 add_generation_prompt=True).ids for i in range(batch)]
 
 
+def decode_options(decode: str, dtype: str) -> dict:
+  """'loop:float32' -> generate()'s keywords; 'default' -> none."""
+  if decode == 'default':
+    return {}
+  loop, _, cache = decode.partition(':')
+  if loop not in ('loop', 'scan') or cache not in ('float32', 'model'):
+    raise ValueError(f'--decode {decode!r}: expected default or (loop|scan):(float32|model).')
+  return dict(scan_layers=loop == 'scan', cache_dtype=dtype if cache == 'model' else 'float32')
+
+
+def run(model, settings, batch, dtype, decode, args) -> dict:
+  options = decode_options(decode, dtype)
+  tokens, mask = sampling.left_pad(prompt_ids(batch, args.random_init), 2)
+  tic = time.perf_counter()
+  jax.block_until_ready(sampling.generate(model, tokens, mask, settings, jax.random.key(0),
+                                          **options))
+  first = time.perf_counter() - tic
+  times = []
+  for r in range(args.repeats):
+    tic = time.perf_counter()
+    out_mask = jax.block_until_ready(sampling.generate(
+        model, tokens, mask, settings, jax.random.key(r + 1), **options)).mask
+    times.append(time.perf_counter() - tic)
+  new = int(np.asarray(out_mask).sum())
+  seconds = statistics.median(times)
+  result = {'dtype': dtype, 'decode': decode, 'batch': batch, 'new_tokens': args.new_tokens,
+            'generated': new, 'seconds_median': round(seconds, 3),
+            'first_call_s': round(first, 2), 'tokens_per_s': round(new / seconds, 1),
+            'device': jax.devices()[0].device_kind, 'random_init': args.random_init}
+  print(f"{dtype} {decode} batch {batch}: {result['tokens_per_s']} tokens/s "
+        f"({new} tokens in {seconds:.2f}s; first call {first:.1f}s with compilation)", flush=True)
+  return result
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--batches', default='1,8,32')
@@ -44,6 +83,7 @@ def main():
   parser.add_argument('--dtypes', default='float32,bfloat16')
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--random-init', action='store_true')
+  parser.add_argument('--decode', default='default')
   args = parser.parse_args()
   results = []
   for dtype in args.dtypes.split(','):
@@ -51,30 +91,14 @@ def main():
     # An id outside the vocabulary is never sampled: every row runs to the end.
     settings = sampling.SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0,
                                        stop_ids=(model.config.vocab_size,))
-    for batch in map(int, args.batches.split(',')):
-      tokens, mask = sampling.left_pad(prompt_ids(batch, args.random_init), 2)
-      tic = time.perf_counter()
-      jax.block_until_ready(sampling.generate(model, tokens, mask, settings, jax.random.key(0)))
-      first = time.perf_counter() - tic
-      times = []
-      for r in range(args.repeats):
-        tic = time.perf_counter()
-        out_mask = jax.block_until_ready(
-            sampling.generate(model, tokens, mask, settings, jax.random.key(r + 1))).mask
-        times.append(time.perf_counter() - tic)
-      new = int(np.asarray(out_mask).sum())
-      seconds = statistics.median(times)
-      result = {'dtype': dtype, 'batch': batch, 'new_tokens': args.new_tokens,
-                'generated': new, 'seconds_median': round(seconds, 3),
-                'first_call_s': round(first, 2), 'tokens_per_s': round(new / seconds, 1),
-                'device': jax.devices()[0].device_kind, 'random_init': args.random_init}
-      results.append(result)
-      print(f"{dtype} batch {batch}: {result['tokens_per_s']} tokens/s "
-            f"({new} tokens in {seconds:.2f}s; first call {first:.1f}s with compilation)", flush=True)
+    for decode in args.decode.split(','):
+      for batch in map(int, args.batches.split(',')):
+        results.append(run(model, settings, batch, dtype, decode, args))
   largest = max(r['batch'] for r in results)
   best = max((r for r in results if r['batch'] == largest), key=lambda r: r['tokens_per_s'])
   print(json.dumps({'tokens_per_s': best['tokens_per_s'], 'batch': largest,
-                    'best_dtype': best['dtype'], 'settings': results}))
+                    'best_dtype': best['dtype'], 'best_decode': best['decode'],
+                    'settings': results}))
 
 
 if __name__ == '__main__':

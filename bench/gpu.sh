@@ -2,7 +2,8 @@
 # The accelerator benchmarks, as run on a lent GPU machine (no network there):
 # wheels for what the machine lacks are carried in .gpu_wheels/, the model is
 # SmolLM2-135M-shaped with random weights (speed does not depend on values).
-#   bash bench/gpu.sh OUTDIR [all|grpo]
+#   bash bench/gpu.sh OUTDIR [all|grpo|decode]
+# (decode: the decode-step variants side by side, then GRPO in bf16)
 # GRPO also needs .gpu_assets/: SmolLM2's tokenizer files (tokenizer/) and
 # GSM8K's rl_train.jsonl, copied from ~/.cache/jpost.
 # Build the wheels folder first, on a machine with PyPI access:
@@ -40,6 +41,14 @@ hf.save(Decoder(cfg, rngs=nnx.Rngs(0)), '/tmp/smollm2_random',
         tokenizer=Tokenizer.from_dir('.gpu_assets/tokenizer'))
 PY
 rl="--model /tmp/smollm2_random --data .gpu_assets/rl_train.jsonl"
+gen="python3 bench/generate_throughput.py --random-init --new-tokens 128"
+if [ "$what" = decode ]; then
+  $gen --dtypes bfloat16 --batches 32,128 --decode scan:model,loop:model,loop:float32 2>&1 | grep -v Warn | tee "$out/decode_bf16.txt"
+  python3 bench/grpo_step.py $rl --steps 5 --dtype bfloat16 2>&1 | grep -v Warn | tail -7 | tee "$out/grpo_2x8x128_bf16.txt"
+  $gen --dtypes float32 --batches 32,128 --decode scan:model 2>&1 | grep -v Warn | tee "$out/decode_f32_scan.txt"
+  $gen --dtypes float32 --batches 32 --decode loop:model 2>&1 | grep -v Warn | tee "$out/decode_f32_loop.txt"
+  exit 0
+fi
 python3 bench/grpo_step.py $rl --steps 5 --dtype bfloat16 2>&1 | grep -v Warn | tail -7 | tee "$out/grpo_2x8x128_bf16.txt"
 python3 bench/grpo_step.py $rl --steps 4 --dtype bfloat16 --prompts 16 --max-new 256 --remat 2>&1 | grep -v Warn | tail -6 | tee "$out/grpo_16x8x256_bf16.txt"
 if [ "$what" = all ]; then

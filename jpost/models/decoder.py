@@ -4,7 +4,8 @@ Layer parameters are stacked along a leading 'layers' axis and the training
 forward pass scans over them: one layer is traced and compiled once,
 whatever the depth. Generation loops over the layers instead, with
 parameters sliced once and one KV-cache array per layer, so that a decode
-step neither copies weights nor the cache. The module holds parameters; the
+step neither copies weights nor the cache (or, where compile time matters
+more, scans over stacked layers and a stacked cache). The module holds parameters; the
 maths is pure functions over arrays.
 
 Inputs follow the batch contract: `tokens`, `positions` and `segment_ids`
@@ -125,20 +126,26 @@ class Decoder(nnx.Module):
     """Name -> the [L, ...] array of every layer parameter."""
     return {name: getattr(self.layers, name)[...] for name in layer_param_shapes(self.config)}
 
-  def decode_layers(self) -> list[dict]:
-    """Each layer's parameters as separate arrays in the compute dtype.
+  def decode_layers(self, stacked: bool = False) -> list[dict] | dict:
+    """The layer parameters in the compute dtype, for a decode loop to
+    prepare once: a list of per-layer dicts, or with `stacked` one dict of
+    [L, ...] arrays (for a scan over the layers).
 
     A loop that decodes one token per step and reads the stacked [L, ...]
     parameters slices (copies) every layer's weights every step; on CPU that
     copy cost as much as the matmuls. Sliced and cast once, they are read in place.
     """
     dtype = jnp.dtype(self.config.dtype)
-    stacked = self.stacked_layers()
+    stacked_params = self.stacked_layers()
     # One wide matmul instead of three (q, k, v) and of two (gate, up): fewer,
     # larger operations are what a small-batch decode step is short of.
-    stacked['qkv'] = jnp.concatenate([stacked.pop(n) for n in ('q', 'k', 'v')], axis=-1)
-    stacked['gate_up'] = jnp.concatenate([stacked.pop(n) for n in ('gate', 'up')], axis=-1)
-    return [{name: value[i].astype(dtype) for name, value in stacked.items()}
+    stacked_params['qkv'] = jnp.concatenate(
+        [stacked_params.pop(n) for n in ('q', 'k', 'v')], axis=-1)
+    stacked_params['gate_up'] = jnp.concatenate(
+        [stacked_params.pop(n) for n in ('gate', 'up')], axis=-1)
+    if stacked:
+      return {name: value.astype(dtype) for name, value in stacked_params.items()}
+    return [{name: value[i].astype(dtype) for name, value in stacked_params.items()}
             for i in range(self.config.num_layers)]
 
   def head(self):
@@ -158,31 +165,46 @@ class Decoder(nnx.Module):
     return dense(hidden, weight, is_vd, True)
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict[str, Any]:
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *,
+               stacked: bool = False) -> dict[str, Any]:
   """An empty KV cache: every slot has segment 0, so nothing attends to it.
 
-  One array per layer, so that a decode step writes its new keys into each
-  in place. Keys are [batch, kv_heads, head_dim, slots] and values [batch,
-  kv_heads, slots, head_dim]: the layouts the two attention matmuls read
-  without transposing the cache (4x faster decoding on CPU).
+  Keys are [batch, kv_heads, head_dim, slots] and values [batch, kv_heads,
+  slots, head_dim]: the layouts the two attention matmuls read without
+  transposing the cache (4x faster decoding on CPU). By default one array per
+  layer, so that a decode step that loops over the layers writes each in
+  place; with `stacked`, one [L, ...] array each for a scan over the layers.
+  `dtype` is the storage dtype; by default `cache_storage_dtype(cfg.dtype)`.
   """
-  dtype = _storage_dtype(jnp.dtype(dtype or cfg.dtype))
+  dtype = jnp.dtype(dtype) if dtype is not None else cache_storage_dtype(cfg.dtype)
   k, h = cfg.num_kv_heads, cfg.head_size
-  layers = range(cfg.num_layers)
+  key_shape, value_shape = (batch, k, h, max_len), (batch, k, max_len, h)
+  if stacked:
+    keys = jnp.zeros((cfg.num_layers, *key_shape), dtype)
+    values = jnp.zeros((cfg.num_layers, *value_shape), dtype)
+  else:
+    keys = [jnp.zeros(key_shape, dtype) for _ in range(cfg.num_layers)]
+    values = [jnp.zeros(value_shape, dtype) for _ in range(cfg.num_layers)]
   return {
-      'k': [jnp.zeros((batch, k, h, max_len), dtype) for _ in layers],
-      'v': [jnp.zeros((batch, k, max_len, h), dtype) for _ in layers],
+      'k': keys,
+      'v': values,
       'positions': jnp.zeros((batch, max_len), jnp.int32),
       'segment_ids': jnp.zeros((batch, max_len), jnp.int32),
       'index': jnp.zeros((), jnp.int32),
   }
 
 
-def _storage_dtype(dtype):
-  """16-bit float caches are stored in float32: XLA:CPU runs a bfloat16
+def cache_storage_dtype(compute_dtype):
+  """The dtype a KV cache is stored in: the compute dtype, except that 16-bit
+  caches are stored in float32 on CPU. XLA:CPU runs a bfloat16
   dynamic-update-slice in float32, converting the whole cache there and back
-  at every write (15 ms per decoded token for SmolLM2 at batch 32)."""
-  return jnp.dtype(jnp.float32) if dtype.itemsize == 2 else dtype
+  at every write (15 ms per decoded token for SmolLM2 at batch 32). Keys and
+  values are rounded to the compute dtype before they are stored, so the
+  storage dtype never changes a result."""
+  dtype = jnp.dtype(compute_dtype)
+  if dtype.itemsize == 2 and jax.default_backend() == 'cpu':
+    return jnp.dtype(jnp.float32)
+  return dtype
 
 
 def _write_slots(cache, new, start):
@@ -195,8 +217,9 @@ def decoder_stack(x, layer_params, positions, segment_ids, cfg: ModelConfig, cac
   """Runs every block over x [B, T, D].
 
   Without a cache (training), a scan over the stacked [L, ...] parameters:
-  one layer is traced and compiled. With a cache (generation), a loop over
-  the layers, with `layer_params` either stacked or a list of per-layer dicts.
+  one layer is traced and compiled. With a cache (generation), a scan too
+  when the cache is stacked, else a loop over the layers with `layer_params`
+  either stacked or a list of per-layer dicts.
   """
   cos, sin = rope_tables(positions, cfg)
   new_mask = attention_mask(positions, segment_ids, positions, segment_ids, cfg.sliding_window)
@@ -213,9 +236,6 @@ def decoder_stack(x, layer_params, positions, segment_ids, cfg: ModelConfig, cac
   # have segment 0, so they are masked). Reading the buffer only after the
   # write lets XLA update it in place: reading it before made a copy of every
   # layer's cache per step.
-  if isinstance(layer_params, dict):
-    layer_params = [{name: value[i] for name, value in layer_params.items()}
-                    for i in range(cfg.num_layers)]
   index = cache['index']
   cache_positions = jax.lax.dynamic_update_slice_in_dim(
       cache['positions'], positions.astype(jnp.int32), index, axis=1)
@@ -223,11 +243,24 @@ def decoder_stack(x, layer_params, positions, segment_ids, cfg: ModelConfig, cac
       cache['segment_ids'], segment_ids.astype(jnp.int32), index, axis=1)
   mask = attention_mask(positions, segment_ids, cache_positions, cache_segments,
                         cfg.sliding_window)
-  keys, values = [], []
-  for params, cache_k, cache_v in zip(layer_params, cache['k'], cache['v'], strict=True):
-    x, (cache_k, cache_v) = decoder_block(x, params, cos, sin, mask, cfg, (cache_k, cache_v, index))
-    keys.append(cache_k)
-    values.append(cache_v)
+  if isinstance(cache['k'], list):
+    if isinstance(layer_params, dict):
+      layer_params = [{name: value[i] for name, value in layer_params.items()}
+                      for i in range(cfg.num_layers)]
+    keys, values = [], []
+    for params, cache_k, cache_v in zip(layer_params, cache['k'], cache['v'], strict=True):
+      x, (cache_k, cache_v) = decoder_block(x, params, cos, sin, mask, cfg,
+                                            (cache_k, cache_v, index))
+      keys.append(cache_k)
+      values.append(cache_v)
+  else:  # stacked [L, ...] cache: one layer traced and compiled, as in training
+    if not isinstance(layer_params, dict):
+      raise TypeError('a stacked KV cache needs stacked layer parameters '
+                      '(decode_layers(stacked=True)), not a list of layers.')
+    def block(x, params_and_cache):
+      params, cache_k, cache_v = params_and_cache
+      return decoder_block(x, params, cos, sin, mask, cfg, (cache_k, cache_v, index))
+    x, (keys, values) = jax.lax.scan(block, x, (layer_params, cache['k'], cache['v']))
   return x, dict(cache, index=index + x.shape[1], k=keys, v=values, positions=cache_positions,
                  segment_ids=cache_segments)
 
