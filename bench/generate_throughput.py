@@ -15,6 +15,7 @@ backend uses; see sampling.scan_layers_by_default and decoder.cache_storage_dtyp
 """
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -42,18 +43,19 @@ def prompt_ids(batch: int, random_init: bool) -> list[list[int]]:
                                 add_generation_prompt=True).ids for i in range(batch)]
 
 
-def decode_options(decode: str, dtype: str) -> dict:
-  """'loop:float32' -> generate()'s keywords; 'default' -> none."""
+def decode_options(decode: str, dtype: str, settings):
+  """'loop:float32' -> (settings with scan_layers, generate()'s keywords)."""
   if decode == 'default':
-    return {}
+    return settings, {}
   loop, _, cache = decode.partition(':')
   if loop not in ('loop', 'scan') or cache not in ('float32', 'model'):
     raise ValueError(f'--decode {decode!r}: expected default or (loop|scan):(float32|model).')
-  return dict(scan_layers=loop == 'scan', cache_dtype=dtype if cache == 'model' else 'float32')
+  return (dataclasses.replace(settings, scan_layers=loop == 'scan'),
+          dict(cache_dtype=dtype if cache == 'model' else 'float32'))
 
 
 def run(model, settings, batch, dtype, decode, args) -> dict:
-  options = decode_options(decode, dtype)
+  settings, options = decode_options(decode, dtype, settings)
   tokens, mask = sampling.left_pad(prompt_ids(batch, args.random_init), 2)
   tic = time.perf_counter()
   jax.block_until_ready(sampling.generate(model, tokens, mask, settings, jax.random.key(0),

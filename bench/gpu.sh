@@ -2,8 +2,9 @@
 # The accelerator benchmarks, as run on a lent GPU machine (no network there):
 # wheels for what the machine lacks are carried in .gpu_wheels/, the model is
 # SmolLM2-135M-shaped with random weights (speed does not depend on values).
-#   bash bench/gpu.sh OUTDIR [all|grpo|decode]
-# (decode: the decode-step variants side by side, then GRPO in bf16)
+#   bash bench/gpu.sh OUTDIR [all|grpo|decode|chat]
+# (decode: the decode-step variants side by side, then GRPO in bf16;
+#  chat: chat streaming's latency, then GRPO at 2 x 8 x 128 in bf16 and float32)
 # GRPO also needs .gpu_assets/: SmolLM2's tokenizer files (tokenizer/) and
 # GSM8K's rl_train.jsonl, copied from ~/.cache/jpost.
 # Build the wheels folder first, on a machine with PyPI access:
@@ -49,8 +50,13 @@ if [ "$what" = decode ]; then
   $gen --dtypes float32 --batches 32 --decode loop:model 2>&1 | grep -v Warn | tee "$out/decode_f32_loop.txt"
   exit 0
 fi
+if [ "$what" = chat ]; then
+  python3 bench/stream_latency.py --random-init --dtypes bfloat16 2>&1 | grep -v Warn | tee "$out/stream_bf16.txt"
+fi
 python3 bench/grpo_step.py $rl --steps 5 --dtype bfloat16 2>&1 | grep -v Warn | tail -7 | tee "$out/grpo_2x8x128_bf16.txt"
+if [ "$what" != chat ]; then
 python3 bench/grpo_step.py $rl --steps 4 --dtype bfloat16 --prompts 16 --max-new 256 --remat 2>&1 | grep -v Warn | tail -6 | tee "$out/grpo_16x8x256_bf16.txt"
+fi
 if [ "$what" = all ]; then
 python3 - <<'PY' 2>&1 | tee "$out/parity.txt"
 # Same random decoder on GPU and CPU: float32 logits (highest matmul precision) and bf16 compute.

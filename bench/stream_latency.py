@@ -9,6 +9,7 @@ The last line is one JSON object with every setting's figures.
 """
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -23,7 +24,8 @@ from jpost import sampling
 def turn(model, prompt, settings, scan_layers) -> tuple[float, float]:
   """(seconds to the first token, tokens/s after it) of one streamed reply."""
   tic = time.perf_counter()
-  tokens = sampling.stream(model, prompt, settings, jax.random.key(0), scan_layers=scan_layers)
+  tokens = sampling.stream(model, prompt, dataclasses.replace(settings, scan_layers=scan_layers),
+                           jax.random.key(0))
   next(tokens)
   first = time.perf_counter() - tic
   tic = time.perf_counter()

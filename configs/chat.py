@@ -6,6 +6,7 @@
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -17,7 +18,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.system_prompt = ''
   c.prompt = ''  # non-empty: answer this one message and exit
   c.sampling = ml_collections.ConfigDict(dict(
-      max_new_tokens=256, temperature=0.7, top_k=0, top_p=0.9, min_p=0.0))
+      max_new_tokens=256, temperature=0.7, top_k=0, top_p=0.9, min_p=0.0,
+      scan_layers=config_dict.placeholder(bool)))  # None: see SamplingConfig
   if arg == 'greedy':
     c.sampling.temperature = 0.0
   elif arg:

@@ -15,6 +15,7 @@ OpenAI-compatible LLM judge, asked twice with positions swapped) or 'none'.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -30,7 +31,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                           policy='error'))
   c.batch_size = 16
   c.sampling = ml_collections.ConfigDict(dict(
-      max_new_tokens=64, temperature=0.7, top_k=0, top_p=1.0, min_p=0.0, num_samples=4))
+      max_new_tokens=64, temperature=0.7, top_k=0, top_p=1.0, min_p=0.0, num_samples=4,
+      scan_layers=config_dict.placeholder(bool)))  # None: see SamplingConfig
   c.rewards = ml_collections.ConfigDict({'math': {'weight': 1.0}})  # the ground-truth verifier
   c.answer_key = 'answer'
   c.rubric = ml_collections.ConfigDict(dict(name='', judge={'endpoint': '', 'model': ''}))

@@ -22,6 +22,7 @@ per-token KL gradient; 'reward' with k1 the sequence-level one),
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -37,7 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.prompts_per_step = 4
   c.eval_batch_size = 16
   c.sampling = ml_collections.ConfigDict(dict(
-      max_new_tokens=64, temperature=0.7, top_k=0, top_p=1.0, min_p=0.0, num_samples=8))
+      max_new_tokens=64, temperature=0.7, top_k=0, top_p=1.0, min_p=0.0, num_samples=8,
+      scan_layers=config_dict.placeholder(bool)))  # None: see SamplingConfig
   c.rewards = ml_collections.ConfigDict({'math': {'weight': 1.0}})
   c.rl = ml_collections.ConfigDict(dict(
       epochs=1, minibatches=1, clip_low=0.2, clip_high=0.28, aggregation='token', scale='std',

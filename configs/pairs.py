@@ -10,6 +10,7 @@ workdir: the input of configs/reward.py and configs/dpo.py.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -22,7 +23,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       train=('arith:train',), eval=('arith:test',), max_prompt_len=96, policy='error'))
   c.batch_size = 16  # prompts per sampler call
   c.sampling = ml_collections.ConfigDict(dict(
-      max_new_tokens=64, temperature=0.7, top_k=0, top_p=1.0, min_p=0.0, num_samples=8))
+      max_new_tokens=64, temperature=0.7, top_k=0, top_p=1.0, min_p=0.0, num_samples=8,
+      scan_layers=config_dict.placeholder(bool)))  # None: see SamplingConfig
   c.rewards = ml_collections.ConfigDict({'math': {'weight': 1.0}})
   c.pairs = ml_collections.ConfigDict(dict(
       min_gap=0.5,  # keep (best, worst) only with at least this reward gap

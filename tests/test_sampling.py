@@ -1,6 +1,8 @@
 """The sampler: greedy parity with transformers, log-probs equal to the
 trainer's, sampling statistics, stop/truncation bookkeeping, bad input."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,7 +95,8 @@ def test_sampler_logprobs_equal_full_forward(checkpoint, tokenizer, dtype, max_e
   tokens, mask = sampling.left_pad(prompts, tokenizer.pad_id)
   settings = sampling.SamplingConfig(max_new_tokens=16, temperature=1.0, top_k=40,
                                      num_samples=2, stop_ids=tokenizer.stop_ids)
-  variant = dict(scan_layers=True, cache_dtype=dtype) if scan_layers else dict(scan_layers=False)
+  settings = dataclasses.replace(settings, scan_layers=scan_layers)
+  variant = dict(cache_dtype=dtype) if scan_layers else {}
   out = jax.device_get(sampling.generate(model, tokens, mask, settings, jax.random.key(3), **variant))
   assert out.tokens.shape == (6, 16)
   errors = []
@@ -186,7 +189,8 @@ def test_bad_prompts(tiny):
 def test_stream_yields_the_same_tokens_as_generate(tokenizer, model, scan_layers):
   prompt = _prompts(tokenizer, 1)[0]
   settings = sampling.SamplingConfig(max_new_tokens=20, temperature=0.0, stop_ids=tokenizer.stop_ids)
-  streamed = list(sampling.stream(model, prompt, settings, scan_layers=scan_layers))
+  streamed = list(sampling.stream(model, prompt,
+                                  dataclasses.replace(settings, scan_layers=scan_layers)))
   tokens, mask = sampling.left_pad([prompt], tokenizer.pad_id)
   out = jax.device_get(sampling.generate(model, tokens, mask, settings))
   assert streamed == out.tokens[0][out.mask[0] == 1].tolist()
@@ -201,9 +205,10 @@ def test_prompts_spread_over_a_mesh_give_the_same_completions(tiny, scan_layers)
   mask = np.ones_like(prompts)
   settings = sampling.SamplingConfig(max_new_tokens=6, temperature=1.0, top_k=10, stop_ids=(31,))
   local = jax.device_get(sampling.generate(tiny, prompts, mask, settings, jax.random.key(1)))
-  spread = sampling.generate(tiny, prompts, mask, settings, jax.random.key(1),
-                             batch_sharding=NamedSharding(mesh, PartitionSpec('data')),
-                             scan_layers=scan_layers)
+  spread = sampling.generate(tiny, prompts, mask,
+                             dataclasses.replace(settings, scan_layers=scan_layers),
+                             jax.random.key(1),
+                             batch_sharding=NamedSharding(mesh, PartitionSpec('data')))
   assert len(spread.tokens.sharding.device_set) > 1
   np.testing.assert_array_equal(jax.device_get(spread.tokens), local.tokens)
   np.testing.assert_allclose(jax.device_get(spread.logprobs), local.logprobs, atol=1e-5)
@@ -217,9 +222,9 @@ def test_decode_variants_sample_the_same_tokens(checkpoint, tokenizer):
   tokens, mask = sampling.left_pad(_prompts(tokenizer, 3), tokenizer.pad_id)
   settings = sampling.SamplingConfig(max_new_tokens=12, temperature=1.0, num_samples=2,
                                      stop_ids=tokenizer.stop_ids)
-  loop, scan = (jax.device_get(sampling.generate(model, tokens, mask, settings, jax.random.key(4),
-                                                 scan_layers=scan_layers))
-                for scan_layers in (False, True))
+  loop, scan = (jax.device_get(sampling.generate(
+      model, tokens, mask, dataclasses.replace(settings, scan_layers=scan_layers),
+      jax.random.key(4))) for scan_layers in (False, True))
   np.testing.assert_array_equal(scan.tokens, loop.tokens)
   np.testing.assert_array_equal(scan.mask, loop.mask)
   # Fused differently, float32 sums round differently: 2e-5 measured.

@@ -41,7 +41,7 @@ def run(config, workdir):
   s = config.sampling
   settings = sampling.SamplingConfig(
       max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-      min_p=s.min_p, stop_ids=tuple(tokenizer.stop_ids))
+      min_p=s.min_p, stop_ids=tuple(tokenizer.stop_ids), scan_layers=s.get('scan_layers'))
   system = [{'role': 'system', 'content': config.system_prompt}] if config.system_prompt else []
   key = jax.random.key(config.seed)
   if config.prompt:

@@ -33,4 +33,4 @@ def sampling_config(cfg, tokenizer, *, num_samples: int | None = None) -> sampli
       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
       top_p=cfg.top_p, min_p=cfg.get('min_p', 0.0),
       num_samples=cfg.num_samples if num_samples is None else num_samples,
-      stop_ids=tuple(tokenizer.stop_ids))
+      stop_ids=tuple(tokenizer.stop_ids), scan_layers=cfg.get('scan_layers'))
