@@ -4,9 +4,9 @@ Layer parameters are stacked along a leading 'layers' axis and the training
 forward pass scans over them: one layer is traced and compiled once,
 whatever the depth. Generation loops over the layers instead, with
 parameters sliced once and one KV-cache array per layer, so that a decode
-step neither copies weights nor the cache (or, where compile time matters
-more, scans over stacked layers and a stacked cache). The module holds parameters; the
-maths is pure functions over arrays.
+step neither copies weights nor the cache; or, where compile time matters
+more, it scans over the stacked layers and a stacked cache. The module holds
+parameters; the maths is pure functions over arrays.
 
 Inputs follow the batch contract: `tokens`, `positions` and `segment_ids`
 ([B, T]; segment 0 = padding). A query attends to a key iff both are in the
