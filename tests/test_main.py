@@ -60,3 +60,24 @@ def test_chat_one_shot():
               '--config.sampling.max_new_tokens=20')
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'Paris' in proc.stdout
+
+
+@pytest.mark.parametrize('user_dir', [None, 'mine'])
+def test_compiled_programs_are_kept_in_the_jpost_cache(tmp_path, monkeypatch, user_dir):
+  import jax
+  from jpost import main
+  saved = jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size
+  monkeypatch.setenv('JPOST_CACHE', str(tmp_path))
+  if user_dir:  # JAX reads this itself; jpost leaves it alone
+    monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', user_dir)
+    jax.config.update('jax_compilation_cache_dir', user_dir)
+  else:
+    monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
+  try:
+    main._keep_compiled_programs()
+    expected = user_dir or str(tmp_path / 'xla')
+    assert jax.config.jax_compilation_cache_dir == expected
+    assert jax.config.jax_compilation_cache_max_size == 2 << 30
+  finally:
+    jax.config.update('jax_compilation_cache_dir', saved[0])
+    jax.config.update('jax_compilation_cache_max_size', saved[1])
