@@ -326,3 +326,16 @@ def test_several_sources_for_one_epoch_are_read_once_each(smollm2):
   with pytest.raises(ValueError, match='weighted mixture of 2 sources is an endless stream'):
     pipeline.build('sft', [a, b], smollm2, batch_size=1, max_len=128, weights=[0.5, 0.5],
                    num_epochs=1)
+
+
+@pytest.mark.parametrize('num_threads', [0, 2])
+def test_num_threads_is_the_number_of_prefetch_threads(smollm2, num_threads):
+  """0 reads in the caller's thread (Grain's defaults would start 16)."""
+  import threading
+  before = set(threading.enumerate())  # other tests' threads may still be ending
+  ds, _ = pipeline.build('sft', _sft_rows(12), smollm2, batch_size=1, max_len=128, packing=False,
+                         num_epochs=1, num_threads=num_threads)
+  it = iter(ds)
+  next(it)
+  started = set(threading.enumerate()) - before
+  assert sum(t.name.startswith('grain-prefetch') for t in started) == num_threads

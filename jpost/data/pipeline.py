@@ -228,9 +228,10 @@ def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max
     encoder = _encode_sft if kind == 'sft' else _encode_preference
     encode = functools.partial(encoder, tokenizer=tokenizer, mask_config=mask_config, stats=stats)
   ds = ds.map(_counted(encode, stats))
-  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * batch_size) \
-      if num_threads else None
-  it = ds.to_iter_dataset(options) if options else ds.to_iter_dataset()
+  # num_threads=0 reads in the caller's thread. (Grain's default options,
+  # which `None` would give, start 16 threads that prefetch 500 rows.)
+  it = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=num_threads, prefetch_buffer_size=4 * batch_size if num_threads else 0))
   it = it.filter(lambda x: x is not None)
   if kind == 'sft':
     if packing:
