@@ -148,6 +148,10 @@ def policy_loss_fn(model, batch, normalizer, *, rl, temperature, max_new_tokens,
   weights = batch['completion_mask']
   # token_entropy, like token_logprobs, drops the last position: pad one.
   entropy = ops.token_entropy(jnp.pad(logits, ((0, 0), (0, 1), (0, 0))))
+  if not rl.entropy_coef:
+    # Only a metric then: its gradient (times 0) would cost a backward pass
+    # over [R, N, vocab] (0.4-0.6 s of a 15 s SmolLM2 update on the 2-core CPU).
+    entropy = jax.lax.stop_gradient(entropy)
   loss, out = policy_loss(
       logprobs, batch['old_logprobs'], batch['advantages'], weights,
       clip_low=rl.clip_low, clip_high=rl.clip_high, aggregation=rl.aggregation,
