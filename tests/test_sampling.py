@@ -77,8 +77,10 @@ def _full_forward_logprobs(model, prompt, completion):
   return np.asarray(ops.token_logprobs(logits, jnp.asarray(ids[:, 1:])))[0, len(prompt) - 1:]
 
 
-@pytest.mark.parametrize('scan_layers', [False, True], ids=['layer_loop', 'layer_scan'])
-@pytest.mark.parametrize('dtype, max_err, median_err', [('float32', 1e-4, 1e-5), ('bfloat16', 0.4, 0.03)])
+# float32 with the scan: test_decode_variants_sample_the_same_tokens below.
+@pytest.mark.parametrize('dtype, max_err, median_err, scan_layers', [
+    ('float32', 1e-4, 1e-5, False), ('bfloat16', 0.4, 0.03, False),
+    ('bfloat16', 0.4, 0.03, True)])
 def test_sampler_logprobs_equal_full_forward(checkpoint, tokenizer, dtype, max_err, median_err,
                                              scan_layers):
   """The temperature-1 log-probs the sampler returns are the trainer's, with
