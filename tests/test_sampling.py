@@ -84,7 +84,8 @@ def _full_forward_logprobs(model, prompt, completion):
 def test_sampler_logprobs_equal_full_forward(checkpoint, tokenizer, dtype, max_err, median_err,
                                              scan_layers):
   """The temperature-1 log-probs the sampler returns are the trainer's, with
-  either decode step (the scan, as off CPU, with the cache in the model's dtype).
+  either decode step (the scan with the cache in the model's dtype, as chat
+  streams on a GPU).
 
   bfloat16: the cached decode and the full forward round differently (one
   token at a time vs. a whole sequence); measured here: median 0.011 nat,
@@ -217,7 +218,7 @@ def test_prompts_spread_over_a_mesh_give_the_same_completions(tiny, scan_layers)
 
 
 def test_decode_variants_sample_the_same_tokens(checkpoint, tokenizer):
-  """In float32 a scan over stacked layers (the default off CPU) samples the
+  """In float32 a scan over stacked layers (chat's default) samples the
   same tokens as the loop over layers (bfloat16 runs diverge after a few
   tokens, as any two roundings do; the test above bounds their log-probs)."""
   model = hf.load(checkpoint)
