@@ -165,7 +165,7 @@ def generate(model, prompt_tokens, prompt_mask, sampling: SamplingConfig, key=No
   `batch_sharding` (a NamedSharding for [B, P]) spreads prompts over a mesh,
   e.g. the train state's; the model's parameters are used where they are.
   `cache_dtype` overrides the cache's storage dtype (see
-  decoder.cache_storage_dtype), which never changes a result.
+  decoder.cache_storage_dtype; for bfloat16 models a rounding difference only).
   """
   prompt_tokens, prompt_mask = np.asarray(prompt_tokens), np.asarray(prompt_mask)
   if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:

@@ -199,8 +199,9 @@ def cache_storage_dtype(compute_dtype):
   caches are stored in float32 on CPU. XLA:CPU runs a bfloat16
   dynamic-update-slice in float32, converting the whole cache there and back
   at every write (15 ms per decoded token for SmolLM2 at batch 32). Keys and
-  values are rounded to the compute dtype before they are stored, so the
-  storage dtype never changes a result."""
+  values are rounded to the compute dtype before they are stored, so either
+  storage holds the same values; only the attention probabilities meet the
+  values matmul in the storage dtype (bfloat16 rounds them, float32 not)."""
   dtype = jnp.dtype(compute_dtype)
   if dtype.itemsize == 2 and jax.default_backend() == 'cpu':
     return jnp.dtype(jnp.float32)
