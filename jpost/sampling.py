@@ -282,7 +282,8 @@ def _generate(graphdef, state, tokens, mask, cache, key, sampling: SamplingConfi
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
 def _stream_prefill(graphdef, state, tokens, mask, cache):
   """The prefill, and the layers and head sliced and cast for the decode
-  steps (once per reply; compiled, not op by op, which cost 0.2 s a turn)."""
+  steps (once per reply; compiled, not op by op: 585 -> 495 ms to the
+  first token, SmolLM2 float32 on CPU)."""
   model = nnx.merge(graphdef, state)
   layers = model.decode_layers(not isinstance(cache['k'], list))
   return _prefill(model, tokens, mask, cache), layers, model.head()[0]
