@@ -18,6 +18,7 @@ from safetensors.numpy import load_file
 from jpost import optim, sharding
 from jpost.models import hf
 from jpost.trainers import offline, sft
+from norms import assert_norm_close
 
 sys.path.insert(0, 'configs')
 
@@ -65,10 +66,12 @@ def _one_step(checkpoint, batch, *, accum_steps, mesh, optim_config, steps=1,
   return jax.device_get(state['params']), losses
 
 
-def _assert_params_close(a, b, atol):
-  for (path, x), (_, y) in zip(nnx.to_flat_state(a), nnx.to_flat_state(b)):
-    np.testing.assert_allclose(np.asarray(x.get_value()), np.asarray(y.get_value()),
-                               atol=atol, rtol=0, err_msg=str(path))
+def _assert_updates_close(a, b, checkpoint, bound):
+  """The two runs' parameter changes (not the parameters, whose norm would hide
+  any error in a 1e-3 step) agree by norm, tensor by tensor."""
+  start = jax.device_get(nnx.split(hf.load(checkpoint))[1])
+  change = lambda params: jax.tree.map(lambda x, x0: np.asarray(x) - np.asarray(x0), params, start)
+  return assert_norm_close(change(a), change(b), bound=bound, what='parameter change ')
 
 
 @pytest.mark.parametrize('normalization', ['token', 'sequence'])
@@ -79,7 +82,9 @@ def test_grad_accumulation_equals_one_large_batch(tiny_checkpoint, normalization
   full, full_loss = _one_step(tiny_checkpoint, batch, accum_steps=1, **kw)
   accum, accum_loss = _one_step(tiny_checkpoint, batch, accum_steps=4, **kw)
   np.testing.assert_allclose(accum_loss, full_loss, rtol=1e-6)
-  _assert_params_close(accum, full, atol=1e-5)
+  # Measured 6e-6 to 7e-6: float32 rounding of (parameter - start) for a step
+  # of ~1e-3 of the weight; a per-micro-batch normaliser is off by O(1e-1).
+  _assert_updates_close(accum, full, tiny_checkpoint, bound=1e-4)
   # Normalising each micro-batch by its own count would differ: the test can fail.
   counts = [sft.normalizer_fn({k: v[i:i + 2] for k, v in batch.items()}, normalization='token')
             for i in range(0, 8, 2)]
@@ -98,8 +103,11 @@ def test_fsdp_tensor_parallel_equals_one_device(tiny_checkpoint, optimizer):
                                      optim_config=config, steps=2)
   np.testing.assert_allclose(loss_many, loss_one, rtol=1e-5)
   # Adam divides by sqrt(v): for a weight whose gradient is ~0, summation-order
-  # noise between layouts becomes a visible fraction of lr, hence its tolerance.
-  _assert_params_close(params_many, params_one, atol=1e-6 if optimizer == 'sgd' else 1e-4)
+  # noise between layouts becomes a visible fraction of lr, hence Adam's bound.
+  # Measured in the worst tensor: SGD 5e-6 (the rounding of parameter - start),
+  # AdamW 8e-5; a missing all-reduce over the 4-way FSDP axis is off by O(1).
+  _assert_updates_close(params_many, params_one, tiny_checkpoint,
+                        bound=1e-4 if optimizer == 'sgd' else 1e-3)
 
 
 def _train(workdir, checkpoint, *extra, env=None, steps=8):
