@@ -8,7 +8,9 @@ reused; nothing here is ever written into the repository.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 import pathlib
 import shutil
@@ -49,6 +51,21 @@ def cache_dir() -> pathlib.Path:
   root = os.environ.get('JPOST_CACHE') or os.path.join(
       os.path.expanduser('~'), '.cache', 'jpost')
   return pathlib.Path(root)
+
+
+@contextlib.contextmanager
+def cache_lock(name: str):
+  """Holds an exclusive lock named `name` in the cache: two processes that
+  fill the cache at once (two runs, or test workers, on a fresh machine) then
+  fill it once, one after the other, instead of replacing each other's files."""
+  folder = cache_dir() / 'locks'
+  folder.mkdir(parents=True, exist_ok=True)
+  with open(folder / f'{name}.lock', 'w') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _download(asset: Asset, into: pathlib.Path) -> pathlib.Path:
@@ -115,6 +132,13 @@ def fetch(name: str) -> pathlib.Path:
   path = root / os.path.basename(asset.member.rstrip('/'))
   if path.exists():
     return path
+  with cache_lock(root.name):
+    if path.exists():  # fetched by another process while this one waited
+      return path
+    return _fetch_into(asset, root, path)
+
+
+def _fetch_into(asset: Asset, root: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
   root.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=root) as tmp:
     tmp = pathlib.Path(tmp)

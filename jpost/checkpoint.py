@@ -13,12 +13,14 @@ import pathlib
 import jax
 import orbax.checkpoint as ocp
 
+from jpost.errors import ConfigError
+
 
 class Checkpointer:
   def __init__(self, workdir: str | pathlib.Path, *, every: int, keep: int = 2,
                async_save: bool = True):
     if every <= 0 or keep <= 0:
-      raise ValueError(f'config.checkpoint.every ({every}) and .keep ({keep}) must be positive.')
+      raise ConfigError(f'config.checkpoint.every ({every}) and .keep ({keep}) must be positive.')
     self.every = every
     self.directory = pathlib.Path(workdir).absolute() / 'checkpoints'
     self._manager = ocp.CheckpointManager(
@@ -45,7 +47,7 @@ class Checkpointer:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
     except ValueError as e:
-      raise ValueError(
+      raise ConfigError(
           f'cannot resume from step {step} in {self.directory}: the saved train state does '
           'not match this run (the model or config.optim changed, e.g. clip_norm or the '
           'optimiser name). Resume with the config that wrote it, or use a new --workdir.'

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import optax
 
+from jpost.errors import ConfigError
+
 OPTIMIZERS = ('adamw', 'sgd')
 SCHEDULES = ('cosine', 'linear', 'constant')
 
@@ -12,7 +14,7 @@ SCHEDULES = ('cosine', 'linear', 'constant')
 def validate(optim, total_steps: int) -> None:
   """Raises ValueError naming the config field, before anything compiles."""
   def bad(field, message):
-    raise ValueError(f'config.optim.{field}={optim[field]!r}: {message}')
+    raise ConfigError(f'config.optim.{field}={optim[field]!r}: {message}')
   if optim.name not in OPTIMIZERS:
     bad('name', f'unknown optimiser; use one of {OPTIMIZERS}.')
   if not optim.lr > 0:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jpost.errors import ConfigError
 from jpost.models.decoder import init_cache
 
 _NEG_INF = -1e30  # finite: softmax of a filtered row stays NaN-free
@@ -43,19 +44,19 @@ class SamplingConfig:
 
   def __post_init__(self):
     if self.max_new_tokens <= 0:
-      raise ValueError(f'max_new_tokens must be positive, got {self.max_new_tokens}.')
+      raise ConfigError(f'max_new_tokens must be positive, got {self.max_new_tokens}.')
     if self.temperature < 0:
-      raise ValueError(f'temperature must be >= 0 (0 = greedy), got {self.temperature}.')
+      raise ConfigError(f'temperature must be >= 0 (0 = greedy), got {self.temperature}.')
     if self.top_k < 0:
-      raise ValueError(f'top_k must be >= 0 (0 = off), got {self.top_k}.')
+      raise ConfigError(f'top_k must be >= 0 (0 = off), got {self.top_k}.')
     if not 0 < self.top_p <= 1:
-      raise ValueError(f'top_p must be in (0, 1] (1 = off), got {self.top_p}.')
+      raise ConfigError(f'top_p must be in (0, 1] (1 = off), got {self.top_p}.')
     if not 0 <= self.min_p < 1:
-      raise ValueError(f'min_p must be in [0, 1) (0 = off), got {self.min_p}.')
+      raise ConfigError(f'min_p must be in [0, 1) (0 = off), got {self.min_p}.')
     if self.num_samples < 1:
-      raise ValueError(f'num_samples must be >= 1, got {self.num_samples}.')
+      raise ConfigError(f'num_samples must be >= 1, got {self.num_samples}.')
     if not self.stop_ids:
-      raise ValueError("stop_ids is empty: give the tokenizer's stop_ids so rows can end.")
+      raise ConfigError("stop_ids is empty: give the tokenizer's stop_ids so rows can end.")
     object.__setattr__(self, 'stop_ids', tuple(int(i) for i in self.stop_ids))
 
 
@@ -78,10 +79,10 @@ jax.tree_util.register_dataclass(
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """[B, P] tokens and 0/1 mask, each prompt right-aligned."""
   if not prompts:
-    raise ValueError('no prompts given.')
+    raise ConfigError('no prompts given.')
   for i, prompt in enumerate(prompts):
     if len(prompt) == 0:
-      raise ValueError(f'prompt {i} is empty: every prompt needs at least one token.')
+      raise ConfigError(f'prompt {i} is empty: every prompt needs at least one token.')
   width = max(len(p) for p in prompts)
   tokens = np.full((len(prompts), width), pad_id, np.int32)
   mask = np.zeros((len(prompts), width), np.int32)
@@ -169,14 +170,14 @@ def generate(model, prompt_tokens, prompt_mask, sampling: SamplingConfig, key=No
   """
   prompt_tokens, prompt_mask = np.asarray(prompt_tokens), np.asarray(prompt_mask)
   if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
-    raise ValueError(f'prompt tokens {prompt_tokens.shape} and mask {prompt_mask.shape} must '
+    raise ConfigError(f'prompt tokens {prompt_tokens.shape} and mask {prompt_mask.shape} must '
                      'be [B, P] and equal; build them with left_pad().')
   empty = np.nonzero(prompt_mask.sum(axis=1) == 0)[0]
   if empty.size:
-    raise ValueError(f'prompt row(s) {empty.tolist()} are empty: every prompt needs a token.')
+    raise ConfigError(f'prompt row(s) {empty.tolist()} are empty: every prompt needs a token.')
   limit = model.config.max_position_embeddings
   if prompt_tokens.shape[1] + sampling.max_new_tokens > limit:
-    raise ValueError(
+    raise ConfigError(
         f'prompt length {prompt_tokens.shape[1]} + max_new_tokens {sampling.max_new_tokens} '
         f'exceeds the model context ({limit} positions); shorten the prompts or max_new_tokens.')
   graphdef, state = nnx.split(model)
@@ -309,7 +310,7 @@ def stream(model, prompt: list[int], sampling: SamplingConfig, key=None):
   tokens = np.pad(tokens, ((0, 0), (bucket - tokens.shape[1], 0)))
   mask = np.pad(mask, ((0, 0), (bucket - mask.shape[1], 0)))
   if bucket + sampling.max_new_tokens > model.config.max_position_embeddings:
-    raise ValueError(f'conversation of {len(prompt)} tokens + max_new_tokens '
+    raise ConfigError(f'conversation of {len(prompt)} tokens + max_new_tokens '
                      f'{sampling.max_new_tokens} exceeds the model context.')
   graphdef, state = nnx.split(model)
   key = jax.random.key(0) if key is None else key

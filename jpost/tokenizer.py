@@ -49,6 +49,7 @@ import jinja2
 import tokenizers
 
 from jpost import chat_template
+from jpost.errors import ConfigError, MissingPathError
 
 # transformers passes these named special tokens to every chat template.
 _NAMED_TOKENS = ('bos_token', 'eos_token', 'unk_token', 'sep_token',
@@ -86,7 +87,7 @@ def _read_json(path: pathlib.Path) -> Any:
   try:
     return json.loads(path.read_text(encoding='utf-8'))
   except json.JSONDecodeError as e:
-    raise ValueError(
+    raise ConfigError(
         f'{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}. '
         'Fix or re-save the file.') from e
 
@@ -97,7 +98,7 @@ def _token_text(value: Any, *, field: str, source: str) -> str | None:
     return value
   if isinstance(value, dict) and isinstance(value.get('content'), str):
     return value['content']
-  raise ValueError(
+  raise ConfigError(
       f'{source}: {field} must be a string or a {{"content": ...}} dict, got {value!r}.')
 
 
@@ -108,10 +109,10 @@ def _chat_template(value: Any, *, source: str) -> str | None:
     named = {t.get('name'): t.get('template') for t in value if isinstance(t, dict)}
     if isinstance(named.get('default'), str):
       return named['default']
-    raise ValueError(
+    raise ConfigError(
         f'{source}: chat_template lists templates {sorted(map(str, named))} but none '
         "named 'default'; add one or pass chat_template= to Tokenizer.from_dir.")
-  raise ValueError(f'{source}: chat_template must be a string or a list of '
+  raise ConfigError(f'{source}: chat_template must be a string or a list of '
                    f'{{"name", "template"}} dicts, got {type(value).__name__}.')
 
 
@@ -120,7 +121,7 @@ def _load_backend(path: pathlib.Path) -> tokenizers.Tokenizer:
     return tokenizers.Tokenizer.from_file(str(path))
   except Exception as e:  # tokenizers raises bare Exception
     _read_json(path)  # says where, when the file is not JSON at all
-    raise ValueError(f'{path}: `tokenizers` could not load it: {e}') from e
+    raise ConfigError(f'{path}: `tokenizers` could not load it: {e}') from e
 
 
 def _generation_eos_ids(path: pathlib.Path) -> tuple[int, ...]:
@@ -128,11 +129,11 @@ def _generation_eos_ids(path: pathlib.Path) -> tuple[int, ...]:
     return ()
   config = _read_json(path)
   if not isinstance(config, dict):
-    raise ValueError(f'{path}: must hold a JSON object, got {type(config).__name__}.')
+    raise ConfigError(f'{path}: must hold a JSON object, got {type(config).__name__}.')
   value = config.get('eos_token_id')
   ids = [value] if isinstance(value, int) else value or []
   if not all(isinstance(i, int) for i in ids):
-    raise ValueError(f'{path}: eos_token_id must be an int or a list of ints, got {value!r}.')
+    raise ConfigError(f'{path}: eos_token_id must be an int or a list of ints, got {value!r}.')
   return tuple(ids)
 
 
@@ -150,13 +151,13 @@ class Tokenizer:
     for name in _NAMED_TOKENS:
       text = _token_text(config.get(name), field=name, source=source)
       if text is not None and backend.token_to_id(text) is None:
-        raise ValueError(
+        raise ConfigError(
             f'{source}: {name} {text!r} is not a token of the vocabulary; fix the '
             'field in tokenizer_config.json or add the token to tokenizer.json.')
       if text is not None:
         self._special[name] = text
     if 'eos_token' not in self._special and not self._generation_eos_ids:
-      raise ValueError(
+      raise ConfigError(
           f'{source}: no eos_token in tokenizer_config.json and no eos_token_id in '
           'generation_config.json; set eos_token so generations can stop.')
     added = backend.get_added_tokens_decoder()
@@ -173,17 +174,17 @@ class Tokenizer:
     generation_config.json from `path`; `chat_template` overrides the file's."""
     path = pathlib.Path(path)
     if not path.is_dir():
-      raise FileNotFoundError(f'tokenizer directory {path} does not exist.')
+      raise MissingPathError(f'tokenizer directory {path} does not exist.')
     tokenizer_file = path / 'tokenizer.json'
     if not tokenizer_file.is_file():
-      raise FileNotFoundError(
+      raise MissingPathError(
           f'{tokenizer_file} not found; jpost needs a fast-tokenizer tokenizer.json '
           '(transformers\' tokenizer.save_pretrained(dir) writes one).')
     backend = _load_backend(tokenizer_file)
     config_file = path / 'tokenizer_config.json'
     config = _read_json(config_file) if config_file.is_file() else {}
     if not isinstance(config, dict):
-      raise ValueError(f'{config_file}: must hold a JSON object, got {type(config).__name__}.')
+      raise ConfigError(f'{config_file}: must hold a JSON object, got {type(config).__name__}.')
     template = _chat_template(config.get('chat_template'), source=str(config_file))
     jinja_file = path / 'chat_template.jinja'
     if jinja_file.is_file():  # transformers gives this file precedence too
@@ -202,7 +203,7 @@ class Tokenizer:
     try:
       backend = tokenizers.Tokenizer.from_str(json.dumps(tokenizer_json))
     except Exception as e:  # tokenizers raises bare Exception on schema errors
-      raise ValueError(f'{source}: tokenizer.json could not be loaded by `tokenizers`: {e}') from e
+      raise ConfigError(f'{source}: tokenizer.json could not be loaded by `tokenizers`: {e}') from e
     if chat_template is None:
       chat_template = _chat_template(config.get('chat_template'), source=source)
     return cls(backend=backend, config=config, source=source,
@@ -215,11 +216,11 @@ class Tokenizer:
     from jpost.models.gguf_tokenizer import tokenizer_files_from_gguf
     path = pathlib.Path(path)
     if not path.is_file():
-      raise FileNotFoundError(f'GGUF file {path} does not exist.')
+      raise MissingPathError(f'GGUF file {path} does not exist.')
     try:
       tokenizer_json, config = tokenizer_files_from_gguf(gguf.GGUFReader(path))
     except ValueError as e:
-      raise ValueError(f'{path}: {e}') from e
+      raise ConfigError(f'{path}: {e}') from e
     return cls.from_contents(tokenizer_json, config, source=str(path))
 
   def with_chat_template(self, chat_template: str) -> Tokenizer:
@@ -322,14 +323,14 @@ class Tokenizer:
   def _render(self, messages: list[dict], add_generation_prompt: bool,
               template_kwargs: dict) -> str:
     if self._chat_template is None:
-      raise ValueError(
+      raise ConfigError(
           f'{self._source} has no chat template; set "chat_template" in its '
           'tokenizer_config.json (or add chat_template.jinja), or pass one with '
           'Tokenizer.from_dir(..., chat_template=...) / tokenizer.with_chat_template(...).')
     try:
       template = chat_template.compile_template(self._chat_template)
     except jinja2.TemplateSyntaxError as e:
-      raise ValueError(
+      raise ConfigError(
           f'chat template of {self._source}: syntax error at line {e.lineno}: {e.message}') from e
     variables = {**self._special, 'tools': None, 'documents': None, **template_kwargs,
                  'messages': [chat_template.template_message(m) for m in messages],
@@ -337,7 +338,7 @@ class Tokenizer:
     try:
       return template.render(**variables)
     except jinja2.TemplateError as e:
-      raise ValueError(f'chat template of {self._source} failed: {e}') from e
+      raise ConfigError(f'chat template of {self._source} failed: {e}') from e
 
   def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = False,
                           **template_kwargs) -> str:
@@ -382,7 +383,7 @@ class Tokenizer:
         char, token = eots[i]
         eot = index(char)
         if eot >= len(ids) or starts[eot] != char or ids[eot] != self.token_to_id(token):
-          raise ValueError(
+          raise ConfigError(
               f'{where}: the end-of-turn token {token!r} of message {i} did not '
               'encode as one token; the tokenizer splits it, so spans cannot be mapped.')
       spans.append(MessageSpan(
@@ -422,7 +423,7 @@ class Tokenizer:
     encoding = self._offsets_backend.encode(text, add_special_tokens=False)
     starts = [start for start, _ in encoding.offsets]
     if encoding.ids != self.encode(text) or starts != sorted(starts):
-      raise ValueError(
+      raise ConfigError(
           f'{self._source}: token offsets are not usable for spans (ids differ '
           'without the post-processor, or offsets go backwards).')
     return encoding.ids, starts
@@ -454,13 +455,13 @@ def _skeleton_pieces(skeleton: str, sentinels: list[str], *, where: str) -> list
   for i, sentinel in enumerate(sentinels):
     count = skeleton.count(sentinel)
     if count != 1:
-      raise ValueError(
+      raise ConfigError(
           f'{where} prints the content of message {i} {count} times (expected once, '
           'unchanged); it drops, repeats or rewrites contents, so jpost cannot tell '
           'which tokens are the content.')
     at = skeleton.find(sentinel)
     if at < cursor:
-      raise ValueError(
+      raise ConfigError(
           f'{where} prints message {i} before message {i - 1}; spans need the '
           'messages in conversation order.')
     pieces.append(skeleton[cursor:at])

@@ -1,6 +1,8 @@
 """The command line: config files, overrides, the recipe registry, the demo job."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -9,17 +11,12 @@ import pytest
 from jpost import trainers
 
 
-def _run(*args, timeout=600):
+def _run(*args, timeout=600, devices=None):
+  env = dict(os.environ)
+  if devices:
+    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   return subprocess.run([sys.executable, '-m', 'jpost.main', *args],
-                        capture_output=True, text=True, timeout=timeout)
-
-
-def test_unknown_recipe_lists_known_ones(tmp_path):
-  proc = _run('--config=configs/generate.py:tiny', '--config.trainer=nope',
-              f'--workdir={tmp_path}')
-  assert proc.returncode != 0
-  assert "config.trainer='nope' is not a known recipe" in proc.stderr
-  assert 'generate' in proc.stderr
+                        capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_registry_rejects_unknown_names():
@@ -38,9 +35,67 @@ def test_generate_tiny_with_overrides(tmp_path):
   assert 'Paris' in proc.stdout
 
 
-def test_bad_config_argument_is_an_error(tmp_path):
-  proc = _run('--config=configs/generate.py:huge', f'--workdir={tmp_path}')
-  assert proc.returncode != 0 and "unknown config argument 'huge'" in proc.stderr
+def _bad_rows(folder):
+  path = folder / 'bad.jsonl'
+  path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n'
+                  '{"messages": [{"role": "user"}]}\n')
+  return path
+
+
+# Each user mistake on the command line, and the line that tells the user what to fix.
+USER_ERRORS = {
+    'unknown recipe': (['--config=configs/generate.py:tiny', '--config.trainer=nope'],
+                       "config.trainer='nope' is not a known recipe; known recipes: ["),
+    'config file missing': (['--config=configs/nope.py'],
+                            '--config=configs/nope.py: no such config file'),
+    'config argument': (['--config=configs/generate.py:huge'],
+                        "--config=configs/generate.py:huge: unknown config argument 'huge'"),
+    'config field unknown': (['--config=configs/sft.py:tiny', '--config.optim.learning_rate=1'],
+                             "--config.optim.learning_rate=1: the config has no field "
+                             "'learning_rate'"),
+    'config field type': (['--config=configs/sft.py:tiny', '--config.total_steps=ten'],
+                          "--config.total_steps=ten: invalid literal for int()"),
+    'config field value': (['--config=configs/sft.py:tiny', '--config.total_steps=0'],
+                           'config.total_steps=0: must be positive.'),
+    'model missing': (['--config=configs/sft.py:tiny', '--config.model.path={tmp}/no_model'],
+                      "model '{tmp}/no_model' is neither an existing HF checkpoint directory"),
+    'checkpoint without weights': (
+        ['--config=configs/sft.py:tiny', '--config.model.path={tmp}/partial'],
+        'no *.safetensors in {tmp}/partial'),
+    'bad data row': (['--config=configs/sft.py:tiny', '--config.model.path={tiny}',
+                      "--config.data.train=('{tmp}/bad.jsonl',)"],
+                     "{tmp}/bad.jsonl:2: messages[0] has no 'content'"),
+}
+
+
+@pytest.mark.parametrize('case', list(USER_ERRORS))
+def test_user_errors_are_one_line_with_status_2(case, tmp_path, tiny_checkpoint):
+  _bad_rows(tmp_path)
+  shutil.copytree(tiny_checkpoint, tmp_path / 'partial', ignore=shutil.ignore_patterns('*.safetensors'))
+  args, message = USER_ERRORS[case]
+  fill = lambda text: text.format(tmp=tmp_path, tiny=tiny_checkpoint)
+  proc = _run(*map(fill, args), f'--workdir={tmp_path}/run', devices=1)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('jpost: error: ')]
+  assert len(errors) == 1 and fill(message) in errors[0], proc.stderr[-3000:]
+
+
+def test_traceback_on_request_and_for_bugs(tmp_path, monkeypatch):
+  args = '--config=configs/sft.py:tiny', '--config.total_steps=0', f'--workdir={tmp_path}'
+  monkeypatch.setenv('JPOST_TRACEBACK', '1')
+  shown = _run(*args)
+  assert shown.returncode != 0 and 'Traceback' in shown.stderr
+  assert 'jpost.errors.ConfigError: config.total_steps=0: must be positive.' in shown.stderr
+  # A bug is not the user's mistake: its traceback shows without asking.
+  monkeypatch.delenv('JPOST_TRACEBACK')
+  bug = subprocess.run(
+      [sys.executable, '-c', 'import sys; from jpost import main, trainers; '
+       'trainers._RECIPES["boom"] = lambda config, workdir: 1 / 0; '
+       'sys.argv[1:] = ["--config=configs/generate.py:tiny", "--config.trainer=boom"]; '
+       'main.app.run(main.main, flags_parser=main._parse_flags)'],
+      capture_output=True, text=True, timeout=300)
+  assert bug.returncode == 1 and 'ZeroDivisionError' in bug.stderr and 'Traceback' in bug.stderr
 
 
 def test_chat_interactive_two_turns_streams_answers():

@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 
 from jpost.data.rows import RowError
+from jpost.errors import ConfigError
 from jpost.tokenizer import Tokenizer
 
 MASK_MODES = ('auto', 'completion', 'assistant', 'last_assistant', 'all')
@@ -39,11 +40,11 @@ class MaskConfig:
 
   def __post_init__(self):
     if self.mask_mode not in MASK_MODES:
-      raise ValueError(f'mask_mode {self.mask_mode!r} unknown; use one of {MASK_MODES}.')
+      raise ConfigError(f'mask_mode {self.mask_mode!r} unknown; use one of {MASK_MODES}.')
     if self.truncation not in TRUNCATION:
-      raise ValueError(f'truncation {self.truncation!r} unknown; use one of {TRUNCATION}.')
+      raise ConfigError(f'truncation {self.truncation!r} unknown; use one of {TRUNCATION}.')
     if self.max_len < 2:
-      raise ValueError(f'max_len must be at least 2, got {self.max_len}.')
+      raise ConfigError(f'max_len must be at least 2, got {self.max_len}.')
 
 
 def target_messages(example: dict, mode: str) -> list[int]:
@@ -54,7 +55,7 @@ def target_messages(example: dict, mode: str) -> list[int]:
   assistants = [i for i, m in enumerate(messages) if m['role'] == 'assistant']
   if mode == 'completion':
     if start is None:
-      raise ValueError(
+      raise ConfigError(
           "mask_mode='completion' needs prompt/completion rows; for `messages` rows "
           "use 'assistant', 'last_assistant' or 'auto'.")
     return list(range(start, len(messages)))

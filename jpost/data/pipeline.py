@@ -23,6 +23,7 @@ import grain
 import numpy as np
 
 from jpost.data import masking, rows, sources
+from jpost.errors import ConfigError
 from jpost.tokenizer import Tokenizer
 
 KINDS = ('sft', 'preference', 'prompt')
@@ -64,7 +65,7 @@ def resolve_sources(specs):
       files = gsm8k.build_gsm8k()
       name = spec.split(':', 1)[1]
       if name not in files:
-        raise ValueError(f'data source {spec!r}: unknown split; use gsm8k:{{{", ".join(files)}}}.')
+        raise ConfigError(f'data source {spec!r}: unknown split; use gsm8k:{{{", ".join(files)}}}.')
       return str(files[name])
     if isinstance(spec, str) and spec.startswith('arith:'):
       from jpost.data import arith
@@ -96,13 +97,13 @@ def _examples_dataset(source_specs: Sequence, kind: str, *, weights, seed: int,
       source_specs and isinstance(source_specs[0], dict)):
     source_specs = [source_specs]  # one path, or one list of row dicts
   if weights is not None and len(weights) != len(source_specs):
-    raise ValueError(f'{len(weights)} mixture weights for {len(source_specs)} sources; '
+    raise ConfigError(f'{len(weights)} mixture weights for {len(source_specs)} sources; '
                      'give one weight per source.')
   # Several sources for a finite pass are read one after the other; otherwise
   # they are endless streams interleaved by weight (equal weights by default).
   concatenate = len(source_specs) > 1 and num_epochs is not None
   if concatenate and weights:
-    raise ValueError(
+    raise ConfigError(
         f'a weighted mixture of {len(source_specs)} sources is an endless stream; set '
         'num_epochs=None (train for a number of steps), or drop the weights to read each '
         'source num_epochs times one after the other.')
@@ -110,7 +111,7 @@ def _examples_dataset(source_specs: Sequence, kind: str, *, weights, seed: int,
   for i, spec in enumerate(source_specs):
     examples = load_examples(spec, kind, stats.row_filter, **normalize_kw)
     if not examples:
-      raise ValueError(f'data source {i} ({str(spec)[:80]}) has no usable rows '
+      raise ConfigError(f'data source {i} ({str(spec)[:80]}) has no usable rows '
                        f'(row stats: {stats.row_filter.stats()}).')
     ds = grain.MapDataset.source(examples)[shard_index::shard_count]
     # Each source its own seed, each epoch its own order (Grain reshuffles per repeat).
@@ -213,9 +214,9 @@ def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max
   False keeps a last, smaller batch (passes that must see every row once).
   """
   if kind not in KINDS:
-    raise ValueError(f'pipeline kind {kind!r} unknown; use one of {KINDS}.')
+    raise ConfigError(f'pipeline kind {kind!r} unknown; use one of {KINDS}.')
   if batch_size <= 0:
-    raise ValueError(f'batch_size must be positive, got {batch_size}.')
+    raise ConfigError(f'batch_size must be positive, got {batch_size}.')
   stats = PipelineStats(rows.RowFilter(policy=policy))
   normalize_kw = {'require_assistant': require_assistant} if kind == 'sft' else {}
   ds = _examples_dataset(source_specs, kind, weights=weights, seed=seed, num_epochs=num_epochs,

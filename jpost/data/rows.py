@@ -15,6 +15,8 @@ import collections
 import dataclasses
 from typing import Any, Callable
 
+from jpost.errors import UserError
+
 ROLES = ('system', 'user', 'assistant', 'tool')
 POLICIES = ('error', 'skip')
 # Added to every raw row by `sources.load_source`; never a content column.
@@ -25,7 +27,7 @@ _MESSAGES = ("a list of {'role': 'system'|'user'|'assistant'|'tool', "
 _MESSAGE_HELP = 'give ' + _MESSAGES
 
 
-class RowError(ValueError):
+class RowError(UserError, ValueError):
   """One bad input row. `reason` is a short slug for counting skips by kind."""
 
   def __init__(self, reason: str, where: str, what: str, todo: str):

@@ -16,6 +16,7 @@ import pathlib
 from typing import Any, Sequence
 
 from jpost.data.rows import WHERE_KEY, RowError, RowFilter, check_object
+from jpost.errors import ConfigError, MissingPathError
 
 JSON_SUFFIXES = ('.jsonl', '.json')
 PARQUET_SUFFIXES = ('.parquet',)
@@ -33,12 +34,12 @@ def load_source(spec: str | os.PathLike | Sequence[dict], *,
     path = pathlib.Path(spec)
     suffix = path.suffix.lower()
     if suffix not in JSON_SUFFIXES + PARQUET_SUFFIXES:
-      raise ValueError(
+      raise ConfigError(
           f'data source {str(path)!r} has suffix {suffix!r}; jpost reads '
           f'JSON Lines {JSON_SUFFIXES} and Parquet {PARQUET_SUFFIXES} '
           '(rename or convert the file)')
     if not path.is_file():
-      raise FileNotFoundError(
+      raise MissingPathError(
           f'data source {str(path)!r} not found (looked for '
           f'{str(path.absolute())!r}; check the path in the data config)')
     if suffix in PARQUET_SUFFIXES:

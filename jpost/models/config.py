@@ -14,6 +14,8 @@ import json
 import pathlib
 from typing import Any
 
+from jpost.errors import ConfigError, MissingPathError
+
 SUPPORTED_MODEL_TYPES = ('llama', 'mistral', 'qwen2', 'qwen3')
 _ARCHITECTURES = {
     'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
@@ -58,32 +60,32 @@ class ModelConfig:
     if isinstance(self.eos_token_id, list):
       object.__setattr__(self, 'eos_token_id', tuple(self.eos_token_id))
     if self.model_type not in SUPPORTED_MODEL_TYPES:
-      raise ValueError(
+      raise ConfigError(
           f'model_type {self.model_type!r} is not supported; jpost supports '
           f'{SUPPORTED_MODEL_TYPES} (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2).')
     for name in ('vocab_size', 'hidden_size', 'intermediate_size',
                  'num_layers', 'num_heads', 'num_kv_heads'):
       value = getattr(self, name)
       if not isinstance(value, int) or value <= 0:
-        raise ValueError(f'ModelConfig.{name} must be a positive int, got {value!r}.')
+        raise ConfigError(f'ModelConfig.{name} must be a positive int, got {value!r}.')
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(
+      raise ConfigError(
           f'num_heads ({self.num_heads}) must be a multiple of num_kv_heads '
           f'({self.num_kv_heads}) for grouped-query attention.')
     if self.head_dim is None and self.hidden_size % self.num_heads:
-      raise ValueError(
+      raise ConfigError(
           f'hidden_size ({self.hidden_size}) is not divisible by num_heads '
           f'({self.num_heads}); set head_dim explicitly.')
     if self.head_size % 2:
-      raise ValueError(f'head_dim must be even for RoPE, got {self.head_size}.')
+      raise ConfigError(f'head_dim must be even for RoPE, got {self.head_size}.')
     if self.rope_scaling is not None:
       kind = self.rope_type
       if kind not in _ROPE_TYPES:
-        raise ValueError(
+        raise ConfigError(
             f'rope_scaling type {kind!r} is not supported; use one of {_ROPE_TYPES}.')
     for name in ('param_dtype', 'dtype'):
       if getattr(self, name) not in ('float32', 'bfloat16', 'float16'):
-        raise ValueError(
+        raise ConfigError(
             f'ModelConfig.{name} must be float32, bfloat16 or float16, '
             f'got {getattr(self, name)!r}.')
 
@@ -120,18 +122,18 @@ class ModelConfig:
     """Builds a config from a transformers config dict; `source` names it in errors."""
     model_type = hf.get('model_type')
     if model_type not in SUPPORTED_MODEL_TYPES:
-      raise ValueError(
+      raise ConfigError(
           f'{source}: model_type {model_type!r} is not supported; jpost loads '
           f'{SUPPORTED_MODEL_TYPES}.')
     required = ('vocab_size', 'hidden_size', 'intermediate_size',
                 'num_hidden_layers', 'num_attention_heads')
     missing = [k for k in required if k not in hf]
     if missing:
-      raise ValueError(f'{source}: missing required field(s) {missing} for {model_type}.')
+      raise ConfigError(f'{source}: missing required field(s) {missing} for {model_type}.')
     if hf.get('hidden_act', 'silu') != 'silu':
-      raise ValueError(f'{source}: hidden_act {hf["hidden_act"]!r} unsupported; expected silu.')
+      raise ConfigError(f'{source}: hidden_act {hf["hidden_act"]!r} unsupported; expected silu.')
     if hf.get('mlp_bias'):
-      raise ValueError(f'{source}: mlp_bias=true is not supported.')
+      raise ConfigError(f'{source}: mlp_bias=true is not supported.')
     rope = dict(hf.get('rope_parameters') or {})
     theta = rope.pop('rope_theta', hf.get('rope_theta', 10000.0))
     scaling = hf.get('rope_scaling') or (rope if rope.get('rope_type', 'default') != 'default' else None)
@@ -141,7 +143,7 @@ class ModelConfig:
     if model_type == 'mistral':
       sliding = hf.get('sliding_window')
     elif hf.get('use_sliding_window'):
-      raise ValueError(f'{source}: use_sliding_window=true is not supported for {model_type}.')
+      raise ConfigError(f'{source}: use_sliding_window=true is not supported for {model_type}.')
     attention_bias = bool(hf.get('attention_bias', False))
     try:
       return cls(
@@ -167,20 +169,20 @@ class ModelConfig:
           pad_token_id=hf.get('pad_token_id'),
           **overrides)
     except (TypeError, ValueError) as e:
-      raise ValueError(f'{source}: {e}') from e
+      raise ConfigError(f'{source}: {e}') from e
 
   @classmethod
   def from_file(cls, path: str | pathlib.Path, **overrides) -> ModelConfig:
     path = pathlib.Path(path)
     if not path.is_file():
-      raise FileNotFoundError(
+      raise MissingPathError(
           f'{path} not found: a HF checkpoint directory must hold config.json.')
     try:
       hf = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-      raise ValueError(f'{path} is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}') from e
+      raise ConfigError(f'{path} is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}') from e
     if not isinstance(hf, dict):
-      raise ValueError(f'{path} must hold a JSON object, got {type(hf).__name__}.')
+      raise ConfigError(f'{path} must hold a JSON object, got {type(hf).__name__}.')
     return cls.from_hf(hf, source=str(path), **overrides)
 
   def to_hf(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import pathlib
 
 import numpy as np
 
+from jpost.errors import ConfigError, MissingPathError
 from jpost.models import hf
 
 SUPPORTED_ARCHITECTURES = ('llama',)
@@ -40,7 +41,7 @@ def _field(reader, key, default=None, *, source):
   field = reader.fields.get(key)
   if field is None:
     if default is None:
-      raise ValueError(f'{source}: GGUF metadata key {key!r} is missing.')
+      raise ConfigError(f'{source}: GGUF metadata key {key!r} is missing.')
     return default
   return field.contents()
 
@@ -49,12 +50,12 @@ def hf_config_from_gguf(reader, *, source: str) -> dict:
   """The transformers config.json of a llama-architecture GGUF."""
   arch = _field(reader, 'general.architecture', source=source)
   if arch not in SUPPORTED_ARCHITECTURES:
-    raise ValueError(
+    raise ConfigError(
         f'{source}: GGUF architecture {arch!r} is not supported; jpost imports '
         f'{SUPPORTED_ARCHITECTURES} GGUFs. Load an HF checkpoint directory instead.')
   names = {t.name for t in reader.tensors}
   if 'rope_freqs.weight' in names:
-    raise ValueError(
+    raise ConfigError(
         f'{source}: GGUF carries rope_freqs (Llama 3.1 RoPE scaling), which the '
         'GGUF import does not map yet; load the HF checkpoint directory instead.')
   tokens = reader.fields.get('tokenizer.ggml.tokens')
@@ -108,7 +109,7 @@ def hf_tensors_from_gguf(reader, config: dict, *, source: str) -> dict[str, np.n
       table[g] = h
   unknown = sorted(t.name for t in reader.tensors if t.name not in table)
   if unknown:
-    raise ValueError(f'{source}: GGUF tensors with no HF mapping: {unknown[:8]}')
+    raise ConfigError(f'{source}: GGUF tensors with no HF mapping: {unknown[:8]}')
   out = {}
   for tensor in reader.tensors:
     array = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
@@ -127,7 +128,7 @@ def convert(gguf_path: str | pathlib.Path, out_dir: str | pathlib.Path) -> pathl
   from jpost.models.gguf_tokenizer import tokenizer_files_from_gguf
   gguf_path = pathlib.Path(gguf_path)
   if not gguf_path.is_file():
-    raise FileNotFoundError(f'GGUF file {gguf_path} does not exist.')
+    raise MissingPathError(f'GGUF file {gguf_path} does not exist.')
   source = str(gguf_path)
   reader = gguf.GGUFReader(gguf_path)
   config = hf_config_from_gguf(reader, source=source)

@@ -18,6 +18,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from jpost.errors import MissingPathError
 from jpost.models.config import ModelConfig
 from jpost.models.decoder import Decoder, layer_param_shapes
 
@@ -64,7 +65,7 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def checkpoint_files(path: pathlib.Path) -> list[pathlib.Path]:
   """The safetensors files of a checkpoint dir (single file or sharded index)."""
   if not path.is_dir():
-    raise FileNotFoundError(
+    raise MissingPathError(
         f'checkpoint directory {path} does not exist; pass a folder holding '
         'config.json and *.safetensors (e.g. from save_pretrained).')
   index = path / _INDEX
@@ -76,11 +77,11 @@ def checkpoint_files(path: pathlib.Path) -> list[pathlib.Path]:
     files = [path / f for f in sorted(set(weight_map.values()))]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-      raise FileNotFoundError(f'{index} names shard(s) that do not exist: {missing}')
+      raise MissingPathError(f'{index} names shard(s) that do not exist: {missing}')
     return files
   files = sorted(path.glob('*.safetensors'))
   if not files:
-    raise FileNotFoundError(
+    raise MissingPathError(
         f'no *.safetensors in {path} (PyTorch .bin checkpoints are not read; '
         'convert them with save_pretrained(..., safe_serialization=True)).')
   return files
@@ -195,7 +196,7 @@ def load(path: str | pathlib.Path, *, mesh=None, rules=None, **overrides) -> Dec
   """
   path = pathlib.Path(path)
   if not path.is_dir():
-    raise FileNotFoundError(
+    raise MissingPathError(
         f'checkpoint directory {path} does not exist; pass a folder holding '
         'config.json and *.safetensors.')
   cfg = ModelConfig.from_file(path / 'config.json', **overrides)

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 
 from jpost import assets
+from jpost.errors import MissingPathError
 
 # Embedded default models: name -> GGUF asset in jpost.assets.
 EMBEDDED = {
@@ -28,12 +29,15 @@ def _convert_cached(gguf_path: pathlib.Path, name: str) -> pathlib.Path:
   target = assets.cache_dir() / 'models' / name
   if (target / 'config.json').is_file():
     return target
-  target.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-    gguf.convert(gguf_path, pathlib.Path(tmp) / 'out')
-    if target.exists():  # a half-written folder from an interrupted run
-      shutil.rmtree(target)
-    os.replace(pathlib.Path(tmp) / 'out', target)
+  with assets.cache_lock(f'model-{name}'):
+    if (target / 'config.json').is_file():  # converted by another process meanwhile
+      return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+      gguf.convert(gguf_path, pathlib.Path(tmp) / 'out')
+      if target.exists():  # a half-written folder from an interrupted run
+        shutil.rmtree(target)
+      os.replace(pathlib.Path(tmp) / 'out', target)
   return target
 
 
@@ -48,6 +52,6 @@ def resolve(name_or_path: str | os.PathLike) -> pathlib.Path:
   if path.is_file() and path.suffix == '.gguf':
     stat = path.stat()
     return _convert_cached(path, f'{path.stem}-{stat.st_size}-{int(stat.st_mtime)}')
-  raise FileNotFoundError(
+  raise MissingPathError(
       f'model {text!r} is neither an existing HF checkpoint directory, a .gguf '
       f'file, nor an embedded model name ({sorted(EMBEDDED)}).')

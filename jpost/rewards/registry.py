@@ -22,6 +22,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from jpost.errors import ConfigError
+
 # Per-source options read by the runner, never passed to the reward function.
 RUNNER_OPTIONS = ('weight', 'timeout', 'concurrency')
 
@@ -60,11 +62,11 @@ class Source:
 
   def __post_init__(self):
     if not math.isfinite(self.weight):
-      raise ValueError(f'reward {self.name!r}: weight={self.weight} must be finite.')
+      raise ConfigError(f'reward {self.name!r}: weight={self.weight} must be finite.')
     if not self.timeout > 0:
-      raise ValueError(f'reward {self.name!r}: timeout={self.timeout} must be > 0 seconds.')
+      raise ConfigError(f'reward {self.name!r}: timeout={self.timeout} must be > 0 seconds.')
     if int(self.concurrency) != self.concurrency or self.concurrency < 1:
-      raise ValueError(f'reward {self.name!r}: concurrency={self.concurrency} must be an '
+      raise ConfigError(f'reward {self.name!r}: concurrency={self.concurrency} must be an '
                        'integer >= 1.')
 
 
@@ -142,11 +144,11 @@ def build(config: Any) -> tuple[Source, ...]:
     raise TypeError('rewards config must be a mapping {name: {option: value}}, got '
                     f'{type(config).__name__}.')
   if not config:
-    raise ValueError(f'rewards config is empty; name at least one of {names()}.')
+    raise ConfigError(f'rewards config is empty; name at least one of {names()}.')
   sources = []
   for name, options in config.items():
     if name not in _REGISTRY:
-      raise ValueError(f'unknown reward {name!r}; known rewards: {names()} '
+      raise ConfigError(f'unknown reward {name!r}; known rewards: {names()} '
                        '(register your own with @jpost.rewards.register).')
     if hasattr(options, 'to_dict'):
       options = options.to_dict()
@@ -162,7 +164,7 @@ def build(config: Any) -> tuple[Source, ...]:
       entry.signature.bind(**options)
     except TypeError as e:
       accepted = [p for p in entry.signature.parameters if p not in ('args', 'kwargs')]
-      raise ValueError(f'reward {name!r}: {e}; it accepts {accepted} plus '
+      raise ConfigError(f'reward {name!r}: {e}; it accepts {accepted} plus '
                        f'{list(RUNNER_OPTIONS)}.') from None
     sources.append(Source(
         name=name, fn=entry.make(**options), batched=entry.batched,

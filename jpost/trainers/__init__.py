@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from jpost.errors import ConfigError
+
 _RECIPES: dict[str, Callable] = {}
 
 
@@ -20,7 +22,7 @@ def register(name: str):
 def get(name: str) -> Callable:
   _load_builtin()
   if name not in _RECIPES:
-    raise ValueError(
+    raise ConfigError(
         f'config.trainer={name!r} is not a known recipe; known recipes: '
         f'{sorted(_RECIPES)}.')
   return _RECIPES[name]

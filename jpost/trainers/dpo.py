@@ -32,6 +32,7 @@ from flax import nnx
 
 from jpost import ops, sampling
 from jpost.data import pipeline, rows as row_lib
+from jpost.errors import ConfigError
 from jpost.losses.dpo import dpo_loss
 from jpost.models import hf, pretrained
 from jpost.models.reward import as_messages
@@ -148,7 +149,7 @@ def lookup_hook(index: dict, cache: dict, path: pathlib.Path):
     for i, (c, r) in enumerate(zip(batch['chosen_tokens'], batch['rejected_tokens'])):
       row = index.get(pair_key(c, r))
       if row is None:
-        raise KeyError(
+        raise ConfigError(
             f'batch row {i} has no reference log-probs in {path}: the cache was computed '
             'for other data or another data.max_len. Delete the file to recompute it, or '
             "set config.dpo.reference='on_the_fly'.")
@@ -214,7 +215,7 @@ def report_kl(config, workdir: pathlib.Path, state) -> dict[str, float]:
 @register('dpo')
 def run(config, workdir):
   if config.dpo.reference not in REFERENCE_MODES:
-    raise ValueError(f'config.dpo.reference={config.dpo.reference!r}; use one of '
+    raise ConfigError(f'config.dpo.reference={config.dpo.reference!r}; use one of '
                      f'{REFERENCE_MODES}.')
   data = config.data
   with config.unlocked():

@@ -29,6 +29,7 @@ import numpy as np
 from jpost import rewards, sampling
 from jpost import eval as ev
 from jpost.data import pipeline
+from jpost.errors import ConfigError
 from jpost.eval.leaderboard import leaderboard
 from jpost.tokenizer import Tokenizer
 from jpost.trainers import register, rollout
@@ -74,7 +75,7 @@ def load_completions(path: pathlib.Path) -> list[dict]:
     row = json.loads(line)
     missing = {'prompt', 'greedy', 'samples', 'extra'} - set(row)
     if missing:
-      raise ValueError(f'{path}:{line_no}: completions row lacks {sorted(missing)}; use a '
+      raise ConfigError(f'{path}:{line_no}: completions row lacks {sorted(missing)}; use a '
                        'file written by the eval recipe (completions_NAME.jsonl).')
     rows.append(row)
   return rows
@@ -123,7 +124,7 @@ def align(outputs: dict) -> dict:
     by_key = {_row_key(r): r for r in outputs[name]}
     missing = [k for k in order if k not in by_key]
     if missing or len(by_key) != len(order):
-      raise ValueError(
+      raise ConfigError(
           f'model {name!r} answered other prompts than {names[0]!r} ({len(missing)} of '
           f'{len(order)} missing, e.g. {missing[:1]}); evaluate every model on the same data.')
     outputs[name] = [by_key[k] for k in order]
@@ -158,18 +159,18 @@ def judge_battles(names, outputs, pairwise) -> tuple[list[dict], int]:
 @register('eval')
 def run(config, workdir):
   if workdir is None:
-    raise ValueError('--workdir is required: the report is written there.')
+    raise ConfigError('--workdir is required: the report is written there.')
   if config.pairwise.judge not in PAIRWISE_JUDGES:
-    raise ValueError(f'config.pairwise.judge={config.pairwise.judge!r}; use one of '
+    raise ConfigError(f'config.pairwise.judge={config.pairwise.judge!r}; use one of '
                      f'{PAIRWISE_JUDGES}.')
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   names = list(config.models)
   if not names:
-    raise ValueError('config.models is empty: give {name: checkpoint path or completions file}.')
+    raise ConfigError('config.models is empty: give {name: checkpoint path or completions file}.')
   if config.anchor:
     if config.anchor not in names:
-      raise ValueError(f'config.anchor={config.anchor!r} is not one of the models {names}.')
+      raise ConfigError(f'config.anchor={config.anchor!r} is not one of the models {names}.')
     names.remove(config.anchor)
     names.insert(0, config.anchor)
   reward_fns = rewards.build(config.rewards)

@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jpost import checkpoint, metrics, optim, sharding
+from jpost.errors import ConfigError
 from jpost.models import hf, pretrained
 from jpost.tokenizer import Tokenizer
 
@@ -81,11 +82,11 @@ _FAULT_KILL_AT_STEP = int(os.environ.get('JPOST_FAULT_KILL_AT_STEP', '-1'))
 def validate(config) -> None:
   """Config errors that must surface before anything is compiled."""
   if config.total_steps <= 0:
-    raise ValueError(f'config.total_steps={config.total_steps}: must be positive.')
+    raise ConfigError(f'config.total_steps={config.total_steps}: must be positive.')
   if config.batch_size <= 0:
-    raise ValueError(f'config.batch_size={config.batch_size}: must be positive.')
+    raise ConfigError(f'config.batch_size={config.batch_size}: must be positive.')
   if config.accum_steps <= 0 or config.batch_size % config.accum_steps:
-    raise ValueError(
+    raise ConfigError(
         f'config.accum_steps={config.accum_steps}: must be positive and divide '
         f'config.batch_size={config.batch_size}.')
   optim.validate(config.optim, config.total_steps)
@@ -189,7 +190,7 @@ def run(config, workdir: str | None, task: Task) -> dict[str, Any]:
   # --- setup ---------------------------------------------------------------
   validate(config)
   if workdir is None:
-    raise ValueError('--workdir is required for training (checkpoints and metrics go there).')
+    raise ConfigError('--workdir is required for training (checkpoints and metrics go there).')
   workdir = pathlib.Path(workdir)
   if config.get('distributed', False):
     jax.distributed.initialize()
@@ -198,7 +199,7 @@ def run(config, workdir: str | None, task: Task) -> dict[str, Any]:
   mesh = sharding.make_mesh(dict(config.mesh))
   data_parallel = mesh.shape['data'] * mesh.shape['fsdp']
   if (config.batch_size // config.accum_steps) % data_parallel:
-    raise ValueError(
+    raise ConfigError(
         f'config.batch_size={config.batch_size} / accum_steps={config.accum_steps} is not '
         f'divisible by the mesh data x fsdp = {data_parallel}; change batch_size or config.mesh.')
 

@@ -31,6 +31,7 @@ from flax import nnx
 
 from jpost import checkpoint, metrics, ops, optim, rewards, sampling, sharding
 from jpost.data import pipeline
+from jpost.errors import ConfigError
 from jpost.losses.policy import AGGREGATIONS
 from jpost.models import hf, pretrained
 from jpost.models import reward as scalar_models
@@ -48,33 +49,33 @@ def validate(config, algorithm: str) -> None:
   """Config errors that must surface before anything is compiled or sampled."""
   rl = config.rl
   if config.total_steps <= 0:
-    raise ValueError(f'config.total_steps={config.total_steps}: must be positive.')
+    raise ConfigError(f'config.total_steps={config.total_steps}: must be positive.')
   if config.prompts_per_step <= 0:
-    raise ValueError(f'config.prompts_per_step={config.prompts_per_step}: must be positive.')
+    raise ConfigError(f'config.prompts_per_step={config.prompts_per_step}: must be positive.')
   rows = config.prompts_per_step * config.sampling.num_samples
   if rl.minibatches <= 0 or rows % rl.minibatches:
-    raise ValueError(f'config.rl.minibatches={rl.minibatches} must divide the rollout rows '
+    raise ConfigError(f'config.rl.minibatches={rl.minibatches} must divide the rollout rows '
                      f'(prompts_per_step x num_samples = {rows}).')
   if rl.epochs <= 0:
-    raise ValueError(f'config.rl.epochs={rl.epochs}: must be positive.')
+    raise ConfigError(f'config.rl.epochs={rl.epochs}: must be positive.')
   if rl.aggregation not in AGGREGATIONS:
-    raise ValueError(f'config.rl.aggregation={rl.aggregation!r}; use one of {AGGREGATIONS}.')
+    raise ConfigError(f'config.rl.aggregation={rl.aggregation!r}; use one of {AGGREGATIONS}.')
   if rl.kl_in not in KL_PLACEMENT:
-    raise ValueError(f'config.rl.kl_in={rl.kl_in!r}; use one of {KL_PLACEMENT}.')
+    raise ConfigError(f'config.rl.kl_in={rl.kl_in!r}; use one of {KL_PLACEMENT}.')
   if rl.kl_estimator not in ops.KL_ESTIMATORS:
-    raise ValueError(f'config.rl.kl_estimator={rl.kl_estimator!r}; use one of '
+    raise ConfigError(f'config.rl.kl_estimator={rl.kl_estimator!r}; use one of '
                      f'{ops.KL_ESTIMATORS}.')
   if rl.old_logprobs not in OLD_LOGPROBS:
-    raise ValueError(f'config.rl.old_logprobs={rl.old_logprobs!r}; use one of {OLD_LOGPROBS}.')
+    raise ConfigError(f'config.rl.old_logprobs={rl.old_logprobs!r}; use one of {OLD_LOGPROBS}.')
   if rl.beta < 0:
-    raise ValueError(f'config.rl.beta={rl.beta}: must be >= 0 (0 drops the reference).')
+    raise ConfigError(f'config.rl.beta={rl.beta}: must be >= 0 (0 drops the reference).')
   if config.sampling.temperature <= 0:
-    raise ValueError('config.sampling.temperature must be > 0 for RL: greedy rollouts have '
+    raise ConfigError('config.sampling.temperature must be > 0 for RL: greedy rollouts have '
                      'no exploration and no defined log-probs.')
   if algorithm == 'ppo' and rl.kl_in != 'reward':
-    raise ValueError("PPO puts the KL penalty in the per-token reward: set config.rl.kl_in='reward'.")
+    raise ConfigError("PPO puts the KL penalty in the per-token reward: set config.rl.kl_in='reward'.")
   if algorithm == 'grpo' and config.sampling.num_samples < 2:
-    raise ValueError('GRPO needs config.sampling.num_samples >= 2 (a group per prompt).')
+    raise ConfigError('GRPO needs config.sampling.num_samples >= 2 (a group per prompt).')
   optim.validate(config.optim, config.total_steps)
 
 
@@ -136,14 +137,14 @@ def run(config, workdir: str | None, algorithm: str) -> dict[str, Any]:
   # --- setup ----------------------------------------------------------------------
   validate(config, algorithm)
   if workdir is None:
-    raise ValueError('--workdir is required for training (checkpoints and metrics go there).')
+    raise ConfigError('--workdir is required for training (checkpoints and metrics go there).')
   workdir = pathlib.Path(workdir)
   rl, num_samples = config.rl, config.sampling.num_samples
   rows_per_step = config.prompts_per_step * num_samples
   mesh = sharding.make_mesh(dict(config.mesh))
   data_parallel = mesh.shape['data'] * mesh.shape['fsdp']
   if (rows_per_step // rl.minibatches) % data_parallel:
-    raise ValueError(f'a minibatch of {rows_per_step // rl.minibatches} rows does not split '
+    raise ConfigError(f'a minibatch of {rows_per_step // rl.minibatches} rows does not split '
                      f'over the mesh data x fsdp = {data_parallel}; change prompts_per_step, '
                      'sampling.num_samples, rl.minibatches or config.mesh.')
   reward_fns = rewards.build(config.rewards)
@@ -205,7 +206,7 @@ def run(config, workdir: str | None, algorithm: str) -> dict[str, Any]:
                                     batch_size=config.eval_batch_size, seed=0)
     data = list(data)
     if not data:
-      raise ValueError(f'no held-out prompts left in {list(config.data.eval)}: '
+      raise ConfigError(f'no held-out prompts left in {list(config.data.eval)}: '
                        f'{eval_stats.as_dict()}. Raise config.data.max_prompt_len if they '
                        'were dropped as too long.')
     report = evaluate(nnx.merge(graphdef, state['policy']['params']), tokenizer, data,

@@ -22,6 +22,7 @@ import numpy as np
 
 from jpost import rewards, sampling
 from jpost.data import pipeline
+from jpost.errors import ConfigError
 from jpost.trainers import register, rollout
 from jpost.trainers.generate import load_model_and_tokenizer
 
@@ -108,7 +109,7 @@ def write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
 @register('pairs')
 def run(config, workdir):
   if workdir is None:
-    raise ValueError('--workdir is required: pairs.jsonl is written there.')
+    raise ConfigError('--workdir is required: pairs.jsonl is written there.')
   workdir = pathlib.Path(workdir)
   model, tokenizer = load_model_and_tokenizer(config.model)
   reward_fns = rewards.build(config.rewards)

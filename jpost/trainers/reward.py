@@ -14,6 +14,7 @@ import math
 import jax.numpy as jnp
 
 from jpost.data import pipeline
+from jpost.errors import ConfigError
 from jpost.losses.reward import bradley_terry_loss
 from jpost.models import reward as reward_model
 from jpost.trainers import offline, register
@@ -67,7 +68,7 @@ def epochs_to_steps(config, sources) -> int:
   rows = count_rows(sources, config.data.policy)
   steps = math.floor(rows * config.epochs / config.batch_size)
   if steps <= 0:
-    raise ValueError(f'{rows} train rows make no full batch of {config.batch_size}; lower '
+    raise ConfigError(f'{rows} train rows make no full batch of {config.batch_size}; lower '
                      'config.batch_size or add data.')
   return steps
 
