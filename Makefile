@@ -21,8 +21,12 @@ demo: setup
 	rm -rf runs/demo
 	$(PY) -m jpost.main --config=configs/grpo.py --workdir=runs/demo
 
+# Two test workers keep both cores of a small machine busy (one runs while the
+# other compiles or waits on a subprocess); `make test TEST_WORKERS=8` on a bigger one.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

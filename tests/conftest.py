@@ -1,12 +1,51 @@
-"""Test set-up: 8 fake CPU devices so sharding code runs on one machine."""
+"""Test set-up: 8 fake CPU devices so sharding code runs on one machine, and
+one compilation cache for the whole session."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+if os.environ.get('PYTEST_XDIST_WORKER'):
+  # Two test workers share the cores: PyTorch's OpenMP threads (the reference
+  # models) spin-wait for cores the other worker holds, and a 22 s test took
+  # 171 s. One thread each keeps both workers busy without that.
+  os.environ.setdefault('OMP_NUM_THREADS', '1')
 
 import pytest  # noqa: E402
+
+_CACHE_ENV = 'JPOST_TEST_XLA_CACHE'
+
+
+def pytest_configure(config):
+  """XLA's compiled programs are kept in one folder for the session: tests
+  that compile the same program (the same tiny model's step, in this process,
+  in another test worker, or in a `jpost.main` subprocess) compile it once.
+  The folder is new for each session, so a run measures a fresh machine, and
+  it never touches the user's own cache. Workers inherit it from the main
+  process through the environment."""
+  if _CACHE_ENV not in os.environ:  # the main process (or the only one)
+    folder = tempfile.mkdtemp(prefix='jpost-test-xla-')
+    os.environ[_CACHE_ENV] = folder
+    config._jpost_cache_to_remove = folder
+  folder = os.environ[_CACHE_ENV]
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = folder
+  # Cache every program, not only those that took a second to compile: most of
+  # the suite's programs are small, and many compile again in another test.
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+  import jax
+  jax.config.update('jax_compilation_cache_dir', folder)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def pytest_unconfigure(config):
+  folder = getattr(config, '_jpost_cache_to_remove', None)
+  if folder:
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope='session')
@@ -26,6 +65,35 @@ def tiny_checkpoint(tmp_path_factory):
                     bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
   path = tmp_path_factory.mktemp('tiny_llama')
   hf.save(Decoder(cfg, rngs=nnx.Rngs(0)), path, tokenizer=tokenizer)
+  return path
+
+
+@pytest.fixture(scope='session')
+def shallow_smollm2(tmp_path_factory):
+  """SmolLM2-135M-Instruct cut to its first 6 of 30 layers: real weights and
+  tokenizer as an HF checkpoint directory, for tests of the sampler's mechanics
+  (cache, log-probs, streaming, layer scan) that hold at any depth and cost a
+  fifth as much here. Parity with transformers uses the whole model."""
+  import json
+  import shutil
+
+  from safetensors.numpy import load_file, save_file
+
+  from jpost.models import pretrained
+
+  keep = 6
+  source = pretrained.resolve('smollm2-135m-instruct')
+  path = tmp_path_factory.mktemp('smollm2_6_layers')
+  for name in ('tokenizer.json', 'tokenizer_config.json', 'generation_config.json'):
+    if (source / name).is_file():
+      shutil.copy(source / name, path / name)
+  config = json.loads((source / 'config.json').read_text())
+  config['num_hidden_layers'] = keep
+  (path / 'config.json').write_text(json.dumps(config, indent=2))
+  tensors = load_file(source / 'model.safetensors')
+  save_file({name: value for name, value in tensors.items()
+             if not name.startswith('model.layers.') or int(name.split('.')[2]) < keep},
+            path / 'model.safetensors', metadata={'format': 'pt'})
   return path
 
 

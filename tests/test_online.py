@@ -50,6 +50,7 @@ def test_completion_logprobs_equal_a_full_forward(tiny_checkpoint):
   """Only the completion positions go through the LM head; the log-probs are
   those of the full forward at the same positions."""
   import jax.numpy as jnp
+  from flax import nnx
   from jpost import ops
   from jpost.models import hf
   model = hf.load(tiny_checkpoint)
@@ -62,8 +63,9 @@ def test_completion_logprobs_equal_a_full_forward(tiny_checkpoint):
       truncated=np.zeros(4, bool), lengths=np.array([3, 3, 4, 4]))
   rows = rl_parts.training_rows(prompts, completions, num_samples=2)
   batch = {k: jnp.asarray(v) for k, v in rows.items()}
-  ours = rl_parts.completion_logprobs(rl_parts.completion_logits(model, batch, 0.7), batch)
-  full = model(batch['tokens'], batch['positions'], batch['segment_ids']) / 0.7
+  ours = nnx.jit(lambda m, b: rl_parts.completion_logprobs(
+      rl_parts.completion_logits(m, b, 0.7), b))(model, batch)
+  full = nnx.jit(lambda m, b: m(b['tokens'], b['positions'], b['segment_ids']))(model, batch) / 0.7
   reference = ops.token_logprobs(full, batch['tokens'][:, 1:])[:, -4:]
   mask = rows['completion_mask'] > 0
   np.testing.assert_allclose(np.asarray(ours)[mask], np.asarray(reference)[mask], atol=1e-5)
@@ -97,7 +99,8 @@ def test_shared_prompt_gradient_equals_full_rows(tiny_checkpoint):
     logits = nnx.merge(graphdef, params)(rows['tokens'], rows['positions'], rows['segment_ids'])
     return jnp.sum(ops.token_logprobs(logits, rows['tokens'][:, 1:])[:, -4:] * weights)
 
-  (value, grads), (ref_value, ref_grads) = (jax.value_and_grad(f)(params) for f in (shared, full))
+  (value, grads), (ref_value, ref_grads) = (jax.jit(jax.value_and_grad(f))(params)
+                                            for f in (shared, full))
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   # Measured 4e-7 (summation order); sharing the prompt wrongly is off by O(1).
   assert_norm_close(grads, ref_grads, bound=1e-5, what='gradient ')

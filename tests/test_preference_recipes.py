@@ -86,7 +86,9 @@ def test_dpo_cached_and_on_the_fly_references_agree(tiny_checkpoint, pair_files,
 def test_dpo_stale_reference_cache_is_a_clear_error(tiny_checkpoint, pair_files, tmp_path):
   train, _ = pair_files
   other = _pairs_file(tmp_path / 'other.jsonl', n=6)
-  first = _dpo(tmp_path / 'run', tiny_checkpoint, (other, other))
+  # The first run only has to leave its reference cache behind.
+  first = _dpo(tmp_path / 'run', tiny_checkpoint, (other, other), '--config.total_steps=1',
+               '--config.dpo.kl_prompts=0', '--config.export_hf=False')
   assert first.returncode == 0, first.stderr[-3000:]
   (tmp_path / 'run' / 'checkpoints').rename(tmp_path / 'old_checkpoints')
   second = _dpo(tmp_path / 'run', tiny_checkpoint, pair_files)
@@ -97,8 +99,9 @@ def test_dpo_stale_reference_cache_is_a_clear_error(tiny_checkpoint, pair_files,
 @pytest.mark.parametrize('loss_type', ['ipo', 'simpo', 'cdpo'])
 def test_dpo_family_runs(tiny_checkpoint, pair_files, tmp_path, loss_type):
   extra = ['--config.dpo.label_smoothing=0.1'] if loss_type == 'cdpo' else []
+  # The KL check and the export are the same for every loss: the test above runs them.
   proc = _dpo(tmp_path, tiny_checkpoint, pair_files, f'--config.dpo.loss_type={loss_type}',
-              *extra)
+              '--config.dpo.kl_prompts=0', '--config.export_hf=False', *extra)
   assert proc.returncode == 0, proc.stderr[-3000:]
   records = _metrics(tmp_path)
   assert all(np.isfinite(r['loss']) for r in records if 'loss' in r)

@@ -3,8 +3,11 @@
 import functools
 import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import ml_collections
@@ -146,8 +149,11 @@ def test_sigterm_saves_and_resumes(tiny_checkpoint, tmp_path):
        '--config.checkpoint.every=100000'], stderr=subprocess.PIPE, text=True,
       env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'})
   metrics = tmp_path / 'metrics.jsonl'
+  deadline = time.monotonic() + 300
   while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
     assert proc.poll() is None, proc.stderr.read()[-3000:]
+    assert time.monotonic() < deadline, 'no second step logged in 300 s'
+    time.sleep(0.05)  # a bare loop took a core from the run it waits for
   proc.terminate()
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
@@ -155,9 +161,22 @@ def test_sigterm_saves_and_resumes(tiny_checkpoint, tmp_path):
   assert len(saved) == 1 and saved[0] == len(_losses(tmp_path))
 
 
-def test_nan_loss_stops_without_overwriting_checkpoint(tiny_checkpoint, tmp_path):
-  first = _train(tmp_path, tiny_checkpoint, steps=4)
-  assert first.returncode == 0
+@pytest.fixture(scope='module')
+def run_of_4_steps(tiny_checkpoint, tmp_path_factory):
+  """One finished 4-step run (checkpoint at step 4, TensorBoard on), shared by
+  the tests that inspect it or resume from a copy of it."""
+  workdir = tmp_path_factory.mktemp('run_of_4_steps')
+  proc = _train(workdir, tiny_checkpoint, '--config.tensorboard=True', steps=4)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+def _copy_of(workdir, tmp_path):
+  return pathlib.Path(shutil.copytree(workdir, tmp_path / 'run'))
+
+
+def test_nan_loss_stops_without_overwriting_checkpoint(tiny_checkpoint, run_of_4_steps, tmp_path):
+  tmp_path = _copy_of(run_of_4_steps, tmp_path)
   # Resume with an absurd learning rate: the loss blows up to inf/NaN.
   blown = _train(tmp_path, tiny_checkpoint, '--config.optim.lr=1e30',
                  '--config.optim.warmup_steps=0', steps=40)
@@ -168,8 +187,9 @@ def test_nan_loss_stops_without_overwriting_checkpoint(tiny_checkpoint, tmp_path
   assert saved == [4]  # nothing written after the blow-up
 
 
-def test_resume_with_another_optimiser_structure_is_a_clear_error(tiny_checkpoint, tmp_path):
-  assert _train(tmp_path, tiny_checkpoint, steps=4).returncode == 0
+def test_resume_with_another_optimiser_structure_is_a_clear_error(tiny_checkpoint, run_of_4_steps,
+                                                                  tmp_path):
+  tmp_path = _copy_of(run_of_4_steps, tmp_path)
   proc = _train(tmp_path, tiny_checkpoint, '--config.optim.clip_norm=0', steps=6)
   assert proc.returncode != 0
   assert 'cannot resume from step 4' in proc.stderr and 'config.optim' in proc.stderr
@@ -192,16 +212,16 @@ def test_bad_config_fails_before_compiling(tiny_checkpoint, tmp_path, override, 
 
 
 def test_default_sft_lowers_held_out_loss_and_exports(tmp_path):
-  """configs/sft.py as shipped (SmolLM2 on GSM8K), shortened to 6 steps."""
+  """configs/sft.py as shipped (SmolLM2 on GSM8K), shortened to 3 steps."""
   proc = subprocess.run(
       [sys.executable, '-m', 'jpost.main', '--config=configs/sft.py', f'--workdir={tmp_path}',
-       '--config.total_steps=6', '--config.eval_every=6', '--config.checkpoint.every=6'],
+       '--config.total_steps=3', '--config.eval_every=3', '--config.checkpoint.every=3'],
       capture_output=True, text=True, timeout=1200,
       env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'})
   assert proc.returncode == 0, proc.stderr[-3000:]
   records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   evals = {r['step']: r['eval_loss'] for r in records if 'eval_loss' in r}
-  assert set(evals) == {0, 6} and evals[6] < evals[0] - 0.05, evals
+  assert set(evals) == {0, 3} and evals[3] < evals[0] - 0.05, evals  # measured 1.40 -> 1.24
   # The export loads in transformers and gives jpost's logits.
   exported = tmp_path / 'hf'
   ours = hf.load(exported)
@@ -217,10 +237,8 @@ def test_default_sft_lowers_held_out_loss_and_exports(tmp_path):
   assert np.abs(logits - reference).max() < 1e-3
 
 
-def test_tensorboard_event_files_when_enabled(tiny_checkpoint, tmp_path):
-  proc = _train(tmp_path, tiny_checkpoint, '--config.tensorboard=True', steps=2)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  events = list((tmp_path / 'tensorboard').glob('events.out.tfevents.*'))
+def test_tensorboard_event_files_when_enabled(run_of_4_steps):
+  events = list((run_of_4_steps / 'tensorboard').glob('events.out.tfevents.*'))
   assert events and events[0].stat().st_size > 0
 
 
