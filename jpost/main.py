@@ -37,10 +37,12 @@ def _keep_compiled_programs():
     jax.config.update('jax_compilation_cache_max_size', 2 << 30)
 
 
-def _show_tracebacks() -> bool:
+def _traceback_asked_for(flags_parsed: bool = True) -> bool:
+  """JPOST_TRACEBACK=1, or --verbosity=1 once the flags are parsed."""
+  if os.environ.get('JPOST_TRACEBACK', '') not in ('', '0'):
+    return True
   verbosity = flags.FLAGS['verbosity']
-  return os.environ.get('JPOST_TRACEBACK', '') not in ('', '0') or (
-      verbosity.present and verbosity.value >= 1)
+  return flags_parsed and verbosity.present and verbosity.value >= 1
 
 
 def _user_error(message: str):
@@ -69,7 +71,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError) as e:
-    if os.environ.get('JPOST_TRACEBACK', '') not in ('', '0'):
+    if _traceback_asked_for(flags_parsed=False):
       raise
     _user_error(_flag_error_message(e, argv))
 
@@ -101,7 +103,7 @@ def main(argv):
     config = _load_config()
     trainers.get(config.trainer)(config, _WORKDIR.value)
   except errors.UserError as e:
-    if _show_tracebacks():
+    if _traceback_asked_for():
       raise
     _user_error(str(e))
 

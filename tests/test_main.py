@@ -87,8 +87,10 @@ def test_traceback_on_request_and_for_bugs(tmp_path, monkeypatch):
   shown = _run(*args)
   assert shown.returncode != 0 and 'Traceback' in shown.stderr
   assert 'jpost.errors.ConfigError: config.total_steps=0: must be positive.' in shown.stderr
-  # A bug is not the user's mistake: its traceback shows without asking.
   monkeypatch.delenv('JPOST_TRACEBACK')
+  verbose = _run(*args, '--verbosity=1')
+  assert verbose.returncode != 0 and 'Traceback' in verbose.stderr
+  # A bug is not the user's mistake: its traceback shows without asking.
   bug = subprocess.run(
       [sys.executable, '-c', 'import sys; from jpost import main, trainers; '
        'trainers._RECIPES["boom"] = lambda config, workdir: 1 / 0; '

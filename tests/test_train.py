@@ -176,21 +176,21 @@ def _copy_of(workdir, tmp_path):
 
 
 def test_nan_loss_stops_without_overwriting_checkpoint(tiny_checkpoint, run_of_4_steps, tmp_path):
-  tmp_path = _copy_of(run_of_4_steps, tmp_path)
+  workdir = _copy_of(run_of_4_steps, tmp_path)
   # Resume with an absurd learning rate: the loss blows up to inf/NaN.
-  blown = _train(tmp_path, tiny_checkpoint, '--config.optim.lr=1e30',
+  blown = _train(workdir, tiny_checkpoint, '--config.optim.lr=1e30',
                  '--config.optim.warmup_steps=0', steps=40)
   assert blown.returncode != 0
   assert 'stopping without saving' in blown.stderr
   assert 'last good checkpoint (step 4)' in blown.stderr
-  saved = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
+  saved = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
   assert saved == [4]  # nothing written after the blow-up
 
 
 def test_resume_with_another_optimiser_structure_is_a_clear_error(tiny_checkpoint, run_of_4_steps,
                                                                   tmp_path):
-  tmp_path = _copy_of(run_of_4_steps, tmp_path)
-  proc = _train(tmp_path, tiny_checkpoint, '--config.optim.clip_norm=0', steps=6)
+  workdir = _copy_of(run_of_4_steps, tmp_path)
+  proc = _train(workdir, tiny_checkpoint, '--config.optim.clip_norm=0', steps=6)
   assert proc.returncode != 0
   assert 'cannot resume from step 4' in proc.stderr and 'config.optim' in proc.stderr
 
