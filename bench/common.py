@@ -1,8 +1,11 @@
-"""Model set-up shared by the benchmarks: the real SmolLM2-135M-Instruct, or a
+"""Set-up shared by the benchmarks: the real SmolLM2-135M-Instruct, or a
 randomly initialised model of exactly its shape (`--random-init`, for machines
-that cannot fetch the weights; speed does not depend on weight values)."""
+that cannot fetch the weights; speed does not depend on weight values), and
+the machine a figure was measured on."""
 
 import json
+import pathlib
+import platform
 
 from flax import nnx
 
@@ -29,3 +32,23 @@ def load_model(*, random_init: bool, mesh=None, **overrides):
       nnx.update(model, jax.device_put(state, sharding.state_shardings(state, mesh)))
     return model
   return hf.load(pretrained.resolve('smollm2-135m-instruct'), mesh=mesh, **overrides)
+
+
+def machine() -> dict:
+  """What a figure was measured on: the CPU (model, cores, AMX and AVX512-BF16,
+  whose kernels set a bfloat16 step's speed), the JAX device, and the measured
+  bfloat16 matmul peak (float32-accumulating, the MFU denominator)."""
+  import jax
+
+  from jpost import metrics
+  info = {'cpu': platform.processor() or platform.machine(), 'cores': None,
+          'amx_bf16': False, 'avx512_bf16': False, 'device': jax.devices()[0].device_kind}
+  cpuinfo = pathlib.Path('/proc/cpuinfo')
+  if cpuinfo.exists():
+    lines = cpuinfo.read_text().splitlines()
+    names = [line.split(':', 1)[1].strip() for line in lines if line.startswith('model name')]
+    flags = next((line for line in lines if line.startswith('flags')), '').split()
+    info.update(cpu=names[0] if names else info['cpu'], cores=len(names) or None,
+                amx_bf16='amx_bf16' in flags, avx512_bf16='avx512_bf16' in flags)
+  info['peak_bf16_gflops'] = round(metrics.measured_peak_flops('bfloat16') / 1e9, 1)
+  return info

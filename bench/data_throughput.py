@@ -14,6 +14,7 @@ import statistics
 import tempfile
 import time
 
+import common
 from jpost.data import gsm8k, pipeline
 from jpost.models import pretrained
 from jpost.tokenizer import Tokenizer
@@ -60,7 +61,8 @@ def main():
             f'-> {rows / seconds:.0f} rows/s, {tokens / seconds:.0f} tokens/s', flush=True)
   seconds = statistics.median(run[0] for run in runs)
   _, tokens, rows, batches = runs[0]
-  print(json.dumps({'rows': rows, 'tokens': tokens, 'seconds_median': round(seconds, 3),
+  print(json.dumps({'machine': common.machine(), 'rows': rows, 'tokens': tokens,
+                    'seconds_median': round(seconds, 3),
                     'rows_per_s': round(rows / seconds), 'tokens_per_s': round(tokens / seconds),
                     # share of batch slots holding real tokens
                     'packing_efficiency': round(tokens / (batches * args.batch_size * args.max_len), 3),

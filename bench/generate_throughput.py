@@ -98,7 +98,7 @@ def main():
         results.append(run(model, settings, batch, dtype, decode, args))
   largest = max(r['batch'] for r in results)
   best = max((r for r in results if r['batch'] == largest), key=lambda r: r['tokens_per_s'])
-  print(json.dumps({'tokens_per_s': best['tokens_per_s'], 'batch': largest,
+  print(json.dumps({'machine': common.machine(), 'tokens_per_s': best['tokens_per_s'], 'batch': largest,
                     'best_dtype': best['dtype'], 'best_decode': best['decode'],
                     'settings': results}))
 

@@ -22,6 +22,8 @@ import resource
 import statistics
 import tempfile
 
+import common
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -87,6 +89,7 @@ def main():
   rest = steps[1:] or steps
   median = lambda key: statistics.median(r[key] for r in rest)
   result = {
+      'machine': common.machine(),
       'setup': f'{args.prompts} prompts x {args.samples} samples x <= {args.max_new} new tokens, '
                f'beta {args.beta}, {args.dtype}, {args.minibatches} minibatch(es), '
                f'remat {args.remat}, {args.data}',

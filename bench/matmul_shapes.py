@@ -12,26 +12,12 @@ or the time goes elsewhere (LM head, attention, elementwise work).
 import argparse
 import json
 import os
-import pathlib
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 
-
-def machine() -> dict:
-  info = {'cpu': platform.processor() or platform.machine(), 'amx_bf16': False,
-          'avx512_bf16': False, 'devices': jax.device_count()}
-  cpuinfo = pathlib.Path('/proc/cpuinfo')
-  if cpuinfo.exists():
-    text = cpuinfo.read_text()
-    names = [line.split(':', 1)[1].strip() for line in text.splitlines()
-             if line.startswith('model name')]
-    flags = next((line for line in text.splitlines() if line.startswith('flags')), '').split()
-    info.update(cpu=names[0] if names else info['cpu'], cores=len(names),
-                amx_bf16='amx_bf16' in flags, avx512_bf16='avx512_bf16' in flags)
-  return info
+import common
 
 
 def gflops(m: int, k: int, n: int, runs: int = 5) -> float:
@@ -61,7 +47,7 @@ def main():
   figures = {name: round(gflops(*shape), 1) for name, shape in shapes.items()}
   for name, value in figures.items():
     print(f'{name:>36} {"x".join(map(str, shapes[name])):>18}: {value:8.1f} GFLOP/s')
-  print(json.dumps({'machine': machine(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+  print(json.dumps({'machine': common.machine(), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
                     'gflops': figures}))
 
 

@@ -117,7 +117,9 @@ def main():
           f"(first step {result['first_step_s']}s), MFU {100 * result['mfu']:.1f}%, "
           f"peak RSS {result['peak_rss_mb']} MB on {result['device']}", flush=True)
   best = max(results, key=lambda r: r['tokens_per_s'])
-  print(json.dumps({'tokens_per_s': best['tokens_per_s'], 'mfu': best['mfu'],
+  import common  # here, after the runs: this process stayed free of JAX while they ran
+  print(json.dumps({'machine': common.machine(), 'tokens_per_s': best['tokens_per_s'],
+                    'mfu': best['mfu'],
                     'peak_rss_mb': best['peak_rss_mb'], 'best_dtype': best['dtype'],
                     'settings': results}))
 

@@ -58,7 +58,7 @@ def main():
       print(f"{dtype} {decode}: first turn waits {cold_first:.1f}s (compilation), then "
             f"{result['first_token_s'] * 1e3:.0f} ms to the first token and "
             f"{result['tokens_per_s']} tokens/s", flush=True)
-  print(json.dumps({'settings': results}))
+  print(json.dumps({'machine': common.machine(), 'settings': results}))
 
 
 if __name__ == '__main__':
