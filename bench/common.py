@@ -52,3 +52,27 @@ def machine() -> dict:
                 amx_bf16='amx_bf16' in flags, avx512_bf16='avx512_bf16' in flags)
   info['peak_bf16_gflops'] = round(metrics.measured_peak_flops('bfloat16') / 1e9, 1)
   return info
+
+
+def sft_step(model, mesh, total_steps: int):
+  """The SFT recipe's jitted train step (AdamW, clip 1.0, token-normalised
+  loss, state donated) and its initial state, as the benches time it."""
+  import functools
+
+  import jax
+  import ml_collections
+
+  from jpost import optim
+  from jpost.trainers import offline, sft
+  tx, schedule = optim.build(ml_collections.ConfigDict(dict(
+      name='adamw', lr=1e-5, warmup_steps=0, schedule='constant', end_lr_ratio=1.0,
+      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0)), total_steps)
+  graphdef, state = offline.init_state(model, tx, 0, mesh)
+  task = offline.Task(loss_fn=functools.partial(sft.loss_fn, normalization='token'),
+                      normalizer_fn=functools.partial(sft.normalizer_fn, normalization='token'),
+                      train_data=None)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  step = jax.jit(offline.make_train_step(graphdef, task, tx, schedule, 1),
+                 in_shardings=(shardings, None), out_shardings=(shardings, None),
+                 donate_argnums=(0,))
+  return step, state

@@ -34,31 +34,18 @@ def synthetic_batches(batch: int, seq_len: int, vocab: int):
 def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: bool,
             random_init: bool) -> dict:
   import jax
-  import ml_collections
 
-  from jpost import metrics, optim, sharding
+  from jpost import metrics, sharding
   from jpost.data import pipeline
   from jpost.models import pretrained
   from jpost.tokenizer import Tokenizer
+  from jpost.trainers import offline
 
   import common
-  from jpost.trainers import offline, sft
-  import functools
 
   mesh = sharding.make_mesh()
   model = common.load_model(random_init=random_init, mesh=mesh, dtype=dtype, remat=remat)
-  optim_config = ml_collections.ConfigDict(dict(
-      name='adamw', lr=1e-5, warmup_steps=0, schedule='constant', end_lr_ratio=1.0,
-      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0))
-  tx, schedule = optim.build(optim_config, steps)
-  graphdef, state = offline.init_state(model, tx, 0, mesh)
-  task = offline.Task(loss_fn=functools.partial(sft.loss_fn, normalization='token'),
-                      normalizer_fn=functools.partial(sft.normalizer_fn, normalization='token'),
-                      train_data=None)
-  shardings = jax.tree.map(lambda x: x.sharding, state)
-  step = jax.jit(offline.make_train_step(graphdef, task, tx, schedule, 1),
-                 in_shardings=(shardings, None), out_shardings=(shardings, None),
-                 donate_argnums=(0,))
+  step, state = common.sft_step(model, mesh, steps)
   if random_init:
     batches = synthetic_batches(batch, seq_len, model.config.vocab_size)
   else:

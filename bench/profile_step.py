@@ -1,0 +1,82 @@
+"""Where a training step's time goes, by XLA operation kind, from JAX's profiler.
+
+  python bench/profile_step.py [--dtype bfloat16] [--remat] [--batch 8] [--seq-len 256]
+
+Runs the SFT step of a randomly initialised SmolLM2-135M-shaped model (as
+`sft_throughput.py --random-init`), profiles one warm step and prints the
+thread time of each operation kind (XLA's fusion names without their
+numbers: `ynn_fusion` are YNNPACK's matmul fusions on CPU), largest first.
+Thread time on a multi-threaded CPU adds up to more than the step's wall time.
+"""
+
+import argparse
+import collections
+import gzip
+import json
+import pathlib
+import re
+import tempfile
+import time
+
+import jax
+
+import common
+from jpost import sharding
+from jpost.trainers import offline
+from sft_throughput import synthetic_batches
+
+# Profiler spans that wrap the operations rather than being one.
+_WRAPPERS = ('ThunkExecutor', '$', 'SlinkyThreadPool')
+
+
+def thread_time_by_kind(trace_dir: str) -> collections.Counter:
+  """Microseconds per operation kind in the perfetto trace under `trace_dir`."""
+  path = next(pathlib.Path(trace_dir).rglob('perfetto_trace.json.gz'))
+  trace = json.load(gzip.open(path))
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  kinds = collections.Counter()
+  for event in events:
+    if event.get('ph') == 'X' and 'dur' in event and not event['name'].startswith(_WRAPPERS):
+      kinds[re.sub(r'\.\d+$', '', event['name'])] += event['dur']
+  return kinds
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--dtype', default='bfloat16')
+  parser.add_argument('--remat', action='store_true')
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--seq-len', type=int, default=256)
+  parser.add_argument('--top', type=int, default=15)
+  args = parser.parse_args()
+  mesh = sharding.make_mesh()
+  model = common.load_model(random_init=True, mesh=mesh, dtype=args.dtype, remat=args.remat)
+  step, state = common.sft_step(model, mesh, 10)
+  batches = synthetic_batches(args.batch, args.seq_len, model.config.vocab_size)
+
+  def run_step():
+    nonlocal state
+    state, out = step(state, offline.place_batch(next(batches), mesh))
+    jax.block_until_ready(out['loss'])
+
+  for _ in range(2):  # compile, then one warm step
+    run_step()
+  start = time.perf_counter()
+  run_step()
+  wall = time.perf_counter() - start
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      run_step()
+    kinds = thread_time_by_kind(trace_dir)
+  total = sum(kinds.values())
+  print(f'warm step {wall:.2f} s wall; {total / 1e6:.2f} s of operation thread time')
+  for kind, us in kinds.most_common(args.top):
+    print(f'{us / 1e3:9.1f} ms {100 * us / total:5.1f}%  {kind}')
+  print(json.dumps({'machine': common.machine(), 'dtype': args.dtype, 'remat': args.remat,
+                    'batch': args.batch, 'seq_len': args.seq_len, 'step_s': round(wall, 3),
+                    'thread_s': round(total / 1e6, 3),
+                    'by_kind_ms': {k: round(v / 1e3, 1) for k, v in kinds.most_common(args.top)}}))
+
+
+if __name__ == '__main__':
+  main()
