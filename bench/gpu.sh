@@ -45,7 +45,7 @@ rl="--model /tmp/smollm2_random --data .gpu_assets/rl_train.jsonl"
 gen="python3 bench/generate_throughput.py --random-init --new-tokens 128"
 if [ "$what" = decode ]; then
   $gen --dtypes bfloat16 --batches 32,128 --decode scan:model,loop:model,loop:float32 2>&1 | grep -v Warn | tee "$out/decode_bf16.txt"
-  python3 bench/grpo_step.py $rl --steps 5 --dtype bfloat16 2>&1 | grep -v Warn | tail -7 | tee "$out/grpo_2x8x128_bf16.txt"
+  python3 bench/grpo_step.py $rl --steps 5 --dtype bfloat16 --no-remat 2>&1 | grep -v Warn | tail -7 | tee "$out/grpo_2x8x128_bf16.txt"
   $gen --dtypes float32 --batches 32,128 --decode scan:model 2>&1 | grep -v Warn | tee "$out/decode_f32_scan.txt"
   $gen --dtypes float32 --batches 32 --decode loop:model 2>&1 | grep -v Warn | tee "$out/decode_f32_loop.txt"
   exit 0
@@ -53,7 +53,7 @@ fi
 if [ "$what" = chat ]; then
   python3 bench/stream_latency.py --random-init --dtypes bfloat16 2>&1 | grep -v Warn | tee "$out/stream_bf16.txt"
 fi
-python3 bench/grpo_step.py $rl --steps 5 --dtype bfloat16 2>&1 | grep -v Warn | tail -7 | tee "$out/grpo_2x8x128_bf16.txt"
+python3 bench/grpo_step.py $rl --steps 5 --dtype bfloat16 --no-remat 2>&1 | grep -v Warn | tail -7 | tee "$out/grpo_2x8x128_bf16.txt"
 if [ "$what" != chat ]; then
 python3 bench/grpo_step.py $rl --steps 4 --dtype bfloat16 --prompts 16 --max-new 256 --remat 2>&1 | grep -v Warn | tail -6 | tee "$out/grpo_16x8x256_bf16.txt"
 fi
@@ -78,4 +78,4 @@ python3 bench/sft_throughput.py --random-init --batch 8 --seq-len 256 --steps 10
 python3 bench/sft_throughput.py --random-init --batch 32 --seq-len 1024 --steps 10 --dtypes bfloat16 --remat 2>&1 | grep -v Warn | tee "$out/sft_32x1024.txt"
 python3 bench/generate_throughput.py --random-init --batches 1,8,32,128 --new-tokens 128 2>&1 | grep -v Warn | tee "$out/generate.txt"
 fi
-python3 bench/grpo_step.py $rl --steps 5 2>&1 | grep -v Warn | tail -7 | tee "$out/grpo_2x8x128_f32.txt"
+python3 bench/grpo_step.py $rl --steps 5 --dtype float32 --no-remat 2>&1 | grep -v Warn | tail -7 | tee "$out/grpo_2x8x128_f32.txt"

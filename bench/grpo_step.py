@@ -59,10 +59,10 @@ def main():
   parser.add_argument('--max-new', type=int, default=128)
   parser.add_argument('--max-prompt-len', type=int, default=256)
   parser.add_argument('--beta', type=float, default=0.04)
-  parser.add_argument('--dtype', default='float32')
+  parser.add_argument('--dtype', default='bfloat16')  # the recipe's defaults
   parser.add_argument('--data', default='gsm8k:rl_train')
   parser.add_argument('--model', default='smollm2-135m-instruct')
-  parser.add_argument('--remat', action='store_true')
+  parser.add_argument('--remat', action=argparse.BooleanOptionalAction, default=True)
   parser.add_argument('--minibatches', type=int, default=1)
   args = parser.parse_args()
 
