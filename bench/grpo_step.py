@@ -1,11 +1,12 @@
 """GRPO step time for SmolLM2-135M: seconds per step, split into rollout and update.
 
   python bench/grpo_step.py [--steps 5] [--prompts 2] [--samples 8] [--max-new 128]
-                            [--beta 0.04] [--dtype float32] [--data gsm8k:rl_train]
+                            [--beta 0.04] [--dtype bfloat16] [--remat | --no-remat]
+                            [--data gsm8k:rl_train]
 
 Runs the real online loop (jpost.trainers.online, configs/grpo.py with these
 overrides: GSM8K prompts, 2 prompts x 8 samples x up to 128 new tokens,
-beta 0.04, no held-out eval) and reads its per-step timings. The first step
+beta 0.04, no held-out eval; bfloat16 with remat, as the recipe) and reads its per-step timings. The first step
 (compilation) is reported apart; the figures are medians over the rest. The
 last line is one JSON object with `s_per_step`, `rollout_s`, `update_s`
 (`update_s` counts the reference / old log-prob forwards and the update),
