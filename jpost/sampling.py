@@ -79,10 +79,10 @@ jax.tree_util.register_dataclass(
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """[B, P] tokens and 0/1 mask, each prompt right-aligned."""
   if not prompts:
-    raise ConfigError('no prompts given.')
+    raise ValueError('no prompts given.')
   for i, prompt in enumerate(prompts):
     if len(prompt) == 0:
-      raise ConfigError(f'prompt {i} is empty: every prompt needs at least one token.')
+      raise ValueError(f'prompt {i} is empty: every prompt needs at least one token.')
   width = max(len(p) for p in prompts)
   tokens = np.full((len(prompts), width), pad_id, np.int32)
   mask = np.zeros((len(prompts), width), np.int32)
@@ -170,11 +170,11 @@ def generate(model, prompt_tokens, prompt_mask, sampling: SamplingConfig, key=No
   """
   prompt_tokens, prompt_mask = np.asarray(prompt_tokens), np.asarray(prompt_mask)
   if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
-    raise ConfigError(f'prompt tokens {prompt_tokens.shape} and mask {prompt_mask.shape} must '
+    raise ValueError(f'prompt tokens {prompt_tokens.shape} and mask {prompt_mask.shape} must '
                      'be [B, P] and equal; build them with left_pad().')
   empty = np.nonzero(prompt_mask.sum(axis=1) == 0)[0]
   if empty.size:
-    raise ConfigError(f'prompt row(s) {empty.tolist()} are empty: every prompt needs a token.')
+    raise ValueError(f'prompt row(s) {empty.tolist()} are empty: every prompt needs a token.')
   limit = model.config.max_position_embeddings
   if prompt_tokens.shape[1] + sampling.max_new_tokens > limit:
     raise ConfigError(

@@ -214,7 +214,7 @@ def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max
   False keeps a last, smaller batch (passes that must see every row once).
   """
   if kind not in KINDS:
-    raise ConfigError(f'pipeline kind {kind!r} unknown; use one of {KINDS}.')
+    raise ValueError(f'pipeline kind {kind!r} unknown; use one of {KINDS}.')
   if batch_size <= 0:
     raise ConfigError(f'batch_size must be positive, got {batch_size}.')
   stats = PipelineStats(rows.RowFilter(policy=policy))
