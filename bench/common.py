@@ -63,16 +63,12 @@ def sft_step(model, mesh, total_steps: int):
   import ml_collections
 
   from jpost import optim
-  from jpost.trainers import offline, sft
+  from jpost.trainers import loop, sft
   tx, schedule = optim.build(ml_collections.ConfigDict(dict(
       name='adamw', lr=1e-5, warmup_steps=0, schedule='constant', end_lr_ratio=1.0,
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0)), total_steps)
-  graphdef, state = offline.init_state(model, tx, 0, mesh)
-  task = offline.Task(loss_fn=functools.partial(sft.loss_fn, normalization='token'),
-                      normalizer_fn=functools.partial(sft.normalizer_fn, normalization='token'),
-                      train_data=None)
-  shardings = jax.tree.map(lambda x: x.sharding, state)
-  step = jax.jit(offline.make_train_step(graphdef, task, tx, schedule, 1),
-                 in_shardings=(shardings, None), out_shardings=(shardings, None),
-                 donate_argnums=(0,))
+  graphdef, state = loop.init_state(model, tx, 0, mesh)
+  step = loop.make_update(graphdef, functools.partial(sft.loss_fn, normalization='token'),
+                          functools.partial(sft.normalizer_fn, normalization='token'), tx,
+                          schedule, accum_steps=1, mesh=mesh, state=state)
   return step, state

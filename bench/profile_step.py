@@ -22,7 +22,7 @@ import jax
 
 import common
 from jpost import sharding
-from jpost.trainers import offline
+from jpost.trainers import loop
 from sft_throughput import synthetic_batches
 
 # Profiler spans that wrap the operations rather than being one.
@@ -56,7 +56,7 @@ def main():
 
   def run_step():
     nonlocal state
-    state, out = step(state, offline.place_batch(next(batches), mesh))
+    state, out = step(state, loop.place_batch(next(batches), mesh))
     jax.block_until_ready(out['loss'])
 
   for _ in range(2):  # compile, then one warm step

@@ -39,7 +39,7 @@ def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: bool,
   from jpost.data import pipeline
   from jpost.models import pretrained
   from jpost.tokenizer import Tokenizer
-  from jpost.trainers import offline
+  from jpost.trainers import loop
 
   import common
 
@@ -57,7 +57,7 @@ def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: bool,
   for _ in range(steps + 1):
     host_batch = next(batches)
     tic = time.perf_counter()
-    state, out = step(state, offline.place_batch(host_batch, mesh))
+    state, out = step(state, loop.place_batch(host_batch, mesh))
     jax.block_until_ready(out['loss'])
     times.append(time.perf_counter() - tic)
     tokens.append(int((host_batch['segment_ids'] > 0).sum()))

@@ -19,7 +19,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.trainer = 'reward'
   c.seed = 0
-  c.distributed = False
+  # One process per host: jax.distributed.initialize() (README, "Many hosts").
+  c.distributed = ml_collections.ConfigDict(dict(
+      enabled=False, heartbeat_timeout_s=100, init_timeout_s=300))
+  # 'disallow' turns any implicit host<->device transfer in a step into an error.
+  c.transfer_guard = 'allow'
   c.model = ml_collections.ConfigDict(dict(
       path='smollm2-135m-instruct', dtype='bfloat16', param_dtype='float32', remat=True))
   c.data = ml_collections.ConfigDict(dict(

@@ -168,13 +168,15 @@ def generate(model, prompt_tokens, prompt_mask, sampling: SamplingConfig, key=No
   `cache_dtype` overrides the cache's storage dtype (see
   decoder.cache_storage_dtype; for bfloat16 models a rounding difference only).
   """
-  prompt_tokens, prompt_mask = np.asarray(prompt_tokens), np.asarray(prompt_mask)
+  placed = isinstance(prompt_tokens, jax.Array)  # e.g. rows of a mesh over processes
+  if not placed:
+    prompt_tokens, prompt_mask = np.asarray(prompt_tokens), np.asarray(prompt_mask)
   if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
     raise ValueError(f'prompt tokens {prompt_tokens.shape} and mask {prompt_mask.shape} must '
                      'be [B, P] and equal; build them with left_pad().')
-  empty = np.nonzero(prompt_mask.sum(axis=1) == 0)[0]
-  if empty.size:
-    raise ValueError(f'prompt row(s) {empty.tolist()} are empty: every prompt needs a token.')
+  empty = [] if placed else np.nonzero(prompt_mask.sum(axis=1) == 0)[0].tolist()
+  if empty:
+    raise ValueError(f'prompt row(s) {empty} are empty: every prompt needs a token.')
   limit = model.config.max_position_embeddings
   if prompt_tokens.shape[1] + sampling.max_new_tokens > limit:
     raise ConfigError(
@@ -182,7 +184,8 @@ def generate(model, prompt_tokens, prompt_mask, sampling: SamplingConfig, key=No
         f'exceeds the model context ({limit} positions); shorten the prompts or max_new_tokens.')
   graphdef, state = nnx.split(model)
   key = jax.random.key(0) if key is None else key
-  tokens, mask = jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask)
+  tokens, mask = (prompt_tokens, prompt_mask) if placed else (
+      jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask))
   if batch_sharding is not None:
     tokens, mask = jax.device_put((tokens, mask), batch_sharding)
   # The empty cache is made outside the compiled function: built inside, XLA

@@ -115,7 +115,7 @@ def test_shared_prompts_on_a_mesh_match_one_device(tiny_checkpoint, num_prompts)
   from flax import nnx
   from jpost import sharding
   from jpost.models import hf
-  from jpost.trainers import offline
+  from jpost.trainers import loop
   mesh = sharding.make_mesh({'data': -1})
   assert mesh.devices.size == 8, 'the suite runs on 8 host devices (tests/conftest.py)'
   samples, width, new = 16 // num_prompts, 6, 4  # 16 rows either way
@@ -129,7 +129,8 @@ def test_shared_prompts_on_a_mesh_match_one_device(tiny_checkpoint, num_prompts)
       tokens=rng.randint(3, 500, mask.shape) * mask, mask=mask,
       logprobs=np.zeros(mask.shape), sampling_logprobs=np.zeros(mask.shape),
       truncated=np.zeros(len(lengths), bool), lengths=lengths)
-  rows = {k: rl_parts.training_rows(prompts, completions, samples)[k] for k in rl_parts.POLICY_KEYS}
+  rows = {k: np.asarray(rl_parts.training_rows(prompts, completions, samples)[k])
+          for k in rl_parts.POLICY_KEYS}
 
   def loss(graphdef, params, batch):
     model = nnx.merge(graphdef, params)
@@ -143,7 +144,7 @@ def test_shared_prompts_on_a_mesh_match_one_device(tiny_checkpoint, num_prompts)
     return value, logprobs, grads
 
   want = run(hf.load(tiny_checkpoint), {k: jnp.asarray(v) for k, v in rows.items()})
-  placed = offline.place_batch(rows, mesh, replicate_uneven=rl_parts.PROMPT_KEYS)
+  placed = loop.place_batch(rows, mesh, replicate_uneven=rl_parts.PROMPT_KEYS)
   prompt_spec = placed['prompt_tokens'].sharding.spec
   assert (prompt_spec[0] is None) == (num_prompts % 8 != 0), prompt_spec
   assert placed['completion_tokens'].sharding.spec[0] is not None

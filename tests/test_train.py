@@ -20,17 +20,10 @@ from safetensors.numpy import load_file
 
 from jpost import optim, sharding
 from jpost.models import hf
-from jpost.trainers import offline, sft
+from jpost.trainers import loop, sft
 from norms import assert_norm_close
 
 sys.path.insert(0, 'configs')
-
-
-def _task(normalization='token'):
-  return offline.Task(
-      loss_fn=functools.partial(sft.loss_fn, normalization=normalization),
-      normalizer_fn=functools.partial(sft.normalizer_fn, normalization=normalization),
-      train_data=None)
 
 
 def _optim(name='sgd', lr=0.1):
@@ -58,13 +51,14 @@ def _one_step(checkpoint, batch, *, accum_steps, mesh, optim_config, steps=1,
               normalization='token'):
   model = hf.load(checkpoint, mesh=mesh)
   tx, schedule = optim.build(optim_config, 10)
-  graphdef, state = offline.init_state(model, tx, 0, mesh)
-  shardings = jax.tree.map(lambda x: x.sharding, state)
-  step = jax.jit(offline.make_train_step(graphdef, _task(normalization), tx, schedule, accum_steps),
-                 in_shardings=(shardings, None), out_shardings=(shardings, None))
+  graphdef, state = loop.init_state(model, tx, 0, mesh)
+  step = loop.make_update(
+      graphdef, functools.partial(sft.loss_fn, normalization=normalization),
+      functools.partial(sft.normalizer_fn, normalization=normalization), tx, schedule,
+      accum_steps=accum_steps, mesh=mesh, state=state)
   losses = []
   for _ in range(steps):
-    state, out = step(state, offline.place_batch(batch, mesh))
+    state, out = step(state, loop.place_batch(batch, mesh))
     losses.append(float(out['loss']))
   return jax.device_get(state['params']), losses
 

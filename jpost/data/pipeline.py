@@ -91,8 +91,8 @@ def load_examples(source, kind: str, row_filter: rows.RowFilter, **normalize_kw)
 
 
 def _examples_dataset(source_specs: Sequence, kind: str, *, weights, seed: int,
-                      num_epochs: int | None, shard_index: int, shard_count: int,
-                      stats: PipelineStats, **normalize_kw) -> grain.MapDataset:
+                      num_epochs: int | None, stats: PipelineStats,
+                      **normalize_kw) -> grain.MapDataset:
   if not isinstance(source_specs, (list, tuple)) or (
       source_specs and isinstance(source_specs[0], dict)):
     source_specs = [source_specs]  # one path, or one list of row dicts
@@ -113,7 +113,7 @@ def _examples_dataset(source_specs: Sequence, kind: str, *, weights, seed: int,
     if not examples:
       raise ConfigError(f'data source {i} ({str(spec)[:80]}) has no usable rows '
                        f'(row stats: {stats.row_filter.stats()}).')
-    ds = grain.MapDataset.source(examples)[shard_index::shard_count]
+    ds = grain.MapDataset.source(examples)
     # Each source its own seed, each epoch its own order (Grain reshuffles per repeat).
     ds = ds.shuffle(seed=seed + 7919 * i)
     datasets.append(ds.repeat(num_epochs if len(source_specs) == 1 or concatenate else None))
@@ -122,6 +122,21 @@ def _examples_dataset(source_specs: Sequence, kind: str, *, weights, seed: int,
   if concatenate:
     return grain.MapDataset.concatenate(datasets)
   return grain.MapDataset.mix(datasets, list(weights) if weights else [1.0] * len(datasets))
+
+
+def _process_block(ds: grain.MapDataset, *, block: int, shard_index: int,
+                   shard_count: int) -> grain.MapDataset:
+  """Shard `shard_index`'s examples of the one global order: block j of
+  every shard_count consecutive blocks of `block` examples. With block =
+  batch_size / shard_count, shard k's batch i holds rows k*block.. of the
+  global batch i one process would read (exactly, when rows are neither
+  packed nor dropped), so a run's batches do not depend on its processes."""
+  if shard_count == 1:
+    return ds
+  def pick(local: int):
+    rounds, offset = divmod(local, block)
+    return ds[(rounds * shard_count + shard_index) * block + offset]
+  return grain.MapDataset.range(len(ds) // (block * shard_count) * block).map(pick)
 
 
 def _counted(fn: Callable, stats: PipelineStats) -> Callable:
@@ -209,19 +224,24 @@ def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max
   preference: `chosen_*` and `rejected_*` of the same row side by side, padded.
   prompt: left-padded `tokens, positions, segment_ids` plus `extra` (the row's
     other columns, unchanged) and `prompt`, lists of length batch_size.
-  `num_epochs=None` repeats forever; `shard_index/shard_count` split the rows
-  across hosts (jax.process_index() / jax.process_count()). `drop_remainder`
-  False keeps a last, smaller batch (passes that must see every row once).
+  `num_epochs=None` repeats forever. `batch_size` is the global batch:
+  `shard_index/shard_count` (jax.process_index() / jax.process_count())
+  give each process batch_size / shard_count rows of it (see
+  _process_block). `drop_remainder` False keeps a last, smaller batch
+  (passes that must see every row once; with several shards, the rows past
+  the last whole global batch are not read).
   """
   if kind not in KINDS:
     raise ValueError(f'pipeline kind {kind!r} unknown; use one of {KINDS}.')
-  if batch_size <= 0:
-    raise ConfigError(f'batch_size must be positive, got {batch_size}.')
+  if batch_size <= 0 or batch_size % shard_count:
+    raise ConfigError(f'batch_size={batch_size}: must be positive and divide over '
+                      f'{shard_count} processes.')
+  batch_size //= shard_count  # this process's rows of each batch
   stats = PipelineStats(rows.RowFilter(policy=policy))
   normalize_kw = {'require_assistant': require_assistant} if kind == 'sft' else {}
   ds = _examples_dataset(source_specs, kind, weights=weights, seed=seed, num_epochs=num_epochs,
-                         shard_index=shard_index, shard_count=shard_count, stats=stats,
-                         **normalize_kw)
+                         stats=stats, **normalize_kw)
+  ds = _process_block(ds, block=batch_size, shard_index=shard_index, shard_count=shard_count)
   if kind == 'prompt':
     encode = functools.partial(_encode_prompt, tokenizer=tokenizer, max_len=max_len, stats=stats)
   else:

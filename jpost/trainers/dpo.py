@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import pathlib
 import sys
 
@@ -37,7 +38,7 @@ from jpost.losses.dpo import dpo_loss
 from jpost.models import hf, pretrained
 from jpost.models.reward import as_messages
 from jpost.tokenizer import Tokenizer
-from jpost.trainers import offline, register, rl_parts
+from jpost.trainers import loop, offline, register, rl_parts
 from jpost.trainers.reward import epochs_to_steps, preference_data
 
 REFERENCE_MODES = ('cache', 'on_the_fly')
@@ -101,12 +102,13 @@ class Reference:
     fields = {k: v for k, v in batch.items() if k.startswith(('chosen_', 'rejected_'))}
     n = len(fields['chosen_tokens'])
     shards = self.mesh.shape['data'] * self.mesh.shape['fsdp']
-    pad = -n % shards  # the last batch of a pass may not split over the mesh
+    # The last batch of a pass may not split over the mesh: pad every
+    # process's rows so that all of them together do.
+    pad = -n % (shards // math.gcd(shards, jax.process_count()))
     if pad:
       fields = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in fields.items()}
-    chosen, rejected = jax.device_get(self._logps(self.params,
-                                                  offline.place_batch(fields, self.mesh)))
-    return np.asarray(chosen[:n]), np.asarray(rejected[:n])
+    chosen, rejected = self._logps(self.params, loop.place_batch(fields, self.mesh))
+    return loop.local_rows(chosen)[:n], loop.local_rows(rejected)[:n]
 
 
 def build_cache(setup: offline.Setup, reference: Reference, sources) -> dict[str, np.ndarray]:
@@ -198,7 +200,10 @@ def report_kl(config, workdir: pathlib.Path, state) -> dict[str, float]:
   kw = dict(dtype='float32', param_dtype='float32')
   reference = hf.load(model_dir, **kw)
   graphdef, _ = nnx.split(reference)
-  policy = nnx.merge(graphdef, jax.device_get(state['params']))
+  params = loop.fetch(state['params'])  # a collective when the run spans processes
+  if jax.process_index() != 0:
+    return {}
+  policy = nnx.merge(graphdef, params)
   examples = []
   for source in pipeline.resolve_sources(list(config.data.eval)):
     examples += pipeline.load_examples(source, 'preference', row_lib.RowFilter(policy='skip'))

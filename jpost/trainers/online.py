@@ -1,14 +1,14 @@
-"""The online loop shared by GRPO and PPO.
+"""The online loop shared by GRPO and PPO, on one process or many.
 
-Each step, in order: prompts -> rollout with the sampler -> rewards ->
-reference / old log-probs (and values) -> advantages -> `epochs` passes of
-clipped updates over `minibatches` slices of the rollout -> metrics and
-checkpoint. The policy, its frozen reference (the starting weights) and the
-PPO critic share one mesh; rollouts sample from the train state's own
-parameters, so nothing is copied out of it.
-
-The per-step pieces (training rows, log-probs, losses, advantages) are in
-rl_parts.py.
+Each step, in order: this process's prompts -> rollout over the whole mesh
+-> rewards of this process's completions -> one jitted "rollout to train
+batch" function (rl_parts.make_prepare: old/reference log-probs, values,
+advantages, the loss mask) -> `epochs` passes of clipped updates over
+`minibatches` slices gathered on device. The policy, its frozen reference
+(the starting weights) and the PPO critic share one mesh; rollouts sample
+from the train state's own parameters, so nothing is copied out of it.
+Checkpoints, SIGTERM, the NaN stop and metrics are the loop library's
+(loop.py), as for every recipe.
 """
 
 from __future__ import annotations
@@ -16,30 +16,25 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import pathlib
-import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
 
-from jpost import checkpoint, metrics, ops, optim, rewards, sampling, sharding
+from jpost import ops, optim, rewards, sampling
 from jpost.data import pipeline
 from jpost.errors import ConfigError
 from jpost.losses.policy import AGGREGATIONS
 from jpost.models import hf, pretrained
 from jpost.models import reward as scalar_models
+from jpost.rewards.runner import FAILURE_KINDS, ScoreResult
 from jpost.tokenizer import Tokenizer
-from jpost.trainers import offline, register, rl_parts, rollout
-from jpost.trainers.rl_parts import (critic_loss_fn, critic_normalizer_fn, grpo_advantages,
-                                     make_logprobs_fn, make_values_fn, policy_loss_fn,
-                                     policy_normalizer_fn, ppo_advantages, training_rows)
+from jpost.trainers import loop, register, rl_parts, rollout
 
 KL_PLACEMENT = ('loss', 'reward')
 OLD_LOGPROBS = ('sampler', 'recompute')
@@ -83,11 +78,12 @@ def validate(config, algorithm: str) -> None:
 
 
 def evaluate(model, tokenizer, dataset, reward_fns, settings, key) -> dict[str, Any]:
-  """Greedy answers to every held-out prompt, scored by the rewards."""
+  """Greedy answers to every held-out prompt, scored by the rewards. Every
+  process runs the whole held-out set (its prompts replicated over the mesh)."""
   totals, per_source, lengths, truncated, samples = [], {}, [], [], []
   for batch in dataset:
-    out = jax.device_get(sampling.generate(model, batch['tokens'], batch['segment_ids'] > 0,
-                                           settings, key))
+    out = loop.fetch(sampling.generate(model, batch['tokens'], batch['segment_ids'] > 0,
+                                       settings, key))
     texts = rollout.completion_texts(tokenizer, out.tokens, out.lengths)
     result = rewards.score(reward_fns, [rollout.prompt_text(p) for p in batch['prompt']],
                            texts, list(batch['extra']))
@@ -107,21 +103,137 @@ def evaluate(model, tokenizer, dataset, reward_fns, settings, key) -> dict[str, 
   return report | {'samples': samples}
 
 
-# --- the loop -------------------------------------------------------------------------
+# --- one step --------------------------------------------------------------------------
 
 
-def _prompt_data(config, tokenizer, sources, *, epochs, batch_size, seed):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Parts:
+  """What every online step uses, built once by `run`."""
+
+  config: Any
+  algorithm: str
+  mesh: Any
+  tokenizer: Tokenizer
+  reward_fns: list
+  settings: sampling.SamplingConfig
+  graphdef: Any
+  ref_params: Any  # the starting weights, or None without a KL term
+  prepare: Callable  # rl_parts.make_prepare
+  policy_update: Callable
+  critic_update: Callable | None
+  select: Callable  # (train batch, row indices) -> minibatch, on device
+  prompts: Any  # this process's prompt iterator
+  prompt_stats: Any
+  base_key: jax.Array
+  failures_total: dict = dataclasses.field(default_factory=dict)  # reward failures so far
+
+
+def step(parts: Parts, state: dict, number: int) -> tuple[dict, dict]:
+  """One online step: rollout -> rewards -> train batch -> updates -> metrics."""
+  config, tic = parts.config, time.perf_counter()
+  prompts, completions = _rollout(parts, state, number)
+  texts = rollout.completion_texts(parts.tokenizer, loop.local_rows(completions.tokens),
+                                   loop.local_rows(completions.lengths))
+  rollout_s, tic = time.perf_counter() - tic, time.perf_counter()
+  samples = config.sampling.num_samples
+  scored = _all_processes(rewards.score(
+      parts.reward_fns, [rollout.prompt_text(p) for p in prompts['prompt'] for _ in range(samples)],
+      texts, [e for e in prompts['extra'] for _ in range(samples)]))
+  reward_s, tic = time.perf_counter() - tic, time.perf_counter()
+  scores = loop.place_batch({'scores': scored.total[loop.own_rows(len(scored.total))]}, parts.mesh)
+  batch, out = parts.prepare(state['policy']['params'], parts.ref_params,
+                             state['critic']['params'] if 'critic' in state else None,
+                             prompts['placed'], completions, scores['scores'])
+  out = jax.device_get(out)
+  prep_s, tic = time.perf_counter() - tic, time.perf_counter()
+  state, updates = _updates(parts, state, batch, number)
+  update_s = time.perf_counter() - tic
+  first = updates[0]
+  out |= {k: float(np.mean([u[k] for u in updates])) for k in first}
+  if config.rl.old_logprobs == 'sampler':  # the first update sees exactly the sampler's tokens
+    out['logprob_mismatch/sampler_vs_trainer'] = float(first['logprob_mismatch'])
+  out |= scored.metrics()
+  for name, counts in scored.failures.items():
+    parts.failures_total[name] = parts.failures_total.get(name, 0) + sum(counts.values())
+    out[f'failures_total/{name}'] = parts.failures_total[name]
+  lengths = loop.fetch(completions.lengths)
+  out |= {'completion/length': float(np.mean(lengths)),
+          'completion/truncated': float(np.mean(loop.fetch(completions.truncated))),
+          # Widths the rollout and update were compiled for (a new one recompiles).
+          'shape/prompt_width': prompts['placed']['tokens'].shape[1],
+          'shape/completion_width': completions.tokens.shape[1],
+          'time/rollout_s': rollout_s, 'time/reward_s': reward_s, 'time/prep_s': prep_s,
+          'time/update_s': update_s,
+          'time/step_s': rollout_s + reward_s + prep_s + update_s}
+  return state, out | {f'data/{k}': v for k, v in parts.prompt_stats.as_dict()['encoded'].items()}
+
+
+def _rollout(parts: Parts, state: dict, number: int):
+  """(this process's prompt batch with `placed` global arrays, completions
+  sharded over the batch axes like the rows they continue)."""
+  config = parts.config
+  batch = next(parts.prompts)
+  longest = int(loop.gather_rows(np.sum(batch['segment_ids'] > 0, axis=1)).max())
+  batch = rl_parts.trim_prompts(batch, config.data.get('prompt_bucket', 0), longest)
+  placed = loop.place_batch({k: batch[k] for k in ('tokens', 'segment_ids')}, parts.mesh,
+                            replicate_uneven=('tokens', 'segment_ids'))
+  key = jax.random.fold_in(parts.base_key, jax.device_put(np.uint32(number)))
+  policy = nnx.merge(parts.graphdef, state['policy']['params'])
+  completions = sampling.generate(policy, placed['tokens'], placed['segment_ids'] > 0,
+                                  parts.settings, key)
+  rows = jax.tree.map(lambda x: loop.batch_sharding(parts.mesh, x.ndim), completions)
+  completions = jax.jit(lambda c: c, out_shardings=rows)(completions)
+  longest = int(loop.gather_rows(loop.local_rows(completions.lengths)).max())
+  completions = rl_parts.trim_completions(
+      completions, config.data.get('completion_bucket', 0), longest)
+  return batch | {'placed': placed}, completions
+
+
+def _all_processes(result: ScoreResult) -> ScoreResult:
+  """Every process's scores, in row order; failures summed (stats and
+  errors stay this process's)."""
+  if jax.process_count() == 1:
+    return result
+  counts = lambda name: loop.gather_rows(np.array(
+      [[result.failures[name].get(k, 0) for k in FAILURE_KINDS]])).sum(axis=0)
+  return dataclasses.replace(
+      result, total=loop.gather_rows(result.total),
+      per_source={k: loop.gather_rows(v) for k, v in result.per_source.items()},
+      failures={name: dict(zip(FAILURE_KINDS, map(int, counts(name))))
+                for name in sorted(result.failures)},
+      seconds=float(loop.gather_rows(np.array([result.seconds])).max()))
+
+
+def _updates(parts: Parts, state: dict, batch: dict, number: int) -> tuple[dict, list]:
+  """`epochs` passes over `minibatches` slices of the train batch (one
+  minibatch keeps the G shared prompts; smaller ones give each row its own)."""
+  rl, rows = parts.config.rl, batch['completion_mask'].shape[0]
+  order_rng = np.random.default_rng([parts.config.seed, number])
+  size, updates = rows // rl.minibatches, []
+  for _ in range(rl.epochs):
+    order = order_rng.permutation(rows)
+    for m in range(rl.minibatches):
+      mini = batch if rl.minibatches == 1 else parts.select(
+          batch, jax.device_put(order[m * size:(m + 1) * size].astype(np.int32)))
+      policy, out = parts.policy_update(state['policy'], mini)
+      state = state | {'policy': policy}
+      if parts.critic_update is not None:
+        critic, critic_out = parts.critic_update(state['critic'], mini)
+        state, out = state | {'critic': critic}, out | {
+            f'critic/{k}': v for k, v in critic_out.items()}
+      updates.append(jax.device_get(out))
+  return state, updates
+
+
+# --- the run ---------------------------------------------------------------------------
+
+
+def _prompt_data(config, tokenizer, sources, *, epochs, batch_size, seed, shard=(0, 1)):
   return pipeline.build('prompt', pipeline.resolve_sources(list(sources)), tokenizer,
                         batch_size=batch_size, max_len=config.data.max_prompt_len,
                         num_epochs=epochs, seed=seed, policy=config.data.policy,
-                        drop_remainder=epochs is None)
-
-
-def _jit_step(graphdef, task, tx, schedule, state):
-  shardings = jax.tree.map(lambda x: x.sharding, state)
-  return jax.jit(offline.make_train_step(graphdef, task, tx, schedule, 1),
-                 in_shardings=(shardings, None), out_shardings=(shardings, None),
-                 donate_argnums=(0,))
+                        drop_remainder=epochs is None, shard_index=shard[0],
+                        shard_count=shard[1])
 
 
 def _critic(config, model_dir, mesh):
@@ -132,220 +244,110 @@ def _critic(config, model_dir, mesh):
                             param_dtype=config.model.param_dtype, remat=config.model.remat)
 
 
+def _update_fns(config, algorithm, model_dir, mesh, model, kl_coef):
+  """(graphdef, state, policy update, critic update or None, critic graphdef)."""
+  rl, sampling_cfg = config.rl, config.sampling
+  tx, schedule = optim.build(config.optim, config.total_steps)
+  graphdef, policy = loop.init_state(model, tx, config.seed, mesh)
+  policy_update = loop.make_update(
+      graphdef, functools.partial(
+          rl_parts.policy_loss_fn, rl=rl, temperature=sampling_cfg.temperature,
+          max_new_tokens=sampling_cfg.max_new_tokens, kl_coef=kl_coef),
+      functools.partial(rl_parts.policy_normalizer_fn, aggregation=rl.aggregation,
+                        max_new_tokens=sampling_cfg.max_new_tokens),
+      tx, schedule, accum_steps=1, mesh=mesh, state=policy)
+  if algorithm != 'ppo':
+    return graphdef, {'policy': policy}, policy_update, None, None
+  critic_tx, critic_schedule = optim.build(config.ppo.critic_optim, config.total_steps)
+  critic_graphdef, critic = loop.init_state(_critic(config, model_dir, mesh), critic_tx,
+                                            config.seed, mesh)
+  critic_update = loop.make_update(
+      critic_graphdef, functools.partial(rl_parts.critic_loss_fn, clip_range=config.ppo.value_clip),
+      rl_parts.critic_normalizer_fn, critic_tx, critic_schedule, accum_steps=1, mesh=mesh,
+      state=critic)
+  return graphdef, {'policy': policy, 'critic': critic}, policy_update, critic_update, \
+      critic_graphdef
+
+
 def run(config, workdir: str | None, algorithm: str) -> dict[str, Any]:
   """Trains for config.total_steps online steps, resuming from workdir."""
   # --- setup ----------------------------------------------------------------------
   validate(config, algorithm)
   if workdir is None:
     raise ConfigError('--workdir is required for training (checkpoints and metrics go there).')
-  workdir = pathlib.Path(workdir)
-  rl, num_samples = config.rl, config.sampling.num_samples
-  rows_per_step = config.prompts_per_step * num_samples
-  mesh = sharding.make_mesh(dict(config.mesh))
-  data_parallel = mesh.shape['data'] * mesh.shape['fsdp']
-  if (rows_per_step // rl.minibatches) % data_parallel:
-    raise ConfigError(f'a minibatch of {rows_per_step // rl.minibatches} rows does not split '
-                     f'over the mesh data x fsdp = {data_parallel}; change prompts_per_step, '
-                     'sampling.num_samples, rl.minibatches or config.mesh.')
+  workdir, rl = pathlib.Path(workdir), config.rl
+  loop.start_processes(config)
+  rows_per_step = config.prompts_per_step * config.sampling.num_samples
+  mesh = loop.make_mesh(config, rows_per_step // rl.minibatches,
+                        f'a minibatch (prompts_per_step x num_samples / rl.minibatches = '
+                        f'{rows_per_step} / {rl.minibatches})',
+                        'prompts_per_step, sampling.num_samples, rl.minibatches')
+  if config.prompts_per_step % jax.process_count():
+    raise ConfigError(f'config.prompts_per_step={config.prompts_per_step} does not split over '
+                      f'{jax.process_count()} processes.')
   reward_fns = rewards.build(config.rewards)
 
-  # --- models -------------------------------------------------------------------------
+  # --- models and steps ----------------------------------------------------------------
   model_dir = pretrained.resolve(config.model.path)
   tokenizer = Tokenizer.from_dir(model_dir)
   model = hf.load(model_dir, mesh=mesh, dtype=config.model.dtype,
                   param_dtype=config.model.param_dtype, remat=config.model.remat)
-  temperature = config.sampling.temperature
-  settings = rollout.sampling_config(config.sampling, tokenizer)
-  greedy = dataclasses.replace(settings, num_samples=1, temperature=0.0)
-  tx, schedule = optim.build(config.optim, config.total_steps)
-  graphdef, policy_state = offline.init_state(model, tx, config.seed, mesh)
-  logprobs_fn = make_logprobs_fn(graphdef, temperature)
-  use_ref = rl.beta > 0
+  kl_coef = rl.beta if rl.beta > 0 and rl.kl_in == 'loss' and algorithm == 'grpo' else 0.0
+  graphdef, state, policy_update, critic_update, critic_graphdef = _update_fns(
+      config, algorithm, model_dir, mesh, model, kl_coef)
   # The reference is the starting weights, copied before the first update
   # donates (and overwrites) the train state's buffers.
-  ref_params = jax.tree.map(jnp.copy, policy_state['params']) if use_ref else None
-  kl_coef = rl.beta if (use_ref and rl.kl_in == 'loss' and algorithm == 'grpo') else 0.0
-  policy_task = offline.Task(
-      loss_fn=lambda m, b, n: policy_loss_fn(m, b, n, rl=rl, temperature=temperature,
-                                             max_new_tokens=config.sampling.max_new_tokens,
-                                             kl_coef=kl_coef),
-      normalizer_fn=lambda b: policy_normalizer_fn(
-          b, aggregation=rl.aggregation, max_new_tokens=config.sampling.max_new_tokens),
-      train_data=None)
-  policy_step = _jit_step(graphdef, policy_task, tx, schedule, policy_state)
-  state = {'policy': policy_state}
-  if algorithm == 'ppo':
-    critic_tx, critic_schedule = optim.build(config.ppo.critic_optim, config.total_steps)
-    critic_graphdef, state['critic'] = offline.init_state(
-        _critic(config, model_dir, mesh), critic_tx, config.seed, mesh)
-    values_fn = make_values_fn(critic_graphdef)
-    critic_step = _jit_step(
-        critic_graphdef, offline.Task(
-            loss_fn=lambda m, b, n: critic_loss_fn(m, b, n, clip_range=config.ppo.value_clip),
-            normalizer_fn=critic_normalizer_fn, train_data=None),
-        critic_tx, critic_schedule, state['critic'])
+  ref_params = jax.tree.map(jnp.copy, state['policy']['params']) if rl.beta > 0 else None
+  settings = rollout.sampling_config(config.sampling, tokenizer)
+  prompts, prompt_stats = _prompt_data(
+      config, tokenizer, config.data.train, epochs=None, batch_size=config.prompts_per_step,
+      seed=config.seed, shard=(jax.process_index(), jax.process_count()))
+  parts = Parts(
+      config=config, algorithm=algorithm, mesh=mesh, tokenizer=tokenizer,
+      reward_fns=reward_fns, settings=settings, graphdef=graphdef, ref_params=ref_params,
+      prepare=rl_parts.make_prepare(
+          graphdef, critic_graphdef, algorithm=algorithm, rl=rl,
+          num_samples=config.sampling.num_samples, temperature=config.sampling.temperature,
+          kl_coef=kl_coef, mesh=mesh),
+      policy_update=policy_update, critic_update=critic_update,
+      select=jax.jit(functools.partial(rl_parts.select_rows,
+                                       num_samples=config.sampling.num_samples)),
+      prompts=iter(prompts), prompt_stats=prompt_stats, base_key=jax.random.key(config.seed))
 
-  # --- data and checkpoint --------------------------------------------------------------
-  prompts, prompt_stats = _prompt_data(config, tokenizer, config.data.train, epochs=None,
-                                       batch_size=config.prompts_per_step, seed=config.seed)
-  prompt_iter = iter(prompts)
-  ckpt = checkpoint.Checkpointer(workdir, every=config.checkpoint.every,
-                                 keep=config.checkpoint.keep,
-                                 async_save=config.checkpoint.async_save)
-  start = ckpt.latest_step() or 0
-  if start:
-    state, data_state = ckpt.restore(start, state)
-    prompt_iter.set_state(data_state)
-    print(f'resumed from step {start} of {ckpt.directory}', file=sys.stderr)
-  writer = metrics.MetricsWriter(workdir, tensorboard=config.tensorboard, resume_step=start)
-
-  def held_out(step):
-    if not config.data.eval:
-      return {}
-    data, eval_stats = _prompt_data(config, tokenizer, config.data.eval, epochs=1,
-                                    batch_size=config.eval_batch_size, seed=0)
-    data = list(data)
-    if not data:
-      raise ConfigError(f'no held-out prompts left in {list(config.data.eval)}: '
-                       f'{eval_stats.as_dict()}. Raise config.data.max_prompt_len if they '
-                       'were dropped as too long.')
-    report = evaluate(nnx.merge(graphdef, state['policy']['params']), tokenizer, data,
-                      reward_fns, greedy, jax.random.key(0))
-    samples = report.pop('samples')
-    (workdir / f'eval_samples_{step}.jsonl').write_text(
-        ''.join(json.dumps(s) + '\n' for s in samples))
-    return report
-
-  results = {}
-  if start == 0 and config.eval_every:
-    results['before'] = held_out(0)
-    writer.write(0, results['before'])
-    metrics.console_line(0, config.total_steps, results['before'])
-
-  stop = {'requested': False}
-  previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
-  failures_total: dict[str, int] = {}
-  step, last = start, {}
-  # --- loop ------------------------------------------------------------------------------
-  try:
-    while step < config.total_steps:
-      tic = time.perf_counter()
-      key = jax.random.fold_in(jax.random.key(config.seed), step)
-      batch = rl_parts.trim_prompts(next(prompt_iter), config.data.get('prompt_bucket', 0))
-      policy_model = nnx.merge(graphdef, state['policy']['params'])
-      completions = jax.device_get(sampling.generate(
-          policy_model, batch['tokens'], batch['segment_ids'] > 0, settings, key))
-      completions = rl_parts.trim_completions(completions, config.data.get('completion_bucket', 0))
-      texts = rollout.completion_texts(tokenizer, completions.tokens, completions.lengths)
-      rollout_s = time.perf_counter() - tic
-
-      tic = time.perf_counter()
-      prompts_text = [rollout.prompt_text(p) for p in batch['prompt'] for _ in range(num_samples)]
-      extras = [e for e in batch['extra'] for _ in range(num_samples)]
-      result = rewards.score(reward_fns, prompts_text, texts, extras)
-      reward_s = time.perf_counter() - tic
-
-      tic = time.perf_counter()
-      rows = training_rows(batch, completions, num_samples)
-      weights = rows['completion_mask']
-      row_keys = rl_parts.POLICY_KEYS + (rl_parts.CRITIC_KEYS if algorithm == 'ppo' else ())
-      place = functools.partial(offline.place_batch, mesh=mesh,
-                                replicate_uneven=rl_parts.PROMPT_KEYS)
-      placed = place({k: rows[k] for k in row_keys})
-      out: dict[str, Any] = {}
-      if rl.old_logprobs == 'recompute':
-        old_lp = np.asarray(logprobs_fn(state['policy']['params'], placed))
-        out['logprob_mismatch/sampler_vs_trainer'] = float(
-            np.sum(np.abs(old_lp - rows['sampler_logprobs']) * weights) / max(weights.sum(), 1))
-      else:
-        old_lp = rows['sampler_logprobs']
-      ref_lp = np.asarray(logprobs_fn(ref_params, placed)) if use_ref else None
-      scores = result.total.astype(np.float32)
-      if algorithm == 'grpo':
-        if use_ref and rl.kl_in == 'reward':  # k1 per sequence, in the reward
-          scores = scores - rl.beta * np.sum((old_lp - ref_lp) * weights, axis=1)
-        advantages, extra = grpo_advantages(scores, rows, rl=rl, num_samples=num_samples)
-        out |= extra
-        train_rows = {'advantages': advantages}
-      else:
-        old_values = np.asarray(values_fn(state['critic']['params'], placed))
-        train_rows = ppo_advantages(scores, old_values, old_lp, ref_lp, weights, rl=rl)
-        train_rows['old_values'] = old_values
-      train_rows |= {k: rows[k] for k in row_keys}
-      train_rows['old_logprobs'] = old_lp
-      if kl_coef:
-        train_rows['ref_logprobs'] = ref_lp
-      prep_s = time.perf_counter() - tic
-
-      tic = time.perf_counter()
-      updates = []
-      order_rng = np.random.default_rng([config.seed, step])
-      size = rows_per_step // rl.minibatches
-      for epoch in range(rl.epochs):
-        order = order_rng.permutation(rows_per_step)
-        for m in range(rl.minibatches):
-          # One minibatch keeps the G shared prompts (the loss does not depend
-          # on row order); smaller ones give each row its own prompt.
-          mini = place(train_rows if rl.minibatches == 1 else rl_parts.select_rows(
-              train_rows, order[m * size:(m + 1) * size], num_samples))
-          state['policy'], policy_out = policy_step(state['policy'], mini)
-          if algorithm == 'ppo':
-            state['critic'], critic_out = critic_step(state['critic'], mini)
-            policy_out |= {f'critic/{k}': v for k, v in critic_out.items()}
-          updates.append(jax.device_get(policy_out))
-      update_s = time.perf_counter() - tic
-      step += 1
-
-      first = updates[0]
-      if not all(math.isfinite(float(u['loss'])) for u in updates):
-        raise FloatingPointError(
-            f'loss is not finite at step {step}; stopping without saving. The last good '
-            f'checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is kept. Lower '
-            'config.optim.lr or check the rewards.')
-      out |= {k: float(np.mean([u[k] for u in updates])) for k in first}
-      if rl.old_logprobs == 'sampler':  # the first update sees exactly the sampler's tokens
-        out['logprob_mismatch/sampler_vs_trainer'] = float(first['logprob_mismatch'])
-      out |= result.metrics()
-      for name, counts in result.failures.items():
-        failures_total[name] = failures_total.get(name, 0) + sum(counts.values())
-        out[f'failures_total/{name}'] = failures_total[name]
-      out |= {'completion/length': float(np.mean(completions.lengths)),
-              'completion/truncated': float(np.mean(completions.truncated)),
-              # Widths the rollout and update were compiled for (a new one recompiles).
-              'shape/prompt_width': batch['tokens'].shape[1],
-              'shape/completion_width': completions.tokens.shape[1],
-              'time/rollout_s': rollout_s, 'time/reward_s': reward_s, 'time/prep_s': prep_s,
-              'time/update_s': update_s,
-              'time/step_s': rollout_s + reward_s + prep_s + update_s}
-      out |= {f'data/{k}': v for k, v in prompt_stats.as_dict()['encoded'].items()}
-      if config.eval_every and (step % config.eval_every == 0 or step == config.total_steps):
-        out |= held_out(step)
-      writer.write(step, out)
-      if step % config.log_every == 0 or step == config.total_steps:
-        metrics.console_line(step, config.total_steps, out)
-      last = out
-      if ckpt.due(step) or step == config.total_steps or stop['requested']:
-        ckpt.save(step, state, prompt_iter.get_state())
-      if stop['requested']:
-        raise offline.StopRequested
-  except offline.StopRequested:
-    logging.warning('SIGTERM: saved step %d to %s and stopped.', step, ckpt.directory)
-  finally:
-    signal.signal(signal.SIGTERM, previous)
-    ckpt.close()
-    writer.close()
-
-  results['after'] = {k: v for k, v in last.items() if k.startswith('eval/')}
-  if 'before' in results and results['after']:
+  # --- loop -------------------------------------------------------------------------------
+  greedy = dataclasses.replace(settings, num_samples=1, temperature=0.0)
+  done = loop.train(config, workdir, state=state, data_iter=parts.prompts,
+                    step_fn=functools.partial(step, parts),
+                    evaluate=functools.partial(_held_out, parts, workdir, greedy)
+                    if config.data.eval else None)
+  after = {k: v for k, v in done.last.items() if k.startswith('eval/')}
+  if done.before and after and jax.process_index() == 0:
     print('held-out ' + ', '.join(
-        f'{k[5:]} {results["before"][k]:.3f} -> {results["after"][k]:.3f}'
-        for k in results['after'] if k in results['before'] and k != 'eval/prompts'),
-        file=sys.stderr)
-  if step >= config.total_steps and config.export_hf and jax.process_index() == 0:
-    export = hf.save(nnx.merge(graphdef, state['policy']['params']), workdir / 'hf',
-                     tokenizer=tokenizer)
-    print(f'exported HF checkpoint to {export}', file=sys.stderr)
-  return {'step': step, 'last': last, **results}
+        f'{k[5:]} {done.before[k]:.3f} -> {after[k]:.3f}'
+        for k in after if k in done.before and k != 'eval/prompts'), file=sys.stderr)
+  if done.step >= config.total_steps:
+    loop.export(config, workdir, graphdef, done.state['policy']['params'], tokenizer, hf.save)
+  return {'step': done.step, 'last': done.last, 'after': after,
+          **({'before': done.before} if done.before else {})}
+
+
+def _held_out(parts: Parts, workdir: pathlib.Path, greedy, state: dict, number: int) -> dict:
+  """Greedy held-out rewards; the samples go to eval_samples_<step>.jsonl."""
+  config = parts.config
+  data, eval_stats = _prompt_data(config, parts.tokenizer, config.data.eval, epochs=1,
+                                  batch_size=config.eval_batch_size, seed=0)
+  data = list(data)
+  if not data:
+    raise ConfigError(f'no held-out prompts left in {list(config.data.eval)}: '
+                      f'{eval_stats.as_dict()}. Raise config.data.max_prompt_len if they '
+                      'were dropped as too long.')
+  report = evaluate(nnx.merge(parts.graphdef, state['policy']['params']), parts.tokenizer, data,
+                    parts.reward_fns, greedy, jax.random.key(0))
+  samples = report.pop('samples')
+  if jax.process_index() == 0:
+    (workdir / f'eval_samples_{number}.jsonl').write_text(
+        ''.join(json.dumps(s) + '\n' for s in samples))
+  return report
 
 
 @register('grpo')

@@ -20,17 +20,19 @@ import numpy as np
 from flax import nnx
 
 from jpost import advantages as adv
-from jpost import ops
+from jpost import ops, sharding
 from jpost.losses.policy import policy_loss, value_loss
 
 
 # --- rollout -> training rows ---------------------------------------------------
 
 
-def trim_prompts(batch: dict, bucket: int) -> dict:
-  """Drops left-padding columns no prompt of the batch uses, keeping the width
-  a multiple of `bucket` (0: no trimming) so only a few shapes compile."""
-  longest = int(np.max(np.sum(batch['segment_ids'] > 0, axis=1)))
+def trim_prompts(batch: dict, bucket: int, longest: int | None = None) -> dict:
+  """Drops left-padding columns no prompt uses (`longest`: the longest prompt
+  of every process's batch; by default this batch's), keeping the width a
+  multiple of `bucket` (0: no trimming) so only a few shapes compile."""
+  if longest is None:
+    longest = int(np.max(np.sum(batch['segment_ids'] > 0, axis=1)))
   width = batch['tokens'].shape[1]
   if bucket <= 0 or longest >= width:
     return batch
@@ -38,23 +40,24 @@ def trim_prompts(batch: dict, bucket: int) -> dict:
   return batch | {k: batch[k][:, width - keep:] for k in ('tokens', 'positions', 'segment_ids')}
 
 
-def trim_completions(completions, bucket: int):
-  """Drops completion slots after the longest completion of the rollout,
-  keeping the width a multiple of `bucket` (0: no trimming), so the update
-  does not run over slots every row left empty."""
-  longest = int(np.max(completions.lengths))
+def trim_completions(completions, bucket: int, longest: int | None = None):
+  """Drops completion slots after the longest completion of the rollout
+  (`longest`; by default from these rows), keeping the width a multiple of
+  `bucket` (0: no trimming), so the update does not run over slots every
+  row left empty. Device arrays are sliced where they are."""
+  if longest is None:
+    longest = int(np.max(completions.lengths))
   width = completions.tokens.shape[1]
   keep = width if bucket <= 0 else min(width, max(bucket, -(-longest // bucket) * bucket))
   if keep == width:
     return completions
-  cut = lambda a: np.asarray(a)[:, :keep]
-  return dataclasses.replace(completions, tokens=cut(completions.tokens), mask=cut(completions.mask),
-                             logprobs=cut(completions.logprobs),
-                             sampling_logprobs=cut(completions.sampling_logprobs))
+  return dataclasses.replace(
+      completions, **{k: getattr(completions, k)[:, :keep]
+                      for k in ('tokens', 'mask', 'logprobs', 'sampling_logprobs')})
 
 
-def training_rows(prompts: dict, completions, num_samples: int) -> dict[str, np.ndarray]:
-  """The rollout as training rows, in two layouts.
+def training_rows(prompts: dict, completions, num_samples: int) -> dict[str, jax.Array]:
+  """The rollout as training rows, in two layouts (pure; runs under jit).
 
   Shared-prompt (what the policy trains on): the G left-padded prompts
   `prompt_tokens` / `prompt_positions` / `prompt_segment_ids` [G, P] once,
@@ -63,25 +66,24 @@ def training_rows(prompts: dict, completions, num_samples: int) -> dict[str, np.
   `segment_ids` [R, P + N]. Both with `completion_mask` and the sampler's
   log-probs [R, N] (0 outside the mask).
   """
-  prompt_tokens = np.asarray(prompts['tokens'])
-  prompt_real = np.asarray(prompts['segment_ids']) > 0
-  comp_mask = np.asarray(completions.mask) > 0
-  comp_tokens = np.asarray(completions.tokens)
-  prompt_positions = np.where(prompt_real, np.cumsum(prompt_real, axis=1) - 1, 0)
-  prompt_lengths = np.repeat(prompt_real.sum(axis=1), num_samples)
-  comp_positions = prompt_lengths[:, None] + np.arange(comp_tokens.shape[1])[None]
-  full_tokens = np.concatenate([np.repeat(prompt_tokens, num_samples, axis=0), comp_tokens], axis=1)
-  full_real = np.concatenate([np.repeat(prompt_real, num_samples, axis=0), comp_mask], axis=1)
-  full_positions = np.where(full_real, np.cumsum(full_real, axis=1) - 1, 0)
-  i32 = lambda a: np.asarray(a, np.int32)
-  return {'prompt_tokens': i32(prompt_tokens), 'prompt_positions': i32(prompt_positions),
-          'prompt_segment_ids': i32(prompt_real),
-          'completion_tokens': i32(comp_tokens), 'completion_positions': i32(comp_positions),
-          'tokens': i32(full_tokens), 'positions': i32(full_positions),
-          'segment_ids': i32(full_real),
-          'completion_mask': comp_mask.astype(np.float32),
-          'sampler_logprobs': np.where(comp_mask, completions.sampling_logprobs,
-                                       0.0).astype(np.float32)}
+  prompt_tokens = jnp.asarray(prompts['tokens'], jnp.int32)
+  prompt_real = jnp.asarray(prompts['segment_ids']) > 0
+  comp_mask = jnp.asarray(completions.mask) > 0
+  comp_tokens = jnp.asarray(completions.tokens, jnp.int32)
+  positions = lambda real: jnp.where(real, jnp.cumsum(real, axis=1) - 1, 0).astype(jnp.int32)
+  prompt_lengths = jnp.repeat(prompt_real.sum(axis=1), num_samples)
+  full_real = jnp.concatenate([jnp.repeat(prompt_real, num_samples, axis=0), comp_mask], axis=1)
+  return {'prompt_tokens': prompt_tokens, 'prompt_positions': positions(prompt_real),
+          'prompt_segment_ids': prompt_real.astype(jnp.int32),
+          'completion_tokens': comp_tokens,
+          'completion_positions': (prompt_lengths[:, None] + jnp.arange(
+              comp_tokens.shape[1])[None]).astype(jnp.int32),
+          'tokens': jnp.concatenate([jnp.repeat(prompt_tokens, num_samples, axis=0),
+                                     comp_tokens], axis=1),
+          'positions': positions(full_real), 'segment_ids': full_real.astype(jnp.int32),
+          'completion_mask': comp_mask.astype(jnp.float32),
+          'sampler_logprobs': jnp.where(comp_mask, completions.sampling_logprobs,
+                                        0.0).astype(jnp.float32)}
 
 
 POLICY_KEYS = ('prompt_tokens', 'prompt_positions', 'prompt_segment_ids', 'completion_tokens',
@@ -132,13 +134,6 @@ def completion_values(critic, batch):
   return critic(batch['tokens'], batch['positions'], batch['segment_ids'])[:, -n - 1:-1]
 
 
-def make_values_fn(graphdef):
-  @jax.jit
-  def values(params, batch):
-    return completion_values(nnx.merge(graphdef, params), batch)
-  return values
-
-
 # --- losses ----------------------------------------------------------------------
 
 
@@ -184,31 +179,71 @@ def critic_normalizer_fn(batch):
 # --- advantages --------------------------------------------------------------------
 
 
-def grpo_advantages(scores: np.ndarray, rows: dict, *, rl,
-                    num_samples: int) -> tuple[np.ndarray, dict]:
-  """Group-relative advantages [R]; zero-variance groups optionally dropped
-  from the loss (their completion_mask is zeroed) and always counted."""
-  flat = adv.zero_variance_groups(jnp.asarray(scores), num_samples)
-  advantages = adv.group_advantages(jnp.asarray(scores), num_samples, scale=rl.scale)
-  flat = np.asarray(flat)
+def grpo_advantages(scores, mask, *, rl, num_samples: int) -> tuple[jax.Array, jax.Array, dict]:
+  """(advantages [R], completion mask [R, N], metrics): group-relative
+  advantages; zero-variance groups are counted and, with
+  rl.filter_zero_variance, dropped from the returned mask."""
+  flat = adv.zero_variance_groups(scores, num_samples)
+  advantages = adv.group_advantages(scores, num_samples, scale=rl.scale)
   if rl.filter_zero_variance:
-    rows['completion_mask'] = rows['completion_mask'] * ~flat[:, None]
-  return np.asarray(advantages, np.float32), {'groups/zero_variance_fraction': float(flat.mean())}
+    mask = mask * ~flat[:, None]
+  return (advantages.astype(jnp.float32), mask,
+          {'groups/zero_variance_fraction': jnp.mean(flat.astype(jnp.float32))})
 
 
-def ppo_advantages(scores: np.ndarray, values: np.ndarray, old_lp: np.ndarray,
-                   ref_lp: np.ndarray | None, weights: np.ndarray, *, rl) -> dict:
+def ppo_advantages(scores, values, old_lp, ref_lp, weights, *, rl) -> dict:
   """Per-token rewards (-beta * k1 on every token, the score on the last),
   then GAE and optional whitening: the seed's objective E[r] - beta KL."""
-  token_rewards = np.zeros_like(weights)
+  token_rewards = jnp.zeros_like(weights)
   if ref_lp is not None and rl.beta > 0:
     token_rewards -= rl.beta * (old_lp - ref_lp) * weights
-  last = weights.shape[1] - 1 - np.argmax(weights[:, ::-1], axis=1)
+  last = weights.shape[1] - 1 - jnp.argmax(weights[:, ::-1], axis=1)
   has = weights.sum(axis=1) > 0
-  token_rewards[np.arange(len(scores))[has], last[has]] += scores[has]
-  advantages, returns = adv.gae(jnp.asarray(token_rewards), jnp.asarray(values),
-                                jnp.asarray(weights), gamma=rl.gamma, lam=rl.lam)
+  token_rewards = token_rewards.at[jnp.arange(scores.shape[0]), last].add(
+      jnp.where(has, scores, 0.0))
+  advantages, returns = adv.gae(token_rewards, values, weights, gamma=rl.gamma, lam=rl.lam)
   if rl.whiten_advantages:
-    advantages = ops.whiten(advantages, jnp.asarray(weights))
-  return {'advantages': np.asarray(advantages, np.float32),
-          'returns': np.asarray(returns, np.float32)}
+    advantages = ops.whiten(advantages, weights)
+  return {'advantages': advantages.astype(jnp.float32), 'returns': returns.astype(jnp.float32)}
+
+
+# --- rollout -> train batch, in one jitted function -----------------------------------
+
+
+def make_prepare(policy_graphdef, critic_graphdef, *, algorithm: str, rl, num_samples: int,
+                 temperature: float, kl_coef: float, mesh):
+  """Jitted (params, ref_params, critic_params, prompts, completions, scores)
+  -> (train batch, metrics): the training rows, old log-probs (the sampler's
+  or recomputed), reference log-probs, values, advantages and the mask the
+  loss uses, all on device. ref_params / critic_params may be None."""
+  def logprobs(params, rows):
+    model = nnx.merge(policy_graphdef, params)
+    return completion_logprobs(completion_logits(model, rows, temperature), rows)
+
+  def prepare(params, ref_params, critic_params, prompts, completions, scores):
+    with sharding.activation_rules(mesh):
+      rows = training_rows(prompts, completions, num_samples)
+      weights = rows['completion_mask']
+      out = {}
+      old_lp = rows['sampler_logprobs']
+      if rl.old_logprobs == 'recompute':
+        old_lp = logprobs(params, rows)
+        out['logprob_mismatch/sampler_vs_trainer'] = ops.masked_mean(
+            jnp.abs(old_lp - rows['sampler_logprobs']), weights)
+      ref_lp = None if ref_params is None else logprobs(ref_params, rows)
+      keys = POLICY_KEYS
+      if algorithm == 'grpo':
+        if ref_lp is not None and rl.kl_in == 'reward':  # k1 per sequence, in the reward
+          scores = scores - rl.beta * jnp.sum((old_lp - ref_lp) * weights, axis=1)
+        advantages, mask, extra = grpo_advantages(scores, weights, rl=rl,
+                                                  num_samples=num_samples)
+        batch, out = {'advantages': advantages}, out | extra
+      else:
+        values = completion_values(nnx.merge(critic_graphdef, critic_params), rows)
+        batch = ppo_advantages(scores, values, old_lp, ref_lp, weights, rl=rl)
+        batch, mask, keys = batch | {'old_values': values}, weights, keys + CRITIC_KEYS
+      batch |= {k: rows[k] for k in keys} | {'completion_mask': mask, 'old_logprobs': old_lp}
+      if kl_coef:
+        batch['ref_logprobs'] = ref_lp
+    return batch, out
+  return jax.jit(prepare)
