@@ -305,17 +305,24 @@ def test_mask_config_validation():
     masking.MaskConfig(max_len=8, truncation='cut')
 
 
-def test_process_shards_are_disjoint_and_cover_the_rows(smollm2):
-  def rows_seen(shard_index, shard_count, num_threads=0):
-    ds, _ = pipeline.build('sft', _sft_rows(12), smollm2, batch_size=1, max_len=128, packing=False,
-                           num_epochs=1, shard_index=shard_index, shard_count=shard_count,
-                           num_threads=num_threads)
-    texts = [smollm2.decode(b['tokens'][0][b['segment_ids'][0] == 1]) for b in ds]
-    return [t[t.index('Row '):t.index(':', t.index('Row '))] for t in texts]
-  a, b = rows_seen(0, 2), rows_seen(1, 2)
-  assert len(a) == len(b) == 6 and not set(a) & set(b)
-  assert sorted(a + b) == sorted(f'Row {i}' for i in range(12))
-  assert rows_seen(0, 2, num_threads=2) == a  # prefetch threads keep the order
+def test_process_shards_split_every_global_batch(smollm2):
+  """batch_size is the global batch: process k reads rows k*B/n .. of each
+  batch one process would read, so the processes' batches side by side are
+  the one-process batches."""
+  def batches(shard_index, shard_count, num_threads=0):
+    ds, _ = pipeline.build('sft', _sft_rows(12), smollm2, batch_size=4, max_len=128,
+                           packing=False, num_epochs=1, shard_index=shard_index,
+                           shard_count=shard_count, num_threads=num_threads)
+    texts = [[smollm2.decode(b['tokens'][r][b['segment_ids'][r] == 1])
+              for r in range(len(b['tokens']))] for b in ds]
+    return [[t[t.index('Row '):t.index(':', t.index('Row '))] for t in rows] for rows in texts]
+  whole, a, b = batches(0, 1), batches(0, 2), batches(1, 2)
+  assert len(whole) == len(a) == len(b) == 3 and all(len(rows) == 2 for rows in a + b)
+  assert [x + y for x, y in zip(a, b)] == whole
+  assert sorted(sum(whole, [])) == sorted(f'Row {i}' for i in range(12))
+  assert batches(0, 2, num_threads=2) == a  # prefetch threads keep the order
+  with pytest.raises(ValueError, match='divide over 3 processes'):
+    batches(0, 3)
 
 
 def test_several_sources_for_one_epoch_are_read_once_each(smollm2):

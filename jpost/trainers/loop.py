@@ -117,8 +117,8 @@ def place_batch(batch: dict, mesh, *, replicate_uneven: tuple[str, ...] = ()) ->
   def place(name, x):
     x = np.asarray(x)
     whole = name in replicate_uneven and (x.shape[0] * jax.process_count()) % shards != 0
-    if whole:
-      return jax.device_put(x, batch_sharding(mesh, x.ndim, shard=False))
+    if whole:  # every process's rows, on every device
+      return jax.device_put(gather_rows(x), batch_sharding(mesh, x.ndim, shard=False))
     return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
   return {k: place(k, v) for k, v in batch.items() if isinstance(v, np.ndarray)}
 

@@ -1,0 +1,114 @@
+"""Many processes (jax.distributed, gloo collectives on CPU) against one.
+
+Each run is a real `python -m jpost.main` (through `python -m jpost.launch`
+for several processes) on the tiny checkpoints: 2 processes x 4 devices,
+1 process x 8 devices and 1 process x 1 device must give the same per-step
+losses and the same parameter updates; a killed run resumes exactly; a lost
+process ends the run instead of hanging it.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from norms import assert_norm_close, relative_error
+
+GRPO_CONFIG = str(pathlib.Path(__file__).with_name('grpo_digits_config.py'))
+# Measured between the three layouts (float32): per-step losses differ by at
+# most 8e-6 relative (GRPO; SFT 3e-7), parameter updates by 8e-6 (GRPO; SFT
+# 7e-7); a missing all-reduce or a shifted row is O(1e-2) or more.
+LOSS_BOUND, UPDATE_BOUND = 1e-4, 1e-4
+# Start-up and two steps take ~40 s on 2 cores, the heartbeat timeout is 10 s;
+# the launcher would wait 120 s more before killing a process that hangs.
+LOST_BOUND_S = 120
+
+
+def _run(workdir, config, checkpoint, *extra, processes=1, devices=1, env=None, timeout=600):
+  args = [f'--config={config}', f'--workdir={workdir}', f'--config.model.path={checkpoint}',
+          *extra]
+  env = {**os.environ, **(env or {})}
+  if processes == 1:
+    command = [sys.executable, '-m', 'jpost.main', *args]
+    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  else:
+    command = [sys.executable, '-m', 'jpost.launch', f'--processes={processes}',
+               f'--devices-per-process={devices}', '--timeout-s=120', '--', *args]
+  return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _metrics(workdir, key='loss'):
+  return [json.loads(line)[key] for line in (workdir / 'metrics.jsonl').read_text().splitlines()
+          if key in line]
+
+
+def _updates(workdir, start_dir):
+  final = load_file(workdir / 'hf' / 'model.safetensors')
+  start = load_file(start_dir / 'model.safetensors')
+  return {k: final[k].astype(np.float64) - start[k] for k in sorted(start)}
+
+
+def _assert_same_run(got, want, start_dir):
+  losses_got, losses_want = _metrics(got), _metrics(want)
+  assert len(losses_got) == len(losses_want) > 0
+  for step, (a, b) in enumerate(zip(losses_got, losses_want), 1):
+    assert abs(a - b) <= LOSS_BOUND * max(abs(b), 1e-3), (step, a, b)
+  assert_norm_close(_updates(got, start_dir), _updates(want, start_dir), bound=UPDATE_BOUND)
+
+
+SFT = ('configs/sft.py:tiny', '--config.batch_size=8', '--config.total_steps=3',
+       # Each process packs, and drops (too long), only the rows it reads, so
+       # only unpacked batches with nothing dropped are the same rows for any
+       # number of processes: max_len 512 drops none of the first 24 rows.
+       '--config.data.packing=False', '--config.data.max_len=512', '--config.optim.lr=1e-3')
+
+
+def test_sft_two_processes_equal_one(tiny_checkpoint, tmp_path):
+  layouts = {'2x4': (2, 4), '1x8': (1, 8), '1x1': (1, 1)}
+  for name, (processes, devices) in layouts.items():
+    done = _run(tmp_path / name, SFT[0], tiny_checkpoint, *SFT[1:], processes=processes,
+                devices=devices)
+    assert done.returncode == 0, done.stderr[-3000:]
+  _assert_same_run(tmp_path / '2x4', tmp_path / '1x8', tiny_checkpoint)
+  _assert_same_run(tmp_path / '1x8', tmp_path / '1x1', tiny_checkpoint)
+
+
+def test_grpo_two_processes_equal_one_and_resume_after_losing_one(char_checkpoint, tmp_path):
+  straight = _run(tmp_path / '2x4', GRPO_CONFIG + ':tiny', char_checkpoint, processes=2,
+                  devices=4)
+  assert straight.returncode == 0, straight.stderr[-3000:]
+  for name, devices in (('1x8', 8), ('1x1', 1)):
+    done = _run(tmp_path / name, GRPO_CONFIG + ':tiny', char_checkpoint, devices=devices)
+    assert done.returncode == 0, done.stderr[-3000:]
+  # The rollouts are the same tokens, so the rewards are equal exactly.
+  rewards = _metrics(tmp_path / '1x1', 'reward/total/mean')
+  assert _metrics(tmp_path / '2x4', 'reward/total/mean') == rewards
+  assert _metrics(tmp_path / '1x8', 'reward/total/mean') == rewards
+  _assert_same_run(tmp_path / '2x4', tmp_path / '1x8', char_checkpoint)
+  _assert_same_run(tmp_path / '1x8', tmp_path / '1x1', char_checkpoint)
+
+  # Process 1 dies (SIGKILL) right after checkpoint 2: process 0 must end by
+  # itself once process 1's heartbeats stop, not hang in its next collective.
+  tic = time.monotonic()
+  lost = _run(tmp_path / 'lost', GRPO_CONFIG + ':tiny', char_checkpoint,
+              '--config.distributed.heartbeat_timeout_s=10', processes=2, devices=4,
+              env={'JPOST_FAULT_KILL_AT_STEP': '2', 'JPOST_FAULT_KILL_PROCESS': '1'})
+  seconds = time.monotonic() - tic
+  assert lost.returncode == 128 + 9, lost.stderr[-3000:]  # the first to fail: SIGKILL
+  assert 'another task died' in lost.stderr or 'heartbeat' in lost.stderr, lost.stderr[-3000:]
+  assert seconds < LOST_BOUND_S, seconds
+  resumed = _run(tmp_path / 'lost', GRPO_CONFIG + ':tiny', char_checkpoint, processes=2,
+                 devices=4)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'resumed from step 2' in resumed.stderr
+  assert _metrics(tmp_path / 'lost') == _metrics(tmp_path / '2x4')
+  a = load_file(tmp_path / 'lost' / 'hf' / 'model.safetensors')
+  b = load_file(tmp_path / '2x4' / 'hf' / 'model.safetensors')
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
