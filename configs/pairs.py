@@ -17,6 +17,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.trainer = 'pairs'
   c.seed = 0
+  # One process per host: each samples its share of the prompts (README, "Many hosts").
+  c.distributed = ml_collections.ConfigDict(dict(
+      enabled=False, heartbeat_timeout_s=100, init_timeout_s=300))
   c.model = ml_collections.ConfigDict(dict(
       path='smollm2-135m-instruct', dtype='float32', param_dtype='float32'))
   c.data = ml_collections.ConfigDict(dict(

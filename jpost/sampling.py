@@ -15,6 +15,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 from flax import nnx
 
@@ -190,9 +191,33 @@ def generate(model, prompt_tokens, prompt_mask, sampling: SamplingConfig, key=No
     tokens, mask = jax.device_put((tokens, mask), batch_sharding)
   # The empty cache is made outside the compiled function: built inside, XLA
   # would try to constant-fold writes into a large array of zeros at compile time.
-  cache = init_cache(model.config, tokens.shape[0], tokens.shape[1] + sampling.max_new_tokens,
-                     cache_dtype, stacked=_scans(sampling, streaming=False))
+  # Made by a computation of its own, not from host zeros (no host transfer),
+  # with its batch rows where the prompts' are.
+  make_cache = functools.partial(
+      init_cache, model.config, tokens.shape[0], tokens.shape[1] + sampling.max_new_tokens,
+      cache_dtype, stacked=_scans(sampling, streaming=False))
+  cache = jax.jit(make_cache, out_shardings=_like_rows(jax.eval_shape(make_cache), tokens))()
   return _generate(graphdef, state, tokens, mask, cache, key, sampling)
+
+
+def _like_rows(cache, tokens):
+  """Shardings putting each cache array's batch axis (1 in a stacked [L, B,
+  ...] array, else 0) where the rows of `tokens` are; None off a mesh."""
+  sharding = getattr(tokens, 'sharding', None)
+  if not isinstance(sharding, NamedSharding):
+    return None
+  rows = sharding.spec[0] if len(sharding.spec) else None
+  stacked = not isinstance(cache['k'], list)
+
+  def one(x, batch_axis):
+    spec = [None] * x.ndim
+    if x.ndim > batch_axis:
+      spec[batch_axis] = rows
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec))
+  kv = lambda x: one(x, 1 if stacked else 0)
+  return {'k': jax.tree.map(kv, cache['k']), 'v': jax.tree.map(kv, cache['v']),
+          'positions': one(cache['positions'], 0), 'segment_ids': one(cache['segment_ids'], 0),
+          'index': one(cache['index'], 0)}
 
 
 def _scans(sampling: SamplingConfig, streaming: bool) -> bool:

@@ -121,5 +121,7 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   if active is None:
     return x
   mesh, rules = active
+  # With the shape, a dimension that does not divide over its mesh axes (a
+  # few shared prompts on many devices) stays whole instead of padded.
   return jax.lax.with_sharding_constraint(
-      x, NamedSharding(mesh, logical_to_spec(axes, rules, mesh)))
+      x, NamedSharding(mesh, logical_to_spec(axes, rules, mesh, x.shape)))

@@ -20,7 +20,8 @@ from safetensors.numpy import load_file
 
 from norms import assert_norm_close, relative_error
 
-GRPO_CONFIG = str(pathlib.Path(__file__).with_name('grpo_digits_config.py'))
+CONFIGS = pathlib.Path(__file__).with_name('digit_share_config.py')
+GRPO_CONFIG = f'{CONFIGS}:grpo'
 # Measured between the three layouts (float32): per-step losses differ by at
 # most 8e-6 relative (GRPO; SFT 3e-7), parameter updates by 8e-6 (GRPO; SFT
 # 7e-7); a missing all-reduce or a shifted row is O(1e-2) or more.
@@ -80,11 +81,11 @@ def test_sft_two_processes_equal_one(tiny_checkpoint, tmp_path):
 
 
 def test_grpo_two_processes_equal_one_and_resume_after_losing_one(char_checkpoint, tmp_path):
-  straight = _run(tmp_path / '2x4', GRPO_CONFIG + ':tiny', char_checkpoint, processes=2,
+  straight = _run(tmp_path / '2x4', GRPO_CONFIG, char_checkpoint, processes=2,
                   devices=4)
   assert straight.returncode == 0, straight.stderr[-3000:]
   for name, devices in (('1x8', 8), ('1x1', 1)):
-    done = _run(tmp_path / name, GRPO_CONFIG + ':tiny', char_checkpoint, devices=devices)
+    done = _run(tmp_path / name, GRPO_CONFIG, char_checkpoint, devices=devices)
     assert done.returncode == 0, done.stderr[-3000:]
   # The rollouts are the same tokens, so the rewards are equal exactly.
   rewards = _metrics(tmp_path / '1x1', 'reward/total/mean')
@@ -96,14 +97,14 @@ def test_grpo_two_processes_equal_one_and_resume_after_losing_one(char_checkpoin
   # Process 1 dies (SIGKILL) right after checkpoint 2: process 0 must end by
   # itself once process 1's heartbeats stop, not hang in its next collective.
   tic = time.monotonic()
-  lost = _run(tmp_path / 'lost', GRPO_CONFIG + ':tiny', char_checkpoint,
+  lost = _run(tmp_path / 'lost', GRPO_CONFIG, char_checkpoint,
               '--config.distributed.heartbeat_timeout_s=10', processes=2, devices=4,
               env={'JPOST_FAULT_KILL_AT_STEP': '2', 'JPOST_FAULT_KILL_PROCESS': '1'})
   seconds = time.monotonic() - tic
   assert lost.returncode == 128 + 9, lost.stderr[-3000:]  # the first to fail: SIGKILL
   assert 'another task died' in lost.stderr or 'heartbeat' in lost.stderr, lost.stderr[-3000:]
   assert seconds < LOST_BOUND_S, seconds
-  resumed = _run(tmp_path / 'lost', GRPO_CONFIG + ':tiny', char_checkpoint, processes=2,
+  resumed = _run(tmp_path / 'lost', GRPO_CONFIG, char_checkpoint, processes=2,
                  devices=4)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'resumed from step 2' in resumed.stderr
@@ -112,3 +113,37 @@ def test_grpo_two_processes_equal_one_and_resume_after_losing_one(char_checkpoin
   b = load_file(tmp_path / '2x4' / 'hf' / 'model.safetensors')
   for name in a:
     np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def _lines(path):
+  return sorted(path.read_text().splitlines())
+
+
+def test_pairs_and_eval_split_prompts_over_processes(char_checkpoint, tiny_checkpoint, tmp_path):
+  """Inference recipes: each process samples every other batch on its own
+  device; process 0 writes what one process would have written."""
+  for name, processes in (('one', 1), ('two', 2)):
+    done = _run(tmp_path / f'pairs_{name}', f'{CONFIGS}:pairs', char_checkpoint,
+                '--config.data.eval=()', processes=processes, devices=1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = _run(tmp_path / f'eval_{name}', 'configs/eval.py:tiny', '',
+                f'--config.models.smollm2={tiny_checkpoint}', f'--config.models.grpo={char_checkpoint}',
+                f'--config.data.eval=("{_arith_prompts(tmp_path)}",)', processes=processes,
+                devices=1)
+    assert done.returncode == 0, done.stderr[-3000:]
+  for file in ('pairs_train.jsonl', 'best_of_n_train.jsonl'):
+    assert _lines(tmp_path / 'pairs_two' / file) == _lines(tmp_path / 'pairs_one' / file)
+  one, two = (json.loads((tmp_path / f'pairs_{n}' / 'pairs_stats.json').read_text())['train']
+              for n in ('one', 'two'))
+  assert {k: v for k, v in two.items() if k not in ('seconds', 'path')} == {
+      k: v for k, v in one.items() if k not in ('seconds', 'path')} and one['pairs'] >= 2
+  for file in ('completions_smollm2.jsonl', 'completions_grpo.jsonl', 'results.json'):
+    assert (tmp_path / 'eval_two' / file).read_text() == (tmp_path / 'eval_one' / file).read_text()
+
+
+def _arith_prompts(folder) -> pathlib.Path:
+  from jpost.data import arith
+  path = folder / 'arith_20.jsonl'
+  if not path.exists():
+    path.write_text(''.join(json.dumps(r) + '\n' for r in arith.rows('test')[:20]))
+  return path

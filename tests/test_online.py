@@ -208,6 +208,7 @@ def _config(checkpoint, recipe=grpo, **changes):
     c.sampling.max_new_tokens = 16
     c.sampling.temperature = 1.0
     c.optim.warmup_steps = 0
+    c.transfer_guard = 'disallow'  # an implicit host<->device transfer in a step fails
     for dotted, value in changes.items():
       *parents, leaf = dotted.split('.')
       node = c

@@ -42,7 +42,8 @@ def pair_files(tmp_path_factory):
 def _data_flags(checkpoint, pair_files):
   train, test = pair_files
   return [f'--config.model.path={checkpoint}', f'--config.data.train=("{train}",)',
-          f'--config.data.eval=("{test}",)']
+          f'--config.data.eval=("{test}",)',
+          '--config.transfer_guard=disallow']  # an implicit transfer in a step fails
 
 
 def test_reward_recipe_trains_evaluates_and_exports(tiny_checkpoint, pair_files, tmp_path):

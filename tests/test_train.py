@@ -110,7 +110,8 @@ def test_fsdp_tensor_parallel_equals_one_device(tiny_checkpoint, optimizer):
 def _train(workdir, checkpoint, *extra, env=None, steps=8):
   args = [sys.executable, '-m', 'jpost.main', '--config=configs/sft.py:tiny', f'--workdir={workdir}',
           f'--config.model.path={checkpoint}', f'--config.total_steps={steps}',
-          '--config.checkpoint.every=4', '--config.checkpoint.async_save=True', *extra]
+          '--config.checkpoint.every=4', '--config.checkpoint.async_save=True',
+          '--config.transfer_guard=disallow', *extra]
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1', **(env or {})}
   return subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
 
@@ -243,3 +244,23 @@ def test_sequence_normalizer_counts_samples_with_targets():
                  for r in range(8))
   assert int(sft.normalizer_fn(batch, normalization='sequence')) == expected
   assert int(sft.normalizer_fn(batch, normalization='token')) == targets.sum()
+
+
+@pytest.mark.parametrize('guard', ['disallow', 'allow'])
+def test_an_implicit_transfer_in_a_step_fails_under_the_guard(tiny_checkpoint, tmp_path,
+                                                               monkeypatch, guard):
+  """Every recipe test runs its steps with config.transfer_guard='disallow';
+  here a step that hands the update host arrays (an implicit transfer) fails
+  under it, and runs when the guard allows it."""
+  import sft as sft_config
+  config = sft_config.get_config('tiny')
+  with config.unlocked():
+    config.model.path, config.total_steps = str(tiny_checkpoint), 1
+    config.batch_size, config.export_hf, config.transfer_guard = 8, False, guard
+  monkeypatch.setattr(loop, 'place_batch', lambda batch, mesh, **_: {
+      k: v for k, v in batch.items() if isinstance(v, np.ndarray)})
+  if guard == 'allow':
+    assert sft.run(config, tmp_path)['step'] == 1
+    return
+  with pytest.raises(jax.errors.JaxRuntimeError, match='Disallowed host-to-device transfer'):
+    sft.run(config, tmp_path)

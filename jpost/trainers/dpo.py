@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jpost import ops, sampling
+from jpost import ops, sampling, sharding
 from jpost.data import pipeline, rows as row_lib
 from jpost.errors import ConfigError
 from jpost.losses.dpo import dpo_loss
@@ -94,7 +94,8 @@ class Reference:
 
     @jax.jit
     def logps(params, batch):
-      chosen, rejected, _, _ = response_logps(nnx.merge(graphdef, params), batch)
+      with sharding.activation_rules(setup.mesh):
+        chosen, rejected, _, _ = response_logps(nnx.merge(graphdef, params), batch)
       return chosen, rejected
     self._logps = logps
 

@@ -32,7 +32,7 @@ from jpost.data import pipeline
 from jpost.errors import ConfigError
 from jpost.eval.leaderboard import leaderboard
 from jpost.tokenizer import Tokenizer
-from jpost.trainers import register, rollout
+from jpost.trainers import loop, register, rollout
 from jpost.trainers.generate import load_model_and_tokenizer
 
 PAIRWISE_JUDGES = ('verifier', 'endpoint', 'none')
@@ -55,18 +55,20 @@ def sample_model(path: str, config) -> list[dict]:
   greedy = sampling.SamplingConfig(max_new_tokens=sampled.max_new_tokens, temperature=0.0,
                                    stop_ids=sampled.stop_ids)
   out, n = [], sampled.num_samples
-  for i, batch in enumerate(prompt_rows(config, tokenizer)):
+  # Several processes: each answers every process_count-th batch on its own
+  # devices; the keys follow the batch, so the answers do not depend on it.
+  for i, batch in loop.this_process_share(prompt_rows(config, tokenizer)):
     key = jax.random.fold_in(jax.random.key(config.seed), i)
     mask = batch['segment_ids'] > 0
     first = jax.device_get(sampling.generate(model, batch['tokens'], mask, greedy, key))
     many = jax.device_get(sampling.generate(model, batch['tokens'], mask, sampled, key))
     texts = rollout.completion_texts(tokenizer, first.tokens, first.lengths)
     samples = rollout.completion_texts(tokenizer, many.tokens, many.lengths)
-    for j, prompt in enumerate(batch['prompt']):
-      out.append({'prompt': rollout.prompt_text(prompt), 'extra': batch['extra'][j],
-                  'greedy': texts[j], 'truncated': bool(first.truncated[j]),
-                  'samples': samples[j * n:(j + 1) * n]})
-  return out
+    out.append((i, [{'prompt': rollout.prompt_text(prompt), 'extra': batch['extra'][j],
+                     'greedy': texts[j], 'truncated': bool(first.truncated[j]),
+                     'samples': samples[j * n:(j + 1) * n]}
+                    for j, prompt in enumerate(batch['prompt'])]))
+  return loop.merge_in_order(out)
 
 
 def load_completions(path: pathlib.Path) -> list[dict]:
@@ -165,6 +167,7 @@ def run(config, workdir):
                      f'{PAIRWISE_JUDGES}.')
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  loop.start_processes(config)
   names = list(config.models)
   if not names:
     raise ConfigError('config.models is empty: give {name: checkpoint path or completions file}.')
@@ -181,8 +184,11 @@ def run(config, workdir):
       outputs[name] = load_completions(source)
     else:
       outputs[name] = sample_model(str(config.models[name]), config)
-      (workdir / f'completions_{name}.jsonl').write_text(
-          ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in outputs[name]))
+      if jax.process_index() == 0:
+        (workdir / f'completions_{name}.jsonl').write_text(
+            ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in outputs[name]))
+  if jax.process_index() != 0:
+    return {}  # the answers are sampled; process 0 scores, judges and reports
   outputs, results = align(outputs), {}
   for name in names:
     results[name] = ground_truth(outputs[name], reward_fns, config.answer_key)

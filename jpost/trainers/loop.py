@@ -94,6 +94,21 @@ def own_rows(rows: int) -> slice:
   return slice(jax.process_index() * count, (jax.process_index() + 1) * count)
 
 
+def this_process_share(items) -> list[tuple[int, Any]]:
+  """(index, item) for every process_count-th item from this process's
+  index: how inference recipes (pairs, eval) split whole batches, each
+  process generating on its own devices."""
+  count, index = jax.process_count(), jax.process_index()
+  return [(i, item) for i, item in enumerate(items) if i % count == index]
+
+
+def merge_in_order(indexed: list[tuple[int, list]]) -> list:
+  """Every process's (index, rows) as one list in index order, on every
+  process (JSON-able rows)."""
+  merged = sorted((i, rows) for share in gather_json(indexed) for i, rows in share)
+  return [row for _, rows in merged for row in rows]
+
+
 # --- host <-> device ------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jpost import metrics, optim
+from jpost import metrics, optim, sharding
 from jpost.errors import ConfigError
 from jpost.models import hf, pretrained
 from jpost.tokenizer import Tokenizer
@@ -76,12 +76,13 @@ def validate(config) -> None:
   optim.validate(config.optim, config.total_steps)
 
 
-def make_eval_step(graphdef, task: Task):
+def make_eval_step(graphdef, task: Task, mesh):
   """params, batch -> (normalizer, {'eval_loss': .., 'eval_<metric>': ..} x normalizer)."""
   def step(params, batch):
     model = nnx.merge(graphdef, params)
     normalizer = task.normalizer_fn(batch)
-    loss, aux = task.loss_fn(model, batch, normalizer)
+    with sharding.activation_rules(mesh):
+      loss, aux = task.loss_fn(model, batch, normalizer)
     sums = {'eval_loss': loss * normalizer}
     sums |= {f'eval_{k}': aux[k] * normalizer for k in task.eval_metrics}
     return normalizer, sums
@@ -144,7 +145,7 @@ def run(config, workdir: str | None, task: Task) -> dict[str, Any]:
   # --- step ------------------------------------------------------------------
   update = loop.make_update(graphdef, task.loss_fn, task.normalizer_fn, tx, lr_schedule,
                             accum_steps=config.accum_steps, mesh=mesh, state=state)
-  eval_step = jax.jit(make_eval_step(graphdef, task))
+  eval_step = jax.jit(make_eval_step(graphdef, task, mesh))
   flops_per_token = metrics.flops_per_token(model.config, config.data.max_len)
   peak = metrics.measured_peak_flops(config.model.dtype)
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jpost import ops, optim, rewards, sampling
 from jpost.data import pipeline
@@ -175,11 +176,13 @@ def _rollout(parts: Parts, state: dict, number: int):
   batch = next(parts.prompts)
   longest = int(loop.gather_rows(np.sum(batch['segment_ids'] > 0, axis=1)).max())
   batch = rl_parts.trim_prompts(batch, config.data.get('prompt_bucket', 0), longest)
-  placed = loop.place_batch({k: batch[k] for k in ('tokens', 'segment_ids')}, parts.mesh,
-                            replicate_uneven=('tokens', 'segment_ids'))
-  key = jax.random.fold_in(parts.base_key, jax.device_put(np.uint32(number)))
+  placed = loop.place_batch({'tokens': batch['tokens'], 'segment_ids': batch['segment_ids'],
+                             'mask': batch['segment_ids'] > 0}, parts.mesh,
+                            replicate_uneven=('tokens', 'segment_ids', 'mask'))
+  key = jax.random.fold_in(parts.base_key, jax.device_put(np.uint32(number),
+                                                          parts.base_key.sharding))
   policy = nnx.merge(parts.graphdef, state['policy']['params'])
-  completions = sampling.generate(policy, placed['tokens'], placed['segment_ids'] > 0,
+  completions = sampling.generate(policy, placed['tokens'], placed['mask'],
                                   parts.settings, key)
   rows = jax.tree.map(lambda x: loop.batch_sharding(parts.mesh, x.ndim), completions)
   completions = jax.jit(lambda c: c, out_shardings=rows)(completions)
@@ -214,7 +217,8 @@ def _updates(parts: Parts, state: dict, batch: dict, number: int) -> tuple[dict,
     order = order_rng.permutation(rows)
     for m in range(rl.minibatches):
       mini = batch if rl.minibatches == 1 else parts.select(
-          batch, jax.device_put(order[m * size:(m + 1) * size].astype(np.int32)))
+          batch, jax.device_put(order[m * size:(m + 1) * size].astype(np.int32),
+                                parts.base_key.sharding))  # replicated on the mesh
       policy, out = parts.policy_update(state['policy'], mini)
       state = state | {'policy': policy}
       if parts.critic_update is not None:
@@ -312,7 +316,8 @@ def run(config, workdir: str | None, algorithm: str) -> dict[str, Any]:
       policy_update=policy_update, critic_update=critic_update,
       select=jax.jit(functools.partial(rl_parts.select_rows,
                                        num_samples=config.sampling.num_samples)),
-      prompts=iter(prompts), prompt_stats=prompt_stats, base_key=jax.random.key(config.seed))
+      prompts=iter(prompts), prompt_stats=prompt_stats, base_key=jax.device_put(
+          jax.random.key(config.seed), NamedSharding(mesh, PartitionSpec())))
 
   # --- loop -------------------------------------------------------------------------------
   greedy = dataclasses.replace(settings, num_samples=1, temperature=0.0)

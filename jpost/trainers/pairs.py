@@ -23,7 +23,7 @@ import numpy as np
 from jpost import rewards, sampling
 from jpost.data import pipeline
 from jpost.errors import ConfigError
-from jpost.trainers import register, rollout
+from jpost.trainers import loop, register, rollout
 from jpost.trainers.generate import load_model_and_tokenizer
 
 
@@ -43,18 +43,17 @@ def choose_pair(scores: np.ndarray, min_gap: float) -> tuple[int, int] | None:
 
 
 def make_pairs(model, tokenizer, batches, reward_fns, settings: sampling.SamplingConfig, *,
-               min_gap: float, seed: int, max_prompts: int | None = None,
-               best_min_score: float = float('inf')):
-  """(preference rows, best-of-n SFT rows, stats) from prompt batches."""
+               min_gap: float, seed: int, best_min_score: float = float('inf')):
+  """(preference rows, best-of-n SFT rows, stats) from (index, prompt batch)
+  pairs; batch i samples with key fold_in(seed, i), whoever samples it."""
   stats = {'prompts': 0, 'samples': 0, 'pairs': 0, 'no_gap': 0, 'identical': 0, 'blank': 0,
            'best_of_n': 0, 'reward_sum': 0.0, 'failures': {}}
   rows, best_rows = [], []
-  key = jax.random.key(seed)
   n = settings.num_samples
-  for batch in batches:
-    key, sub = jax.random.split(key)
+  for index, batch in batches:
     out = jax.device_get(sampling.generate(model, batch['tokens'], batch['segment_ids'] > 0,
-                                           settings, sub))
+                                           settings, jax.random.fold_in(jax.random.key(seed),
+                                                                        index)))
     texts = rollout.completion_texts(tokenizer, out.tokens, out.lengths)
     prompts = [p for p in batch['prompt'] for _ in range(n)]
     extras = [e for e in batch['extra'] for _ in range(n)]
@@ -91,10 +90,23 @@ def make_pairs(model, tokenizer, batches, reward_fns, settings: sampling.Samplin
                    'chosen_score': float(result.total[best]),
                    'rejected_score': float(result.total[worst]), **batch['extra'][i]})
       stats['pairs'] += 1
-    if max_prompts and stats['prompts'] >= max_prompts:
-      break
-  stats['mean_reward'] = stats.pop('reward_sum') / max(stats['samples'], 1)
   return rows, best_rows, stats
+
+
+def _all_processes(rows, best_rows, stats):
+  """Every process's rows (process 0's first) and summed stats."""
+  if jax.process_count() == 1:
+    return rows, best_rows, stats
+  rows, best_rows = (sum(loop.gather_json(r), []) for r in (rows, best_rows))
+  total = {}
+  for share in loop.gather_json(stats):
+    for key, value in share.items():
+      if key == 'failures':
+        for name, count in value.items():
+          total.setdefault('failures', {})[name] = total['failures'].get(name, 0) + count
+      else:
+        total[key] = total.get(key, 0) + value
+  return rows, best_rows, total | {'failures': total.get('failures', {})}
 
 
 def write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
@@ -111,6 +123,7 @@ def run(config, workdir):
   if workdir is None:
     raise ConfigError('--workdir is required: pairs.jsonl is written there.')
   workdir = pathlib.Path(workdir)
+  loop.start_processes(config)
   model, tokenizer = load_model_and_tokenizer(config.model)
   reward_fns = rewards.build(config.rewards)
   settings = rollout.sampling_config(config.sampling, tokenizer)
@@ -123,11 +136,18 @@ def run(config, workdir):
                                 num_epochs=1, seed=config.seed, policy=config.data.policy,
                                 drop_remainder=False)
     tic = time.perf_counter()
-    rows, best_rows, stats = make_pairs(
-        model, tokenizer, batches, reward_fns, settings, min_gap=config.pairs.min_gap,
-        seed=config.seed, max_prompts=config.pairs.max_prompts or None,
-        best_min_score=config.pairs.best_min_score)
+    batches = list(batches)
+    if config.pairs.max_prompts:  # whole batches up to max_prompts
+      batches = batches[:-(-config.pairs.max_prompts // config.batch_size)]
+    # Several processes: each samples and scores every process_count-th batch.
+    rows, best_rows, stats = _all_processes(*make_pairs(
+        model, tokenizer, loop.this_process_share(batches), reward_fns, settings,
+        min_gap=config.pairs.min_gap, seed=config.seed,
+        best_min_score=config.pairs.best_min_score))
+    stats['mean_reward'] = stats.pop('reward_sum') / max(stats['samples'], 1)
     stats['seconds'] = round(time.perf_counter() - tic, 1)
+    if jax.process_index() != 0:
+      continue
     path = workdir / f'pairs_{split}.jsonl'
     write_jsonl(path, rows)
     write_jsonl(workdir / f'best_of_n_{split}.jsonl', best_rows)
@@ -135,5 +155,6 @@ def run(config, workdir):
     print(f'{split}: {stats["pairs"]} pairs from {stats["prompts"]} prompts '
           f'(mean reward {stats["mean_reward"]:.3f}, {stats["no_gap"]} without a gap) '
           f'-> {path}', file=sys.stderr)
-  (workdir / 'pairs_stats.json').write_text(json.dumps(result, indent=2) + '\n')
+  if jax.process_index() == 0:
+    (workdir / 'pairs_stats.json').write_text(json.dumps(result, indent=2) + '\n')
   return result
