@@ -57,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log_every = 1
   c.eval_every = 1000  # and before the first step and after the last
   c.tensorboard = False
-  # One process per host: jax.distributed.initialize() (README, "Many hosts").
+  # One process per host, jax.distributed (README, "Many processes and hosts").
   c.distributed = ml_collections.ConfigDict(dict(
       enabled=False, heartbeat_timeout_s=100, init_timeout_s=300))
   # 'disallow' turns any implicit host<->device transfer in a step into an error.

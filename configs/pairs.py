@@ -17,7 +17,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.trainer = 'pairs'
   c.seed = 0
-  # One process per host: each samples its share of the prompts (README, "Many hosts").
+  # Processes sample shares of the prompts (README, "Many processes and hosts").
   c.distributed = ml_collections.ConfigDict(dict(
       enabled=False, heartbeat_timeout_s=100, init_timeout_s=300))
   c.model = ml_collections.ConfigDict(dict(

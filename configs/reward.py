@@ -19,7 +19,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.trainer = 'reward'
   c.seed = 0
-  # One process per host: jax.distributed.initialize() (README, "Many hosts").
+  # One process per host, jax.distributed (README, "Many processes and hosts").
   c.distributed = ml_collections.ConfigDict(dict(
       enabled=False, heartbeat_timeout_s=100, init_timeout_s=300))
   # 'disallow' turns any implicit host<->device transfer in a step into an error.

@@ -74,6 +74,14 @@ def _parse_flags(argv: list[str]) -> list[str]:
     if _traceback_asked_for(flags_parsed=False):
       raise
     _user_error(_flag_error_message(e, argv))
+  except OSError as e:  # an override of a config file that did not load
+    if _traceback_asked_for(flags_parsed=False):
+      raise
+    path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), '')
+    path = path.split(':', 1)[0]
+    _user_error(f'--config={path}: no such config file (recipes are configs/NAME.py, from '
+                'the repository root)' if not os.path.isfile(path) else
+                f'--config={path}: {" ".join(str(e).split())}')
 
 
 def _load_config():

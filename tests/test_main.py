@@ -48,6 +48,9 @@ USER_ERRORS = {
                        "config.trainer='nope' is not a known recipe; known recipes: ["),
     'config file missing': (['--config=configs/nope.py'],
                             '--config=configs/nope.py: no such config file'),
+    'config file missing, with an override': (
+        ['--config=configs/nope.py', '--config.distributed.enabled=True'],
+        '--config=configs/nope.py: no such config file'),
     'config argument': (['--config=configs/generate.py:huge'],
                         "--config=configs/generate.py:huge: unknown config argument 'huge'"),
     'config field unknown': (['--config=configs/sft.py:tiny', '--config.optim.learning_rate=1'],

@@ -119,7 +119,8 @@ def _lines(path):
   return sorted(path.read_text().splitlines())
 
 
-def test_pairs_and_eval_split_prompts_over_processes(char_checkpoint, tiny_checkpoint, tmp_path):
+def test_pairs_and_eval_split_prompts_over_processes(char_checkpoint, tiny_checkpoint,
+                                                    tmp_path):
   """Inference recipes: each process samples every other batch on its own
   device; process 0 writes what one process would have written."""
   for name, processes in (('one', 1), ('two', 2)):
@@ -127,7 +128,8 @@ def test_pairs_and_eval_split_prompts_over_processes(char_checkpoint, tiny_check
                 '--config.data.eval=()', processes=processes, devices=1)
     assert done.returncode == 0, done.stderr[-3000:]
     done = _run(tmp_path / f'eval_{name}', 'configs/eval.py:tiny', '',
-                f'--config.models.smollm2={tiny_checkpoint}', f'--config.models.grpo={char_checkpoint}',
+                f'--config.models.smollm2={tiny_checkpoint}',
+                f'--config.models.grpo={tiny_checkpoint}',
                 f'--config.data.eval=("{_arith_prompts(tmp_path)}",)', processes=processes,
                 devices=1)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -98,15 +98,13 @@ def _all_processes(rows, best_rows, stats):
   if jax.process_count() == 1:
     return rows, best_rows, stats
   rows, best_rows = (sum(loop.gather_json(r), []) for r in (rows, best_rows))
-  total = {}
-  for share in loop.gather_json(stats):
-    for key, value in share.items():
-      if key == 'failures':
-        for name, count in value.items():
-          total.setdefault('failures', {})[name] = total['failures'].get(name, 0) + count
-      else:
-        total[key] = total.get(key, 0) + value
-  return rows, best_rows, total | {'failures': total.get('failures', {})}
+  shares = loop.gather_json(stats)
+  total = {key: sum(share[key] for share in shares) for key in stats if key != 'failures'}
+  failures = {}
+  for share in shares:
+    for name, count in share['failures'].items():
+      failures[name] = failures.get(name, 0) + count
+  return rows, best_rows, total | {'failures': failures}
 
 
 def write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
