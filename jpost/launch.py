@@ -109,6 +109,9 @@ def wait(procs, grace_s: float) -> int:
       pass
     now = time.monotonic()
     if now >= stop_at and term_at is None:
+      running = [k for k, p in enumerate(procs) if p.poll() is None]
+      print(f'jpost.launch: process(es) {running} still running {grace_s:g} s after the first '
+            'failure: SIGTERM', file=sys.stderr, flush=True)
       _signal(procs, signal.SIGTERM)
       term_at = now
     if term_at is not None and now >= term_at + KILL_AFTER_S:

@@ -57,6 +57,7 @@ def test_a_failure_ends_the_run_with_its_status(tmp_path):
                  '--', str(pid_file), child=_FAILING_CHILD, timeout=30)
   assert proc.returncode == 3, proc.stderr[-3000:]
   assert time.monotonic() - start < 15  # the sleeper got SIGTERM after 1 s
+  assert 'process(es) [0] still running 1 s after the first failure: SIGTERM' in proc.stderr
   with pytest.raises(ProcessLookupError):  # the sleeper is gone
     os.kill(int(pid_file.read_text()), 0)
 

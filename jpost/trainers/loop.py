@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -112,12 +113,25 @@ def merge_in_order(indexed: list[tuple[int, list]]) -> list:
 # --- host <-> device ------------------------------------------------------------------
 
 
+def _deliberate(fn):
+  """Marks a helper as a deliberate host/device crossing: allowed under the
+  step's transfer guard (JAX's multi-process array constructors count as
+  implicit transfers otherwise)."""
+  @functools.wraps(fn)
+  def crossing(*args, **kwargs):
+    with jax.transfer_guard('allow'):
+      return fn(*args, **kwargs)
+  return crossing
+
+
+
 def batch_sharding(mesh, ndim: int, *, shard: bool = True) -> NamedSharding:
   """Leading axis over the mesh's batch axes (or replicated), the rest whole."""
   lead = sharding.logical_to_spec(('batch',), mesh=mesh) if shard else PartitionSpec(None)
   return NamedSharding(mesh, PartitionSpec(*lead, *([None] * (ndim - 1))))
 
 
+@_deliberate
 def place_batch(batch: dict, mesh, *, replicate_uneven: tuple[str, ...] = ()) -> dict:
   """This process's host rows -> global arrays sharded over the batch axes.
 
@@ -138,6 +152,14 @@ def place_batch(batch: dict, mesh, *, replicate_uneven: tuple[str, ...] = ()) ->
   return {k: place(k, v) for k, v in batch.items() if isinstance(v, np.ndarray)}
 
 
+@_deliberate
+def replicate(x: np.ndarray, mesh) -> jax.Array:
+  """A host value every process holds alike, on every device of the mesh."""
+  return jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec()),
+                                                np.asarray(x))
+
+
+@_deliberate
 def local_rows(x: jax.Array) -> np.ndarray:
   """This process's rows of a global array sharded (or replicated) over its
   leading axis, in order: what `place_batch` was given."""
@@ -147,6 +169,7 @@ def local_rows(x: jax.Array) -> np.ndarray:
   return np.concatenate([np.asarray(jax.device_get(by_start[k].data)) for k in sorted(by_start)])
 
 
+@_deliberate
 def gather_rows(x: np.ndarray) -> np.ndarray:
   """Host rows of every process, concatenated in process order."""
   if jax.process_count() == 1:
@@ -168,6 +191,7 @@ def any_process(flag: bool) -> bool:
   return bool(gather_rows(np.array([flag], np.int32)).any())
 
 
+@_deliberate
 def fetch(tree):
   """Whole arrays on every process's host (a collective when the mesh spans
   processes, where device_get cannot read other hosts' shards)."""

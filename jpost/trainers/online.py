@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from jpost import ops, optim, rewards, sampling
 from jpost.data import pipeline
@@ -125,7 +124,7 @@ class Parts:
   select: Callable  # (train batch, row indices) -> minibatch, on device
   prompts: Any  # this process's prompt iterator
   prompt_stats: Any
-  base_key: jax.Array
+  base_key: jax.Array  # raw uint32[2] key data, replicated on the mesh
   failures_total: dict = dataclasses.field(default_factory=dict)  # reward failures so far
 
 
@@ -179,8 +178,7 @@ def _rollout(parts: Parts, state: dict, number: int):
   placed = loop.place_batch({'tokens': batch['tokens'], 'segment_ids': batch['segment_ids'],
                              'mask': batch['segment_ids'] > 0}, parts.mesh,
                             replicate_uneven=('tokens', 'segment_ids', 'mask'))
-  key = jax.random.fold_in(parts.base_key, jax.device_put(np.uint32(number),
-                                                          parts.base_key.sharding))
+  key = jax.random.fold_in(parts.base_key, loop.replicate(np.uint32(number), parts.mesh))
   policy = nnx.merge(parts.graphdef, state['policy']['params'])
   completions = sampling.generate(policy, placed['tokens'], placed['mask'],
                                   parts.settings, key)
@@ -217,8 +215,7 @@ def _updates(parts: Parts, state: dict, batch: dict, number: int) -> tuple[dict,
     order = order_rng.permutation(rows)
     for m in range(rl.minibatches):
       mini = batch if rl.minibatches == 1 else parts.select(
-          batch, jax.device_put(order[m * size:(m + 1) * size].astype(np.int32),
-                                parts.base_key.sharding))  # replicated on the mesh
+          batch, loop.replicate(order[m * size:(m + 1) * size].astype(np.int32), parts.mesh))
       policy, out = parts.policy_update(state['policy'], mini)
       state = state | {'policy': policy}
       if parts.critic_update is not None:
@@ -316,8 +313,8 @@ def run(config, workdir: str | None, algorithm: str) -> dict[str, Any]:
       policy_update=policy_update, critic_update=critic_update,
       select=jax.jit(functools.partial(rl_parts.select_rows,
                                        num_samples=config.sampling.num_samples)),
-      prompts=iter(prompts), prompt_stats=prompt_stats, base_key=jax.device_put(
-          jax.random.key(config.seed), NamedSharding(mesh, PartitionSpec())))
+      prompts=iter(prompts), prompt_stats=prompt_stats, base_key=loop.replicate(  # raw uint32 key data: a host value
+          jax.random.key_data(jax.random.key(config.seed)), mesh))
 
   # --- loop -------------------------------------------------------------------------------
   greedy = dataclasses.replace(settings, num_samples=1, temperature=0.0)
