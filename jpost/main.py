@@ -10,6 +10,7 @@ shows the traceback too; a bug in jpost always does.
 """
 
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -31,10 +32,25 @@ def _keep_compiled_programs():
   used programs are dropped past 2 GiB (a CPU program is ~0.3 MB)."""
   import jax
   from jpost import assets
+  if not compilation_cache_is_safe():
+    jax.config.update('jax_enable_compilation_cache', False)
+    return
   if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
     jax.config.update('jax_compilation_cache_dir', str(assets.cache_dir() / 'xla'))
   if jax.config.jax_compilation_cache_max_size == -1:  # -1: no limit, JAX's default
     jax.config.update('jax_compilation_cache_max_size', 2 << 30)
+
+
+def compilation_cache_is_safe() -> bool:
+  """False with several XLA:CPU devices in one process: there, a program
+  whose collectives run over device sub-groups (a [2, ...] batch on 8
+  devices, a tensor axis) deadlocks in its rendezvous when it is loaded from
+  the persistent cache, while the same program compiled afresh runs (jax
+  0.10.2; the GRPO train-batch program, every time). GPU runs and one CPU
+  device keep the cache."""
+  flags_ = os.environ.get('XLA_FLAGS', '')
+  match = re.search(r'--xla_force_host_platform_device_count=(\d+)', flags_)
+  return not (match and int(match.group(1)) > 1)
 
 
 def _traceback_asked_for(flags_parsed: bool = True) -> bool:

@@ -37,6 +37,10 @@ def pytest_configure(config):
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
   import jax
+  from jpost.main import compilation_cache_is_safe
+  if not compilation_cache_is_safe():  # this process's 8 CPU devices: see there
+    jax.config.update('jax_enable_compilation_cache', False)
+    return
   jax.config.update('jax_compilation_cache_dir', folder)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)

@@ -128,6 +128,7 @@ def test_compiled_programs_are_kept_in_the_jpost_cache(tmp_path, monkeypatch, us
   from jpost import main
   saved = jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size
   monkeypatch.setenv('JPOST_CACHE', str(tmp_path))
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1')
   if user_dir:  # JAX reads this itself; jpost leaves it alone
     monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', user_dir)
     jax.config.update('jax_compilation_cache_dir', user_dir)
@@ -141,3 +142,20 @@ def test_compiled_programs_are_kept_in_the_jpost_cache(tmp_path, monkeypatch, us
   finally:
     jax.config.update('jax_compilation_cache_dir', saved[0])
     jax.config.update('jax_compilation_cache_max_size', saved[1])
+
+
+def test_no_compilation_cache_with_several_cpu_devices(monkeypatch):
+  """Programs with collectives over device sub-groups deadlock when XLA:CPU
+  loads them from the persistent cache (main.compilation_cache_is_safe)."""
+  import jax
+  from jpost import main
+  saved = jax.config.jax_enable_compilation_cache
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_use_thunk_runtime=true '
+                     '--xla_force_host_platform_device_count=8')
+  try:
+    main._keep_compiled_programs()
+    assert jax.config.jax_enable_compilation_cache is False
+  finally:
+    jax.config.update('jax_enable_compilation_cache', saved)
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1')
+  assert main.compilation_cache_is_safe()

@@ -145,8 +145,8 @@ def test_shared_prompts_on_a_mesh_match_one_device(tiny_checkpoint, num_prompts)
 
   want = run(hf.load(tiny_checkpoint), {k: jnp.asarray(v) for k, v in rows.items()})
   placed = loop.place_batch(rows, mesh, replicate_uneven=rl_parts.PROMPT_KEYS)
-  prompt_spec = placed['prompt_tokens'].sharding.spec
-  assert (prompt_spec[0] is None) == (num_prompts % 8 != 0), prompt_spec
+  prompts = placed['prompt_tokens'].sharding
+  assert prompts.is_fully_replicated == (num_prompts % 8 != 0), prompts
   assert placed['completion_tokens'].sharding.spec[0] is not None
   got = run(hf.load(tiny_checkpoint, mesh=mesh), placed)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)

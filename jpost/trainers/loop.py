@@ -124,10 +124,9 @@ def _deliberate(fn):
   return crossing
 
 
-
-def batch_sharding(mesh, ndim: int, *, shard: bool = True) -> NamedSharding:
-  """Leading axis over the mesh's batch axes (or replicated), the rest whole."""
-  lead = sharding.logical_to_spec(('batch',), mesh=mesh) if shard else PartitionSpec(None)
+def batch_sharding(mesh, ndim: int) -> NamedSharding:
+  """Leading axis over the mesh's batch axes, the rest whole."""
+  lead = sharding.logical_to_spec(('batch',), mesh=mesh)
   return NamedSharding(mesh, PartitionSpec(*lead, *([None] * (ndim - 1))))
 
 
@@ -147,7 +146,7 @@ def place_batch(batch: dict, mesh, *, replicate_uneven: tuple[str, ...] = ()) ->
     x = np.asarray(x)
     whole = name in replicate_uneven and (x.shape[0] * jax.process_count()) % shards != 0
     if whole:  # every process's rows, on every device
-      return jax.device_put(gather_rows(x), batch_sharding(mesh, x.ndim, shard=False))
+      return replicate(gather_rows(x), mesh)
     return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
   return {k: place(k, v) for k, v in batch.items() if isinstance(v, np.ndarray)}
 

@@ -122,6 +122,7 @@ class Parts:
   policy_update: Callable
   critic_update: Callable | None
   select: Callable  # (train batch, row indices) -> minibatch, on device
+  by_rows: Callable  # arrays -> the same, leading axis over the batch axes
   prompts: Any  # this process's prompt iterator
   prompt_stats: Any
   base_key: jax.Array  # raw uint32[2] key data, replicated on the mesh
@@ -182,8 +183,7 @@ def _rollout(parts: Parts, state: dict, number: int):
   policy = nnx.merge(parts.graphdef, state['policy']['params'])
   completions = sampling.generate(policy, placed['tokens'], placed['mask'],
                                   parts.settings, key)
-  rows = jax.tree.map(lambda x: loop.batch_sharding(parts.mesh, x.ndim), completions)
-  completions = jax.jit(lambda c: c, out_shardings=rows)(completions)
+  completions = parts.by_rows(completions)
   longest = int(loop.gather_rows(loop.local_rows(completions.lengths)).max())
   completions = rl_parts.trim_completions(
       completions, config.data.get('completion_bucket', 0), longest)
@@ -313,8 +313,9 @@ def run(config, workdir: str | None, algorithm: str) -> dict[str, Any]:
       policy_update=policy_update, critic_update=critic_update,
       select=jax.jit(functools.partial(rl_parts.select_rows,
                                        num_samples=config.sampling.num_samples)),
-      prompts=iter(prompts), prompt_stats=prompt_stats, base_key=loop.replicate(  # raw uint32 key data: a host value
-          jax.random.key_data(jax.random.key(config.seed)), mesh))
+      by_rows=jax.jit(lambda tree: tree, out_shardings=loop.batch_sharding(mesh, 1)),
+      prompts=iter(prompts), prompt_stats=prompt_stats,
+      base_key=loop.replicate(jax.random.key_data(jax.random.key(config.seed)), mesh))
 
   # --- loop -------------------------------------------------------------------------------
   greedy = dataclasses.replace(settings, num_samples=1, temperature=0.0)
