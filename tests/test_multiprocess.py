@@ -73,13 +73,12 @@ SFT = ('configs/sft.py:tiny', '--config.batch_size=8', '--config.total_steps=3',
 
 
 def test_sft_two_processes_equal_one(tiny_checkpoint, tmp_path):
-  layouts = {'2x4': (2, 4), '1x8': (1, 8), '1x1': (1, 1)}
-  for name, (processes, devices) in layouts.items():
+  """(1 x 8 equals 1 x 1 for an SFT step in test_train.py, on the same mesh.)"""
+  for name, (processes, devices) in {'2x4': (2, 4), '1x1': (1, 1)}.items():
     done = _run(tmp_path / name, SFT[0], tiny_checkpoint, *SFT[1:], processes=processes,
                 devices=devices)
     assert done.returncode == 0, done.stderr[-3000:]
-  _assert_same_run(tmp_path / '2x4', tmp_path / '1x8', tiny_checkpoint)
-  _assert_same_run(tmp_path / '1x8', tmp_path / '1x1', tiny_checkpoint)
+  _assert_same_run(tmp_path / '2x4', tmp_path / '1x1', tiny_checkpoint)
 
 
 def test_grpo_two_processes_equal_one_and_resume_after_losing_one(char_checkpoint, tmp_path):
@@ -132,7 +131,7 @@ def test_pairs_and_eval_split_prompts_over_processes(char_checkpoint, tiny_check
     assert done.returncode == 0, done.stderr[-3000:]
     done = _run(tmp_path / f'eval_{name}', 'configs/eval.py:tiny', '',
                 f'--config.models.smollm2={tiny_checkpoint}',
-                f'--config.models.grpo={tiny_checkpoint}',
+                f'--config.models.grpo={tiny_checkpoint}', '--config.sampling.num_samples=1',
                 f'--config.data.eval=("{_arith_prompts(tmp_path)}",)', processes=processes,
                 devices=1)
     assert done.returncode == 0, done.stderr[-3000:]
