@@ -121,33 +121,17 @@ def _lines(path):
   return sorted(path.read_text().splitlines())
 
 
-def test_pairs_and_eval_split_prompts_over_processes(char_checkpoint, tiny_checkpoint,
-                                                    tmp_path):
-  """Inference recipes: each process samples every other batch on its own
-  device; process 0 writes what one process would have written."""
+def test_pairs_split_prompt_batches_over_processes(char_checkpoint, tmp_path):
+  """An inference recipe: each process samples and scores every other batch
+  on its own device; process 0 writes what one process would have written
+  (`eval` splits its batches the same way)."""
   for name, processes in (('one', 1), ('two', 2)):
-    done = _run(tmp_path / f'pairs_{name}', f'{CONFIGS}:pairs', char_checkpoint,
-                '--config.data.eval=()', processes=processes, devices=1)
-    assert done.returncode == 0, done.stderr[-3000:]
-    done = _run(tmp_path / f'eval_{name}', 'configs/eval.py:tiny', '',
-                f'--config.models.smollm2={tiny_checkpoint}',
-                f'--config.models.grpo={tiny_checkpoint}', '--config.sampling.num_samples=1',
-                f'--config.data.eval=("{_arith_prompts(tmp_path)}",)', processes=processes,
-                devices=1)
+    done = _run(tmp_path / name, f'{CONFIGS}:pairs', char_checkpoint, '--config.data.eval=()',
+                processes=processes, devices=1)
     assert done.returncode == 0, done.stderr[-3000:]
   for file in ('pairs_train.jsonl', 'best_of_n_train.jsonl'):
-    assert _lines(tmp_path / 'pairs_two' / file) == _lines(tmp_path / 'pairs_one' / file)
-  one, two = (json.loads((tmp_path / f'pairs_{n}' / 'pairs_stats.json').read_text())['train']
+    assert _lines(tmp_path / 'two' / file) == _lines(tmp_path / 'one' / file)
+  one, two = (json.loads((tmp_path / n / 'pairs_stats.json').read_text())['train']
               for n in ('one', 'two'))
   assert {k: v for k, v in two.items() if k not in ('seconds', 'path')} == {
       k: v for k, v in one.items() if k not in ('seconds', 'path')} and one['pairs'] >= 2
-  for file in ('completions_smollm2.jsonl', 'completions_grpo.jsonl', 'results.json'):
-    assert (tmp_path / 'eval_two' / file).read_text() == (tmp_path / 'eval_one' / file).read_text()
-
-
-def _arith_prompts(folder) -> pathlib.Path:
-  from jpost.data import arith
-  path = folder / 'arith_20.jsonl'
-  if not path.exists():
-    path.write_text(''.join(json.dumps(r) + '\n' for r in arith.rows('test')[:20]))
-  return path
