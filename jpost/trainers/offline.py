@@ -1,10 +1,12 @@
-"""The offline training loop shared by SFT (and later reward and DPO recipes).
+"""The offline recipes (sft, reward, dpo) on the loop library.
 
 A recipe supplies a `Task`: how to build its data, compute its loss from a
-model and a batch, and normalise over the whole batch. Everything else is
-here, in the order it happens: setup, mesh, data, model, step, checkpoint,
-loop. The train state is a plain pytree {params, opt_state, step, rng}; the
-NNX model is split at the jit boundary and merged inside the step.
+model and a batch, and normalise over the whole batch. `run` sets up, in the
+order it happens: mesh, model, data (this process's rows of every global
+batch), the update and eval steps; then hands a one-batch `step_fn` to
+`loop.train`, which owns checkpoints, resume, SIGTERM, the NaN stop and
+metrics. The train state is a plain pytree {params, opt_state, step, rng};
+the NNX model is split at the jit boundary and merged inside the step.
 """
 
 from __future__ import annotations
