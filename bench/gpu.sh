@@ -74,7 +74,7 @@ for dtype, prec in [('float32', 'highest'), ('float32', 'default'), ('bfloat16',
   gpu = logits(dtype, jax.devices()[0], prec)
   print(f'{dtype} compute, {prec} precision: max |GPU - CPU float32| = {np.abs(gpu - cpu).max():.2e} (logit scale {np.abs(cpu).max():.2f})')
 PY
-python3 bench/sft_throughput.py --random-init --batch 8 --seq-len 256 --steps 10 2>&1 | grep -v Warn | tee "$out/sft_8x256.txt"
+python3 bench/sft_throughput.py --random-init --batch 8 --seq-len 256 --steps 10 --dtypes float32,bfloat16 --no-remat 2>&1 | grep -v Warn | tee "$out/sft_8x256.txt"
 python3 bench/sft_throughput.py --random-init --batch 32 --seq-len 1024 --steps 10 --dtypes bfloat16 --remat 2>&1 | grep -v Warn | tee "$out/sft_32x1024.txt"
 python3 bench/generate_throughput.py --random-init --batches 1,8,32,128 --new-tokens 128 2>&1 | grep -v Warn | tee "$out/generate.txt"
 fi

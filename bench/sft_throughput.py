@@ -1,6 +1,7 @@
 """SFT train-step throughput: tokens/s, MFU and peak memory for SmolLM2-135M.
 
-  python bench/sft_throughput.py [--batch 8] [--seq-len 256] [--steps 6] [--dtypes float32,bfloat16]
+  python bench/sft_throughput.py [--batch 8] [--seq-len 256] [--steps 6] [--dtypes bfloat16]
+      [--remat | --no-remat]   (defaults: configs/sft.py's, bfloat16 with remat)
 
 Each compute dtype runs in its own process (float32 master weights, AdamW,
 clipping, full packed batches of GSM8K answers) so peak RSS is its own. The
@@ -80,8 +81,10 @@ def main():
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--seq-len', type=int, default=256)
   parser.add_argument('--steps', type=int, default=6)
-  parser.add_argument('--dtypes', default='float32,bfloat16')
-  parser.add_argument('--remat', action='store_true')
+  # The defaults are configs/sft.py's: bfloat16 compute (float32 master
+  # weights) with remat. `--dtypes float32,bfloat16 --no-remat` compares.
+  parser.add_argument('--dtypes', default='bfloat16')
+  parser.add_argument('--remat', action=argparse.BooleanOptionalAction, default=True)
   parser.add_argument('--random-init', action='store_true',
                       help='random weights of SmolLM2-135M shape and synthetic batches')
   parser.add_argument('--one', help=argparse.SUPPRESS)  # internal: run one dtype
@@ -94,7 +97,7 @@ def main():
   for dtype in args.dtypes.split(','):
     cmd = [sys.executable, __file__, '--one', dtype, '--batch', str(args.batch),
            '--seq-len', str(args.seq_len), '--steps', str(args.steps)]
-    cmd += ['--remat'] * args.remat + ['--random-init'] * args.random_init
+    cmd += ['--remat' if args.remat else '--no-remat'] + ['--random-init'] * args.random_init
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
       sys.exit(f'{dtype} run failed:\n{proc.stderr[-3000:]}')
