@@ -15,16 +15,16 @@ import sys
 import time
 
 import numpy as np
-import pytest
 from safetensors.numpy import load_file
 
-from norms import assert_norm_close, relative_error
+from norms import assert_norm_close
 
 CONFIGS = pathlib.Path(__file__).with_name('digit_share_config.py')
 GRPO_CONFIG = f'{CONFIGS}:grpo'
 # Measured between the three layouts (float32): per-step losses differ by at
 # most 8e-6 relative (GRPO; SFT 3e-7), parameter updates by 8e-6 (GRPO; SFT
-# 7e-7); a missing all-reduce or a shifted row is O(1e-2) or more.
+# 7e-7). Two processes reading rows one step out of order (packed, with drops)
+# put SFT's third loss 6e-4 off.
 LOSS_BOUND, UPDATE_BOUND = 1e-4, 1e-4
 # Start-up and two steps take ~40 s on 2 cores, the heartbeat timeout is 10 s;
 # the launcher would wait 120 s more before killing a process that hangs.
