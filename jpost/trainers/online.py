@@ -184,7 +184,7 @@ def _rollout(parts: Parts, state: dict, number: int):
   completions = sampling.generate(policy, placed['tokens'], placed['mask'],
                                   parts.settings, key)
   completions = parts.by_rows(completions)
-  longest = int(loop.gather_rows(loop.local_rows(completions.lengths)).max())
+  longest = int(loop.fetch(completions.lengths).max())  # over every process's rows
   completions = rl_parts.trim_completions(
       completions, config.data.get('completion_bucket', 0), longest)
   return batch | {'placed': placed}, completions
