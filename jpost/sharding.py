@@ -32,6 +32,7 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     'head_dim': None,
     'layers': None,
     'norm': None,
+    'lora_rank': None,  # LoRA adapters: replicated along their rank
 }
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar('jpost_sharding', default=None)

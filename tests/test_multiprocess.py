@@ -85,15 +85,14 @@ def test_grpo_two_processes_equal_one_and_resume_after_losing_one(char_checkpoin
   straight = _run(tmp_path / '2x4', GRPO_CONFIG, char_checkpoint, processes=2,
                   devices=4)
   assert straight.returncode == 0, straight.stderr[-3000:]
-  for name, devices in (('1x8', 8), ('1x1', 1)):
-    done = _run(tmp_path / name, GRPO_CONFIG, char_checkpoint, devices=devices)
-    assert done.returncode == 0, done.stderr[-3000:]
+  # Against one device: the mesh and the processes at once (test_online.py
+  # compares a sharded rollout-to-batch step with one device on its own).
+  one = _run(tmp_path / '1x1', GRPO_CONFIG, char_checkpoint, devices=1)
+  assert one.returncode == 0, one.stderr[-3000:]
   # The rollouts are the same tokens, so the rewards are equal exactly.
   rewards = _metrics(tmp_path / '1x1', 'reward/total/mean')
   assert _metrics(tmp_path / '2x4', 'reward/total/mean') == rewards
-  assert _metrics(tmp_path / '1x8', 'reward/total/mean') == rewards
-  _assert_same_run(tmp_path / '2x4', tmp_path / '1x8', char_checkpoint)
-  _assert_same_run(tmp_path / '1x8', tmp_path / '1x1', char_checkpoint)
+  _assert_same_run(tmp_path / '2x4', tmp_path / '1x1', char_checkpoint)
 
   # Process 1 dies (SIGKILL) right after checkpoint 2: process 0 must end by
   # itself once process 1's heartbeats stop, not hang in its next collective.

@@ -52,6 +52,7 @@ class ModelConfig:
   param_dtype: str = 'float32'
   dtype: str = 'float32'  # compute dtype of activations and matmuls
   remat: bool = False  # recompute each layer's activations in the backward pass
+  lora: Any = None  # a lora.LoraConfig: adapters on a frozen (maybe quantised) base
 
   def __post_init__(self):
     # Stored as tuples so the config is hashable (it is static data under jit).

@@ -25,6 +25,7 @@ from flax import nnx
 from jax.experimental.layout import Layout, with_layout_constraint
 
 from jpost import sharding
+from jpost.models import lora
 from jpost.models.config import ModelConfig
 
 # Large negative instead of -inf: a padding query (no visible key) then gets a
@@ -58,11 +59,15 @@ def layer_param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tup
 
 
 class Layers(nnx.Module):
-  """The stacked [num_layers, ...] parameters of all decoder blocks."""
+  """The stacked [num_layers, ...] parameters of all decoder blocks (with
+  LoRA, their adapters too, and a quantised base's codes and scales)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    pdt = jnp.dtype(cfg.param_dtype)
-    for name, (shape, axes) in layer_param_shapes(cfg).items():
+    pdt = jnp.dtype(lora.base_dtype(cfg))
+    base_shapes = layer_param_shapes(cfg)
+    for name, (shape, axes) in base_shapes.items():
+      if lora.is_quantized(cfg, name):
+        continue  # lora.add_variables holds it as codes + scales
       full = (cfg.num_layers, *shape)
       if name.endswith('norm'):
         value = jnp.ones(full, pdt)
@@ -71,6 +76,7 @@ class Layers(nnx.Module):
       else:
         value = 0.02 * jax.random.normal(rngs.params(), full, pdt)
       setattr(self, name, nnx.Param(value, logical_axes=('layers', *axes)))
+    lora.add_variables(self, cfg, base_shapes, rngs.params())
 
 
 class Decoder(nnx.Module):
@@ -78,7 +84,7 @@ class Decoder(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.config = cfg
-    pdt = jnp.dtype(cfg.param_dtype)
+    pdt = jnp.dtype(lora.base_dtype(cfg))
     d, v = cfg.hidden_size, cfg.vocab_size
     self.embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (v, d), pdt),
                            logical_axes=('vocab', 'embed'))
@@ -123,8 +129,9 @@ class Decoder(nnx.Module):
     return norm(xp), norm(xc)
 
   def stacked_layers(self) -> dict:
-    """Name -> the [L, ...] array of every layer parameter."""
-    return {name: getattr(self.layers, name)[...] for name in layer_param_shapes(self.config)}
+    """Name -> the [L, ...] array of every layer variable."""
+    return {name: value[...] for name, value in vars(self.layers).items()
+            if isinstance(value, nnx.Variable)}
 
   def decode_layers(self, stacked: bool = False) -> list[dict] | dict:
     """The layer parameters in the compute dtype, for a decode loop to
@@ -136,7 +143,8 @@ class Decoder(nnx.Module):
     copy cost as much as the matmuls. Sliced and cast once, they are read in place.
     """
     dtype = jnp.dtype(self.config.dtype)
-    stacked_params = self.stacked_layers()
+    # Adapters folded into the kernels once: a decode step runs plain matmuls.
+    stacked_params = lora.merged(self.stacked_layers(), self.config, dtype)
     # One wide matmul instead of three (q, k, v) and of two (gate, up): fewer,
     # larger operations are what a small-batch decode step is short of.
     stacked_params['qkv'] = jnp.concatenate(
@@ -275,7 +283,7 @@ def decoder_block(x, p, cos, sin, mask, cfg: ModelConfig, cache=None):
   keys and values are written at the index, the tokens attend over all S
   slots (mask [B, T, S]), and the updated cache arrays are returned.
   """
-  w = _block_weights(p, x.dtype)
+  w = _block_weights(p, x.dtype, cfg)
   q, keys, values = _attention_inputs(x, w, cos, sin, cfg)
   if cache is not None:
     cache_k, cache_v, index = cache
@@ -284,9 +292,18 @@ def decoder_block(x, p, cos, sin, mask, cfg: ModelConfig, cache=None):
   return _block_output(x, attention(q, keys, values, mask), w, cfg), (keys, values)
 
 
-def _block_weights(p, dtype):
-  # Matrices go to `dense` as stored (it casts); the small vectors are cast here.
+def _block_weights(p, dtype, cfg: ModelConfig):
+  # Matrices go to `dense` as stored (it casts); the small vectors are cast
+  # here; a quantised kernel is dequantised here, inside its layer.
+  p = lora.dequantized(p, cfg, dtype)
   return {name: value if value.ndim == 2 else value.astype(dtype) for name, value in p.items()}
+
+
+def _project(x, w, name: str, cfg: ModelConfig):
+  """x @ kernel `name`, plus its LoRA adapter's scale * (x @ A) @ B if it has one."""
+  out = dense(x, w[name])
+  delta = lora.adapter_delta(x, w, name, cfg, dense)
+  return out if delta is None else out + delta
 
 
 def _attention_inputs(x, w, cos, sin, cfg: ModelConfig):
@@ -297,7 +314,7 @@ def _attention_inputs(x, w, cos, sin, cfg: ModelConfig):
   if 'qkv' in w:  # fused by Decoder.decode_layers
     q, key, val = jnp.split(dense(act, w['qkv']), [n * h, (n + k) * h], axis=-1)
   else:
-    q, key, val = dense(act, w['q']), dense(act, w['k']), dense(act, w['v'])
+    q, key, val = (_project(act, w, name, cfg) for name in ('q', 'k', 'v'))
   if cfg.qkv_bias:
     q, key, val = q + w['q_bias'], key + w['k_bias'], val + w['v_bias']
   q_btnh = q.reshape(b, t, n, h)
@@ -312,7 +329,7 @@ def _attention_inputs(x, w, cos, sin, cfg: ModelConfig):
 def _block_output(x, attn, w, cfg: ModelConfig):
   """x + o(attn), then the SwiGLU half of the block."""
   b, t, n, h = attn.shape
-  out = dense(attn.reshape(b, t, n * h), w['o'])
+  out = _project(attn.reshape(b, t, n * h), w, 'o', cfg)
   if cfg.o_bias:
     out = out + w['o_bias']
   x = x + out
@@ -322,9 +339,9 @@ def _block_output(x, attn, w, cfg: ModelConfig):
   if 'gate_up' in w:
     gate, up = jnp.split(dense(act, w['gate_up']), 2, axis=-1)
   else:
-    gate, up = dense(act, w['gate']), dense(act, w['up'])
+    gate, up = _project(act, w, 'gate', cfg), _project(act, w, 'up', cfg)
   hidden = sharding.constrain(jax.nn.silu(gate) * up, ('batch', 'seq', 'mlp'))
-  x = x + dense(hidden, w['down'])
+  x = x + _project(hidden, w, 'down', cfg)
   return sharding.constrain(x, ('batch', 'seq', 'act_embed'))
 
 
@@ -353,7 +370,7 @@ def shared_prompt_stack(x_prompt, x_comp, layer_params, prompt_pos, prompt_seg, 
 
   def block(carry, params):
     xp, xc = carry
-    w = _block_weights(params, xp.dtype)
+    w = _block_weights(params, xp.dtype, cfg)
     pq, pk, pv = _attention_inputs(xp, w, p_cos, p_sin, cfg)
     cq, ck, cv = _attention_inputs(xc, w, c_cos, c_sin, cfg)
     keys = jnp.concatenate([repeat(pk), ck], axis=-1)

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jpost.errors import MissingPathError
+from jpost.models import lora as lora_lib
 from jpost.models.config import ModelConfig
 from jpost.models.decoder import Decoder, layer_param_shapes
 
@@ -151,17 +152,21 @@ def hf_to_params(tensors: dict[str, Callable[[], np.ndarray]], cfg: ModelConfig,
 
 
 def params_to_hf(model: Decoder) -> dict[str, np.ndarray]:
-  """The inverse of hf_to_params: HF tensor name -> array."""
+  """The inverse of hf_to_params: HF tensor name -> array. LoRA adapters are
+  merged into their kernels, so the result is a plain checkpoint (in
+  param_dtype)."""
   cfg = model.config
+  dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
   out = {}
   for key, (name, transposed) in _TOP_NAMES.items():
     if key == 'lm_head' and cfg.tie_embeddings:
       continue
-    array = np.asarray(getattr(model, key)[...])
+    array = np.asarray(getattr(model, key)[...]).astype(dtype)
     out[name] = np.ascontiguousarray(array.T if transposed else array)
+  layers = lora_lib.merged(model.stacked_layers(), cfg, cfg.param_dtype)
   for key in layer_param_shapes(cfg):
     template, transposed = _LAYER_NAMES[key]
-    stacked = np.asarray(getattr(model.layers, key)[...])
+    stacked = np.asarray(layers[key]).astype(dtype)
     for i in range(cfg.num_layers):
       out[template.format(i=i)] = np.ascontiguousarray(stacked[i].T if transposed else stacked[i])
   return out
@@ -188,11 +193,14 @@ def build_decoder(cfg: ModelConfig, params: dict[tuple[str, ...], np.ndarray],
   return model
 
 
-def load(path: str | pathlib.Path, *, mesh=None, rules=None, **overrides) -> Decoder:
+def load(path: str | pathlib.Path, *, mesh=None, rules=None, lora_adapter=None, seed: int = 0,
+         **overrides) -> Decoder:
   """Loads a HF checkpoint dir (config.json + safetensors) as a Decoder.
 
-  `overrides` set ModelConfig fields (e.g. dtype='bfloat16'); with a `mesh`,
-  parameters are placed by the logical-axis `rules` of jpost.sharding.
+  `overrides` set ModelConfig fields (e.g. dtype='bfloat16'; lora=LoraConfig
+  adds adapters, initialised from `seed` or read from the PEFT folder
+  `lora_adapter`); with a `mesh`, parameters are placed by the logical-axis
+  `rules` of jpost.sharding.
   """
   path = pathlib.Path(path)
   if not path.is_dir():
@@ -200,13 +208,26 @@ def load(path: str | pathlib.Path, *, mesh=None, rules=None, **overrides) -> Dec
         f'checkpoint directory {path} does not exist; pass a folder holding '
         'config.json and *.safetensors.')
   cfg = ModelConfig.from_file(path / 'config.json', **overrides)
-  params = hf_to_params(read_tensors(path), cfg, source=str(path))
+  params = with_adapters(hf_to_params(read_tensors(path), cfg, source=str(path)), cfg,
+                         seed=seed, lora_adapter=lora_adapter)
   shardings = None
   if mesh is not None:
     from jpost import sharding
     abstract = nnx.state(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
     shardings = sharding.state_shardings(abstract, mesh, rules)
   return build_decoder(cfg, params, shardings)
+
+
+def with_adapters(params: dict, cfg: ModelConfig, *, seed: int = 0, lora_adapter=None) -> dict:
+  """Checkpoint params -> those of cfg's decoder: with cfg.lora, the base
+  cast or quantised and the adapters added (fresh, or a PEFT folder's)."""
+  if cfg.lora is None:
+    if lora_adapter:
+      raise ValueError('lora_adapter needs lora=LoraConfig (lora.read_peft_config).')
+    return params
+  adapter = lora_lib.read_peft(lora_adapter, cfg) if lora_adapter else None
+  return lora_lib.prepare_params(params, cfg, layer_param_shapes(cfg), seed=seed,
+                                 adapter=adapter)
 
 
 def save(model: Decoder, path: str | pathlib.Path, *, tokenizer=None,

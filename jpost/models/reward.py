@@ -60,7 +60,7 @@ def _trunk_config(path: pathlib.Path, overrides) -> ModelConfig:
 
 
 def load(path: str | pathlib.Path, *, mesh=None, seed: int = 0, init_std: float | None = None,
-         **overrides) -> ScalarModel:
+         lora_adapter=None, **overrides) -> ScalarModel:
   """A ScalarModel from a sequence-classifier or causal-LM checkpoint dir.
 
   A classifier's `score.weight` is loaded (it must have one label); a causal
@@ -74,7 +74,8 @@ def load(path: str | pathlib.Path, *, mesh=None, seed: int = 0, init_std: float 
   tensors = hf.read_tensors(path)
   score = tensors.pop(SCORE_TENSOR, None)
   tensors.pop('lm_head.weight', None)
-  params = hf.hf_to_params(tensors, cfg, source=str(path))
+  params = hf.with_adapters(hf.hf_to_params(tensors, cfg, source=str(path)), cfg, seed=seed,
+                           lora_adapter=lora_adapter)
   shardings = None
   if mesh is not None:
     from jpost import sharding
