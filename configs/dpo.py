@@ -11,6 +11,8 @@
 
 import ml_collections
 
+from jpost.models import lora
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -23,6 +25,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.transfer_guard = 'allow'
   c.model = ml_collections.ConfigDict(dict(
       path='smollm2-135m-instruct', dtype='bfloat16', param_dtype='float32', remat=True))
+  # LoRA/QLoRA (README, "LoRA and QLoRA"): rank 0 is full fine-tuning.
+  c.lora = lora.default_config()
   c.data = ml_collections.ConfigDict(dict(
       train=('runs/pairs/pairs_train.jsonl',), eval=('runs/pairs/pairs_test.jsonl',),
       weights=(), max_len=128, truncation='truncate_left', policy='skip', num_threads=0))

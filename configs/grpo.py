@@ -24,6 +24,8 @@ per-token KL gradient; 'reward' with k1 the sequence-level one),
 import ml_collections
 from ml_collections import config_dict
 
+from jpost.models import lora
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -33,6 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # remat, and the demo's held-out accuracy as high (README, "Online RL").
   c.model = ml_collections.ConfigDict(dict(
       path='smollm2-135m-instruct', dtype='bfloat16', param_dtype='float32', remat=True))
+  # LoRA/QLoRA (README, "LoRA and QLoRA"): rank 0 is full fine-tuning.
+  c.lora = lora.default_config()
   c.data = ml_collections.ConfigDict(dict(
       train=("arith:train",), eval=("arith:test",), max_prompt_len=52, policy="error",
       prompt_bucket=64,  # per step, prompts are cut to the batch's longest (in steps of 64)

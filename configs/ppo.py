@@ -36,7 +36,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.kl_in = 'reward'  # the KL penalty is part of the per-token reward
   c.rl.entropy_coef = 0.0
   c.sampling.num_samples = 4  # no groups needed: the critic is the baseline
-  c.ppo = ml_collections.ConfigDict(dict(critic_path='', value_clip=0.2))
+  # critic_lora: with config.lora on, the critic gets adapters too (False:
+  # it is trained in full).
+  c.ppo = ml_collections.ConfigDict(dict(critic_path='', value_clip=0.2, critic_lora=True))
   c.ppo.critic_optim = ml_collections.ConfigDict(dict(c.optim))
   c.ppo.critic_optim.lr = 5e-5
   if arg == 'tiny':

@@ -11,6 +11,8 @@ several train sources mix with `data.weights`.
 
 import ml_collections
 
+from jpost.models import lora
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -23,6 +25,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.transfer_guard = 'allow'
   c.model = ml_collections.ConfigDict(dict(
       path='smollm2-135m-instruct', dtype='bfloat16', param_dtype='float32', remat=True))
+  # LoRA/QLoRA (README, "LoRA and QLoRA"): rank 0 is full fine-tuning.
+  c.lora = lora.default_config()
   c.data = ml_collections.ConfigDict(dict(
       train=('gsm8k:sft_train',), eval=('gsm8k:sft_test',), weights=(),
       max_len=256, mask_mode='auto', truncation='truncate_left', packing=True,

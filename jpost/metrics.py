@@ -77,10 +77,15 @@ def console_line(step: int, total: int, metrics: dict) -> None:
 
 def flops_per_token(cfg, seq_len: int) -> float:
   """Training FLOPs per token: 6 x matmul parameters + attention scores
-  (12 x layers x heads x head_dim x context), as in the PaLM appendix."""
+  (12 x layers x heads x head_dim x context), as in the PaLM appendix. With
+  LoRA the frozen base needs no weight gradients (4 x its parameters) and
+  the adapters cost 6 x theirs."""
   embed = cfg.vocab_size * cfg.hidden_size
   matmul_params = cfg.num_params() - (embed if cfg.tie_embeddings else 2 * embed) + embed
   attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * seq_len
+  if cfg.lora is not None:
+    from jpost.models import lora
+    return 4 * matmul_params + 6 * lora.num_params(cfg) + attention
   return 6 * matmul_params + attention
 
 

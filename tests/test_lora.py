@@ -14,8 +14,6 @@ from flax import nnx
 
 from jpost.errors import ConfigError
 from jpost.models import hf, lora, quant
-from jpost.models.config import ModelConfig
-from jpost.models.decoder import Decoder
 
 VOCAB = 97
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -193,3 +191,25 @@ def test_adapters_shard_like_their_kernels(tiny_checkpoint):
   tokens = _tokens(n=8)
   np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, *a: m(*a))(model, *tokens)),
                              np.asarray(ref(*tokens)), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize('kind', ['none', 'nf4'])
+def test_lora_steps_on_an_fsdp_tensor_mesh_equal_one_device(tiny_checkpoint, kind):
+  """Adapters replicated along their rank, the (quantised) base sharded by
+  its rules: three AdamW steps give one device's losses and adapters."""
+  from jpost import sharding
+  from test_train import _batch, _one_step, _optim
+  spec = lora.LoraConfig(rank=4, alpha=8, base_dtype='float32', quantize=kind)
+  runs = {}
+  for name, mesh in (('one', sharding.make_mesh(devices=jax.devices()[:1])),
+                     ('many', sharding.make_mesh({'data': 1, 'fsdp': 4, 'tensor': 2}))):
+    runs[name] = _one_step(tiny_checkpoint, _batch(8, seed=1), accum_steps=1, mesh=mesh,
+                           optim_config=_optim('adamw', 1e-2), steps=3, lora=spec)
+  (one, loss_one), (many, loss_many) = runs['one'], runs['many']
+  np.testing.assert_allclose(loss_many, loss_one, rtol=1e-5)
+  assert loss_one[-1] < loss_one[0]
+  adapters = lambda p: {k: np.asarray(v) for k, v in nnx.to_pure_dict(p)['layers'].items()
+                        if '_lora_' in k}
+  a, b = adapters(many), adapters(one)
+  for name in a:  # (the base is frozen: equal by construction)
+    assert np.linalg.norm(a[name] - b[name]) <= 1e-3 * np.linalg.norm(b[name]), name

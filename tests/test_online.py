@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jpost import rewards
+from jpost.models import hf
 from jpost.sampling import Completions
 from jpost.trainers import online, rl_parts
 from norms import assert_norm_close
@@ -248,6 +249,8 @@ def test_ppo_with_kl_in_the_reward_learns(char_checkpoint, digit_share, tmp_path
       'rewards': {digit_share: {'weight': 1.0}}})
   online.run(config, tmp_path, 'ppo')
   records = _records(tmp_path)
+  # Full fine-tuning holds a copy of the starting weights as the reference.
+  assert records[0]['memory/reference_params'] == hf.load(char_checkpoint).config.num_params()
   curve = [r['reward/total/mean'] for r in records]
   assert np.mean(curve[-5:]) > np.mean(curve[:5]) + 0.2, curve
   assert all(np.isfinite(r['critic/value_loss']) for r in records)

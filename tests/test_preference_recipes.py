@@ -97,16 +97,28 @@ def test_dpo_stale_reference_cache_is_a_clear_error(tiny_checkpoint, pair_files,
   assert 'no reference log-probs' in second.stderr and 'Delete the file' in second.stderr
 
 
-@pytest.mark.parametrize('loss_type', ['ipo', 'simpo', 'cdpo'])
-def test_dpo_family_runs(tiny_checkpoint, pair_files, tmp_path, loss_type):
+# IPO and cDPO train LoRA adapters (their reference: the policy with its
+# adapters off, computed in the loss or cached before the first step).
+@pytest.mark.parametrize('loss_type, reference', [
+    ('ipo', 'lora_on_the_fly'), ('simpo', None), ('cdpo', 'lora_cache')])
+def test_dpo_family_runs(tiny_checkpoint, pair_files, tmp_path, loss_type, reference):
   extra = ['--config.dpo.label_smoothing=0.1'] if loss_type == 'cdpo' else []
+  if reference:
+    extra += ['--config.lora.rank=4', '--config.optim.warmup_steps=0',
+              f'--config.dpo.reference={reference.removeprefix("lora_")}']
   # The KL check and the export are the same for every loss: the test above runs them.
   proc = _dpo(tmp_path, tiny_checkpoint, pair_files, f'--config.dpo.loss_type={loss_type}',
               '--config.dpo.kl_prompts=0', '--config.export_hf=False', *extra)
   assert proc.returncode == 0, proc.stderr[-3000:]
   records = _metrics(tmp_path)
   assert all(np.isfinite(r['loss']) for r in records if 'loss' in r)
-  assert (loss_type == 'simpo') != (tmp_path / 'reference_logps.npz').exists()
+  cached = loss_type != 'simpo' and reference != 'lora_on_the_fly'
+  assert cached == (tmp_path / 'reference_logps.npz').exists()
+  if reference:  # the policy starts as its reference, then moves away from it
+    steps = [r for r in records if 'loss' in r]
+    assert abs(steps[0]['rewards/margin']) < 1e-6 and abs(steps[-1]['rewards/margin']) > 1e-4
+    from jpost.models import hf
+    assert steps[0]['memory/trainable_params'] < 0.01 * hf.load(tiny_checkpoint).config.num_params()
 
 
 def test_choose_pair_needs_a_real_gap():

@@ -48,8 +48,8 @@ def _batch(batch_size, length=24, vocab=49152, seed=0):
 
 
 def _one_step(checkpoint, batch, *, accum_steps, mesh, optim_config, steps=1,
-              normalization='token'):
-  model = hf.load(checkpoint, mesh=mesh)
+              normalization='token', **load):
+  model = hf.load(checkpoint, mesh=mesh, **load)
   tx, schedule = optim.build(optim_config, 10)
   graphdef, state = loop.init_state(model, tx, 0, mesh)
   step = loop.make_update(

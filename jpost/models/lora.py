@@ -128,6 +128,16 @@ def from_config(c) -> LoraConfig | None:
                     rslora=c.rslora, **common)
 
 
+def load_options(config) -> dict:
+  """hf.load / reward.load keyword arguments for a run config's `lora`
+  section (none when it has none or LoRA is off)."""
+  section = config.get('lora')
+  spec = from_config(section) if section is not None else None
+  if spec is None:
+    return {}
+  return {'lora': spec, 'lora_adapter': section.adapter or None, 'seed': config.seed}
+
+
 # --- the decoder's variables -------------------------------------------------------------
 
 
@@ -149,6 +159,13 @@ def adapter_shapes(cfg, base_shapes: dict) -> dict:
     out[f'{name}_lora_a'] = ((d, r), (d_axis, 'lora_rank'))
     out[f'{name}_lora_b'] = ((r, f), ('lora_rank', f_axis))
   return out
+
+
+def num_params(cfg) -> int:
+  """Adapter parameters of a decoder config (0 without LoRA)."""
+  from jpost.models.decoder import layer_param_shapes  # (the decoder imports this module)
+  shapes = adapter_shapes(cfg, layer_param_shapes(cfg))
+  return cfg.num_layers * sum(math.prod(shape) for shape, _ in shapes.values())
 
 
 def quantized_shapes(cfg, base_shapes: dict) -> dict:
@@ -270,6 +287,12 @@ def adapters_off(state):
     names = [str(getattr(entry, 'key', getattr(entry, 'name', entry))) for entry in path]
     return jnp.zeros_like(x) if any(n.endswith('_lora_b') for n in names) else x
   return jax.tree.map_with_path(off, state)
+
+
+def without_adapters(model):
+  """The same module with every B zeroed (usable inside jit and grad)."""
+  graphdef, state = nnx.split(model)
+  return nnx.merge(graphdef, adapters_off(state))
 
 
 # --- PEFT files --------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from jpost import ops, sampling, sharding
 from jpost.data import pipeline, rows as row_lib
 from jpost.errors import ConfigError
 from jpost.losses.dpo import dpo_loss
-from jpost.models import hf, pretrained
+from jpost.models import hf, lora, pretrained
 from jpost.models.reward import as_messages
 from jpost.tokenizer import Tokenizer
 from jpost.trainers import loop, offline, register, rl_parts
@@ -63,9 +63,13 @@ def response_logps(model, batch):
 def loss_fn(model, batch, normalizer, *, loss_cfg):
   chosen, rejected, chosen_len, rejected_len = response_logps(model, batch)
   simpo = loss_cfg.loss_type == 'simpo'
+  ref_chosen, ref_rejected = batch.get('ref_chosen_logps'), batch.get('ref_rejected_logps')
+  if not simpo and ref_chosen is None:  # LoRA, on the fly: the policy with adapters off
+    ref_chosen, ref_rejected, _, _ = jax.lax.stop_gradient(
+        response_logps(lora.without_adapters(model), batch))
   return dpo_loss(
-      chosen, rejected, None if simpo else batch['ref_chosen_logps'],
-      None if simpo else batch['ref_rejected_logps'], loss_type=loss_cfg.loss_type,
+      chosen, rejected, None if simpo else ref_chosen,
+      None if simpo else ref_rejected, loss_type=loss_cfg.loss_type,
       beta=loss_cfg.beta, label_smoothing=loss_cfg.label_smoothing,
       chosen_lengths=chosen_len, rejected_lengths=rejected_len,
       simpo_gamma=loss_cfg.simpo_gamma, normalizer=normalizer)
@@ -87,8 +91,10 @@ class Reference:
 
   def __init__(self, setup: offline.Setup):
     cfg = setup.config
-    model = hf.load(setup.model_dir, mesh=setup.mesh, dtype=cfg.model.dtype,
-                    param_dtype=cfg.model.param_dtype)
+    # With LoRA the policy before its first step (B = 0) is the base: no copy.
+    model = setup.model if setup.model.config.lora else hf.load(
+        setup.model_dir, mesh=setup.mesh, dtype=cfg.model.dtype,
+        param_dtype=cfg.model.param_dtype)
     graphdef, self.params = nnx.split(model)
     self.mesh = setup.mesh
 
@@ -166,6 +172,8 @@ def make_batch_hook(setup: offline.Setup):
   dpo = setup.config.dpo
   if dpo.loss_type == 'simpo':
     return lambda batch: batch
+  if setup.model.config.lora and dpo.reference == 'on_the_fly':
+    return lambda batch: batch  # loss_fn runs the policy with its adapters off
   reference = Reference(setup)
   if dpo.reference == 'cache':
     return cached_reference(setup, reference)
@@ -198,8 +206,8 @@ def sampled_kl(policy, reference, tokenizer, prompts, *, max_new_tokens: int,
 def report_kl(config, workdir: pathlib.Path, state) -> dict[str, float]:
   """The trained policy's KL from the starting model on held-out prompts."""
   model_dir = pretrained.resolve(config.model.path)
-  kw = dict(dtype='float32', param_dtype='float32')
-  reference = hf.load(model_dir, **kw)
+  kw = dict(dtype='float32', param_dtype='float32') | lora.load_options(config)
+  reference = hf.load(model_dir, **kw)  # with LoRA: fresh adapters, B = 0, the base
   graphdef, _ = nnx.split(reference)
   params = loop.fetch(state['params'])  # a collective when the run spans processes
   if jax.process_index() != 0:

@@ -37,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jpost import checkpoint, metrics, sharding
 from jpost.errors import ConfigError
+from jpost.models import lora
 
 # Set by tests to SIGKILL the run right after the checkpoint of this step is on
 # disk, like a pre-empted machine (JPOST_FAULT_KILL_PROCESS: only that process
@@ -205,18 +206,37 @@ def fetch(tree):
 def init_state(model, tx, seed: int, mesh):
   """(graphdef, state): the model split at the jit boundary and a train state
   {params, opt_state, step, rng} on `mesh`: optimiser moments sharded like
-  their params, scalars replicated."""
+  their params, scalars replicated. With LoRA adapters the optimiser holds
+  moments for the trainable part only (lora.trainable)."""
   graphdef, params = nnx.split(model)
+  trainable, _ = lora.trainable(params)
   replicated = NamedSharding(mesh, PartitionSpec())
-  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+  param_shardings = jax.tree.map(lambda x: x.sharding, trainable)
   opt_shardings = optax.tree_map_params(
-      tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
+      tx, lambda _, s: s, jax.eval_shape(tx.init, trainable), param_shardings,
       transform_non_params=lambda _: replicated)
-  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
   scalars = jax.device_put({'step': np.zeros((), np.int32),
                             'rng': np.asarray(jax.random.key_data(jax.random.key(seed)))},
                            replicated)
   return graphdef, {'params': params, 'opt_state': opt_state, **scalars}
+
+
+def state_sizes(state) -> dict[str, float]:
+  """What a train state holds: trainable parameters, and the MB of the
+  parameters (as stored: a quantised base's codes and scales) and of the
+  optimiser state (global sizes, over every device)."""
+  trainable, _ = lora.trainable(state['params'])
+  mb = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 2**20
+  return {'memory/trainable_params': sum(x.size for x in jax.tree.leaves(trainable)),
+          'memory/params_mb': mb(state['params']), 'memory/opt_state_mb': mb(state['opt_state'])}
+
+
+def print_sizes(sizes: dict) -> None:
+  if jax.process_index() == 0:
+    print(f'trainable parameters {sizes["memory/trainable_params"]:,}; parameters '
+          f'{sizes["memory/params_mb"]:.1f} MB, optimiser state '
+          f'{sizes["memory/opt_state_mb"]:.1f} MB', file=sys.stderr)
 
 
 def make_update(graphdef, loss_fn: Callable, normalizer_fn: Callable, tx, lr_schedule, *,
@@ -227,31 +247,35 @@ def make_update(graphdef, loss_fn: Callable, normalizer_fn: Callable, tx, lr_sch
   divided by normalizer_fn(whole batch), so micro-batch losses add up:
   micro-batches are scanned and their gradients summed, and the update
   equals one step on the whole batch. Activations follow the mesh's
-  sharding rules.
+  sharding rules. Gradients are taken for the trainable parameters only
+  (with LoRA: the adapters; the frozen base passes through unchanged).
   """
   grad_fn = jax.value_and_grad(
-      lambda params, micro, n: loss_fn(nnx.merge(graphdef, params), micro, n), has_aux=True)
+      lambda trainable, frozen, micro, n: loss_fn(nnx.merge(graphdef, trainable, frozen),
+                                                  micro, n), has_aux=True)
 
   def step(state, batch):
+    trainable, frozen = lora.trainable(state['params'])
     with sharding.activation_rules(mesh):
       normalizer = normalizer_fn(batch)
       if accum_steps == 1:  # no accumulator: one params-sized buffer less
-        (loss, aux), grads = grad_fn(state['params'], batch, normalizer)
+        (loss, aux), grads = grad_fn(trainable, frozen, batch, normalizer)
         losses, aux = loss[None], jax.tree.map(lambda x: x[None], aux)
       else:
         micro_batches = jax.tree.map(
             lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
 
         def accumulate(grads, micro):
-          (loss, aux), g = grad_fn(state['params'], micro, normalizer)
+          (loss, aux), g = grad_fn(trainable, frozen, micro, normalizer)
           return jax.tree.map(jnp.add, grads, g), (loss, aux)
-        zeros = jax.tree.map(jnp.zeros_like, state['params'])
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
         grads, (losses, aux) = jax.lax.scan(accumulate, zeros, micro_batches)
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    updates, opt_state = tx.update(grads, state['opt_state'], trainable)
     out = {'loss': jnp.sum(losses), 'grad_norm': optax.tree.norm(grads),
            'lr': lr_schedule(state['step']), 'normalizer': normalizer}
     out |= {k: jnp.mean(v) for k, v in aux.items() if k != 'loss'}
-    return {'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state,
+    params = nnx.merge_state(optax.apply_updates(trainable, updates), frozen)
+    return {'params': params, 'opt_state': opt_state,
             'step': state['step'] + 1, 'rng': state['rng']}, out
 
   shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -369,10 +393,17 @@ def _fault_kill(step: int, ckpt) -> None:
 
 
 def export(config, workdir: pathlib.Path, graphdef, params, tokenizer, save: Callable) -> None:
-  """The final model in HF format at workdir/hf, written by process 0."""
+  """The final model in HF format at workdir/hf (LoRA adapters merged in)
+  and a causal LM's adapters in PEFT format at workdir/adapter, written by
+  process 0."""
   if not config.export_hf:
     return
   params = fetch(params)
   if jax.process_index() == 0:
-    path = save(nnx.merge(graphdef, params), workdir / 'hf', tokenizer=tokenizer)
-    print(f'exported HF checkpoint to {path}', file=sys.stderr)
+    model = nnx.merge(graphdef, params)
+    path = save(model, workdir / 'hf', tokenizer=tokenizer)
+    print(f'exported HF checkpoint to {path}' + (' (LoRA adapters merged)' if
+          model.config.lora else ''), file=sys.stderr)
+    if model.config.lora and not hasattr(model, 'decoder'):  # a causal LM's adapter
+      path = lora.save_peft(model, workdir / 'adapter', base_model=str(config.model.path))
+      print(f'exported the LoRA adapter (PEFT format) to {path}', file=sys.stderr)

@@ -22,7 +22,7 @@ from flax import nnx
 
 from jpost import metrics, optim, sharding
 from jpost.errors import ConfigError
-from jpost.models import hf, pretrained
+from jpost.models import hf, lora, pretrained
 from jpost.tokenizer import Tokenizer
 from jpost.trainers import loop
 
@@ -131,12 +131,14 @@ def run(config, workdir: str | None, task: Task) -> dict[str, Any]:
   tokenizer = Tokenizer.from_dir(model_dir)
   model = (task.load_model(model_dir, mesh, config) if task.load_model else hf.load(
       model_dir, mesh=mesh, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-      remat=config.model.remat))
+      remat=config.model.remat, **lora.load_options(config)))
   hook = task.batch_hook(Setup(config=config, workdir=workdir, model_dir=model_dir,
                                model=model, tokenizer=tokenizer, mesh=mesh)) \
       if task.batch_hook else None
   tx, lr_schedule = optim.build(config.optim, config.total_steps)
   graphdef, state = loop.init_state(model, tx, config.seed, mesh)
+  sizes = loop.state_sizes(state)
+  loop.print_sizes(sizes)
 
   # --- data ------------------------------------------------------------------
   # Each process reads its rows of every global batch (pipeline.build's shard).
@@ -163,6 +165,7 @@ def run(config, workdir: str | None, task: Task) -> dict[str, Any]:
     tokens = float(loop.gather_rows(np.array([local])).sum())
     out |= {'tokens_per_s': tokens / seconds, 'step_seconds': seconds,
             'mfu': tokens * flops_per_token / seconds / peak}
+    out |= sizes if step == 0 else {}
     return state, out | _data_metrics(train_stats)
 
   def evaluate_fn(state, step):

@@ -30,7 +30,7 @@ from jpost import ops, optim, rewards, sampling
 from jpost.data import pipeline
 from jpost.errors import ConfigError
 from jpost.losses.policy import AGGREGATIONS
-from jpost.models import hf, pretrained
+from jpost.models import hf, lora, pretrained
 from jpost.models import reward as scalar_models
 from jpost.rewards.runner import FAILURE_KINDS, ScoreResult
 from jpost.tokenizer import Tokenizer
@@ -117,7 +117,7 @@ class Parts:
   reward_fns: list
   settings: sampling.SamplingConfig
   graphdef: Any
-  ref_params: Any  # the starting weights, or None without a KL term
+  ref_params: Any  # the starting weights, or None without a KL term or with LoRA
   prepare: Callable  # rl_parts.make_prepare
   policy_update: Callable
   critic_update: Callable | None
@@ -165,6 +165,8 @@ def step(parts: Parts, state: dict, number: int) -> tuple[dict, dict]:
           'shape/completion_width': completions.tokens.shape[1],
           'time/rollout_s': rollout_s, 'time/reward_s': reward_s, 'time/prep_s': prep_s,
           'time/update_s': update_s,
+          # Parameters held for the reference alone (0 with LoRA: adapters off).
+          'memory/reference_params': sum(x.size for x in jax.tree.leaves(parts.ref_params)),
           'time/step_s': rollout_s + reward_s + prep_s + update_s}
   return state, out | {f'data/{k}': v for k, v in parts.prompt_stats.as_dict()['encoded'].items()}
 
@@ -241,8 +243,10 @@ def _critic(config, model_dir, mesh):
   """The PPO critic: a scalar head on a trunk from ppo.critic_path (e.g. a
   trained reward model) or, by default, the policy's own checkpoint."""
   path = pretrained.resolve(config.ppo.critic_path) if config.ppo.critic_path else model_dir
-  return scalar_models.load(path, mesh=mesh, seed=config.seed, dtype=config.model.dtype,
-                            param_dtype=config.model.param_dtype, remat=config.model.remat)
+  adapters = lora.load_options(config) if config.ppo.get('critic_lora', True) else {}
+  return scalar_models.load(path, mesh=mesh, dtype=config.model.dtype,
+                            param_dtype=config.model.param_dtype, remat=config.model.remat,
+                            **({'seed': config.seed} | adapters))
 
 
 def _update_fns(config, algorithm, model_dir, mesh, model, kl_coef):
@@ -292,13 +296,18 @@ def run(config, workdir: str | None, algorithm: str) -> dict[str, Any]:
   model_dir = pretrained.resolve(config.model.path)
   tokenizer = Tokenizer.from_dir(model_dir)
   model = hf.load(model_dir, mesh=mesh, dtype=config.model.dtype,
-                  param_dtype=config.model.param_dtype, remat=config.model.remat)
+                  param_dtype=config.model.param_dtype, remat=config.model.remat,
+                  **lora.load_options(config))
   kl_coef = rl.beta if rl.beta > 0 and rl.kl_in == 'loss' and algorithm == 'grpo' else 0.0
   graphdef, state, policy_update, critic_update, critic_graphdef = _update_fns(
       config, algorithm, model_dir, mesh, model, kl_coef)
+  loop.print_sizes(loop.state_sizes(state['policy']))
   # The reference is the starting weights, copied before the first update
-  # donates (and overwrites) the train state's buffers.
-  ref_params = jax.tree.map(jnp.copy, state['policy']['params']) if rl.beta > 0 else None
+  # donates (and overwrites) the train state's buffers; with LoRA it is the
+  # policy with its adapters off (make_prepare), and nothing is copied.
+  adapters = model.config.lora is not None
+  ref_params = (jax.tree.map(jnp.copy, state['policy']['params'])
+                if rl.beta > 0 and not adapters else None)
   settings = rollout.sampling_config(config.sampling, tokenizer)
   prompts, prompt_stats = _prompt_data(
       config, tokenizer, config.data.train, epochs=None, batch_size=config.prompts_per_step,
@@ -309,7 +318,8 @@ def run(config, workdir: str | None, algorithm: str) -> dict[str, Any]:
       prepare=rl_parts.make_prepare(
           graphdef, critic_graphdef, algorithm=algorithm, rl=rl,
           num_samples=config.sampling.num_samples, temperature=config.sampling.temperature,
-          kl_coef=kl_coef, mesh=mesh),
+          kl_coef=kl_coef, mesh=mesh, reference='adapters_off' if rl.beta > 0 and adapters
+          else 'params'),
       policy_update=policy_update, critic_update=critic_update,
       select=jax.jit(functools.partial(rl_parts.select_rows,
                                        num_samples=config.sampling.num_samples)),

@@ -22,6 +22,7 @@ from flax import nnx
 from jpost import advantages as adv
 from jpost import ops, sharding
 from jpost.losses.policy import policy_loss, value_loss
+from jpost.models import lora
 
 
 # --- rollout -> training rows ---------------------------------------------------
@@ -211,11 +212,13 @@ def ppo_advantages(scores, values, old_lp, ref_lp, weights, *, rl) -> dict:
 
 
 def make_prepare(policy_graphdef, critic_graphdef, *, algorithm: str, rl, num_samples: int,
-                 temperature: float, kl_coef: float, mesh):
+                 temperature: float, kl_coef: float, mesh, reference: str = 'params'):
   """Jitted (params, ref_params, critic_params, prompts, completions, scores)
   -> (train batch, metrics): the training rows, old log-probs (the sampler's
   or recomputed), reference log-probs, values, advantages and the mask the
-  loss uses, all on device. ref_params / critic_params may be None."""
+  loss uses, all on device. ref_params / critic_params may be None.
+  reference='adapters_off': the reference is the policy's params with its
+  LoRA adapters switched off (ref_params unused)."""
   def logprobs(params, rows):
     model = nnx.merge(policy_graphdef, params)
     return completion_logprobs(completion_logits(model, rows, temperature), rows)
@@ -230,6 +233,8 @@ def make_prepare(policy_graphdef, critic_graphdef, *, algorithm: str, rl, num_sa
         old_lp = logprobs(params, rows)
         out['logprob_mismatch/sampler_vs_trainer'] = ops.masked_mean(
             jnp.abs(old_lp - rows['sampler_logprobs']), weights)
+      if reference == 'adapters_off':
+        ref_params = lora.adapters_off(params)
       ref_lp = None if ref_params is None else logprobs(ref_params, rows)
       keys = POLICY_KEYS
       if algorithm == 'grpo':
