@@ -2,7 +2,9 @@
 # The accelerator benchmarks, as run on a lent GPU machine (no network there):
 # wheels for what the machine lacks are carried in .gpu_wheels/, the model is
 # SmolLM2-135M-shaped with random weights (speed does not depend on values).
-#   bash bench/gpu.sh OUTDIR [all|grpo|decode|chat]
+#   bash bench/gpu.sh OUTDIR [all|grpo|decode|chat|qlora]
+# (qlora: an SFT step with LoRA on a Llama-3-8B-shaped base in NF4, int8 and
+#  bfloat16: step time, MFU and peak memory, then stop)
 # (decode: the decode-step variants side by side, then GRPO in bf16;
 #  chat: chat streaming's latency, then GRPO at 2 x 8 x 128 in bf16 and float32)
 # GRPO also needs .gpu_assets/: SmolLM2's tokenizer files (tokenizer/) and
@@ -26,6 +28,14 @@ export PYTHONPATH="$PWD:$site"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, jax.devices())"
 } 2>&1 | tee "$out/env.txt"
+qlora_8b() {  # $1: the base's quantisation
+  python3 bench/qlora_step.py --shape llama3-8b --quantize "$1" --batch 1 --seq-len 2048 \
+    --steps 3 2>&1 | grep -v Warn | tail -2 | tee "$out/qlora_8b_$1.txt"
+}
+if [ "$what" = qlora ]; then
+  for base in nf4 int8 none; do qlora_8b $base; done
+  exit 0
+fi
 # GRPO: a random SmolLM2-shaped policy with the real tokenizer (random weights
 # rarely stop, so every completion runs to max_new_tokens: the worst case).
 python3 - <<'PY'
@@ -58,6 +68,7 @@ if [ "$what" != chat ]; then
 python3 bench/grpo_step.py $rl --steps 4 --dtype bfloat16 --prompts 16 --max-new 256 --remat 2>&1 | grep -v Warn | tail -6 | tee "$out/grpo_16x8x256_bf16.txt"
 fi
 if [ "$what" = all ]; then
+qlora_8b nf4
 python3 - <<'PY' 2>&1 | tee "$out/parity.txt"
 # Same random decoder on GPU and CPU: float32 logits (highest matmul precision) and bf16 compute.
 import jax, numpy as np, sys

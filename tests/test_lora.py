@@ -165,7 +165,7 @@ def test_targets_by_name_pattern(patterns, want):
 
 @pytest.mark.parametrize('change, message', [
     ({'rank': -1}, 'positive'), ({'targets': ('attn',)}, 'matches no kernel'),
-    ({'dropout': 0.1}, 'dropout'), ({'quantize': 'fp8'}, 'quantize'),
+    ({'dropout': 1.0}, 'dropout'), ({'quantize': 'fp8'}, 'quantize'),
     ({'rank': 0, 'quantize': 'nf4'}, 'needs adapters')])
 def test_bad_lora_config_is_a_clear_error(change, message):
   import ml_collections
@@ -193,13 +193,13 @@ def test_adapters_shard_like_their_kernels(tiny_checkpoint):
                              np.asarray(ref(*tokens)), atol=2e-5, rtol=0)
 
 
-@pytest.mark.parametrize('kind', ['none', 'nf4'])
-def test_lora_steps_on_an_fsdp_tensor_mesh_equal_one_device(tiny_checkpoint, kind):
-  """Adapters replicated along their rank, the (quantised) base sharded by
-  its rules: three AdamW steps give one device's losses and adapters."""
+def test_lora_steps_on_an_fsdp_tensor_mesh_equal_one_device(tiny_checkpoint):
+  """Adapters replicated along their rank, the NF4 base's codes and scales
+  sharded by their kernel's rules: three AdamW steps give one device's
+  losses and adapters."""
   from jpost import sharding
   from test_train import _batch, _one_step, _optim
-  spec = lora.LoraConfig(rank=4, alpha=8, base_dtype='float32', quantize=kind)
+  spec = lora.LoraConfig(rank=4, alpha=8, quantize='nf4')
   runs = {}
   for name, mesh in (('one', sharding.make_mesh(devices=jax.devices()[:1])),
                      ('many', sharding.make_mesh({'data': 1, 'fsdp': 4, 'tensor': 2}))):
@@ -213,3 +213,32 @@ def test_lora_steps_on_an_fsdp_tensor_mesh_equal_one_device(tiny_checkpoint, kin
   a, b = adapters(many), adapters(one)
   for name in a:  # (the base is frozen: equal by construction)
     assert np.linalg.norm(a[name] - b[name]) <= 1e-3 * np.linalg.norm(b[name]), name
+
+
+def test_adapter_dropout_drops_inputs_at_its_rate_and_keeps_the_mean():
+  import types
+  cfg = types.SimpleNamespace(lora=lora.LoraConfig(rank=64, alpha=64, dropout=0.25))
+  eye = jnp.eye(64)
+  p = {'q_lora_a': eye, 'q_lora_b': eye, 'dropout_key': jax.random.key(0)}
+  x = jnp.ones((8, 512, 64))
+  delta = np.asarray(lora.adapter_delta(x, p, 'q', cfg, jnp.matmul))  # = dropout(x)
+  np.testing.assert_allclose(np.unique(delta), [0.0, 1 / 0.75], rtol=1e-6)
+  assert abs(np.mean(delta == 0) - 0.25) < 0.01 and abs(delta.mean() - 1) < 0.02
+  again = lora.adapter_delta(x, p, 'q', cfg, jnp.matmul)
+  np.testing.assert_array_equal(np.asarray(again), delta)  # one key, one mask
+  no_key = lora.adapter_delta(x, {k: v for k, v in p.items() if k != 'dropout_key'}, 'q', cfg,
+                              jnp.matmul)
+  np.testing.assert_array_equal(np.asarray(no_key), np.asarray(x))
+
+
+def test_dropout_acts_only_inside_a_train_update_context(tiny_checkpoint):
+  tokens = _tokens(n=12)
+  model = hf.load(tiny_checkpoint, lora=lora.LoraConfig(rank=4, alpha=8, dropout=0.5,
+                                                        base_dtype='float32'))
+  model.layers.v_lora_b.set_value(jnp.ones_like(model.layers.v_lora_b[...]))
+  forward = nnx.jit(lambda m, *a: m(*a))
+  plain = np.asarray(forward(model, *tokens))
+  with lora.dropout(jax.random.key(1)):
+    dropped = np.asarray(nnx.jit(lambda m, *a: m(*a))(model, *tokens))
+  assert np.abs(dropped - plain).max() > 1e-3
+  np.testing.assert_array_equal(np.asarray(forward(model, *tokens)), plain)

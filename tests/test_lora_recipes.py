@@ -43,15 +43,24 @@ def _records(workdir):
   return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
 
 
-def test_sft_with_lora_learns_and_exports_merged_and_peft(tiny_checkpoint, tmp_path):
-  config = _config(sft_config, tiny_checkpoint, total_steps=8, eval_every=8, batch_size=8,
-                   # A float32 base, so that peft's base (the float32 files) is
-                   # the one trained against (bfloat16 differs by its rounding).
-                   **{'optim.lr': 1e-2, 'data.max_len': 96, 'lora.base_dtype': 'float32'})
-  trainers.get('sft')(config, str(tmp_path))
-  records = _records(tmp_path)
-  evals = [r['eval_loss'] for r in records if 'eval_loss' in r]
-  assert evals[-1] < evals[0] - 0.05, evals
+def test_sft_with_lora_learns_resumes_and_exports_merged_and_peft(tiny_checkpoint, tmp_path,
+                                                                  capsys):
+  def run(steps):
+    # A float32 base, so that peft's base (the float32 files) is the one
+    # trained against (bfloat16 differs by its rounding).
+    config = _config(sft_config, tiny_checkpoint, total_steps=steps, eval_every=4, batch_size=8,
+                     **{'optim.lr': 1e-2, 'data.max_len': 96, 'lora.base_dtype': 'float32'})
+    trainers.get('sft')(config, str(tmp_path))
+  run(4)
+  # A checkpoint holds the adapters and their moments, not the frozen base.
+  saved = sum(f.stat().st_size for f in (tmp_path / 'checkpoints' / '4').rglob('*')
+              if f.is_file())
+  base = (tiny_checkpoint / 'model.safetensors').stat().st_size
+  assert saved < 0.1 * base, (saved, base)
+  run(8)
+  assert 'resumed from step 4' in capsys.readouterr().err
+  evals = [r['eval_loss'] for r in _records(tmp_path) if 'eval_loss' in r]
+  assert len(evals) == 3 and evals[-1] < evals[0] - 0.05, evals
   # The merged export is a plain checkpoint; the adapter loads in peft on the
   # base and gives the same logits.
   tokens = torch.tensor(np.random.RandomState(0).randint(0, 1000, (1, 16)))
@@ -119,10 +128,10 @@ def pairs(tmp_path_factory):
           'data.eval': (str(_pairs_file(folder / 'test.jsonl', n=8)),)}
 
 
-def test_reward_model_with_lora_trains_its_head(tiny_checkpoint, pairs, tmp_path):
+def test_reward_model_with_lora_and_dropout_trains_its_head(tiny_checkpoint, pairs, tmp_path):
   from jpost.models import reward as reward_model
   config = _config(reward_config, tiny_checkpoint, total_steps=2, batch_size=8,
-                   eval_batch_size=8, **pairs)
+                   eval_batch_size=8, **pairs, **{'lora.dropout': 0.1})
   result = trainers.get('reward')(config, str(tmp_path))
   trainable, _ = lora.trainable(result['state']['params'])
   names = {'.'.join(map(str, p)) for p, _ in __import__('flax').nnx.to_flat_state(trainable)}

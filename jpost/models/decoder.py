@@ -237,7 +237,7 @@ def decoder_stack(x, layer_params, positions, segment_ids, cfg: ModelConfig, cac
       return decoder_block(x, params, cos, sin, new_mask, cfg)[0], None
     if cfg.remat:
       block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
-    x, _ = jax.lax.scan(block, x, layer_params)
+    x, _ = jax.lax.scan(block, x, _with_dropout_keys(layer_params, cfg))
     return x, None
 
   # The new tokens' keys and values are written into each layer's cache
@@ -296,7 +296,15 @@ def _block_weights(p, dtype, cfg: ModelConfig):
   # Matrices go to `dense` as stored (it casts); the small vectors are cast
   # here; a quantised kernel is dequantised here, inside its layer.
   p = lora.dequantized(p, cfg, dtype)
-  return {name: value if value.ndim == 2 else value.astype(dtype) for name, value in p.items()}
+  return {name: value if value.ndim == 2 or name == 'dropout_key' else value.astype(dtype)
+          for name, value in p.items()}
+
+
+def _with_dropout_keys(layer_params: dict, cfg: ModelConfig) -> dict:
+  """The stacked layer parameters plus one adapter-dropout key per layer,
+  when a train update asked for dropout (lora.dropout)."""
+  keys = lora.dropout_keys(cfg, cfg.num_layers)
+  return layer_params if keys is None else layer_params | {'dropout_key': keys}
 
 
 def _project(x, w, name: str, cfg: ModelConfig):
@@ -381,7 +389,8 @@ def shared_prompt_stack(x_prompt, x_comp, layer_params, prompt_pos, prompt_seg, 
 
   if cfg.remat:
     block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
-  (x_prompt, x_comp), _ = jax.lax.scan(block, (x_prompt, x_comp), layer_params)
+  (x_prompt, x_comp), _ = jax.lax.scan(block, (x_prompt, x_comp),
+                                       _with_dropout_keys(layer_params, cfg))
   return x_prompt, x_comp
 
 

@@ -24,6 +24,8 @@ TRL), and `hf.load(..., lora_adapter=dir)` starts from it.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import fnmatch
 import json
@@ -59,6 +61,7 @@ class LoraConfig:
   alpha: float
   targets: tuple[str, ...] = KERNELS  # jpost kernel names (resolve_targets)
   rslora: bool = False
+  dropout: float = 0.0  # on each adapter's input, in training updates only
   base_dtype: str = 'bfloat16'  # the frozen base's storage, unless quantised
   quantize: str = 'none'  # 'none', 'int8' or 'nf4'
   block_size: int = 64  # inputs per quantisation block
@@ -69,6 +72,8 @@ class LoraConfig:
       raise ConfigError(f'lora.rank={self.rank!r}: must be a positive int (0 turns LoRA off).')
     if self.alpha <= 0:
       raise ConfigError(f'lora.alpha={self.alpha}: must be positive.')
+    if not 0 <= self.dropout < 1:
+      raise ConfigError(f'lora.dropout={self.dropout}: must be in [0, 1).')
     unknown = [t for t in self.targets if t not in KERNELS]
     if unknown or not self.targets:
       raise ConfigError(f'LoRA targets {unknown or "()"}: use kernels of {KERNELS}.')
@@ -113,11 +118,8 @@ def default_config():
 def from_config(c) -> LoraConfig | None:
   """config.lora -> LoraConfig, or None when LoRA is off (rank 0, no adapter).
   An `adapter` folder (PEFT format) sets rank, alpha, targets and rsLoRA."""
-  if c.dropout:
-    raise ConfigError(
-        f'lora.dropout={c.dropout}: adapter dropout is not implemented; set it to 0 '
-        '(the default of PEFT and of most LoRA recipes at these sizes).')
-  common = dict(base_dtype=c.base_dtype, quantize=c.quantize, block_size=c.block_size)
+  common = dict(base_dtype=c.base_dtype, quantize=c.quantize, block_size=c.block_size,
+                dropout=float(c.dropout))
   if c.adapter:
     return read_peft_config(c.adapter, **common)
   if not c.rank:
@@ -247,11 +249,42 @@ def dequantized(p: dict, cfg, dtype) -> dict:
 
 
 def adapter_delta(x, p: dict, name: str, cfg, matmul):
-  """scale * (x @ A) @ B for kernel `name`, or None when it has no adapter."""
+  """scale * (dropout(x) @ A) @ B for kernel `name`, or None when it has no
+  adapter. Dropout applies where the layer's weights carry a 'dropout_key'
+  (see `dropout_keys`), with a mask of its own per kernel."""
   if f'{name}_lora_a' not in p:
     return None
+  if p.get('dropout_key') is not None:
+    keep = 1.0 - cfg.lora.dropout
+    mask = jax.random.bernoulli(jax.random.fold_in(p['dropout_key'], KERNELS.index(name)),
+                                keep, x.shape)
+    x = jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
   low = matmul(x, p[f'{name}_lora_a'])
   return matmul(low, p[f'{name}_lora_b']) * jnp.asarray(cfg.lora.scale, x.dtype)
+
+
+_DROPOUT_KEY: contextvars.ContextVar = contextvars.ContextVar('jpost_lora_dropout', default=None)
+
+
+@contextlib.contextmanager
+def dropout(key):
+  """Adapter dropout on, drawn from `key`, for the forward passes traced
+  inside (the train update sets it; evaluation, sampling and the reference
+  never do)."""
+  token = _DROPOUT_KEY.set(key)
+  try:
+    yield
+  finally:
+    _DROPOUT_KEY.reset(token)
+
+
+def dropout_keys(cfg, num_layers: int):
+  """One key per layer [L] for a scan over the layers, or None when adapter
+  dropout is off here."""
+  key = _DROPOUT_KEY.get()
+  if key is None or cfg.lora is None or not cfg.lora.dropout:
+    return None
+  return jax.random.split(key, num_layers)
 
 
 def merged(p: dict, cfg, dtype=jnp.float32) -> dict:
@@ -260,7 +293,7 @@ def merged(p: dict, cfg, dtype=jnp.float32) -> dict:
   if cfg.lora is None:
     return p
   p = dequantized(p, cfg, jnp.float32)
-  out = {k: v for k, v in p.items() if '_lora_' not in k}
+  out = {k: v for k, v in p.items() if '_lora_' not in k and k != 'dropout_key'}
   for name in cfg.lora.targets:
     delta = jnp.einsum('...dr,...rf->...df', p[f'{name}_lora_a'].astype(jnp.float32),
                        p[f'{name}_lora_b'].astype(jnp.float32))
@@ -322,7 +355,7 @@ def save_peft(decoder, path, *, base_model: str = '', prefix: str = 'base_model.
       'peft_type': 'LORA', 'task_type': task_type, 'base_model_name_or_path': base_model,
       'r': cfg.lora.rank, 'lora_alpha': cfg.lora.alpha, 'use_rslora': cfg.lora.rslora,
       'target_modules': sorted(PEFT_MODULES[t].split('.')[-1] for t in cfg.lora.targets),
-      'lora_dropout': 0.0, 'bias': 'none', 'fan_in_fan_out': False,
+      'lora_dropout': cfg.lora.dropout, 'bias': 'none', 'fan_in_fan_out': False,
       'init_lora_weights': True, 'inference_mode': True, 'modules_to_save': None,
       'use_dora': False}
   (path / _CONFIG_FILE).write_text(json.dumps(config, indent=2) + '\n')
@@ -347,6 +380,7 @@ def read_peft_config(path, **common) -> LoraConfig:
   if unsupported:
     raise ConfigError(f'{file}: options jpost does not support: {unsupported}.')
   targets = c['target_modules']
+  common.setdefault('dropout', float(c.get('lora_dropout') or 0.0))
   return LoraConfig(rank=int(c['r']), alpha=float(c['lora_alpha']),
                     targets=resolve_targets(targets if targets != 'all-linear' else 'all'),
                     rslora=bool(c.get('use_rslora', False)), **common)

@@ -256,7 +256,9 @@ def make_update(graphdef, loss_fn: Callable, normalizer_fn: Callable, tx, lr_sch
 
   def step(state, batch):
     trainable, frozen = lora.trainable(state['params'])
-    with sharding.activation_rules(mesh):
+    # LoRA dropout (if configured) draws from the run's key and the step.
+    key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
+    with sharding.activation_rules(mesh), lora.dropout(key):
       normalizer = normalizer_fn(batch)
       if accum_steps == 1:  # no accumulator: one params-sized buffer less
         (loss, aux), grads = grad_fn(trainable, frozen, batch, normalizer)
@@ -265,11 +267,14 @@ def make_update(graphdef, loss_fn: Callable, normalizer_fn: Callable, tx, lr_sch
         micro_batches = jax.tree.map(
             lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
 
-        def accumulate(grads, micro):
-          (loss, aux), g = grad_fn(trainable, frozen, micro, normalizer)
+        def accumulate(grads, micro_and_index):
+          micro, index = micro_and_index
+          with lora.dropout(jax.random.fold_in(key, index)):
+            (loss, aux), g = grad_fn(trainable, frozen, micro, normalizer)
           return jax.tree.map(jnp.add, grads, g), (loss, aux)
         zeros = jax.tree.map(jnp.zeros_like, trainable)
-        grads, (losses, aux) = jax.lax.scan(accumulate, zeros, micro_batches)
+        grads, (losses, aux) = jax.lax.scan(accumulate, zeros,
+                                            (micro_batches, jnp.arange(accum_steps)))
     updates, opt_state = tx.update(grads, state['opt_state'], trainable)
     out = {'loss': jnp.sum(losses), 'grad_norm': optax.tree.norm(grads),
            'lr': lr_schedule(state['step']), 'normalizer': normalizer}
@@ -320,7 +325,8 @@ def train(config, workdir: pathlib.Path, *, state, data_iter, step_fn: Callable,
                                  async_save=config.checkpoint.async_save)
   step = ckpt.latest_step() or 0
   if step:
-    state, data_states = ckpt.restore(step, state)
+    saved, data_states = ckpt.restore(step, _saved_part(state))
+    state = _with_frozen(saved, state)
     data_iter.set_state(_own_data_state(data_states, ckpt.directory, step))
     print(f'resumed from step {step} of {ckpt.directory}', file=sys.stderr)
   writer = metrics.MetricsWriter(workdir, tensorboard=config.tensorboard, resume_step=step)
@@ -350,7 +356,7 @@ def train(config, workdir: pathlib.Path, *, state, data_iter, step_fn: Callable,
         last = out
         stopping = any_process(stop['requested'])
         if ckpt.due(step) or step == config.total_steps or stopping:
-          ckpt.save(step, state, {'processes': gather_json(data_iter.get_state())})
+          ckpt.save(step, _saved_part(state), {'processes': gather_json(data_iter.get_state())})
         if stopping:
           raise _Stop
         _fault_kill(step, ckpt)
@@ -360,6 +366,23 @@ def train(config, workdir: pathlib.Path, *, state, data_iter, step_fn: Callable,
     ckpt.close()
     writer.close()
   return Finished(step=step, state=state, last=last, before=before)
+
+
+def _saved_part(state):
+  """What a checkpoint holds: the state with every 'params' cut to its
+  trainable part. A frozen (LoRA) base is the model's files, read again on
+  resume, so a checkpoint holds adapters and their moments, not the base."""
+  if not isinstance(state, dict):
+    return state
+  return {k: lora.trainable(v)[0] if k == 'params' else _saved_part(v) for k, v in state.items()}
+
+
+def _with_frozen(saved, state):
+  """A restored `_saved_part` with `state`'s frozen parameters put back."""
+  if not isinstance(state, dict):
+    return saved
+  return {k: nnx.merge_state(saved[k], lora.trainable(v)[1]) if k == 'params'
+          else _with_frozen(saved[k], v) for k, v in state.items()}
 
 
 def _own_data_state(saved: dict, directory, step: int):
