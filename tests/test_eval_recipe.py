@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from jpost.trainers import evaluate
+import overrides
 
 sys.path.insert(0, 'configs')
 import eval as eval_config  # noqa: E402
@@ -24,12 +25,7 @@ def _config(models, **changes):
   c = eval_config.get_config('tiny')
   with c.unlocked():
     c.models = models
-    for key, value in changes.items():
-      *parents, leaf = key.split('.')
-      node = c
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
+    overrides.apply(c, changes)
   return c
 
 

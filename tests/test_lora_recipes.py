@@ -14,6 +14,7 @@ import transformers
 from jpost import rewards, trainers
 from jpost.models import lora
 from jpost.trainers import online
+import overrides
 
 sys.path.insert(0, 'configs')
 from test_preference_recipes import _pairs_file  # noqa: E402
@@ -30,12 +31,7 @@ def _config(recipe, checkpoint, **changes):
     c.model.path = str(checkpoint)
     c.lora.rank, c.lora.alpha = 8, 16.0
     c.transfer_guard = 'disallow'
-    for dotted, value in changes.items():
-      *parents, leaf = dotted.split('.')
-      node = c
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
+    overrides.apply(c, changes)
   return c
 
 

@@ -10,6 +10,7 @@ from jpost import rewards
 from jpost.models import hf
 from jpost.sampling import Completions
 from jpost.trainers import online, rl_parts
+import overrides
 from norms import assert_norm_close
 
 sys.path.insert(0, 'configs')
@@ -210,12 +211,7 @@ def _config(checkpoint, recipe=grpo, **changes):
     c.sampling.temperature = 1.0
     c.optim.warmup_steps = 0
     c.transfer_guard = 'disallow'  # an implicit host<->device transfer in a step fails
-    for dotted, value in changes.items():
-      *parents, leaf = dotted.split('.')
-      node = c
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
+    overrides.apply(c, changes)
   return c
 
 
