@@ -85,13 +85,10 @@ def test_dpo_cached_and_on_the_fly_references_agree(tiny_checkpoint, pair_files,
 
 
 def test_dpo_stale_reference_cache_is_a_clear_error(tiny_checkpoint, pair_files, tmp_path):
-  train, _ = pair_files
-  other = _pairs_file(tmp_path / 'other.jsonl', n=6)
-  # The first run only has to leave its reference cache behind.
-  first = _dpo(tmp_path / 'run', tiny_checkpoint, (other, other), '--config.total_steps=1',
-               '--config.dpo.kl_prompts=0', '--config.export_hf=False')
-  assert first.returncode == 0, first.stderr[-3000:]
-  (tmp_path / 'run' / 'checkpoints').rename(tmp_path / 'old_checkpoints')
+  # A cache left by a run on other data (its keys are other pairs' tokens).
+  (tmp_path / 'run').mkdir()
+  np.savez(tmp_path / 'run' / 'reference_logps.npz', keys=np.asarray(['0' * 40, '1' * 40]),
+           chosen=np.zeros(2, np.float32), rejected=np.zeros(2, np.float32))
   second = _dpo(tmp_path / 'run', tiny_checkpoint, pair_files)
   assert second.returncode != 0
   assert 'no reference log-probs' in second.stderr and 'Delete the file' in second.stderr

@@ -35,4 +35,5 @@ def names() -> list[str]:
 
 def _load_builtin():
   # Imported here, not at package import, so `jpost.trainers` stays light.
-  from jpost.trainers import chat, dpo, evaluate, generate, online, pairs, reward, sft  # noqa: F401
+  from jpost.trainers import (chat, curate, dpo, evaluate, generate, online, pairs,  # noqa: F401
+                              reward, sft)
