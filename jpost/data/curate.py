@@ -144,7 +144,10 @@ class NearDuplicates:
   def __init__(self, threshold: float, *, num_perm: int = 128, shingle_words: int = 5):
     from datasketch import MinHash, MinHashLSH
     self.threshold, self.num_perm, self.n = threshold, num_perm, shingle_words
-    self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    # LSH at a lower threshold than the one applied: pairs just above it are
+    # then rarely missed as candidates (the banding's false negatives), and
+    # the signature check below drops the extra candidates.
+    self.lsh = MinHashLSH(threshold=max(threshold - 0.1, 0.05), num_perm=num_perm)
     # One set of hash permutations for every signature (drawing them per row
     # cost more than the hashing).
     template = MinHash(num_perm=num_perm, seed=1)
