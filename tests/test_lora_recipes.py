@@ -124,17 +124,35 @@ def pairs(tmp_path_factory):
           'data.eval': (str(_pairs_file(folder / 'test.jsonl', n=8)),)}
 
 
-def test_reward_model_with_lora_and_dropout_trains_its_head(tiny_checkpoint, pairs, tmp_path):
+def test_reward_model_with_lora_and_dropout_trains_its_head_and_exports_for_peft(
+    tiny_checkpoint, pairs, tmp_path):
+  from flax import nnx
+
   from jpost.models import reward as reward_model
   config = _config(reward_config, tiny_checkpoint, total_steps=2, batch_size=8,
-                   eval_batch_size=8, **pairs, **{'lora.dropout': 0.1})
+                   eval_batch_size=8, **pairs, **{'lora.dropout': 0.1,
+                                                  'lora.base_dtype': 'float32'})
   result = trainers.get('reward')(config, str(tmp_path))
   trainable, _ = lora.trainable(result['state']['params'])
-  names = {'.'.join(map(str, p)) for p, _ in __import__('flax').nnx.to_flat_state(trainable)}
+  names = {'.'.join(map(str, p)) for p, _ in nnx.to_flat_state(trainable)}
   assert 'score' in names and all('lora' in n or n == 'score' for n in names)
   start = reward_model.load(tiny_checkpoint, seed=config.seed)
   trained = reward_model.load(tmp_path / 'hf')
   assert np.abs(np.asarray(trained.score[...]) - np.asarray(start.score[...])).max() > 0
+  # The adapter (SEQ_CLS, its head in modules_to_save) loads in peft on the
+  # base and scores as the merged export does; and back into jpost.
+  tokens = np.random.RandomState(0).randint(3, 1000, (1, 12))
+  merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / 'hf')
+  base = transformers.AutoModelForSequenceClassification.from_pretrained(
+      tiny_checkpoint, num_labels=1, pad_token_id=0)
+  adapted = peft.PeftModel.from_pretrained(base, tmp_path / 'adapter').eval()
+  with torch.no_grad():
+    want = merged.eval()(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(adapted(torch.tensor(tokens)).logits.numpy(), want, atol=1e-4)
+  back = reward_model.load(tiny_checkpoint, lora=lora.read_peft_config(
+      tmp_path / 'adapter', base_dtype='float32'), lora_adapter=tmp_path / 'adapter')
+  values = back(tokens, np.arange(12)[None], np.ones_like(tokens))
+  np.testing.assert_allclose(np.asarray(values)[0, -1], want[0, 0], atol=1e-4)
 
 
 def test_ppo_with_a_lora_critic_runs(char_checkpoint, digit_share, tmp_path):

@@ -210,6 +210,9 @@ def load(path: str | pathlib.Path, *, mesh=None, rules=None, lora_adapter=None, 
   cfg = ModelConfig.from_file(path / 'config.json', **overrides)
   params = with_adapters(hf_to_params(read_tensors(path), cfg, source=str(path)), cfg,
                          seed=seed, lora_adapter=lora_adapter)
+  if ('score',) in params:
+    raise ValueError(f'{lora_adapter} is a reward model\'s adapter (SEQ_CLS, with a score '
+                     'head); load it with jpost.models.reward.load or the reward recipe.')
   shardings = None
   if mesh is not None:
     from jpost import sharding

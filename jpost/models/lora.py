@@ -226,6 +226,8 @@ def prepare_params(params: dict, cfg, base_shapes: dict, *, seed: int = 0,
       out[path] = np.asarray(array).astype(base)
   if adapter is None:
     adapter = init_adapters(cfg, base_shapes, jax.random.key(seed))
+  if 'score' in adapter:  # a reward model's head, set by its loader
+    out[('score',)] = np.asarray(adapter['score'], np.float32)
   for name, (shape, _) in adapter_shapes(cfg, base_shapes).items():
     want = (cfg.num_layers, *shape)
     got = np.shape(adapter[name]) if name in adapter else None
@@ -335,9 +337,15 @@ def _peft_name(prefix: str, i: int, name: str, which: str) -> str:
   return f'{prefix}model.layers.{i}.{PEFT_MODULES[name]}.lora_{which}.weight'
 
 
-def save_peft(decoder, path, *, base_model: str = '', prefix: str = 'base_model.model.',
-              task_type: str = 'CAUSAL_LM') -> pathlib.Path:
-  """Writes the decoder's adapters as a PEFT LoRA adapter folder."""
+_SCORE = 'base_model.model.score.weight'  # a SEQ_CLS adapter's trained head
+
+
+def save_peft(model, path, *, base_model: str = '',
+              prefix: str = 'base_model.model.') -> pathlib.Path:
+  """Writes a model's adapters as a PEFT LoRA adapter folder: a causal LM's
+  (task CAUSAL_LM), or a reward model's with its head (SEQ_CLS, the head in
+  `modules_to_save` as PEFT saves it)."""
+  decoder = getattr(model, 'decoder', model)
   cfg = decoder.config
   if cfg.lora is None:
     raise ConfigError('this model has no LoRA adapters to export.')
@@ -350,13 +358,18 @@ def save_peft(decoder, path, *, base_model: str = '', prefix: str = 'base_model.
     for i in range(cfg.num_layers):  # PEFT's A is [r, D] and B [F, r] (torch [out, in])
       tensors[_peft_name(prefix, i, name, 'A')] = np.ascontiguousarray(a[i].T)
       tensors[_peft_name(prefix, i, name, 'B')] = np.ascontiguousarray(b[i].T)
+  reward = decoder is not model
+  if reward:
+    tensors[_SCORE] = np.asarray(model.score[...], np.float32)[None, :]
   save_file(tensors, path / _ADAPTER_FILE, metadata={'format': 'pt'})
   config = {
-      'peft_type': 'LORA', 'task_type': task_type, 'base_model_name_or_path': base_model,
+      'peft_type': 'LORA', 'task_type': 'SEQ_CLS' if reward else 'CAUSAL_LM',
+      'base_model_name_or_path': base_model,
       'r': cfg.lora.rank, 'lora_alpha': cfg.lora.alpha, 'use_rslora': cfg.lora.rslora,
       'target_modules': sorted(PEFT_MODULES[t].split('.')[-1] for t in cfg.lora.targets),
       'lora_dropout': cfg.lora.dropout, 'bias': 'none', 'fan_in_fan_out': False,
-      'init_lora_weights': True, 'inference_mode': True, 'modules_to_save': None,
+      'init_lora_weights': True, 'inference_mode': True,
+      'modules_to_save': ['classifier', 'score'] if reward else None,
       'use_dora': False}
   (path / _CONFIG_FILE).write_text(json.dumps(config, indent=2) + '\n')
   return path
@@ -373,8 +386,9 @@ def read_peft_config(path, **common) -> LoraConfig:
   if c.get('peft_type') != 'LORA':
     raise ConfigError(f'{file}: peft_type {c.get("peft_type")!r}; jpost reads LORA adapters.')
   unsupported = {k: c[k] for k in ('use_dora', 'rank_pattern', 'alpha_pattern',
-                                   'layers_to_transform', 'modules_to_save', 'fan_in_fan_out')
-                 if c.get(k)}
+                                   'layers_to_transform', 'fan_in_fan_out') if c.get(k)}
+  if set(c.get('modules_to_save') or ()) - {'classifier', 'score'}:
+    unsupported['modules_to_save'] = c['modules_to_save']  # a reward head is all jpost reads
   if c.get('bias', 'none') != 'none':
     unsupported['bias'] = c['bias']
   if unsupported:
@@ -387,8 +401,9 @@ def read_peft_config(path, **common) -> LoraConfig:
 
 
 def read_peft(path, cfg) -> dict:
-  """A PEFT adapter's tensors as stacked jpost adapters {name: [L, ...]}; every
-  tensor in the file must be used and every expected one present."""
+  """A PEFT adapter's tensors as stacked jpost adapters {name: [L, ...]}, plus
+  'score' [D] for a reward model's (SEQ_CLS) head; every tensor in the file
+  must be used and every expected one present."""
   file = pathlib.Path(path) / _ADAPTER_FILE
   if not file.is_file():
     raise MissingPathError(f'{file} not found (PyTorch adapter_model.bin is not read; '
@@ -396,6 +411,9 @@ def read_peft(path, cfg) -> dict:
   tensors = load_file(file)
   prefix = 'base_model.model.'
   out, used = {}, set()
+  if _SCORE in tensors:
+    out['score'] = tensors[_SCORE].astype(np.float32).reshape(-1)
+    used.add(_SCORE)
   for name in cfg.lora.targets:
     for which, key in (('A', f'{name}_lora_a'), ('B', f'{name}_lora_b')):
       layers = []

@@ -81,8 +81,11 @@ def load(path: str | pathlib.Path, *, mesh=None, seed: int = 0, init_std: float 
     from jpost import sharding
     abstract = nnx.state(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
     shardings = sharding.state_shardings(abstract, mesh)
+  adapter_score = params.pop(('score',), None)  # a SEQ_CLS PEFT adapter's head
   model = ScalarModel(hf.build_decoder(cfg, params, shardings), rngs=nnx.Rngs(seed),
                       init_std=init_std)
+  if adapter_score is not None:
+    score = lambda: adapter_score[None]
   if score is not None:
     weight = score()
     if weight.shape != (1, cfg.hidden_size):

@@ -417,7 +417,7 @@ def _fault_kill(step: int, ckpt) -> None:
 
 def export(config, workdir: pathlib.Path, graphdef, params, tokenizer, save: Callable) -> None:
   """The final model in HF format at workdir/hf (LoRA adapters merged in)
-  and a causal LM's adapters in PEFT format at workdir/adapter, written by
+  and, with LoRA, the adapters in PEFT format at workdir/adapter, written by
   process 0."""
   if not config.export_hf:
     return
@@ -427,6 +427,6 @@ def export(config, workdir: pathlib.Path, graphdef, params, tokenizer, save: Cal
     path = save(model, workdir / 'hf', tokenizer=tokenizer)
     print(f'exported HF checkpoint to {path}' + (' (LoRA adapters merged)' if
           model.config.lora else ''), file=sys.stderr)
-    if model.config.lora and not hasattr(model, 'decoder'):  # a causal LM's adapter
+    if model.config.lora:
       path = lora.save_peft(model, workdir / 'adapter', base_model=str(config.model.path))
       print(f'exported the LoRA adapter (PEFT format) to {path}', file=sys.stderr)
