@@ -1,6 +1,7 @@
-"""Recipes with LoRA: SFT learns and exports (merged + PEFT adapter), GRPO
-learns the toy task holding no reference copy, the reward model trains its
-head, PPO runs with a LoRA critic. (DPO with LoRA: test_preference_recipes.py.)"""
+"""Recipes with LoRA: SFT learns, resumes and exports (merged + PEFT adapter),
+GRPO learns the toy task holding no reference copy, the reward model trains
+its head and exports for peft, PPO's critic gets adapters or trains in full.
+(DPO with LoRA: test_preference_recipes.py.)"""
 
 import json
 import sys
@@ -155,10 +156,14 @@ def test_reward_model_with_lora_and_dropout_trains_its_head_and_exports_for_peft
   np.testing.assert_allclose(np.asarray(values)[0, -1], want[0, 0], atol=1e-4)
 
 
-def test_ppo_with_a_lora_critic_runs(char_checkpoint, digit_share, tmp_path):
-  config = _online_config(ppo_config, char_checkpoint, digit_share, total_steps=1,
-                          prompts_per_step=2, **{'rl.beta': 0.01})
-  online.run(config, tmp_path, 'ppo')
-  records = _records(tmp_path)
-  assert len(records) == 1 and np.isfinite(records[-1]['critic/loss'])
-  assert records[-1]['memory/reference_params'] == 0
+def test_ppo_critic_gets_its_own_adapters_or_trains_in_full(char_checkpoint, digit_share):
+  """The critic's update and values run the code a full critic runs
+  (test_online.py's PPO test); what LoRA changes is which parts train."""
+  from flax import nnx
+  for critic_lora, want_lora in ((True, True), (False, False)):
+    config = _online_config(ppo_config, char_checkpoint, digit_share,
+                            **{'ppo.critic_lora': critic_lora})
+    trainable, _ = lora.trainable(nnx.state(online._critic(config, char_checkpoint, None)))
+    names = {'.'.join(map(str, p)) for p, _ in nnx.to_flat_state(trainable)}
+    assert ('decoder.layers.q_lora_a' in names) == want_lora and 'score' in names
+    assert want_lora == (len(names) == 2 * len(lora.KERNELS) + 1)

@@ -206,17 +206,21 @@ def test_bad_config_fails_before_compiling(tiny_checkpoint, tmp_path, override, 
   assert not (tmp_path / 'metrics.jsonl').exists()
 
 
-def test_default_sft_lowers_held_out_loss_and_exports(tmp_path):
-  """configs/sft.py as shipped (SmolLM2 on GSM8K), shortened to 3 steps."""
+def test_default_sft_lowers_held_out_loss_and_exports(shallow_smollm2, tmp_path):
+  """configs/sft.py as shipped (GSM8K, bfloat16 with remat), shortened to 3
+  steps, on SmolLM2's first 6 layers (the whole model: `make demo`, and
+  test_online.py's step of the shipped GRPO config)."""
   proc = subprocess.run(
       [sys.executable, '-m', 'jpost.main', '--config=configs/sft.py', f'--workdir={tmp_path}',
+       f'--config.model.path={shallow_smollm2}',
        '--config.total_steps=3', '--config.eval_every=3', '--config.checkpoint.every=3'],
       capture_output=True, text=True, timeout=1200,
       env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'})
   assert proc.returncode == 0, proc.stderr[-3000:]
   records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   evals = {r['step']: r['eval_loss'] for r in records if 'eval_loss' in r}
-  assert set(evals) == {0, 3} and evals[3] < evals[0] - 0.05, evals  # measured 1.40 -> 1.24
+  # Measured 14.91 -> 14.05: six of 30 layers start far off (the whole model: 1.40 -> 1.24).
+  assert set(evals) == {0, 3} and evals[3] < evals[0] - 0.05, evals
   # The export loads in transformers and gives jpost's logits.
   exported = tmp_path / 'hf'
   ours = hf.load(exported)
