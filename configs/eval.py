@@ -41,6 +41,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rubric = ml_collections.ConfigDict(dict(name='', judge={'endpoint': '', 'model': ''}))
   c.pairwise = ml_collections.ConfigDict(dict(
       judge='verifier', endpoint='', model='', retries=2, bootstrap_rounds=200))
+  # Forgetting check: NLL on general text ('pydoc': Python's own help topics, or a
+  # .txt file) per model and its drift from the anchor; chunks=0 turns it off.
+  c.general = ml_collections.ConfigDict(dict(text='pydoc', chunks=32, tokens=256,
+                                             bootstrap_rounds=1000))
   c.report_examples = 8
   if arg == 'tiny':
     c.anchor = ''
@@ -49,6 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sampling.num_samples = 2
     c.pairwise.bootstrap_rounds = 20
     c.report_examples = 2
+    c.general.chunks, c.general.tokens = 4, 32
   elif arg:
     raise ValueError(f'unknown config argument {arg!r}; use "tiny" or nothing.')
   return c.lock()

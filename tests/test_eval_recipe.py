@@ -3,6 +3,7 @@
 import json
 import sys
 
+import numpy as np
 import pytest
 
 from jpost.trainers import evaluate
@@ -71,6 +72,10 @@ def test_models_judged_by_an_endpoint(tiny_checkpoint, tmp_path, chat_server):
   assert {b['winner'] for b in battles} == {'tie'}  # position bias removed by swapping
   # Amazon rubric, weights 0.4/0.4/0.2 on (7, 4, 1) over 1..7: 0.4*1 + 0.4*0.5 + 0 = 0.6.
   assert out['models']['a']['rubric'] == pytest.approx(0.6)
+  # The forgetting check: the same weights, so no drift; a random model's NLL
+  # on general text is about ln(vocabulary).
+  assert out['models']['b']['general_drift_nll'] == 0.0
+  assert abs(out['models']['a']['general_nll'] - np.log(49152)) < 0.5
   # The completions file written for 'a' evaluates again without sampling.
   again = evaluate.run(_config({'a': str(tmp_path / 'completions_a.jsonl')},
                                **{'pairwise.judge': 'none'}), tmp_path / 'again')

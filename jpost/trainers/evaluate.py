@@ -30,7 +30,9 @@ from jpost import rewards, sampling
 from jpost import eval as ev
 from jpost.data import pipeline
 from jpost.errors import ConfigError
+from jpost.eval import general
 from jpost.eval.leaderboard import leaderboard
+from jpost.models import hf, pretrained
 from jpost.tokenizer import Tokenizer
 from jpost.trainers import loop, register, rollout
 from jpost.trainers.generate import load_model_and_tokenizer
@@ -158,6 +160,37 @@ def judge_battles(names, outputs, pairwise) -> tuple[list[dict], int]:
   return battles, failures
 
 
+def general_section(config, names: list[str], results: dict) -> ev.Section:
+  """The forgetting check (jpost.eval.general) of every model given by its
+  weights: NLL on general text, and its drift from the first model (the
+  anchor) on the same windows; added to each model's results."""
+  g = config.general
+  text = general.general_text(g.text)
+  nll, windows = {}, {}
+  for name in names:
+    source = str(config.models[name])
+    if source.endswith('.jsonl'):
+      continue  # saved completions: no weights to score text with
+    path = pretrained.resolve(source)
+    windows[name] = general.windows(Tokenizer.from_dir(path).encode(text), g.chunks, g.tokens)
+    nll[name] = general.window_nll(hf.load(path, dtype=config.model.dtype,
+                                           param_dtype=config.model.param_dtype), windows[name])
+    results[name] |= {f'general_{k}': v for k, v in general.summary(
+        nll[name], rounds=g.bootstrap_rounds, seed=config.seed).items()}
+  anchor = names[0]
+  for name in nll:
+    if name != anchor and anchor in nll and np.array_equal(windows[name], windows[anchor]):
+      results[name] |= {f'general_{k}': v for k, v in general.drift(
+          nll[name], nll[anchor], rounds=g.bootstrap_rounds, seed=config.seed).items()}
+  return ev.Section(
+      title='General text (forgetting check)',
+      text=f'mean next-token NLL on {g.chunks} windows of {g.tokens} tokens of {g.text!r} '
+      f'(bootstrap 95% intervals over windows); drift = NLL minus {anchor}\'s on the same '
+      'windows (paired), for models with its tokenizer. A positive drift is forgetting.',
+      table=[{'model': n, **{k[8:]: v for k, v in results[n].items()
+                             if k.startswith('general_')}} for n in nll])
+
+
 @register('eval')
 def run(config, workdir):
   if workdir is None:
@@ -195,6 +228,7 @@ def run(config, workdir):
     print(f'{name}: greedy accuracy {results[name]["greedy_accuracy"]:.3f} on '
           f'{len(outputs[name])} prompts', file=sys.stderr)
   sizes = {len(v) for v in outputs.values()}
+  forgetting = general_section(config, names, results) if config.general.chunks else None
 
   sections = [ev.Section(
       title='Ground truth',
@@ -204,6 +238,8 @@ def run(config, workdir):
              for n, r in results.items()],
       images=[ev.plot_scores({n: r['_per_prompt'] for n, r in results.items()},
                              workdir / 'per_prompt_accuracy.png')])]
+  if forgetting is not None:
+    sections.append(forgetting)
   if config.rubric.name:
     rubric_fns = rewards.build({'rubric': {'rubric': config.rubric.name,
                                            'judge': dict(config.rubric.judge)}})
