@@ -151,6 +151,14 @@ def char_checkpoint(tmp_path_factory):
   return path
 
 
+@pytest.fixture(scope='session')
+def digit_share():
+  """The toy verifiable task's reward (the share of digits in a completion),
+  registered once per worker by the config file the subprocess tests use."""
+  import digit_share_config  # noqa: F401  (registers 'digit_share')
+  return 'digit_share'
+
+
 @pytest.fixture
 def chat_server(monkeypatch):
   """serve(reply) -> base URL of a real local OpenAI-compatible chat endpoint.

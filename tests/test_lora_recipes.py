@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from jpost import rewards, trainers
+from jpost import trainers
 from jpost.models import lora
 from jpost.trainers import online
 import overrides
@@ -69,15 +69,6 @@ def test_sft_with_lora_learns_resumes_and_exports_merged_and_peft(tiny_checkpoin
   np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
   with torch.no_grad(), adapted.disable_adapter():
     assert np.abs(adapted(tokens).logits.numpy() - b).max() > 1e-3
-
-
-@pytest.fixture(scope='module')
-def digit_share():
-  @rewards.register('digit_share_lora')
-  def share(prompt, completion, row):
-    return sum(c.isdigit() for c in completion) / max(len(completion), 1)
-  yield 'digit_share_lora'
-  rewards.unregister('digit_share_lora')
 
 
 def _online_config(recipe, checkpoint, reward, **changes):

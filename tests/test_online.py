@@ -221,16 +221,6 @@ def _records(workdir):
   return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
 
 
-@pytest.fixture(scope='module')
-def digit_share():
-  """The toy verifiable task: the share of digits in the completion."""
-  @rewards.register('digit_share')
-  def share(prompt, completion, row):
-    return sum(c.isdigit() for c in completion) / max(len(completion), 1)
-  yield 'digit_share'
-  rewards.unregister('digit_share')
-
-
 def test_grpo_learns_a_toy_verifiable_task(char_checkpoint, digit_share, tmp_path):
   config = _config(char_checkpoint, total_steps=30, prompts_per_step=4, **{
       'optim.lr': 3e-3, 'rl.beta': 0.0, 'rewards': {digit_share: {'weight': 1.0}}})

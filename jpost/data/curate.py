@@ -282,10 +282,10 @@ def _first_failure(parts, tokens, total, response, kind, s: Settings):
     if (s.min_ratio and ratio < s.min_ratio) or (s.max_ratio and ratio > s.max_ratio):
       return ('ratio', f'response/prompt tokens {ratio:.2f}')
   for name, text in parts.items():
-    if repeated_lines(text) > s.max_repeated_lines:
-      return ('repeated_lines', f'{name}: {repeated_lines(text):.0%} of lines repeat')
-    if top_trigram(text) > s.max_top_trigram:
-      return ('repeated_ngrams', f'{name}: one 3-gram is {top_trigram(text):.0%} of them')
+    if (share := repeated_lines(text)) > s.max_repeated_lines:
+      return ('repeated_lines', f'{name}: {share:.0%} of lines repeat')
+    if (share := top_trigram(text)) > s.max_top_trigram:
+      return ('repeated_ngrams', f'{name}: one 3-gram is {share:.0%} of them')
   if kind == 'preference' and normalised(parts['chosen']) == normalised(parts['rejected']):
     return ('same_after_normalising', 'chosen and rejected differ only in case or punctuation')
   return None

@@ -16,6 +16,7 @@ import pathlib
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jpost import ops
 from jpost.errors import ConfigError, MissingPathError
@@ -45,21 +46,22 @@ def windows(token_ids: list[int], count: int, length: int) -> np.ndarray:
   return np.stack([ids[s:s + length] for s in starts])
 
 
+@nnx.jit
+def _nll(model, tokens):
+  """Mean next-token NLL per row: one compiled program for every model of a shape."""
+  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+  logits = model(tokens, positions, jnp.ones_like(tokens))
+  return -jnp.mean(ops.token_logprobs(logits, tokens[:, 1:]), axis=1)
+
+
 def window_nll(model, tokens: np.ndarray, batch: int = 8) -> np.ndarray:
   """Mean next-token NLL of each window [count] under `model`."""
-  from flax import nnx
-
-  @nnx.jit
-  def nll(m, t):
-    positions = jnp.broadcast_to(jnp.arange(t.shape[1]), t.shape)
-    logits = m(t, positions, jnp.ones_like(t))
-    return -jnp.mean(ops.token_logprobs(logits, t[:, 1:]), axis=1)
   out = []
   for start in range(0, len(tokens), batch):
     chunk = tokens[start:start + batch]
     pad = batch - len(chunk)  # one compiled shape
     padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
-    out.append(np.asarray(nll(model, jnp.asarray(padded)))[:len(chunk)])
+    out.append(np.asarray(_nll(model, jnp.asarray(padded)))[:len(chunk)])
   return np.concatenate(out).astype(np.float64)
 
 

@@ -118,6 +118,7 @@ class Parts:
   settings: sampling.SamplingConfig
   graphdef: Any
   ref_params: Any  # the starting weights, or None without a KL term or with LoRA
+  ref_size: int  # parameters held for the reference alone (0 with LoRA: adapters off)
   prepare: Callable  # rl_parts.make_prepare
   policy_update: Callable
   critic_update: Callable | None
@@ -165,8 +166,7 @@ def step(parts: Parts, state: dict, number: int) -> tuple[dict, dict]:
           'shape/completion_width': completions.tokens.shape[1],
           'time/rollout_s': rollout_s, 'time/reward_s': reward_s, 'time/prep_s': prep_s,
           'time/update_s': update_s,
-          # Parameters held for the reference alone (0 with LoRA: adapters off).
-          'memory/reference_params': sum(x.size for x in jax.tree.leaves(parts.ref_params)),
+          'memory/reference_params': parts.ref_size,
           'time/step_s': rollout_s + reward_s + prep_s + update_s}
   return state, out | {f'data/{k}': v for k, v in parts.prompt_stats.as_dict()['encoded'].items()}
 
@@ -315,6 +315,7 @@ def run(config, workdir: str | None, algorithm: str) -> dict[str, Any]:
   parts = Parts(
       config=config, algorithm=algorithm, mesh=mesh, tokenizer=tokenizer,
       reward_fns=reward_fns, settings=settings, graphdef=graphdef, ref_params=ref_params,
+      ref_size=sum(x.size for x in jax.tree.leaves(ref_params)),
       prepare=rl_parts.make_prepare(
           graphdef, critic_graphdef, algorithm=algorithm, rl=rl,
           num_samples=config.sampling.num_samples, temperature=config.sampling.temperature,
