@@ -41,10 +41,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rubric = ml_collections.ConfigDict(dict(name='', judge={'endpoint': '', 'model': ''}))
   c.pairwise = ml_collections.ConfigDict(dict(
       judge='verifier', endpoint='', model='', retries=2, bootstrap_rounds=200))
-  # Forgetting check: NLL on general text ('pydoc': Python's own help topics, or a
-  # .txt file) per model and its drift from the anchor; chunks=0 turns it off.
-  c.general = ml_collections.ConfigDict(dict(text='pydoc', chunks=32, tokens=256,
-                                             bootstrap_rounds=1000))
+  # Forgetting check (README, "Forgetting check"), two halves against the anchor:
+  # NLL on general text ('pydoc': Python's own help topics, or a .txt file;
+  # chunks=0 turns it off), and general instructions ('builtin': 24 kept in the
+  # repo, or a prompt file; '' turns it off) answered by each model and judged
+  # against the anchor's answers: judge='likelihood' (a local model's verdict
+  # probabilities; judge_model '' = the anchor itself), 'endpoint' (an
+  # OpenAI-compatible LLM at endpoint/model), 'reward_model' (judge_model = a
+  # reward model directory) or 'none'.
+  c.general = ml_collections.ConfigDict(dict(
+      text='pydoc', chunks=32, tokens=256, bootstrap_rounds=1000,
+      instructions='builtin', max_new_tokens=128, judge='likelihood', judge_model='',
+      endpoint='', model='', retries=1))
   c.report_examples = 8
   if arg == 'tiny':
     c.anchor = ''
@@ -54,6 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pairwise.bootstrap_rounds = 20
     c.report_examples = 2
     c.general.chunks, c.general.tokens = 4, 32
+    c.general.max_new_tokens = 8
   elif arg:
     raise ValueError(f'unknown config argument {arg!r}; use "tiny" or nothing.')
   return c.lock()

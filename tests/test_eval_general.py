@@ -45,3 +45,42 @@ def test_window_nll_equals_a_direct_computation_and_drift(tiny_checkpoint):
   model.embed.set_value(model.embed[...] * 8)
   d = general.drift(general.window_nll(model, many), before, rounds=200, seed=0)
   assert d['drift_low'] > 0, d
+
+
+def test_win_rate_counts_ties_and_both_bad_half():
+  s = general.win_rate(['win', 'loss', 'tie', 'both_bad', 'win'], rounds=200, seed=0)
+  assert s['win_rate'] == pytest.approx((1 + 0 + 0.5 + 0.5 + 1) / 5)
+  assert (s['wins'], s['losses'], s['ties'], s['both_bad']) == (2, 1, 1, 1)
+  assert 0 <= s['win_rate_low'] <= s['win_rate'] <= s['win_rate_high'] <= 1
+  assert general.win_rate(['tie'] * 4, rounds=20, seed=0)['win_rate_high'] == 0.5
+  with pytest.raises(ValueError, match='outcomes'):
+    general.win_rate(['win', '1'], rounds=10, seed=0)
+
+
+def test_builtin_instructions_ship_and_bad_paths_are_clear(tmp_path):
+  rows = general.BUILTIN_INSTRUCTIONS.read_text().splitlines()
+  assert len(rows) == 24 and all('"prompt"' in r for r in rows)
+  assert general.instructions_source('builtin') == str(general.BUILTIN_INSTRUCTIONS)
+  with pytest.raises(MissingPathError, match='builtin'):
+    general.instructions_source(str(tmp_path / 'none.jsonl'))
+
+
+def test_likelihood_judge_scores_each_verdict_reply_after_the_chat(tiny_checkpoint):
+  from jpost.eval import local_judge, pairwise
+  model, tokenizer = hf.load(tiny_checkpoint), Tokenizer.from_dir(tiny_checkpoint)
+  messages = [{'role': 'user', 'content': pairwise.PAIRWISE_PROMPT.format(
+      prompt='Name a colour.', response_a='Blue.', response_b='A banana.')}]
+  got = local_judge.verdict_logprobs(model, tokenizer, messages)
+  # Each reply scored alone, unpadded, in float64: log p of its tokens after the chat.
+  chat = tokenizer.encode_chat(messages, add_generation_prompt=True).ids
+  for verdict in pairwise.VERDICTS:
+    reply = tokenizer.encode(f'{{"verdict": "{verdict}"')
+    row = np.asarray([chat + reply])
+    logits = np.asarray(model(row, np.arange(row.shape[1])[None], np.ones_like(row)),
+                        np.float64)[0]
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = sum(logp[len(chat) - 1 + i, t] for i, t in enumerate(reply))
+    assert got[verdict] == pytest.approx(want, abs=1e-3), verdict
+  verdict, rationale = pairwise.parse_judgement(local_judge.likelihood_chat(model, tokenizer)(
+      messages))
+  assert verdict == max(got, key=got.get) and 'log-probabilities' in rationale

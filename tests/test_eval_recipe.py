@@ -65,7 +65,8 @@ def test_models_judged_by_an_endpoint(tiny_checkpoint, tmp_path, chat_server):
   config = _config({'a': str(tiny_checkpoint), 'b': str(tiny_checkpoint)}, **{
       'pairwise.judge': 'endpoint', 'pairwise.endpoint': endpoint,
       'pairwise.model': 'judge', 'rubric.name': 'amazon_summary',
-      'rubric.judge': {'endpoint': endpoint, 'model': 'judge'}})
+      'rubric.judge': {'endpoint': endpoint, 'model': 'judge'},
+      'general.judge': 'endpoint', 'general.endpoint': endpoint, 'general.model': 'judge'})
   out = evaluate.run(config, tmp_path)
   battles = [json.loads(line) for line in (tmp_path / 'battles.jsonl').read_text().splitlines()]
   assert len(battles) == 48  # every held-out arith prompt
@@ -76,6 +77,15 @@ def test_models_judged_by_an_endpoint(tiny_checkpoint, tmp_path, chat_server):
   # on general text is about ln(vocabulary).
   assert out['models']['b']['general_drift_nll'] == 0.0
   assert abs(out['models']['a']['general_nll'] - np.log(49152)) < 0.5
+  # Its judged half: b's answers to the 24 built-in instructions against a's,
+  # by a judge that always says 'A': swapped orders disagree, every pair a tie.
+  answers = (tmp_path / 'general_answers_b.jsonl').read_text().splitlines()
+  assert len(answers) == 24
+  b = out['models']['b']
+  assert (b['general_ties'], b['general_win_rate'], b['general_failures']) == (24, 0.5, 0)
+  report = (tmp_path / 'report.md').read_text()
+  assert '## General instructions (forgetting check, judged)' in report
+  assert '## Forgetting next to task gain' in report
   # The completions file written for 'a' evaluates again without sampling.
   again = evaluate.run(_config({'a': str(tmp_path / 'completions_a.jsonl')},
                                **{'pairwise.judge': 'none'}), tmp_path / 'again')
@@ -95,8 +105,29 @@ def test_completions_are_matched_by_prompt_not_by_row(tmp_path):
     evaluate.run(_config({'a': str(good), 'b': str(other)}), tmp_path / 'out2')
 
 
+def test_bad_forgetting_judges_are_refused_before_any_work(tmp_path):
+  with pytest.raises(ValueError, match="general.judge='oracle'"):
+    evaluate.run(_config({'a': 'x'}, **{'general.judge': 'oracle'}), tmp_path)
+  with pytest.raises(ValueError, match='needs general.judge_model'):
+    evaluate.run(_config({'a': 'x'}, **{'general.judge': 'reward_model'}), tmp_path)
+  with pytest.raises(FileNotFoundError, match="'builtin'"):
+    evaluate.run(_config({'a': 'x'}, **{'general.instructions': 'nope.jsonl'}), tmp_path)
+
+
 def test_bad_completions_file_names_the_line(tmp_path):
   path = tmp_path / 'broken.jsonl'
   path.write_text(json.dumps({'prompt': 'p', 'greedy': 'g'}) + '\n')
   with pytest.raises(ValueError, match='broken.jsonl:1'):
     evaluate.run(_config({'x': str(path)}), tmp_path / 'out')
+
+
+def test_reward_model_judge_prefers_the_higher_score(tiny_checkpoint):
+  from jpost.models import reward
+  config = _config({'a': 'x'}, **{'general.judge': 'reward_model',
+                                  'general.judge_model': str(tiny_checkpoint)})
+  judge, what = evaluate.instruction_judge(config, 'a')
+  scores = reward.load_scorer(tiny_checkpoint)(['Name a colour.'] * 2, ['Blue.', 'A banana.'])
+  assert scores[0] != scores[1] and 'reward model' in what
+  want = 'win' if scores[0] > scores[1] else 'loss'
+  assert judge('Name a colour.', 'Blue.', 'A banana.') == want
+  assert judge('Name a colour.', 'Blue.', 'Blue.') == 'tie'

@@ -81,3 +81,38 @@ def drift(nll: np.ndarray, anchor_nll: np.ndarray, *, rounds: int, seed: int) ->
   means = diff[rng.integers(0, len(diff), (rounds, len(diff)))].mean(axis=1)
   low, _, high = percentile_interval(means)
   return {'drift_nll': float(diff.mean()), 'drift_low': float(low), 'drift_high': float(high)}
+
+
+# --- the judged half: general instructions answered before and after --------
+
+BUILTIN_INSTRUCTIONS = pathlib.Path(__file__).with_name('general_instructions.jsonl')
+OUTCOME_SCORE = {'win': 1.0, 'tie': 0.5, 'both_bad': 0.5, 'loss': 0.0}
+
+
+def instructions_source(source: str) -> str:
+  """'builtin' (24 everyday instructions written for jpost, kept beside this
+  module) or a user's prompt file (JSONL/Parquet rows with 'prompt')."""
+  if source == 'builtin':
+    return str(BUILTIN_INSTRUCTIONS)
+  if not pathlib.Path(source).is_file():
+    raise MissingPathError(f"general.instructions={source!r}: no such file; give 'builtin' "
+                           "or a JSONL file of {\"prompt\": ...} rows ('' turns it off).")
+  return source
+
+
+def win_rate(outcomes: list[str], *, rounds: int, seed: int) -> dict[str, float]:
+  """A model's judged win rate against the anchor on the same instructions
+  (ties and both-bad count half), with a 95% bootstrap interval over prompts.
+  0.5 means the judge cannot tell the two apart: no forgetting it can see."""
+  unknown = set(outcomes) - set(OUTCOME_SCORE)
+  if unknown or not outcomes:
+    raise ValueError(f'win_rate: outcomes must be non-empty and in {sorted(OUTCOME_SCORE)}, '
+                     f'got {sorted(unknown) or "none"}.')
+  score = np.array([OUTCOME_SCORE[o] for o in outcomes])
+  rng = np.random.default_rng(seed)
+  means = score[rng.integers(0, len(score), (rounds, len(score)))].mean(axis=1)
+  low, _, high = percentile_interval(means)
+  return {'win_rate': float(score.mean()), 'win_rate_low': float(low),
+          'win_rate_high': float(high), 'wins': outcomes.count('win'),
+          'ties': outcomes.count('tie'), 'losses': outcomes.count('loss'),
+          'both_bad': outcomes.count('both_bad')}

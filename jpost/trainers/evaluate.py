@@ -31,6 +31,7 @@ from jpost import eval as ev
 from jpost.data import pipeline
 from jpost.errors import ConfigError
 from jpost.eval import general
+from jpost.eval.local_judge import likelihood_chat
 from jpost.eval.leaderboard import leaderboard
 from jpost.models import hf, pretrained
 from jpost.tokenizer import Tokenizer
@@ -38,37 +39,45 @@ from jpost.trainers import loop, register, rollout
 from jpost.trainers.generate import load_model_and_tokenizer
 
 PAIRWISE_JUDGES = ('verifier', 'endpoint', 'none')
+GENERAL_JUDGES = ('likelihood', 'endpoint', 'reward_model', 'none')
 
 
-def prompt_rows(config, tokenizer: Tokenizer) -> list[dict]:
-  data, _ = pipeline.build('prompt', pipeline.resolve_sources(list(config.data.eval)), tokenizer,
-                           batch_size=config.batch_size, max_len=config.data.max_prompt_len,
-                           num_epochs=1, seed=0, policy=config.data.policy, drop_remainder=False)
+def prompt_rows(config, tokenizer: Tokenizer, sources=None, max_len=None) -> list[dict]:
+  data, _ = pipeline.build('prompt', pipeline.resolve_sources(list(sources or config.data.eval)),
+                           tokenizer, batch_size=config.batch_size,
+                           max_len=max_len or config.data.max_prompt_len, num_epochs=1, seed=0,
+                           policy=config.data.policy, drop_remainder=False)
   return list(data)
 
 
-def sample_model(path: str, config) -> list[dict]:
-  """Greedy and sampled answers of one model to every eval prompt."""
+def sample_model(path: str, config, *, sources=None, max_prompt_len=None,
+                 max_new_tokens=None, with_samples: bool = True) -> list[dict]:
+  """Greedy (and, `with_samples`, sampled) answers of one model to every
+  prompt of `sources` (default: the eval data)."""
   model_cfg = config.model.copy_and_resolve_references()
   with model_cfg.unlocked():
     model_cfg.path = path
   model, tokenizer = load_model_and_tokenizer(model_cfg)
   sampled = rollout.sampling_config(config.sampling, tokenizer)
-  greedy = sampling.SamplingConfig(max_new_tokens=sampled.max_new_tokens, temperature=0.0,
-                                   stop_ids=sampled.stop_ids)
-  out, n = [], sampled.num_samples
+  greedy = sampling.SamplingConfig(max_new_tokens=max_new_tokens or sampled.max_new_tokens,
+                                   temperature=0.0, stop_ids=sampled.stop_ids)
+  out, n = [], sampled.num_samples if with_samples else 0
   # Several processes: each answers every process_count-th batch on its own
   # devices; the keys follow the batch, so the answers do not depend on it.
-  for i, batch in loop.this_process_share(prompt_rows(config, tokenizer)):
+  for i, batch in loop.this_process_share(prompt_rows(config, tokenizer, sources,
+                                                      max_prompt_len)):
     key = jax.random.fold_in(jax.random.key(config.seed), i)
     mask = batch['segment_ids'] > 0
     first = jax.device_get(sampling.generate(model, batch['tokens'], mask, greedy, key))
-    many = jax.device_get(sampling.generate(model, batch['tokens'], mask, sampled, key))
     texts = rollout.completion_texts(tokenizer, first.tokens, first.lengths)
-    samples = rollout.completion_texts(tokenizer, many.tokens, many.lengths)
+    samples = [[]] * len(texts)
+    if with_samples:
+      many = jax.device_get(sampling.generate(model, batch['tokens'], mask, sampled, key))
+      flat = rollout.completion_texts(tokenizer, many.tokens, many.lengths)
+      samples = [flat[j * n:(j + 1) * n] for j in range(len(texts))]
     out.append((i, [{'prompt': rollout.prompt_text(prompt), 'extra': batch['extra'][j],
                      'greedy': texts[j], 'truncated': bool(first.truncated[j]),
-                     'samples': samples[j * n:(j + 1) * n]}
+                     'samples': samples[j]}
                     for j, prompt in enumerate(batch['prompt'])]))
   return loop.merge_in_order(out)
 
@@ -161,9 +170,9 @@ def judge_battles(names, outputs, pairwise) -> tuple[list[dict], int]:
 
 
 def general_section(config, names: list[str], results: dict) -> ev.Section:
-  """The forgetting check (jpost.eval.general) of every model given by its
-  weights: NLL on general text, and its drift from the first model (the
-  anchor) on the same windows; added to each model's results."""
+  """The forgetting check's first half (jpost.eval.general) for every model
+  given by its weights: NLL on general text, and its drift from the first
+  model (the anchor) on the same windows; added to each model's results."""
   g = config.general
   text = general.general_text(g.text)
   nll, windows = {}, {}
@@ -191,6 +200,81 @@ def general_section(config, names: list[str], results: dict) -> ev.Section:
                              if k.startswith('general_')}} for n in nll])
 
 
+def instruction_judge(config, anchor: str):
+  """(judge(prompt, answer, anchor_answer) -> 'win'|'loss'|'tie'|'both_bad'|None
+  for failed, description) for `general.judge`."""
+  g = config.general
+  if g.judge == 'reward_model':
+    from jpost.models import reward
+    scorer = reward.load_scorer(g.judge_model)
+
+    def by_reward(prompt, answer, anchor_answer):
+      mine, theirs = scorer([prompt, prompt], [answer, anchor_answer])
+      return 'win' if mine > theirs else 'loss' if mine < theirs else 'tie'
+    return by_reward, f'the reward model {g.judge_model!r} (higher score wins)'
+  if g.judge == 'endpoint':
+    chat = rewards.openai_chat(g.endpoint, g.model, temperature=0.0, seed=0, max_tokens=256,
+                               timeout=60.0)
+    what = f'{g.model!r} at {g.endpoint} (pairwise prompt, both orders)'
+  else:  # 'likelihood': a local model's verdict probabilities
+    source = g.judge_model or str(config.models[anchor])
+    path = pretrained.resolve(source)
+    chat = likelihood_chat(hf.load(path, dtype='float32'), Tokenizer.from_dir(path))
+    what = f'{source!r} by verdict likelihood (pairwise prompt, both orders)'
+
+  def by_chat(prompt, answer, anchor_answer):
+    outcome = ev.judge_pair(chat, prompt, answer, anchor_answer, retries=g.retries).outcome
+    return {'1': 'win', '2': 'loss', None: None}.get(outcome, outcome)
+  return by_chat, what
+
+
+def judged_section(config, names: list[str], answers: dict, results: dict) -> ev.Section:
+  """The forgetting check's second half: every model's answers to general
+  instructions judged against the anchor's (the starting model's)."""
+  g, anchor = config.general, names[0]
+  judge, what = instruction_judge(config, anchor)
+  table = []
+  for name in answers:
+    if name == anchor:
+      continue
+    outcomes = [judge(mine['prompt'], mine['greedy'], theirs['greedy'])
+                for mine, theirs in zip(answers[name], answers[anchor])]
+    judged = [o for o in outcomes if o is not None]
+    if not judged:
+      raise ConfigError(f'general.judge={g.judge!r}: every judgement of {name!r} failed; '
+                        'check the judge (endpoint, model or judge_model).')
+    stats = general.win_rate(judged, rounds=g.bootstrap_rounds, seed=config.seed)
+    stats['failures'] = len(outcomes) - len(judged)
+    results[name] |= {f'general_{k}': v for k, v in stats.items()}
+    table.append({'model': name, **stats})
+  return ev.Section(
+      title='General instructions (forgetting check, judged)',
+      text=f'{len(answers[anchor])} general instructions ({g.instructions!r}) answered greedily '
+      f'(at most {g.max_new_tokens} tokens) by each model and by {anchor}; judged by {what}. '
+      'win rate counts ties and both-bad as half; 0.5 = no difference the judge sees, below '
+      '0.5 = forgetting. 95% bootstrap intervals over instructions.', table=table)
+
+
+def drift_vs_gain(names: list[str], results: dict) -> ev.Section:
+  """One row per trained model: the task gain next to both forgetting measures."""
+  anchor, rows = names[0], []
+  for name in names[1:]:
+    r = results[name]
+    rows.append({'model': name,
+                 'task_gain': r['greedy_accuracy'] - results[anchor]['greedy_accuracy'],
+                 **{k: r.get(f'general_{k}') for k in ('drift_nll', 'drift_low', 'drift_high',
+                                                       'win_rate', 'win_rate_low',
+                                                       'win_rate_high')}})
+  return ev.Section(title='Forgetting next to task gain',
+                    text=f'task gain = greedy accuracy minus {anchor}\'s; drift_nll > 0 and '
+                    'win_rate < 0.5 are forgetting (None: that check did not run).', table=rows)
+
+
+def _save_rows(path: pathlib.Path, rows: list[dict]) -> None:
+  if jax.process_index() == 0:
+    path.write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows))
+
+
 @register('eval')
 def run(config, workdir):
   if workdir is None:
@@ -198,6 +282,14 @@ def run(config, workdir):
   if config.pairwise.judge not in PAIRWISE_JUDGES:
     raise ConfigError(f'config.pairwise.judge={config.pairwise.judge!r}; use one of '
                      f'{PAIRWISE_JUDGES}.')
+  judged = bool(config.general.instructions) and config.general.judge != 'none'
+  if config.general.judge not in GENERAL_JUDGES:
+    raise ConfigError(f'config.general.judge={config.general.judge!r}; use one of '
+                      f'{GENERAL_JUDGES}.')
+  if judged and config.general.judge == 'reward_model' and not config.general.judge_model:
+    raise ConfigError("config.general.judge='reward_model' needs general.judge_model: a reward "
+                      'model directory (configs/reward.py exports one to WORKDIR/hf).')
+  instructions = general.instructions_source(config.general.instructions) if judged else None
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   loop.start_processes(config)
@@ -210,16 +302,19 @@ def run(config, workdir):
     names.remove(config.anchor)
     names.insert(0, config.anchor)
   reward_fns = rewards.build(config.rewards)
-  outputs = {}
+  outputs, general_answers = {}, {}
   for name in names:
     source = pathlib.Path(str(config.models[name]))
     if source.suffix == '.jsonl':
       outputs[name] = load_completions(source)
     else:
       outputs[name] = sample_model(str(config.models[name]), config)
-      if jax.process_index() == 0:
-        (workdir / f'completions_{name}.jsonl').write_text(
-            ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in outputs[name]))
+      _save_rows(workdir / f'completions_{name}.jsonl', outputs[name])
+      if instructions:
+        general_answers[name] = sample_model(
+            str(config.models[name]), config, sources=[instructions], max_prompt_len=256,
+            max_new_tokens=config.general.max_new_tokens, with_samples=False)
+        _save_rows(workdir / f'general_answers_{name}.jsonl', general_answers[name])
   if jax.process_index() != 0:
     return {}  # the answers are sampled; process 0 scores, judges and reports
   outputs, results = align(outputs), {}
@@ -240,6 +335,10 @@ def run(config, workdir):
                              workdir / 'per_prompt_accuracy.png')])]
   if forgetting is not None:
     sections.append(forgetting)
+  if names[0] in general_answers and len(general_answers) > 1:
+    sections.append(judged_section(config, names, general_answers, results))
+  if len(names) > 1 and (forgetting is not None or len(general_answers) > 1):
+    sections.append(drift_vs_gain(names, results))
   if config.rubric.name:
     rubric_fns = rewards.build({'rubric': {'rubric': config.rubric.name,
                                            'judge': dict(config.rubric.judge)}})
