@@ -37,3 +37,4 @@ def _load_builtin():
   # Imported here, not at package import, so `jpost.trainers` stays light.
   from jpost.trainers import (chat, curate, dpo, evaluate, generate, online, pairs,  # noqa: F401
                               reward, sft)
+  from jpost.serve import recipe  # noqa: F401  (the `serve` recipe)
