@@ -43,7 +43,7 @@ def grpo_config(args):
   c.rl.beta = args.beta
   c.model.dtype = args.dtype
   c.model.path = args.model
-  c.model.remat = args.remat
+  c.model.remat = 'full' if args.remat else 'none'
   c.rl.minibatches = args.minibatches
   c.total_steps = args.steps
   c.eval_every = 0

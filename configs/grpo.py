@@ -34,7 +34,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # bfloat16 compute with remat: on CPU several times faster than float32 without
   # remat, and the demo's held-out accuracy as high (README, "Online RL").
   c.model = ml_collections.ConfigDict(dict(
-      path='smollm2-135m-instruct', dtype='bfloat16', param_dtype='float32', remat=True))
+      path='smollm2-135m-instruct', dtype='bfloat16', param_dtype='float32', remat='full',
+      attention='auto', attention_block=512))  # README, "Attention and memory"
   # LoRA/QLoRA (README, "LoRA and QLoRA"): rank 0 is full fine-tuning.
   c.lora = lora.default_config()
   c.data = ml_collections.ConfigDict(dict(
@@ -69,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.export_hf = True
   if arg == 'tiny':
     c.model.dtype = 'float32'  # tests compare runs exactly (resume) and bound log-probs tightly
-    c.model.remat = False
+    c.model.remat = 'none'
     c.data.max_prompt_len = 56
     c.prompts_per_step = 2
     c.eval_batch_size = 8

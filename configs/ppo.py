@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # GRPO's bfloat16 + remat default was measured on GRPO only; PPO (policy and
   # critic) stays in float32 until a bfloat16 PPO run is measured.
   c.model.dtype = 'float32'
-  c.model.remat = False
+  c.model.remat = 'none'
   c.rl.kl_in = 'reward'  # the KL penalty is part of the per-token reward
   c.rl.entropy_coef = 0.0
   c.sampling.num_samples = 4  # no groups needed: the critic is the baseline

@@ -24,7 +24,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 'disallow' turns any implicit host<->device transfer in a step into an error.
   c.transfer_guard = 'allow'
   c.model = ml_collections.ConfigDict(dict(
-      path='smollm2-135m-instruct', dtype='bfloat16', param_dtype='float32', remat=True))
+      path='smollm2-135m-instruct', dtype='bfloat16', param_dtype='float32', remat='full',
+      attention='auto', attention_block=512))  # README, "Attention and memory"
   # LoRA/QLoRA (README, "LoRA and QLoRA"): rank 0 is full fine-tuning.
   c.lora = lora.default_config()
   c.data = ml_collections.ConfigDict(dict(
@@ -46,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.export_hf = True
   if arg == 'tiny':
     c.model.dtype = 'float32'  # exact-resume tests compare float32 runs
-    c.model.remat = False
+    c.model.remat = 'none'
     c.data.max_len = 128
     c.batch_size = 2
     c.total_steps = 4

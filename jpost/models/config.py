@@ -51,7 +51,13 @@ class ModelConfig:
   pad_token_id: int | None = None
   param_dtype: str = 'float32'
   dtype: str = 'float32'  # compute dtype of activations and matmuls
-  remat: bool = False  # recompute each layer's activations in the backward pass
+  # Recompute each layer's activations in the backward pass: 'none', 'dots'
+  # (keep the weight matmuls' outputs) or 'full'; True = 'full', False = 'none'.
+  remat: bool | str = False
+  # attention.IMPLEMENTATIONS: 'auto', 'xla', 'blockwise' or 'pallas'; the
+  # blockwise path's key block (README, "Attention and memory").
+  attention: str = 'auto'
+  attention_block: int = 512
   lora: Any = None  # a lora.LoraConfig: adapters on a frozen (maybe quantised) base
 
   def __post_init__(self):
@@ -84,6 +90,16 @@ class ModelConfig:
       if kind not in _ROPE_TYPES:
         raise ConfigError(
             f'rope_scaling type {kind!r} is not supported; use one of {_ROPE_TYPES}.')
+    if self.remat not in (True, False, 'none', 'dots', 'full'):
+      raise ConfigError(f"ModelConfig.remat={self.remat!r}; use 'none', 'dots' or 'full' "
+                        '(True = full, False = none).')
+    from jpost.models.attention import IMPLEMENTATIONS
+    if self.attention not in IMPLEMENTATIONS:
+      raise ConfigError(f'ModelConfig.attention={self.attention!r}; use one of '
+                        f'{IMPLEMENTATIONS}.')
+    if not isinstance(self.attention_block, int) or self.attention_block < 8:
+      raise ConfigError(f'ModelConfig.attention_block={self.attention_block!r}; use an '
+                        'int >= 8 (512 by default).')
     for name in ('param_dtype', 'dtype'):
       if getattr(self, name) not in ('float32', 'bfloat16', 'float16'):
         raise ConfigError(

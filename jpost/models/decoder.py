@@ -25,13 +25,9 @@ from flax import nnx
 from jax.experimental.layout import Layout, with_layout_constraint
 
 from jpost import sharding
+from jpost.models import attention as attn
 from jpost.models import lora
 from jpost.models.config import ModelConfig
-
-# Large negative instead of -inf: a padding query (no visible key) then gets a
-# uniform, finite softmax rather than NaNs that would leak into gradients.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
 
 def layer_param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
   """Name -> (shape without the layer axis, logical axes) of each layer parameter."""
@@ -231,13 +227,12 @@ def decoder_stack(x, layer_params, positions, segment_ids, cfg: ModelConfig, cac
   either stacked or a list of per-layer dicts.
   """
   cos, sin = rope_tables(positions, cfg)
-  new_mask = attention_mask(positions, segment_ids, positions, segment_ids, cfg.sliding_window)
   if cache is None:
+    visible = attn.Visibility(positions, segment_ids, positions, segment_ids)
+
     def block(x, params):
-      return decoder_block(x, params, cos, sin, new_mask, cfg)[0], None
-    if cfg.remat:
-      block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
-    x, _ = jax.lax.scan(block, x, _with_dropout_keys(layer_params, cfg))
+      return decoder_block(x, params, cos, sin, visible, cfg)[0], None
+    x, _ = jax.lax.scan(remat(block, cfg), x, _with_dropout_keys(layer_params, cfg))
     return x, None
 
   # The new tokens' keys and values are written into each layer's cache
@@ -250,8 +245,8 @@ def decoder_stack(x, layer_params, positions, segment_ids, cfg: ModelConfig, cac
       cache['positions'], positions.astype(jnp.int32), index, axis=1)
   cache_segments = jax.lax.dynamic_update_slice_in_dim(
       cache['segment_ids'], segment_ids.astype(jnp.int32), index, axis=1)
-  mask = attention_mask(positions, segment_ids, cache_positions, cache_segments,
-                        cfg.sliding_window)
+  mask = attn.mask_of(positions, segment_ids, cache_positions, cache_segments,
+                      cfg.sliding_window)
   if isinstance(cache['k'], list):
     if isinstance(layer_params, dict):
       layer_params = [{name: value[i] for name, value in layer_params.items()}
@@ -274,14 +269,16 @@ def decoder_stack(x, layer_params, positions, segment_ids, cfg: ModelConfig, cac
                  segment_ids=cache_segments)
 
 
-def decoder_block(x, p, cos, sin, mask, cfg: ModelConfig, cache=None):
+def decoder_block(x, p, cos, sin, visible, cfg: ModelConfig, cache=None):
   """One pre-norm block: x + attn(norm(x)), then + SwiGLU(norm(x)).
 
-  Without a cache the tokens attend to each other (mask [B, T, T]) and the
-  second output is their (keys [B, K, H, T], values [B, K, T, H]). With
+  `visible` is an attention.Visibility (positions and segments of queries
+  and keys: `cfg.attention` picks the implementation) or, for decoding, a
+  dense mask [B, T, S]. Without a cache the tokens attend to each other and
+  the second output is their (keys [B, K, H, T], values [B, K, T, H]). With
   `cache` = (keys [B, K, H, S], values [B, K, S, H], slot index), the new
   keys and values are written at the index, the tokens attend over all S
-  slots (mask [B, T, S]), and the updated cache arrays are returned.
+  slots, and the updated cache arrays are returned.
   """
   w = _block_weights(p, x.dtype, cfg)
   q, keys, values = _attention_inputs(x, w, cos, sin, cfg)
@@ -289,7 +286,32 @@ def decoder_block(x, p, cos, sin, mask, cfg: ModelConfig, cache=None):
     cache_k, cache_v, index = cache
     keys = _write_slots(cache_k, keys, (0, 0, 0, index))
     values = _write_slots(cache_v, values, (0, 0, index, 0))
-  return _block_output(x, attention(q, keys, values, mask), w, cfg), (keys, values)
+  return _block_output(x, _attend(q, keys, values, visible, cfg), w, cfg), (keys, values)
+
+
+def _attend(q, keys, values, visible, cfg: ModelConfig):
+  if isinstance(visible, attn.Visibility):
+    return attn.attend(q, keys, values, visible, implementation=cfg.attention,
+                       block=cfg.attention_block, sliding_window=cfg.sliding_window)
+  return attn.dense_attention(q, keys, values, visible)
+
+
+REMAT_POLICIES = {
+    # Everything recomputed in the backward: least memory, one more forward.
+    'full': jax.checkpoint_policies.nothing_saveable,
+    # Weight matmuls' outputs kept, the rest (norms, activations, attention)
+    # recomputed: most of the saving for a fraction of the recompute.
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat(block, cfg: ModelConfig):
+  """`block` under the remat policy `cfg.remat` names ('none', 'dots',
+  'full'; True = 'full', False = 'none')."""
+  name = {True: 'full', False: 'none'}.get(cfg.remat, cfg.remat)
+  if name == 'none':
+    return block
+  return jax.checkpoint(block, policy=REMAT_POLICIES[name])
 
 
 def _block_weights(p, dtype, cfg: ModelConfig):
@@ -369,12 +391,11 @@ def shared_prompt_stack(x_prompt, x_comp, layer_params, prompt_pos, prompt_seg, 
   repeat = lambda a: jnp.repeat(a, samples, axis=0)
   p_cos, p_sin = rope_tables(prompt_pos, cfg)
   c_cos, c_sin = rope_tables(comp_pos, cfg)
-  prompt_mask = attention_mask(prompt_pos, prompt_seg, prompt_pos, prompt_seg, cfg.sliding_window)
+  prompt_visible = attn.Visibility(prompt_pos, prompt_seg, prompt_pos, prompt_seg)
   # A completion token sees its whole (real) prompt and the completion so far.
-  comp_mask = jnp.concatenate([
-      attention_mask(comp_pos, comp_seg, repeat(prompt_pos),
-                     jnp.where(repeat(prompt_seg) > 0, comp_seg[:, :1], 0), cfg.sliding_window),
-      attention_mask(comp_pos, comp_seg, comp_pos, comp_seg, cfg.sliding_window)], axis=-1)
+  comp_visible = attn.Visibility(
+      comp_pos, comp_seg, jnp.concatenate([repeat(prompt_pos), comp_pos], axis=1),
+      jnp.concatenate([jnp.where(repeat(prompt_seg) > 0, comp_seg[:, :1], 0), comp_seg], axis=1))
 
   def block(carry, params):
     xp, xc = carry
@@ -383,13 +404,11 @@ def shared_prompt_stack(x_prompt, x_comp, layer_params, prompt_pos, prompt_seg, 
     cq, ck, cv = _attention_inputs(xc, w, c_cos, c_sin, cfg)
     keys = jnp.concatenate([repeat(pk), ck], axis=-1)
     values = jnp.concatenate([repeat(pv), cv], axis=-2)
-    xp = _block_output(xp, attention(pq, pk, pv, prompt_mask), w, cfg)
-    xc = _block_output(xc, attention(cq, keys, values, comp_mask), w, cfg)
+    xp = _block_output(xp, _attend(pq, pk, pv, prompt_visible, cfg), w, cfg)
+    xc = _block_output(xc, _attend(cq, keys, values, comp_visible, cfg), w, cfg)
     return (xp, xc), None
 
-  if cfg.remat:
-    block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
-  (x_prompt, x_comp), _ = jax.lax.scan(block, (x_prompt, x_comp),
+  (x_prompt, x_comp), _ = jax.lax.scan(remat(block, cfg), (x_prompt, x_comp),
                                        _with_dropout_keys(layer_params, cfg))
   return x_prompt, x_comp
 
@@ -453,31 +472,6 @@ def rms_norm(x, weight, eps: float):
   x32 = x.astype(jnp.float32)
   normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
   return weight.astype(x.dtype) * normed.astype(x.dtype)
-
-
-def attention(q_btnh, keys, values, mask):
-  """Grouped-query attention of q [B, T, N, H] over keys [B, K, H, S] and
-  values [B, K, S, H] where mask [B, T, S]: each of the K key/value heads
-  serves N // K query heads. Scores and softmax are float32.
-  """
-  b, t, n, h = q_btnh.shape
-  k = keys.shape[1]
-  q_bkgth = q_btnh.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
-  scores = jnp.einsum('bkgth,bkhs->bkgts', q_bkgth, keys, preferred_element_type=jnp.float32)
-  scores = jnp.where(mask[:, None, None], scores * (h ** -0.5), _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-  out = jnp.einsum('bkgts,bksh->bkgth', probs, values, preferred_element_type=jnp.float32)
-  return out.astype(q_btnh.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
-
-
-def attention_mask(q_pos, q_seg, k_pos, k_seg, sliding_window: int | None = None):
-  """[B, T, S] bool: same non-zero segment and key position <= query position."""
-  same = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
-  causal = k_pos[:, None, :] <= q_pos[:, :, None]
-  mask = same & causal
-  if sliding_window is not None:
-    mask &= q_pos[:, :, None] - k_pos[:, None, :] < sliding_window
-  return mask
 
 
 def rope_inv_freq(cfg: ModelConfig):

@@ -193,6 +193,14 @@ def build_decoder(cfg: ModelConfig, params: dict[tuple[str, ...], np.ndarray],
   return model
 
 
+def compute_options(config) -> dict:
+  """ModelConfig fields a recipe's `config.model` sets: dtypes, remat policy,
+  attention implementation and block."""
+  m = config.model
+  return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.get('remat', False),
+              attention=m.get('attention', 'auto'), attention_block=m.get('attention_block', 512))
+
+
 def load(path: str | pathlib.Path, *, mesh=None, rules=None, lora_adapter=None, seed: int = 0,
          **overrides) -> Decoder:
   """Loads a HF checkpoint dir (config.json + safetensors) as a Decoder.

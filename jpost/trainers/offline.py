@@ -130,8 +130,7 @@ def run(config, workdir: str | None, task: Task) -> dict[str, Any]:
   model_dir = pretrained.resolve(config.model.path)
   tokenizer = Tokenizer.from_dir(model_dir)
   model = (task.load_model(model_dir, mesh, config) if task.load_model else hf.load(
-      model_dir, mesh=mesh, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-      remat=config.model.remat, **lora.load_options(config)))
+      model_dir, mesh=mesh, **hf.compute_options(config), **lora.load_options(config)))
   hook = task.batch_hook(Setup(config=config, workdir=workdir, model_dir=model_dir,
                                model=model, tokenizer=tokenizer, mesh=mesh)) \
       if task.batch_hook else None

@@ -244,8 +244,7 @@ def _critic(config, model_dir, mesh):
   trained reward model) or, by default, the policy's own checkpoint."""
   path = pretrained.resolve(config.ppo.critic_path) if config.ppo.critic_path else model_dir
   adapters = lora.load_options(config) if config.ppo.get('critic_lora', True) else {}
-  return scalar_models.load(path, mesh=mesh, dtype=config.model.dtype,
-                            param_dtype=config.model.param_dtype, remat=config.model.remat,
+  return scalar_models.load(path, mesh=mesh, **hf.compute_options(config),
                             **({'seed': config.seed} | adapters))
 
 
@@ -295,9 +294,7 @@ def run(config, workdir: str | None, algorithm: str) -> dict[str, Any]:
   # --- models and steps ----------------------------------------------------------------
   model_dir = pretrained.resolve(config.model.path)
   tokenizer = Tokenizer.from_dir(model_dir)
-  model = hf.load(model_dir, mesh=mesh, dtype=config.model.dtype,
-                  param_dtype=config.model.param_dtype, remat=config.model.remat,
-                  **lora.load_options(config))
+  model = hf.load(model_dir, mesh=mesh, **hf.compute_options(config), **lora.load_options(config))
   kl_coef = rl.beta if rl.beta > 0 and rl.kl_in == 'loss' and algorithm == 'grpo' else 0.0
   graphdef, state, policy_update, critic_update, critic_graphdef = _update_fns(
       config, algorithm, model_dir, mesh, model, kl_coef)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jpost.data import pipeline
 from jpost.errors import ConfigError
 from jpost.losses.reward import bradley_terry_loss
-from jpost.models import lora
+from jpost.models import hf, lora
 from jpost.models import reward as reward_model
 from jpost.trainers import offline, register
 
@@ -87,8 +87,7 @@ def run(config, workdir):
       eval_data=preference_data(data, sources=list(data.eval), epochs=1, seed=0,
                                 batch_size=config.eval_batch_size) if data.eval else None,
       load_model=lambda path, mesh, cfg: reward_model.load(
-          path, mesh=mesh, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-          remat=cfg.model.remat, **({'seed': cfg.seed} | lora.load_options(cfg))),
+          path, mesh=mesh, **hf.compute_options(cfg), **({'seed': cfg.seed} | lora.load_options(cfg))),
       export=reward_model.save,
       eval_metrics=EVAL_METRICS)
   return offline.run(config, workdir, task)

@@ -1,0 +1,226 @@
+"""Attention implementations behind one function, chosen by name
+(`ModelConfig.attention`; README, "Attention and memory").
+
+- 'xla': scores [B, N, T, S] materialised, then softmax. The reference, and
+  the fastest where T x S is small.
+- 'blockwise': online softmax over key blocks (pure JAX, every backend), with
+  a recomputing backward, so memory is O(T x block) per head instead of
+  O(T x S). The mask is built per block from positions and segment ids:
+  packed rows stay packed, and no [T, S] mask exists anywhere.
+- 'pallas': the Pallas GPU (Triton) flash-attention kernel, which takes
+  segment ids; causal by index, which for jpost's rows (positions rise by one
+  within a segment) is causal by position. No sliding window; GQA by
+  repeating K/V heads (the kernel needs equal head counts).
+- 'auto': 'pallas' on GPU without a sliding window, else 'blockwise' when the
+  keys span more than one block, else 'xla' (one block gains nothing).
+
+Queries are [B, T, N, H], keys [B, K, H, S], values [B, K, S, H] (K key/value
+heads serve N // K query heads each), as in jpost.models.decoder.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ('auto', 'xla', 'blockwise', 'pallas')
+
+# Large negative instead of -inf: a padding query (no visible key) then gets a
+# uniform, finite softmax rather than NaNs that would leak into gradients.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+class Visibility(NamedTuple):
+  """What each query may see, as positions and segment ids ([B, T] and
+  [B, S]); segment 0 is padding. A pytree: it passes through scans and jit."""
+  q_pos: jax.Array
+  q_seg: jax.Array
+  k_pos: jax.Array
+  k_seg: jax.Array
+
+
+def mask_of(q_pos, q_seg, k_pos, k_seg, sliding_window: int | None = None):
+  """[B, T, S] bool: same non-zero segment and key position <= query position."""
+  same = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
+  causal = k_pos[:, None, :] <= q_pos[:, :, None]
+  mask = same & causal
+  if sliding_window is not None:
+    mask &= q_pos[:, :, None] - k_pos[:, None, :] < sliding_window
+  return mask
+
+
+def choose(name: str, *, key_len: int, block: int, sliding_window: int | None,
+           backend: str | None = None) -> str:
+  """The implementation `name` resolves to for keys of `key_len` tokens."""
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f'attention={name!r}; use one of {IMPLEMENTATIONS}.')
+  if name != 'auto':
+    return name
+  backend = backend or jax.default_backend()
+  if backend == 'gpu' and sliding_window is None:
+    return 'pallas'
+  return 'blockwise' if key_len > block else 'xla'
+
+
+def attend(q_btnh, keys, values, visible: Visibility, *, implementation: str, block: int,
+           sliding_window: int | None = None):
+  """Attention output [B, T, N, H] by the named implementation."""
+  name = choose(implementation, key_len=keys.shape[-1], block=block,
+                sliding_window=sliding_window)
+  if name == 'xla':
+    return dense_attention(q_btnh, keys, values, mask_of(*visible, sliding_window))
+  if name == 'pallas' and keys.shape[-1] != q_btnh.shape[1]:
+    name = 'blockwise'  # the kernel is self-attention only; shared prompts are not
+  if name == 'pallas':
+    if jax.default_backend() != 'gpu':
+      raise ValueError("attention='pallas' needs a GPU; use 'auto' (it picks per backend).")
+    if sliding_window is not None:
+      raise ValueError("attention='pallas' has no sliding window; use 'blockwise' or 'auto'.")
+    return pallas_attention(q_btnh, keys, values, visible)
+  return blockwise_attention(q_btnh, keys, values, visible, block=block,
+                             sliding_window=sliding_window)
+
+
+def dense_attention(q_btnh, keys, values, mask):
+  """The materialised reference: scores and softmax in float32, mask [B, T, S]."""
+  b, t, n, h = q_btnh.shape
+  k = keys.shape[1]
+  q_bkgth = q_btnh.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
+  scores = jnp.einsum('bkgth,bkhs->bkgts', q_bkgth, keys, preferred_element_type=jnp.float32)
+  scores = jnp.where(mask[:, None, None], scores * (h ** -0.5), MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+  out = jnp.einsum('bkgts,bksh->bkgth', probs, values, preferred_element_type=jnp.float32)
+  return out.astype(q_btnh.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+# --- blockwise: online softmax over key blocks ---------------------------------
+
+
+def blockwise_attention(q_btnh, keys, values, visible: Visibility, *, block: int,
+                        sliding_window: int | None = None):
+  b, t, n, h = q_btnh.shape
+  k, s = keys.shape[1], keys.shape[-1]
+  block = min(block, s)
+  pad = -s % block
+  q_pos, q_seg, k_pos, k_seg = (a.astype(jnp.int32) for a in visible)
+  if pad:  # padded keys have segment 0: nothing sees them
+    keys = jnp.pad(keys, ((0, 0), (0, 0), (0, 0), (0, pad)))
+    values = jnp.pad(values, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    k_pos, k_seg = (jnp.pad(a, ((0, 0), (0, pad))) for a in (k_pos, k_seg))
+  nb = (s + pad) // block
+  # Key blocks along a leading axis, for a scan: [nb, B, K, H, blk] etc.
+  k_blocks = keys.reshape(b, k, h, nb, block).transpose(3, 0, 1, 2, 4)
+  v_blocks = values.reshape(b, k, nb, block, h).transpose(2, 0, 1, 3, 4)
+  pos_blocks, seg_blocks = (a.reshape(b, nb, block).transpose(1, 0, 2) for a in (k_pos, k_seg))
+  q_bkgth = q_btnh.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
+  out = _flash(q_bkgth, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks,
+               sliding_window)
+  return out.astype(q_btnh.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def _block_scores(q, kb, q_pos, q_seg, kp, ks, window):
+  """Scaled, masked float32 scores [B, K, G, T, blk] of one key block."""
+  scores = jnp.einsum('bkgth,bkhs->bkgts', q, kb, preferred_element_type=jnp.float32)
+  visible = mask_of(q_pos, q_seg, kp, ks, window)[:, None, None]
+  return jnp.where(visible, scores * (q.shape[-1] ** -0.5), MASK_VALUE)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _flash(q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, window):
+  return _flash_fwd(q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, window)[0]
+
+
+def _flash_fwd(q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, window):
+  """Output [B, K, G, T, H] (float32) and, for the backward, the row
+  log-sum-exp: nothing of size T x S is kept."""
+  stats_shape = q.shape[:-1]
+
+  def step(carry, blocks):
+    m, l, acc = carry
+    kb, vb, kp, ks = blocks
+    scores = _block_scores(q, kb, q_pos, q_seg, kp, ks, window)
+    m_new = jnp.maximum(m, scores.max(-1))
+    correction = jnp.exp(m - m_new)
+    p = jnp.exp(scores - m_new[..., None])
+    l = l * correction + p.sum(-1)
+    pv = jnp.einsum('bkgts,bksh->bkgth', p.astype(vb.dtype), vb,
+                    preferred_element_type=jnp.float32)
+    return (m_new, l, acc * correction[..., None] + pv), None
+
+  # Starting at the mask value (not -inf) keeps a row with no visible key
+  # finite: every score equals the start, so it averages all values, as the
+  # materialised softmax does.
+  init = (jnp.full(stats_shape, MASK_VALUE, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
+          jnp.zeros(q.shape, jnp.float32))
+  (m, l, acc), _ = jax.lax.scan(step, init, (k_blocks, v_blocks, pos_blocks, seg_blocks))
+  out = acc / l[..., None]
+  lse = m + jnp.log(l)
+  return out, (q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, out, lse)
+
+
+def _flash_bwd(window, residuals, d_out):
+  """Recomputes each block's probabilities from the saved log-sum-exp."""
+  q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, out, lse = residuals
+  low = q.dtype
+  d_out = d_out.astype(jnp.float32)
+  delta = jnp.sum(d_out * out, axis=-1)  # [B, K, G, T]
+  scale = q.shape[-1] ** -0.5
+  d_out_low = d_out.astype(low)
+
+  def step(dq, blocks):
+    kb, vb, kp, ks = blocks
+    p = jnp.exp(_block_scores(q, kb, q_pos, q_seg, kp, ks, window) - lse[..., None])
+    dv = jnp.einsum('bkgts,bkgth->bksh', p.astype(low), d_out_low,
+                    preferred_element_type=jnp.float32)
+    dp = jnp.einsum('bkgth,bksh->bkgts', d_out_low, vb.astype(low),
+                    preferred_element_type=jnp.float32)
+    ds = (p * (dp - delta[..., None]) * scale).astype(low)
+    dq = dq + jnp.einsum('bkgts,bkhs->bkgth', ds, kb.astype(low),
+                         preferred_element_type=jnp.float32)
+    dk = jnp.einsum('bkgts,bkgth->bkhs', ds, q, preferred_element_type=jnp.float32)
+    return dq, (dk.astype(kb.dtype), dv.astype(vb.dtype))
+
+  dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32),
+                              (k_blocks, v_blocks, pos_blocks, seg_blocks))
+  return (dq.astype(q.dtype), dk, dv, None, None, None, None)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# --- pallas: the Triton flash-attention kernel with segment ids (GPU) ----------
+
+
+def pallas_attention(q_btnh, keys, values, visible: Visibility, *, interpret: bool = False,
+                     block: int = 128):
+  """Self-attention over packed/padded rows by the Pallas GPU kernel.
+
+  `interpret` runs the kernel's program in the Pallas interpreter (any
+  backend, slow): how the CPU tests check it. Queries and keys must be the
+  same tokens (training and scoring, not a KV cache)."""
+  from jax.experimental.pallas.ops.gpu import attention as pallas_gpu
+  b, t, n, h = q_btnh.shape
+  k = keys.shape[1]
+  if keys.shape[-1] != t:
+    raise ValueError("attention='pallas' is self-attention: use 'xla' or 'blockwise' with a "
+                     'KV cache or shared prompts.')
+  groups = n // k
+  k_btnh = jnp.repeat(keys.transpose(0, 3, 1, 2), groups, axis=2)
+  v_btnh = jnp.repeat(values.transpose(0, 2, 1, 3), groups, axis=2)
+  small = min(32, block)  # the backward's blocks
+  pad = -t % block
+  seg = visible.q_seg.astype(jnp.int32)
+  if pad:  # the kernel needs whole blocks; padding after the row is segment 0
+    q_btnh, k_btnh, v_btnh = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0)))
+                              for a in (q_btnh, k_btnh, v_btnh))
+    seg = jnp.pad(seg, ((0, 0), (0, pad)))
+  sizes = pallas_gpu.BlockSizes(block_q=block, block_k=block, block_q_dkv=small,
+                                block_kv_dkv=small, block_q_dq=small, block_kv_dq=small)
+  # A padding query (segment 0) sees only padding keys here, the reference
+  # sees every key: both are ignored downstream, as no real token sees them.
+  out = pallas_gpu.mha(q_btnh, k_btnh, v_btnh, seg, sm_scale=h ** -0.5, causal=True,
+                       block_sizes=sizes, interpret=interpret)
+  return out[:, :t]
