@@ -120,3 +120,41 @@ def token_entropy(logits):
   logp = jax.nn.log_softmax(logits, axis=-1)
   # Tokens masked to -inf have probability 0 and contribute 0 (not 0 * -inf).
   return -jnp.sum(jnp.exp(logp) * jnp.where(jnp.isfinite(logp), logp, 0.0), axis=-1)
+
+
+def head_logprobs(logits_fn, hidden, targets, *, chunk: int = 0, entropy: str = 'none'):
+  """log p(target) [B, T] of the token after each of hidden [B, T, D]
+  (through logits_fn(hidden) -> float32 logits [B, T, V]), and, unless
+  `entropy` is 'none', each position's entropy [B, T] ('metric': without a
+  gradient; 'loss': with one).
+
+  With `chunk` (positions) below T, the logits exist `chunk` positions at a
+  time and are recomputed in the backward pass: a 128k-152k vocabulary's
+  [B, T, V] float32 logits (2 GB per 4k tokens) are never held whole.
+  """
+  def one(h, t):
+    logits = logits_fn(h)
+    picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+    logp = picked - jax.nn.logsumexp(logits, axis=-1)
+    if entropy == 'none':
+      return logp, jnp.zeros_like(logp)
+    pad = jnp.zeros_like(logits[:, :1])  # token_entropy drops the last position
+    ent = token_entropy(jnp.concatenate([logits, pad], axis=1))
+    return logp, ent if entropy == 'loss' else jax.lax.stop_gradient(ent)
+
+  b, t, _ = hidden.shape
+  if not chunk or t <= chunk:
+    logp, ent = one(hidden, targets)
+  else:
+    pad = -t % chunk
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    tg = jnp.pad(targets, ((0, 0), (0, pad)))
+    n = (t + pad) // chunk
+    # Chunks along a leading axis for the scan; the batch axis stays where
+    # the mesh shards it.
+    h = h.reshape(b, n, chunk, -1).swapaxes(0, 1)
+    tg = tg.reshape(b, n, chunk).swapaxes(0, 1)
+    body = jax.checkpoint(lambda _, x: (None, one(*x)))
+    _, (logp, ent) = jax.lax.scan(body, None, (h, tg))
+    logp, ent = (a.swapaxes(0, 1).reshape(b, -1)[:, :t] for a in (logp, ent))
+  return (logp, ent) if entropy != 'none' else logp

@@ -136,3 +136,37 @@ def test_model_with_each_implementation_and_remat_matches_the_reference():
     assert_norm_close(logits, ref_logits, bound=1e-5)
     for g, w in zip(grads, ref_grads):
       assert_norm_close(g, w, bound=1e-4)
+
+
+def test_chunked_lm_head_equals_whole_logits_with_gradients():
+  """ops.head_logprobs over 3 chunks of 16 positions (the last padded) equals
+  the whole [B, T, V] logits' log-probs and entropies, and their gradients."""
+  from jpost import ops
+  rng = np.random.default_rng(3)
+  hidden = jnp.asarray(rng.normal(size=(B, T, 12)), jnp.float32)
+  head = jnp.asarray(rng.normal(size=(12, 50)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 50, (B, T)))
+  weights = jnp.asarray(rng.normal(size=(B, T)))
+  logits_fn = lambda h: h @ head / 0.7
+
+  def loss(chunk):
+    def f(hidden, head_):
+      fn = lambda h: h @ head_ / 0.7
+      logp, ent = ops.head_logprobs(fn, hidden, targets, chunk=chunk, entropy='loss')
+      return jnp.sum(logp * weights) + jnp.sum(ent * weights[:, ::-1]), (logp, ent)
+    return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(hidden, head)
+  (_, (logp, ent)), grads = loss(16)
+  (_, (ref_logp, ref_ent)), ref_grads = loss(0)
+  logits = np.asarray(logits_fn(hidden), np.float64)
+  want = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  want = np.take_along_axis(want, np.asarray(targets)[..., None], -1)[..., 0]
+  assert_norm_close(logp, want, bound=1e-6)
+  assert_norm_close(ref_logp, want, bound=1e-6)
+  assert_norm_close(ent, ref_ent, bound=1e-6)
+  for g, w in zip(grads, ref_grads):
+    assert_norm_close(g, w, bound=1e-5)
+  # 'metric' entropy carries no gradient; 'none' returns the log-probs alone.
+  g = jax.grad(lambda h: jnp.sum(ops.head_logprobs(logits_fn, h, targets, chunk=16,
+                                                   entropy='metric')[1]))(hidden)
+  assert not np.any(np.asarray(g))
+  assert ops.head_logprobs(logits_fn, hidden, targets, chunk=16).shape == (B, T)

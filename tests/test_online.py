@@ -65,8 +65,7 @@ def test_completion_logprobs_equal_a_full_forward(tiny_checkpoint):
       truncated=np.zeros(4, bool), lengths=np.array([3, 3, 4, 4]))
   rows = rl_parts.training_rows(prompts, completions, num_samples=2)
   batch = {k: jnp.asarray(v) for k, v in rows.items()}
-  ours = nnx.jit(lambda m, b: rl_parts.completion_logprobs(
-      rl_parts.completion_logits(m, b, 0.7), b))(model, batch)
+  ours = nnx.jit(lambda m, b: rl_parts.completion_logprobs(m, b, 0.7))(model, batch)
   full = nnx.jit(lambda m, b: m(b['tokens'], b['positions'], b['segment_ids']))(model, batch) / 0.7
   reference = ops.token_logprobs(full, batch['tokens'][:, 1:])[:, -4:]
   mask = rows['completion_mask'] > 0
@@ -94,8 +93,7 @@ def test_shared_prompt_gradient_equals_full_rows(tiny_checkpoint):
 
   def shared(params):
     model = nnx.merge(graphdef, params)
-    return jnp.sum(rl_parts.completion_logprobs(
-        rl_parts.completion_logits(model, rows, 1.0), rows) * weights)
+    return jnp.sum(rl_parts.completion_logprobs(model, rows, 1.0) * weights)
 
   def full(params):
     logits = nnx.merge(graphdef, params)(rows['tokens'], rows['positions'], rows['segment_ids'])
@@ -138,7 +136,7 @@ def test_shared_prompts_on_a_mesh_match_one_device(tiny_checkpoint, num_prompts)
 
   def loss(graphdef, params, batch):
     model = nnx.merge(graphdef, params)
-    logprobs = rl_parts.completion_logprobs(rl_parts.completion_logits(model, batch, 1.0), batch)
+    logprobs = rl_parts.completion_logprobs(model, batch, 1.0)
     return jnp.sum(logprobs * batch['completion_mask'] * jnp.arange(1, new + 1)), logprobs
 
   def run(model, batch):

@@ -9,9 +9,16 @@ from jpost import ops
 NORMALIZATIONS = ('token', 'sequence')
 
 
-def sft_loss(logits, tokens, loss_mask, segment_ids, *, normalization: str = 'token',
-             normalizer=None, num_sequences=None):
-  """NLL of next-token targets. Returns (loss, metrics).
+def sft_loss(logits, tokens, loss_mask, segment_ids, **kwargs):
+  """NLL of next-token targets from logits [B, T, V]: see sft_loss_of_logprobs."""
+  targets, _ = ops.next_token_targets(tokens, loss_mask, segment_ids)
+  return sft_loss_of_logprobs(ops.token_logprobs(logits, targets), tokens, loss_mask,
+                              segment_ids, **kwargs)
+
+
+def sft_loss_of_logprobs(logprobs, tokens, loss_mask, segment_ids, *,
+                         normalization: str = 'token', normalizer=None, num_sequences=None):
+  """NLL of next-token targets from their log-probs [B, T-1]. Returns (loss, metrics).
 
   normalization='token': sum of target NLLs / number of target tokens in the
     whole batch (`normalizer`; defaults to this batch's count). Every token
@@ -22,8 +29,8 @@ def sft_loss(logits, tokens, loss_mask, segment_ids, *, normalization: str = 'to
   """
   if normalization not in NORMALIZATIONS:
     raise ValueError(f'normalization {normalization!r} unknown; use one of {NORMALIZATIONS}.')
-  targets, weights = ops.next_token_targets(tokens, loss_mask, segment_ids)
-  nll = -ops.token_logprobs(logits, targets)
+  _, weights = ops.next_token_targets(tokens, loss_mask, segment_ids)
+  nll = -logprobs
   count = jnp.sum(weights)
   if normalization == 'token':
     loss = ops.masked_mean(nll, weights, normalizer=normalizer)

@@ -58,6 +58,9 @@ class ModelConfig:
   # blockwise path's key block (README, "Attention and memory").
   attention: str = 'auto'
   attention_block: int = 512
+  # Losses compute the LM head's logits this many positions at a time (0:
+  # all at once), recomputed in the backward pass (ops.head_logprobs).
+  logits_chunk: int = 0
   lora: Any = None  # a lora.LoraConfig: adapters on a frozen (maybe quantised) base
 
   def __post_init__(self):

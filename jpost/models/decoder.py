@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.experimental.layout import Layout, with_layout_constraint
 
-from jpost import sharding
+from jpost import ops, sharding
 from jpost.models import attention as attn
 from jpost.models import lora
 from jpost.models.config import ModelConfig
@@ -167,6 +167,14 @@ class Decoder(nnx.Module):
     """Float32 logits [B, T, V]."""
     weight, is_vd = self._head_param() if head is None else head
     return dense(hidden, weight, is_vd, True)
+
+  def target_logprobs(self, hidden, targets, *, temperature: float = 1.0,
+                      entropy: str = 'none'):
+    """log p(targets [B, T]) after each of hidden [B, T, D] (and entropies,
+    see ops.head_logprobs), `config.logits_chunk` positions at a time."""
+    head = self._head_param()
+    return ops.head_logprobs(lambda h: self.logits(h, head) / temperature, hidden, targets,
+                             chunk=self.config.logits_chunk, entropy=entropy)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *,

@@ -198,7 +198,8 @@ def compute_options(config) -> dict:
   attention implementation and block."""
   m = config.model
   return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.get('remat', False),
-              attention=m.get('attention', 'auto'), attention_block=m.get('attention_block', 512))
+              attention=m.get('attention', 'auto'), attention_block=m.get('attention_block', 512),
+              logits_chunk=m.get('logits_chunk', 0))
 
 
 def load(path: str | pathlib.Path, *, mesh=None, rules=None, lora_adapter=None, seed: int = 0,

@@ -51,10 +51,10 @@ def response_logps(model, batch):
   """Summed target log-probs and target counts of both sides: 4 arrays [B]."""
   both = {k: jnp.concatenate([batch[f'chosen_{k}'], batch[f'rejected_{k}']])
           for k in ('tokens', 'positions', 'segment_ids', 'loss_mask')}
-  logits = model(both['tokens'], both['positions'], both['segment_ids'])
+  hidden, _ = model.hidden_states(both['tokens'], both['positions'], both['segment_ids'])
   targets, weights = ops.next_token_targets(both['tokens'], both['loss_mask'],
                                             both['segment_ids'])
-  sums = jnp.sum(ops.token_logprobs(logits, targets) * weights, axis=-1)
+  sums = jnp.sum(model.target_logprobs(hidden[:, :-1], targets) * weights, axis=-1)
   counts = jnp.sum(weights, axis=-1)
   n = batch['chosen_tokens'].shape[0]
   return sums[:n], sums[n:], counts[:n], counts[n:]

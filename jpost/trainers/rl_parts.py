@@ -99,25 +99,24 @@ def select_rows(rows: dict, picked: np.ndarray, num_samples: int) -> dict:
   return {k: v[picked // num_samples] if k in PROMPT_KEYS else v[picked] for k, v in rows.items()}
 
 
-def completion_logits(model, batch, temperature: float):
-  """Logits [R, N, V] predicting each completion token, at the rollout
-  temperature (the distribution the sampler drew from). Token j is
-  predicted from the hidden state before it: the prompt's last for j = 0."""
+def completion_hidden(model, batch):
+  """Hidden states [R, N, D] predicting each completion token: token j is
+  predicted from the hidden state before it, the prompt's last for j = 0."""
   prompt_hidden, comp_hidden = model.shared_prompt_hidden_states(
       batch['prompt_tokens'], batch['prompt_positions'], batch['prompt_segment_ids'],
       batch['completion_tokens'], batch['completion_positions'], batch['completion_mask'])
   samples = comp_hidden.shape[0] // prompt_hidden.shape[0]
   # Prompts are left-padded, so column -1 is each prompt's last real token.
   last_prompt = jnp.repeat(prompt_hidden[:, -1:], samples, axis=0)
-  hidden = jnp.concatenate([last_prompt, comp_hidden[:, :-1]], axis=1)
-  return model.logits(hidden) / temperature
+  return jnp.concatenate([last_prompt, comp_hidden[:, :-1]], axis=1)
 
 
-def completion_logprobs(logits, batch):
-  """log p(completion token j) [R, N] from completion_logits."""
-  # token_logprobs drops its last position, so pad one: logits[:, j] -> token j.
-  padded = jnp.pad(logits, ((0, 0), (0, 1), (0, 0)))
-  return ops.token_logprobs(padded, batch['completion_tokens'])
+def completion_logprobs(model, batch, temperature: float, entropy: str = 'none'):
+  """log p(completion token j) [R, N] at the rollout temperature (the
+  distribution the sampler drew from); with `entropy` ('metric' or 'loss'),
+  also each position's entropy [R, N] (ops.head_logprobs)."""
+  return model.target_logprobs(completion_hidden(model, batch), batch['completion_tokens'],
+                               temperature=temperature, entropy=entropy)
 
 
 def make_logprobs_fn(graphdef, temperature: float):
@@ -125,7 +124,7 @@ def make_logprobs_fn(graphdef, temperature: float):
   @jax.jit
   def logprobs(params, batch):
     model = nnx.merge(graphdef, params)
-    return completion_logprobs(completion_logits(model, batch, temperature), batch)
+    return completion_logprobs(model, batch, temperature)
   return logprobs
 
 
@@ -139,15 +138,12 @@ def completion_values(critic, batch):
 
 
 def policy_loss_fn(model, batch, normalizer, *, rl, temperature, max_new_tokens, kl_coef):
-  logits = completion_logits(model, batch, temperature)
-  logprobs = completion_logprobs(logits, batch)
+  # Without an entropy bonus the entropy is only a metric: its gradient
+  # (times 0) would cost a backward pass over [R, N, vocab] (0.4-0.6 s of a
+  # 15 s SmolLM2 update on the 2-core CPU).
+  logprobs, entropy = completion_logprobs(model, batch, temperature,
+                                          entropy='loss' if rl.entropy_coef else 'metric')
   weights = batch['completion_mask']
-  # token_entropy, like token_logprobs, drops the last position: pad one.
-  entropy = ops.token_entropy(jnp.pad(logits, ((0, 0), (0, 1), (0, 0))))
-  if not rl.entropy_coef:
-    # Only a metric then: its gradient (times 0) would cost a backward pass
-    # over [R, N, vocab] (0.4-0.6 s of a 15 s SmolLM2 update on the 2-core CPU).
-    entropy = jax.lax.stop_gradient(entropy)
   loss, out = policy_loss(
       logprobs, batch['old_logprobs'], batch['advantages'], weights,
       clip_low=rl.clip_low, clip_high=rl.clip_high, aggregation=rl.aggregation,
@@ -221,7 +217,7 @@ def make_prepare(policy_graphdef, critic_graphdef, *, algorithm: str, rl, num_sa
   LoRA adapters switched off (ref_params unused)."""
   def logprobs(params, rows):
     model = nnx.merge(policy_graphdef, params)
-    return completion_logprobs(completion_logits(model, rows, temperature), rows)
+    return completion_logprobs(model, rows, temperature)
 
   def prepare(params, ref_params, critic_params, prompts, completions, scores):
     with sharding.activation_rules(mesh):

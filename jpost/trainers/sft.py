@@ -8,16 +8,18 @@ import jax.numpy as jnp
 
 from jpost import ops
 from jpost.data import pipeline
-from jpost.losses.sft import sft_loss
+from jpost.losses.sft import sft_loss_of_logprobs
 from jpost.trainers import offline, register
 
 
 def loss_fn(model, batch, normalizer, *, normalization):
-  logits = model(batch['tokens'], batch['positions'], batch['segment_ids'])
+  hidden, _ = model.hidden_states(batch['tokens'], batch['positions'], batch['segment_ids'])
+  targets, _ = ops.next_token_targets(batch['tokens'], batch['loss_mask'], batch['segment_ids'])
   kw = ({'normalizer': normalizer} if normalization == 'token'
         else {'num_sequences': normalizer})
-  return sft_loss(logits, batch['tokens'], batch['loss_mask'], batch['segment_ids'],
-                  normalization=normalization, **kw)
+  return sft_loss_of_logprobs(model.target_logprobs(hidden[:, :-1], targets), batch['tokens'],
+                              batch['loss_mask'], batch['segment_ids'],
+                              normalization=normalization, **kw)
 
 
 def normalizer_fn(batch, *, normalization):
