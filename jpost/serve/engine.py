@@ -135,7 +135,9 @@ class Engine:
     self._stopping = False
     self._thread: threading.Thread | None = None
     self._rng = random.Random()
-    self.counters = collections.Counter()
+    self.counters = collections.Counter({name: 0 for name in (
+        'requests_submitted', 'requests_started', 'requests_cancelled', 'choices_finished',
+        'prompt_tokens', 'completion_tokens', 'decode_steps')})
 
   # -- caller side (any thread) ----------------------------------------------
 

@@ -12,6 +12,7 @@ import pathlib
 import socket
 import sys
 import threading
+import time
 
 import uvicorn
 
@@ -66,6 +67,7 @@ def bound_socket(host: str, port: int) -> socket.socket:
     sock.close()
     raise ConfigError(f'cannot listen on {host}:{port}: {e.strerror}; pick another '
                       '--config.port (0 picks a free one).') from None
+  sock.listen(2048)  # connections made before the server runs wait in the backlog
   return sock
 
 
@@ -79,6 +81,11 @@ class Background:
     self.thread = threading.Thread(target=self.server.run, kwargs={'sockets': [self.sock]},
                                    daemon=True)
     self.thread.start()
+    deadline = time.monotonic() + 30
+    while not self.server.started and time.monotonic() < deadline and self.thread.is_alive():
+      time.sleep(0.01)
+    if not self.server.started:
+      raise RuntimeError(f'the server at {self.url} did not start.')
 
   def stop(self):
     self.server.should_exit = True
