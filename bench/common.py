@@ -3,34 +3,20 @@ randomly initialised model of exactly its shape (`--random-init`, for machines
 that cannot fetch the weights; speed does not depend on weight values), and
 the machine a figure was measured on."""
 
-import json
 import pathlib
 import platform
 
-from flax import nnx
-
-from jpost.models import hf, pretrained
-from jpost.models.config import ModelConfig
-from jpost.models.decoder import Decoder
+from jpost.models import hf, pretrained, shapes
 
 # SmolLM2-135M's config.json, as read from its GGUF.
-SMOLLM2_135M = dict(model_type='llama', vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                    num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                    head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
-                    max_position_embeddings=8192, tie_word_embeddings=True,
-                    bos_token_id=1, eos_token_id=2, pad_token_id=2)
+SMOLLM2_135M = shapes.SHAPES['smollm2-135m']
 
 
-def load_model(*, random_init: bool, mesh=None, **overrides):
-  if random_init:
-    cfg = ModelConfig.from_hf(json.loads(json.dumps(SMOLLM2_135M)), **overrides)
-    model = Decoder(cfg, rngs=nnx.Rngs(0))
-    if mesh is not None:
-      from jpost import sharding
-      import jax
-      state = nnx.state(model)
-      nnx.update(model, jax.device_put(state, sharding.state_shardings(state, mesh)))
-    return model
+def load_model(*, random_init: bool, mesh=None, shape: str = 'smollm2-135m', **overrides):
+  """The real SmolLM2-135M-Instruct, or a random model of a named shape
+  (jpost.models.shapes; any shape but SmolLM2's is random)."""
+  if random_init or shape != 'smollm2-135m':
+    return shapes.init(shapes.config(shape, **overrides), mesh=mesh)
   return hf.load(pretrained.resolve('smollm2-135m-instruct'), mesh=mesh, **overrides)
 
 
@@ -59,7 +45,6 @@ def sft_step(model, mesh, total_steps: int):
   loss, state donated) and its initial state, as the benches time it."""
   import functools
 
-  import jax
   import ml_collections
 
   from jpost import optim

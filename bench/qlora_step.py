@@ -20,14 +20,9 @@ import time
 
 import common
 
-SHAPES = {
-    'llama3-8b': dict(model_type='llama', vocab_size=128256, hidden_size=4096,
-                      intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
-                      rope_theta=500000.0, max_position_embeddings=8192,
-                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
-    'smollm2-135m': common.SMOLLM2_135M,
-}
+from jpost.models import shapes
+
+SHAPES = {'llama3-8b': shapes.SHAPES['llama-3.1-8b'], 'smollm2-135m': common.SMOLLM2_135M}
 
 
 def main():

@@ -1,11 +1,16 @@
-"""SFT train-step throughput: tokens/s, MFU and peak memory for SmolLM2-135M.
+"""SFT train-step throughput: tokens/s, MFU and peak memory for SmolLM2-135M
+or a real model shape with random weights (jpost.models.shapes).
 
   python bench/sft_throughput.py [--batch 8] [--seq-len 256] [--steps 6] [--dtypes bfloat16]
-      [--remat | --no-remat]   (defaults: configs/sft.py's, bfloat16 with remat)
+      [--remat full|dots|none | --no-remat] [--attention auto,xla,blockwise]
+      [--shape llama-3.2-1b] [--logits-chunk 512]
+      (defaults: configs/sft.py's: bfloat16, remat full, attention auto, chunk 512)
 
-Each compute dtype runs in its own process (float32 master weights, AdamW,
-clipping, full packed batches of GSM8K answers) so peak RSS is its own. The
-first step (compilation) is reported apart; tokens/s is the median of the
+Each (dtype, attention) setting runs in its own process (float32 master
+weights, AdamW, clipping, full packed batches of GSM8K answers, or with
+--random-init synthetic packed rows) so peak memory is its own: the device's
+peak bytes in use where it reports them (GPU), else the process's peak RSS.
+The first step (compilation) is reported apart; tokens/s is the median of the
 rest. The last line is one JSON object: the best setting's `tokens_per_s`,
 its `mfu` and `peak_rss_mb`, plus every setting.
 """
@@ -32,8 +37,9 @@ def synthetic_batches(batch: int, seq_len: int, vocab: int):
            'positions': positions.astype(np.int32), 'segment_ids': segments, 'loss_mask': mask}
 
 
-def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: bool,
-            random_init: bool) -> dict:
+def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: str,
+            random_init: bool, attention: str = 'auto', shape: str = 'smollm2-135m',
+            logits_chunk: int = 512) -> dict:
   import jax
 
   from jpost import metrics, sharding
@@ -45,7 +51,9 @@ def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: bool,
   import common
 
   mesh = sharding.make_mesh()
-  model = common.load_model(random_init=random_init, mesh=mesh, dtype=dtype, remat=remat)
+  random_init = random_init or shape != 'smollm2-135m'
+  model = common.load_model(random_init=random_init, mesh=mesh, shape=shape, dtype=dtype,
+                            remat=remat, attention=attention, logits_chunk=logits_chunk)
   step, state = common.sft_step(model, mesh, steps)
   if random_init:
     batches = synthetic_batches(batch, seq_len, model.config.vocab_size)
@@ -67,13 +75,27 @@ def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: bool,
   tokens_per_step = statistics.median(tokens[1:])
   peak = metrics.measured_peak_flops(dtype)
   flops = metrics.flops_per_token(model.config, seq_len) * tokens_per_step
-  return {'dtype': dtype, 'random_init': random_init, 'batch': batch, 'seq_len': seq_len, 'remat': remat,
+  from jpost.models import attention as attn
+  chosen = attn.choose(attention, key_len=seq_len, block=model.config.attention_block,
+                       sliding_window=model.config.sliding_window)
+  return {'shape': shape, 'dtype': dtype, 'random_init': random_init, 'batch': batch,
+          'seq_len': seq_len, 'remat': remat, 'attention': f'{attention} ({chosen})',
+          'logits_chunk': logits_chunk, 'params': model.config.num_params(),
           'device': jax.devices()[0].device_kind, 'first_step_s': round(compile_s, 2),
           'step_s_median': round(seconds, 3), 'tokens_per_step': tokens_per_step,
           'tokens_per_s': round(tokens_per_step / seconds, 1),
           'mfu': round(flops / seconds / peak, 4), 'peak_flops_measured': peak,
           'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+          'peak_device_mb': _device_peak_mb(),
           'final_loss': float(out['loss'])}
+
+
+def _device_peak_mb():
+  """Peak bytes the device allocator held (GPU; None where not reported)."""
+  import jax
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get('peak_bytes_in_use')
+  return None if peak is None else round(peak / 2**20)
 
 
 def main():
@@ -84,28 +106,39 @@ def main():
   # The defaults are configs/sft.py's: bfloat16 compute (float32 master
   # weights) with remat. `--dtypes float32,bfloat16 --no-remat` compares.
   parser.add_argument('--dtypes', default='bfloat16')
-  parser.add_argument('--remat', action=argparse.BooleanOptionalAction, default=True)
+  parser.add_argument('--remat', nargs='?', const='full', default='full',
+                      choices=['full', 'dots', 'none'])
+  parser.add_argument('--no-remat', dest='remat', action='store_const', const='none')
+  parser.add_argument('--attention', default='auto',
+                      help='comma-separated: auto, xla, blockwise, pallas (one process each)')
+  parser.add_argument('--shape', default='smollm2-135m')
+  parser.add_argument('--logits-chunk', type=int, default=512)
   parser.add_argument('--random-init', action='store_true',
                       help='random weights of SmolLM2-135M shape and synthetic batches')
   parser.add_argument('--one', help=argparse.SUPPRESS)  # internal: run one dtype
   args = parser.parse_args()
   if args.one:
     print(json.dumps(measure(args.one, args.batch, args.seq_len, args.steps, args.remat,
-                             args.random_init)))
+                             args.random_init, args.attention, args.shape, args.logits_chunk)))
     return
   results = []
   for dtype in args.dtypes.split(','):
-    cmd = [sys.executable, __file__, '--one', dtype, '--batch', str(args.batch),
-           '--seq-len', str(args.seq_len), '--steps', str(args.steps)]
-    cmd += ['--remat' if args.remat else '--no-remat'] + ['--random-init'] * args.random_init
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-      sys.exit(f'{dtype} run failed:\n{proc.stderr[-3000:]}')
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    results.append(result)
-    print(f"{dtype}: {result['tokens_per_s']} tokens/s, step {result['step_s_median']}s "
-          f"(first step {result['first_step_s']}s), MFU {100 * result['mfu']:.1f}%, "
-          f"peak RSS {result['peak_rss_mb']} MB on {result['device']}", flush=True)
+    for attention in args.attention.split(','):
+      cmd = [sys.executable, __file__, '--one', dtype, '--batch', str(args.batch),
+             '--seq-len', str(args.seq_len), '--steps', str(args.steps), '--remat', args.remat,
+             '--attention', attention, '--shape', args.shape,
+             '--logits-chunk', str(args.logits_chunk)] + ['--random-init'] * args.random_init
+      proc = subprocess.run(cmd, capture_output=True, text=True)
+      if proc.returncode:
+        sys.exit(f'{dtype} / {attention} run failed:\n{proc.stderr[-3000:]}')
+      result = json.loads(proc.stdout.strip().splitlines()[-1])
+      results.append(result)
+      device_peak = (f", device peak {result['peak_device_mb']} MB"
+                     if result['peak_device_mb'] is not None else '')
+      print(f"{args.shape} {dtype} attention {result['attention']}: {result['tokens_per_s']} "
+            f"tokens/s, step {result['step_s_median']}s (first step {result['first_step_s']}s), "
+            f"MFU {100 * result['mfu']:.1f}%, peak RSS {result['peak_rss_mb']} MB{device_peak} "
+            f"on {result['device']}", flush=True)
   best = max(results, key=lambda r: r['tokens_per_s'])
   import common  # here, after the runs: this process stayed free of JAX while they ran
   print(json.dumps({'machine': common.machine(), 'tokens_per_s': best['tokens_per_s'],

@@ -1,0 +1,198 @@
+"""Memory and speed planner for an SFT step: what a model shape, batch and
+length need per device, predicted by formula, against XLA's compiled program
+(and, with --run, a measured run).
+
+  python bench/plan.py --shape llama-3.2-1b --batch 8 --seq-len 4096 \\
+      [--dtype bfloat16] [--remat full] [--attention auto] [--logits-chunk 512] \\
+      [--layers N] [--fsdp D] [--compile] [--run --steps 4]
+
+Predicted bytes per device (float32 master weights, AdamW):
+  params, grads: P x 4 / fsdp each; optimizer: 2 x P x 4 / fsdp;
+  saved activations: what the remat policy keeps per layer, x layers;
+  one layer's backward: its recomputed activations and their gradients;
+  attention: the score blocks alive at once (T x T materialised, T x block
+             blockwise, none for a fused kernel);
+  LM head: one chunk of float32 logits (XLA reuses it for the gradient).
+The constants (how many [tokens, D] / [tokens, F] buffers are alive) are
+read off XLA's buffer assignment for this step and written below; `--compile`
+compares the prediction with that assignment (argument + temporaries +
+outputs not aliased to arguments: the peak the program asks for; no memory
+is allocated, so any shape can be checked on a small machine), `--run` runs
+the step and reports the device's peak bytes in use (GPU) or RSS (CPU) and
+the step time, next to the time the measured matmul peak predicts.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import common
+
+
+def activation_bytes(cfg, batch: int, seq_len: int, attention: str, fsdp: int = 1) -> dict:
+  """Predicted per-device activation bytes of one SFT step, by part."""
+  from jpost.models import attention as attn
+  a = 2 if cfg.dtype != 'float32' else 4
+  tokens = batch * seq_len / fsdp  # FSDP shards the batch over the same devices
+  d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_size
+  qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * h
+  remat = {True: 'full', False: 'none'}.get(cfg.remat, cfg.remat)
+  # One layer's activations, as XLA keeps them for its backward: norms and
+  # residuals (D-wide, some in float32), q/k/v and the attention output,
+  # gate/up/their product (F-wide).
+  layer = tokens * (a * (6 * d + 2 * qkv + 3 * f) + 4 * 2 * d)
+  saved = {'full': tokens * a * d,  # each layer's input, the scan's carry
+           'dots': tokens * a * (qkv + cfg.num_heads * h + d + 2 * f + d),
+           'none': layer}[remat] * cfg.num_layers
+  name = attn.choose(attention, key_len=seq_len, block=cfg.attention_block,
+                     sliding_window=cfg.sliding_window)
+  heads = batch / fsdp * cfg.num_heads
+  width = {'xla': seq_len, 'blockwise': min(cfg.attention_block, seq_len), 'pallas': 0}[name]
+  # float32 scores, probabilities and their gradient (blockwise: one block's
+  # probabilities and gradient); times the layers when nothing recomputes them.
+  alive = {'xla': 3, 'blockwise': 2, 'pallas': 0}[name]
+  scores = heads * seq_len * width * 4 * alive * (cfg.num_layers if remat == 'none' else 1)
+  chunk = min(cfg.logits_chunk or seq_len, seq_len)
+  logits = batch / fsdp * chunk * cfg.vocab_size * 4  # XLA reuses it for its gradient
+  return {'saved_activations': saved, 'layer_backward': 2 * layer, 'attention': scores,
+          'lm_head': logits}
+
+
+def predicted(cfg, batch, seq_len, attention, fsdp=1) -> dict:
+  params = cfg.num_params()
+  sizes = {'params': params * 4 / fsdp, 'grads': params * 4 / fsdp,
+           'optimizer': 2 * params * 4 / fsdp}
+  if cfg.dtype != 'float32':  # the compute-dtype copy of the weights a step reads
+    sizes['weight_casts'] = params * 2 / fsdp
+  sizes |= activation_bytes(cfg, batch, seq_len, attention, fsdp)
+  sizes['total'] = sum(sizes.values())
+  return sizes
+
+
+def compiled_peak(cfg, batch: int, seq_len: int) -> dict:
+  """XLA's buffer assignment for the SFT step on abstract inputs (no allocation)."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  import optax
+  from flax import nnx
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from jpost import optim, sharding
+  from jpost.models.decoder import Decoder
+  from jpost.trainers import loop, sft
+  mesh = sharding.make_mesh()
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+  place = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  params = jax.tree.map(place, params, sharding.state_shardings(params, mesh))
+  tx, schedule = optim.build(ml_collections.ConfigDict(dict(
+      name='adamw', lr=1e-5, warmup_steps=0, schedule='constant', end_lr_ratio=1.0,
+      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0)), 10)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  abstract_opt = jax.eval_shape(tx.init, params)
+  opt_state = optax.tree_map_params(
+      tx, place, abstract_opt, jax.tree.map(lambda x: x.sharding, params),
+      transform_non_params=lambda x: place(x, replicated))
+  state = {'params': params, 'opt_state': opt_state,
+           'step': place(jax.ShapeDtypeStruct((), jnp.int32), replicated),
+           'rng': place(jax.ShapeDtypeStruct((2,), jnp.uint32), replicated)}
+  step = loop.make_update(graphdef, functools.partial(sft.loss_fn, normalization='token'),
+                          functools.partial(sft.normalizer_fn, normalization='token'), tx,
+                          schedule, accum_steps=1, mesh=mesh, state=state)
+  row = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+  batch_spec = {'tokens': row, 'positions': row, 'segment_ids': row, 'loss_mask': row}
+  m = step.lower(state, batch_spec).compile().memory_analysis()
+  peak = (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
+          - m.alias_size_in_bytes)
+  return {'arguments': m.argument_size_in_bytes, 'temporaries': m.temp_size_in_bytes,
+          'outputs_not_aliased': m.output_size_in_bytes - m.alias_size_in_bytes, 'peak': peak}
+
+
+def run_steps(cfg, batch: int, seq_len: int, steps: int) -> dict:
+  """Runs the step: median step time and the peak memory actually used."""
+  import resource
+
+  import jax
+
+  from jpost import sharding
+  from jpost.models import shapes
+  from jpost.trainers import loop
+  from sft_throughput import synthetic_batches
+  mesh = sharding.make_mesh()
+  step, state = common.sft_step(shapes.init(cfg, mesh=mesh), mesh, steps)
+  data = synthetic_batches(batch, seq_len, cfg.vocab_size)
+  times = []
+  for _ in range(steps + 1):
+    host = next(data)
+    tic = time.perf_counter()
+    state, out = step(state, loop.place_batch(host, mesh))
+    jax.block_until_ready(out['loss'])
+    times.append(time.perf_counter() - tic)
+  stats = jax.devices()[0].memory_stats() or {}
+  return {'step_s': statistics.median(times[1:]), 'first_step_s': times[0],
+          'device_peak': stats.get('peak_bytes_in_use'),
+          'peak_rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--shape', default='smollm2-135m')
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--seq-len', type=int, default=4096)
+  parser.add_argument('--dtype', default='bfloat16')
+  parser.add_argument('--remat', default='full', choices=['full', 'dots', 'none'])
+  parser.add_argument('--attention', default='auto')
+  parser.add_argument('--logits-chunk', type=int, default=512)
+  parser.add_argument('--layers', type=int, help='fewer layers than the shape (a quick check)')
+  parser.add_argument('--fsdp', type=int, default=1, help='devices the state is sharded over')
+  parser.add_argument('--compile', action='store_true', help="compare with XLA's assignment")
+  parser.add_argument('--run', action='store_true', help='run the step and measure')
+  parser.add_argument('--steps', type=int, default=3)
+  args = parser.parse_args()
+  from jpost import metrics
+  from jpost.models import shapes
+  overrides = dict(dtype=args.dtype, remat=args.remat, attention=args.attention,
+                   logits_chunk=args.logits_chunk)
+  if args.layers:
+    overrides['num_layers'] = args.layers
+  cfg = shapes.config(args.shape, **overrides)
+  plan = predicted(cfg, args.batch, args.seq_len, args.attention, args.fsdp)
+  tokens = args.batch * args.seq_len
+  flops = metrics.flops_per_token(cfg, args.seq_len) * tokens / args.fsdp
+  peak = metrics.measured_peak_flops(args.dtype) / len(__import__('jax').devices())
+  out = {'shape': args.shape, 'layers': cfg.num_layers, 'params': cfg.num_params(),
+         'batch': args.batch, 'seq_len': args.seq_len, 'dtype': args.dtype,
+         'remat': args.remat, 'attention': args.attention, 'logits_chunk': args.logits_chunk,
+         'fsdp': args.fsdp, 'predicted_gb': {k: round(v / 2**30, 3) for k, v in plan.items()},
+         'step_flops': flops, 'roofline_step_s': round(flops / peak, 3)}
+  width = max(map(len, plan))
+  print(f"{args.shape} ({cfg.num_layers} layers, {cfg.num_params() / 1e9:.2f}B params), "
+        f"{args.batch} x {args.seq_len}, {args.dtype}, remat {args.remat}, attention "
+        f"{args.attention}, LM-head chunk {args.logits_chunk}, fsdp {args.fsdp}")
+  for name, value in plan.items():
+    print(f'  {name:<{width}} {value / 2**30:8.3f} GB')
+  print(f'  step at the measured matmul peak ({peak / 1e12:.3g} TFLOP/s per device): '
+        f"{out['roofline_step_s']} s")
+  if args.compile:
+    comp = compiled_peak(cfg, args.batch, args.seq_len)
+    out['compiled_gb'] = {k: round(v / 2**30, 3) for k, v in comp.items()}
+    out['predicted_over_compiled'] = round(plan['total'] / comp['peak'], 3)
+    print(f"  XLA's assignment: {comp['peak'] / 2**30:.3f} GB (arguments "
+          f"{comp['arguments'] / 2**30:.3f}, temporaries {comp['temporaries'] / 2**30:.3f}); "
+          f"predicted / compiled = {out['predicted_over_compiled']}")
+  if args.run:
+    measured = run_steps(cfg, args.batch, args.seq_len, args.steps)
+    out['measured'] = measured
+    out['mfu'] = round(flops / measured['step_s'] / peak, 4)
+    used = measured['device_peak'] or measured['peak_rss']
+    print(f"  measured: step {measured['step_s']:.3f} s (MFU {100 * out['mfu']:.1f}%), "
+          f"peak {'device' if measured['device_peak'] else 'RSS'} {used / 2**30:.3f} GB")
+  out['machine'] = common.machine()
+  print(json.dumps(out))
+
+
+if __name__ == '__main__':
+  main()
