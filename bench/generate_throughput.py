@@ -1,7 +1,7 @@
 """Generation throughput of jpost's KV-cache sampler on SmolLM2-135M.
 
   python bench/generate_throughput.py [--batches 1,8,32] [--new-tokens 128] [--dtypes float32,bfloat16]
-      [--decode default,loop:float32,scan:model]
+      [--decode default,loop:float32,scan:model] [--shape llama-3.2-1b]
 
 Every row generates exactly --new-tokens tokens (no early stop), sampling at
 temperature 1 from left-padded chat prompts. The first call of each shape
@@ -69,11 +69,16 @@ def run(model, settings, batch, dtype, decode, args) -> dict:
     times.append(time.perf_counter() - tic)
   new = int(np.asarray(out_mask).sum())
   seconds = statistics.median(times)
+  # Decoding reads every weight once per step: 2 x parameters FLOPs per token.
+  from jpost import metrics
+  mfu = 2 * model.config.num_params() * new / seconds / metrics.measured_peak_flops(dtype)
   result = {'dtype': dtype, 'decode': decode, 'batch': batch, 'new_tokens': args.new_tokens,
             'generated': new, 'seconds_median': round(seconds, 3),
             'first_call_s': round(first, 2), 'tokens_per_s': round(new / seconds, 1),
-            'device': jax.devices()[0].device_kind, 'random_init': args.random_init}
-  print(f"{dtype} {decode} batch {batch}: {result['tokens_per_s']} tokens/s "
+            'device': jax.devices()[0].device_kind, 'random_init': args.random_init,
+            'shape': args.shape, 'mfu': round(mfu, 4)}
+  print(f"{args.shape} {dtype} {decode} batch {batch}: {result['tokens_per_s']} tokens/s, "
+        f"MFU {100 * mfu:.1f}% "
         f"({new} tokens in {seconds:.2f}s; first call {first:.1f}s with compilation)", flush=True)
   return result
 
@@ -86,10 +91,13 @@ def main():
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--random-init', action='store_true')
   parser.add_argument('--decode', default='default')
+  parser.add_argument('--shape', default='smollm2-135m',
+                      help='a jpost.models.shapes name; any but SmolLM2 is random')
   args = parser.parse_args()
+  args.random_init = args.random_init or args.shape != 'smollm2-135m'
   results = []
   for dtype in args.dtypes.split(','):
-    model = common.load_model(random_init=args.random_init, dtype=dtype)
+    model = common.load_model(random_init=args.random_init, shape=args.shape, dtype=dtype)
     # An id outside the vocabulary is never sampled: every row runs to the end.
     settings = sampling.SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0,
                                        stop_ids=(model.config.vocab_size,))

@@ -2,7 +2,12 @@
 # The accelerator benchmarks, as run on a lent GPU machine (no network there):
 # wheels for what the machine lacks are carried in .gpu_wheels/, the model is
 # SmolLM2-135M-shaped with random weights (speed does not depend on values).
-#   bash bench/gpu.sh OUTDIR [all|grpo|decode|chat|qlora]
+#   bash bench/gpu.sh OUTDIR [scale|all|grpo|decode|chat|qlora]
+# (scale, the default: real sizes. Attention implementations checked against
+#  the reference and timed; the planner against the compiled program and the
+#  device's peak; SFT for the Llama-3.2-1B shape at 8 x 4096 packed (fused
+#  kernel vs blockwise) and SmolLM2 at 32 x 1024; GRPO at 16 x 8 x 1024;
+#  generation for the 1B shape at batch 128; each with MFU. About 9 minutes.)
 # (qlora: an SFT step with LoRA on a Llama-3-8B-shaped base in NF4, int8 and
 #  bfloat16: step time, MFU and peak memory, then stop)
 # (decode: the decode-step variants side by side, then GRPO in bf16;
@@ -19,7 +24,7 @@
 # whole script: first generate calls compile for 17-76 s each on jax 0.11).
 set -u
 out=${1:-${OUT:-/tmp/jpost_gpu}}
-what=${2:-all}
+what=${2:-scale}
 mkdir -p "$out"
 site=/tmp/jpost_site
 python3 -m pip install -q --no-deps --no-index --target "$site" .gpu_wheels/*.whl 2>&1 | tail -2
@@ -28,6 +33,18 @@ export PYTHONPATH="$PWD:$site"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, jax.devices())"
 } 2>&1 | tee "$out/env.txt"
+if [ "$what" = scale ]; then
+  py() { timeout "$1" python3 "${@:2}" 2>&1 | grep -v Warn; }
+  py 60 bench/attention_check.py --batch 2 --seq-len 4096 | tee "$out/attention_check.txt"
+  py 120 bench/plan.py --shape llama-3.2-1b --batch 8 --seq-len 4096 --compile --run \
+    --steps 3 | tee "$out/plan_1b_8x4096.txt"
+  py 150 bench/sft_throughput.py --shape llama-3.2-1b --batch 8 --seq-len 4096 --steps 5 \
+    --attention auto,blockwise | tee "$out/sft_1b_8x4096.txt"
+  py 60 bench/sft_throughput.py --random-init --batch 32 --seq-len 1024 --steps 5 \
+    | tee "$out/sft_32x1024.txt"
+  py 60 bench/generate_throughput.py --shape llama-3.2-1b --dtypes bfloat16 --batches 128 \
+    --new-tokens 128 --repeats 2 | tee "$out/generate_1b_b128.txt"
+fi
 qlora_8b() {  # $1: the base's quantisation
   python3 bench/qlora_step.py --shape llama3-8b --quantize "$1" --batch 1 --seq-len 2048 \
     --steps 3 2>&1 | grep -v Warn | tail -2 | tee "$out/qlora_8b_$1.txt"
@@ -53,6 +70,11 @@ hf.save(Decoder(cfg, rngs=nnx.Rngs(0)), '/tmp/smollm2_random',
 PY
 rl="--model /tmp/smollm2_random --data .gpu_assets/rl_train.jsonl"
 gen="python3 bench/generate_throughput.py --random-init --new-tokens 128"
+if [ "$what" = scale ]; then
+  timeout 120 python3 bench/grpo_step.py $rl --steps 3 --dtype bfloat16 --prompts 16 \
+    --max-new 1024 --remat 2>&1 | grep -v Warn | tail -6 | tee "$out/grpo_16x8x1024_bf16.txt"
+  exit 0
+fi
 if [ "$what" = decode ]; then
   $gen --dtypes bfloat16 --batches 32,128 --decode scan:model,loop:model,loop:float32 2>&1 | grep -v Warn | tee "$out/decode_bf16.txt"
   python3 bench/grpo_step.py $rl --steps 5 --dtype bfloat16 --no-remat 2>&1 | grep -v Warn | tail -7 | tee "$out/grpo_2x8x128_bf16.txt"
