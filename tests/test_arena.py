@@ -219,7 +219,7 @@ def test_store_takes_concurrent_writers(tmp_path):
   stored = store.all()
   assert len(stored) == 80 and len({v.prompt for v in stored}) == 80
   rows, counts = votes.preference_rows(stored)
-  assert counts == {'pairs': 40, 'ties_left_out': 20, 'both_bad_left_out': 20} and len(rows) == 40
+  assert counts == {'pairs': 48, 'ties_left_out': 16, 'both_bad_left_out': 16} and len(rows) == 48
 
 
 def test_bad_votes_and_battles_are_errors(arena):
