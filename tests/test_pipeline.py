@@ -241,6 +241,15 @@ def test_too_long_rows_dropped_and_counted(smollm2):
   assert 'rows[6]' in report['rows']['examples'][0]['message']
 
 
+def test_an_endless_stream_of_only_dropped_rows_is_an_error_not_a_hang(smollm2):
+  too_long = [{'messages': [{'role': 'user', 'content': 'x ' * 300},
+                            {'role': 'assistant', 'content': 'ok'}]}] * 3
+  ds, _ = pipeline.build('sft', too_long, smollm2, batch_size=1, max_len=64, packing=False,
+                         num_epochs=None)  # repeats forever: every row dropped, every pass
+  with pytest.raises(ValueError, match='every one of 3 rows was dropped'):
+    next(iter(ds))
+
+
 def test_truncate_left_cuts_the_prompt_not_the_answer(smollm2):
   long = {'prompt': [{'role': 'user', 'content': 'word ' * 100}],
           'completion': [{'role': 'assistant', 'content': 'The answer is 42.'}]}

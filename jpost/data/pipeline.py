@@ -38,6 +38,8 @@ class PipelineStats:
   def __init__(self, row_filter: rows.RowFilter):
     self.row_filter = row_filter
     self.encoded = collections.Counter()
+    self.rows_per_pass = 0  # valid rows over all sources (one epoch)
+    self.dropped_in_a_row = 0
     self._lock = threading.Lock()  # Grain may map in several threads
 
   def count(self, key: str):
@@ -49,7 +51,8 @@ class PipelineStats:
       return {'rows': self.row_filter.stats(), 'encoded': dict(self.encoded)}
 
   def __getstate__(self):
-    return {'row_filter': self.row_filter, 'encoded': self.encoded}
+    return {'row_filter': self.row_filter, 'encoded': self.encoded,
+            'rows_per_pass': self.rows_per_pass}
 
   def __setstate__(self, state):
     self.__dict__.update(state)
@@ -110,6 +113,7 @@ def _examples_dataset(source_specs: Sequence, kind: str, *, weights, seed: int,
   datasets = []
   for i, spec in enumerate(source_specs):
     examples = load_examples(spec, kind, stats.row_filter, **normalize_kw)
+    stats.rows_per_pass += len(examples)
     if not examples:
       raise ConfigError(f'data source {i} ({str(spec)[:80]}) has no usable rows '
                        f'(row stats: {stats.row_filter.stats()}).')
@@ -144,13 +148,22 @@ def _counted(fn: Callable, stats: PipelineStats) -> Callable:
   filter's policy; 'error' stops the run with the row's location."""
   def encode(example):
     try:
-      return fn(example)
+      out = fn(example)
     except rows.RowError as e:
       if stats.row_filter.policy == 'error' and e.reason != 'too_long':
         raise
       stats.row_filter.record(e.reason, e.where, str(e))
       stats.count(f'dropped_{e.reason}')
+      stats.dropped_in_a_row += 1
+      # An endless stream in which no row can be used would look for one
+      # forever (Grain skips the dropped rows silently).
+      if stats.dropped_in_a_row > stats.rows_per_pass:
+        raise ConfigError(
+            f'every one of {stats.rows_per_pass} rows was dropped while encoding '
+            f'({stats.as_dict()["encoded"]}); check max_len, truncation and the rows.') from e
       return None
+    stats.dropped_in_a_row = 0
+    return out
   return encode
 
 
