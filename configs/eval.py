@@ -46,13 +46,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # chunks=0 turns it off), and general instructions ('builtin': 24 kept in the
   # repo, or a prompt file; '' turns it off) answered by each model and judged
   # against the anchor's answers: judge='likelihood' (a local model's verdict
-  # probabilities; judge_model '' = the anchor itself), 'endpoint' (an
+  # probabilities in both orders, position bias cancelled; judge_model '' = the
+  # anchor itself; |margin| <= `margin` nats is a tie), 'endpoint' (an
   # OpenAI-compatible LLM at endpoint/model), 'reward_model' (judge_model = a
   # reward model directory) or 'none'.
   c.general = ml_collections.ConfigDict(dict(
       text='pydoc', chunks=32, tokens=256, bootstrap_rounds=1000,
       instructions='builtin', max_new_tokens=128, judge='likelihood', judge_model='',
-      endpoint='', model='', retries=1))
+      margin=0.05, endpoint='', model='', retries=1))
   c.report_examples = 8
   if arg == 'tiny':
     c.anchor = ''

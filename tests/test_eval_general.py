@@ -81,6 +81,12 @@ def test_likelihood_judge_scores_each_verdict_reply_after_the_chat(tiny_checkpoi
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     want = sum(logp[len(chat) - 1 + i, t] for i, t in enumerate(reply))
     assert got[verdict] == pytest.approx(want, abs=1e-3), verdict
-  verdict, rationale = pairwise.parse_judgement(local_judge.likelihood_chat(model, tokenizer)(
-      messages))
-  assert verdict == max(got, key=got.get) and 'log-probabilities' in rationale
+  # The position-free margin: half the difference of the two orders' A-over-B.
+  margin = local_judge.preference_margin(model, tokenizer, 'Name a colour.', 'Blue.', 'A banana.')
+  swapped = [{'role': 'user', 'content': pairwise.PAIRWISE_PROMPT.format(
+      prompt='Name a colour.', response_a='A banana.', response_b='Blue.')}]
+  other = local_judge.verdict_logprobs(model, tokenizer, swapped)
+  assert margin == pytest.approx(((got['A'] - got['B']) - (other['A'] - other['B'])) / 2)
+  assert local_judge.preference_margin(model, tokenizer, 'Name a colour.', 'A banana.',
+                                       'Blue.') == pytest.approx(-margin)
+  assert local_judge.preference_margin(model, tokenizer, 'p', 'same', 'same') == 0.0

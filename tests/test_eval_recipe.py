@@ -131,3 +131,18 @@ def test_reward_model_judge_prefers_the_higher_score(tiny_checkpoint):
   want = 'win' if scores[0] > scores[1] else 'loss'
   assert judge('Name a colour.', 'Blue.', 'A banana.') == want
   assert judge('Name a colour.', 'Blue.', 'Blue.') == 'tie'
+
+
+def test_likelihood_judge_decides_by_the_position_free_margin(tiny_checkpoint):
+  from jpost.eval import local_judge
+  from jpost.models import hf
+  from jpost.tokenizer import Tokenizer
+  config = _config({'a': str(tiny_checkpoint)}, **{'general.margin': 0.0})
+  judge, what = evaluate.instruction_judge(config, 'a')  # judge_model '': the anchor judges
+  margin = local_judge.preference_margin(hf.load(tiny_checkpoint),
+                                         Tokenizer.from_dir(tiny_checkpoint),
+                                         'Name a colour.', 'Blue.', 'A banana.')
+  assert margin != 0 and 'position bias cancelled' in what
+  assert judge('Name a colour.', 'Blue.', 'A banana.') == ('win' if margin > 0 else 'loss')
+  assert judge('Name a colour.', 'A banana.', 'Blue.') == ('loss' if margin > 0 else 'win')
+  assert judge('Name a colour.', 'Blue.', 'Blue.') == 'tie'

@@ -3,22 +3,22 @@ verdict off the model's likelihoods instead of parsing free text.
 
 Small models seldom write the strict JSON reply that the pairwise prompt
 (jpost.eval.pairwise) asks for, yet their preference is in their
-probabilities. `likelihood_chat` renders the judge prompt with the model's
-chat template, scores each verdict's reply `{"verdict": "A"` ... by its
-summed token log-probability, and answers with the most likely verdict as
-that JSON reply, so `judge_pair` (both orders, swapped) uses it unchanged.
+probabilities: `verdict_logprobs` scores each verdict's reply
+`{"verdict": "A"` ... after the judge prompt. Small judges also prefer a
+position strongly (SmolLM2-135M says "A" in both orders almost always), so
+`preference_margin` asks in both orders and keeps only what moves with the
+answers: half the difference of the two orders' log p(A) - log p(B), in
+which a constant preference for a position cancels.
 """
 
 from __future__ import annotations
-
-import json
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jpost import ops
-from jpost.eval.pairwise import VERDICTS
+from jpost.eval.pairwise import PAIRWISE_PROMPT, VERDICTS
 
 REPLY_START = '{"verdict": "'
 BUCKET = 64  # prompt lengths are padded to multiples: a few compiled shapes per run
@@ -46,11 +46,13 @@ def verdict_logprobs(model, tokenizer, messages: list[dict]) -> dict[str, float]
           for i, (v, r) in enumerate(zip(VERDICTS, replies))}
 
 
-def likelihood_chat(model, tokenizer):
-  """chat(messages) -> the most likely verdict as the judge's JSON reply."""
-  def chat(messages: list[dict]) -> str:
-    scores = verdict_logprobs(model, tokenizer, messages)
-    best = max(scores, key=scores.get)
-    detail = ', '.join(f'{v} {s:.2f}' for v, s in scores.items())
-    return json.dumps({'verdict': best, 'rationale': f'log-probabilities: {detail}'})
-  return chat
+def preference_margin(model, tokenizer, prompt: str, response_1: str, response_2: str, *,
+                      template: str = PAIRWISE_PROMPT) -> float:
+  """How much more the judge prefers response 1 than response 2, in nats,
+  free of a constant position bias: > 0 favours response 1, and swapping
+  the responses negates it; identical responses give exactly 0."""
+  def a_over_b(first, second):
+    scores = verdict_logprobs(model, tokenizer, [{'role': 'user', 'content': template.format(
+        prompt=prompt, response_a=first, response_b=second)}])
+    return scores['A'] - scores['B']
+  return (a_over_b(response_1, response_2) - a_over_b(response_2, response_1)) / 2

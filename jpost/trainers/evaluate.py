@@ -31,7 +31,7 @@ from jpost import eval as ev
 from jpost.data import pipeline
 from jpost.errors import ConfigError
 from jpost.eval import general
-from jpost.eval.local_judge import likelihood_chat
+from jpost.eval.local_judge import preference_margin
 from jpost.eval.leaderboard import leaderboard
 from jpost.models import hf, pretrained
 from jpost.tokenizer import Tokenizer
@@ -216,11 +216,16 @@ def instruction_judge(config, anchor: str):
     chat = rewards.openai_chat(g.endpoint, g.model, temperature=0.0, seed=0, max_tokens=256,
                                timeout=60.0)
     what = f'{g.model!r} at {g.endpoint} (pairwise prompt, both orders)'
-  else:  # 'likelihood': a local model's verdict probabilities
+  else:  # 'likelihood': a local model's verdict probabilities, both orders
     source = g.judge_model or str(config.models[anchor])
     path = pretrained.resolve(source)
-    chat = likelihood_chat(hf.load(path, dtype='float32'), Tokenizer.from_dir(path))
-    what = f'{source!r} by verdict likelihood (pairwise prompt, both orders)'
+    model, tokenizer = hf.load(path, dtype='float32'), Tokenizer.from_dir(path)
+
+    def by_likelihood(prompt, answer, anchor_answer):
+      margin = preference_margin(model, tokenizer, prompt, answer, anchor_answer)
+      return 'win' if margin > g.margin else 'loss' if margin < -g.margin else 'tie'
+    return by_likelihood, (f'{source!r} by verdict likelihood (pairwise prompt in both orders, '
+                           f'position bias cancelled; a margin within {g.margin} nats is a tie)')
 
   def by_chat(prompt, answer, anchor_answer):
     outcome = ev.judge_pair(chat, prompt, answer, anchor_answer, retries=g.retries).outcome
