@@ -269,9 +269,20 @@ def _health(url):
     return json.loads(r.read())['models']['tiny']
 
 
+def _idle_health(url, seconds=30):
+  """/health once no request of an earlier test is still running (bounded)."""
+  deadline = time.monotonic() + seconds
+  while True:
+    now = _health(url)
+    if (now['slots_busy'] == 0 and now['requests_waiting'] == 0) or time.monotonic() > deadline:
+      return now
+    time.sleep(0.05)
+
+
 def test_client_killed_mid_stream_frees_its_slot(served):
   url = served[1]
-  before = _health(url)
+  before = _idle_health(url)
+  assert before['slots_busy'] == 0, before
   host, port = url.removeprefix('http://').split(':')
   client = subprocess.Popen([sys.executable, '-c', _KILLED_CLIENT, host, port],
                             stdout=subprocess.PIPE, text=True)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 from jpost.errors import ConfigError
 
 _RECIPES: dict[str, Callable] = {}
+# Recipes whose imports are heavy (a web server), imported only when asked for.
+_ON_DEMAND = {'serve': 'jpost.serve.recipe'}
 
 
 def register(name: str):
@@ -21,6 +24,8 @@ def register(name: str):
 
 def get(name: str) -> Callable:
   _load_builtin()
+  if name in _ON_DEMAND:
+    importlib.import_module(_ON_DEMAND[name])
   if name not in _RECIPES:
     raise ConfigError(
         f'config.trainer={name!r} is not a known recipe; known recipes: '
@@ -30,11 +35,10 @@ def get(name: str) -> Callable:
 
 def names() -> list[str]:
   _load_builtin()
-  return sorted(_RECIPES)
+  return sorted(set(_RECIPES) | set(_ON_DEMAND))
 
 
 def _load_builtin():
   # Imported here, not at package import, so `jpost.trainers` stays light.
   from jpost.trainers import (chat, curate, dpo, evaluate, generate, online, pairs,  # noqa: F401
                               reward, sft)
-  from jpost.serve import recipe  # noqa: F401  (the `serve` recipe)

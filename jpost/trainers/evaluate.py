@@ -295,6 +295,9 @@ def run(config, workdir):
     raise ConfigError("config.general.judge='reward_model' needs general.judge_model: a reward "
                       'model directory (configs/reward.py exports one to WORKDIR/hf).')
   instructions = general.instructions_source(config.general.instructions) if judged else None
+  # Judged against the anchor: only with one more model given by its weights.
+  if sum(not str(path).endswith('.jsonl') for path in config.models.values()) < 2:
+    instructions = None
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   loop.start_processes(config)
