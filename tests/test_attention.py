@@ -96,6 +96,7 @@ def test_auto_picks_by_backend_length_and_window():
   assert attn.choose('auto', key_len=4096, block=512, sliding_window=None,
                      backend='cpu') == 'blockwise'
   assert attn.choose('auto', key_len=256, block=512, sliding_window=None, backend='cpu') == 'xla'
+  assert attn.choose('auto', key_len=256, block=512, sliding_window=None, backend='gpu') == 'xla'
   assert attn.choose('xla', key_len=9999, block=8, sliding_window=None) == 'xla'
   with pytest.raises(ValueError, match='attention='):
     attn.choose('flash', key_len=1, block=1, sliding_window=None)

@@ -11,8 +11,9 @@
   segment ids; causal by index, which for jpost's rows (positions rise by one
   within a segment) is causal by position. No sliding window; GQA by
   repeating K/V heads (the kernel needs equal head counts).
-- 'auto': 'pallas' on GPU without a sliding window, else 'blockwise' when the
-  keys span more than one block, else 'xla' (one block gains nothing).
+- 'auto': 'xla' while the keys fit in one block (nothing to gain, and the
+  path every short run has used); beyond that 'pallas' on GPU without a
+  sliding window, else 'blockwise'.
 
 Queries are [B, T, N, H], keys [B, K, H, S], values [B, K, S, H] (K key/value
 heads serve N // K query heads each), as in jpost.models.decoder.
@@ -59,10 +60,10 @@ def choose(name: str, *, key_len: int, block: int, sliding_window: int | None,
     raise ValueError(f'attention={name!r}; use one of {IMPLEMENTATIONS}.')
   if name != 'auto':
     return name
+  if key_len <= block:
+    return 'xla'
   backend = backend or jax.default_backend()
-  if backend == 'gpu' and sliding_window is None:
-    return 'pallas'
-  return 'blockwise' if key_len > block else 'xla'
+  return 'pallas' if backend == 'gpu' and sliding_window is None else 'blockwise'
 
 
 def attend(q_btnh, keys, values, visible: Visibility, *, implementation: str, block: int,
