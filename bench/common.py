@@ -40,6 +40,26 @@ def machine() -> dict:
   return info
 
 
+def time_steps(step, state, batches, mesh, count: int):
+  """Runs `count` steps on host batches from the iterator `batches`: the
+  last metrics, each step's seconds (the first includes compilation) and
+  each batch's real (non-padding) token count."""
+  import time
+
+  import jax
+
+  from jpost.trainers import loop
+  times, tokens = [], []
+  for _ in range(count):
+    host = next(batches)
+    tic = time.perf_counter()
+    state, out = step(state, loop.place_batch(host, mesh))
+    jax.block_until_ready(out['loss'])
+    times.append(time.perf_counter() - tic)
+    tokens.append(int((host['segment_ids'] > 0).sum()))
+  return out, times, tokens
+
+
 def sft_step(model, mesh, total_steps: int):
   """The SFT recipe's jitted train step (AdamW, clip 1.0, token-normalised
   loss, state donated) and its initial state, as the benches time it."""

@@ -25,7 +25,6 @@ the step time, next to the time the measured matmul peak predicts.
 import argparse
 import json
 import statistics
-import time
 
 import common
 
@@ -119,18 +118,11 @@ def run_steps(cfg, batch: int, seq_len: int, steps: int) -> dict:
 
   from jpost import sharding
   from jpost.models import shapes
-  from jpost.trainers import loop
   from sft_throughput import synthetic_batches
   mesh = sharding.make_mesh()
   step, state = common.sft_step(shapes.init(cfg, mesh=mesh), mesh, steps)
-  data = synthetic_batches(batch, seq_len, cfg.vocab_size)
-  times = []
-  for _ in range(steps + 1):
-    host = next(data)
-    tic = time.perf_counter()
-    state, out = step(state, loop.place_batch(host, mesh))
-    jax.block_until_ready(out['loss'])
-    times.append(time.perf_counter() - tic)
+  _, times, _ = common.time_steps(step, state, synthetic_batches(batch, seq_len, cfg.vocab_size),
+                                  mesh, steps + 1)
   stats = jax.devices()[0].memory_stats() or {}
   return {'step_s': statistics.median(times[1:]), 'first_step_s': times[0],
           'device_peak': stats.get('peak_bytes_in_use'),

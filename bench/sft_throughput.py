@@ -21,7 +21,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 
 
 def synthetic_batches(batch: int, seq_len: int, vocab: int):
@@ -46,7 +45,6 @@ def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: str,
   from jpost.data import pipeline
   from jpost.models import pretrained
   from jpost.tokenizer import Tokenizer
-  from jpost.trainers import loop
 
   import common
 
@@ -62,14 +60,7 @@ def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: str,
     data, _ = pipeline.build('sft', pipeline.resolve_sources('gsm8k:sft'), tokenizer,
                              batch_size=batch, max_len=seq_len, truncation='truncate_left')
     batches = iter(data)
-  times, tokens = [], []
-  for _ in range(steps + 1):
-    host_batch = next(batches)
-    tic = time.perf_counter()
-    state, out = step(state, loop.place_batch(host_batch, mesh))
-    jax.block_until_ready(out['loss'])
-    times.append(time.perf_counter() - tic)
-    tokens.append(int((host_batch['segment_ids'] > 0).sum()))
+  out, times, tokens = common.time_steps(step, state, batches, mesh, steps + 1)
   compile_s, run_times = times[0], times[1:]
   seconds = statistics.median(run_times)
   tokens_per_step = statistics.median(tokens[1:])

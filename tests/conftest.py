@@ -106,9 +106,10 @@ CHAR_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def write_char_tokenizer(path):
-  """A character-level ChatML tokenizer of 95 tokens: with so small a
-  vocabulary a random model's samples vary enough for RL to find a signal."""
+def write_char_tokenizer(path, extra_tokens=()):
+  """A character-level ChatML tokenizer of 95 tokens (then `extra_tokens`,
+  whole strings, as the last ids): with so small a vocabulary a random
+  model's samples vary enough for RL to find a signal."""
   import json
 
   import tokenizers
@@ -117,7 +118,7 @@ def write_char_tokenizer(path):
   specials = ['<|endoftext|>', '<|im_start|>', '<|im_end|>', '<unk>']
   chars = sorted(set(' \n0123456789+-*/=?.,!:;#{}()\\\'"abcdefghijklmnopqrstuvwxyz'
                      'ABCDEFGHIJKLMNOPQRSTUVWXYZ'))
-  vocab = {t: i for i, t in enumerate(specials + chars)}
+  vocab = {t: i for i, t in enumerate(specials + chars + list(extra_tokens))}
   backend = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
   backend.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex(r'[\s\S]'), behavior='isolated')
   backend.decoder = decoders.Fuse()

@@ -6,7 +6,6 @@ exported and train a reward model with configs/reward.py unchanged."""
 import concurrent.futures
 import json
 import os
-import pathlib
 import shutil
 import sqlite3
 import subprocess
@@ -17,6 +16,7 @@ import urllib.request
 
 import pytest
 
+from conftest import write_char_tokenizer
 from jpost.eval import leaderboard
 from jpost.serve import api, engine, recipe, votes
 from jpost.serve import arena as arena_lib
@@ -29,36 +29,20 @@ MARKUP = ['<script>window.__xss = 1;</script>', '<img src=x onerror="window.__xs
 def _markup_model(path, seed):
   """A random 2-layer Llama over characters plus whole markup tokens, whose
   markup rows are scaled up so that its answers are full of them."""
-  import tokenizers
   from flax import nnx
-  from tokenizers import decoders, models, pre_tokenizers
 
   from jpost.models import hf
   from jpost.models.config import ModelConfig
   from jpost.models.decoder import Decoder
   from jpost.tokenizer import Tokenizer
 
-  specials = ['<|endoftext|>', '<|im_start|>', '<|im_end|>', '<unk>']
-  chars = sorted(set('\n abcdefghijklmnopqrstuvwxyz?.,!0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ'))
-  vocab = {t: i for i, t in enumerate(specials + chars + MARKUP)}
-  backend = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
-  backend.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex(r'[\s\S]'), behavior='isolated')
-  backend.decoder = decoders.Fuse()
-  backend.add_special_tokens(specials[:3])
-  path.mkdir(parents=True, exist_ok=True)
-  backend.save(str(path / 'tokenizer.json'))
-  template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-  (path / 'tokenizer_config.json').write_text(json.dumps({
-      'eos_token': '<|im_end|>', 'bos_token': '<|im_start|>', 'pad_token': '<|endoftext|>',
-      'chat_template': template}))
+  vocab_size = write_char_tokenizer(path, MARKUP)
   tokenizer = Tokenizer.from_dir(path)
-  cfg = ModelConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_layers=2,
+  cfg = ModelConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_layers=2,
                     num_heads=2, num_kv_heads=1, tie_embeddings=True,
                     bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
   model = Decoder(cfg, rngs=nnx.Rngs(seed))
-  markup_rows = len(specials) + len(chars)
-  model.embed[...] = model.embed[...].at[markup_rows:].multiply(30.0)
+  model.embed[...] = model.embed[...].at[vocab_size - len(MARKUP):].multiply(30.0)
   hf.save(model, path, tokenizer=tokenizer)
   return path
 
