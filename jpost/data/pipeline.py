@@ -22,13 +22,13 @@ from typing import Any, Callable, Sequence
 import grain
 import numpy as np
 
-from jpost.data import masking, rows, sources
+from jpost.data import masking, rows, sources, steps
 from jpost.errors import ConfigError
 from jpost.tokenizer import Tokenizer
 
-KINDS = ('sft', 'preference', 'prompt')
+KINDS = ('sft', 'preference', 'prompt', 'steps')
 _NORMALIZE = {'sft': rows.normalize_sft, 'preference': rows.normalize_preference,
-              'prompt': rows.normalize_prompt}
+              'prompt': rows.normalize_prompt, 'steps': rows.normalize_steps}
 
 
 class PipelineStats:
@@ -42,9 +42,9 @@ class PipelineStats:
     self.dropped_in_a_row = 0
     self._lock = threading.Lock()  # Grain may map in several threads
 
-  def count(self, key: str):
+  def count(self, key: str, n: int = 1):
     with self._lock:
-      self.encoded[key] += 1
+      self.encoded[key] += n
 
   def as_dict(self) -> dict[str, Any]:
     with self._lock:
@@ -211,6 +211,19 @@ def _encode_prompt(example, *, tokenizer, max_len, stats):
   return {'tokens': tokens, 'extra': example['extra'], 'prompt': example['prompt']}
 
 
+def _encode_steps(example, *, tokenizer, max_len, separator, stats):
+  where = example['_where']
+  encoding = steps.encode_steps(example['prompt'], example['steps'], tokenizer,
+                                separator=separator, max_len=max_len, where=where)
+  out = steps.training_fields(encoding, example['labels'], length=max_len, where=where)
+  if encoding.steps_cut:  # the row is kept with the steps that fit
+    stats.count('truncated')
+    stats.count('steps_cut', encoding.steps_cut)
+  else:
+    stats.count('encoded')
+  return out
+
+
 def _left_pad_batch(items: Sequence[dict], *, length: int, pad_id: int) -> dict[str, Any]:
   """Prompts right-aligned to `length`; positions start at 0 on the first real token."""
   batch = {'tokens': np.full((len(items), length), pad_id, np.int32),
@@ -230,13 +243,17 @@ def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max
           mask_mode: str = 'auto', truncation: str = 'drop', packing: bool = True,
           weights: Sequence[float] | None = None, seed: int = 0, num_epochs: int | None = None,
           policy: str = 'error', shard_index: int = 0, shard_count: int = 1,
-          num_threads: int = 0, require_assistant: bool = False, drop_remainder: bool = True):
+          num_threads: int = 0, require_assistant: bool = False, drop_remainder: bool = True,
+          step_separator: str = steps.DEFAULT_SEPARATOR):
   """(grain.IterDataset of batches, PipelineStats) for `kind` in KINDS.
 
   sft: packed (or padded) rows of `tokens, positions, segment_ids, loss_mask`.
   preference: `chosen_*` and `rejected_*` of the same row side by side, padded.
   prompt: left-padded `tokens, positions, segment_ids` plus `extra` (the row's
     other columns, unchanged) and `prompt`, lists of length batch_size.
+  steps: right-padded `tokens, positions, segment_ids` plus `step_targets`
+    (float32 label at each step's last token) and `step_mask` (1 there), for
+    process reward models; steps joined by `step_separator` (see data/steps.py).
   `num_epochs=None` repeats forever. `batch_size` is the global batch:
   `shard_index/shard_count` (jax.process_index() / jax.process_count())
   give each process batch_size / shard_count rows of it (see
@@ -257,6 +274,9 @@ def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max
   ds = _process_block(ds, block=batch_size, shard_index=shard_index, shard_count=shard_count)
   if kind == 'prompt':
     encode = functools.partial(_encode_prompt, tokenizer=tokenizer, max_len=max_len, stats=stats)
+  elif kind == 'steps':
+    encode = functools.partial(_encode_steps, tokenizer=tokenizer, max_len=max_len,
+                               separator=step_separator, stats=stats)
   else:
     mask_config = masking.MaskConfig(max_len=max_len, mask_mode=mask_mode, truncation=truncation)
     encoder = _encode_sft if kind == 'sft' else _encode_preference
@@ -276,7 +296,7 @@ def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max
     else:
       it = it.map(lambda x: _sequence_fields(x['tokens'], x['loss_mask'], max_len))
     it = it.batch(batch_size, drop_remainder=True)
-  elif kind == 'preference':
+  elif kind in ('preference', 'steps'):
     it = it.batch(batch_size, drop_remainder=drop_remainder)
   else:
     it = it.batch(batch_size, drop_remainder=drop_remainder,

@@ -2,7 +2,8 @@
 
 Users bring rows in the formats TRL and the HF hub use: conversational
 `messages`, `prompt`/`completion` (messages or plain text), preference
-`prompt`/`chosen`/`rejected`, and RL `prompt` plus extra columns. Each
+`prompt`/`chosen`/`rejected`, RL `prompt` plus extra columns, and step-labelled
+solutions `prompt`/`steps`/`labels` for process reward models. Each
 `normalize_*` function checks one row and returns one canonical dict, or raises
 `RowError` saying what is wrong, where, and what to do. `RowFilter` turns those
 errors into a hard stop or a counted skip, as the config chooses; a bad row is
@@ -378,3 +379,64 @@ def normalize_prompt(row: Any, *, where: str) -> dict[str, Any]:
                    'generate from', 'fill in the prompt, or drop the row')
   extra = {k: v for k, v in row.items() if k not in ('prompt', WHERE_KEY)}
   return {'format': fmt, 'prompt': prompt, 'extra': extra}
+
+
+_STEPS_TODO = ("give 'steps' as a list of non-empty strings and 'labels' as one number "
+               'in [0, 1] per step (1 = the step is correct)')
+
+
+def _step_label(value: Any, *, index: int, where: str) -> float:
+  # JSON true/false are labels too; any other non-number (a '+'/'-' string, a
+  # null) has to be mapped by the user, who knows what it meant.
+  if isinstance(value, bool):
+    return float(value)
+  if not isinstance(value, (int, float)):
+    raise RowError('bad_label', where,
+                   f'labels[{index}] is a {type(value).__name__} ({value!r}), not a number',
+                   "map it to a number in [0, 1] (e.g. Math-Shepherd '+' -> 1, '-' -> 0)")
+  if not 0.0 <= value <= 1.0:  # also false for NaN
+    raise RowError('bad_label', where, f'labels[{index}] is {value!r}, outside [0, 1]',
+                   'give the probability that the step is correct (PRM800K ratings '
+                   '-1/0/1: map -1 -> 0 and 0, 1 -> 1, or choose your own mapping)')
+  return float(value)
+
+
+def normalize_steps(row: Any, *, where: str) -> dict[str, Any]:
+  """Canonical step-labelled row {'prompt': messages, 'steps', 'labels'}.
+
+  Math-Shepherd / PRM800K style: a prompt (text, taken as one user message,
+  or a message list), the solution as a list of steps, and one label per
+  step in [0, 1] (hard 0/1 or a soft probability that the step is correct).
+  Other columns are ignored.
+  """
+  check_object(row, where=where)
+  todo = "give each row a 'prompt', 'steps' and 'labels'"
+  prompt = _get(row, 'prompt', where=where, todo=todo)
+  _check_text_or_messages(prompt, key='prompt', where=where)
+  prompt = _as_messages(prompt, key='prompt', role='user', where=where)
+  if _blank(prompt):
+    raise RowError('empty_prompt', where, "'prompt' is empty or whitespace",
+                   'fill in the prompt, or drop the row')
+  steps = _get(row, 'steps', where=where, todo=todo)
+  labels = _get(row, 'labels', where=where, todo=todo)
+  for key, value in (('steps', steps), ('labels', labels)):
+    if not isinstance(value, list):
+      raise RowError('bad_type', where, f'{key!r} is a {type(value).__name__}, not a list',
+                     _STEPS_TODO)
+  if not steps:
+    raise RowError('no_steps', where, "'steps' is an empty list, so there is nothing to "
+                   'label', 'give at least one step, or drop the row')
+  if len(steps) != len(labels):
+    raise RowError('steps_labels_mismatch', where,
+                   f'{len(steps)} steps but {len(labels)} labels',
+                   'give exactly one label per step')
+  for i, step in enumerate(steps):
+    if not isinstance(step, str):
+      raise RowError('bad_type', where, f'steps[{i}] is a {type(step).__name__}, not a string',
+                     _STEPS_TODO)
+    if not step.strip():
+      # A blank step has no last token to read its score at.
+      raise RowError('empty_step', where, f'steps[{i}] is empty or whitespace',
+                     'remove the blank step (and its label), or fill it in')
+  return {'prompt': prompt, 'steps': list(steps),
+          'labels': [_step_label(v, index=i, where=where) for i, v in enumerate(labels)]}
