@@ -2,7 +2,9 @@
 
 `ScalarModel` maps every token to one number. A reward model reads it at the
 last non-padding token of each sequence (as transformers'
-`...ForSequenceClassification` does); a PPO critic reads it at every token.
+`...ForSequenceClassification` does); a PPO critic reads it at every token; a
+process reward model (PRM) reads it at the last token of every solution step,
+where its sigmoid is the probability that the step is correct.
 
 On disk a reward model is a transformers sequence classifier: the decoder's
 `model.*` tensors plus `score.weight` [1, D], `num_labels` 1. It can start
@@ -20,11 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jpost.data import steps as steps_lib
 from jpost.models import hf
 from jpost.models.config import ModelConfig
 from jpost.models.decoder import Decoder
 
 SCORE_TENSOR = 'score.weight'
+# config.json key of a PRM export: the separator its steps were joined with,
+# so a scorer encodes steps as training did. transformers keeps unknown keys.
+STEP_SEPARATOR_KEY = 'jpost_step_separator'
 
 
 class ScalarModel(nnx.Module):
@@ -112,8 +118,10 @@ def export_pad_id(tokenizer) -> int:
                    "(tokenizer_config.json 'pad_token') so transformers can batch the scores.")
 
 
-def save(model: ScalarModel, path: str | pathlib.Path, *, tokenizer=None) -> pathlib.Path:
-  """Writes a transformers sequence classifier (num_labels 1) to `path`."""
+def save(model: ScalarModel, path: str | pathlib.Path, *, tokenizer=None,
+         step_separator: str | None = None) -> pathlib.Path:
+  """Writes a transformers sequence classifier (num_labels 1) to `path`; a PRM
+  also records its `step_separator` (read back by `load_step_scorer`)."""
   tensors = hf.params_to_hf(model.decoder)
   tensors[SCORE_TENSOR] = np.asarray(model.score[...], np.float32)[None, :].astype(
       np.dtype(jnp.dtype(model.config.param_dtype)))
@@ -125,6 +133,8 @@ def save(model: ScalarModel, path: str | pathlib.Path, *, tokenizer=None) -> pat
   config['torch_dtype'] = model.config.param_dtype
   if tokenizer is not None:
     config['pad_token_id'] = export_pad_id(tokenizer)
+  if step_separator is not None:
+    config[STEP_SEPARATOR_KEY] = step_separator
   path = hf.write_checkpoint(tensors, config, path)
   if tokenizer is not None:
     tokenizer.save(path)
@@ -193,3 +203,76 @@ def load_scorer(path: str | pathlib.Path, **kwargs) -> Scorer:
   from jpost.tokenizer import Tokenizer
   path = pretrained.resolve(str(path))
   return Scorer(load(path, dtype='float32'), Tokenizer.from_dir(path), **kwargs)
+
+
+class StepScorer:
+  """scorer.score(prompts, steps) -> per-step probabilities: the PRM entry point.
+
+  Each prompt (text or messages) and its list of steps are encoded exactly as
+  PRM training encodes them (`jpost.data.steps.encode_steps`: the steps joined
+  by `separator` as the assistant turn), and the model is read at the last
+  token of every step; the sigmoid of that value is the probability that the
+  step is correct. Lengths are bucketed to multiples of 64 and batches padded
+  to `batch_size` rows, so a run compiles a handful of shapes. Tokens past
+  `max_len` are cut, as in training: the steps ending there are not scored
+  (the solution's array is shorter than its steps; raise max_len), counted
+  in `steps_cut`.
+  """
+
+  def __init__(self, model: ScalarModel, tokenizer, *, batch_size: int = 16,
+               max_len: int = 1024, separator: str = steps_lib.DEFAULT_SEPARATOR):
+    self.tokenizer, self.batch_size, self.max_len = tokenizer, batch_size, max_len
+    self.separator = separator
+    self.steps_cut = 0
+    graphdef, self._state = nnx.split(model)
+
+    @jax.jit
+    def probs(state, batch):
+      m = nnx.merge(graphdef, state)
+      return jax.nn.sigmoid(m(batch['tokens'], batch['positions'], batch['segment_ids']))
+    self._probs = probs
+
+  def encode(self, prompt, steps: list[str]) -> steps_lib.StepEncoding:
+    return steps_lib.encode_steps(prompt, list(steps), self.tokenizer, separator=self.separator,
+                                  max_len=self.max_len)
+
+  def score(self, prompts, steps) -> list[np.ndarray]:
+    """One float32 array of probabilities per prompt, one per step in order
+    (fewer when max_len cut steps off); a solution with no steps gets an
+    empty array."""
+    if len(prompts) != len(steps):
+      raise ValueError(f'{len(prompts)} prompts but {len(steps)} step lists.')
+    for i, solution in enumerate(steps):
+      if not isinstance(solution, (list, tuple)):
+        raise ValueError(f'steps[{i}] is a {type(solution).__name__}; give each solution as a '
+                         'list of step strings (e.g. text.split(separator)).')
+    out = [np.zeros(0, np.float32) for _ in steps]
+    todo = [(i, self.encode(p, s)) for i, (p, s) in enumerate(zip(prompts, steps)) if s]
+    for start in range(0, len(todo), self.batch_size):
+      chunk = todo[start:start + self.batch_size]
+      rows = [e.tokens.tolist() for _, e in chunk]
+      width = min(-(-max(map(len, rows)) // 64) * 64, self.max_len)
+      rows = rows + [rows[-1]] * (self.batch_size - len(rows))  # one batch shape
+      probs = np.asarray(self._probs(self._state, _right_pad(rows, width)))
+      for row, (i, encoding) in enumerate(chunk):
+        out[i] = probs[row, encoding.step_ends].astype(np.float32)
+        self.steps_cut += encoding.steps_cut
+    return out
+
+  __call__ = score
+
+
+def load_step_scorer(path: str | pathlib.Path, *, separator: str | None = None,
+                     **kwargs) -> StepScorer:
+  """A StepScorer for a PRM directory (a jpost export or a transformers
+  sequence classifier). The step separator is the export's own unless given."""
+  import json
+
+  from jpost.models import pretrained
+  from jpost.tokenizer import Tokenizer
+  path = pretrained.resolve(str(path))
+  if separator is None:
+    config = json.loads((path / 'config.json').read_text())
+    separator = config.get(STEP_SEPARATOR_KEY, steps_lib.DEFAULT_SEPARATOR)
+  return StepScorer(load(path, dtype='float32'), Tokenizer.from_dir(path), separator=separator,
+                    **kwargs)
