@@ -10,7 +10,9 @@ an optional rubric judge, pairwise battles and a leaderboard, in a report.
 `anchor` names the model rated 1000 on the leaderboard. `pairwise.judge`:
 'verifier' (ground truth decides each battle), 'endpoint' (an
 OpenAI-compatible LLM judge, asked twice with positions swapped) or 'none'.
-`rubric.name` ('amazon_summary' or '') adds a point-wise rubric judge whose
+`rerank.prm` / `rerank.reward_model` (checkpoint dirs) add best-of-n
+reranking of the samples next to majority vote and pass@n. `rubric.name`
+('amazon_summary' or '') adds a point-wise rubric judge whose
 `rubric.judge` fields (endpoint, model, ...) say who judges.
 """
 
@@ -54,6 +56,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       text='pydoc', chunks=32, tokens=256, bootstrap_rounds=1000,
       instructions='builtin', max_new_tokens=128, judge='likelihood', judge_model='',
       margin=0.05, endpoint='', model='', retries=1))
+  # Best-of-n over the samples: a process reward model (configs/prm.py's export)
+  # with each step aggregate, and/or an outcome reward model; '' = off.
+  c.rerank = ml_collections.ConfigDict(dict(
+      prm='', aggregates=('min', 'last', 'mean', 'product'), separator='\n', reward_model=''))
   c.report_examples = 8
   if arg == 'tiny':
     c.anchor = ''

@@ -50,6 +50,18 @@ class Scored:
         raise ValueError(f'stat name {key!r} is reserved for the runner; rename it.')
 
 
+@dataclasses.dataclass(frozen=True)
+class StepScored:
+  """What a batched step-level source (a process reward model) returns:
+  `values` [N], one reward per completion, plus per completion the character
+  offsets where its scored steps end and the reward credited at each (they
+  sum to its value), so PPO can place them on the steps' last tokens; and
+  `stats` logged as `reward/{source}/{stat}`."""
+  values: Any
+  steps: list
+  stats: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Source:
   """One configured reward: what `build` returns and `score` runs."""

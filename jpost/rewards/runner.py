@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from jpost.rewards.registry import RewardFailure, Scored, Source
+from jpost.rewards.registry import RewardFailure, Scored, Source, StepScored
 
 log = logging.getLogger('jpost.rewards')
 
@@ -37,6 +37,9 @@ class ScoreResult:
   per_source: dict[str, np.ndarray]  # name -> [N] float32, NaN where it failed
   failures: dict[str, dict[str, int]]  # name -> kind -> count in this call
   stats: dict[str, dict[str, float]]  # name -> stat -> mean over reporting calls
+  # name -> per completion (step end offsets, step rewards), for the sources
+  # that score steps (StepScored); absent where the source failed.
+  steps: dict[str, list]
   errors: dict[str, str]  # name -> first error message of this call
   seconds: float
 
@@ -89,7 +92,8 @@ def score(sources: Sequence[Source], prompts: Sequence[str], completions: Sequen
       total=total.astype(np.float32),
       per_source={name: v.astype(np.float32) for name, v in batch.values.items()},
       failures={name: dict(c) for name, c in batch.failures.items()},
-      stats=stats, errors=batch.errors, seconds=time.perf_counter() - start)
+      stats=stats, steps=batch.steps, errors=batch.errors,
+      seconds=time.perf_counter() - start)
 
 
 class _Batch:
@@ -106,6 +110,7 @@ class _Batch:
     self.stat_sums = {s.name: collections.defaultdict(float) for s in sources}
     self.stat_counts = {s.name: collections.defaultdict(int) for s in sources}
     self.errors: dict[str, str] = {}
+    self.steps: dict[str, list] = {}
     self.pending = {s.name: collections.deque([None] if s.batched else range(n))
                     for s in sources}
     self.results: queue.SimpleQueue = queue.SimpleQueue()
@@ -197,6 +202,17 @@ class _Batch:
 
   def _record_batch(self, source: Source, payload):
     n = len(self.completions)
+    if isinstance(payload, StepScored):
+      if len(payload.steps) != n:
+        self._fail(source, None, 'bad_type', f'returned steps for {len(payload.steps)} '
+                   f'completions, expected {n}')
+        return
+      for stat, x in payload.stats.items():
+        if math.isfinite(x):
+          self.stat_sums[source.name][stat] += float(x)
+          self.stat_counts[source.name][stat] += 1
+      self.steps[source.name] = payload.steps
+      payload = payload.values
     try:
       values = np.asarray(payload, dtype=np.float64)
     except (TypeError, ValueError):

@@ -41,4 +41,4 @@ def names() -> list[str]:
 def _load_builtin():
   # Imported here, not at package import, so `jpost.trainers` stays light.
   from jpost.trainers import (chat, curate, dpo, evaluate, generate, online, pairs,  # noqa: F401
-                              prm, reward, sft)
+                              prm, prm_labels, reward, sft)

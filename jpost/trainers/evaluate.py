@@ -7,6 +7,8 @@ For every model in `config.models` (name -> checkpoint, embedded name, or a
 - ground truth with the RL verifiers: greedy accuracy (Wilson interval),
   pass@k and maj@k over the samples;
 - optionally a point-wise rubric judge (`config.rubric`, the rubric reward);
+- optionally best-of-n reranking of the samples by a process reward model,
+  an outcome reward model and majority vote (`config.rerank`);
 - pairwise battles between every two models on the greedy answers, judged by
   the verifier (correct beats wrong; both right = tie; both wrong =
   both_bad) or by an LLM judge with positions swapped (`pairwise.judge`);
@@ -30,7 +32,7 @@ from jpost import rewards, sampling
 from jpost import eval as ev
 from jpost.data import pipeline
 from jpost.errors import ConfigError
-from jpost.eval import general
+from jpost.eval import general, rerank
 from jpost.eval.local_judge import preference_margin
 from jpost.eval.leaderboard import leaderboard
 from jpost.models import hf, pretrained
@@ -121,7 +123,8 @@ def ground_truth(rows: list[dict], reward_fns, answer_key: str) -> dict[str, Any
           f'pass@{k}': report[f'pass@{k}'], f'maj@{k}': float(np.mean(majority)),
           'truncated': float(np.mean([r['truncated'] for r in rows])),
           'length_chars': float(np.mean([len(r['greedy']) for r in rows])),
-          '_greedy': greedy, '_per_prompt': samples.mean(axis=1)}
+          '_greedy': greedy, '_per_prompt': samples.mean(axis=1),
+          '_samples': (samples > 0.5).astype(np.float64)}
 
 
 def _row_key(row: dict) -> str:
@@ -275,6 +278,40 @@ def drift_vs_gain(names: list[str], results: dict) -> ev.Section:
                     'win_rate < 0.5 are forgetting (None: that check did not run).', table=rows)
 
 
+def rerank_section(config, names: list[str], outputs: dict, results: dict) -> ev.Section:
+  """Best-of-n over each model's sampled answers: picked by the process
+  reward model (`rerank.prm`, each aggregate), by the outcome reward model
+  (`rerank.reward_model`), by majority vote; a random pick and pass@n bound it."""
+  from jpost.models import reward
+  r = config.rerank
+  step_scorer = reward.load_step_scorer(r.prm, separator=r.separator) if r.prm else None
+  outcome = reward.load_scorer(r.reward_model) if r.reward_model else None
+  table = []
+  for name in names:
+    correct, rows = results[name]['_samples'], outputs[name]
+    n = correct.shape[1]
+    prompts, samples = [row['prompt'] for row in rows], [row['samples'] for row in rows]
+    entry = {'model': name, 'n': n, 'random': float(correct.mean()),
+             'majority': results[name][f'maj@{n}']}
+    if step_scorer is not None:
+      for how, scores in rerank.prm_scores(step_scorer, prompts, samples, r.aggregates,
+                                           r.separator).items():
+        entry[f'prm_{how}'] = rerank.best_of_n(scores, correct)
+    if outcome is not None:
+      entry['reward_model'] = rerank.best_of_n(rerank.outcome_scores(outcome, prompts, samples),
+                                               correct)
+    entry['pass'] = results[name][f'pass@{n}']
+    results[name] |= {f'best_of_n_{k}': v for k, v in entry.items() if k not in ('model', 'n')}
+    table.append(entry)
+  return ev.Section(
+      title='Best-of-n reranking',
+      text='accuracy of the one sampled answer each method keeps per prompt: random = the mean '
+      'sampled accuracy; majority = the most common final answer; prm_AGG = the highest '
+      f'aggregate of the process reward model {r.prm!r} over steps split at {r.separator!r}; '
+      f'reward_model = the highest score of {r.reward_model!r}; pass = some sample is right '
+      '(the ceiling). Tied picks count as a random choice among them.', table=table)
+
+
 def _save_rows(path: pathlib.Path, rows: list[dict]) -> None:
   if jax.process_index() == 0:
     path.write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows))
@@ -347,6 +384,8 @@ def run(config, workdir):
     sections.append(judged_section(config, names, general_answers, results))
   if len(names) > 1 and (forgetting is not None or len(general_answers) > 1):
     sections.append(drift_vs_gain(names, results))
+  if (config.rerank.prm or config.rerank.reward_model) and config.sampling.num_samples > 1:
+    sections.append(rerank_section(config, names, outputs, results))
   if config.rubric.name:
     rubric_fns = rewards.build({'rubric': {'rubric': config.rubric.name,
                                            'judge': dict(config.rubric.judge)}})

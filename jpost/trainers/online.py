@@ -142,10 +142,15 @@ def step(parts: Parts, state: dict, number: int) -> tuple[dict, dict]:
       parts.reward_fns, [rollout.prompt_text(p) for p in prompts['prompt'] for _ in range(samples)],
       texts, [e for e in prompts['extra'] for _ in range(samples)]))
   reward_s, tic = time.perf_counter() - tic, time.perf_counter()
-  scores = loop.place_batch({'scores': scored.total[loop.own_rows(len(scored.total))]}, parts.mesh)
+  own = loop.own_rows(len(scored.total))
+  scores = {'scores': scored.total[own]}
+  if parts.algorithm == 'ppo':
+    scores = _step_rewards(parts, scored, own, completions, scores['scores'])
+  scores = loop.place_batch(scores, parts.mesh)
   batch, out = parts.prepare(state['policy']['params'], parts.ref_params,
                              state['critic']['params'] if 'critic' in state else None,
-                             prompts['placed'], completions, scores['scores'])
+                             prompts['placed'], completions, scores['scores'],
+                             scores.get('step_rewards'))
   out = jax.device_get(out)
   prep_s, tic = time.perf_counter() - tic, time.perf_counter()
   state, updates = _updates(parts, state, batch, number)
@@ -171,6 +176,23 @@ def step(parts: Parts, state: dict, number: int) -> tuple[dict, dict]:
   return state, out | {f'data/{k}': v for k, v in parts.prompt_stats.as_dict()['encoded'].items()}
 
 
+def _step_rewards(parts: Parts, scored: ScoreResult, own, completions, total) -> dict:
+  """PPO with step-scoring sources (a PRM): their rewards move from the last
+  token to each step's last token (`step_rewards` [R, N]); the rest of the
+  score stays at the end. Where such a source failed it adds nothing."""
+  width = completions.tokens.shape[1]
+  tokens, lengths = loop.local_rows(completions.tokens), loop.local_rows(completions.lengths)
+  dense = np.zeros((len(total), width), np.float32)
+  for source in parts.reward_fns:
+    if source.name not in scored.steps:
+      continue
+    values = scored.per_source[source.name][own]
+    total = total - source.weight * np.where(np.isfinite(values), values, 0.0)
+    dense += source.weight * rl_parts.step_reward_tokens(
+        parts.tokenizer, tokens, lengths, scored.steps[source.name], width)
+  return {'scores': total.astype(np.float32), 'step_rewards': dense}
+
+
 def _rollout(parts: Parts, state: dict, number: int):
   """(this process's prompt batch with `placed` global arrays, completions
   sharded over the batch axes like the rows they continue)."""
@@ -193,8 +215,8 @@ def _rollout(parts: Parts, state: dict, number: int):
 
 
 def _all_processes(result: ScoreResult) -> ScoreResult:
-  """Every process's scores, in row order; failures summed (stats and
-  errors stay this process's)."""
+  """Every process's scores, in row order; failures summed (stats, steps
+  and errors stay this process's)."""
   if jax.process_count() == 1:
     return result
   counts = lambda name: loop.gather_rows(np.array(

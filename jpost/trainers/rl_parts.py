@@ -188,10 +188,13 @@ def grpo_advantages(scores, mask, *, rl, num_samples: int) -> tuple[jax.Array, j
           {'groups/zero_variance_fraction': jnp.mean(flat.astype(jnp.float32))})
 
 
-def ppo_advantages(scores, values, old_lp, ref_lp, weights, *, rl) -> dict:
-  """Per-token rewards (-beta * k1 on every token, the score on the last),
-  then GAE and optional whitening: the seed's objective E[r] - beta KL."""
+def ppo_advantages(scores, values, old_lp, ref_lp, weights, *, rl, step_rewards=None) -> dict:
+  """Per-token rewards (-beta * k1 on every token, the score on the last,
+  `step_rewards` [R, N] where steps end), then GAE and optional whitening:
+  the seed's objective E[r] - beta KL."""
   token_rewards = jnp.zeros_like(weights)
+  if step_rewards is not None:
+    token_rewards += step_rewards * weights
   if ref_lp is not None and rl.beta > 0:
     token_rewards -= rl.beta * (old_lp - ref_lp) * weights
   last = weights.shape[1] - 1 - jnp.argmax(weights[:, ::-1], axis=1)
@@ -204,13 +207,37 @@ def ppo_advantages(scores, values, old_lp, ref_lp, weights, *, rl) -> dict:
   return {'advantages': advantages.astype(jnp.float32), 'returns': returns.astype(jnp.float32)}
 
 
+def step_reward_tokens(tokenizer, tokens, lengths, steps, width: int) -> np.ndarray:
+  """Step rewards [R, width] on completion tokens: `steps[r]` is (character
+  offsets where row r's steps end in its decoded text, a reward per step);
+  each reward lands on the first token whose decoded prefix reaches its
+  offset, i.e. the step's last token (a token spanning the separator too
+  carries it)."""
+  out = np.zeros((len(steps), width), np.float32)
+  stops = set(tokenizer.stop_ids)
+  for r, (ends, rewards) in enumerate(steps):
+    ids = [int(t) for t in np.asarray(tokens[r])[:int(lengths[r])]]
+    if ids and ids[-1] in stops:
+      ids = ids[:-1]
+    for end, reward in zip(ends, rewards):
+      lo, hi = 0, max(len(ids) - 1, 0)
+      while lo < hi:  # the smallest j with len(decode(ids[:j + 1])) >= end
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(ids[:mid + 1])) >= end:
+          hi = mid
+        else:
+          lo = mid + 1
+      out[r, min(lo, width - 1)] += reward
+  return out
+
+
 # --- rollout -> train batch, in one jitted function -----------------------------------
 
 
 def make_prepare(policy_graphdef, critic_graphdef, *, algorithm: str, rl, num_samples: int,
                  temperature: float, kl_coef: float, mesh, reference: str = 'params'):
-  """Jitted (params, ref_params, critic_params, prompts, completions, scores)
-  -> (train batch, metrics): the training rows, old log-probs (the sampler's
+  """Jitted (params, ref_params, critic_params, prompts, completions, scores,
+  step_rewards=None) -> (train batch, metrics): the training rows, old log-probs (the sampler's
   or recomputed), reference log-probs, values, advantages and the mask the
   loss uses, all on device. ref_params / critic_params may be None.
   reference='adapters_off': the reference is the policy's params with its
@@ -219,7 +246,8 @@ def make_prepare(policy_graphdef, critic_graphdef, *, algorithm: str, rl, num_sa
     model = nnx.merge(policy_graphdef, params)
     return completion_logprobs(model, rows, temperature)
 
-  def prepare(params, ref_params, critic_params, prompts, completions, scores):
+  def prepare(params, ref_params, critic_params, prompts, completions, scores,
+              step_rewards=None):
     with sharding.activation_rules(mesh):
       rows = training_rows(prompts, completions, num_samples)
       weights = rows['completion_mask']
@@ -241,7 +269,8 @@ def make_prepare(policy_graphdef, critic_graphdef, *, algorithm: str, rl, num_sa
         batch, out = {'advantages': advantages}, out | extra
       else:
         values = completion_values(nnx.merge(critic_graphdef, critic_params), rows)
-        batch = ppo_advantages(scores, values, old_lp, ref_lp, weights, rl=rl)
+        batch = ppo_advantages(scores, values, old_lp, ref_lp, weights, rl=rl,
+                               step_rewards=step_rewards)
         batch, mask, keys = batch | {'old_values': values}, weights, keys + CRITIC_KEYS
       batch |= {k: rows[k] for k in keys} | {'completion_mask': mask, 'old_logprobs': old_lp}
       if kl_coef:
