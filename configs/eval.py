@@ -57,9 +57,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       instructions='builtin', max_new_tokens=128, judge='likelihood', judge_model='',
       margin=0.05, endpoint='', model='', retries=1))
   # Best-of-n over the samples: a process reward model (configs/prm.py's export)
-  # with each step aggregate, and/or an outcome reward model; '' = off.
+  # with each step aggregate, and/or an outcome reward model; '' = off. The
+  # separator '' is the one the PRM was trained with.
   c.rerank = ml_collections.ConfigDict(dict(
-      prm='', aggregates=('min', 'last', 'mean', 'product'), separator='\n', reward_model=''))
+      prm='', aggregates=('min', 'last', 'mean', 'product'), separator='', reward_model=''))
   c.report_examples = 8
   if arg == 'tiny':
     c.anchor = ''

@@ -2,8 +2,10 @@
 step rewards placed on tokens for PPO, best-of-n reranking, and the
 multi-step arithmetic data the PRM recipes use."""
 
+import json
 import math
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -15,9 +17,16 @@ from jpost.eval import rerank
 from jpost.models import pretrained
 from jpost.rewards import process
 from jpost.tokenizer import Tokenizer
-from jpost.trainers import rl_parts
+from jpost import trainers
+from jpost.trainers import evaluate, online, prm, rl_parts
+import overrides
 
-import configs.grpo as grpo
+sys.path.insert(0, 'configs')
+import eval as eval_config  # noqa: E402
+import grpo  # noqa: E402
+import ppo  # noqa: E402
+import prm as prm_config  # noqa: E402
+import prm_labels as prm_labels_config  # noqa: E402
 
 
 def test_split_steps_drops_blank_pieces_and_gives_each_steps_end():
@@ -182,3 +191,66 @@ def test_multi_step_problems_have_two_to_four_correct_steps():
   assert not train & {r['prompt'][0]['content'] for r in arith.rows('multi_test')}
   assert math.isclose(np.mean([len(r['completion'].split('\n')) - 1
                                for r in arith.rows('multi_test')]), 2.875)
+
+
+def _read(path):
+  return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_prm_pipeline_labels_train_rerank_and_rl(tiny_checkpoint, tmp_path):
+  """Labels from rollouts -> a PRM -> best-of-n in eval -> the 'prm' reward in
+  GRPO and PPO: every stage reads what the one before wrote."""
+  prompts = tmp_path / 'multi.jsonl'
+  prompts.write_text(''.join(json.dumps(r) + '\n' for r in arith.rows('multi_test')[:3]))
+
+  labels = overrides.apply(prm_labels_config.get_config('tiny').unlock(), {
+      'model.path': str(tiny_checkpoint), 'splits': {'train': (str(prompts),)},
+      'max_prompts': {'train': 3}, 'labels.solutions': 2, 'labels.rollouts': 3,
+      # A random model seldom writes a newline: its words are the steps here.
+      'labels.separator': ' ', 'labels.max_steps': 16, 'sampling.max_new_tokens': 8,
+      'sampling.temperature': 1.0})
+  stats = trainers.get('prm_labels')(labels.lock(), str(tmp_path / 'labels'))['train']
+  rows = _read(tmp_path / 'labels' / 'steps_train.jsonl')
+  assert stats['solutions'] == len(rows) == 6 - stats['no_steps'] - stats['too_many_steps']
+  assert stats['rollouts'] == 3 * sum(len(r['steps']) - 1 for r in rows) > 0
+  for row in rows:
+    assert len(row['labels']) == len(row['steps']) >= 1
+    assert row['labels'][-1] == float(row['correct'])  # the answer labels its last step
+    assert all(label in (0, 1 / 3, 2 / 3, 1) for label in row['labels'])  # 3 rollouts
+  assert len(prm.load_examples([str(tmp_path / 'labels' / 'steps_train.jsonl')], 'error')) == len(rows)
+
+  steps_file = str(tmp_path / 'labels' / 'steps_train.jsonl')
+  train = overrides.apply(prm_config.get_config('tiny').unlock(), {
+      'model.path': str(tiny_checkpoint), 'data.train': (steps_file,), 'data.eval': (),
+      'data.max_len': 128, 'total_steps': 2, 'checkpoint.every': 2})
+  trainers.get('prm')(train.lock(), str(tmp_path / 'prm'))
+  prm_dir = str(tmp_path / 'prm' / 'hf')
+
+  # Best-of-n on saved completions: two prompts, four multi-line samples each.
+  saved = tmp_path / 'completions.jsonl'
+  saved.write_text(''.join(json.dumps({
+      'prompt': f'Sam has {a} coins. How many?', 'extra': {'answer': str(a + 1)},
+      'greedy': f'{a} + 1 = {a + 1}\n\\boxed{{{a + 1}}}', 'truncated': False,
+      'samples': [f'{a} + 1 = {a + 1}\n\\boxed{{{a + 1}}}', f'{a} + 2 = {a + 2}\n\\boxed{{{a + 2}}}',
+                  f'{a} - 1\nso\n\\boxed{{{a - 1}}}', 'no idea']}) + '\n' for a in (3, 8)))
+  report = evaluate.run(overrides.apply(eval_config.get_config('tiny').unlock(), {
+      'models': {'saved': str(saved)}, 'rerank.prm': prm_dir,
+      'rerank.reward_model': prm_dir}).lock(), tmp_path / 'eval')
+  result = report['models']['saved']
+  assert result['best_of_n_random'] == 0.25 and result['best_of_n_pass'] == 1.0
+  for key in ('prm_min', 'prm_last', 'prm_mean', 'prm_product', 'reward_model'):
+    assert 0.0 <= result[f'best_of_n_{key}'] <= 1.0, key
+  assert '## Best-of-n reranking' in (tmp_path / 'eval' / 'report.md').read_text()
+
+  for recipe, name in ((grpo, 'grpo'), (ppo, 'ppo')):
+    config = overrides.apply(recipe.get_config('tiny').unlock(), {
+        'model.path': str(tiny_checkpoint), 'data.train': (str(prompts),),
+        'data.eval': (str(prompts),), 'data.max_prompt_len': 128, 'total_steps': 2,
+        'sampling.max_new_tokens': 16, 'sampling.temperature': 1.0,
+        'rewards': {'prm': {'path': prm_dir, 'aggregate': 'min'}, 'math': {'weight': 1.0}}})
+    online.run(config.lock(), tmp_path / name, name)
+    records = _read(tmp_path / name / 'metrics.jsonl')
+    assert [r['step'] for r in records] == [1, 2], name
+    for r in records:  # the per-step score distribution is logged every step
+      assert 0 <= r['reward/prm/step_score_p10'] <= r['reward/prm/step_score_p90'] <= 1, name
+      assert r['reward/prm/failures'] == 0 and r['reward/prm/steps'] >= 1, name

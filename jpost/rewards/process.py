@@ -94,18 +94,19 @@ def score_completions(step_scorer, prompts, completions, *, aggregate_by: str = 
 
 
 @register_factory('prm', batched=True, timeout=600.0)
-def prm(*, path: str, aggregate: str = 'min', separator: str = '\n', batch_size: int = 16,
-        max_len: int = 1024):
+def prm(*, path: str, aggregate: str = 'min', separator: str | None = None,
+        batch_size: int = 16, max_len: int = 1024):
   """A trained process reward model (`configs/prm.py`'s export) scoring each
-  step of the completion; `aggregate` in AGGREGATES makes it one reward."""
+  step of the completion; `aggregate` in AGGREGATES makes it one reward.
+  Steps are split at `separator`, by default the one the PRM was trained with."""
   if aggregate not in AGGREGATES:
     raise ConfigError(f"reward 'prm': aggregate={aggregate!r} is unknown; use one of "
                       f'{AGGREGATES}.')
   from jpost.models import reward  # lazy: loading a model pulls in JAX
-  scorer = reward.load_step_scorer(path, separator=separator, batch_size=batch_size,
+  scorer = reward.load_step_scorer(path, separator=separator or None, batch_size=batch_size,
                                    max_len=max_len)
 
   def score(prompts, completions):
     return score_completions(scorer, prompts, completions, aggregate_by=aggregate,
-                             separator=separator)
+                             separator=scorer.separator)
   return score

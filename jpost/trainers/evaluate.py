@@ -284,7 +284,7 @@ def rerank_section(config, names: list[str], outputs: dict, results: dict) -> ev
   (`rerank.reward_model`), by majority vote; a random pick and pass@n bound it."""
   from jpost.models import reward
   r = config.rerank
-  step_scorer = reward.load_step_scorer(r.prm, separator=r.separator) if r.prm else None
+  step_scorer = reward.load_step_scorer(r.prm, separator=r.separator or None) if r.prm else None
   outcome = reward.load_scorer(r.reward_model) if r.reward_model else None
   table = []
   for name in names:
@@ -295,7 +295,7 @@ def rerank_section(config, names: list[str], outputs: dict, results: dict) -> ev
              'majority': results[name][f'maj@{n}']}
     if step_scorer is not None:
       for how, scores in rerank.prm_scores(step_scorer, prompts, samples, r.aggregates,
-                                           r.separator).items():
+                                           step_scorer.separator).items():
         entry[f'prm_{how}'] = rerank.best_of_n(scores, correct)
     if outcome is not None:
       entry['reward_model'] = rerank.best_of_n(rerank.outcome_scores(outcome, prompts, samples),
@@ -307,7 +307,7 @@ def rerank_section(config, names: list[str], outputs: dict, results: dict) -> ev
       title='Best-of-n reranking',
       text='accuracy of the one sampled answer each method keeps per prompt: random = the mean '
       'sampled accuracy; majority = the most common final answer; prm_AGG = the highest '
-      f'aggregate of the process reward model {r.prm!r} over steps split at {r.separator!r}; '
+      f'aggregate of the process reward model {r.prm!r} over its steps; '
       f'reward_model = the highest score of {r.reward_model!r}; pass = some sample is right '
       '(the ceiling). Tied picks count as a random choice among them.', table=table)
 
