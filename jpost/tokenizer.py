@@ -373,7 +373,7 @@ class Tokenizer:
         bounds.append(content_end + gap + len(token) + len(after) - len(after.lstrip()))
     first = self._first_region_start(pieces[0], {e[1] for e in eots if e})
 
-    ids, starts = self._encode_with_offsets(text)
+    ids, starts = self.encode_with_offsets(text)
     def index(char: int) -> int:
       return bisect.bisect_left(starts, char)
     spans = []
@@ -419,7 +419,8 @@ class Tokenizer:
     backend.post_processor = None
     return backend
 
-  def _encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+    """(ids, start character of each token) of `text`, without special tokens."""
     encoding = self._offsets_backend.encode(text, add_special_tokens=False)
     starts = [start for start, _ in encoding.offsets]
     if encoding.ids != self.encode(text) or starts != sorted(starts):

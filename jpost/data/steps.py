@@ -116,7 +116,7 @@ def encode_steps(prompt, steps: list[str], tokenizer: Tokenizer, *,
   messages = prompt_messages(prompt) + [{'role': 'assistant', 'content': content}]
   encoding = tokenizer.encode_chat(messages)
   # Token start characters of the same text encode_chat tokenised.
-  ids, starts = tokenizer._encode_with_offsets(encoding.text)  # noqa: SLF001
+  ids, starts = tokenizer.encode_with_offsets(encoding.text)
   if ids != encoding.ids:
     raise AssertionError(f'{where}: offsets encoding differs from encode_chat')
   text, span = encoding.text, encoding.spans[-1]
