@@ -8,7 +8,9 @@ into steps at `labels.separator`; every step prefix is continued
 `labels.rollouts` times and labelled by the share of continuations the
 verifier accepts ('soft') or by whether one does ('hard'). Writes
 `workdir/steps_{split}.jsonl` (the `prm` recipe's input) and
-`workdir/labels_stats.json`. The default data are multi-step word problems
+`workdir/labels_stats.json`, and `workdir/pairs_{split}.jsonl` (right over
+wrong answers to a prompt, for an outcome reward model on the same samples).
+The default data are multi-step word problems
 ('arith:multi_train' / 'arith:multi_test', 2-4 calculations each).
 """
 
@@ -24,7 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       path='smollm2-135m-instruct', dtype='float32', param_dtype='float32'))
   c.splits = ml_collections.ConfigDict({'train': ('arith:multi_train',),
                                         'test': ('arith:multi_test',)})
-  c.max_prompts = ml_collections.ConfigDict({'train': 128, 'test': 48})
+  c.max_prompts = ml_collections.ConfigDict({'train': 64, 'test': 48})
   c.max_prompt_len = 128
   c.labels = ml_collections.ConfigDict(dict(
       kind='soft', solutions=4, rollouts=4, separator='\n', max_steps=8))

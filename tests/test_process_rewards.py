@@ -18,7 +18,7 @@ from jpost.models import pretrained
 from jpost.rewards import process
 from jpost.tokenizer import Tokenizer
 from jpost import trainers
-from jpost.trainers import evaluate, online, prm, rl_parts
+from jpost.trainers import evaluate, online, prm, prm_labels, rl_parts
 import overrides
 
 sys.path.insert(0, 'configs')
@@ -193,6 +193,16 @@ def test_multi_step_problems_have_two_to_four_correct_steps():
                                for r in arith.rows('multi_test')]), 2.875)
 
 
+def test_outcome_pairs_put_each_right_answer_over_a_wrong_one():
+  row = lambda prompt, text, ok: {'prompt': [{'role': 'user', 'content': prompt}],
+                                  'solution': text, 'correct': ok}
+  rows = [row('p', 'a1', True), row('p', 'b1', False), row('q', 'c1', False),
+          row('p', 'a2', True), row('p', 'b2', False), row('p', 'a3', True)]
+  pairs = prm_labels.outcome_pairs(rows)
+  assert [(p['chosen'], p['rejected']) for p in pairs] == [('a1', 'b1'), ('a2', 'b2')]
+  assert pairs[0]['prompt'] == rows[0]['prompt']  # q has no right answer: no pair
+
+
 def _read(path):
   return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -218,6 +228,8 @@ def test_prm_pipeline_labels_train_rerank_and_rl(tiny_checkpoint, tmp_path):
     assert row['labels'][-1] == float(row['correct'])  # the answer labels its last step
     assert all(label in (0, 1 / 3, 2 / 3, 1) for label in row['labels'])  # 3 rollouts
   assert len(prm.load_examples([str(tmp_path / 'labels' / 'steps_train.jsonl')], 'error')) == len(rows)
+  pairs = _read(tmp_path / 'labels' / 'pairs_train.jsonl')
+  assert len(pairs) == stats['outcome_pairs'] <= stats['correct_solutions']
 
   steps_file = str(tmp_path / 'labels' / 'steps_train.jsonl')
   train = overrides.apply(prm_config.get_config('tiny').unlock(), {
@@ -245,12 +257,12 @@ def test_prm_pipeline_labels_train_rerank_and_rl(tiny_checkpoint, tmp_path):
   for recipe, name in ((grpo, 'grpo'), (ppo, 'ppo')):
     config = overrides.apply(recipe.get_config('tiny').unlock(), {
         'model.path': str(tiny_checkpoint), 'data.train': (str(prompts),),
-        'data.eval': (str(prompts),), 'data.max_prompt_len': 128, 'total_steps': 2,
+        'data.eval': (str(prompts),), 'data.max_prompt_len': 128, 'total_steps': 1,
         'sampling.max_new_tokens': 16, 'sampling.temperature': 1.0,
         'rewards': {'prm': {'path': prm_dir, 'aggregate': 'min'}, 'math': {'weight': 1.0}}})
     online.run(config.lock(), tmp_path / name, name)
     records = _read(tmp_path / name / 'metrics.jsonl')
-    assert [r['step'] for r in records] == [1, 2], name
+    assert [r['step'] for r in records] == [1], name
     for r in records:  # the per-step score distribution is logged every step
       assert 0 <= r['reward/prm/step_score_p10'] <= r['reward/prm/step_score_p90'] <= 1, name
       assert r['reward/prm/failures'] == 0 and r['reward/prm/steps'] >= 1, name

@@ -8,7 +8,11 @@ verifier accepts ('soft') or by whether any does ('hard'): a step from which
 the model can still reach the right answer is a good step. The last step is
 labelled by the answer itself. Rows go to `workdir/steps_{split}.jsonl` in
 the step-row format the `prm` recipe trains on, with statistics in
-`workdir/labels_stats.json`.
+`workdir/labels_stats.json` (by split; labelling one split again replaces
+only its entry). The same samples also make preference pairs (a right answer
+over a wrong one to the same prompt) in `workdir/pairs_{split}.jsonl`, so an
+outcome reward model (`configs/reward.py`) can be trained on equal data and
+compared with the PRM.
 """
 
 from __future__ import annotations
@@ -113,6 +117,19 @@ def label_split(model, tokenizer, rows: list[dict], config, key) -> tuple[list[d
   return out, counts
 
 
+def outcome_pairs(rows: list[dict]) -> list[dict]:
+  """Preference rows from the same samples, for an outcome reward model to
+  compare with the PRM on equal data: per prompt, its right answers paired
+  in order with its wrong ones (chosen = right)."""
+  by_prompt = {}
+  for row in rows:
+    key = json.dumps(row['prompt'], sort_keys=True)
+    by_prompt.setdefault(key, (row['prompt'], [], []))[1 if row['correct'] else 2].append(
+        row['solution'])
+  return [{'prompt': prompt, 'chosen': good, 'rejected': bad}
+          for prompt, right, wrong in by_prompt.values() for good, bad in zip(right, wrong)]
+
+
 def summary(rows: list[dict], counts: dict) -> dict:
   """Counts plus label statistics: by step index, and how often an answer
   holds a step labelled bad (< 0.5) before its end."""
@@ -148,6 +165,12 @@ def _validate(config):
                       "('arith:multi_train',)}.")
 
 
+def _write(path: pathlib.Path, rows: list[dict]) -> None:
+  with open(path, 'w', encoding='utf-8') as f:
+    for row in rows:
+      f.write(json.dumps(row, ensure_ascii=False) + '\n')
+
+
 @register('prm_labels')
 def run(config, workdir):
   _validate(config)
@@ -164,11 +187,15 @@ def run(config, workdir):
     rows = rows[:config.max_prompts.get(split, len(rows))]
     labelled, counts = label_split(model, tokenizer, rows, config, jax.random.fold_in(key, i))
     path = workdir / f'steps_{split}.jsonl'
-    with open(path, 'w', encoding='utf-8') as f:
-      for row in labelled:
-        f.write(json.dumps(row, ensure_ascii=False) + '\n')
-    stats[split] = summary(labelled, counts) | {'seconds': time.perf_counter() - start}
+    _write(path, labelled)
+    pairs = outcome_pairs(labelled)
+    _write(workdir / f'pairs_{split}.jsonl', pairs)
+    stats[split] = summary(labelled, counts) | {'outcome_pairs': len(pairs),
+                                                'seconds': time.perf_counter() - start}
     print(f'{split}: {len(labelled)} labelled solutions -> {path}', flush=True)
     print(json.dumps(stats[split], indent=1), flush=True)
-  (workdir / 'labels_stats.json').write_text(json.dumps(stats, indent=1) + '\n')
+  # Merged with the file's other splits: a split can be labelled again alone.
+  path = workdir / 'labels_stats.json'
+  earlier = json.loads(path.read_text()) if path.exists() else {}
+  path.write_text(json.dumps(earlier | stats, indent=1) + '\n')
   return stats
