@@ -199,7 +199,8 @@ def test_outcome_pairs_put_each_right_answer_over_a_wrong_one():
   rows = [row('p', 'a1', True), row('p', 'b1', False), row('q', 'c1', False),
           row('p', 'a2', True), row('p', 'b2', False), row('p', 'a3', True)]
   pairs = prm_labels.outcome_pairs(rows)
-  assert [(p['chosen'], p['rejected']) for p in pairs] == [('a1', 'b1'), ('a2', 'b2')]
+  assert [(p['chosen'], p['rejected']) for p in pairs] == [
+      ('a1', 'b1'), ('a1', 'b2'), ('a2', 'b1'), ('a2', 'b2'), ('a3', 'b1'), ('a3', 'b2')]
   assert pairs[0]['prompt'] == rows[0]['prompt']  # q has no right answer: no pair
 
 
@@ -229,7 +230,7 @@ def test_prm_pipeline_labels_train_rerank_and_rl(tiny_checkpoint, tmp_path):
     assert all(label in (0, 1 / 3, 2 / 3, 1) for label in row['labels'])  # 3 rollouts
   assert len(prm.load_examples([str(tmp_path / 'labels' / 'steps_train.jsonl')], 'error')) == len(rows)
   pairs = _read(tmp_path / 'labels' / 'pairs_train.jsonl')
-  assert len(pairs) == stats['outcome_pairs'] <= stats['correct_solutions']
+  assert len(pairs) == stats['outcome_pairs'] <= stats['correct_solutions'] * 2
 
   steps_file = str(tmp_path / 'labels' / 'steps_train.jsonl')
   train = overrides.apply(prm_config.get_config('tiny').unlock(), {

@@ -17,6 +17,7 @@ compared with the PRM.
 
 from __future__ import annotations
 
+import itertools
 import json
 import pathlib
 import time
@@ -119,15 +120,17 @@ def label_split(model, tokenizer, rows: list[dict], config, key) -> tuple[list[d
 
 def outcome_pairs(rows: list[dict]) -> list[dict]:
   """Preference rows from the same samples, for an outcome reward model to
-  compare with the PRM on equal data: per prompt, its right answers paired
-  in order with its wrong ones (chosen = right)."""
+  compare with the PRM on equal data: per prompt, every right answer over
+  every wrong one (all comparisons, as reward models are trained from
+  rankings)."""
   by_prompt = {}
   for row in rows:
     key = json.dumps(row['prompt'], sort_keys=True)
     by_prompt.setdefault(key, (row['prompt'], [], []))[1 if row['correct'] else 2].append(
         row['solution'])
   return [{'prompt': prompt, 'chosen': good, 'rejected': bad}
-          for prompt, right, wrong in by_prompt.values() for good, bad in zip(right, wrong)]
+          for prompt, right, wrong in by_prompt.values()
+          for good, bad in itertools.product(right, wrong)]
 
 
 def summary(rows: list[dict], counts: dict) -> dict:
