@@ -99,17 +99,32 @@ def test_runner_keeps_step_rewards_and_stats_of_a_step_source():
   assert result.metrics()['reward/test_steps/steps'] == 1.5
 
 
-def test_runner_counts_step_scores_of_the_wrong_length_as_a_failure():
-  def make():
-    return lambda prompts, completions: rewards.StepScored(np.zeros(2), steps=[([], [])])
-  rewards.register_factory('test_short', batched=True)(make)
+@pytest.mark.parametrize('values, steps, kind', [
+    (np.zeros(2), [([1], [0.5])], 'bad_type'),  # steps for one completion of two
+    (np.zeros(3), [([1], [0.5])] * 2, 'bad_type'),  # values for three
+])
+def test_runner_counts_step_scores_of_the_wrong_length_as_a_failure(values, steps, kind):
+  rewards.register_factory('test_short', batched=True)(
+      lambda: lambda prompts, completions: rewards.StepScored(values, steps=steps))
   try:
     result = rewards.score(rewards.build({'test_short': {}}), ['q', 'q'], ['a', 'b'],
                            [{}, {}])
   finally:
     rewards.unregister('test_short')
-  assert result.failures['test_short']['bad_type'] == 2
-  assert 'test_short' not in result.steps
+  assert result.failures['test_short'][kind] == 2
+  assert 'test_short' not in result.steps  # nothing to place on tokens
+
+
+def test_runner_drops_the_step_rewards_of_a_nan_value():
+  rewards.register_factory('test_nan', batched=True)(
+      lambda: lambda prompts, completions: rewards.StepScored(
+          np.array([0.5, np.nan]), steps=[([1], [0.5]), ([1], [0.25])]))
+  try:
+    result = rewards.score(rewards.build({'test_nan': {}}), ['q', 'q'], ['a', 'b'], [{}, {}])
+  finally:
+    rewards.unregister('test_nan')
+  assert result.failures['test_nan']['nan'] == 1
+  assert result.steps['test_nan'] == [([1], [0.5]), ([], [])]
 
 
 def test_step_rewards_land_on_each_steps_last_token(tmp_path):

@@ -202,6 +202,7 @@ class _Batch:
 
   def _record_batch(self, source: Source, payload):
     n = len(self.completions)
+    steps = None
     if isinstance(payload, StepScored):
       if len(payload.steps) != n:
         self._fail(source, None, 'bad_type', f'returned steps for {len(payload.steps)} '
@@ -211,8 +212,7 @@ class _Batch:
         if math.isfinite(x):
           self.stat_sums[source.name][stat] += float(x)
           self.stat_counts[source.name][stat] += 1
-      self.steps[source.name] = payload.steps
-      payload = payload.values
+      steps, payload = payload.steps, payload.values
     try:
       values = np.asarray(payload, dtype=np.float64)
     except (TypeError, ValueError):
@@ -227,6 +227,8 @@ class _Batch:
       self._fail(source, int(np.argmin(finite)), 'nan', 'returned NaN or inf',
                  count=int((~finite).sum()))
     self.values[source.name] = np.where(finite, values, np.nan)
+    if steps is not None:  # a completion whose value failed credits no step
+      self.steps[source.name] = [row if ok else ([], []) for row, ok in zip(steps, finite)]
 
 
 def _as_value(payload) -> tuple[float | None, Mapping[str, float]]:
