@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import pathlib
 import sys
 
@@ -38,11 +37,11 @@ import scipy.stats
 from flax import nnx
 
 from jpost.data import pipeline, rows
-from jpost.errors import ConfigError
 from jpost.losses.prm import step_bce_loss
 from jpost.models import hf, lora
 from jpost.models import reward as reward_model
 from jpost.trainers import loop, offline, register
+from jpost.trainers.reward import epochs_to_steps
 
 EVAL_METRICS = ('step_accuracy', 'step_prob', 'step_label')
 RESULTS_FILE = 'prm_eval.json'
@@ -78,18 +77,6 @@ def load_examples(sources, policy: str) -> list[dict]:
   row_filter = rows.RowFilter(policy=policy)
   return [example for source in pipeline.resolve_sources(sources)
           for example in pipeline.load_examples(source, 'steps', row_filter)]
-
-
-def epochs_to_steps(config, sources) -> int:
-  """config.total_steps, or when it is 0, config.epochs over the train rows."""
-  if config.total_steps > 0:
-    return config.total_steps
-  count = len(load_examples(sources, config.data.policy))
-  steps = math.floor(count * config.epochs / config.batch_size)
-  if steps <= 0:
-    raise ConfigError(f'{count} train rows make no full batch of {config.batch_size}; lower '
-                      'config.batch_size or add data.')
-  return steps
 
 
 # --- host metrics over every scored step ---------------------------------------------
@@ -176,7 +163,7 @@ def _final_eval(config, workdir: pathlib.Path, graphdef, params, tokenizer) -> d
 def run(config, workdir):
   data = config.data
   with config.unlocked():
-    config.total_steps = epochs_to_steps(config, list(data.train))
+    config.total_steps = epochs_to_steps(config, list(data.train), kind='steps')
   loaded = {}
 
   def load_model(path, mesh, cfg):

@@ -54,19 +54,19 @@ def preference_data(data, *, sources, epochs, seed, batch_size):
   return build
 
 
-def count_rows(sources, policy: str) -> int:
-  """Valid preference rows in `sources` (for 'one epoch' step counts)."""
+def count_rows(sources, policy: str, kind: str = 'preference') -> int:
+  """Valid rows of `kind` in `sources` (for 'one epoch' step counts)."""
   from jpost.data import rows
   row_filter = rows.RowFilter(policy=policy)
-  return sum(len(pipeline.load_examples(s, 'preference', row_filter))
+  return sum(len(pipeline.load_examples(s, kind, row_filter))
              for s in pipeline.resolve_sources(sources))
 
 
-def epochs_to_steps(config, sources) -> int:
+def epochs_to_steps(config, sources, kind: str = 'preference') -> int:
   """config.total_steps, or when it is 0, config.epochs over the train rows."""
   if config.total_steps > 0:
     return config.total_steps
-  rows = count_rows(sources, config.data.policy)
+  rows = count_rows(sources, config.data.policy, kind)
   steps = math.floor(rows * config.epochs / config.batch_size)
   if steps <= 0:
     raise ConfigError(f'{rows} train rows make no full batch of {config.batch_size}; lower '
