@@ -171,3 +171,31 @@ def test_chunked_lm_head_equals_whole_logits_with_gradients():
                                                    entropy='metric')[1]))(hidden)
   assert not np.any(np.asarray(g))
   assert ops.head_logprobs(logits_fn, hidden, targets, chunk=16).shape == (B, T)
+
+
+def test_prefill_over_the_cache_goes_blockwise_and_samples_the_same(monkeypatch):
+  """Generation with 'blockwise' (key blocks of 16 over a 53-slot cache, a
+  sliding window of 24, GQA 3:1, left-padded prompts of 45 and 31 tokens)
+  prefills through the blockwise path, never a [T, S] mask, and samples the
+  reference's tokens with its log-probs; decode steps (one token) keep the
+  dense mask."""
+  from jpost import sampling
+  calls = []
+  traced = attn.blockwise_attention
+  monkeypatch.setattr(attn, 'blockwise_attention',
+                      lambda q, *a, **kw: calls.append(q.shape[1]) or traced(q, *a, **kw))
+  rng = np.random.default_rng(4)
+  prompts = [rng.integers(1, 63, 45).tolist(), rng.integers(1, 63, 31).tolist()]
+  tokens, mask = sampling.left_pad(prompts, 0)
+  settings = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, num_samples=2,
+                                     stop_ids=(63,))
+  out = {}
+  for attention in ('xla', 'blockwise'):
+    cfg = ModelConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_layers=2,
+                      num_heads=N, num_kv_heads=K, sliding_window=24, attention=attention,
+                      attention_block=16, max_position_embeddings=128)
+    out[attention] = jax.device_get(sampling.generate(
+        Decoder(cfg, rngs=nnx.Rngs(0)), tokens, mask, settings, jax.random.key(1)))
+  assert calls and set(calls) == {45}, calls  # the prefill's 45 queries, not a decode step
+  np.testing.assert_array_equal(out['blockwise'].tokens, out['xla'].tokens)
+  np.testing.assert_allclose(out['blockwise'].logprobs, out['xla'].logprobs, atol=1e-5)

@@ -253,15 +253,14 @@ def decoder_stack(x, layer_params, positions, segment_ids, cfg: ModelConfig, cac
       cache['positions'], positions.astype(jnp.int32), index, axis=1)
   cache_segments = jax.lax.dynamic_update_slice_in_dim(
       cache['segment_ids'], segment_ids.astype(jnp.int32), index, axis=1)
-  mask = attn.mask_of(positions, segment_ids, cache_positions, cache_segments,
-                      cfg.sliding_window)
+  visible = _cache_visibility(positions, segment_ids, cache_positions, cache_segments, cfg)
   if isinstance(cache['k'], list):
     if isinstance(layer_params, dict):
       layer_params = [{name: value[i] for name, value in layer_params.items()}
                       for i in range(cfg.num_layers)]
     keys, values = [], []
     for params, cache_k, cache_v in zip(layer_params, cache['k'], cache['v'], strict=True):
-      x, (cache_k, cache_v) = decoder_block(x, params, cos, sin, mask, cfg,
+      x, (cache_k, cache_v) = decoder_block(x, params, cos, sin, visible, cfg,
                                             (cache_k, cache_v, index))
       keys.append(cache_k)
       values.append(cache_v)
@@ -271,18 +270,33 @@ def decoder_stack(x, layer_params, positions, segment_ids, cfg: ModelConfig, cac
                       '(decode_layers(stacked=True)), not a list of layers.')
     def block(x, params_and_cache):
       params, cache_k, cache_v = params_and_cache
-      return decoder_block(x, params, cos, sin, mask, cfg, (cache_k, cache_v, index))
+      return decoder_block(x, params, cos, sin, visible, cfg, (cache_k, cache_v, index))
     x, (keys, values) = jax.lax.scan(block, x, (layer_params, cache['k'], cache['v']))
   return x, dict(cache, index=index + x.shape[1], k=keys, v=values, positions=cache_positions,
                  segment_ids=cache_segments)
+
+
+def _cache_visibility(positions, segment_ids, cache_positions, cache_segments,
+                      cfg: ModelConfig):
+  """What new tokens see over the cache's S slots. A prefill of T > 1 tokens
+  over a cache longer than one key block goes through `cfg.attention` (the
+  blockwise path off GPU and for the Pallas kernel, which is self-attention
+  only), so a long prompt never materialises [B, N, T, S] scores; a decode
+  step (T = 1) takes the dense [B, 1, S] mask, cheaper than a scan over blocks."""
+  implementation = attn.choose(cfg.attention, key_len=cache_segments.shape[1],
+                               block=cfg.attention_block, sliding_window=cfg.sliding_window)
+  if positions.shape[1] > 1 and implementation != 'xla':
+    return attn.Visibility(positions, segment_ids, cache_positions, cache_segments)
+  return attn.mask_of(positions, segment_ids, cache_positions, cache_segments,
+                      cfg.sliding_window)
 
 
 def decoder_block(x, p, cos, sin, visible, cfg: ModelConfig, cache=None):
   """One pre-norm block: x + attn(norm(x)), then + SwiGLU(norm(x)).
 
   `visible` is an attention.Visibility (positions and segments of queries
-  and keys: `cfg.attention` picks the implementation) or, for decoding, a
-  dense mask [B, T, S]. Without a cache the tokens attend to each other and
+  and keys: `cfg.attention` picks the implementation) or, for a decode step or a
+  short prefill, a dense mask [B, T, S]. Without a cache the tokens attend to each other and
   the second output is their (keys [B, K, H, T], values [B, K, T, H]). With
   `cache` = (keys [B, K, H, S], values [B, K, S, H], slot index), the new
   keys and values are written at the index, the tokens attend over all S
