@@ -5,12 +5,7 @@ import os
 import shutil
 import tempfile
 
-# Eigen's own thread pool for each of 8 fake devices, in each of two test
-# workers, oversubscribes 2 cores: without it the sampling, LoRA and attention
-# tests ran in 158 s instead of 172 s (2 workers, 2-core EPYC). Only this
-# process: `jpost.main` subprocesses and notebook kernels set their own flags.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 '
-                      '--xla_cpu_multi_thread_eigen=false')
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 if os.environ.get('PYTEST_XDIST_WORKER'):
