@@ -176,9 +176,8 @@ def test_chunked_lm_head_equals_whole_logits_with_gradients():
 def test_prefill_over_the_cache_goes_blockwise_and_samples_the_same(monkeypatch):
   """Generation with 'blockwise' (key blocks of 16 over a 53-slot cache, a
   sliding window of 24, GQA 3:1, left-padded prompts of 45 and 31 tokens)
-  prefills through the blockwise path, never a [T, S] mask, and samples the
-  reference's tokens with its log-probs; decode steps (one token) keep the
-  dense mask."""
+  prefills through the blockwise path and samples the reference's tokens with
+  its log-probs; decode steps (one token) keep the dense mask."""
   from jpost import sampling
   calls = []
   traced = attn.blockwise_attention
