@@ -297,7 +297,8 @@ def decoder_block(x, p, cos, sin, visible, cfg: ModelConfig, cache=None):
   `visible` is an attention.Visibility (positions and segments of queries
   and keys: `cfg.attention` picks the implementation) or, for a decode step
   or a prefill that `cfg.attention` keeps on 'xla', a dense mask [B, T, S].
-  Without a cache the tokens attend to each other and the second output is their (keys [B, K, H, T], values [B, K, T, H]). With
+  Without a cache the tokens attend to each other and the second output is
+  their (keys [B, K, H, T], values [B, K, T, H]). With
   `cache` = (keys [B, K, H, S], values [B, K, S, H], slot index), the new
   keys and values are written at the index, the tokens attend over all S
   slots, and the updated cache arrays are returned.
