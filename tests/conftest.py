@@ -1,11 +1,14 @@
-"""Test set-up: 8 fake CPU devices so sharding code runs on one machine, and
-one compilation cache for the whole session."""
+"""Test set-up: 8 fake CPU devices so sharding code runs on one machine, XLA
+flags that compile fast (xla_env.py), and one compilation cache for the
+whole session."""
 
 import os
 import shutil
 import tempfile
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+from xla_env import xla_flags
+
+os.environ.setdefault('XLA_FLAGS', xla_flags(8))
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 if os.environ.get('PYTEST_XDIST_WORKER'):

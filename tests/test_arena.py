@@ -5,7 +5,6 @@ exported and train a reward model with configs/reward.py unchanged."""
 
 import concurrent.futures
 import json
-import os
 import shutil
 import sqlite3
 import subprocess
@@ -20,6 +19,7 @@ from conftest import write_char_tokenizer
 from jpost.eval import leaderboard
 from jpost.serve import api, engine, recipe, votes
 from jpost.serve import arena as arena_lib
+import xla_env
 
 # Whole tokens of markup: a model that says them tries to inject HTML.
 MARKUP = ['<script>window.__xss = 1;</script>', '<img src=x onerror="window.__xss=2">',
@@ -177,7 +177,7 @@ def test_votes_export_to_preferences_and_battles_that_train_a_reward_model(
   battle_log = [json.loads(line) for line in battles_file.read_text().splitlines()]
   assert {r['model'] for r in leaderboard.leaderboard(battle_log, rounds=10)} == {'alpha', 'beta'}
 
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  env = xla_env.env(2)
   workdir = tmp_path / 'reward'
   proc = subprocess.run(
       [sys.executable, '-m', 'jpost.main', '--config=configs/reward.py:tiny',

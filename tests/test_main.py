@@ -9,12 +9,13 @@ import sys
 import pytest
 
 from jpost import trainers
+from xla_env import xla_flags
 
 
 def _run(*args, timeout=600, devices=None):
   env = dict(os.environ)
   if devices:
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+    env['XLA_FLAGS'] = xla_flags(devices)
   return subprocess.run([sys.executable, '-m', 'jpost.main', *args],
                         capture_output=True, text=True, timeout=timeout, env=env)
 

@@ -18,6 +18,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from norms import assert_norm_close
+from xla_env import xla_flags
 
 CONFIGS = pathlib.Path(__file__).with_name('digit_share_config.py')
 GRPO_CONFIG = f'{CONFIGS}:grpo'
@@ -39,7 +40,7 @@ def _run(workdir, config, checkpoint, *extra, processes=1, devices=1, env=None, 
   env = {**os.environ, **(env or {})}
   if processes == 1:
     command = [sys.executable, '-m', 'jpost.main', *args]
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+    env['XLA_FLAGS'] = xla_flags(devices)
   else:
     command = [sys.executable, '-m', 'jpost.launch', f'--processes={processes}',
                f'--devices-per-process={devices}', '--timeout-s=120', '--', *args]

@@ -13,6 +13,8 @@ import sys
 import nbformat
 import pytest
 
+from xla_env import xla_flags
+
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / 'notebooks'
 NAMES = ['01_quickstart', '02_sft', '03_reward_and_dpo', '04_grpo', '05_evaluation']
 # Appended to the in-memory copy only: which interpreter ran the cells.
@@ -50,7 +52,7 @@ def test_notebook_runs_in_its_small_setting(name, tmp_path):
   notebook = _read(name)
   notebook.cells.append(nbformat.v4.new_code_cell(PROBE))
   env = {**os.environ, 'JPOST_NOTEBOOK_SMALL': '1', 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': '--xla_force_host_platform_device_count=1', 'TMPDIR': str(tmp_path),
+         'XLA_FLAGS': xla_flags(1), 'TMPDIR': str(tmp_path),
          'MPLBACKEND': 'module://matplotlib_inline.backend_inline'}
   client = nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',
                                    resources={'metadata': {'path': str(NOTEBOOKS)}})

@@ -1,7 +1,6 @@
 """The reward, DPO and pairs recipes end to end on the tiny model."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 
 from jpost.trainers import pairs
+import xla_env
 
 
 def _pairs_file(path, n=12):
@@ -23,7 +23,7 @@ def _pairs_file(path, n=12):
 
 
 def _run(config, workdir, *extra):
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  env = xla_env.env(2)
   return subprocess.run([sys.executable, '-m', 'jpost.main', f'--config={config}',
                          f'--workdir={workdir}', *extra],
                         capture_output=True, text=True, timeout=900, env=env)

@@ -2,7 +2,6 @@
 
 import functools
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ from jpost import optim, sharding
 from jpost.models import hf
 from jpost.trainers import loop, sft
 from norms import assert_norm_close
+import xla_env
 
 sys.path.insert(0, 'configs')
 
@@ -112,7 +112,7 @@ def _train(workdir, checkpoint, *extra, env=None, steps=8):
           f'--config.model.path={checkpoint}', f'--config.total_steps={steps}',
           '--config.checkpoint.every=4', '--config.checkpoint.async_save=True',
           '--config.transfer_guard=disallow', *extra]
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1', **(env or {})}
+  env = {**xla_env.env(1), **(env or {})}
   return subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
 
 
@@ -142,7 +142,7 @@ def test_sigterm_saves_and_resumes(tiny_checkpoint, tmp_path):
       [sys.executable, '-m', 'jpost.main', '--config=configs/sft.py:tiny', f'--workdir={tmp_path}',
        f'--config.model.path={tiny_checkpoint}', '--config.total_steps=100000',
        '--config.checkpoint.every=100000'], stderr=subprocess.PIPE, text=True,
-      env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'})
+      env=xla_env.env(1))
   metrics = tmp_path / 'metrics.jsonl'
   deadline = time.monotonic() + 300
   while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
@@ -199,7 +199,7 @@ def test_resume_with_another_optimiser_structure_is_a_clear_error(tiny_checkpoin
 def test_bad_config_fails_before_compiling(tiny_checkpoint, tmp_path, override, message):
   extra = [override] + (['--config.mesh.data=2'] if 'batch_size' in override else [])
   proc = _train(tmp_path, tiny_checkpoint, *extra,
-                env={'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
+                env={'XLA_FLAGS': xla_env.xla_flags(2)})
   assert proc.returncode != 0
   import re
   assert re.search(message, proc.stderr), proc.stderr[-2000:]
@@ -215,7 +215,7 @@ def test_default_sft_lowers_held_out_loss_and_exports(shallow_smollm2, tmp_path)
        f'--config.model.path={shallow_smollm2}',
        '--config.total_steps=3', '--config.eval_every=3', '--config.checkpoint.every=3'],
       capture_output=True, text=True, timeout=1200,
-      env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'})
+      env=xla_env.env(1))
   assert proc.returncode == 0, proc.stderr[-3000:]
   records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   evals = {r['step']: r['eval_loss'] for r in records if 'eval_loss' in r}
