@@ -12,6 +12,7 @@ from jpost.sampling import Completions
 from jpost.trainers import online, rl_parts
 import overrides
 from norms import assert_norm_close
+import xla_env
 
 sys.path.insert(0, 'configs')
 import grpo  # noqa: E402
@@ -316,16 +317,21 @@ def test_bad_config_is_a_clear_error(char_checkpoint, tmp_path, change, message)
     online.run(_config(char_checkpoint, **change), tmp_path, 'grpo')
 
 
-def test_shipped_grpo_config_runs_on_smollm2(tmp_path):
-  """configs/grpo.py as `make demo` runs it, cut to one short step."""
-  import os
+def test_shipped_grpo_config_runs_on_smollm2(shallow_smollm2, tmp_path):
+  """configs/grpo.py as `make demo` runs it, cut to one short step, on
+  SmolLM2's first 6 layers (every layer is compiled on its own, so the whole
+  model would cost five times the compilation; `make demo` runs it). The
+  config's own model is the embedded SmolLM2, which the fixture resolved."""
   import subprocess
+  from jpost.models import pretrained
+  assert grpo.get_config().model.path in pretrained.EMBEDDED
   proc = subprocess.run(
       [sys.executable, '-m', 'jpost.main', '--config=configs/grpo.py', f'--workdir={tmp_path}',
+       f'--config.model.path={shallow_smollm2}',
        '--config.total_steps=1', '--config.eval_every=0', '--config.prompts_per_step=1',
        '--config.sampling.max_new_tokens=8', '--config.export_hf=False'],
       capture_output=True, text=True, timeout=900,
-      env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'})
+      env=xla_env.env(1))
   assert proc.returncode == 0, proc.stderr[-3000:]
   record = _records(tmp_path)[0]
   assert record['step'] == 1 and np.isfinite(record['loss'])
