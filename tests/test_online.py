@@ -222,7 +222,8 @@ def _records(workdir):
 
 def test_grpo_learns_a_toy_verifiable_task(char_checkpoint, digit_share, tmp_path):
   config = _config(char_checkpoint, total_steps=30, prompts_per_step=4, **{
-      'optim.lr': 3e-3, 'rl.beta': 0.0, 'rewards': {digit_share: {'weight': 1.0}}})
+      'optim.lr': 3e-3, 'rl.beta': 0.0, 'rewards': {digit_share: {'weight': 1.0}},
+      'checkpoint.every': 30})
   online.run(config, tmp_path, 'grpo')
   curve = [r['reward/total/mean'] for r in _records(tmp_path)]
   assert len(curve) == 30
@@ -233,7 +234,7 @@ def test_grpo_learns_a_toy_verifiable_task(char_checkpoint, digit_share, tmp_pat
 def test_ppo_with_kl_in_the_reward_learns(char_checkpoint, digit_share, tmp_path):
   config = _config(char_checkpoint, ppo, total_steps=30, prompts_per_step=4, **{
       'optim.lr': 3e-3, 'ppo.critic_optim.lr': 3e-3, 'rl.beta': 0.01,
-      'rewards': {digit_share: {'weight': 1.0}}})
+      'rewards': {digit_share: {'weight': 1.0}}, 'checkpoint.every': 30})
   online.run(config, tmp_path, 'ppo')
   records = _records(tmp_path)
   # Full fine-tuning holds a copy of the starting weights as the reference.
