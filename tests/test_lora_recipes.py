@@ -99,7 +99,7 @@ def test_grpo_with_lora_learns_with_the_base_as_reference(char_checkpoint_real_l
   config = _online_config(grpo_config, char_checkpoint_real_logits, digit_share,
                           total_steps=20, prompts_per_step=4,
                           **{'optim.lr': 3e-2, 'rl.beta': 0.01, 'lora.rank': 16,
-                             'lora.alpha': 32.0})
+                             'lora.alpha': 32.0, 'checkpoint.every': 20})
   online.run(config, tmp_path, 'grpo')
   records = _records(tmp_path)
   curve = [r['reward/total/mean'] for r in records]
