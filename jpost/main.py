@@ -46,8 +46,13 @@ def compilation_cache_is_safe() -> bool:
   whose collectives run over device sub-groups (a [2, ...] batch on 8
   devices, a tensor axis) deadlocks in its rendezvous when it is loaded from
   the persistent cache, while the same program compiled afresh runs (jax
-  0.10.2; the GRPO train-batch program, every time). GPU runs and one CPU
-  device keep the cache."""
+  0.10.2; the GRPO train-batch program, every time). Why, from XLA's CPU
+  thunk serialisation: a compiled program shares one communicator resource
+  among its collectives, which keeps them in program order on every device;
+  the deserialised program gives each collective a resource of its own, so
+  independent collectives run in any order and devices wait in different
+  rendezvous (seen: five devices in an all-reduce, three in an all-gather
+  that comes before it). GPU runs and one CPU device keep the cache."""
   flags_ = os.environ.get('XLA_FLAGS', '')
   match = re.search(r'--xla_force_host_platform_device_count=(\d+)', flags_)
   return not (match and int(match.group(1)) > 1)
