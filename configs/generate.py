@@ -5,6 +5,7 @@
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -21,7 +22,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'Write a haiku about the sea.',
       'Give me three tips for writing clear code.',
   ]
-  config.sampling = ml_collections.ConfigDict(dict(max_new_tokens=64, temperature=0.0))
+  # scan_layers=True compiles one layer, not each of them: quicker for a few
+  # short answers, slower per token (None: see SamplingConfig).
+  config.sampling = ml_collections.ConfigDict(dict(
+      max_new_tokens=64, temperature=0.0, scan_layers=config_dict.placeholder(bool)))
   if arg == 'tiny':
     config.prompts = config.prompts[:2]
     config.sampling.max_new_tokens = 12

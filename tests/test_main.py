@@ -27,7 +27,7 @@ def test_registry_rejects_unknown_names():
 
 def test_generate_tiny_with_overrides(tmp_path):
   proc = _run('--config=configs/generate.py:tiny', f'--workdir={tmp_path}',
-              '--config.sampling.max_new_tokens=10')
+              '--config.sampling.max_new_tokens=10', '--config.sampling.scan_layers=true')
   assert proc.returncode == 0, proc.stderr[-3000:]
   records = [json.loads(line) for line in (tmp_path / 'generations.jsonl').open()]
   assert [r['prompt'] for r in records] == ['What is the capital of France?', 'What is 12 * 7?']

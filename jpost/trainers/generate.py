@@ -33,7 +33,8 @@ def run(config, workdir: str | None):
   tokens, mask = sampling.left_pad(prompt_ids, tokenizer.pad_id)
   settings = sampling.SamplingConfig(
       max_new_tokens=config.sampling.max_new_tokens,
-      temperature=config.sampling.temperature, stop_ids=tuple(tokenizer.stop_ids))
+      temperature=config.sampling.temperature, stop_ids=tuple(tokenizer.stop_ids),
+      scan_layers=config.sampling.get('scan_layers'))
   start = time.perf_counter()
   completions = jax.device_get(
       sampling.generate(model, tokens, mask, settings, jax.random.key(config.seed)))
