@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import time
 
 import pytest
 
@@ -147,10 +146,10 @@ def test_parquet_null_message_fields_are_dropped(tmp_path):
   assert normalize_sft(row, where=row['_where'])['messages'] == messages
 
 
-def test_ten_thousand_rows_load_fast(tmp_path):
+def test_ten_thousand_rows_load_with_their_line_numbers(tmp_path):
+  # Their speed is measured, not asserted: bench/data_throughput.py.
   path = _write(tmp_path / 'big.jsonl', [json.dumps(CHAT)] * 10_000)
-  start = time.perf_counter()
   rows = load_source(path, row_filter=RowFilter(policy='skip'))
-  elapsed = time.perf_counter() - start
-  assert len(rows) == 10_000 and rows[-1]['_where'] == f'{path}:10000'
-  assert elapsed < 1.0, f'10k rows took {elapsed:.2f}s'
+  assert len(rows) == 10_000
+  assert [row['_where'] for row in rows[::2500]] == [f'{path}:{n}' for n in (1, 2501, 5001, 7501)]
+  assert rows[-1]['_where'] == f'{path}:10000'
