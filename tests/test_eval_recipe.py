@@ -96,8 +96,7 @@ def test_completions_are_matched_by_prompt_not_by_row(tmp_path):
   good = _completions(tmp_path / 'good.jsonl', ['60', '55', '60', '60'])
   lines = (tmp_path / 'good.jsonl').read_text().splitlines()
   (tmp_path / 'shuffled.jsonl').write_text('\n'.join(lines[::-1]) + '\n')
-  out = evaluate.run(_config({'a': str(good), 'b': str(tmp_path / 'shuffled.jsonl')}),
-                     tmp_path / 'out')
+  evaluate.run(_config({'a': str(good), 'b': str(tmp_path / 'shuffled.jsonl')}), tmp_path / 'out')
   battles = [json.loads(x) for x in (tmp_path / 'out' / 'battles.jsonl').read_text().splitlines()]
   assert {b['winner'] for b in battles} == {'tie', 'both_bad'}  # same answers, same prompts
   other = _completions(tmp_path / 'other.jsonl', ['60'] * 3)
