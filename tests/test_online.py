@@ -305,6 +305,24 @@ def test_resume_continues_exactly(char_checkpoint, digit_share, tmp_path):
     assert ra['loss'] == pytest.approx(rb['loss'], rel=1e-5, abs=1e-7)
 
 
+def test_filtered_sampling_recomputes_old_logprobs_and_logs_the_gap(char_checkpoint, digit_share,
+                                                                    tmp_path):
+  """With top-k the sampler draws from a renormalised distribution the trainer
+  does not compute: 'recompute' starts every ratio at 1, and the sampler's gap
+  (the log of the kept mass, averaged) is reported each step."""
+  config = _config(char_checkpoint, total_steps=2, **{
+      'sampling.top_k': 3, 'rl.old_logprobs': 'recompute',
+      'rewards': {digit_share: {'weight': 1.0}}})
+  online.run(config, tmp_path, 'grpo')
+  records = _records(tmp_path)
+  assert len(records) == 2
+  for record in records:
+    assert record['logprob_mismatch'] < 1e-5, record  # old = the trainer's own, ratio 1
+    # The char model spreads its mass thin: 3 tokens keep e^-2.7 of it (measured).
+    assert record['logprob_mismatch/sampler_vs_trainer'] > 0.1, record
+    assert 0.0 <= record['completion/truncated'] <= 1.0
+
+
 @pytest.mark.parametrize('change, message', [
     ({'rl.minibatches': 3}, 'must divide the rollout rows'),
     ({'rl.aggregation': 'mean'}, 'aggregation'),
@@ -312,6 +330,8 @@ def test_resume_continues_exactly(char_checkpoint, digit_share, tmp_path):
     ({'sampling.temperature': 0.0}, 'temperature must be > 0'),
     ({'sampling.num_samples': 1}, 'num_samples >= 2'),
     ({'rewards': {'nope': {}}}, 'nope'),
+    ({'sampling.top_p': 0.9}, r"top_p=0.9 samples a filtered .* --config.rl.old_logprobs=recompute"),
+    ({'sampling.top_k': 5, 'sampling.min_p': 0.1}, r'top_k=5 and min_p=0.1 samples'),
 ])
 def test_bad_config_is_a_clear_error(char_checkpoint, tmp_path, change, message):
   with pytest.raises(ValueError, match=message):

@@ -38,6 +38,7 @@ from jpost.trainers import loop, register, rl_parts, rollout
 
 KL_PLACEMENT = ('loss', 'reward')
 OLD_LOGPROBS = ('sampler', 'recompute')
+FILTERS_OFF = {'top_k': 0, 'top_p': 1.0, 'min_p': 0.0}  # sampling filters and their off values
 
 
 def validate(config, algorithm: str) -> None:
@@ -62,6 +63,18 @@ def validate(config, algorithm: str) -> None:
                      f'{ops.KL_ESTIMATORS}.')
   if rl.old_logprobs not in OLD_LOGPROBS:
     raise ConfigError(f'config.rl.old_logprobs={rl.old_logprobs!r}; use one of {OLD_LOGPROBS}.')
+  # The trainer's log-probs are the unfiltered ones at the rollout temperature;
+  # the sampler's, of a filtered distribution, are higher on every kept token.
+  filters = [f'{name}={config.sampling.get(name, off)}' for name, off in FILTERS_OFF.items()
+             if config.sampling.get(name, off) != off]
+  if filters and rl.old_logprobs == 'sampler':
+    raise ConfigError(
+        f"config.sampling.{' and '.join(filters)} samples a filtered distribution, but the "
+        'trainer computes log-probs without the filter: with '
+        "config.rl.old_logprobs='sampler' every ratio would start below 1 by the kept "
+        'mass, a biased update. Set --config.rl.old_logprobs=recompute (ratios start at 1; '
+        'the gap to the sampler is logged as logprob_mismatch/sampler_vs_trainer) or '
+        'sample without top_k / top_p / min_p.')
   if rl.beta < 0:
     raise ConfigError(f'config.rl.beta={rl.beta}: must be >= 0 (0 drops the reference).')
   if config.sampling.temperature <= 0:
