@@ -122,6 +122,12 @@ def test_packed_loss_equals_unpacked_loss(smollm2):
     return out
   packed_batches = list(packed)
   assert max(len(set(b['segment_ids'][0].tolist()) - {0}) for b in packed_batches) >= 2
+  # Positions restart at 0 in every packed sample (RoPE sees only relative
+  # positions, so the losses below could not tell).
+  for batch in packed_batches:
+    for seg, pos in zip(batch['segment_ids'], batch['positions']):
+      for s in set(seg.tolist()) - {0}:
+        np.testing.assert_array_equal(pos[seg == s], np.arange(np.sum(seg == s)))
   a, b = sample_losses(packed_batches), sample_losses(padded)
   assert a.keys() == b.keys() and len(a) == 12
   for key in a:
@@ -147,17 +153,21 @@ def _batches(it, n):
   return [jax.tree.map(np.copy, next(it)) for _ in range(n)]
 
 
-@pytest.mark.parametrize('packing', [True, False])
+@pytest.mark.parametrize('packing, num_threads', [(True, 0), (False, 0), (True, 2)])
 @pytest.mark.parametrize('resume_after', [2, 6])  # 6 batches = one epoch of 12 rows unpacked
-def test_iterator_state_restores_exactly(smollm2, packing, resume_after):
+def test_iterator_state_restores_exactly(smollm2, packing, num_threads, resume_after):
+  """With prefetch threads, the fresh iterator has started them (and read
+  ahead) before its state is set."""
   def make():
     return pipeline.build('sft', _sft_rows(12), smollm2, batch_size=2, max_len=96,
-                          packing=packing, seed=5, num_epochs=3)[0]
+                          packing=packing, seed=5, num_epochs=3, num_threads=num_threads)[0]
   it = iter(make())
   _batches(it, resume_after)
   state = it.get_state()
   expected = _batches(it, 5)
   fresh = iter(make())
+  if num_threads:
+    next(fresh)  # the threads run and prefetch rows the restored state must discard
   fresh.set_state(state)
   for a, b in zip(expected, _batches(fresh, 5)):
     chex.assert_trees_all_equal(a, b)
