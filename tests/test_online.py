@@ -107,6 +107,46 @@ def test_shared_prompt_gradient_equals_full_rows(tiny_checkpoint):
   assert_norm_close(grads, ref_grads, bound=1e-5, what='gradient ')
 
 
+def test_reference_and_old_logprobs_use_the_policys_rows(tiny_checkpoint):
+  """make_prepare computes the reference's log-probs (and the recomputed old
+  ones) on the rows the policy trains on: each equals a full forward of its
+  own weights at the completion positions, left-padded prompts and ragged
+  completions (junk after the end) included."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from jpost import ops, sharding
+  from jpost.models import hf
+  graphdef, params = nnx.split(hf.load(tiny_checkpoint))
+  ref_params = jax.tree.map(
+      lambda x: x + 0.02 * jax.random.normal(jax.random.key(0), x.shape, x.dtype), params)
+  rng = np.random.RandomState(2)
+  prompts = {'tokens': rng.randint(3, 500, (2, 5)),
+             'segment_ids': np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])}
+  mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]])
+  completions = Completions(
+      tokens=rng.randint(3, 500, (4, 4)), mask=mask, logprobs=np.zeros((4, 4)),
+      sampling_logprobs=np.zeros((4, 4)), truncated=np.zeros(4, bool), lengths=mask.sum(1))
+  config = _config(tiny_checkpoint, **{'rl.old_logprobs': 'recompute', 'rl.beta': 0.1})
+  prepare = rl_parts.make_prepare(graphdef, None, algorithm='grpo', rl=config.rl, num_samples=2,
+                                  temperature=0.7, kl_coef=0.1,
+                                  mesh=sharding.make_mesh(devices=jax.devices()[:1]))
+  batch, _ = prepare(params, ref_params, None, prompts, completions,
+                     jnp.array([1.0, 0.0, 0.5, 0.0]))
+  rows = rl_parts.training_rows(prompts, completions, 2)
+
+  def full_forward(weights):
+    logits = nnx.merge(graphdef, weights)(rows['tokens'], rows['positions'],
+                                          rows['segment_ids']) / 0.7
+    return np.asarray(ops.token_logprobs(logits, rows['tokens'][:, 1:])[:, -4:])
+  real = mask > 0
+  for got, weights in ((batch['old_logprobs'], params), (batch['ref_logprobs'], ref_params)):
+    np.testing.assert_allclose(np.asarray(got)[real], full_forward(weights)[real], atol=1e-5)
+  # The two differ (the reference is another model), on the same positions.
+  assert np.abs(np.asarray(batch['ref_logprobs'] - batch['old_logprobs'])[real]).min() > 1e-4
+  np.testing.assert_array_equal(np.asarray(batch['completion_mask']) > 0, real)
+
+
 # (Fewer prompts than devices are replicated: every in-suite GRPO run of the
 # tiny config, and test_multiprocess.py compares such a run with one device.)
 @pytest.mark.parametrize('num_prompts', [8])
