@@ -201,6 +201,14 @@ def generate(model, prompt_tokens, prompt_mask, sampling: SamplingConfig, key=No
   return _generate(graphdef, state, tokens, mask, make_cache(), key, sampling)
 
 
+def cache_bytes(config, rows: int, slots: int, cache_dtype=None) -> int:
+  """Bytes of the KV cache `generate` holds for `rows` completions (prompts x
+  num_samples) of `slots` positions (prompt width + max_new_tokens), over
+  every device; nothing is allocated."""
+  shapes = jax.eval_shape(functools.partial(init_cache, config, rows, slots, cache_dtype))
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+
+
 @functools.lru_cache(maxsize=64)
 def _empty_cache_program(config, batch, max_len, cache_dtype, stacked, rows):
   """The compiled maker of an empty cache, one per shape and placement: a

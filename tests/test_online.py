@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from jpost import rewards
+from jpost import rewards, sampling
 from jpost.models import hf
 from jpost.sampling import Completions
 from jpost.trainers import online, rl_parts
@@ -346,14 +346,20 @@ def test_resume_continues_exactly(char_checkpoint, digit_share, tmp_path):
 
 
 def test_filtered_sampling_recomputes_old_logprobs_and_logs_the_gap(char_checkpoint, digit_share,
-                                                                    tmp_path):
+                                                                    tmp_path, capsys):
   """With top-k the sampler draws from a renormalised distribution the trainer
   does not compute: 'recompute' starts every ratio at 1, and the sampler's gap
-  (the log of the kept mass, averaged) is reported each step."""
+  (the log of the kept mass, averaged) is reported each step. (And the
+  rollout's memory is printed before it runs.)"""
   config = _config(char_checkpoint, total_steps=2, **{
       'sampling.top_k': 3, 'rl.old_logprobs': 'recompute',
       'rewards': {digit_share: {'weight': 1.0}}})
   online.run(config, tmp_path, 'grpo')
+  rows, slots = config.prompts_per_step * config.sampling.num_samples, 80 + 16
+  cache = sampling.cache_bytes(hf.load(char_checkpoint).config, rows, slots)  # test_sampling.py
+  reference = _records(tmp_path)[0]['memory/reference_params'] * 4  # float32 weights
+  assert (f'rollout KV cache up to {cache / 2**20:.1f} MB ({rows} rows x {slots} slots); '
+          f'reference copy {reference / 2**20:.1f} MB') in capsys.readouterr().err
   records = _records(tmp_path)
   assert len(records) == 2
   for record in records:

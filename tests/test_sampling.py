@@ -156,6 +156,15 @@ def test_sampling_logprobs_are_the_tempered_filtered_distribution(model, tokeniz
   assert errors.max() < 1e-4, errors  # float32 (measured: max 1.4e-5 and 1.8e-5)
 
 
+def test_cache_bytes_are_those_of_the_cache_generate_makes(model):
+  """What the RL recipes print before a rollout (online.py)."""
+  cfg = model.config  # 6 layers, 3 KV heads of 64 dims, float32 on CPU
+  made = sampling._empty_cache_program(cfg, 12, 100, None, False, None)()
+  held = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(made))
+  by_hand = 2 * 6 * 12 * 3 * 64 * 100 * 4 + 2 * 12 * 100 * 4 + 4  # k, v; positions, segments; index
+  assert sampling.cache_bytes(cfg, 12, 100) == held == by_hand
+
+
 def test_samples_of_a_prompt_differ_and_seed_replays(tokenizer, model):
   tokens, mask = sampling.left_pad(_prompts(tokenizer, 1), tokenizer.pad_id)
   settings = sampling.SamplingConfig(max_new_tokens=12, temperature=1.0, num_samples=4,

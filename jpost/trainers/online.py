@@ -227,6 +227,19 @@ def _rollout(parts: Parts, state: dict, number: int):
   return batch | {'placed': placed}, completions
 
 
+def _print_rollout_memory(config, model_config, ref_params) -> None:
+  """What the rollout adds to the train state, before anything runs: the KV
+  cache at its largest (prompts cut to their longest only shrink it) and the
+  reference's copy of the weights (global sizes, over every device)."""
+  rows = config.prompts_per_step * config.sampling.num_samples
+  slots = config.data.max_prompt_len + config.sampling.max_new_tokens
+  cache_mb = sampling.cache_bytes(model_config, rows, slots) / 2**20
+  ref_mb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(ref_params)) / 2**20
+  if jax.process_index() == 0:
+    print(f'rollout KV cache up to {cache_mb:.1f} MB ({rows} rows x {slots} slots); '
+          f'reference copy {ref_mb:.1f} MB', file=sys.stderr)
+
+
 def _all_processes(result: ScoreResult) -> ScoreResult:
   """Every process's scores, in row order; failures summed (stats, steps
   and errors stay this process's)."""
@@ -341,6 +354,7 @@ def run(config, workdir: str | None, algorithm: str) -> dict[str, Any]:
   ref_params = (jax.tree.map(jnp.copy, state['policy']['params'])
                 if rl.beta > 0 and not adapters else None)
   settings = rollout.sampling_config(config.sampling, tokenizer)
+  _print_rollout_memory(config, model.config, ref_params)
   prompts, prompt_stats = _prompt_data(
       config, tokenizer, config.data.train, epochs=None, batch_size=config.prompts_per_step,
       seed=config.seed, shard=(jax.process_index(), jax.process_count()))
