@@ -2,7 +2,7 @@
 
   python bench/grpo_step.py [--steps 5] [--prompts 2] [--samples 8] [--max-new 128]
                             [--beta 0.04] [--dtype bfloat16] [--remat | --no-remat]
-                            [--data gsm8k:rl_train]
+                            [--data gsm8k:rl_train] [--logits-chunk N]
 
 Runs the real online loop (jpost.trainers.online, configs/grpo.py with these
 overrides: GSM8K prompts, 2 prompts x 8 samples x up to 128 new tokens,
@@ -45,6 +45,8 @@ def grpo_config(args):
   c.model.path = args.model
   c.model.remat = 'full' if args.remat else 'none'
   c.rl.minibatches = args.minibatches
+  if args.logits_chunk is not None:
+    c.model.logits_chunk = args.logits_chunk
   c.total_steps = args.steps
   c.eval_every = 0
   c.export_hf = False
@@ -65,11 +67,13 @@ def main():
   parser.add_argument('--model', default='smollm2-135m-instruct')
   parser.add_argument('--remat', action=argparse.BooleanOptionalAction, default=True)
   parser.add_argument('--minibatches', type=int, default=1)
+  parser.add_argument('--logits-chunk', type=int, help="LM-head positions per chunk (the recipe's)")
   args = parser.parse_args()
 
   from jpost.trainers import online
+  c = grpo_config(args)
   with tempfile.TemporaryDirectory() as workdir:
-    online.run(grpo_config(args), workdir, 'grpo')
+    online.run(c, workdir, 'grpo')
     records = [json.loads(line) for line in
                (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
   steps = [r for r in records if 'time/step_s' in r]
@@ -93,7 +97,7 @@ def main():
       'machine': common.machine(),
       'setup': f'{args.prompts} prompts x {args.samples} samples x <= {args.max_new} new tokens, '
                f'beta {args.beta}, {args.dtype}, {args.minibatches} minibatch(es), '
-               f'remat {args.remat}, {args.data}',
+               f'remat {args.remat}, LM-head chunk {c.model.logits_chunk}, {args.data}',
       's_per_step': round(median('time/step_s'), 2),
       'warm_s_per_step': round(statistics.median(warm), 2) if warm else None,
       'warm_steps': len(warm),

@@ -1,10 +1,13 @@
 """Memory and speed planner for an SFT step: what a model shape, batch and
 length need per device, predicted by formula, against XLA's compiled program
-(and, with --run, a measured run).
+(and, with --run, a measured run). With --grpo, XLA's assignment for a GRPO
+policy update instead (no formula yet).
 
   python bench/plan.py --shape llama-3.2-1b --batch 8 --seq-len 4096 \\
       [--dtype bfloat16] [--remat full] [--attention auto] [--logits-chunk 512] \\
       [--layers N] [--fsdp D] [--compile] [--run --steps 4]
+  python bench/plan.py --shape ... --grpo PROMPTS,SAMPLES,PROMPT_LEN,NEW_TOKENS [--logits-chunk 64]
+      (XLA's assignment for configs/grpo.py's policy update, compiled only)
 
 Predicted bytes per device (float32 master weights, AdamW):
   params, grads: P x 4 / fsdp each; optimizer: 2 x P x 4 / fsdp;
@@ -69,10 +72,8 @@ def predicted(cfg, batch, seq_len, attention, fsdp=1) -> dict:
   return sizes
 
 
-def compiled_peak(cfg, batch: int, seq_len: int) -> dict:
-  """XLA's buffer assignment for the SFT step on abstract inputs (no allocation)."""
-  import functools
-
+def _abstract_state(cfg, mesh):
+  """(graphdef, abstract train state on `mesh`, AdamW): what an update reads."""
   import jax
   import jax.numpy as jnp
   import ml_collections
@@ -82,8 +83,6 @@ def compiled_peak(cfg, batch: int, seq_len: int) -> dict:
 
   from jpost import optim, sharding
   from jpost.models.decoder import Decoder
-  from jpost.trainers import loop, sft
-  mesh = sharding.make_mesh()
   graphdef, params = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
   place = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
   params = jax.tree.map(place, params, sharding.state_shardings(params, mesh))
@@ -98,16 +97,80 @@ def compiled_peak(cfg, batch: int, seq_len: int) -> dict:
   state = {'params': params, 'opt_state': opt_state,
            'step': place(jax.ShapeDtypeStruct((), jnp.int32), replicated),
            'rng': place(jax.ShapeDtypeStruct((2,), jnp.uint32), replicated)}
-  step = loop.make_update(graphdef, functools.partial(sft.loss_fn, normalization='token'),
-                          functools.partial(sft.normalizer_fn, normalization='token'), tx,
-                          schedule, accum_steps=1, mesh=mesh, state=state)
-  row = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
-  batch_spec = {'tokens': row, 'positions': row, 'segment_ids': row, 'loss_mask': row}
-  m = step.lower(state, batch_spec).compile().memory_analysis()
+  return graphdef, state, tx, schedule
+
+
+def _assignment(step, *args) -> dict:
+  """XLA's buffer assignment of `step` compiled for abstract `args`."""
+  m = step.lower(*args).compile().memory_analysis()
   peak = (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
           - m.alias_size_in_bytes)
   return {'arguments': m.argument_size_in_bytes, 'temporaries': m.temp_size_in_bytes,
           'outputs_not_aliased': m.output_size_in_bytes - m.alias_size_in_bytes, 'peak': peak}
+
+
+def compiled_peak(cfg, batch: int, seq_len: int) -> dict:
+  """XLA's buffer assignment for the SFT step on abstract inputs (no allocation)."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+
+  from jpost import sharding
+  from jpost.trainers import loop, sft
+  mesh = sharding.make_mesh()
+  graphdef, state, tx, schedule = _abstract_state(cfg, mesh)
+  step = loop.make_update(graphdef, functools.partial(sft.loss_fn, normalization='token'),
+                          functools.partial(sft.normalizer_fn, normalization='token'), tx,
+                          schedule, accum_steps=1, mesh=mesh, state=state)
+  row = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+  return _assignment(step, state, {'tokens': row, 'positions': row, 'segment_ids': row,
+                                   'loss_mask': row})
+
+
+def grpo_recipe():
+  """configs/grpo.py's config (configs are loaded by path, not as a package)."""
+  import importlib.util
+  import pathlib
+  spec = importlib.util.spec_from_file_location(
+      'grpo_config', pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'grpo.py')
+  recipe = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(recipe)
+  return recipe.get_config()
+
+
+def compiled_peak_grpo(cfg, prompts: int, samples: int, prompt_len: int, new_tokens: int,
+                       beta: float = 0.04) -> dict:
+  """XLA's buffer assignment for configs/grpo.py's policy update (shared
+  prompts, token aggregation, the KL term when beta > 0) on abstract inputs."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+
+  from jpost import sharding
+  from jpost.trainers import loop, rl_parts
+  rl = grpo_recipe().rl
+  mesh = sharding.make_mesh()
+  graphdef, state, tx, schedule = _abstract_state(cfg, mesh)
+  step = loop.make_update(
+      graphdef, functools.partial(rl_parts.policy_loss_fn, rl=rl, temperature=1.0,
+                                  max_new_tokens=new_tokens, kl_coef=beta),
+      functools.partial(rl_parts.policy_normalizer_fn, aggregation=rl.aggregation,
+                        max_new_tokens=new_tokens),
+      tx, schedule, accum_steps=1, mesh=mesh, state=state)
+  rows = prompts * samples
+  ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+  floats = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  batch = {'prompt_tokens': ints(prompts, prompt_len), 'prompt_positions': ints(prompts, prompt_len),
+           'prompt_segment_ids': ints(prompts, prompt_len),
+           'completion_tokens': ints(rows, new_tokens),
+           'completion_positions': ints(rows, new_tokens),
+           'completion_mask': floats(rows, new_tokens), 'old_logprobs': floats(rows, new_tokens),
+           'advantages': floats(rows)}
+  if beta:
+    batch['ref_logprobs'] = floats(rows, new_tokens)
+  return _assignment(step, state, batch)
 
 
 def run_steps(cfg, batch: int, seq_len: int, steps: int) -> dict:
@@ -129,6 +192,20 @@ def run_steps(cfg, batch: int, seq_len: int, steps: int) -> dict:
           'peak_rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
+def print_grpo(cfg, args, prompts, samples, prompt_len, new_tokens):
+  comp = compiled_peak_grpo(cfg, prompts, samples, prompt_len, new_tokens)
+  print(f'{args.shape} ({cfg.num_layers} layers), GRPO update of {prompts} prompts x {samples} '
+        f'samples, prompts of {prompt_len} tokens, {new_tokens} new tokens, {args.dtype}, remat '
+        f'{args.remat}, LM-head chunk {args.logits_chunk}: XLA assigns '
+        f"{comp['peak'] / 2**30:.3f} GB (arguments {comp['arguments'] / 2**30:.3f}, "
+        f"temporaries {comp['temporaries'] / 2**30:.3f})")
+  print(json.dumps({'shape': args.shape, 'layers': cfg.num_layers, 'grpo': args.grpo,
+                    'dtype': args.dtype, 'remat': args.remat,
+                    'logits_chunk': args.logits_chunk,
+                    'compiled_gb': {k: round(v / 2**30, 3) for k, v in comp.items()},
+                    'machine': common.machine()}))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--shape', default='smollm2-135m')
@@ -137,20 +214,27 @@ def main():
   parser.add_argument('--dtype', default='bfloat16')
   parser.add_argument('--remat', default='full', choices=['full', 'dots', 'none'])
   parser.add_argument('--attention', default='auto')
-  parser.add_argument('--logits-chunk', type=int, default=512)
+  parser.add_argument('--logits-chunk', type=int,
+                      help="LM-head positions per chunk: the recipe's (SFT 512, GRPO 64)")
   parser.add_argument('--layers', type=int, help='fewer layers than the shape (a quick check)')
   parser.add_argument('--fsdp', type=int, default=1, help='devices the state is sharded over')
   parser.add_argument('--compile', action='store_true', help="compare with XLA's assignment")
   parser.add_argument('--run', action='store_true', help='run the step and measure')
   parser.add_argument('--steps', type=int, default=3)
+  parser.add_argument('--grpo', metavar='PROMPTS,SAMPLES,PROMPT_LEN,NEW_TOKENS',
+                      help="instead: XLA's assignment for a GRPO policy update of this size")
   args = parser.parse_args()
   from jpost import metrics
   from jpost.models import shapes
+  if args.logits_chunk is None:
+    args.logits_chunk = grpo_recipe().model.logits_chunk if args.grpo else 512
   overrides = dict(dtype=args.dtype, remat=args.remat, attention=args.attention,
                    logits_chunk=args.logits_chunk)
   if args.layers:
     overrides['num_layers'] = args.layers
   cfg = shapes.config(args.shape, **overrides)
+  if args.grpo:
+    return print_grpo(cfg, args, *map(int, args.grpo.split(',')))
   plan = predicted(cfg, args.batch, args.seq_len, args.attention, args.fsdp)
   tokens = args.batch * args.seq_len
   flops = metrics.flops_per_token(cfg, args.seq_len) * tokens / args.fsdp

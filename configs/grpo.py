@@ -36,7 +36,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       path='smollm2-135m-instruct', dtype='bfloat16', param_dtype='float32', remat='full',
       # README, "Attention and memory": implementation, key block, LM-head chunk.
-      attention='auto', attention_block=512, logits_chunk=512))
+      # The chunk counts positions per row, and an update has prompts x samples
+      # rows: 64 (not SFT's 512) keeps their [rows, chunk, vocab] logits small.
+      attention='auto', attention_block=512, logits_chunk=64))
   # LoRA/QLoRA (README, "LoRA and QLoRA"): rank 0 is full fine-tuning.
   c.lora = lora.default_config()
   c.data = ml_collections.ConfigDict(dict(
