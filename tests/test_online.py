@@ -116,7 +116,6 @@ def test_reference_and_old_logprobs_use_the_policys_rows(tiny_checkpoint):
   import jax.numpy as jnp
   from flax import nnx
   from jpost import ops, sharding
-  from jpost.models import hf
   graphdef, params = nnx.split(hf.load(tiny_checkpoint))
   ref_params = jax.tree.map(
       lambda x: x + 0.02 * jax.random.normal(jax.random.key(0), x.shape, x.dtype), params)
