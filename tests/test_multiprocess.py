@@ -70,7 +70,8 @@ SFT = ('configs/sft.py:tiny', '--config.batch_size=8', '--config.total_steps=3',
        # Each process packs, and drops (too long), only the rows it reads, so
        # only unpacked batches with nothing dropped are the same rows for any
        # number of processes: max_len 512 drops none of the first 24 rows.
-       '--config.data.packing=False', '--config.data.max_len=512', '--config.optim.lr=1e-3')
+       '--config.data.packing=False', '--config.data.max_len=512', '--config.optim.lr=1e-3',
+       '--config.checkpoint.every=3')  # one checkpoint, at the end
 
 
 def test_sft_two_processes_equal_one(tiny_checkpoint, tmp_path):
