@@ -270,12 +270,17 @@ def test_grpo_learns_a_toy_verifiable_task(char_checkpoint, digit_share, tmp_pat
   assert end > start + 0.2, curve  # measured: 0.12 -> 0.79
 
 
-def test_ppo_with_kl_in_the_reward_learns(char_checkpoint, digit_share, tmp_path):
+def test_ppo_with_kl_in_the_reward_learns(char_checkpoint, digit_share, tmp_path, capsys):
   config = _config(char_checkpoint, ppo, total_steps=30, prompts_per_step=4, **{
       'optim.lr': 3e-3, 'ppo.critic_optim.lr': 3e-3, 'rl.beta': 0.01,
       'rewards': {digit_share: {'weight': 1.0}}, 'checkpoint.every': 30})
   online.run(config, tmp_path, 'ppo')
   records = _records(tmp_path)
+  # The critic's state is reported with the policy's before the first step:
+  # the trunk's parameters and a scalar head (`score.weight` [1, 64], no bias,
+  # as transformers' sequence classifiers).
+  critic = hf.load(char_checkpoint).config.num_params() + 64
+  assert f'critic: trainable parameters {critic:,};' in capsys.readouterr().err
   # Full fine-tuning holds a copy of the starting weights as the reference.
   assert records[0]['memory/reference_params'] == hf.load(char_checkpoint).config.num_params()
   curve = [r['reward/total/mean'] for r in records]

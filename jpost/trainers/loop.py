@@ -232,9 +232,10 @@ def state_sizes(state) -> dict[str, float]:
           'memory/params_mb': mb(state['params']), 'memory/opt_state_mb': mb(state['opt_state'])}
 
 
-def print_sizes(sizes: dict) -> None:
+def print_sizes(sizes: dict, label: str = '') -> None:
+  """`label`: whose state, e.g. 'critic: ' (default: the model's)."""
   if jax.process_index() == 0:
-    print(f'trainable parameters {sizes["memory/trainable_params"]:,}; parameters '
+    print(f'{label}trainable parameters {sizes["memory/trainable_params"]:,}; parameters '
           f'{sizes["memory/params_mb"]:.1f} MB, optimiser state '
           f'{sizes["memory/opt_state_mb"]:.1f} MB', file=sys.stderr)
 

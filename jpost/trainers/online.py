@@ -347,6 +347,8 @@ def run(config, workdir: str | None, algorithm: str) -> dict[str, Any]:
   graphdef, state, policy_update, critic_update, critic_graphdef = _update_fns(
       config, algorithm, model_dir, mesh, model, kl_coef)
   loop.print_sizes(loop.state_sizes(state['policy']))
+  if 'critic' in state:
+    loop.print_sizes(loop.state_sizes(state['critic']), label='critic: ')
   # The reference is the starting weights, copied before the first update
   # donates (and overwrites) the train state's buffers; with LoRA it is the
   # policy with its adapters off (make_prepare), and nothing is copied.
