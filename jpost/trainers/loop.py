@@ -222,14 +222,19 @@ def init_state(model, tx, seed: int, mesh):
   return graphdef, {'params': params, 'opt_state': opt_state, **scalars}
 
 
+def tree_mb(tree) -> float:
+  """MB of a tree's arrays (global sizes, over every device)."""
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 2**20
+
+
 def state_sizes(state) -> dict[str, float]:
   """What a train state holds: trainable parameters, and the MB of the
   parameters (as stored: a quantised base's codes and scales) and of the
   optimiser state (global sizes, over every device)."""
   trainable, _ = lora.trainable(state['params'])
-  mb = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 2**20
   return {'memory/trainable_params': sum(x.size for x in jax.tree.leaves(trainable)),
-          'memory/params_mb': mb(state['params']), 'memory/opt_state_mb': mb(state['opt_state'])}
+          'memory/params_mb': tree_mb(state['params']),
+          'memory/opt_state_mb': tree_mb(state['opt_state'])}
 
 
 def print_sizes(sizes: dict, label: str = '') -> None:

@@ -234,10 +234,9 @@ def _print_rollout_memory(config, model_config, ref_params) -> None:
   rows = config.prompts_per_step * config.sampling.num_samples
   slots = config.data.max_prompt_len + config.sampling.max_new_tokens
   cache_mb = sampling.cache_bytes(model_config, rows, slots) / 2**20
-  ref_mb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(ref_params)) / 2**20
   if jax.process_index() == 0:
     print(f'rollout KV cache up to {cache_mb:.1f} MB ({rows} rows x {slots} slots); '
-          f'reference copy {ref_mb:.1f} MB', file=sys.stderr)
+          f'reference copy {loop.tree_mb(ref_params):.1f} MB', file=sys.stderr)
 
 
 def _all_processes(result: ScoreResult) -> ScoreResult:
