@@ -1,6 +1,7 @@
 """The online RL loop (GRPO, PPO): layouts, learning on a toy task, faults, resume."""
 
 import json
+import re
 import sys
 
 import numpy as np
@@ -334,6 +335,41 @@ def test_faulty_rewards_are_counted_and_the_run_goes_on(char_checkpoint, tmp_pat
   assert last['failures_total/math'] == 0
   assert all(np.isfinite(r['loss']) for r in records)
   assert (tmp_path / 'hf').exists()
+
+
+def test_truncation_rate_and_length_are_the_rollouts(char_checkpoint, digit_share, tmp_path):
+  """The reported truncation rate and mean length are those of the rows the
+  rewards scored. Two rewards recount them from each completion's text: the
+  character tokenizer decodes every token to its own string (specials whole),
+  and the stop token is cut off, so a row ran out of tokens exactly when its
+  text holds max_new_tokens tokens."""
+  new_tokens = 16
+  token = re.compile(r'<\|im_start\|>|<\|im_end\|>|<\|endoftext\|>|<unk>|[\s\S]')
+  count = lambda text: len(token.findall(text))
+
+  @rewards.register('ran_out')
+  def ran_out(prompt, completion, row):
+    return float(count(completion) == new_tokens)
+
+  @rewards.register('tokens_with_stop')
+  def tokens_with_stop(prompt, completion, row):
+    return float(count(completion) + (count(completion) < new_tokens))
+
+  try:
+    config = _config(char_checkpoint, total_steps=3, **{
+        'sampling.max_new_tokens': new_tokens, 'optim.lr': 3e-3, 'rewards': {
+            digit_share: {'weight': 1.0}, 'ran_out': {'weight': 0.0},
+            'tokens_with_stop': {'weight': 0.0}}})
+    online.run(config, tmp_path, 'grpo')
+  finally:
+    rewards.unregister('ran_out')
+    rewards.unregister('tokens_with_stop')
+  rates = []
+  for record in _records(tmp_path):
+    assert record['completion/truncated'] == pytest.approx(record['reward/ran_out/mean'])
+    assert record['completion/length'] == pytest.approx(record['reward/tokens_with_stop/mean'])
+    rates.append(record['completion/truncated'])
+  assert 0 < max(rates) and min(rates) < 1, rates  # both kinds of row were counted
 
 
 def test_resume_continues_exactly(char_checkpoint, digit_share, tmp_path):
