@@ -1,13 +1,13 @@
 """Memory and speed planner for an SFT step: what a model shape, batch and
 length need per device, predicted by formula, against XLA's compiled program
-(and, with --run, a measured run). With --grpo, XLA's assignment for a GRPO
-policy update instead (no formula yet).
+(and, with --run, a measured run). With --grpo, the same for a GRPO policy
+update (configs/grpo.py's: shared prompts, the KL term; formula and compiled).
 
   python bench/plan.py --shape llama-3.2-1b --batch 8 --seq-len 4096 \\
       [--dtype bfloat16] [--remat full] [--attention auto] [--logits-chunk 512] \\
       [--layers N] [--fsdp D] [--compile] [--run --steps 4]
-  python bench/plan.py --shape ... --grpo PROMPTS,SAMPLES,PROMPT_LEN,NEW_TOKENS [--logits-chunk 64]
-      (XLA's assignment for configs/grpo.py's policy update, compiled only)
+  python bench/plan.py --shape ... --grpo PROMPTS,SAMPLES,PROMPT_LEN,NEW_TOKENS [--compile]
+      (LM-head chunk: the recipe's, 64 positions per row)
 
 Predicted bytes per device (float32 master weights, AdamW):
   params, grads: P x 4 / fsdp each; optimizer: 2 x P x 4 / fsdp;
@@ -16,6 +16,9 @@ Predicted bytes per device (float32 master weights, AdamW):
   attention: the score blocks alive at once (T x T materialised, T x block
              blockwise, none for a fused kernel);
   LM head: one chunk of float32 logits (XLA reuses it for the gradient).
+A GRPO update puts each prompt's tokens through the layers once and its
+completions' tokens once per sample; the completions' attention covers
+prompt + completion keys; only completion positions reach the LM head.
 The constants (how many [tokens, D] / [tokens, F] buffers are alive) are
 read off XLA's buffer assignment for this step and written below; `--compile`
 compares the prediction with that assignment (argument + temporaries +
@@ -32,42 +35,82 @@ import statistics
 import common
 
 
-def activation_bytes(cfg, batch: int, seq_len: int, attention: str, fsdp: int = 1) -> dict:
-  """Predicted per-device activation bytes of one SFT step, by part."""
-  from jpost.models import attention as attn
+def _attention_bytes(cfg, name: str, rows: float, queries: int, keys: int, remat: str) -> float:
+  """float32 scores, probabilities and their gradient of `rows` x `queries`
+  attending to `keys` (blockwise: one block's probabilities and gradient;
+  a fused kernel keeps none); materialised ones times the layers when
+  nothing recomputes them."""
+  width = {'xla': keys, 'blockwise': min(cfg.attention_block, keys), 'pallas': 0}[name]
+  alive = {'xla': 3, 'blockwise': 2, 'pallas': 0}[name]
+  # The blockwise path recomputes its blocks in its own backward, remat or not.
+  return rows * cfg.num_heads * queries * width * 4 * alive * (
+      cfg.num_layers if remat == 'none' and name == 'xla' else 1)
+
+
+def _activations(cfg, tokens: float, attention: float, head_rows: float, head_len: int) -> dict:
+  """Activation bytes by part: `tokens` positions through the layers, the
+  attention's score bytes, and the LM head over `head_rows` x `head_len`."""
   a = 2 if cfg.dtype != 'float32' else 4
-  tokens = batch * seq_len / fsdp  # FSDP shards the batch over the same devices
   d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_size
   qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * h
-  remat = {True: 'full', False: 'none'}.get(cfg.remat, cfg.remat)
+  remat = _remat(cfg)
   # One layer's activations, as XLA keeps them for its backward: norms and
   # residuals (D-wide, some in float32), q/k/v and the attention output,
   # gate/up/their product (F-wide).
   layer = tokens * (a * (6 * d + 2 * qkv + 3 * f) + 4 * 2 * d)
   saved = {'full': tokens * a * d,  # each layer's input, the scan's carry
-           'dots': tokens * a * (qkv + cfg.num_heads * h + d + 2 * f + d),
+           # and the weight matmuls' outputs but down's (q, k, v, o, gate, up)
+           'dots': tokens * a * (d + qkv + d + 2 * f),
            'none': layer}[remat] * cfg.num_layers
-  name = attn.choose(attention, key_len=seq_len, block=cfg.attention_block,
-                     sliding_window=cfg.sliding_window)
-  heads = batch / fsdp * cfg.num_heads
-  width = {'xla': seq_len, 'blockwise': min(cfg.attention_block, seq_len), 'pallas': 0}[name]
-  # float32 scores, probabilities and their gradient (blockwise: one block's
-  # probabilities and gradient); times the layers when nothing recomputes them.
-  alive = {'xla': 3, 'blockwise': 2, 'pallas': 0}[name]
-  scores = heads * seq_len * width * 4 * alive * (cfg.num_layers if remat == 'none' else 1)
-  chunk = min(cfg.logits_chunk or seq_len, seq_len)
-  logits = batch / fsdp * chunk * cfg.vocab_size * 4  # XLA reuses it for its gradient
-  return {'saved_activations': saved, 'layer_backward': 2 * layer, 'attention': scores,
+  chunk = min(cfg.logits_chunk or head_len, head_len)
+  logits = head_rows * chunk * cfg.vocab_size * 4  # XLA reuses it for its gradient
+  return {'saved_activations': saved, 'layer_backward': 2 * layer, 'attention': attention,
           'lm_head': logits}
 
 
-def predicted(cfg, batch, seq_len, attention, fsdp=1) -> dict:
+def _remat(cfg) -> str:
+  return {True: 'full', False: 'none'}.get(cfg.remat, cfg.remat)
+
+
+def activation_bytes(cfg, batch: int, seq_len: int, attention: str, fsdp: int = 1) -> dict:
+  """Predicted per-device activation bytes of one SFT step, by part."""
+  from jpost.models import attention as attn
+  rows = batch / fsdp  # FSDP shards the batch over the same devices
+  name = attn.choose(attention, key_len=seq_len, block=cfg.attention_block,
+                     sliding_window=cfg.sliding_window)
+  scores = _attention_bytes(cfg, name, rows, seq_len, seq_len, _remat(cfg))
+  return _activations(cfg, rows * seq_len, scores, rows, seq_len)
+
+
+def grpo_activation_bytes(cfg, prompts: int, samples: int, prompt_len: int, new_tokens: int,
+                          attention: str) -> dict:
+  """Predicted activation bytes of a GRPO policy update on one device. Each
+  prompt goes through the layers once; its `samples` completions attend to
+  its keys and to each other (decoder.shared_prompt_stack), and only
+  completion positions reach the LM head."""
+  from jpost.models import attention as attn
+  choose = lambda keys: attn.choose(attention, key_len=keys, block=cfg.attention_block,
+                                    sliding_window=cfg.sliding_window)
+  rows, remat = prompts * samples, _remat(cfg)
+  completion_attention = choose(prompt_len + new_tokens)
+  if completion_attention == 'pallas':  # the kernel is self-attention only (attention.attend)
+    completion_attention = 'blockwise'
+  scores = (_attention_bytes(cfg, choose(prompt_len), prompts, prompt_len, prompt_len, remat)
+            + _attention_bytes(cfg, completion_attention, rows, new_tokens,
+                               prompt_len + new_tokens, remat))
+  return _activations(cfg, prompts * prompt_len + rows * new_tokens, scores, rows, new_tokens)
+
+
+def predicted(cfg, activations: dict, fsdp: int = 1) -> dict:
+  """Bytes per device: float32 master weights, gradients and AdamW's two
+  moments (sharded over `fsdp` devices), the compute-dtype copy of the
+  weights a step reads, and `activations` (by part); with their total."""
   params = cfg.num_params()
   sizes = {'params': params * 4 / fsdp, 'grads': params * 4 / fsdp,
            'optimizer': 2 * params * 4 / fsdp}
-  if cfg.dtype != 'float32':  # the compute-dtype copy of the weights a step reads
+  if cfg.dtype != 'float32':
     sizes['weight_casts'] = params * 2 / fsdp
-  sizes |= activation_bytes(cfg, batch, seq_len, attention, fsdp)
+  sizes |= activations
   sizes['total'] = sum(sizes.values())
   return sizes
 
@@ -193,17 +236,26 @@ def run_steps(cfg, batch: int, seq_len: int, steps: int) -> dict:
 
 
 def print_grpo(cfg, args, prompts, samples, prompt_len, new_tokens):
-  comp = compiled_peak_grpo(cfg, prompts, samples, prompt_len, new_tokens)
+  plan = predicted(cfg, grpo_activation_bytes(cfg, prompts, samples, prompt_len, new_tokens,
+                                              args.attention))
   print(f'{args.shape} ({cfg.num_layers} layers), GRPO update of {prompts} prompts x {samples} '
         f'samples, prompts of {prompt_len} tokens, {new_tokens} new tokens, {args.dtype}, remat '
-        f'{args.remat}, LM-head chunk {args.logits_chunk}: XLA assigns '
-        f"{comp['peak'] / 2**30:.3f} GB (arguments {comp['arguments'] / 2**30:.3f}, "
-        f"temporaries {comp['temporaries'] / 2**30:.3f})")
-  print(json.dumps({'shape': args.shape, 'layers': cfg.num_layers, 'grpo': args.grpo,
-                    'dtype': args.dtype, 'remat': args.remat,
-                    'logits_chunk': args.logits_chunk,
-                    'compiled_gb': {k: round(v / 2**30, 3) for k, v in comp.items()},
-                    'machine': common.machine()}))
+        f'{args.remat}, attention {args.attention}, LM-head chunk {args.logits_chunk}')
+  width = max(map(len, plan))
+  for name, value in plan.items():
+    print(f'  {name:<{width}} {value / 2**30:8.3f} GB')
+  out = {'shape': args.shape, 'layers': cfg.num_layers, 'grpo': args.grpo, 'dtype': args.dtype,
+         'remat': args.remat, 'attention': args.attention, 'logits_chunk': args.logits_chunk,
+         'predicted_gb': {k: round(v / 2**30, 3) for k, v in plan.items()}}
+  if args.compile:
+    comp = compiled_peak_grpo(cfg, prompts, samples, prompt_len, new_tokens)
+    out['compiled_gb'] = {k: round(v / 2**30, 3) for k, v in comp.items()}
+    out['predicted_over_compiled'] = round(plan['total'] / comp['peak'], 3)
+    print(f"  XLA's assignment: {comp['peak'] / 2**30:.3f} GB (arguments "
+          f"{comp['arguments'] / 2**30:.3f}, temporaries {comp['temporaries'] / 2**30:.3f}); "
+          f"predicted / compiled = {out['predicted_over_compiled']}")
+  out['machine'] = common.machine()
+  print(json.dumps(out))
 
 
 def main():
@@ -235,7 +287,8 @@ def main():
   cfg = shapes.config(args.shape, **overrides)
   if args.grpo:
     return print_grpo(cfg, args, *map(int, args.grpo.split(',')))
-  plan = predicted(cfg, args.batch, args.seq_len, args.attention, args.fsdp)
+  plan = predicted(cfg, activation_bytes(cfg, args.batch, args.seq_len, args.attention,
+                                          args.fsdp), args.fsdp)
   tokens = args.batch * args.seq_len
   flops = metrics.flops_per_token(cfg, args.seq_len) * tokens / args.fsdp
   peak = metrics.measured_peak_flops(args.dtype) / len(__import__('jax').devices())

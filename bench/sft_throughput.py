@@ -2,11 +2,11 @@
 or a real model shape with random weights (jpost.models.shapes).
 
   python bench/sft_throughput.py [--batch 8] [--seq-len 256] [--steps 6] [--dtypes bfloat16]
-      [--remat full|dots|none | --no-remat] [--attention auto,xla,blockwise]
+      [--remat full,dots,none | --no-remat] [--attention auto,xla,blockwise]
       [--shape llama-3.2-1b] [--logits-chunk 512]
       (defaults: configs/sft.py's: bfloat16, remat full, attention auto, chunk 512)
 
-Each (dtype, attention) setting runs in its own process (float32 master
+Each (dtype, attention, remat) setting runs in its own process (float32 master
 weights, AdamW, clipping, full packed batches of GSM8K answers, or with
 --random-init synthetic packed rows) so peak memory is its own: the device's
 peak bytes in use where it reports them (GPU), else the process's peak RSS.
@@ -16,6 +16,7 @@ its `mfu` and `peak_rss_mb`, plus every setting.
 """
 
 import argparse
+import itertools
 import json
 import resource
 import statistics
@@ -98,7 +99,7 @@ def main():
   # weights) with remat. `--dtypes float32,bfloat16 --no-remat` compares.
   parser.add_argument('--dtypes', default='bfloat16')
   parser.add_argument('--remat', nargs='?', const='full', default='full',
-                      choices=['full', 'dots', 'none'])
+                      help='comma-separated: full, dots, none (one process each)')
   parser.add_argument('--no-remat', dest='remat', action='store_const', const='none')
   parser.add_argument('--attention', default='auto',
                       help='comma-separated: auto, xla, blockwise, pallas (one process each)')
@@ -112,24 +113,27 @@ def main():
     print(json.dumps(measure(args.one, args.batch, args.seq_len, args.steps, args.remat,
                              args.random_init, args.attention, args.shape, args.logits_chunk)))
     return
+  policies = args.remat.split(',')
+  if not set(policies) <= {'full', 'dots', 'none'}:
+    parser.error(f'--remat {args.remat}: use full, dots or none (comma-separated).')
   results = []
-  for dtype in args.dtypes.split(','):
-    for attention in args.attention.split(','):
-      cmd = [sys.executable, __file__, '--one', dtype, '--batch', str(args.batch),
-             '--seq-len', str(args.seq_len), '--steps', str(args.steps), '--remat', args.remat,
-             '--attention', attention, '--shape', args.shape,
-             '--logits-chunk', str(args.logits_chunk)] + ['--random-init'] * args.random_init
-      proc = subprocess.run(cmd, capture_output=True, text=True)
-      if proc.returncode:
-        sys.exit(f'{dtype} / {attention} run failed:\n{proc.stderr[-3000:]}')
-      result = json.loads(proc.stdout.strip().splitlines()[-1])
-      results.append(result)
-      device_peak = (f", device peak {result['peak_device_mb']} MB"
-                     if result['peak_device_mb'] is not None else '')
-      print(f"{args.shape} {dtype} attention {result['attention']}: {result['tokens_per_s']} "
-            f"tokens/s, step {result['step_s_median']}s (first step {result['first_step_s']}s), "
-            f"MFU {100 * result['mfu']:.1f}%, peak RSS {result['peak_rss_mb']} MB{device_peak} "
-            f"on {result['device']}", flush=True)
+  settings = itertools.product(args.dtypes.split(','), args.attention.split(','), policies)
+  for dtype, attention, remat in settings:
+    cmd = [sys.executable, __file__, '--one', dtype, '--batch', str(args.batch),
+           '--seq-len', str(args.seq_len), '--steps', str(args.steps), '--remat', remat,
+           '--attention', attention, '--shape', args.shape,
+           '--logits-chunk', str(args.logits_chunk)] + ['--random-init'] * args.random_init
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+      sys.exit(f'{dtype} / {attention} / remat {remat} run failed:\n{proc.stderr[-3000:]}')
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    results.append(result)
+    device_peak = (f", device peak {result['peak_device_mb']} MB"
+                   if result['peak_device_mb'] is not None else '')
+    print(f"{args.shape} {dtype} attention {result['attention']} remat {remat}: "
+          f"{result['tokens_per_s']} tokens/s, step {result['step_s_median']}s (first step {result['first_step_s']}s), "
+          f"MFU {100 * result['mfu']:.1f}%, peak RSS {result['peak_rss_mb']} MB{device_peak} "
+          f"on {result['device']}", flush=True)
   best = max(results, key=lambda r: r['tokens_per_s'])
   import common  # here, after the runs: this process stayed free of JAX while they ran
   print(json.dumps({'machine': common.machine(), 'tokens_per_s': best['tokens_per_s'],

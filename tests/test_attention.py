@@ -139,6 +139,32 @@ def test_model_with_each_implementation_and_remat_matches_the_reference():
       assert_norm_close(g, w, bound=1e-4)
 
 
+def test_remat_policies_recompute_what_they_say():
+  """Matmuls in the gradient of one block: a forward has 9 (q, k, v, o, gate,
+  up, down, and attention's scores and weighted values), a backward two per
+  forward matmul. 'full' runs the forward again except `down` (its output is
+  not needed): 8 more than 'none'; 'dots' keeps the weight matmuls' outputs
+  and runs only attention's 2 again. (`dense` is a custom_vjp, opaque to
+  JAX's dot-finding policies: before it was named for the policy, 'dots'
+  recomputed as much as 'full'.)"""
+  from jpost.models import decoder
+  pos, seg = _rows()
+  counts = {}
+  for remat in ('none', 'dots', 'full'):
+    cfg = ModelConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_layers=1,
+                      num_heads=N, num_kv_heads=K, attention='xla', remat=remat)
+    layer = {k: v[0] for k, v in Decoder(cfg, rngs=nnx.Rngs(0)).stacked_layers().items()}
+    cos, sin = decoder.rope_tables(pos, cfg)
+    block = decoder.remat(lambda x, p: decoder.decoder_block(
+        x, p, cos, sin, attn.Visibility(pos, seg, pos, seg), cfg)[0], cfg)
+    grad = jax.grad(lambda x, p: jnp.sum(block(x, p) ** 2), argnums=(0, 1))
+    jaxpr = str(jax.make_jaxpr(grad)(jnp.ones((B, T, 48)), layer))
+    counts[remat] = jaxpr.count('dot_general[')
+  assert counts['none'] == 9 * 3, counts
+  assert counts['dots'] == counts['none'] + 2, counts
+  assert counts['full'] == counts['none'] + 8, counts
+
+
 def test_chunked_lm_head_equals_whole_logits_with_gradients():
   """ops.head_logprobs over 3 chunks of 16 positions (the last padded) equals
   the whole [B, T, V] logits' log-probs and entropies, and their gradients."""

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental.layout import Layout, with_layout_constraint
 
 from jpost import ops, sharding
@@ -322,9 +323,9 @@ def _attend(q, keys, values, visible, cfg: ModelConfig):
 REMAT_POLICIES = {
     # Everything recomputed in the backward: least memory, one more forward.
     'full': jax.checkpoint_policies.nothing_saveable,
-    # Weight matmuls' outputs kept, the rest (norms, activations, attention)
-    # recomputed: most of the saving for a fraction of the recompute.
-    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Weight matmuls' outputs (`dense`'s, by name) kept, the rest (norms,
+    # activations, attention) recomputed: no matmul but attention's runs twice.
+    'dots': jax.checkpoint_policies.save_only_these_names('dense'),
 }
 
 
@@ -436,7 +437,6 @@ def shared_prompt_stack(x_prompt, x_comp, layer_params, prompt_pos, prompt_seg, 
   return x_prompt, x_comp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def dense(x, w, w_is_fd: bool = False, float32_out: bool = False):
   """x [..., D] @ w [D, F] (or w [F, D] with `w_is_fd`), accumulated in
   float32 and returned in x's dtype (or float32); w is cast to x's dtype and
@@ -446,7 +446,16 @@ def dense(x, w, w_is_fd: bool = False, float32_out: bool = False):
   the AVX512-BF16 dot instructions: 200-400 GFLOP/s on a 2-core EPYC against
   ~35 for a bfloat16 result. The custom gradient keeps the backward's two
   matmuls on that path too (autodiff would run them in float32).
+
+  The result is named 'dense' for remat's 'dots' policy: a custom_vjp call
+  is one opaque operation to JAX's dot-finding policies, which kept none of
+  these outputs (so 'dots' recomputed as much as 'full').
   """
+  return checkpoint_name(_dense(x, w, w_is_fd, float32_out), 'dense')
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dense(x, w, w_is_fd: bool = False, float32_out: bool = False):
   w_spec = 'fd' if w_is_fd else 'df'
   out = _matmul(x, w.astype(x.dtype), f'...d,{w_spec}->...f')
   return out if float32_out else out.astype(x.dtype)
@@ -457,7 +466,7 @@ def _matmul(a, b, equation):
 
 
 def _dense_fwd(x, w, w_is_fd, float32_out):
-  return dense(x, w, w_is_fd, float32_out), (x, w)
+  return _dense(x, w, w_is_fd, float32_out), (x, w)
 
 
 def _dense_bwd(w_is_fd, float32_out, res, g):
@@ -487,7 +496,7 @@ def _transposed(a):
   return with_layout_constraint(a.T, Layout(major_to_minor=(0, 1)))
 
 
-dense.defvjp(_dense_fwd, _dense_bwd)
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def rms_norm(x, weight, eps: float):
