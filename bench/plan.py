@@ -9,19 +9,8 @@ update (configs/grpo.py's: shared prompts, the KL term; formula and compiled).
   python bench/plan.py --shape ... --grpo PROMPTS,SAMPLES,PROMPT_LEN,NEW_TOKENS [--compile]
       (LM-head chunk: the recipe's, 64 positions per row)
 
-Predicted bytes per device (float32 master weights, AdamW):
-  params, grads: P x 4 / fsdp each; optimizer: 2 x P x 4 / fsdp;
-  saved activations: what the remat policy keeps per layer, x layers;
-  one layer's backward: its recomputed activations and their gradients;
-  attention: the score blocks alive at once (T x T materialised, T x block
-             blockwise, none for a fused kernel);
-  LM head: one chunk of float32 logits (XLA reuses it for the gradient).
-A GRPO update puts each prompt's tokens through the layers once and its
-completions' tokens once per sample; the completions' attention covers
-prompt + completion keys; only completion positions reach the LM head.
-The constants (how many [tokens, D] / [tokens, F] buffers are alive) are
-read off XLA's buffer assignment for this step and written below; `--compile`
-compares the prediction with that assignment (argument + temporaries +
+The prediction is jpost.memory's (its docstring lists the parts); `--compile`
+compares it with XLA's buffer assignment for the step (argument + temporaries +
 outputs not aliased to arguments: the peak the program asks for; no memory
 is allocated, so any shape can be checked on a small machine), `--run` runs
 the step and reports the device's peak bytes in use (GPU) or RSS (CPU) and
@@ -33,86 +22,7 @@ import json
 import statistics
 
 import common
-
-
-def _attention_bytes(cfg, name: str, rows: float, queries: int, keys: int, remat: str) -> float:
-  """float32 scores, probabilities and their gradient of `rows` x `queries`
-  attending to `keys` (blockwise: one block's probabilities and gradient;
-  a fused kernel keeps none); materialised ones times the layers when
-  nothing recomputes them."""
-  width = {'xla': keys, 'blockwise': min(cfg.attention_block, keys), 'pallas': 0}[name]
-  alive = {'xla': 3, 'blockwise': 2, 'pallas': 0}[name]
-  # The blockwise path recomputes its blocks in its own backward, remat or not.
-  return rows * cfg.num_heads * queries * width * 4 * alive * (
-      cfg.num_layers if remat == 'none' and name == 'xla' else 1)
-
-
-def _activations(cfg, tokens: float, attention: float, head_rows: float, head_len: int) -> dict:
-  """Activation bytes by part: `tokens` positions through the layers, the
-  attention's score bytes, and the LM head over `head_rows` x `head_len`."""
-  a = 2 if cfg.dtype != 'float32' else 4
-  d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_size
-  qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * h
-  remat = _remat(cfg)
-  # One layer's activations, as XLA keeps them for its backward: norms and
-  # residuals (D-wide, some in float32), q/k/v and the attention output,
-  # gate/up/their product (F-wide).
-  layer = tokens * (a * (6 * d + 2 * qkv + 3 * f) + 4 * 2 * d)
-  saved = {'full': tokens * a * d,  # each layer's input, the scan's carry
-           # and the weight matmuls' outputs but down's (q, k, v, o, gate, up)
-           'dots': tokens * a * (d + qkv + d + 2 * f),
-           'none': layer}[remat] * cfg.num_layers
-  chunk = min(cfg.logits_chunk or head_len, head_len)
-  logits = head_rows * chunk * cfg.vocab_size * 4  # XLA reuses it for its gradient
-  return {'saved_activations': saved, 'layer_backward': 2 * layer, 'attention': attention,
-          'lm_head': logits}
-
-
-def _remat(cfg) -> str:
-  return {True: 'full', False: 'none'}.get(cfg.remat, cfg.remat)
-
-
-def activation_bytes(cfg, batch: int, seq_len: int, attention: str, fsdp: int = 1) -> dict:
-  """Predicted per-device activation bytes of one SFT step, by part."""
-  from jpost.models import attention as attn
-  rows = batch / fsdp  # FSDP shards the batch over the same devices
-  name = attn.choose(attention, key_len=seq_len, block=cfg.attention_block,
-                     sliding_window=cfg.sliding_window)
-  scores = _attention_bytes(cfg, name, rows, seq_len, seq_len, _remat(cfg))
-  return _activations(cfg, rows * seq_len, scores, rows, seq_len)
-
-
-def grpo_activation_bytes(cfg, prompts: int, samples: int, prompt_len: int, new_tokens: int,
-                          attention: str) -> dict:
-  """Predicted activation bytes of a GRPO policy update on one device. Each
-  prompt goes through the layers once; its `samples` completions attend to
-  its keys and to each other (decoder.shared_prompt_stack), and only
-  completion positions reach the LM head."""
-  from jpost.models import attention as attn
-  choose = lambda keys: attn.choose(attention, key_len=keys, block=cfg.attention_block,
-                                    sliding_window=cfg.sliding_window)
-  rows, remat = prompts * samples, _remat(cfg)
-  completion_attention = choose(prompt_len + new_tokens)
-  if completion_attention == 'pallas':  # the kernel is self-attention only (attention.attend)
-    completion_attention = 'blockwise'
-  scores = (_attention_bytes(cfg, choose(prompt_len), prompts, prompt_len, prompt_len, remat)
-            + _attention_bytes(cfg, completion_attention, rows, new_tokens,
-                               prompt_len + new_tokens, remat))
-  return _activations(cfg, prompts * prompt_len + rows * new_tokens, scores, rows, new_tokens)
-
-
-def predicted(cfg, activations: dict, fsdp: int = 1) -> dict:
-  """Bytes per device: float32 master weights, gradients and AdamW's two
-  moments (sharded over `fsdp` devices), the compute-dtype copy of the
-  weights a step reads, and `activations` (by part); with their total."""
-  params = cfg.num_params()
-  sizes = {'params': params * 4 / fsdp, 'grads': params * 4 / fsdp,
-           'optimizer': 2 * params * 4 / fsdp}
-  if cfg.dtype != 'float32':
-    sizes['weight_casts'] = params * 2 / fsdp
-  sizes |= activations
-  sizes['total'] = sum(sizes.values())
-  return sizes
+from jpost import memory
 
 
 def _abstract_state(cfg, mesh):
@@ -236,8 +146,8 @@ def run_steps(cfg, batch: int, seq_len: int, steps: int) -> dict:
 
 
 def print_grpo(cfg, args, prompts, samples, prompt_len, new_tokens):
-  plan = predicted(cfg, grpo_activation_bytes(cfg, prompts, samples, prompt_len, new_tokens,
-                                              args.attention))
+  plan = memory.with_state(cfg, memory.rl_update_activations(cfg, prompts, samples, prompt_len,
+                                                             new_tokens))
   print(f'{args.shape} ({cfg.num_layers} layers), GRPO update of {prompts} prompts x {samples} '
         f'samples, prompts of {prompt_len} tokens, {new_tokens} new tokens, {args.dtype}, remat '
         f'{args.remat}, attention {args.attention}, LM-head chunk {args.logits_chunk}')
@@ -287,8 +197,8 @@ def main():
   cfg = shapes.config(args.shape, **overrides)
   if args.grpo:
     return print_grpo(cfg, args, *map(int, args.grpo.split(',')))
-  plan = predicted(cfg, activation_bytes(cfg, args.batch, args.seq_len, args.attention,
-                                          args.fsdp), args.fsdp)
+  plan = memory.with_state(cfg, memory.sft_activations(cfg, args.batch / args.fsdp,
+                                                       args.seq_len), args.fsdp)
   tokens = args.batch * args.seq_len
   flops = metrics.flops_per_token(cfg, args.seq_len) * tokens / args.fsdp
   peak = metrics.measured_peak_flops(args.dtype) / len(__import__('jax').devices())

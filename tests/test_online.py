@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from jpost import rewards, sampling
+from jpost import memory, rewards, sampling
 from jpost.models import hf
 from jpost.sampling import Completions
 from jpost.trainers import online, rl_parts
@@ -398,8 +398,16 @@ def test_filtered_sampling_recomputes_old_logprobs_and_logs_the_gap(char_checkpo
   rows, slots = config.prompts_per_step * config.sampling.num_samples, 80 + 16
   cache = sampling.cache_bytes(hf.load(char_checkpoint).config, rows, slots)  # test_sampling.py
   reference = _records(tmp_path)[0]['memory/reference_params'] * 4  # float32 weights
+  err = capsys.readouterr().err
   assert (f'rollout KV cache up to {cache / 2**20:.1f} MB ({rows} rows x {slots} slots); '
-          f'reference copy {reference / 2**20:.1f} MB') in capsys.readouterr().err
+          f'reference copy {reference / 2**20:.1f} MB') in err
+  # The update's activations, predicted for the longest prompts and
+  # completions, per device: the mesh puts the batch over all 8 devices.
+  model_config = hf.load(char_checkpoint, **hf.compute_options(config)).config
+  update = memory.rl_update_activations(model_config, config.prompts_per_step / 8,
+                                        config.sampling.num_samples, 80, 16)
+  assert (f'policy update activations up to {sum(update.values()) / 2**20:.1f} MB per device, '
+          f"predicted (saved {update['saved_activations'] / 2**20:.1f}, ") in err
   records = _records(tmp_path)
   assert len(records) == 2
   for record in records:

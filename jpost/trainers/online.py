@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jpost import ops, optim, rewards, sampling
+from jpost import memory, ops, optim, rewards, sampling
 from jpost.data import pipeline
 from jpost.errors import ConfigError
 from jpost.losses.policy import AGGREGATIONS
@@ -227,16 +227,26 @@ def _rollout(parts: Parts, state: dict, number: int):
   return batch | {'placed': placed}, completions
 
 
-def _print_rollout_memory(config, model_config, ref_params) -> None:
-  """What the rollout adds to the train state, before anything runs: the KV
-  cache at its largest (prompts cut to their longest only shrink it) and the
-  reference's copy of the weights (global sizes, over every device)."""
+def _print_rollout_memory(config, model_config, ref_params, mesh) -> None:
+  """What the rollout and the update add to the train state, before anything
+  runs: the KV cache at its largest (prompts cut to their longest only shrink
+  it) and the reference's copy of the weights (global sizes, over every
+  device), then the policy update's activations per device, predicted for a
+  minibatch at the longest prompts and completions (jpost.memory)."""
   rows = config.prompts_per_step * config.sampling.num_samples
   slots = config.data.max_prompt_len + config.sampling.max_new_tokens
   cache_mb = sampling.cache_bytes(model_config, rows, slots) / 2**20
+  batch_devices = mesh.shape['data'] * mesh.shape['fsdp']
+  update = memory.rl_update_activations(
+      model_config, config.prompts_per_step / config.rl.minibatches / batch_devices,
+      config.sampling.num_samples, config.data.max_prompt_len, config.sampling.max_new_tokens)
+  mb = {name: value / 2**20 for name, value in update.items()}
   if jax.process_index() == 0:
     print(f'rollout KV cache up to {cache_mb:.1f} MB ({rows} rows x {slots} slots); '
           f'reference copy {loop.tree_mb(ref_params):.1f} MB', file=sys.stderr)
+    print(f"policy update activations up to {sum(mb.values()):.1f} MB per device, predicted "
+          f"(saved {mb['saved_activations']:.1f}, layer backward {mb['layer_backward']:.1f}, "
+          f"attention {mb['attention']:.1f}, LM head {mb['lm_head']:.1f})", file=sys.stderr)
 
 
 def _all_processes(result: ScoreResult) -> ScoreResult:
@@ -355,7 +365,7 @@ def run(config, workdir: str | None, algorithm: str) -> dict[str, Any]:
   ref_params = (jax.tree.map(jnp.copy, state['policy']['params'])
                 if rl.beta > 0 and not adapters else None)
   settings = rollout.sampling_config(config.sampling, tokenizer)
-  _print_rollout_memory(config, model.config, ref_params)
+  _print_rollout_memory(config, model.config, ref_params, mesh)
   prompts, prompt_stats = _prompt_data(
       config, tokenizer, config.data.train, epochs=None, batch_size=config.prompts_per_step,
       seed=config.seed, shard=(jax.process_index(), jax.process_count()))

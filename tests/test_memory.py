@@ -1,0 +1,75 @@
+"""jpost.memory's predictions: each part by hand for a small config, and the
+whole against XLA's buffer assignment for real shapes (bench/plan.py, compiled
+on abstract arrays: nothing is allocated)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from jpost import memory
+from jpost.models.config import ModelConfig
+import xla_env
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _config(**changes):
+  fields = dict(vocab_size=100, hidden_size=16, intermediate_size=32, num_layers=3, num_heads=4,
+                num_kv_heads=2, dtype='bfloat16', remat='full', attention='auto',
+                attention_block=8, logits_chunk=4)
+  return ModelConfig(**fields | changes)
+
+
+def test_sft_parts_by_hand():
+  cfg = _config()  # head_size 4: q, k, v are 16 + 8 + 8 = 32 wide
+  layer = 2 * 8 * (2 * (6 * 16 + 2 * 32 + 3 * 32) + 4 * 2 * 16)  # 2 rows x 8 tokens
+  parts = memory.sft_activations(cfg, rows=2, seq_len=8)
+  assert parts == {
+      'saved_activations': 2 * 8 * 2 * 16 * 3,  # each layer's bfloat16 input
+      'layer_backward': 2 * layer,
+      'attention': 2 * 4 * 8 * 8 * 4 * 3,  # 8 keys fit one block: 'xla', 3 float32 [T, T]
+      'lm_head': 2 * 4 * 100 * 4}  # a chunk of 4 positions of float32 logits
+  # 16 tokens: blockwise over 8-key blocks, 2 blocks' worth alive.
+  assert memory.sft_activations(cfg, rows=1, seq_len=16)['attention'] == 4 * 16 * 8 * 4 * 2
+  # No remat: every layer's activations and materialised scores are kept.
+  none = memory.sft_activations(_config(remat='none'), rows=2, seq_len=8)
+  assert none['saved_activations'] == 3 * layer and none['attention'] == 3 * parts['attention']
+  dots = memory.sft_activations(_config(remat='dots'), rows=2, seq_len=8)
+  assert dots['saved_activations'] == 2 * 8 * 2 * (16 + 32 + 16 + 2 * 32) * 3
+  state = memory.with_state(cfg, parts)
+  p = cfg.num_params()
+  assert state['params'] == 4 * p and state['optimizer'] == 8 * p
+  assert state['weight_casts'] == 2 * p
+  assert state['total'] == pytest.approx(sum(v for k, v in state.items() if k != 'total'))
+
+
+def test_rl_update_parts_by_hand():
+  """2 prompts of 4 tokens, 3 samples each of 6 new tokens: the prompts go
+  through once, the completions attend to 10 keys (blockwise past 8), and
+  only completion positions reach the LM head."""
+  cfg = _config()
+  parts = memory.rl_update_activations(cfg, prompts=2, samples=3, prompt_len=4, new_tokens=6)
+  tokens = 2 * 4 + 6 * 6
+  assert parts['saved_activations'] == tokens * 2 * 16 * 3
+  assert parts['attention'] == 2 * 4 * 4 * 4 * 4 * 3 + 6 * 4 * 6 * 8 * 4 * 2
+  assert parts['lm_head'] == 6 * 4 * 100 * 4
+
+
+def _plan(*args):
+  out = subprocess.run([sys.executable, 'bench/plan.py', '--layers', '4', '--compile', *args],
+                       cwd=ROOT, env=xla_env.env(1), capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize('args', [['--batch', '2', '--seq-len', '1024'],
+                                  ['--grpo', '2,8,128,512']], ids=['sft', 'grpo'])
+def test_prediction_is_within_15_percent_of_xla(args):
+  """SmolLM2's shape cut to 4 layers, bfloat16, remat full (the recipes'
+  settings): the formula against XLA's assignment of the compiled step."""
+  plan = _plan(*args)
+  assert 0.85 <= plan['predicted_over_compiled'] <= 1.15, plan
