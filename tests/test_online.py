@@ -4,6 +4,7 @@ import json
 import re
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -224,6 +225,45 @@ def test_trim_completions_keeps_a_bucketed_width():
   np.testing.assert_array_equal(trimmed.lengths, [3, 5])
   assert rl_parts.trim_completions(completions, 0) is completions
   assert rl_parts.trim_completions(completions, 16) is completions  # never wider
+
+
+@pytest.mark.parametrize('filter_zero_variance', [False, True])
+def test_grpo_zero_variance_groups_are_counted_and_optionally_dropped(filter_zero_variance):
+  """Three groups of 2: (1, 0) has a signal; (1, 1) and (0, 0) do not. Their
+  advantages are 0 either way; the filter also takes their tokens out of the
+  mask, so they leave the token count the loss and KL are averaged over."""
+  rl = grpo.get_config().rl
+  with rl.unlocked():
+    rl.filter_zero_variance = filter_zero_variance
+  scores = jnp.array([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+  mask = jnp.ones((6, 3))
+  advantages, kept, metrics = rl_parts.grpo_advantages(scores, mask, rl=rl, num_samples=2)
+  # (r - group mean) / (population std 0.5 + 1e-6)
+  np.testing.assert_allclose(advantages, [1, -1, 0, 0, 0, 0], atol=1e-5)
+  assert float(metrics['groups/zero_variance_fraction']) == pytest.approx(2 / 3)
+  want = [1, 1, 0, 0, 0, 0] if filter_zero_variance else [1] * 6
+  np.testing.assert_array_equal(np.asarray(kept)[:, 0], want)
+  np.testing.assert_array_equal(np.asarray(kept), np.asarray(kept)[:, :1] * np.ones((1, 3)))
+
+
+@pytest.mark.parametrize('filter_zero_variance', [False, True])
+def test_a_step_with_every_group_filtered_out_changes_nothing(char_checkpoint, tmp_path,
+                                                              filter_zero_variance):
+  """`math` scores every answer of the random model 0, so each group is flat.
+  Without the filter the entropy bonus still moves the policy; with it no
+  token is left: the loss and the gradient are 0 (not NaN), and the run goes on."""
+  config = _config(char_checkpoint, total_steps=2, **{
+      'rl.filter_zero_variance': filter_zero_variance, 'rl.entropy_coef': 0.01,
+      'rewards': {'math': {'weight': 1.0}}})
+  online.run(config, tmp_path, 'grpo')
+  records = _records(tmp_path)
+  assert len(records) == 2
+  for record in records:
+    assert record['groups/zero_variance_fraction'] == 1.0
+    if filter_zero_variance:
+      assert record['loss'] == 0.0 and record['grad_norm'] == 0.0, record
+    else:
+      assert record['grad_norm'] > 0.0, record
 
 
 def test_ppo_token_rewards_put_the_score_on_the_last_token():
