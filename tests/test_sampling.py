@@ -47,7 +47,9 @@ def _prompts(tokenizer, n=len(QUESTIONS)):
 
 
 def test_greedy_matches_transformers_left_padded(checkpoint, tokenizer):
-  """The whole model: 3 of the 8 answers end within 32 tokens, 5 are cut."""
+  """The whole model: 3 of the 8 answers end within 32 tokens, 5 are cut.
+  transformers generates the same left-padded batch (its positions come from
+  the attention mask) and, for the most padded prompt, that prompt alone."""
   model = hf.load(checkpoint)
   prompts = _prompts(tokenizer)
   tokens, mask = sampling.left_pad(prompts, tokenizer.pad_id)
@@ -57,12 +59,16 @@ def test_greedy_matches_transformers_left_padded(checkpoint, tokenizer):
       model, tokens, mask,
       sampling.SamplingConfig(max_new_tokens=n, temperature=0.0, stop_ids=tokenizer.stop_ids)))
   reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint).eval()
-  ended = 0
-  for row, prompt in enumerate(prompts):
-    with torch.no_grad():
-      ref = reference.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                               eos_token_id=list(tokenizer.stop_ids), pad_token_id=tokenizer.pad_id)
-    ref_new = ref[0, len(prompt):].tolist()
+  greedy = dict(max_new_tokens=n, do_sample=False, eos_token_id=list(tokenizer.stop_ids),
+                pad_token_id=tokenizer.pad_id)
+  with torch.no_grad():
+    batch = reference.generate(torch.tensor(np.asarray(tokens)),
+                               attention_mask=torch.tensor(np.asarray(mask)), **greedy)
+  width, ended = tokens.shape[1], 0
+  for row in range(len(prompts)):
+    ref_new = batch[row, width:].tolist()
+    stops = [i for i, t in enumerate(ref_new) if t in tokenizer.stop_ids]
+    ref_new = ref_new[:stops[0] + 1] if stops else ref_new  # padding follows a stop
     ours = out.tokens[row][out.mask[row] == 1].tolist()
     assert ours == ref_new, (row, tokenizer.decode(ours), tokenizer.decode(ref_new))
     # Bookkeeping: stop token inside the mask, nothing after it; truncation flag.
@@ -73,6 +79,11 @@ def test_greedy_matches_transformers_left_padded(checkpoint, tokenizer):
     else:
       assert out.truncated[row] and len(ours) == n
   assert 0 < ended < len(prompts)  # both cases are exercised
+  shortest = min(range(len(prompts)), key=lambda r: len(prompts[r]))
+  with torch.no_grad():
+    alone = reference.generate(torch.tensor([prompts[shortest]]), **greedy)
+  ours = out.tokens[shortest][out.mask[shortest] == 1].tolist()
+  assert ours == alone[0, len(prompts[shortest]):].tolist()
 
 
 def _full_forward_logprobs(model, prompt, completion):
