@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import optax
 
@@ -47,14 +49,25 @@ def schedule(optim, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([warmup, after], [optim.warmup_steps])
 
 
+def _per_step(step_schedule, updates_per_step: int, count):
+  return step_schedule(count // updates_per_step)
+
+
 def decay_mask(params):
   """Weight decay on matrices only: norms and biases (ndim < 2) are not decayed."""
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def build(optim, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def build(optim, total_steps: int, *,
+          updates_per_step: int = 1) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimiser and its schedule over `total_steps` steps. With
+  `updates_per_step` optimiser updates in a step (RL's epochs x minibatches)
+  every update of step s gets step s's learning rate: optax counts updates,
+  so a schedule over steps would otherwise run that many times too fast."""
   validate(optim, total_steps)
   lr = schedule(optim, total_steps)
+  if updates_per_step > 1:
+    lr = functools.partial(_per_step, lr, updates_per_step)
   if optim.name == 'adamw':
     tx = optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                      weight_decay=optim.weight_decay, mask=decay_mask)

@@ -266,6 +266,27 @@ def test_a_step_with_every_group_filtered_out_changes_nothing(char_checkpoint, t
       assert record['grad_norm'] > 0.0, record
 
 
+def test_epochs_and_minibatches_keep_the_schedule_in_rollout_steps(char_checkpoint, digit_share,
+                                                                   tmp_path, capsys):
+  """2 epochs over 2 minibatches: 4 optimiser updates a step. The linear
+  decay over 2 steps gives every update of step 1 the full rate and every
+  update of step 2 half of it (counted in updates it had reached 0 by the
+  middle of step 1). The update's predicted memory is for minibatches whose
+  rows carry their own prompts."""
+  config = _config(char_checkpoint, total_steps=2, prompts_per_step=4, **{
+      'rl.epochs': 2, 'rl.minibatches': 2, 'optim.lr': 1e-3, 'optim.schedule': 'linear',
+      'optim.end_lr_ratio': 0.0, 'rewards': {digit_share: {'weight': 1.0}}})
+  online.run(config, tmp_path, 'grpo')
+  records = _records(tmp_path)
+  assert [r['lr'] for r in records] == pytest.approx([1e-3, 5e-4])
+  assert all(np.isfinite(r['loss']) for r in records)
+  rows = config.prompts_per_step * config.sampling.num_samples
+  model_config = hf.load(char_checkpoint, **hf.compute_options(config)).config
+  update = memory.rl_update_activations(model_config, rows / 2 / 8, 1, 80, 16)
+  assert (f'policy update activations up to {sum(update.values()) / 2**20:.1f} MB per device'
+          in capsys.readouterr().err)
+
+
 def test_ppo_token_rewards_put_the_score_on_the_last_token():
   rl = grpo.get_config().rl
   weights = np.array([[0, 1, 1, 1, 0], [0, 0, 1, 0, 0]], np.float32)

@@ -237,9 +237,13 @@ def _print_rollout_memory(config, model_config, ref_params, mesh) -> None:
   slots = config.data.max_prompt_len + config.sampling.max_new_tokens
   cache_mb = sampling.cache_bytes(model_config, rows, slots) / 2**20
   batch_devices = mesh.shape['data'] * mesh.shape['fsdp']
-  update = memory.rl_update_activations(
-      model_config, config.prompts_per_step / config.rl.minibatches / batch_devices,
-      config.sampling.num_samples, config.data.max_prompt_len, config.sampling.max_new_tokens)
+  # One minibatch keeps each prompt once for its samples; smaller ones give
+  # every row its own copy (_updates).
+  prompts, samples = ((config.prompts_per_step, config.sampling.num_samples)
+                      if config.rl.minibatches == 1 else (rows / config.rl.minibatches, 1))
+  update = memory.rl_update_activations(model_config, prompts / batch_devices, samples,
+                                        config.data.max_prompt_len,
+                                        config.sampling.max_new_tokens)
   mb = {name: value / 2**20 for name, value in update.items()}
   if jax.process_index() == 0:
     print(f'rollout KV cache up to {cache_mb:.1f} MB ({rows} rows x {slots} slots); '
@@ -308,7 +312,8 @@ def _critic(config, model_dir, mesh):
 def _update_fns(config, algorithm, model_dir, mesh, model, kl_coef):
   """(graphdef, state, policy update, critic update or None, critic graphdef)."""
   rl, sampling_cfg = config.rl, config.sampling
-  tx, schedule = optim.build(config.optim, config.total_steps)
+  updates = rl.epochs * rl.minibatches  # optimiser updates per rollout step (_updates)
+  tx, schedule = optim.build(config.optim, config.total_steps, updates_per_step=updates)
   graphdef, policy = loop.init_state(model, tx, config.seed, mesh)
   policy_update = loop.make_update(
       graphdef, functools.partial(
@@ -319,7 +324,8 @@ def _update_fns(config, algorithm, model_dir, mesh, model, kl_coef):
       tx, schedule, accum_steps=1, mesh=mesh, state=policy)
   if algorithm != 'ppo':
     return graphdef, {'policy': policy}, policy_update, None, None
-  critic_tx, critic_schedule = optim.build(config.ppo.critic_optim, config.total_steps)
+  critic_tx, critic_schedule = optim.build(config.ppo.critic_optim, config.total_steps,
+                                           updates_per_step=updates)
   critic_graphdef, critic = loop.init_state(_critic(config, model_dir, mesh), critic_tx,
                                             config.seed, mesh)
   critic_update = loop.make_update(
