@@ -147,6 +147,24 @@ def test_reference_and_old_logprobs_use_the_policys_rows(tiny_checkpoint):
   assert np.abs(np.asarray(batch['ref_logprobs'] - batch['old_logprobs'])[real]).min() > 1e-4
   np.testing.assert_array_equal(np.asarray(batch['completion_mask']) > 0, real)
 
+  # kl_in='reward': each score loses beta x the sequence's summed k1 = old - ref
+  # before the group advantages (unscaled here: a group of 2 scaled by its
+  # std is always +-1); the loss then carries no KL term.
+  with config.rl.unlocked():
+    config.rl.kl_in, config.rl.scale = 'reward', 'none'
+  prepare = rl_parts.make_prepare(graphdef, None, algorithm='grpo', rl=config.rl, num_samples=2,
+                                  temperature=0.7, kl_coef=0.0,
+                                  mesh=sharding.make_mesh(devices=jax.devices()[:1]))
+  in_reward, _ = prepare(params, ref_params, None, prompts, completions,
+                         jnp.array([1.0, 0.0, 0.5, 0.0]))
+  k1 = np.where(real, full_forward(params) - full_forward(ref_params), 0.0).sum(axis=1)
+  scores = np.array([1.0, 0.0, 0.5, 0.0]) - 0.1 * k1
+  pairs = scores.reshape(2, 2)
+  want = (pairs - pairs.mean(1, keepdims=True)).ravel()
+  np.testing.assert_allclose(np.asarray(in_reward['advantages']), want, atol=1e-4)
+  assert np.abs(want - [0.5, -0.5, 0.25, -0.25]).max() > 1e-2  # the KL moved them
+  assert 'ref_logprobs' not in in_reward
+
 
 # (Fewer prompts than devices are replicated: every in-suite GRPO run of the
 # tiny config, and test_multiprocess.py compares such a run with one device.)
