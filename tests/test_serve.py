@@ -354,3 +354,18 @@ def test_static_mode_waits_for_a_full_batch(checkpoint):
     assert runner.metrics()['decode_steps'] == max(ends[0], ends[1]) + max(ends[2], ends[3])
   finally:
     runner.stop()
+
+
+def test_a_full_queue_refuses_more_requests(checkpoint):
+  """`max_waiting` requests queue beyond the running ones; the next one is
+  refused (the API answers it with 429) and nothing is lost from the queue."""
+  model, tokenizer = hf.load(checkpoint), Tokenizer.from_dir(checkpoint)
+  waiting = engine.Engine(model, tokenizer, engine.EngineConfig(slots=2, cache_len=128,
+                                                               max_waiting=2))  # not started
+  request = lambda: engine.Request(prompt_ids=tokenizer.encode('one two'), max_tokens=3,
+                                   temperature=0.0, emit=lambda event: None)
+  waiting.submit(request())
+  waiting.submit(request())
+  with pytest.raises(engine.QueueFull, match='2 requests are already waiting'):
+    waiting.submit(request())
+  assert waiting.metrics()['requests_waiting'] == 2
