@@ -17,7 +17,7 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file
 
-from jpost import optim, sharding
+from jpost import memory, optim, sharding
 from jpost.models import hf
 from jpost.trainers import loop, sft
 from norms import assert_norm_close
@@ -217,6 +217,14 @@ def test_default_sft_lowers_held_out_loss_and_exports(shallow_smollm2, tmp_path)
       capture_output=True, text=True, timeout=1200,
       env=xla_env.env(1))
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # Before the first step: the step's activations per device, predicted.
+  import sft as sft_config
+  config = sft_config.get_config()
+  model_config = hf.load(shallow_smollm2, **hf.compute_options(config)).config
+  step = memory.sft_activations(model_config, config.batch_size / config.accum_steps,
+                                config.data.max_len)
+  assert (f'step activations up to {sum(step.values()) / 2**20:.1f} MB per device, predicted '
+          f"(saved {step['saved_activations'] / 2**20:.1f}, ") in proc.stderr
   records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   evals = {r['step']: r['eval_loss'] for r in records if 'eval_loss' in r}
   # Measured 14.91 -> 14.05: six of 30 layers start far off (the whole model: 1.40 -> 1.24).

@@ -245,6 +245,20 @@ def print_sizes(sizes: dict, label: str = '') -> None:
           f'{sizes["memory/opt_state_mb"]:.1f} MB', file=sys.stderr)
 
 
+def print_activations(parts: dict, what: str) -> None:
+  """One line: activation bytes by part (jpost.memory's prediction)."""
+  mb = {name: value / 2**20 for name, value in parts.items()}
+  if jax.process_index() == 0:
+    print(f"{what} activations up to {sum(mb.values()):.1f} MB per device, predicted "
+          f"(saved {mb['saved_activations']:.1f}, layer backward {mb['layer_backward']:.1f}, "
+          f"attention {mb['attention']:.1f}, LM head {mb['lm_head']:.1f})", file=sys.stderr)
+
+
+def batch_devices(mesh) -> int:
+  """Devices a batch's rows are split over (the data and fsdp axes)."""
+  return mesh.shape['data'] * mesh.shape['fsdp']
+
+
 def make_update(graphdef, loss_fn: Callable, normalizer_fn: Callable, tx, lr_schedule, *,
                 accum_steps: int, mesh, state):
   """Jitted, donated `state, batch -> state, metrics`.

@@ -51,6 +51,9 @@ class Task:
   batch_hook: Callable | None = None
   # Loss metrics also reported on eval data (means weighted by the normaliser).
   eval_metrics: tuple[str, ...] = ()
+  # activations(model_config, rows, seq_len) -> bytes by part of a step over
+  # `rows` rows on one device (jpost.memory), printed before the first step.
+  activations: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -138,6 +141,9 @@ def run(config, workdir: str | None, task: Task) -> dict[str, Any]:
   graphdef, state = loop.init_state(model, tx, config.seed, mesh)
   sizes = loop.state_sizes(state)
   loop.print_sizes(sizes)
+  if task.activations is not None:
+    rows = config.batch_size / config.accum_steps / loop.batch_devices(mesh)
+    loop.print_activations(task.activations(model.config, rows, config.data.max_len), 'step')
 
   # --- data ------------------------------------------------------------------
   # Each process reads its rows of every global batch (pipeline.build's shard).

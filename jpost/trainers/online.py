@@ -236,21 +236,16 @@ def _print_rollout_memory(config, model_config, ref_params, mesh) -> None:
   rows = config.prompts_per_step * config.sampling.num_samples
   slots = config.data.max_prompt_len + config.sampling.max_new_tokens
   cache_mb = sampling.cache_bytes(model_config, rows, slots) / 2**20
-  batch_devices = mesh.shape['data'] * mesh.shape['fsdp']
+  if jax.process_index() == 0:
+    print(f'rollout KV cache up to {cache_mb:.1f} MB ({rows} rows x {slots} slots); '
+          f'reference copy {loop.tree_mb(ref_params):.1f} MB', file=sys.stderr)
   # One minibatch keeps each prompt once for its samples; smaller ones give
   # every row its own copy (_updates).
   prompts, samples = ((config.prompts_per_step, config.sampling.num_samples)
                       if config.rl.minibatches == 1 else (rows / config.rl.minibatches, 1))
-  update = memory.rl_update_activations(model_config, prompts / batch_devices, samples,
-                                        config.data.max_prompt_len,
-                                        config.sampling.max_new_tokens)
-  mb = {name: value / 2**20 for name, value in update.items()}
-  if jax.process_index() == 0:
-    print(f'rollout KV cache up to {cache_mb:.1f} MB ({rows} rows x {slots} slots); '
-          f'reference copy {loop.tree_mb(ref_params):.1f} MB', file=sys.stderr)
-    print(f"policy update activations up to {sum(mb.values()):.1f} MB per device, predicted "
-          f"(saved {mb['saved_activations']:.1f}, layer backward {mb['layer_backward']:.1f}, "
-          f"attention {mb['attention']:.1f}, LM head {mb['lm_head']:.1f})", file=sys.stderr)
+  loop.print_activations(memory.rl_update_activations(
+      model_config, prompts / loop.batch_devices(mesh), samples, config.data.max_prompt_len,
+      config.sampling.max_new_tokens), 'policy update')
 
 
 def _all_processes(result: ScoreResult) -> ScoreResult:

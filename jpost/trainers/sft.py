@@ -6,7 +6,7 @@ import functools
 
 import jax.numpy as jnp
 
-from jpost import ops
+from jpost import memory, ops
 from jpost.data import pipeline
 from jpost.losses.sft import sft_loss_of_logprobs
 from jpost.trainers import offline, register
@@ -52,5 +52,6 @@ def run(config, workdir):
       train_data=data_fn(data, sources=list(data.train), epochs=None, seed=config.seed,
                          batch_size=config.batch_size),
       eval_data=data_fn(data, sources=list(data.eval), epochs=1, seed=0,
-                        batch_size=config.batch_size) if data.eval else None)
+                        batch_size=config.batch_size) if data.eval else None,
+      activations=memory.sft_activations)
   return offline.run(config, workdir, task)
