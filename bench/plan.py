@@ -197,7 +197,7 @@ def main():
   cfg = shapes.config(args.shape, **overrides)
   if args.grpo:
     return print_grpo(cfg, args, *map(int, args.grpo.split(',')))
-  plan = memory.with_state(cfg, memory.sft_activations(cfg, args.batch / args.fsdp,
+  plan = memory.with_state(cfg, memory.step_activations(cfg, args.batch / args.fsdp,
                                                        args.seq_len), args.fsdp)
   tokens = args.batch * args.seq_len
   flops = metrics.flops_per_token(cfg, args.seq_len) * tokens / args.fsdp

@@ -67,10 +67,12 @@ def _activations(cfg: ModelConfig, tokens: float, attention: float, head_rows: f
           'lm_head': logits}
 
 
-def sft_activations(cfg: ModelConfig, rows: float, seq_len: int) -> dict:
-  """An SFT step over `rows` rows of `seq_len` tokens on this device."""
+def step_activations(cfg: ModelConfig, rows: float, seq_len: int, *, lm_head: bool = True) -> dict:
+  """A step over `rows` rows of `seq_len` tokens on this device (SFT; DPO
+  and reward models put both sides of their pairs in one batch, and a scalar
+  head instead of the LM head adds nothing worth counting)."""
   scores = _attention(cfg, _implementation(cfg, seq_len), rows, seq_len, seq_len)
-  return _activations(cfg, rows * seq_len, scores, rows, seq_len)
+  return _activations(cfg, rows * seq_len, scores, rows if lm_head else 0, seq_len)
 
 
 def rl_update_activations(cfg: ModelConfig, prompts: float, samples: int, prompt_len: int,

@@ -26,19 +26,21 @@ def _config(**changes):
 def test_sft_parts_by_hand():
   cfg = _config()  # head_size 4: q, k, v are 16 + 8 + 8 = 32 wide
   layer = 2 * 8 * (2 * (6 * 16 + 2 * 32 + 3 * 32) + 4 * 2 * 16)  # 2 rows x 8 tokens
-  parts = memory.sft_activations(cfg, rows=2, seq_len=8)
+  parts = memory.step_activations(cfg, rows=2, seq_len=8)
   assert parts == {
       'saved_activations': 2 * 8 * 2 * 16 * 3,  # each layer's bfloat16 input
       'layer_backward': 2 * layer,
       'attention': 2 * 4 * 8 * 8 * 4 * 3,  # 8 keys fit one block: 'xla', 3 float32 [T, T]
       'lm_head': 2 * 4 * 100 * 4}  # a chunk of 4 positions of float32 logits
   # 16 tokens: blockwise over 8-key blocks, 2 blocks' worth alive.
-  assert memory.sft_activations(cfg, rows=1, seq_len=16)['attention'] == 4 * 16 * 8 * 4 * 2
+  assert memory.step_activations(cfg, rows=1, seq_len=16)['attention'] == 4 * 16 * 8 * 4 * 2
   # No remat: every layer's activations and materialised scores are kept.
-  none = memory.sft_activations(_config(remat='none'), rows=2, seq_len=8)
+  none = memory.step_activations(_config(remat='none'), rows=2, seq_len=8)
   assert none['saved_activations'] == 3 * layer and none['attention'] == 3 * parts['attention']
-  dots = memory.sft_activations(_config(remat='dots'), rows=2, seq_len=8)
+  dots = memory.step_activations(_config(remat='dots'), rows=2, seq_len=8)
   assert dots['saved_activations'] == 2 * 8 * 2 * (16 + 32 + 16 + 2 * 32) * 3
+  # A scalar head (reward models, PRMs) in place of the LM head.
+  assert memory.step_activations(cfg, rows=2, seq_len=8, lm_head=False) == parts | {'lm_head': 0}
   state = memory.with_state(cfg, parts)
   p = cfg.num_params()
   assert state['params'] == 4 * p and state['optimizer'] == 8 * p

@@ -1,6 +1,7 @@
 """The reward, DPO and pairs recipes end to end on the tiny model."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -50,6 +51,9 @@ def test_reward_recipe_trains_evaluates_and_exports(tiny_checkpoint, pair_files,
   proc = _run('configs/reward.py:tiny', tmp_path, *_data_flags(tiny_checkpoint, pair_files),
               '--config.optim.lr=1e-3', '--config.total_steps=6')
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # The predicted activations: both sides of the pairs, no LM head (a scalar one).
+  assert re.search(r'step activations up to [\d.]+ MB per device, predicted \(saved [\d.]+, '
+                   r'layer backward [\d.]+, attention [\d.]+, LM head 0\.0\)', proc.stderr)
   records = _metrics(tmp_path)
   assert {'accuracy', 'margin', 'chosen_reward', 'rejected_reward'} <= set(records[1])
   evals = [r for r in records if 'eval_accuracy' in r]

@@ -221,7 +221,7 @@ def test_default_sft_lowers_held_out_loss_and_exports(shallow_smollm2, tmp_path)
   import sft as sft_config
   config = sft_config.get_config()
   model_config = hf.load(shallow_smollm2, **hf.compute_options(config)).config
-  step = memory.sft_activations(model_config, config.batch_size / config.accum_steps,
+  step = memory.step_activations(model_config, config.batch_size / config.accum_steps,
                                 config.data.max_len)
   assert (f'step activations up to {sum(step.values()) / 2**20:.1f} MB per device, predicted '
           f"(saved {step['saved_activations'] / 2**20:.1f}, ") in proc.stderr

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jpost import ops, sampling, sharding
+from jpost import memory, ops, sampling, sharding
 from jpost.data import pipeline, rows as row_lib
 from jpost.errors import ConfigError
 from jpost.losses.dpo import dpo_loss
@@ -58,6 +58,11 @@ def response_logps(model, batch):
   counts = jnp.sum(weights, axis=-1)
   n = batch['chosen_tokens'].shape[0]
   return sums[:n], sums[n:], counts[:n], counts[n:]
+
+
+def activations(model_config, rows, seq_len) -> dict:
+  """A step's activations: both sides of `rows` pairs in one forward (response_logps)."""
+  return memory.step_activations(model_config, 2 * rows, seq_len)
 
 
 def loss_fn(model, batch, normalizer, *, loss_cfg):
@@ -242,7 +247,7 @@ def run(config, workdir):
       eval_data=preference_data(data, sources=list(data.eval), epochs=1, seed=0,
                                 batch_size=config.eval_batch_size) if data.eval else None,
       batch_hook=make_batch_hook,
-      eval_metrics=EVAL_METRICS)
+      eval_metrics=EVAL_METRICS, activations=activations)
   result = offline.run(config, workdir, task)
   if data.eval and config.dpo.kl_prompts and result['step'] >= config.total_steps:
     result['kl'] = report_kl(config, pathlib.Path(workdir), result['state'])

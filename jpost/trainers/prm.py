@@ -36,6 +36,7 @@ import numpy as np
 import scipy.stats
 from flax import nnx
 
+from jpost import memory
 from jpost.data import pipeline, rows
 from jpost.losses.prm import step_bce_loss
 from jpost.models import hf, lora
@@ -180,7 +181,8 @@ def run(config, workdir):
                           batch_size=config.eval_batch_size) if data.eval else None,
       load_model=load_model,
       export=functools.partial(reward_model.save, step_separator=data.separator),
-      eval_metrics=EVAL_METRICS)
+      eval_metrics=EVAL_METRICS,
+      activations=functools.partial(memory.step_activations, lm_head=False))
   result = offline.run(config, workdir, task)
   if data.eval and result['step'] >= config.total_steps:
     from jpost.tokenizer import Tokenizer

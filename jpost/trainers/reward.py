@@ -13,6 +13,7 @@ import math
 
 import jax.numpy as jnp
 
+from jpost import memory
 from jpost.data import pipeline
 from jpost.errors import ConfigError
 from jpost.losses.reward import bradley_terry_loss
@@ -31,6 +32,12 @@ def pair_rewards(model, batch):
   rewards = reward_model.last_token_values(values, both['segment_ids'])
   n = batch['chosen_tokens'].shape[0]
   return rewards[:n], rewards[n:]
+
+
+def activations(model_config, rows, seq_len) -> dict:
+  """A step's activations: both sides of `rows` pairs in one forward
+  (pair_rewards), through a scalar head instead of the LM head."""
+  return memory.step_activations(model_config, 2 * rows, seq_len, lm_head=False)
 
 
 def loss_fn(model, batch, normalizer, *, center_coef):
@@ -89,5 +96,5 @@ def run(config, workdir):
       load_model=lambda path, mesh, cfg: reward_model.load(
           path, mesh=mesh, **hf.compute_options(cfg), **({'seed': cfg.seed} | lora.load_options(cfg))),
       export=reward_model.save,
-      eval_metrics=EVAL_METRICS)
+      eval_metrics=EVAL_METRICS, activations=activations)
   return offline.run(config, workdir, task)

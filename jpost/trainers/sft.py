@@ -53,5 +53,5 @@ def run(config, workdir):
                          batch_size=config.batch_size),
       eval_data=data_fn(data, sources=list(data.eval), epochs=1, seed=0,
                         batch_size=config.batch_size) if data.eval else None,
-      activations=memory.sft_activations)
+      activations=memory.step_activations)
   return offline.run(config, workdir, task)
