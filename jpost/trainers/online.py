@@ -227,7 +227,7 @@ def _rollout(parts: Parts, state: dict, number: int):
   return batch | {'placed': placed}, completions
 
 
-def _print_rollout_memory(config, model_config, ref_params, mesh) -> None:
+def _print_memory_plan(config, model_config, ref_params, mesh) -> None:
   """What the rollout and the update add to the train state, before anything
   runs: the KV cache at its largest (prompts cut to their longest only shrink
   it) and the reference's copy of the weights (global sizes, over every
@@ -366,7 +366,7 @@ def run(config, workdir: str | None, algorithm: str) -> dict[str, Any]:
   ref_params = (jax.tree.map(jnp.copy, state['policy']['params'])
                 if rl.beta > 0 and not adapters else None)
   settings = rollout.sampling_config(config.sampling, tokenizer)
-  _print_rollout_memory(config, model.config, ref_params, mesh)
+  _print_memory_plan(config, model.config, ref_params, mesh)
   prompts, prompt_stats = _prompt_data(
       config, tokenizer, config.data.train, epochs=None, batch_size=config.prompts_per_step,
       seed=config.seed, shard=(jax.process_index(), jax.process_count()))
