@@ -49,19 +49,6 @@ def pytest_configure(config):
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
-# Modules of long tests (subprocess runs, notebooks, transformers' GGUF
-# loading; the --durations rows in bench/RESULTS.md), run first: the two
-# workers then end on short tests together, instead of one idling while the
-# other runs a 50 s test that happened to be collected last.
-LONG_FIRST = ('test_multiprocess', 'test_train', 'test_notebooks', 'test_process_rewards',
-              'test_preference_recipes', 'test_main', 'test_gguf', 'test_sampling')
-
-
-def pytest_collection_modifyitems(config, items):
-  rank = {name: i for i, name in enumerate(LONG_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.stem, len(LONG_FIRST)))  # stable
-
-
 def pytest_unconfigure(config):
   folder = getattr(config, '_jpost_cache_to_remove', None)
   if folder:
