@@ -26,10 +26,6 @@ from jpost.models import attention as attn
 from jpost.models.config import ModelConfig
 
 
-def remat_policy(cfg: ModelConfig) -> str:
-  return {True: 'full', False: 'none'}.get(cfg.remat, cfg.remat)
-
-
 def _attention(cfg: ModelConfig, name: str, rows: float, queries: int, keys: int) -> float:
   """float32 scores, probabilities and their gradient of `rows` x `queries`
   attending to `keys` (blockwise: one block's probabilities and gradient; a
@@ -38,7 +34,7 @@ def _attention(cfg: ModelConfig, name: str, rows: float, queries: int, keys: int
   width = {'xla': keys, 'blockwise': min(cfg.attention_block, keys), 'pallas': 0}[name]
   alive = {'xla': 3, 'blockwise': 2, 'pallas': 0}[name]
   return rows * cfg.num_heads * queries * width * 4 * alive * (
-      cfg.num_layers if remat_policy(cfg) == 'none' and name == 'xla' else 1)
+      cfg.num_layers if cfg.remat_policy == 'none' and name == 'xla' else 1)
 
 
 def _implementation(cfg: ModelConfig, key_len: int) -> str:
@@ -60,7 +56,7 @@ def _activations(cfg: ModelConfig, tokens: float, attention: float, head_rows: f
   saved = {'full': tokens * a * d,  # each layer's input, the scan's carry
            # and the weight matmuls' outputs but down's (q, k, v, o, gate, up)
            'dots': tokens * a * (d + qkv + d + 2 * f),
-           'none': layer}[remat_policy(cfg)] * cfg.num_layers
+           'none': layer}[cfg.remat_policy] * cfg.num_layers
   chunk = min(cfg.logits_chunk or head_len, head_len)
   logits = head_rows * chunk * cfg.vocab_size * 4
   return {'saved_activations': saved, 'layer_backward': 2 * layer, 'attention': attention,

@@ -114,6 +114,11 @@ class ModelConfig:
     return self.head_dim or self.hidden_size // self.num_heads
 
   @property
+  def remat_policy(self) -> str:
+    """'none', 'dots' or 'full' (True means 'full', False 'none')."""
+    return {True: 'full', False: 'none'}.get(self.remat, self.remat)
+
+  @property
   def rope_params(self) -> dict:
     return dict(self.rope_scaling or ())
 

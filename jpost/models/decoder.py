@@ -332,7 +332,7 @@ REMAT_POLICIES = {
 def remat(block, cfg: ModelConfig):
   """`block` under the remat policy `cfg.remat` names ('none', 'dots',
   'full'; True = 'full', False = 'none')."""
-  name = {True: 'full', False: 'none'}.get(cfg.remat, cfg.remat)
+  name = cfg.remat_policy
   if name == 'none':
     return block
   return jax.checkpoint(block, policy=REMAT_POLICIES[name])

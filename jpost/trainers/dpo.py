@@ -113,7 +113,7 @@ class Reference:
   def __call__(self, batch: dict) -> tuple[np.ndarray, np.ndarray]:
     fields = {k: v for k, v in batch.items() if k.startswith(('chosen_', 'rejected_'))}
     n = len(fields['chosen_tokens'])
-    shards = self.mesh.shape['data'] * self.mesh.shape['fsdp']
+    shards = loop.batch_devices(self.mesh)
     # The last batch of a pass may not split over the mesh: pad every
     # process's rows so that all of them together do.
     pad = -n % (shards // math.gcd(shards, jax.process_count()))

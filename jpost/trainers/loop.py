@@ -81,7 +81,7 @@ def make_mesh(config, rows: int, what: str, fix: str):
   """The mesh of config.mesh over every process's devices; `rows` (`what`)
   must split over its data x fsdp axes and over the processes."""
   mesh = sharding.make_mesh(dict(config.mesh))
-  data_parallel = mesh.shape['data'] * mesh.shape['fsdp']
+  data_parallel = batch_devices(mesh)
   processes = jax.process_count()
   if rows % data_parallel or rows % processes:
     across = f' and over {processes} processes' if processes > 1 else ''
