@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -29,12 +30,16 @@ class MetricsWriter:
 
   def _drop_after(self, step: int) -> None:
     """On resume, forget lines a killed run logged after its last checkpoint,
-    so the file reads as one uninterrupted run."""
-    if not self.path.exists():
+    so the file reads as one uninterrupted run. Only process 0 owns the file:
+    another process rewriting it too could read it while process 0 has it
+    truncated and write back nothing. The new file replaces the old at once."""
+    if jax.process_index() != 0 or not self.path.exists():
       return
     kept = [line for line in self.path.read_text().splitlines()
             if line.strip() and json.loads(line)['step'] <= step]
-    self.path.write_text(''.join(line + '\n' for line in kept))
+    partial = self.path.with_name(self.path.name + '.partial')
+    partial.write_text(''.join(line + '\n' for line in kept))
+    os.replace(partial, self.path)
 
   def write(self, step: int, metrics: dict) -> None:
     if jax.process_index() != 0:

@@ -137,6 +137,24 @@ def test_resume_after_sigkill_is_exact(tiny_checkpoint, tmp_path):
     np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+def test_metrics_on_resume_only_process_0_drops_lines_after_the_checkpoint(tmp_path,
+                                                                           monkeypatch):
+  """Every process builds a writer; if another one rewrote the file too, it
+  could read it while process 0 had it truncated and write back nothing
+  (seen once: a resumed 2-process run kept only its last step's line)."""
+  from jpost.metrics import MetricsWriter
+  lines = ''.join(json.dumps({'step': s, 'loss': 1.0 / s}) + '\n' for s in (1, 2, 3))
+  (tmp_path / 'metrics.jsonl').write_text(lines)
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  MetricsWriter(tmp_path, resume_step=2).write(3, {'loss': 9.0})
+  assert (tmp_path / 'metrics.jsonl').read_text() == lines  # not its file
+  monkeypatch.setattr(jax, 'process_index', lambda: 0)
+  MetricsWriter(tmp_path, resume_step=2).write(3, {'loss': 0.5})
+  assert [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()] == [
+      {'step': 1, 'loss': 1.0}, {'step': 2, 'loss': 0.5}, {'step': 3, 'loss': 0.5}]
+  assert [p.name for p in tmp_path.iterdir()] == ['metrics.jsonl']
+
+
 def test_sigterm_saves_and_resumes(tiny_checkpoint, tmp_path):
   proc = subprocess.Popen(
       [sys.executable, '-m', 'jpost.main', '--config=configs/sft.py:tiny', f'--workdir={tmp_path}',
