@@ -369,6 +369,45 @@ def test_ppo_with_kl_in_the_reward_learns(char_checkpoint, digit_share, tmp_path
   assert (tmp_path / 'hf' / 'model.safetensors').exists()
 
 
+def test_ppo_critic_from_a_reward_model_checkpoint(char_checkpoint, tmp_path, capsys):
+  """ppo.critic_path: the critic is the reward model's trunk and head, not
+  the policy's trunk with a fresh head. The reward model here is narrower
+  than the policy (its parameter count tells the trunks apart) and has a zero
+  head, so the first rollout's values are exactly 0: with a constant reward
+  of 1, gamma = lam = 1 and no KL, every completion token's return is 1 and
+  the first value loss is 0.5 * (0 - 1)^2 = 0.5. A fresh head gives other
+  values."""
+  from flax import nnx
+  from jpost.models import reward as scalar_models
+  from jpost.models.config import ModelConfig
+  from jpost.models.decoder import Decoder
+  from jpost.tokenizer import Tokenizer
+
+  tokenizer = Tokenizer.from_dir(char_checkpoint)
+  policy_cfg = hf.load(char_checkpoint).config
+  trunk = ModelConfig(vocab_size=policy_cfg.vocab_size, hidden_size=32, intermediate_size=64,
+                      num_layers=1, num_heads=2, num_kv_heads=1, tie_embeddings=True,
+                      bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+  reward_model = scalar_models.ScalarModel(Decoder(trunk, rngs=nnx.Rngs(1)), rngs=nnx.Rngs(1),
+                                           init_std=0.0)
+  reward_dir = scalar_models.save(reward_model, tmp_path / 'reward_model', tokenizer=tokenizer)
+
+  rewards.register('constant_one')(lambda prompt, completion, row: 1.0)
+  try:
+    config = _config(char_checkpoint, ppo, total_steps=2, prompts_per_step=2, **{
+        'ppo.critic_path': str(reward_dir), 'rl.beta': 0.0, 'rl.gamma': 1.0, 'rl.lam': 1.0,
+        'rewards': {'constant_one': {'weight': 1.0}}, 'checkpoint.every': 2})
+    online.run(config, tmp_path / 'run', 'ppo')
+  finally:
+    rewards.unregister('constant_one')
+  assert f'critic: trainable parameters {trunk.num_params() + 32:,};' in capsys.readouterr().err
+  records = _records(tmp_path / 'run')
+  assert len(records) == 2 and records[0]['reward/total/mean'] == 1.0
+  assert abs(records[0]['critic/value_loss'] - 0.5) < 1e-6, records[0]['critic/value_loss']
+  assert records[1]['critic/value_loss'] < 0.5  # the critic learnt toward the returns
+  assert (tmp_path / 'run' / 'hf' / 'model.safetensors').exists()
+
+
 def _failing_judge():
   """Replies alternate: a reply that is not JSON, then HTTP 500."""
   count = [0]
