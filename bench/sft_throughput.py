@@ -11,8 +11,9 @@ weights, AdamW, clipping, full packed batches of GSM8K answers, or with
 --random-init synthetic packed rows) so peak memory is its own: the device's
 peak bytes in use where it reports them (GPU), else the process's peak RSS.
 The first step (compilation) is reported apart; tokens/s is the median of the
-rest. The last line is one JSON object: the best setting's `tokens_per_s`,
-its `mfu` and `peak_rss_mb`, plus every setting.
+rest. A setting that fails (out of memory) is reported and the others still
+run. The last line is one JSON object: the best setting's `tokens_per_s`,
+its `mfu` and `peak_rss_mb`, plus every setting and the failed ones.
 """
 
 import argparse
@@ -116,7 +117,7 @@ def main():
   policies = args.remat.split(',')
   if not set(policies) <= {'full', 'dots', 'none'}:
     parser.error(f'--remat {args.remat}: use full, dots or none (comma-separated).')
-  results = []
+  results, failed = [], []
   settings = itertools.product(args.dtypes.split(','), args.attention.split(','), policies)
   for dtype, attention, remat in settings:
     cmd = [sys.executable, __file__, '--one', dtype, '--batch', str(args.batch),
@@ -124,8 +125,11 @@ def main():
            '--attention', attention, '--shape', args.shape,
            '--logits-chunk', str(args.logits_chunk)] + ['--random-init'] * args.random_init
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-      sys.exit(f'{dtype} / {attention} / remat {remat} run failed:\n{proc.stderr[-3000:]}')
+    if proc.returncode:  # e.g. out of memory: say so, and measure the other settings
+      print(f'{args.shape} {dtype} attention {attention} remat {remat}: failed '
+            f'(exit {proc.returncode}):\n{proc.stderr[-3000:]}', flush=True)
+      failed.append(f'{dtype}/{attention}/{remat}')
+      continue
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     results.append(result)
     device_peak = (f", device peak {result['peak_device_mb']} MB"
@@ -134,12 +138,14 @@ def main():
           f"{result['tokens_per_s']} tokens/s, step {result['step_s_median']}s (first step {result['first_step_s']}s), "
           f"MFU {100 * result['mfu']:.1f}%, peak RSS {result['peak_rss_mb']} MB{device_peak} "
           f"on {result['device']}", flush=True)
+  if not results:
+    sys.exit(f'every setting failed: {", ".join(failed)}')
   best = max(results, key=lambda r: r['tokens_per_s'])
   import common  # here, after the runs: this process stayed free of JAX while they ran
   print(json.dumps({'machine': common.machine(), 'tokens_per_s': best['tokens_per_s'],
                     'mfu': best['mfu'],
                     'peak_rss_mb': best['peak_rss_mb'], 'best_dtype': best['dtype'],
-                    'settings': results}))
+                    'settings': results, 'failed': failed}))
 
 
 if __name__ == '__main__':
