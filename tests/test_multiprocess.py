@@ -117,10 +117,11 @@ def _lines(path):
   return sorted(path.read_text().splitlines())
 
 
-def test_pairs_split_prompt_batches_over_processes(char_checkpoint, tmp_path):
+def test_pairs_over_processes_then_dpo_on_them(char_checkpoint, tmp_path):
   """An inference recipe: each process samples and scores every other batch
   on its own device; process 0 writes what one process would have written
-  (`eval` splits its batches the same way)."""
+  (`eval` splits its batches the same way). Then a preference recipe on
+  what it wrote."""
   for name, processes in (('one', 1), ('two', 2)):
     done = _run(tmp_path / name, f'{CONFIGS}:pairs', char_checkpoint, '--config.data.eval=()',
                 processes=processes, devices=1)
@@ -131,3 +132,18 @@ def test_pairs_split_prompt_batches_over_processes(char_checkpoint, tmp_path):
               for n in ('one', 'two'))
   assert {k: v for k, v in two.items() if k not in ('seconds', 'path')} == {
       k: v for k, v in one.items() if k not in ('seconds', 'path')} and one['pairs'] >= 2
+
+  # DPO on those pairs: its reference log-probs are cached before the first
+  # step in a pass over every pair that spans the processes, batches of 3
+  # pairs on 2 x 2 devices (each process's rows padded so that all of them
+  # split over the mesh). Two processes must train as one does.
+  train = tmp_path / 'two' / 'pairs_train.jsonl'
+  dpo = ('configs/dpo.py:tiny', f'--config.data.train=("{train}",)', '--config.data.eval=()',
+         '--config.dpo.kl_prompts=0', '--config.dpo.cache_batch_size=3',
+         '--config.batch_size=4', '--config.optim.lr=1e-3', '--config.total_steps=3')
+  for name, processes, devices in (('dpo_2x2', 2, 2), ('dpo_1x1', 1, 1)):
+    done = _run(tmp_path / name, dpo[0], char_checkpoint, *dpo[1:], processes=processes,
+                devices=devices)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert 'reference log-probs: computed' in done.stderr
+  _assert_same_run(tmp_path / 'dpo_2x2', tmp_path / 'dpo_1x1', char_checkpoint)
