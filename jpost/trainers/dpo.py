@@ -23,6 +23,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import pathlib
 import sys
 
@@ -150,8 +151,12 @@ def cached_reference(setup: offline.Setup, reference: Reference):
   else:
     data = setup.config.data
     cache = build_cache(setup, reference, list(data.train) + list(data.eval))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **cache)
+    if jax.process_index() == 0:  # every process holds the whole cache; the workdir is shared
+      path.parent.mkdir(parents=True, exist_ok=True)
+      partial = path.with_name(path.name + '.partial')
+      with open(partial, 'wb') as f:  # a file object: savez adds no suffix
+        np.savez(f, **cache)
+      os.replace(partial, path)  # a rerun never finds half a file
     print(f'reference log-probs: computed {len(cache["keys"])} pairs -> {path}', file=sys.stderr)
   index = {k: i for i, k in enumerate(cache['keys'].tolist())}
   return lookup_hook(index, cache, path)
