@@ -109,7 +109,7 @@ def test_chat_interactive_two_turns_streams_answers():
       [sys.executable, '-m', 'jpost.main', '--config=configs/chat.py:greedy',
        '--config.sampling.max_new_tokens=30'],
       input='What is the capital of France?\nAnd of Italy?\n/exit\n',
-      capture_output=True, text=True, timeout=600)
+      capture_output=True, text=True, timeout=600, env={**os.environ, 'XLA_FLAGS': xla_flags(1)})
   assert proc.returncode == 0, proc.stderr[-3000:]
   answers = [line for line in proc.stdout.splitlines() if line.startswith('assistant> ')]
   assert len(answers) == 2
@@ -118,7 +118,7 @@ def test_chat_interactive_two_turns_streams_answers():
 
 def test_chat_one_shot():
   proc = _run('--config=configs/chat.py:greedy', '--config.prompt=What is the capital of France?',
-              '--config.sampling.max_new_tokens=20')
+              '--config.sampling.max_new_tokens=30', devices=1)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'Paris' in proc.stdout
 

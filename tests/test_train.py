@@ -21,6 +21,7 @@ from jpost import memory, optim, sharding
 from jpost.models import hf
 from jpost.trainers import loop, sft
 from norms import assert_norm_close
+import overrides
 import xla_env
 
 sys.path.insert(0, 'configs')
@@ -209,18 +210,21 @@ def test_resume_with_another_optimiser_structure_is_a_clear_error(tiny_checkpoin
 
 
 @pytest.mark.parametrize('override, message', [
-    ('--config.optim.lr=-1e-5', r'config\.optim\.lr=-1e-05: the learning rate must be positive'),
-    ('--config.optim.name=adafactorx', r"config\.optim\.name='adafactorx': unknown optimiser"),
-    ('--config.batch_size=3', r'config\.batch_size=3 .* not divisible by the mesh'),
-    ('--config.accum_steps=3', r'config\.accum_steps=3: must be positive and divide'),
+    ({'optim.lr': -1e-5}, r'config\.optim\.lr=-1e-05: the learning rate must be positive'),
+    ({'optim.name': 'adafactorx'}, r"config\.optim\.name='adafactorx': unknown optimiser"),
+    ({'batch_size': 3}, r'config\.batch_size=3 .* not divisible by the mesh'),
+    ({'accum_steps': 3}, r'config\.accum_steps=3: must be positive and divide'),
 ])
 def test_bad_config_fails_before_compiling(tiny_checkpoint, tmp_path, override, message):
-  extra = [override] + (['--config.mesh.data=2'] if 'batch_size' in override else [])
-  proc = _train(tmp_path, tiny_checkpoint, *extra,
-                env={'XLA_FLAGS': xla_env.xla_flags(2)})
-  assert proc.returncode != 0
-  import re
-  assert re.search(message, proc.stderr), proc.stderr[-2000:]
+  """In this process (its 8 devices); test_main.py runs such errors through
+  the command line, where each is one line with exit status 2."""
+  import sft as sft_config
+  from jpost.errors import ConfigError
+  config = sft_config.get_config('tiny').unlock()
+  config.model.path, config.batch_size = str(tiny_checkpoint), 8  # 8 rows split over 8 devices
+  overrides.apply(config, override)
+  with pytest.raises(ConfigError, match=message):
+    sft.run(config, str(tmp_path))
   assert not (tmp_path / 'metrics.jsonl').exists()
 
 
