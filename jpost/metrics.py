@@ -35,8 +35,16 @@ class MetricsWriter:
     truncated and write back nothing. The new file replaces the old at once."""
     if jax.process_index() != 0 or not self.path.exists():
       return
-    kept = [line for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line)['step'] <= step]
+    kept, torn = [], 0
+    for line in filter(str.strip, self.path.read_text().splitlines()):
+      try:
+        if json.loads(line)['step'] <= step:
+          kept.append(line)
+      except (ValueError, KeyError, TypeError):  # half a line: killed while writing it
+        torn += 1
+    if torn:
+      print(f'{self.path}: dropped {torn} unreadable line(s), left by a run killed while '
+            'writing them', file=sys.stderr)
     partial = self.path.with_name(self.path.name + '.partial')
     partial.write_text(''.join(line + '\n' for line in kept))
     os.replace(partial, self.path)

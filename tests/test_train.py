@@ -139,10 +139,11 @@ def test_resume_after_sigkill_is_exact(tiny_checkpoint, tmp_path):
 
 
 def test_metrics_on_resume_only_process_0_drops_lines_after_the_checkpoint(tmp_path,
-                                                                           monkeypatch):
+                                                                           monkeypatch, capsys):
   """Every process builds a writer; if another one rewrote the file too, it
   could read it while process 0 had it truncated and write back nothing
-  (seen once: a resumed 2-process run kept only its last step's line)."""
+  (seen once: a resumed 2-process run kept only its last step's line). Half
+  a line, left by a run killed while writing it, is dropped and counted."""
   from jpost.metrics import MetricsWriter
   lines = ''.join(json.dumps({'step': s, 'loss': 1.0 / s}) + '\n' for s in (1, 2, 3))
   (tmp_path / 'metrics.jsonl').write_text(lines)
@@ -150,10 +151,13 @@ def test_metrics_on_resume_only_process_0_drops_lines_after_the_checkpoint(tmp_p
   MetricsWriter(tmp_path, resume_step=2).write(3, {'loss': 9.0})
   assert (tmp_path / 'metrics.jsonl').read_text() == lines  # not its file
   monkeypatch.setattr(jax, 'process_index', lambda: 0)
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 4, "lo')  # a run killed while writing its last line
   MetricsWriter(tmp_path, resume_step=2).write(3, {'loss': 0.5})
   assert [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()] == [
       {'step': 1, 'loss': 1.0}, {'step': 2, 'loss': 0.5}, {'step': 3, 'loss': 0.5}]
   assert [p.name for p in tmp_path.iterdir()] == ['metrics.jsonl']
+  assert 'dropped 1 unreadable line(s)' in capsys.readouterr().err
 
 
 def test_sigterm_saves_and_resumes(tiny_checkpoint, tmp_path):
