@@ -116,6 +116,12 @@ def activation_rules(mesh: Mesh, rules=None):
     _ACTIVE.reset(token)
 
 
+def active_mesh_size() -> int:
+  """Devices of the mesh `activation_rules` pins activations to; 1 outside it."""
+  active = _ACTIVE.get()
+  return 1 if active is None else active[0].size
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   """Sharding constraint by logical names; a no-op outside `activation_rules`."""
   active = _ACTIVE.get()

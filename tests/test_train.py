@@ -108,6 +108,23 @@ def test_fsdp_tensor_parallel_equals_one_device(tiny_checkpoint, optimizer):
                         bound=1e-4 if optimizer == 'sgd' else 1e-3)
 
 
+def test_a_data_parallel_bfloat16_step_gathers_no_rows(tiny_checkpoint):
+  """On one CPU device the weight gradients' 16-bit operand is laid out
+  transposed in memory (decoder._transposed); over a mesh that layout made
+  XLA all-gather every device's rows first (the tied LM head's [vocab,
+  tokens] float32 gradient on each device). Data parallel needs no gather."""
+  mesh = sharding.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1})
+  model = hf.load(tiny_checkpoint, mesh=mesh, dtype='bfloat16')
+  tx, schedule = optim.build(_optim(), 10)
+  graphdef, state = loop.init_state(model, tx, 0, mesh)
+  step = loop.make_update(
+      graphdef, functools.partial(sft.loss_fn, normalization='token'),
+      functools.partial(sft.normalizer_fn, normalization='token'), tx, schedule,
+      accum_steps=1, mesh=mesh, state=state)
+  hlo = step.lower(state, loop.place_batch(_batch(8), mesh)).compile().as_text()
+  assert 'all-reduce' in hlo and 'all-gather' not in hlo
+
+
 def _train(workdir, checkpoint, *extra, env=None, steps=8):
   args = [sys.executable, '-m', 'jpost.main', '--config=configs/sft.py:tiny', f'--workdir={workdir}',
           f'--config.model.path={checkpoint}', f'--config.total_steps={steps}',

@@ -489,9 +489,13 @@ def _dense_bwd(w_is_fd, float32_out, res, g):
 
 
 def _transposed(a):
-  """a.T, laid out row-major in memory for 16-bit matmuls on CPU (float32
-  kernels take either layout at the same speed; elsewhere XLA picks)."""
-  if jax.default_backend() != 'cpu' or a.dtype.itemsize != 2:
+  """a.T, laid out row-major in memory for 16-bit matmuls on one CPU device
+  (float32 kernels take either layout at the same speed; elsewhere XLA
+  picks). Not over a mesh: there the layout constraint made XLA gather every
+  device's rows first (the tied LM head's gradient on 8 CPU devices: an
+  f32 [49152, 4096] all-gather, 805 MB on each device, bench/RESULTS.md)."""
+  if (jax.default_backend() != 'cpu' or a.dtype.itemsize != 2
+      or sharding.active_mesh_size() > 1):
     return a.T
   return with_layout_constraint(a.T, Layout(major_to_minor=(0, 1)))
 
