@@ -1,6 +1,7 @@
 """Where a training step's time goes, by XLA operation kind, from JAX's profiler.
 
-  python bench/profile_step.py [--dtype bfloat16] [--remat] [--batch 8] [--seq-len 256]
+  python bench/profile_step.py [--dtype bfloat16] [--remat [full|dots|none]] [--batch 8]
+      [--seq-len 256]
 
 Runs the SFT step of a randomly initialised SmolLM2-135M-shaped model (as
 `sft_throughput.py --random-init`), profiles one warm step and prints the
@@ -44,7 +45,8 @@ def thread_time_by_kind(trace_dir: str) -> collections.Counter:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--dtype', default='bfloat16')
-  parser.add_argument('--remat', action='store_true')
+  parser.add_argument('--remat', nargs='?', const='full', default='none',
+                      choices=('full', 'dots', 'none'), help='policy (bare: full)')
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--seq-len', type=int, default=256)
   parser.add_argument('--top', type=int, default=15)

@@ -3,6 +3,9 @@ forward and gradients, on packed rows, left padding, a sliding window and
 GQA 3:1 (float32; bound: 1e-5 relative); the model with each implementation
 and remat policy gives the reference's logits and gradients."""
 
+import re
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -139,30 +142,73 @@ def test_model_with_each_implementation_and_remat_matches_the_reference():
       assert_norm_close(g, w, bound=1e-4)
 
 
-def test_remat_policies_recompute_what_they_say():
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_remat_policies_recompute_what_they_say(dtype):
   """Matmuls in the gradient of one block: a forward has 9 (q, k, v, o, gate,
   up, down, and attention's scores and weighted values), a backward two per
   forward matmul. 'full' runs the forward again except `down` (its output is
   not needed): 8 more than 'none'; 'dots' keeps the weight matmuls' outputs
   and runs only attention's 2 again. (`dense` is a custom_vjp, opaque to
   JAX's dot-finding policies: before it was named for the policy, 'dots'
-  recomputed as much as 'full'.)"""
-  from jpost.models import decoder
+  recomputed as much as 'full'. In bfloat16 on CPU the named values are
+  kept as their bits, which the policies must still find.)"""
+  from jpost.models import decoder, remat
   pos, seg = _rows()
   counts = {}
-  for remat in ('none', 'dots', 'full'):
+  for policy in ('none', 'dots', 'full'):
     cfg = ModelConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_layers=1,
-                      num_heads=N, num_kv_heads=K, attention='xla', remat=remat)
+                      num_heads=N, num_kv_heads=K, attention='xla', remat=policy, dtype=dtype)
     layer = {k: v[0] for k, v in Decoder(cfg, rngs=nnx.Rngs(0)).stacked_layers().items()}
     cos, sin = decoder.rope_tables(pos, cfg)
-    block = decoder.remat(lambda x, p: decoder.decoder_block(
+    block = remat.remat(lambda x, p: decoder.decoder_block(
         x, p, cos, sin, attn.Visibility(pos, seg, pos, seg), cfg)[0], cfg)
-    grad = jax.grad(lambda x, p: jnp.sum(block(x, p) ** 2), argnums=(0, 1))
-    jaxpr = str(jax.make_jaxpr(grad)(jnp.ones((B, T, 48)), layer))
-    counts[remat] = jaxpr.count('dot_general[')
+    grad = jax.grad(lambda x, p: jnp.sum(block(x, p).astype(jnp.float32) ** 2),
+                    argnums=(0, 1))
+    jaxpr = str(jax.make_jaxpr(grad)(jnp.ones((B, T, 48), dtype), layer))
+    counts[policy] = jaxpr.count('dot_general[')
   assert counts['none'] == 9 * 3, counts
   assert counts['dots'] == counts['none'] + 2, counts
   assert counts['full'] == counts['none'] + 8, counts
+
+
+def _stacks_written_through_float32(hlo: str) -> int:
+  """Dynamic-update-slices in compiled HLO whose target is a float32
+  conversion of another array: a write that converts the whole array."""
+  count = 0
+  for computation in re.split(r'\n(?=%|ENTRY)', hlo):
+    converted = set(re.findall(r'%(convert[.\d]*) = f32', computation))
+    count += sum(target in converted
+                 for target in re.findall(r'dynamic-update-slice\(%([\w.\-]+)', computation))
+  return count
+
+
+def test_bfloat16_layer_stack_keeps_saved_values_without_float32_copies():
+  """The scan over layers stacks what remat keeps into [L, ...] arrays, and
+  XLA:CPU writes a 16-bit float array inside a loop by converting all of it
+  to float32 and back. Kept as bits (remat.saved), the compiled bfloat16
+  gradient under 'full' and 'dots' writes no stack that way; under 'none'
+  (JAX keeps the values itself) it still does, which shows the check finds
+  such writes. Keeping values as bits changes no logits or gradients."""
+  pos, seg = _rows()
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 64, (B, T)))
+  results = {}
+  for policy in ('none', 'dots', 'full'):
+    cfg = ModelConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_layers=3,
+                      num_heads=N, num_kv_heads=K, attention='xla', remat=policy,
+                      dtype='bfloat16')
+    graphdef, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
+
+    def loss(params):
+      logits = nnx.merge(graphdef, params)(tokens, pos, seg)
+      return jnp.sum(logits.astype(jnp.float32) ** 2) / 1e3, logits
+
+    grads = jax.jit(jax.grad(loss, has_aux=True))
+    hlo = grads.lower(params).compile().as_text()
+    results[policy] = (_stacks_written_through_float32(hlo), grads(params))
+  assert results['none'][0] > 0
+  assert results['dots'][0] == results['full'][0] == 0
+  for policy in ('dots', 'full'):
+    chex.assert_trees_all_close(results[policy][1], results['none'][1], atol=0, rtol=0)
 
 
 def test_chunked_lm_head_equals_whole_logits_with_gradients():

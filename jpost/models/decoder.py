@@ -22,13 +22,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 from jax.experimental.layout import Layout, with_layout_constraint
 
 from jpost import ops, sharding
 from jpost.models import attention as attn
 from jpost.models import lora
 from jpost.models.config import ModelConfig
+from jpost.models.remat import loop_writes_go_through_float32, remat, saved
 
 def layer_param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
   """Name -> (shape without the layer axis, logical axes) of each layer parameter."""
@@ -216,9 +216,7 @@ def cache_storage_dtype(compute_dtype):
   storage holds the same values; only the attention probabilities meet the
   values matmul in the storage dtype (bfloat16 rounds them, float32 not)."""
   dtype = jnp.dtype(compute_dtype)
-  if dtype.itemsize == 2 and jax.default_backend() == 'cpu':
-    return jnp.dtype(jnp.float32)
-  return dtype
+  return jnp.dtype(jnp.float32) if loop_writes_go_through_float32(dtype) else dtype
 
 
 def _write_slots(cache, new, start):
@@ -240,7 +238,7 @@ def decoder_stack(x, layer_params, positions, segment_ids, cfg: ModelConfig, cac
     visible = attn.Visibility(positions, segment_ids, positions, segment_ids)
 
     def block(x, params):
-      return decoder_block(x, params, cos, sin, visible, cfg)[0], None
+      return decoder_block(saved(x, 'layer_input'), params, cos, sin, visible, cfg)[0], None
     x, _ = jax.lax.scan(remat(block, cfg), x, _with_dropout_keys(layer_params, cfg))
     return x, None
 
@@ -318,24 +316,6 @@ def _attend(q, keys, values, visible, cfg: ModelConfig):
     return attn.attend(q, keys, values, visible, implementation=cfg.attention,
                        block=cfg.attention_block, sliding_window=cfg.sliding_window)
   return attn.dense_attention(q, keys, values, visible)
-
-
-REMAT_POLICIES = {
-    # Everything recomputed in the backward: least memory, one more forward.
-    'full': jax.checkpoint_policies.nothing_saveable,
-    # Weight matmuls' outputs (`dense`'s, by name) kept, the rest (norms,
-    # activations, attention) recomputed: no matmul but attention's runs twice.
-    'dots': jax.checkpoint_policies.save_only_these_names('dense'),
-}
-
-
-def remat(block, cfg: ModelConfig):
-  """`block` under the remat policy `cfg.remat` names ('none', 'dots',
-  'full'; True = 'full', False = 'none')."""
-  name = cfg.remat_policy
-  if name == 'none':
-    return block
-  return jax.checkpoint(block, policy=REMAT_POLICIES[name])
 
 
 def _block_weights(p, dtype, cfg: ModelConfig):
@@ -422,7 +402,7 @@ def shared_prompt_stack(x_prompt, x_comp, layer_params, prompt_pos, prompt_seg, 
       jnp.concatenate([jnp.where(repeat(prompt_seg) > 0, comp_seg[:, :1], 0), comp_seg], axis=1))
 
   def block(carry, params):
-    xp, xc = carry
+    xp, xc = saved(carry[0], 'layer_input'), saved(carry[1], 'layer_input')
     w = _block_weights(params, xp.dtype, cfg)
     pq, pk, pv = _attention_inputs(xp, w, p_cos, p_sin, cfg)
     cq, ck, cv = _attention_inputs(xc, w, c_cos, c_sin, cfg)
@@ -451,7 +431,7 @@ def dense(x, w, w_is_fd: bool = False, float32_out: bool = False):
   is one opaque operation to JAX's dot-finding policies, which kept none of
   these outputs (so 'dots' recomputed as much as 'full').
   """
-  return checkpoint_name(_dense(x, w, w_is_fd, float32_out), 'dense')
+  return saved(_dense(x, w, w_is_fd, float32_out), 'dense')
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -1,0 +1,76 @@
+"""What a layer's backward pass keeps from its forward pass (remat), by name.
+
+The decoder names the values a policy may keep: 'layer_input' (each layer's
+input, the scan's carry) and 'dense' (the weight matmuls' outputs). 'full'
+keeps the layer inputs and recomputes the rest; 'dots' also keeps the
+matmul outputs, so only attention and elementwise work run twice; 'none'
+keeps every value the backward reads.
+
+The scan over layers stacks each layer's kept values into [L, ...] arrays.
+XLA:CPU writes a 16-bit float array inside a loop through float32: each
+layer's write converts the whole stack to float32 and back, and the
+backward converts every stack to float32 once more (bench/RESULTS.md). So
+there, a named value is kept as same-width integers (a bitcast, which costs
+nothing) and bitcast back where it is read; `loop_writes_go_through_float32`
+is the one place that decides.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from jpost.models.config import ModelConfig
+
+POLICIES = {
+    'full': jax.checkpoint_policies.save_only_these_names('layer_input'),
+    'dots': jax.checkpoint_policies.save_only_these_names('layer_input', 'dense'),
+}
+
+
+def remat(block, cfg: ModelConfig):
+  """`block` under the remat policy `cfg.remat` names ('none', 'dots',
+  'full'; True = 'full', False = 'none')."""
+  name = cfg.remat_policy
+  if name == 'none':
+    return block
+  return jax.checkpoint(block, policy=POLICIES[name])
+
+
+def loop_writes_go_through_float32(dtype) -> bool:
+  """Whether this backend writes a `dtype` array inside a loop by converting
+  the whole array to float32 and back (XLA:CPU, 16-bit floats): the same
+  cause makes the KV cache float32 there (decoder.cache_storage_dtype)."""
+  dtype = jnp.dtype(dtype)
+  return (dtype.itemsize == 2 and jnp.issubdtype(dtype, jnp.floating)
+          and jax.default_backend() == 'cpu')
+
+
+def saved(value, name: str):
+  """`value`, named `name` for the remat policies; where 16-bit loop writes
+  go through float32, the named value is its bits as uint16."""
+  if not loop_writes_go_through_float32(value.dtype):
+    return checkpoint_name(value, name)
+  return _saved_as_bits(value, name)
+
+
+def _named_bits(value, name: str):
+  bits = checkpoint_name(jax.lax.bitcast_convert_type(value, jnp.uint16), name)
+  return jax.lax.bitcast_convert_type(bits, value.dtype)
+
+
+# The identity with its own derivative, because integers carry no gradient.
+# The rule computes the primal itself (not by calling the function), so that
+# the named bits are an ordinary value of the differentiated program, which
+# the policies see; a nested custom_jvp call would be opaque to them.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _saved_as_bits(value, name: str):
+  return _named_bits(value, name)
+
+
+@_saved_as_bits.defjvp
+def _saved_as_bits_jvp(name, primals, tangents):
+  return _named_bits(primals[0], name), tangents[0]
