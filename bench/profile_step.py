@@ -7,7 +7,10 @@ Runs the SFT step of a randomly initialised SmolLM2-135M-shaped model (as
 `sft_throughput.py --random-init`), profiles one warm step and prints the
 thread time of each operation kind (XLA's fusion names without their
 numbers: `ynn_fusion` are YNNPACK's matmul fusions on CPU), largest first.
-Thread time on a multi-threaded CPU adds up to more than the step's wall time.
+Thread time on a multi-threaded CPU adds up to more than the step's wall
+time, and leaves out the helper threads a matmul splits its work over; the
+CPU time of the process over the step's wall time says how many cores were
+busy.
 """
 
 import argparse
@@ -16,6 +19,7 @@ import gzip
 import json
 import pathlib
 import re
+import resource
 import tempfile
 import time
 
@@ -42,6 +46,13 @@ def thread_time_by_kind(trace_dir: str) -> collections.Counter:
   return kinds
 
 
+def _cpu_seconds() -> float:
+  """User + system CPU seconds of this process, all threads (a matmul's
+  helper threads are busy without appearing as operations in the trace)."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--dtype', default='bfloat16')
@@ -63,20 +74,22 @@ def main():
 
   for _ in range(2):  # compile, then one warm step
     run_step()
-  start = time.perf_counter()
+  cpu_before, start = _cpu_seconds(), time.perf_counter()
   run_step()
   wall = time.perf_counter() - start
+  cores = (_cpu_seconds() - cpu_before) / wall
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       run_step()
     kinds = thread_time_by_kind(trace_dir)
   total = sum(kinds.values())
-  print(f'warm step {wall:.2f} s wall; {total / 1e6:.2f} s of operation thread time')
+  print(f'warm step {wall:.2f} s wall, {cores:.2f} cores busy on average; '
+        f'{total / 1e6:.2f} s of operation thread time')
   for kind, us in kinds.most_common(args.top):
     print(f'{us / 1e3:9.1f} ms {100 * us / total:5.1f}%  {kind}')
   print(json.dumps({'machine': common.machine(), 'dtype': args.dtype, 'remat': args.remat,
                     'batch': args.batch, 'seq_len': args.seq_len, 'step_s': round(wall, 3),
-                    'thread_s': round(total / 1e6, 3),
+                    'cores_busy': round(cores, 2), 'thread_s': round(total / 1e6, 3),
                     'by_kind_ms': {k: round(v / 1e3, 1) for k, v in kinds.most_common(args.top)}}))
 
 
