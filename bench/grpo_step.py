@@ -43,7 +43,7 @@ def grpo_config(args):
   c.rl.beta = args.beta
   c.model.dtype = args.dtype
   c.model.path = args.model
-  c.model.remat = 'full' if args.remat else 'none'
+  c.model.remat = c.model.remat if args.remat else 'none'  # the recipe's policy
   c.rl.minibatches = args.minibatches
   if args.logits_chunk is not None:
     c.model.logits_chunk = args.logits_chunk

@@ -4,7 +4,7 @@ or a real model shape with random weights (jpost.models.shapes).
   python bench/sft_throughput.py [--batch 8] [--seq-len 256] [--steps 6] [--dtypes bfloat16]
       [--remat full,dots,none | --no-remat] [--attention auto,xla,blockwise]
       [--shape llama-3.2-1b] [--logits-chunk 512]
-      (defaults: configs/sft.py's: bfloat16, remat full, attention auto, chunk 512)
+      (defaults: configs/sft.py's: bfloat16, remat dots, attention auto, chunk 512)
 
 Each (dtype, attention, remat) setting runs in its own process (float32 master
 weights, AdamW, clipping, full packed batches of GSM8K answers, or with
@@ -99,7 +99,7 @@ def main():
   # The defaults are configs/sft.py's: bfloat16 compute (float32 master
   # weights) with remat. `--dtypes float32,bfloat16 --no-remat` compares.
   parser.add_argument('--dtypes', default='bfloat16')
-  parser.add_argument('--remat', nargs='?', const='full', default='full',
+  parser.add_argument('--remat', nargs='?', const='full', default='dots',
                       help='comma-separated: full, dots, none (one process each)')
   parser.add_argument('--no-remat', dest='remat', action='store_const', const='none')
   parser.add_argument('--attention', default='auto',
