@@ -73,7 +73,7 @@ def _plan(*args):
                                   ['--grpo', '2,8,128,512']], ids=['sft', 'sft-dots', 'grpo'])
 def test_prediction_is_within_15_percent_of_xla(args):
   """SmolLM2's shape cut to 4 layers, bfloat16, remat full (plan.py's
-  default) and 'dots' (the recipes'): the formula against XLA's assignment
+  default) and 'dots' (most recipes'): the formula against XLA's assignment
   of the compiled step. (For 'dots' the ratio was 0.89 before remat.saved
   kept the saved values as bits on CPU, 0.94 after.)"""
   plan = _plan(*args)
