@@ -3,10 +3,11 @@ error of output and gradients against the materialised reference ('xla',
 float32), and forward+backward time, on packed rows with left padding.
 
   python bench/attention_check.py [--batch 2] [--seq-len 2048] [--heads 32] [--kv-heads 8]
-      [--head-dim 64] [--block 512] [--impls xla,blockwise,pallas] [--interpret]
+      [--head-dim 64] [--block 512] [--impls xla,blockwise,pallas,cudnn] [--interpret]
 
-'pallas' runs the GPU kernel (on CPU only with --interpret, slowly). The
-last line is one JSON object.
+'pallas' runs the GPU kernel (on CPU only with --interpret, slowly); 'cudnn'
+needs a GPU and runs in bfloat16 only. A kernel that fails is reported and
+the others still run. The last line is one JSON object.
 """
 
 import argparse
@@ -56,6 +57,8 @@ def main():
       return lambda q, kk, v: attn.dense_attention(q, kk, v, attn.mask_of(*visible))
     if name == 'pallas':
       return lambda q, kk, v: attn.pallas_attention(q, kk, v, visible, interpret=args.interpret)
+    if name == 'cudnn':
+      return lambda q, kk, v: attn.cudnn_attention(q, kk, v, visible, max_segments=8)
     return lambda q, kk, v: attn.blockwise_attention(q, kk, v, visible, block=args.block)
 
   def value_and_grads(fn, dtype):
@@ -66,28 +69,38 @@ def main():
                            jnp.linalg.norm(r.astype(jnp.float32)))
   _, ref = value_and_grads(impl('xla'), jnp.float32)
   ref_out = impl('xla')(*inputs)
+
+  def check(name, dtype):
+    fn = impl(name)
+    out = jax.jit(fn)(*(x.astype(dtype) for x in inputs))
+    out_err = rel(np.asarray(out, np.float32)[real], np.asarray(ref_out)[real])
+    _, grads = value_and_grads(fn, dtype)
+    grad_err = max(rel(g, r) for g, r in zip(grads, ref))
+    step = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * weights),
+                            argnums=(0, 1, 2)))
+    x = [v.astype(dtype) for v in inputs]
+    jax.block_until_ready(step(*x))
+    times = []
+    for _ in range(args.repeats):
+      tic = time.perf_counter()
+      jax.block_until_ready(step(*x))
+      times.append(time.perf_counter() - tic)
+    ms = 1e3 * statistics.median(times)
+    print(f'{name:9s} {jnp.dtype(dtype).name:8s} output err {out_err:.1e}, grads err '
+          f'{grad_err:.1e} (vs xla float32), forward+backward {ms:.1f} ms', flush=True)
+    return {'impl': name, 'dtype': jnp.dtype(dtype).name, 'output_rel_err': out_err,
+            'grad_rel_err': grad_err, 'fwd_bwd_ms': round(ms, 2)}
+
   results = []
   for name in args.impls.split(','):
-    for dtype in (jnp.float32, jnp.bfloat16):
-      fn = impl(name)
-      out = jax.jit(fn)(*(x.astype(dtype) for x in inputs))
-      out_err = rel(np.asarray(out, np.float32)[real], np.asarray(ref_out)[real])
-      _, grads = value_and_grads(fn, dtype)
-      grad_err = max(rel(g, r) for g, r in zip(grads, ref))
-      step = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * weights),
-                              argnums=(0, 1, 2)))
-      x = [v.astype(dtype) for v in inputs]
-      jax.block_until_ready(step(*x))
-      times = []
-      for _ in range(args.repeats):
-        tic = time.perf_counter()
-        jax.block_until_ready(step(*x))
-        times.append(time.perf_counter() - tic)
-      ms = 1e3 * statistics.median(times)
-      results.append({'impl': name, 'dtype': jnp.dtype(dtype).name, 'output_rel_err': out_err,
-                      'grad_rel_err': grad_err, 'fwd_bwd_ms': round(ms, 2)})
-      print(f'{name:9s} {jnp.dtype(dtype).name:8s} output err {out_err:.1e}, grads err '
-            f'{grad_err:.1e} (vs xla float32), forward+backward {ms:.1f} ms', flush=True)
+    for dtype in (jnp.float32, jnp.bfloat16)[name == 'cudnn':]:  # cuDNN: 16-bit only
+      try:
+        results.append(check(name, dtype))
+      except Exception as error:  # one failing kernel must not hide the others' figures
+        results.append({'impl': name, 'dtype': jnp.dtype(dtype).name,
+                        'failed': f'{type(error).__name__}: {str(error)[:300]}'})
+        print(f'{name:9s} {jnp.dtype(dtype).name:8s} failed: {results[-1]["failed"]}',
+              flush=True)
   print(json.dumps({'device': jax.devices()[0].device_kind, 'batch': b, 'seq_len': t,
                     'heads': n, 'kv_heads': k, 'head_dim': h, 'results': results}))
 

@@ -6,7 +6,8 @@
 # (scale, the default: real sizes. Attention implementations checked against
 #  the reference and timed; the planner against the compiled program and the
 #  device's peak; SFT for the Llama-3.2-1B shape at 8 x 4096 packed (remat
-#  dots, none and full; attention_check times the fused kernel vs blockwise) and
+#  dots with the Pallas and the cuDNN kernel, and none; attention_check times
+#  both kernels against blockwise) and
 #  SmolLM2 at 32 x 1024; GRPO at 16 x 8 x 1024;
 #  generation for the 1B shape at batch 128; each with MFU. About 9 minutes.)
 # (qlora: an SFT step with LoRA on a Llama-3-8B-shaped base in NF4, int8 and
@@ -36,15 +37,19 @@ export PYTHONPATH="$PWD:$site"
 } 2>&1 | tee "$out/env.txt"
 if [ "$what" = scale ]; then
   py() { timeout "$1" python3 "${@:2}" 2>&1 | grep -v Warn; }
-  py 60 bench/attention_check.py --batch 2 --seq-len 4096 | tee "$out/attention_check.txt"
+  py 60 bench/attention_check.py --batch 2 --seq-len 4096 --impls xla,blockwise,pallas,cudnn \
+    | tee "$out/attention_check.txt"
   # The planner against XLA's assignment only: the SFT runs below measure the
   # step's time and peak memory for each remat policy.
   py 90 bench/plan.py --shape llama-3.2-1b --batch 8 --seq-len 4096 --compile \
     | tee "$out/plan_1b_8x4096.txt"
-  # Most likely fastest first: 'none' is predicted at 83 GB (fits an H200, not
-  # an H100: a failed setting is reported and the others still run).
-  py 210 bench/sft_throughput.py --shape llama-3.2-1b --batch 8 --seq-len 4096 --steps 5 \
-    --remat dots,none,full | tee "$out/sft_1b_8x4096.txt"
+  # The two fused kernels under remat 'dots' (auto = Pallas), then 'none',
+  # predicted at 83 GB (fits an H200, not an H100: a failed setting is
+  # reported and the others still run).
+  py 150 bench/sft_throughput.py --shape llama-3.2-1b --batch 8 --seq-len 4096 --steps 5 \
+    --attention auto,cudnn --remat dots | tee "$out/sft_1b_8x4096.txt"
+  py 90 bench/sft_throughput.py --shape llama-3.2-1b --batch 8 --seq-len 4096 --steps 5 \
+    --remat none | tee "$out/sft_1b_8x4096_none.txt"
   py 60 bench/sft_throughput.py --random-init --batch 32 --seq-len 1024 --steps 5 \
     | tee "$out/sft_32x1024.txt"
   py 60 bench/generate_throughput.py --shape llama-3.2-1b --dtypes bfloat16 --batches 128 \

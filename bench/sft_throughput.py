@@ -2,7 +2,7 @@
 or a real model shape with random weights (jpost.models.shapes).
 
   python bench/sft_throughput.py [--batch 8] [--seq-len 256] [--steps 6] [--dtypes bfloat16]
-      [--remat full,dots,none | --no-remat] [--attention auto,xla,blockwise]
+      [--remat full,dots,none | --no-remat] [--attention auto,xla,blockwise,pallas,cudnn]
       [--shape llama-3.2-1b] [--logits-chunk 512]
       (defaults: configs/sft.py's: bfloat16, remat dots, attention auto, chunk 512)
 
@@ -103,7 +103,7 @@ def main():
                       help='comma-separated: full, dots, none (one process each)')
   parser.add_argument('--no-remat', dest='remat', action='store_const', const='none')
   parser.add_argument('--attention', default='auto',
-                      help='comma-separated: auto, xla, blockwise, pallas (one process each)')
+                      help='comma-separated: auto, xla, blockwise, pallas, cudnn (one process each)')
   parser.add_argument('--shape', default='smollm2-135m')
   parser.add_argument('--logits-chunk', type=int, default=512)
   parser.add_argument('--random-init', action='store_true',

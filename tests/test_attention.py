@@ -71,6 +71,43 @@ def test_pallas_kernel_equals_the_reference_in_interpret_mode():
       q, k, v, attn.Visibility(pos, seg, pos, seg), interpret=True, block=16), None)
 
 
+def _mask_of_spans(lengths, starts, t):
+  """cuDNN's packed layout as its API documents it: query i sees key j when
+  both lie in one segment [start, start + length) and j <= i."""
+  idx = np.arange(t)
+  mask = np.zeros((len(lengths), t, t), bool)
+  for row, (row_lengths, row_starts) in enumerate(zip(lengths, starts)):
+    for length, start in zip(row_lengths, row_starts):
+      if length >= 0:
+        inside = (idx >= start) & (idx < start + length)
+        mask[row] |= inside[:, None] & inside[None, :] & (idx[None, :] <= idx[:, None])
+  return mask
+
+
+def test_cudnn_segment_spans_give_the_reference_visibility():
+  """The kernel itself needs a GPU (bench/attention_check.py in bench/gpu.sh
+  compares it with 'xla'); here: the spans it is given describe exactly the
+  reference's mask for packed rows and left padding, and a row with more
+  segments than the limit is flagged."""
+  pos, seg = _rows()
+  lengths, starts, overflow = jax.jit(attn.segment_spans, static_argnums=1)(seg, 4)
+  np.testing.assert_array_equal(lengths, [[15, 10, 15, -1], [33, -1, -1, -1]])
+  np.testing.assert_array_equal(starts, [[0, 15, 25, -1, -1], [7, -1, -1, -1, -1]])
+  np.testing.assert_array_equal(overflow, [False, False])
+  np.testing.assert_array_equal(_mask_of_spans(np.asarray(lengths), np.asarray(starts), T),
+                                attn.mask_of(pos, seg, pos, seg))
+  lengths, starts, overflow = attn.segment_spans(seg, 2)
+  np.testing.assert_array_equal(overflow, [True, False])
+  np.testing.assert_array_equal(lengths, [[15, 10], [33, -1]])
+  if jax.default_backend() != 'gpu':
+    with pytest.raises(ValueError, match="attention='cudnn' needs a GPU"):
+      attn.attend(*_inputs(), attn.Visibility(pos, seg, pos, seg), implementation='cudnn',
+                  block=16)
+  with pytest.raises(ValueError, match='attention_max_segments'):
+    ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
+                num_kv_heads=1, attention_max_segments=0)
+
+
 def test_blockwise_holds_no_score_matrix():
   """The compiled blockwise gradient's temporaries stay below one
   [B, N, T, T] float32 score matrix at a length where that matrix dominates."""

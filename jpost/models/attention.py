@@ -11,6 +11,13 @@
   segment ids; causal by index, which for jpost's rows (positions rise by one
   within a segment) is causal by position. No sliding window; GQA by
   repeating K/V heads (the kernel needs equal head counts).
+- 'cudnn': cuDNN's fused flash attention (Hopper or newer) in its packed
+  layout: each row's segments as start offsets and lengths, at most
+  `max_segments` per row (a row with more gets NaN outputs, which stop a
+  run, rather than wrong ones). GQA without repeating K/V; bfloat16 or
+  float16 only; no sliding window. Reached through jax's private cuDNN
+  module: the public `jax.nn.dot_product_attention` takes one length per
+  row, not segments.
 - 'auto': 'xla' while the keys fit in one block (nothing to gain, and the
   path every short run has used); beyond that 'pallas' on GPU without a
   sliding window, else 'blockwise'.
@@ -27,7 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ('auto', 'xla', 'blockwise', 'pallas')
+IMPLEMENTATIONS = ('auto', 'xla', 'blockwise', 'pallas', 'cudnn')
 
 # Large negative instead of -inf: a padding query (no visible key) then gets a
 # uniform, finite softmax rather than NaNs that would leak into gradients.
@@ -67,19 +74,21 @@ def choose(name: str, *, key_len: int, block: int, sliding_window: int | None,
 
 
 def attend(q_btnh, keys, values, visible: Visibility, *, implementation: str, block: int,
-           sliding_window: int | None = None):
+           sliding_window: int | None = None, max_segments: int = 64):
   """Attention output [B, T, N, H] by the named implementation."""
   name = choose(implementation, key_len=keys.shape[-1], block=block,
                 sliding_window=sliding_window)
   if name == 'xla':
     return dense_attention(q_btnh, keys, values, mask_of(*visible, sliding_window))
-  if name == 'pallas' and keys.shape[-1] != q_btnh.shape[1]:
-    name = 'blockwise'  # the kernel is self-attention only; shared prompts are not
-  if name == 'pallas':
+  if name in ('pallas', 'cudnn') and keys.shape[-1] != q_btnh.shape[1]:
+    name = 'blockwise'  # the kernels are self-attention only; shared prompts are not
+  if name in ('pallas', 'cudnn'):
     if jax.default_backend() != 'gpu':
-      raise ValueError("attention='pallas' needs a GPU; use 'auto' (it picks per backend).")
+      raise ValueError(f"attention='{name}' needs a GPU; use 'auto' (it picks per backend).")
     if sliding_window is not None:
-      raise ValueError("attention='pallas' has no sliding window; use 'blockwise' or 'auto'.")
+      raise ValueError(f"attention='{name}' has no sliding window; use 'blockwise' or 'auto'.")
+    if name == 'cudnn':
+      return cudnn_attention(q_btnh, keys, values, visible, max_segments=max_segments)
     return pallas_attention(q_btnh, keys, values, visible)
   return blockwise_attention(q_btnh, keys, values, visible, block=block,
                              sliding_window=sliding_window)
@@ -225,3 +234,47 @@ def pallas_attention(q_btnh, keys, values, visible: Visibility, *, interpret: bo
   out = pallas_gpu.mha(q_btnh, k_btnh, v_btnh, seg, sm_scale=h ** -0.5, causal=True,
                        block_sizes=sizes, interpret=interpret)
   return out[:, :t]
+
+
+# --- cudnn: cuDNN's flash attention over packed segments (GPU) ----------------
+
+
+def segment_spans(seg, max_segments: int):
+  """Rows of segment ids [B, T] in cuDNN's packed layout: (lengths [B, M],
+  starts [B, M + 1], overflow [B]) with M = max_segments. A segment is a run
+  of one non-zero id (padding, id 0, belongs to none); entries past a row's
+  last segment are -1, as cuDNN wants them; `overflow` marks rows with more
+  than M segments, whose later segments the spans leave out."""
+  seg = seg.astype(jnp.int32)
+  before = jnp.pad(seg, ((0, 0), (1, 0)))[:, :-1]
+  opens = (seg != 0) & (seg != before)
+  count = jnp.sum(opens, axis=1)
+  run = jnp.where(seg != 0, jnp.cumsum(opens, axis=1) - 1, max_segments)
+  lengths = jax.vmap(lambda r: jnp.zeros(max_segments, jnp.int32).at[r].add(1, mode='drop'))(run)
+  starts = jax.vmap(lambda o: jnp.nonzero(o, size=max_segments, fill_value=-1)[0])(opens)
+  present = jnp.arange(max_segments) < count[:, None]
+  lengths = jnp.where(present, lengths, -1)
+  starts = jnp.pad(jnp.where(present, starts, -1).astype(jnp.int32), ((0, 0), (0, 1)),
+                   constant_values=-1)
+  return lengths, starts, count > max_segments
+
+
+def cudnn_attention(q_btnh, keys, values, visible: Visibility, *, max_segments: int):
+  """Self-attention over packed/padded rows by cuDNN's fused kernel: causal
+  by index within each segment, which for jpost's rows (positions rise by
+  one within a segment) is causal by position, as in 'pallas'."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+  b, t, n, h = q_btnh.shape
+  if q_btnh.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"attention='cudnn' takes bfloat16 or float16 compute, not "
+                     f"{q_btnh.dtype}; set the model's dtype or use 'auto'.")
+  lengths, starts, overflow = segment_spans(visible.q_seg, max_segments)
+  out = cudnn.dot_product_attention(
+      q_btnh, keys.transpose(0, 3, 1, 2), values.transpose(0, 2, 1, 3),
+      q_seqlen=lengths, kv_seqlen=lengths, q_offsets=starts, kv_offsets=starts,
+      scale=h ** -0.5, mask_type=cudnn.MaskType.PADDING_CAUSAL, qkv_layout='BTNH')
+  # Padding queries belong to no segment and the kernel leaves them unwritten;
+  # a row with too many segments is poisoned rather than silently wrong.
+  real = (visible.q_seg > 0)[:, :, None, None]
+  out = jnp.where(real, out, jnp.zeros((), out.dtype))
+  return jnp.where(overflow[:, None, None, None], jnp.full((), jnp.nan, out.dtype), out)

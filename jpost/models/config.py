@@ -54,10 +54,12 @@ class ModelConfig:
   # Recompute each layer's activations in the backward pass: 'none', 'dots'
   # (keep the weight matmuls' outputs) or 'full'; True = 'full', False = 'none'.
   remat: bool | str = False
-  # attention.IMPLEMENTATIONS: 'auto', 'xla', 'blockwise' or 'pallas'; the
-  # blockwise path's key block (README, "Attention and memory").
+  # attention.IMPLEMENTATIONS: 'auto', 'xla', 'blockwise', 'pallas' or 'cudnn';
+  # the blockwise path's key block; the most segments a packed row may hold
+  # under 'cudnn' (README, "Attention and memory").
   attention: str = 'auto'
   attention_block: int = 512
+  attention_max_segments: int = 64
   # Losses compute the LM head's logits this many positions at a time (0:
   # all at once), recomputed in the backward pass (ops.head_logprobs).
   logits_chunk: int = 0
@@ -103,6 +105,9 @@ class ModelConfig:
     if not isinstance(self.attention_block, int) or self.attention_block < 8:
       raise ConfigError(f'ModelConfig.attention_block={self.attention_block!r}; use an '
                         'int >= 8 (512 by default).')
+    if not isinstance(self.attention_max_segments, int) or self.attention_max_segments < 1:
+      raise ConfigError(f'ModelConfig.attention_max_segments={self.attention_max_segments!r}; '
+                        'use an int >= 1 (64 by default).')
     for name in ('param_dtype', 'dtype'):
       if getattr(self, name) not in ('float32', 'bfloat16', 'float16'):
         raise ConfigError(

@@ -314,7 +314,8 @@ def decoder_block(x, p, cos, sin, visible, cfg: ModelConfig, cache=None):
 def _attend(q, keys, values, visible, cfg: ModelConfig):
   if isinstance(visible, attn.Visibility):
     return attn.attend(q, keys, values, visible, implementation=cfg.attention,
-                       block=cfg.attention_block, sliding_window=cfg.sliding_window)
+                       block=cfg.attention_block, sliding_window=cfg.sliding_window,
+                       max_segments=cfg.attention_max_segments)
   return attn.dense_attention(q, keys, values, visible)
 
 

@@ -195,10 +195,11 @@ def build_decoder(cfg: ModelConfig, params: dict[tuple[str, ...], np.ndarray],
 
 def compute_options(config) -> dict:
   """ModelConfig fields a recipe's `config.model` sets: dtypes, remat policy,
-  attention implementation and block."""
+  attention implementation, block and segment limit."""
   m = config.model
   return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.get('remat', False),
               attention=m.get('attention', 'auto'), attention_block=m.get('attention_block', 512),
+              attention_max_segments=m.get('attention_max_segments', 64),
               logits_chunk=m.get('logits_chunk', 0))
 
 
