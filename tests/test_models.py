@@ -233,14 +233,15 @@ def test_config_validation_messages():
                 num_heads=2, num_kv_heads=1, rope_scaling={'rope_type': 'yarn', 'factor': 2.0})
 
 
+@pytest.mark.parametrize('d,f', [(8, 5), (5, 8)])  # the CPU transposes the narrower operand
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
-def test_dense_gradient_matches_autodiff(dtype):
+def test_dense_gradient_matches_autodiff(dtype, d, f):
   """`dense` has a hand-written backward (to keep bfloat16 matmuls on the fast
   float32-accumulating path); it must equal autodiff of the plain product."""
   from jpost.models.decoder import dense
-  x = jax.random.normal(jax.random.key(0), (2, 3, 8)).astype(dtype)
-  w = jax.random.normal(jax.random.key(1), (8, 5))  # float32 master weight
-  cotangent = jax.random.normal(jax.random.key(2), (2, 3, 5))
+  x = jax.random.normal(jax.random.key(0), (2, 3, d)).astype(dtype)
+  w = jax.random.normal(jax.random.key(1), (d, f))  # float32 master weight
+  cotangent = jax.random.normal(jax.random.key(2), (2, 3, f))
 
   def loss(fn, x, w):
     return (fn(x, w).astype(jax.numpy.float32) * cotangent).sum()

@@ -460,25 +460,41 @@ def _dense_bwd(w_is_fd, float32_out, res, g):
   # on its fast kernels only when the left operand is contracted along its
   # last, contiguous axis; otherwise it converts both to float32 and runs a
   # generic kernel (2-3x slower alone, ~5% of a GRPO update). So one operand
-  # is transposed in memory first.
+  # is transposed in memory first: the narrower one where layouts are set
+  # here. The MLP down projection's [tokens, 1536] input took 13 ms a layer
+  # to transpose (5% of a SmolLM2 step's operation time); its [tokens, 576]
+  # gradient and the [576, 1536] result cost less, and the step ran 2.4%
+  # faster. The result is pinned row-major before its transpose: left to
+  # XLA, the transpose folds into the matmul's output layout, and XLA:CPU
+  # then fails to run it ("Unsupported element type for DotThunk").
   tokens_x, tokens_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
   if w_is_fd:
     dw = _matmul(_transposed(tokens_g), tokens_x, 'ft,td->fd')
+  elif _sets_layouts(x) and tokens_g.shape[-1] < tokens_x.shape[-1]:
+    dw = _matmul(_transposed(tokens_g), tokens_x, 'ft,td->fd')
+    dw = with_layout_constraint(dw, _ROW_MAJOR).T
   else:
     dw = _matmul(_transposed(tokens_x), tokens_g, 'dt,tf->df')
   return dx, dw.astype(w.dtype)
 
 
+def _sets_layouts(a) -> bool:
+  """Whether matmul operands like `a` get their memory layout set here:
+  16-bit ones on one CPU device (float32 kernels take either layout at the
+  same speed; elsewhere XLA picks). Not over a mesh: there the layout
+  constraint made XLA gather every device's rows first (the tied LM head's
+  gradient on 8 CPU devices: an f32 [49152, 4096] all-gather, 805 MB on each
+  device, bench/RESULTS.md)."""
+  return (jax.default_backend() == 'cpu' and a.dtype.itemsize == 2
+          and sharding.active_mesh_size() == 1)
+
+
 def _transposed(a):
-  """a.T, laid out row-major in memory for 16-bit matmuls on one CPU device
-  (float32 kernels take either layout at the same speed; elsewhere XLA
-  picks). Not over a mesh: there the layout constraint made XLA gather every
-  device's rows first (the tied LM head's gradient on 8 CPU devices: an
-  f32 [49152, 4096] all-gather, 805 MB on each device, bench/RESULTS.md)."""
-  if (jax.default_backend() != 'cpu' or a.dtype.itemsize != 2
-      or sharding.active_mesh_size() > 1):
-    return a.T
-  return with_layout_constraint(a.T, Layout(major_to_minor=(0, 1)))
+  """a.T, laid out row-major in memory where `_sets_layouts`."""
+  return with_layout_constraint(a.T, _ROW_MAJOR) if _sets_layouts(a) else a.T
+
+
+_ROW_MAJOR = Layout(major_to_minor=(0, 1))
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)
