@@ -284,6 +284,40 @@ def test_chunked_lm_head_equals_whole_logits_with_gradients():
   assert ops.head_logprobs(logits_fn, hidden, targets, chunk=16).shape == (B, T)
 
 
+@pytest.mark.parametrize('chunk', [0, 20, 16])  # whole; 2 chunks; 3, the last padded
+def test_weighted_head_takes_the_same_gradient_in_the_forward_pass(chunk):
+  """ops.head_weighted_logprobs (the SFT loss's head: the gradient taken in
+  the forward pass, the logits computed once) equals autodiff through the
+  plain log-probs: value, log-probs and the gradients of hidden and head,
+  scaled by the loss's cotangent; the log-probs carry no gradient."""
+  from jpost import ops
+  rng = np.random.default_rng(5)
+  hidden = jnp.asarray(rng.normal(size=(B, T, 12)), jnp.float32)
+  head = jnp.asarray(rng.normal(size=(50, 12)), jnp.float32)  # [V, D], as a tied embedding
+  targets = jnp.asarray(rng.integers(0, 50, (B, T)))
+  weights = jnp.asarray(rng.uniform(size=(B, T)) * (rng.uniform(size=(B, T)) > 0.3), jnp.float32)
+  logits_fn = lambda h, w: jnp.einsum('btd,vd->btv', h, w)
+
+  def fused(hidden, head):
+    value, logp = ops.head_weighted_logprobs(logits_fn, head, hidden, targets, weights,
+                                             chunk=chunk)
+    return -3.0 * value + jnp.sum(logp), logp  # the log-probs' term adds no gradient
+
+  def reference(hidden, head):
+    logp = ops.head_logprobs(lambda h: logits_fn(h, head), hidden, targets)
+    return -3.0 * jnp.sum(weights * logp), logp
+
+  (value, logp), grads = jax.value_and_grad(fused, argnums=(0, 1), has_aux=True)(hidden, head)
+  (ref_value, ref_logp), ref_grads = jax.value_and_grad(
+      reference, argnums=(0, 1), has_aux=True)(hidden, head)
+  chex.assert_shape(logp, (B, T))
+  assert_norm_close(logp, ref_logp, bound=1e-6)
+  assert_norm_close(value - jnp.sum(logp), ref_value, bound=1e-6)
+  chex.assert_trees_all_equal_shapes_and_dtypes(grads, (hidden, head))
+  for g, w in zip(grads, ref_grads):
+    assert_norm_close(g, w, bound=1e-5)
+
+
 def test_prefill_over_the_cache_goes_blockwise_and_samples_the_same(monkeypatch):
   """Generation with 'blockwise' (key blocks of 16 over a 53-slot cache, a
   sliding window of 24, GQA 3:1, left-padded prompts of 45 and 31 tokens)

@@ -177,6 +177,20 @@ class Decoder(nnx.Module):
     return ops.head_logprobs(lambda h: self.logits(h, head) / temperature, hidden, targets,
                              chunk=self.config.logits_chunk, entropy=entropy)
 
+  def weighted_target_logprobs(self, hidden, targets, token_weights):
+    """(sum of token_weights * log p(targets [B, T]), the log-probs without a
+    gradient) after each of hidden [B, T, D], its gradient taken in the
+    forward pass (ops.head_weighted_logprobs), `config.logits_chunk`
+    positions at a time."""
+    weight, is_vd = self._head_param()
+    return ops.head_weighted_logprobs(functools.partial(_head_logits, is_vd=is_vd), weight,
+                                      hidden, targets, token_weights,
+                                      chunk=self.config.logits_chunk)
+
+
+def _head_logits(hidden, weight, *, is_vd: bool):
+  return dense(hidden, weight, is_vd, True)
+
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *,
                stacked: bool = False) -> dict[str, Any]:

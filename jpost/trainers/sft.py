@@ -8,18 +8,22 @@ import jax.numpy as jnp
 
 from jpost import memory, ops
 from jpost.data import pipeline
-from jpost.losses.sft import sft_loss_of_logprobs
+from jpost.losses import sft as sft_losses
 from jpost.trainers import offline, register
 
 
 def loss_fn(model, batch, normalizer, *, normalization):
-  hidden, _ = model.hidden_states(batch['tokens'], batch['positions'], batch['segment_ids'])
-  targets, _ = ops.next_token_targets(batch['tokens'], batch['loss_mask'], batch['segment_ids'])
+  tokens, loss_mask, segment_ids = batch['tokens'], batch['loss_mask'], batch['segment_ids']
+  hidden, _ = model.hidden_states(tokens, batch['positions'], segment_ids)
+  targets, _ = ops.next_token_targets(tokens, loss_mask, segment_ids)
   kw = ({'normalizer': normalizer} if normalization == 'token'
         else {'num_sequences': normalizer})
-  return sft_loss_of_logprobs(model.target_logprobs(hidden[:, :-1], targets), batch['tokens'],
-                              batch['loss_mask'], batch['segment_ids'],
-                              normalization=normalization, **kw)
+  token_weights = sft_losses.sft_token_weights(tokens, loss_mask, segment_ids,
+                                               normalization=normalization, **kw)
+  # The loss is linear in the log-probs: the head takes its gradient in the
+  # forward pass and never computes the logits twice.
+  weighted, logprobs = model.weighted_target_logprobs(hidden[:, :-1], targets, token_weights)
+  return sft_losses.sft_loss_and_metrics(-weighted, logprobs, tokens, loss_mask, segment_ids)
 
 
 def normalizer_fn(batch, *, normalization):
