@@ -101,8 +101,10 @@ def main():
                         'failed': f'{type(error).__name__}: {str(error)[:300]}'})
         print(f'{name:9s} {jnp.dtype(dtype).name:8s} failed: {results[-1]["failed"]}',
               flush=True)
-  print(json.dumps({'device': jax.devices()[0].device_kind, 'batch': b, 'seq_len': t,
-                    'heads': n, 'kv_heads': k, 'head_dim': h, 'results': results}))
+  print(json.dumps({'device': jax.devices()[0].device_kind, 'jax': jax.__version__, 'batch': b,
+                    'seq_len': t, 'heads': n, 'kv_heads': k, 'head_dim': h,
+                    'cudnn_gqa_without_repeat': attn.cudnn_offsets_follow_key_heads(),
+                    'results': results}))
 
 
 if __name__ == '__main__':

@@ -98,6 +98,9 @@ def test_cudnn_segment_spans_give_the_reference_visibility():
                                 attn.mask_of(pos, seg, pos, seg))
   lengths, starts, overflow = attn.segment_spans(seg, 2)
   np.testing.assert_array_equal(overflow, [True, False])
+  # Whether jax places GQA keys right in the packed layout is asked at trace
+  # time (jax 0.10's offsets follow the queries' head count: K/V get repeated).
+  assert jax.jit(lambda: jnp.asarray(attn._cudnn_key_token_stride()))() in (8, 16)
   np.testing.assert_array_equal(lengths, [[15, 10], [33, -1]])
   if jax.default_backend() != 'gpu':
     with pytest.raises(ValueError, match="attention='cudnn' needs a GPU"):

@@ -14,7 +14,8 @@
 - 'cudnn': cuDNN's fused flash attention (Hopper or newer) in its packed
   layout: each row's segments as start offsets and lengths, at most
   `max_segments` per row (a row with more gets NaN outputs, which stop a
-  run, rather than wrong ones). GQA without repeating K/V; bfloat16 or
+  run, rather than wrong ones). GQA without repeating K/V where this jax
+  offsets packed keys right (`cudnn_offsets_follow_key_heads`); bfloat16 or
   float16 only; no sliding window. Reached through jax's private cuDNN
   module: the public `jax.nn.dot_product_attention` takes one length per
   row, not segments.
@@ -268,6 +269,8 @@ def cudnn_attention(q_btnh, keys, values, visible: Visibility, *, max_segments: 
   if q_btnh.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"attention='cudnn' takes bfloat16 or float16 compute, not "
                      f"{q_btnh.dtype}; set the model's dtype or use 'auto'.")
+  if keys.shape[1] != n and not cudnn_offsets_follow_key_heads():
+    keys, values = (jnp.repeat(a, n // keys.shape[1], axis=1) for a in (keys, values))
   lengths, starts, overflow = segment_spans(visible.q_seg, max_segments)
   out = cudnn.dot_product_attention(
       q_btnh, keys.transpose(0, 3, 1, 2), values.transpose(0, 2, 1, 3),
@@ -278,3 +281,28 @@ def cudnn_attention(q_btnh, keys, values, visible: Visibility, *, max_segments: 
   real = (visible.q_seg > 0)[:, :, None, None]
   out = jnp.where(real, out, jnp.zeros((), out.dtype))
   return jnp.where(overflow[:, None, None, None], jnp.full((), jnp.nan, out.dtype), out)
+
+
+@functools.cache
+def cudnn_offsets_follow_key_heads() -> bool:
+  """Whether this jax scales the keys' packed offsets by the keys' own head
+  count. Earlier versions scaled them by the queries' (fixed upstream in
+  jax-ml/jax#39521, July 2026): under GQA the keys' offsets then point at
+  other tokens, silently, so `cudnn_attention` repeats K/V heads there.
+  Asked of jax's own offset function at trace time; if it cannot be asked,
+  the answer is no."""
+  try:
+    return _cudnn_key_token_stride() == 8
+  except Exception:  # a renamed or reshaped private function: take the safe path
+    return False
+
+
+def _cudnn_key_token_stride() -> int:
+  """The per-token stride jax's packed layout gives keys of 1 head x 8 beside
+  queries of 2 heads x 8: 8 (the keys' own) or 16 (the queries')."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+  with jax.ensure_compile_time_eval():  # concrete even inside a jit trace
+    query, key = jnp.zeros((1, 4, 2, 8)), jnp.zeros((1, 4, 1, 8))
+    lengths, offsets = jnp.array([[2, 2]], jnp.int32), jnp.array([[0, 2, -1]], jnp.int32)
+    kv_offsets = cudnn._fix_seqlen_offsets(lengths, lengths, offsets, offsets, query, key)[3]
+    return int(kv_offsets.reshape(-1)[1]) // 2  # the second segment starts at token 2
