@@ -486,7 +486,7 @@ def _dense_bwd(w_is_fd, float32_out, res, g):
     dw = _matmul(_transposed(tokens_g), tokens_x, 'ft,td->fd')
   elif _sets_layouts(x) and tokens_g.shape[-1] < tokens_x.shape[-1]:
     dw = _matmul(_transposed(tokens_g), tokens_x, 'ft,td->fd')
-    dw = with_layout_constraint(dw, _ROW_MAJOR).T
+    dw = with_layout_constraint(dw, Layout(major_to_minor=(0, 1))).T
   else:
     dw = _matmul(_transposed(tokens_x), tokens_g, 'dt,tf->df')
   return dx, dw.astype(w.dtype)
@@ -505,10 +505,9 @@ def _sets_layouts(a) -> bool:
 
 def _transposed(a):
   """a.T, laid out row-major in memory where `_sets_layouts`."""
-  return with_layout_constraint(a.T, _ROW_MAJOR) if _sets_layouts(a) else a.T
-
-
-_ROW_MAJOR = Layout(major_to_minor=(0, 1))
+  if not _sets_layouts(a):
+    return a.T
+  return with_layout_constraint(a.T, Layout(major_to_minor=(0, 1)))
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)
