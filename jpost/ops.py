@@ -215,11 +215,13 @@ def _weighted_head_parts(logits_fn, chunk, weight, hidden, targets, token_weight
     # in a loop by converting all of it to float32 and back (models/remat.py).
     return (total + value, d_weight + dw), (logp, dh.astype(jnp.float32))
 
-  init = (jnp.zeros((), jnp.float32), jnp.zeros(weight.shape, weight.dtype))
+  # The weight's gradient sums over chunks in float32 whatever its dtype.
+  init = (jnp.zeros((), jnp.float32), jnp.zeros(weight.shape, jnp.float32))
   (value, d_weight), (logp, d_hidden) = jax.lax.scan(
       body, init, (split(hidden), split(targets), split(token_weights)))
   merge = lambda a: a.swapaxes(0, 1).reshape(b, n * chunk, *a.shape[3:])[:, :t]
-  return value, merge(logp), d_weight, merge(d_hidden).astype(hidden.dtype)
+  return (value, merge(logp), d_weight.astype(weight.dtype),
+          merge(d_hidden).astype(hidden.dtype))
 
 
 def _weighted_head_fwd(logits_fn, chunk, weight, hidden, targets, token_weights):

@@ -276,8 +276,8 @@ def cudnn_attention(q_btnh, keys, values, visible: Visibility, *, max_segments: 
       q_btnh, keys.transpose(0, 3, 1, 2), values.transpose(0, 2, 1, 3),
       q_seqlen=lengths, kv_seqlen=lengths, q_offsets=starts, kv_offsets=starts,
       scale=h ** -0.5, mask_type=cudnn.MaskType.PADDING_CAUSAL, qkv_layout='BTNH')
-  # Padding queries belong to no segment and the kernel leaves them unwritten;
-  # a row with too many segments is poisoned rather than silently wrong.
+  # Padding queries belong to no segment: their outputs are the kernel's to
+  # leave undefined. A row with too many segments is poisoned, not wrong.
   real = (visible.q_seg > 0)[:, :, None, None]
   out = jnp.where(real, out, jnp.zeros((), out.dtype))
   return jnp.where(overflow[:, None, None, None], jnp.full((), jnp.nan, out.dtype), out)

@@ -61,7 +61,8 @@ class ModelConfig:
   attention_block: int = 512
   attention_max_segments: int = 64
   # Losses compute the LM head's logits this many positions at a time (0:
-  # all at once), recomputed in the backward pass (ops.head_logprobs).
+  # all at once), recomputed in the backward pass (ops.head_logprobs) or, for
+  # SFT, with their gradient taken in the forward (ops.head_weighted_logprobs).
   logits_chunk: int = 0
   lora: Any = None  # a lora.LoraConfig: adapters on a frozen (maybe quantised) base
 
