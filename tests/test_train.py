@@ -222,6 +222,19 @@ def test_nan_loss_stops_without_overwriting_checkpoint(tiny_checkpoint, run_of_4
   assert saved == [4]  # nothing written after the blow-up
 
 
+def test_nan_stop_names_the_cudnn_segment_limit():
+  """attention='cudnn' poisons a packed row with too many segments (NaN), so
+  the NaN stop names that limit too; other runs get the usual advice only."""
+  import ml_collections
+  from jpost.trainers import loop
+  config = ml_collections.ConfigDict({'model': {'attention': 'cudnn',
+                                                'attention_max_segments': 32}})
+  assert 'config.model.attention_max_segments (32)' in loop._nan_hint(config)
+  config.model.attention = 'auto'
+  assert loop._nan_hint(config) == ''
+  assert loop._nan_hint(ml_collections.ConfigDict({'total_steps': 1})) == ''
+
+
 def test_resume_with_another_optimiser_structure_is_a_clear_error(tiny_checkpoint, run_of_4_steps,
                                                                   tmp_path):
   workdir = _copy_of(run_of_4_steps, tmp_path)

@@ -366,7 +366,7 @@ def train(config, workdir: pathlib.Path, *, state, data_iter, step_fn: Callable,
         with jax.transfer_guard(guard):
           state, out = step_fn(state, step)
         step += 1
-        _stop_if_not_finite(out, step, ckpt)
+        _stop_if_not_finite(out, step, ckpt, _nan_hint(config))
         evaluated = eval_due(step)
         if evaluated:
           out |= evaluate(state, step)
@@ -415,13 +415,24 @@ def _own_data_state(saved: dict, directory, step: int):
   return states[jax.process_index()]
 
 
-def _stop_if_not_finite(out: dict, step: int, ckpt) -> None:
+def _stop_if_not_finite(out: dict, step: int, ckpt, hint: str = '') -> None:
   if not math.isfinite(float(out['loss'])):
     raise FloatingPointError(
         f'loss is {out["loss"]} at step {step}; stopping without saving. The last good '
         f'checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is kept. Lower '
         'config.optim.lr, enable clipping (config.optim.clip_norm) or check the data '
-        'and rewards.')
+        f'and rewards.{hint}')
+
+
+def _nan_hint(config) -> str:
+  """What else makes this run's loss NaN: attention='cudnn' poisons a packed
+  row with more segments than it was compiled for (models/attention.py)."""
+  model = config.get('model') or {}
+  if model.get('attention') != 'cudnn':
+    return ''
+  return (" With attention='cudnn', a packed row of more than "
+          f"config.model.attention_max_segments ({model.get('attention_max_segments', 64)}) "
+          'segments gives NaN outputs: raise it.')
 
 
 def _console(step: int, total: int, out: dict) -> None:
