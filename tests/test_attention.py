@@ -1,7 +1,8 @@
-"""Every attention implementation equals the materialised reference ('xla'),
-forward and gradients, on packed rows, left padding, a sliding window and
-GQA 3:1 (float32; bound: 1e-5 relative); the model with each implementation
-and remat policy gives the reference's logits and gradients."""
+"""Every attention implementation that runs on CPU equals the materialised
+reference ('xla'), forward and gradients, on packed rows, left padding, a
+sliding window and GQA 3:1 (float32; bound: 1e-5 relative); the model with
+each implementation and remat policy gives the reference's logits and
+gradients. cuDNN's kernel needs a GPU: here, the spans it is given."""
 
 import re
 
