@@ -183,7 +183,9 @@ def head_weighted_logprobs(logits_fn, weight, hidden, targets, token_weights, *,
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _weighted_head(logits_fn, chunk, weight, hidden, targets, token_weights):
-  return _weighted_head_parts(logits_fn, chunk, weight, hidden, targets, token_weights)[:2]
+  # Undifferentiated (evaluation): the log-probs alone, no gradients to drop.
+  logp = head_logprobs(lambda h: logits_fn(h, weight), hidden, targets, chunk=chunk)
+  return jnp.sum(logp * token_weights.astype(jnp.float32)), logp
 
 
 def _weighted_head_parts(logits_fn, chunk, weight, hidden, targets, token_weights):

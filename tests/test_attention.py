@@ -320,6 +320,8 @@ def test_weighted_head_takes_the_same_gradient_in_the_forward_pass(chunk):
   chex.assert_trees_all_equal_shapes_and_dtypes(grads, (hidden, head))
   for g, w in zip(grads, ref_grads):
     assert_norm_close(g, w, bound=1e-5)
+  # Undifferentiated (evaluation), the same value and log-probs.
+  assert_norm_close(jax.jit(fused)(hidden, head)[0], value, bound=1e-6)
 
 
 def test_prefill_over_the_cache_goes_blockwise_and_samples_the_same(monkeypatch):
