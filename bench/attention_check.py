@@ -75,7 +75,8 @@ def main():
     out = jax.jit(fn)(*(x.astype(dtype) for x in inputs))
     out_err = rel(np.asarray(out, np.float32)[real], np.asarray(ref_out)[real])
     _, grads = value_and_grads(fn, dtype)
-    grad_err = max(rel(g, r) for g, r in zip(grads, ref))
+    grad_errs = [rel(g, r) for g, r in zip(grads, ref)]  # dq, dk, dv
+    grad_err = max(grad_errs)
     step = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * weights),
                             argnums=(0, 1, 2)))
     x = [v.astype(dtype) for v in inputs]
@@ -86,10 +87,13 @@ def main():
       jax.block_until_ready(step(*x))
       times.append(time.perf_counter() - tic)
     ms = 1e3 * statistics.median(times)
+    nan = [int(jnp.isnan(g.astype(jnp.float32)).sum()) for g in grads]
     print(f'{name:9s} {jnp.dtype(dtype).name:8s} output err {out_err:.1e}, grads err '
-          f'{grad_err:.1e} (vs xla float32), forward+backward {ms:.1f} ms', flush=True)
+          f'{grad_err:.1e} (dq/dk/dv {"/".join(f"{e:.1e}" for e in grad_errs)}; NaNs '
+          f'{"/".join(map(str, nan))}; vs xla float32), forward+backward {ms:.1f} ms', flush=True)
     return {'impl': name, 'dtype': jnp.dtype(dtype).name, 'output_rel_err': out_err,
-            'grad_rel_err': grad_err, 'fwd_bwd_ms': round(ms, 2)}
+            'grad_rel_err': grad_err, 'grad_rel_errs': grad_errs, 'grad_nans': nan,
+            'fwd_bwd_ms': round(ms, 2)}
 
   results = []
   for name in args.impls.split(','):

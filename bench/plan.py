@@ -178,6 +178,8 @@ def main():
   parser.add_argument('--attention', default='auto')
   parser.add_argument('--logits-chunk', type=int,
                       help="LM-head positions per chunk: the recipe's (SFT 512, GRPO 64)")
+  parser.add_argument('--max-segments', type=int,
+                      help="attention_max_segments (cuDNN's workspace grows with it)")
   parser.add_argument('--layers', type=int, help='fewer layers than the shape (a quick check)')
   parser.add_argument('--fsdp', type=int, default=1, help='devices the state is sharded over')
   parser.add_argument('--compile', action='store_true', help="compare with XLA's assignment")
@@ -194,6 +196,8 @@ def main():
                    logits_chunk=args.logits_chunk)
   if args.layers:
     overrides['num_layers'] = args.layers
+  if args.max_segments:
+    overrides['attention_max_segments'] = args.max_segments
   cfg = shapes.config(args.shape, **overrides)
   if args.grpo:
     return print_grpo(cfg, args, *map(int, args.grpo.split(',')))
@@ -205,7 +209,7 @@ def main():
   out = {'shape': args.shape, 'layers': cfg.num_layers, 'params': cfg.num_params(),
          'batch': args.batch, 'seq_len': args.seq_len, 'dtype': args.dtype,
          'remat': args.remat, 'attention': args.attention, 'logits_chunk': args.logits_chunk,
-         'fsdp': args.fsdp, 'predicted_gb': {k: round(v / 2**30, 3) for k, v in plan.items()},
+         'fsdp': args.fsdp, 'max_segments': cfg.attention_max_segments, 'predicted_gb': {k: round(v / 2**30, 3) for k, v in plan.items()},
          'step_flops': flops, 'roofline_step_s': round(flops / peak, 3)}
   width = max(map(len, plan))
   print(f"{args.shape} ({cfg.num_layers} layers, {cfg.num_params() / 1e9:.2f}B params), "

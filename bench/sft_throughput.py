@@ -3,7 +3,7 @@ or a real model shape with random weights (jpost.models.shapes).
 
   python bench/sft_throughput.py [--batch 8] [--seq-len 256] [--steps 6] [--dtypes bfloat16]
       [--remat full,dots,none | --no-remat] [--attention auto,xla,blockwise,pallas,cudnn]
-      [--shape llama-3.2-1b] [--logits-chunk 512]
+      [--shape llama-3.2-1b] [--logits-chunk 512] [--pad N]
       (defaults: configs/sft.py's: bfloat16, remat dots, attention auto, chunk 512)
 
 Each (dtype, attention, remat) setting runs in its own process (float32 master
@@ -25,22 +25,26 @@ import subprocess
 import sys
 
 
-def synthetic_batches(batch: int, seq_len: int, vocab: int):
-  """Packed rows of random tokens: two samples per row, targets on the second half."""
+def synthetic_batches(batch: int, seq_len: int, vocab: int, pad: int = 0):
+  """Packed rows of random tokens: two samples per row, targets on the second
+  half of each, then `pad` tokens of padding (segment 0)."""
   import numpy as np
   rng = np.random.RandomState(0)
+  real = seq_len - pad
+  half = real // 2
+  segments = np.repeat(np.array([1, 2, 0], np.int32), [half, real - half, pad])
+  positions = np.concatenate([np.arange(half), np.arange(real - half), np.zeros(pad, int)])
+  mask = (segments > 0) & (positions >= half // 2)
   while True:
-    half = seq_len // 2
-    segments = np.repeat(np.array([1, 2], np.int32), [half, seq_len - half])[None].repeat(batch, 0)
-    positions = np.concatenate([np.arange(half), np.arange(seq_len - half)])[None].repeat(batch, 0)
-    mask = (positions >= half // 2).astype(np.int32)
     yield {'tokens': rng.randint(0, vocab, (batch, seq_len)).astype(np.int32),
-           'positions': positions.astype(np.int32), 'segment_ids': segments, 'loss_mask': mask}
+           'positions': positions[None].repeat(batch, 0).astype(np.int32),
+           'segment_ids': segments[None].repeat(batch, 0),
+           'loss_mask': mask[None].repeat(batch, 0).astype(np.int32)}
 
 
 def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: str,
             random_init: bool, attention: str = 'auto', shape: str = 'smollm2-135m',
-            logits_chunk: int = 512) -> dict:
+            logits_chunk: int = 512, pad: int = 0) -> dict:
   import jax
 
   from jpost import metrics, sharding
@@ -56,11 +60,12 @@ def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: str,
                             remat=remat, attention=attention, logits_chunk=logits_chunk)
   step, state = common.sft_step(model, mesh, steps)
   if random_init:
-    batches = synthetic_batches(batch, seq_len, model.config.vocab_size)
+    batches = synthetic_batches(batch, seq_len, model.config.vocab_size, pad)
   else:
     tokenizer = Tokenizer.from_dir(pretrained.resolve('smollm2-135m-instruct'))
     data, _ = pipeline.build('sft', pipeline.resolve_sources('gsm8k:sft'), tokenizer,
-                             batch_size=batch, max_len=seq_len, truncation='truncate_left')
+                             batch_size=batch, max_len=seq_len, truncation='truncate_left',
+                             max_segments=model.config.attention_max_segments)
     batches = iter(data)
   out, times, tokens = common.time_steps(step, state, batches, mesh, steps + 1)
   compile_s, run_times = times[0], times[1:]
@@ -70,7 +75,7 @@ def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: str,
   flops = metrics.flops_per_token(model.config, seq_len) * tokens_per_step
   from jpost.models import attention as attn
   chosen = attn.choose(attention, key_len=seq_len, block=model.config.attention_block,
-                       sliding_window=model.config.sliding_window)
+                       sliding_window=model.config.sliding_window, dtype=dtype)
   return {'shape': shape, 'dtype': dtype, 'random_init': random_init, 'batch': batch,
           'seq_len': seq_len, 'remat': remat, 'attention': f'{attention} ({chosen})',
           'logits_chunk': logits_chunk, 'params': model.config.num_params(),
@@ -108,11 +113,14 @@ def main():
   parser.add_argument('--logits-chunk', type=int, default=512)
   parser.add_argument('--random-init', action='store_true',
                       help='random weights of SmolLM2-135M shape and synthetic batches')
+  parser.add_argument('--pad', type=int, default=0,
+                      help='synthetic rows: end each with this many padding tokens')
   parser.add_argument('--one', help=argparse.SUPPRESS)  # internal: run one dtype
   args = parser.parse_args()
   if args.one:
     print(json.dumps(measure(args.one, args.batch, args.seq_len, args.steps, args.remat,
-                             args.random_init, args.attention, args.shape, args.logits_chunk)))
+                             args.random_init, args.attention, args.shape, args.logits_chunk,
+                             args.pad)))
     return
   policies = args.remat.split(',')
   if not set(policies) <= {'full', 'dots', 'none'}:
@@ -123,7 +131,8 @@ def main():
     cmd = [sys.executable, __file__, '--one', dtype, '--batch', str(args.batch),
            '--seq-len', str(args.seq_len), '--steps', str(args.steps), '--remat', remat,
            '--attention', attention, '--shape', args.shape,
-           '--logits-chunk', str(args.logits_chunk)] + ['--random-init'] * args.random_init
+           '--logits-chunk', str(args.logits_chunk), '--pad', str(args.pad)
+           ] + ['--random-init'] * args.random_init
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:  # e.g. out of memory: say so, and measure the other settings
       print(f'{args.shape} {dtype} attention {attention} remat {remat}: failed '

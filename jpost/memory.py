@@ -8,7 +8,8 @@ config and the batch's shape before anything is compiled or allocated
   saved activations: what the remat policy keeps per layer, x layers;
   layer backward: one layer's recomputed activations and their gradients;
   attention: the score blocks alive at once (T x T materialised, T x block
-      blockwise, none for a fused kernel);
+      blockwise, none for the Pallas kernel; cuDNN's backward workspace,
+      which grows with `attention_max_segments`);
   LM head: one chunk of float32 logits (XLA reuses it for the gradient).
 
 The constants (how many [tokens, D] / [tokens, F] buffers are alive) were
@@ -31,15 +32,26 @@ def _attention(cfg: ModelConfig, name: str, rows: float, queries: int, keys: int
   attending to `keys` (blockwise: one block's probabilities and gradient; a
   fused kernel keeps none); materialised ones times the layers when nothing
   recomputes them (the blockwise path recomputes its blocks in its own backward)."""
-  width = {'xla': keys, 'blockwise': min(cfg.attention_block, keys), 'pallas': 0}[name]
-  alive = {'xla': 3, 'blockwise': 2, 'pallas': 0}[name]
+  if name == 'pallas':  # fused: no scores leave the kernel
+    return 0.0
+  if name == 'cudnn':
+    # No scores either, but cuDNN's backward takes a workspace of about 8
+    # bytes (a float32 dQ accumulator, dK and dV over all query heads) per
+    # query head x head dim x position x span slot: its packed layout treats
+    # every span slot of a row as a sequence of the row's length. Read off
+    # XLA's assignment on an H200: 32.6 GB for the 1B shape at 8 x 4096 with
+    # 66 slots, against 32.98 by this formula.
+    slots = cfg.attention_max_segments + 2  # attention.cudnn_attention's spans
+    return rows * slots * queries * cfg.num_heads * cfg.head_size * 8
+  width = {'xla': keys, 'blockwise': min(cfg.attention_block, keys)}[name]
+  alive = {'xla': 3, 'blockwise': 2}[name]
   return rows * cfg.num_heads * queries * width * 4 * alive * (
       cfg.num_layers if cfg.remat_policy == 'none' and name == 'xla' else 1)
 
 
 def _implementation(cfg: ModelConfig, key_len: int) -> str:
   return attn.choose(cfg.attention, key_len=key_len, block=cfg.attention_block,
-                     sliding_window=cfg.sliding_window)
+                     sliding_window=cfg.sliding_window, dtype=cfg.dtype)
 
 
 def _activations(cfg: ModelConfig, tokens: float, attention: float, head_rows: float,
@@ -77,7 +89,7 @@ def rl_update_activations(cfg: ModelConfig, prompts: float, samples: int, prompt
   `samples` completions (decoder.shared_prompt_stack)."""
   rows = prompts * samples
   completion = _implementation(cfg, prompt_len + new_tokens)
-  if completion == 'pallas':  # the kernel is self-attention only (attention.attend)
+  if completion in ('pallas', 'cudnn'):  # the kernels are self-attention only (attention.attend)
     completion = 'blockwise'
   scores = (_attention(cfg, _implementation(cfg, prompt_len), prompts, prompt_len, prompt_len)
             + _attention(cfg, completion, rows, new_tokens, prompt_len + new_tokens))

@@ -88,21 +88,33 @@ def _mask_of_spans(lengths, starts, t):
 def test_cudnn_segment_spans_give_the_reference_visibility():
   """The kernel itself needs a GPU (bench/attention_check.py in bench/gpu.sh
   compares it with 'xla'); here: the spans it is given describe exactly the
-  reference's mask for packed rows and left padding, and a row with more
-  segments than the limit is flagged."""
+  reference's mask for real queries on packed rows with left and trailing
+  padding; every token lies in one span (a query in none gets NaN gradients
+  from cuDNN), padding runs see only padding; and a row with more spans than
+  the limit is flagged."""
   pos, seg = _rows()
+  # A third row: two packed samples, then trailing padding.
+  seg = jnp.concatenate([seg, jnp.repeat(jnp.array([[1, 2, 0]]), jnp.array([20, 12, 8]),
+                                         axis=1, total_repeat_length=T)])
+  pos = jnp.concatenate([pos, jnp.concatenate([jnp.arange(20), jnp.arange(12),
+                                               jnp.zeros(8, jnp.int32)])[None]])
   lengths, starts, overflow = jax.jit(attn.segment_spans, static_argnums=1)(seg, 4)
-  np.testing.assert_array_equal(lengths, [[15, 10, 15, -1], [33, -1, -1, -1]])
-  np.testing.assert_array_equal(starts, [[0, 15, 25, -1, -1], [7, -1, -1, -1, -1]])
-  np.testing.assert_array_equal(overflow, [False, False])
-  np.testing.assert_array_equal(_mask_of_spans(np.asarray(lengths), np.asarray(starts), T),
-                                attn.mask_of(pos, seg, pos, seg))
+  np.testing.assert_array_equal(lengths, [[15, 10, 15, -1], [7, 33, -1, -1], [20, 12, 8, -1]])
+  np.testing.assert_array_equal(starts, [[0, 15, 25, -1, -1], [0, 7, -1, -1, -1],
+                                         [0, 20, 32, -1, -1]])
+  np.testing.assert_array_equal(overflow, [False, False, False])
+  spans = _mask_of_spans(np.asarray(lengths), np.asarray(starts), T)
+  real = np.asarray(seg) > 0
+  reference = np.asarray(attn.mask_of(pos, seg, pos, seg))
+  np.testing.assert_array_equal(spans[real], reference[real])
+  assert spans[np.arange(3)[:, None], np.arange(T), np.arange(T)].all()  # each sees itself
+  assert not (spans & ~real[:, :, None] & real[:, None, :]).any()  # padding sees no real key
   lengths, starts, overflow = attn.segment_spans(seg, 2)
-  np.testing.assert_array_equal(overflow, [True, False])
+  np.testing.assert_array_equal(overflow, [True, False, True])
+  np.testing.assert_array_equal(lengths, [[15, 10], [7, 33], [20, 12]])
   # Whether jax places GQA keys right in the packed layout is asked at trace
   # time (jax 0.10's offsets follow the queries' head count: K/V get repeated).
   assert jax.jit(lambda: jnp.asarray(attn._cudnn_key_token_stride()))() in (8, 16)
-  np.testing.assert_array_equal(lengths, [[15, 10], [33, -1]])
   if jax.default_backend() != 'gpu':
     with pytest.raises(ValueError, match="attention='cudnn' needs a GPU"):
       attn.attend(*_inputs(), attn.Visibility(pos, seg, pos, seg), implementation='cudnn',
@@ -134,7 +146,12 @@ def test_blockwise_holds_no_score_matrix():
 
 
 def test_auto_picks_by_backend_length_and_window():
-  assert attn.choose('auto', key_len=4096, block=512, sliding_window=None, backend='gpu') == 'pallas'
+  gpu = dict(key_len=4096, block=512, sliding_window=None, backend='gpu')
+  assert attn.choose('auto', **gpu, dtype='bfloat16', capability=9.0) == 'cudnn'  # Hopper
+  assert attn.choose('auto', **gpu, dtype='float16', capability=10.0) == 'cudnn'
+  assert attn.choose('auto', **gpu, dtype='float32', capability=9.0) == 'pallas'  # cuDNN: 16-bit
+  assert attn.choose('auto', **gpu, dtype='bfloat16', capability=8.0) == 'pallas'  # an A100
+  assert attn.choose('auto', **gpu) == 'pallas'  # dtype unknown
   assert attn.choose('auto', key_len=4096, block=512, sliding_window=64,
                      backend='gpu') == 'blockwise'
   assert attn.choose('auto', key_len=4096, block=512, sliding_window=None,

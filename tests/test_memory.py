@@ -39,6 +39,13 @@ def test_sft_parts_by_hand():
   assert none['saved_activations'] == 3 * layer and none['attention'] == 3 * parts['attention']
   dots = memory.step_activations(_config(remat='dots'), rows=2, seq_len=8)
   assert dots['saved_activations'] == 2 * 8 * 2 * (16 + 32 + 16 + 2 * 32) * 3
+  # Fused kernels keep no scores; cuDNN's backward workspace grows with the
+  # span slots of its packed layout (attention_max_segments + 2 padding runs).
+  assert memory.step_activations(_config(attention='pallas'), rows=2, seq_len=8)['attention'] == 0
+  for segments in (4, 14):
+    cudnn = memory.step_activations(_config(attention='cudnn', attention_max_segments=segments),
+                                    rows=2, seq_len=8)
+    assert cudnn['attention'] == 2 * (segments + 2) * 8 * 4 * 4 * 8
   # A scalar head (reward models, PRMs) in place of the LM head.
   assert memory.step_activations(cfg, rows=2, seq_len=8, lm_head=False) == parts | {'lm_head': 0}
   state = memory.with_state(cfg, parts)

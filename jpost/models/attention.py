@@ -12,16 +12,18 @@
   within a segment) is causal by position. No sliding window; GQA by
   repeating K/V heads (the kernel needs equal head counts).
 - 'cudnn': cuDNN's fused flash attention (Hopper or newer) in its packed
-  layout: each row's segments as start offsets and lengths, at most
-  `max_segments` per row (a row with more gets NaN outputs, which stop a
-  run, rather than wrong ones). GQA without repeating K/V where this jax
+  layout: each row's segments (and padding runs) as start offsets and
+  lengths, at most `max_segments` segments per row besides a padding run at
+  either end (a row with more gets NaN outputs, which stop a run, rather
+  than wrong ones). GQA without repeating K/V where this jax
   offsets packed keys right (`cudnn_offsets_follow_key_heads`); bfloat16 or
   float16 only; no sliding window. Reached through jax's private cuDNN
   module: the public `jax.nn.dot_product_attention` takes one length per
   row, not segments.
 - 'auto': 'xla' while the keys fit in one block (nothing to gain, and the
-  path every short run has used); beyond that 'pallas' on GPU without a
-  sliding window, else 'blockwise'.
+  path every short run has used); beyond that, on a GPU without a sliding
+  window, 'cudnn' for bfloat16/float16 compute on Hopper or newer, else
+  'pallas'; elsewhere 'blockwise'.
 
 Queries are [B, T, N, H], keys [B, K, H, S], values [B, K, S, H] (K key/value
 heads serve N // K query heads each), as in jpost.models.decoder.
@@ -62,8 +64,10 @@ def mask_of(q_pos, q_seg, k_pos, k_seg, sliding_window: int | None = None):
 
 
 def choose(name: str, *, key_len: int, block: int, sliding_window: int | None,
-           backend: str | None = None) -> str:
-  """The implementation `name` resolves to for keys of `key_len` tokens."""
+           dtype=None, backend: str | None = None, capability: float | None = None) -> str:
+  """The implementation `name` resolves to for keys of `key_len` tokens in
+  compute `dtype`; `capability`: the GPU's compute capability (None: ask
+  the device)."""
   if name not in IMPLEMENTATIONS:
     raise ValueError(f'attention={name!r}; use one of {IMPLEMENTATIONS}.')
   if name != 'auto':
@@ -71,14 +75,21 @@ def choose(name: str, *, key_len: int, block: int, sliding_window: int | None,
   if key_len <= block:
     return 'xla'
   backend = backend or jax.default_backend()
-  return 'pallas' if backend == 'gpu' and sliding_window is None else 'blockwise'
+  if backend != 'gpu' or sliding_window is not None:
+    return 'blockwise'
+  # cuDNN's packed layout needs Hopper (9.0) and 16-bit inputs; there it ran
+  # 3.8x faster than the Pallas kernel (bench/RESULTS.md, H200).
+  if capability is None:
+    capability = float(getattr(jax.devices()[0], 'compute_capability', 0) or 0)
+  sixteen_bit = dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  return 'cudnn' if sixteen_bit and capability >= 9.0 else 'pallas'
 
 
 def attend(q_btnh, keys, values, visible: Visibility, *, implementation: str, block: int,
            sliding_window: int | None = None, max_segments: int = 64):
   """Attention output [B, T, N, H] by the named implementation."""
   name = choose(implementation, key_len=keys.shape[-1], block=block,
-                sliding_window=sliding_window)
+                sliding_window=sliding_window, dtype=q_btnh.dtype)
   if name == 'xla':
     return dense_attention(q_btnh, keys, values, mask_of(*visible, sliding_window))
   if name in ('pallas', 'cudnn') and keys.shape[-1] != q_btnh.shape[1]:
@@ -240,44 +251,54 @@ def pallas_attention(q_btnh, keys, values, visible: Visibility, *, interpret: bo
 # --- cudnn: cuDNN's flash attention over packed segments (GPU) ----------------
 
 
-def segment_spans(seg, max_segments: int):
+def segment_spans(seg, max_spans: int):
   """Rows of segment ids [B, T] in cuDNN's packed layout: (lengths [B, M],
-  starts [B, M + 1], overflow [B]) with M = max_segments. A segment is a run
-  of one non-zero id (padding, id 0, belongs to none); entries past a row's
-  last segment are -1, as cuDNN wants them; `overflow` marks rows with more
-  than M segments, whose later segments the spans leave out."""
+  starts [B, M + 1], overflow [B]) with M = max_spans. A span is a run of one
+  id, padding (id 0) included: every query then lies in a span and sees at
+  least itself. A query in no span has no visible key, and cuDNN's backward
+  turns such a row into NaN gradients for the whole step (seen on an H200,
+  jax 0.11.2). Padding runs see only padding, whose outputs are zeroed, so
+  real tokens see exactly the reference's keys. Entries past a row's last
+  span are -1, as cuDNN wants them; `overflow` marks rows with more than M
+  spans, whose later spans are left out."""
   seg = seg.astype(jnp.int32)
-  before = jnp.pad(seg, ((0, 0), (1, 0)))[:, :-1]
-  opens = (seg != 0) & (seg != before)
+  before = jnp.pad(seg, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
+  opens = seg != before  # the first token always opens a span
   count = jnp.sum(opens, axis=1)
-  run = jnp.where(seg != 0, jnp.cumsum(opens, axis=1) - 1, max_segments)
-  lengths = jax.vmap(lambda r: jnp.zeros(max_segments, jnp.int32).at[r].add(1, mode='drop'))(run)
-  starts = jax.vmap(lambda o: jnp.nonzero(o, size=max_segments, fill_value=-1)[0])(opens)
-  present = jnp.arange(max_segments) < count[:, None]
+  run = jnp.cumsum(opens, axis=1) - 1
+  lengths = jax.vmap(lambda r: jnp.zeros(max_spans, jnp.int32).at[r].add(1, mode='drop'))(run)
+  starts = jax.vmap(lambda o: jnp.nonzero(o, size=max_spans, fill_value=-1)[0])(opens)
+  present = jnp.arange(max_spans) < count[:, None]
   lengths = jnp.where(present, lengths, -1)
   starts = jnp.pad(jnp.where(present, starts, -1).astype(jnp.int32), ((0, 0), (0, 1)),
                    constant_values=-1)
-  return lengths, starts, count > max_segments
+  return lengths, starts, count > max_spans
 
 
-def cudnn_attention(q_btnh, keys, values, visible: Visibility, *, max_segments: int):
+def cudnn_attention(q_btnh, keys, values, visible: Visibility, *, max_segments: int,
+                    repeat_kv: bool | None = None):
   """Self-attention over packed/padded rows by cuDNN's fused kernel: causal
   by index within each segment, which for jpost's rows (positions rise by
-  one within a segment) is causal by position, as in 'pallas'."""
+  one within a segment) is causal by position, as in 'pallas'. Rows hold up
+  to `max_segments` segments plus a padding run at either end. `repeat_kv`:
+  repeat K/V heads for GQA (None: where this jax needs it)."""
   from jax._src.cudnn import fused_attention_stablehlo as cudnn
   b, t, n, h = q_btnh.shape
   if q_btnh.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"attention='cudnn' takes bfloat16 or float16 compute, not "
                      f"{q_btnh.dtype}; set the model's dtype or use 'auto'.")
-  if keys.shape[1] != n and not cudnn_offsets_follow_key_heads():
+  if repeat_kv is None:
+    repeat_kv = not cudnn_offsets_follow_key_heads()
+  if keys.shape[1] != n and repeat_kv:
     keys, values = (jnp.repeat(a, n // keys.shape[1], axis=1) for a in (keys, values))
-  lengths, starts, overflow = segment_spans(visible.q_seg, max_segments)
+  lengths, starts, overflow = segment_spans(visible.q_seg, max_segments + 2)
   out = cudnn.dot_product_attention(
       q_btnh, keys.transpose(0, 3, 1, 2), values.transpose(0, 2, 1, 3),
       q_seqlen=lengths, kv_seqlen=lengths, q_offsets=starts, kv_offsets=starts,
       scale=h ** -0.5, mask_type=cudnn.MaskType.PADDING_CAUSAL, qkv_layout='BTNH')
-  # Padding queries belong to no segment: their outputs are the kernel's to
-  # leave undefined. A row with too many segments is poisoned, not wrong.
+  # Padding queries attended padding: their outputs (and so the gradients
+  # they send back) are zero. A row with too many segments is poisoned, not
+  # wrong.
   real = (visible.q_seg > 0)[:, :, None, None]
   out = jnp.where(real, out, jnp.zeros((), out.dtype))
   return jnp.where(overflow[:, None, None, None], jnp.full((), jnp.nan, out.dtype), out)
