@@ -41,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # README, "Attention and memory": implementation, key block, LM-head chunk.
       # The chunk counts positions per row, and an update has prompts x samples
       # rows: 64 (not SFT's 512) keeps their [rows, chunk, vocab] logits small.
-      attention='auto', attention_block=512, attention_max_segments=64, logits_chunk=64))
+      attention='auto', attention_block=512, attention_max_segments=16, logits_chunk=64))
   # LoRA/QLoRA (README, "LoRA and QLoRA"): rank 0 is full fine-tuning.
   c.lora = lora.default_config()
   c.data = ml_collections.ConfigDict(dict(

@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       path='smollm2-135m-instruct', dtype='bfloat16', param_dtype='float32', remat='dots',
       # README, "Attention and memory": implementation, key block, LM-head chunk.
-      attention='auto', attention_block=512, attention_max_segments=64, logits_chunk=512))
+      attention='auto', attention_block=512, attention_max_segments=16, logits_chunk=512))
   # LoRA/QLoRA (README, "LoRA and QLoRA"): rank 0 is full fine-tuning.
   c.lora = lora.default_config()
   # Rows longer than max_len keep the steps that end inside it (counted as

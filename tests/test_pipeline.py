@@ -134,6 +134,18 @@ def test_packed_loss_equals_unpacked_loss(smollm2):
     np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-5)
 
 
+def test_packed_rows_hold_at_most_max_segments(smollm2):
+  """The packer closes a row at `max_segments` samples (what attention='cudnn'
+  is compiled for) and loses none of them."""
+  def segments(max_segments):
+    ds, _ = pipeline.build('sft', _sft_rows(12), smollm2, batch_size=1, max_len=512,
+                           num_epochs=1, seed=3, max_segments=max_segments)
+    return [len(set(b['segment_ids'][0].tolist()) - {0}) for b in ds]
+  free, capped = segments(None), segments(2)
+  assert max(free) > 2 and max(capped) == 2
+  assert sum(free) == sum(capped) == 12
+
+
 def test_no_attention_across_segments():
   cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                     num_heads=4, num_kv_heads=2)

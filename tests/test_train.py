@@ -231,7 +231,7 @@ def test_nan_stop_names_the_cudnn_segment_limit():
                                                 'attention_max_segments': 32}})
   assert 'config.model.attention_max_segments (32)' in loop._nan_hint(config)
   config.model.attention = 'auto'
-  assert loop._nan_hint(config) == ''
+  assert loop._nan_hint(config) == ''  # 'auto' picks cuDNN on a GPU only
   assert loop._nan_hint(ml_collections.ConfigDict({'total_steps': 1})) == ''
 
 

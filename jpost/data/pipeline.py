@@ -244,10 +244,12 @@ def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max
           weights: Sequence[float] | None = None, seed: int = 0, num_epochs: int | None = None,
           policy: str = 'error', shard_index: int = 0, shard_count: int = 1,
           num_threads: int = 0, require_assistant: bool = False, drop_remainder: bool = True,
-          step_separator: str = steps.DEFAULT_SEPARATOR):
+          step_separator: str = steps.DEFAULT_SEPARATOR, max_segments: int | None = None):
   """(grain.IterDataset of batches, PipelineStats) for `kind` in KINDS.
 
-  sft: packed (or padded) rows of `tokens, positions, segment_ids, loss_mask`.
+  sft: packed (or padded) rows of `tokens, positions, segment_ids, loss_mask`;
+    a packed row holds at most `max_segments` samples (the model's
+    `attention_max_segments`, which attention='cudnn' is compiled for).
   preference: `chosen_*` and `rejected_*` of the same row side by side, padded.
   prompt: left-padded `tokens, positions, segment_ids` plus `extra` (the row's
     other columns, unchanged) and `prompt`, lists of length batch_size.
@@ -291,7 +293,8 @@ def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max
     if packing:
       it = grain.experimental.FirstFitPackIterDataset(
           it, length_struct={'tokens': max_len, 'loss_mask': max_len},
-          num_packing_bins=batch_size, seed=seed, shuffle_bins=False)
+          num_packing_bins=batch_size, seed=seed, shuffle_bins=False,
+          max_sequences_per_bin=max_segments)
       it = it.map(_packed_fields)
     else:
       it = it.map(lambda x: _sequence_fields(x['tokens'], x['loss_mask'], max_len))

@@ -56,10 +56,11 @@ class ModelConfig:
   remat: bool | str = False
   # attention.IMPLEMENTATIONS: 'auto', 'xla', 'blockwise', 'pallas' or 'cudnn';
   # the blockwise path's key block; the most segments a packed row may hold
-  # under 'cudnn' (README, "Attention and memory").
+  # under 'cudnn', whose backward workspace grows with it (SFT's packer caps
+  # rows at it; README, "Attention and memory").
   attention: str = 'auto'
   attention_block: int = 512
-  attention_max_segments: int = 64
+  attention_max_segments: int = 16
   # Losses compute the LM head's logits this many positions at a time (0:
   # all at once), recomputed in the backward pass (ops.head_logprobs) or, for
   # SFT, with their gradient taken in the forward (ops.head_weighted_logprobs).

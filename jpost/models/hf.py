@@ -199,7 +199,7 @@ def compute_options(config) -> dict:
   m = config.model
   return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.get('remat', False),
               attention=m.get('attention', 'auto'), attention_block=m.get('attention_block', 512),
-              attention_max_segments=m.get('attention_max_segments', 64),
+              attention_max_segments=m.get('attention_max_segments', 16),
               logits_chunk=m.get('logits_chunk', 0))
 
 

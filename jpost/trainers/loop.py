@@ -425,13 +425,15 @@ def _stop_if_not_finite(out: dict, step: int, ckpt, hint: str = '') -> None:
 
 
 def _nan_hint(config) -> str:
-  """What else makes this run's loss NaN: attention='cudnn' poisons a packed
-  row with more segments than it was compiled for (models/attention.py)."""
+  """What else makes this run's loss NaN: attention='cudnn' ('auto' on a
+  GPU may pick it) poisons a packed row with more segments than it was
+  compiled for (models/attention.py); SFT's packer never makes one."""
   model = config.get('model') or {}
-  if model.get('attention') != 'cudnn':
+  if model.get('attention') != 'cudnn' and not (
+      model.get('attention', 'auto') == 'auto' and jax.default_backend() == 'gpu'):
     return ''
   return (" With attention='cudnn', a packed row of more than "
-          f"config.model.attention_max_segments ({model.get('attention_max_segments', 64)}) "
+          f"config.model.attention_max_segments ({model.get('attention_max_segments', 16)}) "
           'segments gives NaN outputs: raise it.')
 
 

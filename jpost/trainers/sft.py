@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jpost import memory, ops
 from jpost.data import pipeline
 from jpost.losses import sft as sft_losses
+from jpost.models import hf
 from jpost.trainers import offline, register
 
 
@@ -35,14 +36,14 @@ def normalizer_fn(batch, *, normalization):
   return jnp.sum(counts > 0)
 
 
-def data_fn(data, *, sources, epochs, seed, batch_size):
+def data_fn(data, *, sources, epochs, seed, batch_size, max_segments):
   def build(tokenizer, shard_index, shard_count):
     return pipeline.build(
         'sft', pipeline.resolve_sources(sources), tokenizer, batch_size=batch_size,
         max_len=data.max_len, mask_mode=data.mask_mode, truncation=data.truncation,
         packing=data.packing, weights=list(data.weights) if data.weights else None,
         seed=seed, num_epochs=epochs, policy=data.policy, shard_index=shard_index,
-        shard_count=shard_count, num_threads=data.num_threads)
+        shard_count=shard_count, num_threads=data.num_threads, max_segments=max_segments)
   return build
 
 
@@ -50,12 +51,15 @@ def data_fn(data, *, sources, epochs, seed, batch_size):
 def run(config, workdir):
   normalization = config.loss.normalization
   data = config.data
+  # Packed rows never hold more samples than the cuDNN kernel is compiled for.
+  max_segments = hf.compute_options(config)['attention_max_segments']
   task = offline.Task(
       loss_fn=functools.partial(loss_fn, normalization=normalization),
       normalizer_fn=functools.partial(normalizer_fn, normalization=normalization),
       train_data=data_fn(data, sources=list(data.train), epochs=None, seed=config.seed,
-                         batch_size=config.batch_size),
+                         batch_size=config.batch_size, max_segments=max_segments),
       eval_data=data_fn(data, sources=list(data.eval), epochs=1, seed=0,
-                        batch_size=config.batch_size) if data.eval else None,
+                        batch_size=config.batch_size, max_segments=max_segments)
+      if data.eval else None,
       activations=memory.step_activations)
   return offline.run(config, workdir, task)
