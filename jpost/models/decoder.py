@@ -293,7 +293,7 @@ def _cache_visibility(positions, segment_ids, cache_positions, cache_segments,
                       cfg: ModelConfig):
   """What new tokens see over the cache's S slots. A prefill of T > 1 tokens
   over a cache longer than one key block goes through `cfg.attention` (the
-  blockwise path off GPU and for the Pallas kernel, which is self-attention
+  blockwise path off GPU and for the fused kernels, which are self-attention
   only), so a long prompt never materialises [B, N, T, S] scores; a decode
   step (T = 1) takes the dense [B, 1, S] mask, cheaper than a scan over blocks."""
   implementation = attn.choose(cfg.attention, key_len=cache_segments.shape[1],
