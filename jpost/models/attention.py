@@ -77,8 +77,9 @@ def choose(name: str, *, key_len: int, block: int, sliding_window: int | None,
   backend = backend or jax.default_backend()
   if backend != 'gpu' or sliding_window is not None:
     return 'blockwise'
-  # cuDNN's packed layout needs Hopper (9.0) and 16-bit inputs; there it ran
-  # 3.8x faster than the Pallas kernel (bench/RESULTS.md, H200).
+  # cuDNN's packed layout needs Hopper (9.0) and 16-bit inputs; there its
+  # forward + backward ran 3.3x faster than the Pallas kernel's, and the 1B
+  # SFT step 1.37x faster (bench/RESULTS.md, H200).
   if capability is None:
     capability = float(getattr(jax.devices()[0], 'compute_capability', 0) or 0)
   sixteen_bit = dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
@@ -86,7 +87,7 @@ def choose(name: str, *, key_len: int, block: int, sliding_window: int | None,
 
 
 def attend(q_btnh, keys, values, visible: Visibility, *, implementation: str, block: int,
-           sliding_window: int | None = None, max_segments: int = 64):
+           sliding_window: int | None = None, max_segments: int = 16):
   """Attention output [B, T, N, H] by the named implementation."""
   name = choose(implementation, key_len=keys.shape[-1], block=block,
                 sliding_window=sliding_window, dtype=q_btnh.dtype)
