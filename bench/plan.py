@@ -209,7 +209,8 @@ def main():
   out = {'shape': args.shape, 'layers': cfg.num_layers, 'params': cfg.num_params(),
          'batch': args.batch, 'seq_len': args.seq_len, 'dtype': args.dtype,
          'remat': args.remat, 'attention': args.attention, 'logits_chunk': args.logits_chunk,
-         'fsdp': args.fsdp, 'max_segments': cfg.attention_max_segments, 'predicted_gb': {k: round(v / 2**30, 3) for k, v in plan.items()},
+         'fsdp': args.fsdp, 'max_segments': cfg.attention_max_segments,
+         'predicted_gb': {k: round(v / 2**30, 3) for k, v in plan.items()},
          'step_flops': flops, 'roofline_step_s': round(flops / peak, 3)}
   width = max(map(len, plan))
   print(f"{args.shape} ({cfg.num_layers} layers, {cfg.num_params() / 1e9:.2f}B params), "
