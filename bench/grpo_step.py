@@ -1,12 +1,12 @@
 """GRPO step time for SmolLM2-135M: seconds per step, split into rollout and update.
 
   python bench/grpo_step.py [--steps 5] [--prompts 2] [--samples 8] [--max-new 128]
-                            [--beta 0.04] [--dtype bfloat16] [--remat | --no-remat]
+                            [--beta 0.04] [--dtype auto] [--remat | --no-remat]
                             [--data gsm8k:rl_train] [--logits-chunk N]
 
 Runs the real online loop (jpost.trainers.online, configs/grpo.py with these
 overrides: GSM8K prompts, 2 prompts x 8 samples x up to 128 new tokens,
-beta 0.04, no held-out eval; bfloat16 with remat, as the recipe) and reads its per-step timings. The first step
+beta 0.04, no held-out eval; dtype 'auto' with remat, as the recipe) and reads its per-step timings. The first step
 (compilation) is reported apart; the figures are medians over the rest. The
 last line is one JSON object with `s_per_step`, `rollout_s`, `update_s`
 (`update_s` counts the reference / old log-prob forwards and the update),
@@ -62,13 +62,15 @@ def main():
   parser.add_argument('--max-new', type=int, default=128)
   parser.add_argument('--max-prompt-len', type=int, default=256)
   parser.add_argument('--beta', type=float, default=0.04)
-  parser.add_argument('--dtype', default='bfloat16')  # the recipe's defaults
+  parser.add_argument('--dtype', default='auto')  # the recipe's default (resolve_dtype)
   parser.add_argument('--data', default='gsm8k:rl_train')
   parser.add_argument('--model', default='smollm2-135m-instruct')
   parser.add_argument('--remat', action=argparse.BooleanOptionalAction, default=True)
   parser.add_argument('--minibatches', type=int, default=1)
   parser.add_argument('--logits-chunk', type=int, help="LM-head positions per chunk (the recipe's)")
   args = parser.parse_args()
+  from jpost.models.config import resolve_dtype
+  args.dtype = resolve_dtype(args.dtype)
 
   from jpost.trainers import online
   c = grpo_config(args)

@@ -4,7 +4,7 @@ or a real model shape with random weights (jpost.models.shapes).
   python bench/sft_throughput.py [--batch 8] [--seq-len 256] [--steps 6] [--dtypes bfloat16]
       [--remat full,dots,none | --no-remat] [--attention auto,xla,blockwise,pallas,cudnn]
       [--shape llama-3.2-1b] [--logits-chunk 512] [--pad N]
-      (defaults: configs/sft.py's: bfloat16, remat dots, attention auto, chunk 512)
+      (defaults: configs/sft.py's: dtype auto, remat dots, attention auto, chunk 512)
 
 Each (dtype, attention, remat) setting runs in its own process (float32 master
 weights, AdamW, clipping, full packed batches of GSM8K answers, or with
@@ -46,6 +46,9 @@ def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: str,
             random_init: bool, attention: str = 'auto', shape: str = 'smollm2-135m',
             logits_chunk: int = 512, pad: int = 0) -> dict:
   import jax
+
+  from jpost.models.config import resolve_dtype
+  dtype = resolve_dtype(dtype)
 
   from jpost import metrics, sharding
   from jpost.data import pipeline
@@ -101,9 +104,10 @@ def main():
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--seq-len', type=int, default=256)
   parser.add_argument('--steps', type=int, default=6)
-  # The defaults are configs/sft.py's: bfloat16 compute (float32 master
-  # weights) with remat. `--dtypes float32,bfloat16 --no-remat` compares.
-  parser.add_argument('--dtypes', default='bfloat16')
+  # The defaults are configs/sft.py's: 'auto' compute (bfloat16 where the
+  # machine has 16-bit matmul hardware, else float32; float32 master weights)
+  # with remat. `--dtypes float32,bfloat16 --no-remat` compares.
+  parser.add_argument('--dtypes', default='auto')
   parser.add_argument('--remat', nargs='?', const='full', default='dots',
                       help='comma-separated: full, dots, none (one process each)')
   parser.add_argument('--no-remat', dest='remat', action='store_const', const='none')

@@ -233,6 +233,23 @@ def test_config_validation_messages():
                 num_heads=2, num_kv_heads=1, rope_scaling={'rope_type': 'yarn', 'factor': 2.0})
 
 
+def test_auto_compute_dtype_follows_the_matmul_hardware():
+  """'auto' is bfloat16 on accelerators and on CPUs with bfloat16 matmul
+  instructions, float32 on CPUs that would convert around every matmul."""
+  from jpost.models import config
+  assert config.dtype_for('gpu', frozenset()) == 'bfloat16'
+  assert config.dtype_for('tpu', frozenset()) == 'bfloat16'
+  assert config.dtype_for('cpu', frozenset({'avx2', 'fma'})) == 'float32'  # e.g. an EPYC, no AVX-512
+  assert config.dtype_for('cpu', frozenset({'avx512f', 'avx512_bf16'})) == 'bfloat16'
+  assert config.dtype_for('cpu', frozenset({'amx_tile', 'amx_bf16'})) == 'bfloat16'
+  assert config.dtype_for('cpu', frozenset({'asimd', 'bf16'})) == 'bfloat16'  # Arm
+  here = config.dtype_for(jax.default_backend(), config.cpu_flags())
+  auto = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
+                     num_heads=2, num_kv_heads=1, dtype='auto')
+  assert auto.dtype == here == config.resolve_dtype('auto')
+  assert config.resolve_dtype('float16') == 'float16'
+
+
 @pytest.mark.parametrize('d,f', [(8, 5), (5, 8)])  # the CPU transposes the narrower operand
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 def test_dense_gradient_matches_autodiff(dtype, d, f):

@@ -157,7 +157,7 @@ def run(config, workdir: str | None, task: Task) -> dict[str, Any]:
   eval_step = jax.jit(make_eval_step(graphdef, task, mesh))
   flops_per_token = metrics.flops_per_token(model.config, config.data.max_len)
   # MFU's denominator: every process's devices (each host measures its own).
-  peak = float(loop.gather_rows(np.array([metrics.measured_peak_flops(config.model.dtype)])).sum())
+  peak = float(loop.gather_rows(np.array([metrics.measured_peak_flops(model.config.dtype)])).sum())
 
   def step_fn(state, step):
     tic = time.perf_counter()
