@@ -7,6 +7,7 @@ import pathlib
 import platform
 
 from jpost.models import hf, pretrained, shapes
+from jpost.models.config import cpu_flags
 
 # SmolLM2-135M's config.json, as read from its GGUF.
 SMOLLM2_135M = shapes.SHAPES['smollm2-135m']
@@ -33,7 +34,7 @@ def machine() -> dict:
   if cpuinfo.exists():
     lines = cpuinfo.read_text().splitlines()
     names = [line.split(':', 1)[1].strip() for line in lines if line.startswith('model name')]
-    flags = next((line for line in lines if line.startswith('flags')), '').split()
+    flags = cpu_flags()
     info.update(cpu=names[0] if names else info['cpu'], cores=len(names) or None,
                 amx_bf16='amx_bf16' in flags, avx512_bf16='avx512_bf16' in flags)
   info['peak_bf16_gflops'] = round(metrics.measured_peak_flops('bfloat16') / 1e9, 1)

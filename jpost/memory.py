@@ -39,9 +39,9 @@ def _attention(cfg: ModelConfig, name: str, rows: float, queries: int, keys: int
     # bytes (a float32 dQ accumulator, dK and dV over all query heads) per
     # query head x head dim x position x span slot: its packed layout treats
     # every span slot of a row as a sequence of the row's length. Read off
-    # XLA's assignment on an H200: 32.6 GB for the 1B shape at 8 x 4096 with
-    # 66 slots, against 32.98 by this formula.
-    slots = cfg.attention_max_segments + 2  # attention.cudnn_attention's spans
+    # XLA's assignment on an H200: 32.6 GiB for the 1B shape at 8 x 4096 with
+    # 66 slots, against 32.98 GiB by this formula.
+    slots = attn.cudnn_span_slots(cfg.attention_max_segments)
     return rows * slots * queries * cfg.num_heads * cfg.head_size * 8
   width = {'xla': keys, 'blockwise': min(cfg.attention_block, keys)}[name]
   alive = {'xla': 3, 'blockwise': 2}[name]

@@ -276,23 +276,25 @@ def segment_spans(seg, max_spans: int):
   return lengths, starts, count > max_spans
 
 
-def cudnn_attention(q_btnh, keys, values, visible: Visibility, *, max_segments: int,
-                    repeat_kv: bool | None = None):
+def cudnn_span_slots(max_segments: int) -> int:
+  """Span slots cuDNN's packed layout is compiled with: the segments and a
+  padding run at either end of a row."""
+  return max_segments + 2
+
+
+def cudnn_attention(q_btnh, keys, values, visible: Visibility, *, max_segments: int):
   """Self-attention over packed/padded rows by cuDNN's fused kernel: causal
   by index within each segment, which for jpost's rows (positions rise by
   one within a segment) is causal by position, as in 'pallas'. Rows hold up
-  to `max_segments` segments plus a padding run at either end. `repeat_kv`:
-  repeat K/V heads for GQA (None: where this jax needs it)."""
+  to `max_segments` segments plus a padding run at either end."""
   from jax._src.cudnn import fused_attention_stablehlo as cudnn
   b, t, n, h = q_btnh.shape
   if q_btnh.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"attention='cudnn' takes bfloat16 or float16 compute, not "
                      f"{q_btnh.dtype}; set the model's dtype or use 'auto'.")
-  if repeat_kv is None:
-    repeat_kv = not cudnn_offsets_follow_key_heads()
-  if keys.shape[1] != n and repeat_kv:
+  if keys.shape[1] != n and not cudnn_offsets_follow_key_heads():
     keys, values = (jnp.repeat(a, n // keys.shape[1], axis=1) for a in (keys, values))
-  lengths, starts, overflow = segment_spans(visible.q_seg, max_segments + 2)
+  lengths, starts, overflow = segment_spans(visible.q_seg, cudnn_span_slots(max_segments))
   out = cudnn.dot_product_attention(
       q_btnh, keys.transpose(0, 3, 1, 2), values.transpose(0, 2, 1, 3),
       q_seqlen=lengths, kv_seqlen=lengths, q_offsets=starts, kv_offsets=starts,

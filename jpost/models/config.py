@@ -10,6 +10,7 @@ so one config and one decoder cover them all. `from_hf` reads a transformers
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 from typing import Any
@@ -42,6 +43,7 @@ def dtype_for(backend: str, flags: frozenset) -> str:
   return 'bfloat16' if flags & {'avx512_bf16', 'amx_bf16', 'bf16'} else 'float32'
 
 
+@functools.cache
 def cpu_flags() -> frozenset:
   """The CPU's feature flags (x86 'flags', Arm 'Features'; empty elsewhere)."""
   try:
