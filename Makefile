@@ -2,22 +2,30 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# What is installed: jpost and its dependencies (the demo needs no more), and
+# the test extras (PyTorch, transformers, peft, ...: the references).
+STAMP_RUN := $(VENV)/.installed
+STAMP_TEST := $(VENV)/.installed-test
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
 .PHONY: setup demo test clean
 
-setup: $(STAMP)
+setup: $(STAMP_TEST)
 
-# Reinstalls only when pyproject.toml changes; `make setup` is idempotent.
-$(STAMP): pyproject.toml
+# Each reinstalls only when pyproject.toml changes; `make setup` is idempotent.
+$(STAMP_RUN): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
-	touch $(STAMP)
+	$(PIP) --upgrade pip
+	$(PIP) -e .
+	touch $(STAMP_RUN)
+
+$(STAMP_TEST): $(STAMP_RUN)
+	$(PIP) -e '.[test]'
+	touch $(STAMP_TEST)
 
 # The main job: GRPO on SmolLM2-135M-Instruct (5 min on a 2-core Xeon with AMX);
 # held-out accuracy before/after is printed, the model is exported to runs/demo/hf.
-demo: setup
+demo: $(STAMP_RUN)
 	rm -rf runs/demo
 	$(PY) -m jpost.main --config=configs/grpo.py --workdir=runs/demo
 
