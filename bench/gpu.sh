@@ -62,8 +62,8 @@ if [ "$what" = scale ]; then
     --new-tokens 128 --repeats 2 | tee "$out/generate_1b_b128.txt"
 fi
 qlora_8b() {  # $1: the base's quantisation
-  python3 bench/qlora_step.py --shape llama3-8b --quantize "$1" --batch 1 --seq-len 2048 \
-    --steps 3 2>&1 | grep -v Warn | tail -2 | tee "$out/qlora_8b_$1.txt"
+  timeout 150 python3 bench/qlora_step.py --shape llama3-8b --quantize "$1" --batch 1 \
+    --seq-len 2048 --steps 3 2>&1 | grep -v Warn | tail -2 | tee "$out/qlora_8b_$1.txt"
 }
 if [ "$what" = qlora ]; then
   for base in nf4 int8 none; do qlora_8b $base; done
