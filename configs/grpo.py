@@ -60,6 +60,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       epochs=1, minibatches=1, clip_low=0.2, clip_high=0.28, aggregation='token', scale='std',
       filter_zero_variance=False, beta=0.04, kl_estimator='k2', kl_in='loss',
       old_logprobs='sampler', entropy_coef=0.0,
+      # Each group's completions share rows for the update and the reference
+      # forward, so no slot after a completion's end is computed (README,
+      # "Online RL"); with minibatches > 1 rows stay apart.
+      pack_completions=True,
       gamma=1.0, lam=0.95, whiten_advantages=True))  # the last three: PPO only
   c.total_steps = 16
   c.optim = ml_collections.ConfigDict(dict(

@@ -109,6 +109,130 @@ def test_shared_prompt_gradient_equals_full_rows(tiny_checkpoint):
   assert_norm_close(grads, ref_grads, bound=1e-5, what='gradient ')
 
 
+def test_pack_plan_places_every_completion_token_once():
+  lengths = np.array([5, 1, 2, 3, 6, 6, 1, 0])  # 2 groups of 4, width 6
+  plan = rl_parts.pack_plan(lengths, num_samples=4, width=6)
+  source, segment, target = plan['pack_source'], plan['pack_segment'], plan['pack_target']
+  # Group 0 (5, 1, 2, 3) first-fit longest first: [5, 1], [3, 2]; group 1
+  # (6, 6, 1, 0) needs 3 rows, so every group gets 3: 6 rows, not 8.
+  assert source.shape == segment.shape == (6, 6) and target.shape == (8, 6)
+  np.testing.assert_array_equal(source[0], [0, 1, 2, 3, 4, 6])  # row 0's 5 tokens, row 1's
+  np.testing.assert_array_equal(segment[0], [1, 1, 1, 1, 1, 2])
+  np.testing.assert_array_equal(segment[1], [1, 1, 1, 2, 2, 0])
+  np.testing.assert_array_equal(segment[2], 0)  # group 0's third row is empty
+  real = np.arange(6)[None] < lengths[:, None]
+  # Each real token is in one slot, the slot points back at it, nothing else is placed.
+  flat = np.flatnonzero(real.ravel())
+  np.testing.assert_array_equal(np.sort(source[source >= 0]), flat)
+  np.testing.assert_array_equal(source.ravel()[target[real]], flat)
+  assert (target[~real] == -1).all() and ((segment > 0) == (source >= 0)).all()
+  # Packed rows stay within their group (row r of the [R, N] layout is r // 4's).
+  assert (source[:3][source[:3] >= 0] // 6 < 4).all() and (source[3:][source[3:] >= 0] // 6 >= 4).all()
+  # Over 4 devices the row count must divide: 2 groups x 4 rows is no saving.
+  assert rl_parts.pack_plan(lengths, num_samples=4, width=6, row_multiple=4) is None
+  assert rl_parts.pack_plan(np.array([6, 6, 5, 6]), num_samples=4, width=6) is None
+
+
+def _packed(rows: dict, lengths, num_samples: int) -> dict:
+  plan = rl_parts.pack_plan(lengths, num_samples, rows['completion_tokens'].shape[1])
+  assert plan is not None
+  return rows | plan
+
+
+def test_packed_completions_equal_rows_of_their_own(tiny_checkpoint):
+  """Completions packed into shared rows (each its own segment after the
+  shared prompt) give the same log-probs, entropies and gradient as one row
+  each; the slots after each completion's end come back 0."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  graphdef, params = nnx.split(hf.load(tiny_checkpoint))
+  rng = np.random.RandomState(3)
+  prompts = {'tokens': rng.randint(3, 500, (2, 5)),
+             'segment_ids': np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])}
+  lengths = np.array([6, 2, 1, 3, 4, 4, 2, 1])
+  mask = (np.arange(6)[None] < lengths[:, None]).astype(np.int32)
+  completions = Completions(
+      tokens=rng.randint(3, 500, mask.shape), mask=mask, logprobs=np.zeros(mask.shape),
+      sampling_logprobs=np.zeros(mask.shape), truncated=np.zeros(8, bool), lengths=lengths)
+  rows = {k: jnp.asarray(v) for k, v in rl_parts.training_rows(prompts, completions, 4).items()}
+  packed = {k: jnp.asarray(v) for k, v in _packed(rows, lengths, 4).items()}
+  assert packed['pack_source'].shape[0] == 4  # 2 rows per group instead of 4
+  weights = rows['completion_mask'] * jnp.arange(1, 7)  # distinct per-token weights
+
+  def run(batch):
+    def loss(params):
+      logprobs, entropy = rl_parts.completion_logprobs(nnx.merge(graphdef, params), batch, 0.7,
+                                                       entropy='loss')
+      return jnp.sum((logprobs + 0.1 * entropy) * weights), (logprobs, entropy)
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+  (value, (logprobs, entropy)), grads = run(rows)
+  (packed_value, (packed_lp, packed_entropy)), packed_grads = run(packed)
+  real = mask > 0
+  np.testing.assert_allclose(np.asarray(packed_lp)[real], np.asarray(logprobs)[real], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(packed_entropy)[real], np.asarray(entropy)[real],
+                             atol=1e-5)
+  assert (np.asarray(packed_lp)[~real] == 0).all()
+  np.testing.assert_allclose(packed_value, value, rtol=1e-5)
+  # A completion seeing its row-mate, or restarting from the wrong state, is off by O(1).
+  assert_norm_close(packed_grads, grads, bound=1e-5, what='gradient ')
+
+
+@pytest.mark.parametrize('algorithm', ['grpo', 'ppo'])
+def test_packed_updates_equal_unpacked_ones(tiny_checkpoint, algorithm):
+  """On 8 devices, the reference log-probs and the policy update (loss, KL,
+  gradient norm, new weights) are the same with each group's completions
+  packed into shared rows (rl.pack_completions) as with one row each."""
+  import jax
+  import jax.numpy as jnp
+  from jpost import sharding
+  from jpost.trainers import loop
+  recipe = grpo if algorithm == 'grpo' else ppo
+  config = _config(tiny_checkpoint, recipe, **{'rl.beta': 0.05})
+  mesh = sharding.make_mesh({'data': -1})
+  model = hf.load(tiny_checkpoint, mesh=mesh, **hf.compute_options(config))
+  kl_coef = 0.05 if algorithm == 'grpo' else 0.0
+  graphdef, state, update, _, critic_graphdef = online._update_fns(
+      config, algorithm, tiny_checkpoint, mesh, model, kl_coef)
+  ref = jax.tree.map(jnp.copy, state['policy']['params'])
+  prepare = rl_parts.make_prepare(graphdef, critic_graphdef, algorithm=algorithm, rl=config.rl,
+                                  num_samples=4, temperature=1.0, kl_coef=kl_coef, mesh=mesh)
+  rng = np.random.RandomState(4)
+  prompts = loop.place_batch(
+      {'tokens': rng.randint(3, 500, (4, 6)), 'segment_ids': np.ones((4, 6), np.int32)}, mesh,
+      replicate_uneven=('tokens', 'segment_ids'))
+  lengths = np.array([8, 3, 4, 1, 2, 2, 5, 1, 7, 1, 1, 1, 6, 2, 3, 3])  # 2 rows a group
+  mask = (np.arange(8)[None] < lengths[:, None]).astype(np.int32)
+  completions = Completions(
+      tokens=rng.randint(3, 500, mask.shape), mask=mask,
+      logprobs=np.zeros(mask.shape, np.float32),
+      sampling_logprobs=np.where(mask, -rng.uniform(1, 7, mask.shape), 0).astype(np.float32),
+      truncated=lengths == 8, lengths=lengths)
+  plan = rl_parts.pack_plan(lengths, 4, 8, row_multiple=8)
+  assert plan['pack_source'].shape[0] == 8  # 4 groups x 2 rows, not 16 rows
+  scores = jnp.asarray(rng.uniform(0, 1, 16).astype(np.float32))
+  critic = state['critic']['params'] if algorithm == 'ppo' else None
+  results = []
+  for plan_or_none in (loop.place_batch(plan, mesh), None):
+    batch, _ = prepare(state['policy']['params'], ref, critic, prompts, completions, scores,
+                       None, plan_or_none)
+    new_state, out = update(jax.tree.map(jnp.copy, state['policy']), batch)
+    results.append((jax.device_get(batch), jax.device_get(out),
+                    jax.device_get(new_state['params'])))
+  (packed, packed_out, packed_params), (apart, apart_out, apart_params) = results
+  real = mask > 0
+  # GRPO: the reference's log-probs are the loss's; PPO: in the per-token
+  # rewards, so in its advantages and returns.
+  for key in ('ref_logprobs', 'advantages', 'returns'):
+    if key in apart:
+      at = real if apart[key].ndim == 2 else slice(None)
+      np.testing.assert_allclose(packed[key][at], apart[key][at], atol=1e-5, err_msg=key)
+  for key in ('loss', 'grad_norm', 'ratio_mean') + (('kl',) if kl_coef else ()):
+    assert packed_out[key] == pytest.approx(apart_out[key], rel=1e-4, abs=1e-6), key
+  assert_norm_close(packed_params, apart_params, bound=1e-5, what='updated weights ')
+
+
 def test_reference_and_old_logprobs_use_the_policys_rows(tiny_checkpoint):
   """make_prepare computes the reference's log-probs (and the recomputed old
   ones) on the rows the policy trains on: each equals a full forward of its
@@ -168,10 +292,11 @@ def test_reference_and_old_logprobs_use_the_policys_rows(tiny_checkpoint):
 
 # (Fewer prompts than devices are replicated: every in-suite GRPO run of the
 # tiny config, and test_multiprocess.py compares such a run with one device.)
-@pytest.mark.parametrize('num_prompts', [8])
-def test_shared_prompts_on_a_mesh_match_one_device(tiny_checkpoint, num_prompts):
+@pytest.mark.parametrize('num_prompts,packed', [(8, False), (8, True)])
+def test_shared_prompts_on_a_mesh_match_one_device(tiny_checkpoint, num_prompts, packed):
   """On 8 devices, 8 shared prompts are split over the batch axis; log-probs
-  and gradients equal one device's."""
+  and gradients equal one device's, with each group's completions packed
+  into one row too."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -185,7 +310,7 @@ def test_shared_prompts_on_a_mesh_match_one_device(tiny_checkpoint, num_prompts)
   real = rng.randint(1, width + 1, num_prompts)
   prompts = {'tokens': rng.randint(3, 500, (num_prompts, width)),
              'segment_ids': (np.arange(width)[None] >= width - real[:, None]).astype(np.int32)}
-  lengths = rng.randint(1, new + 1, num_prompts * samples)
+  lengths = rng.randint(1, (new // samples if packed else new) + 1, num_prompts * samples)
   mask = (np.arange(new)[None] < lengths[:, None]).astype(np.int32)
   completions = Completions(
       tokens=rng.randint(3, 500, mask.shape) * mask, mask=mask,
@@ -206,13 +331,18 @@ def test_shared_prompts_on_a_mesh_match_one_device(tiny_checkpoint, num_prompts)
     return value, logprobs, grads
 
   want = run(hf.load(tiny_checkpoint), {k: jnp.asarray(v) for k, v in rows.items()})
+  if packed:
+    plan = rl_parts.pack_plan(lengths, samples, new, row_multiple=8)
+    assert plan['pack_source'].shape[0] == num_prompts  # one row per group, one per device
+    rows |= plan
   placed = loop.place_batch(rows, mesh, replicate_uneven=rl_parts.PROMPT_KEYS)
   prompts = placed['prompt_tokens'].sharding
   assert prompts.is_fully_replicated == (num_prompts % 8 != 0), prompts
   assert placed['completion_tokens'].sharding.spec[0] is not None
   got = run(hf.load(tiny_checkpoint, mesh=mesh), placed)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), atol=1e-5)
+  real = mask > 0  # packed rows return 0 after each end; one row each, junk
+  np.testing.assert_allclose(np.asarray(got[1])[real], np.asarray(want[1])[real], atol=1e-5)
   # Elementwise, a 0.0118 gradient was once 2.2e-6 off on another CPU (summation
   # order). Measured by norm: 3e-7 to 4e-7; a shard's rows missing from the sum: O(1).
   assert_norm_close(jax.device_get(got[2]), jax.device_get(want[2]), bound=1e-5,
@@ -344,7 +474,8 @@ def test_grpo_learns_a_toy_verifiable_task(char_checkpoint, digit_share, tmp_pat
       'optim.lr': 3e-3, 'rl.beta': 0.0, 'rewards': {digit_share: {'weight': 1.0}},
       'checkpoint.every': 30})
   online.run(config, tmp_path, 'grpo')
-  curve = [r['reward/total/mean'] for r in _records(tmp_path)]
+  records = _records(tmp_path)
+  curve = [r['reward/total/mean'] for r in records]
   assert len(curve) == 30
   start, end = np.mean(curve[:5]), np.mean(curve[-5:])
   assert end > start + 0.2, curve  # measured: 0.12 -> 0.79

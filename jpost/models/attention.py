@@ -46,7 +46,8 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 class Visibility(NamedTuple):
   """What each query may see, as positions and segment ids ([B, T] and
-  [B, S]); segment 0 is padding. A pytree: it passes through scans and jit."""
+  [B, S]); segment 0 is padding, a negative key segment a prefix shared by
+  every segment of the row (`mask_of`). A pytree: it passes through scans and jit."""
   q_pos: jax.Array
   q_seg: jax.Array
   k_pos: jax.Array
@@ -54,8 +55,11 @@ class Visibility(NamedTuple):
 
 
 def mask_of(q_pos, q_seg, k_pos, k_seg, sliding_window: int | None = None):
-  """[B, T, S] bool: same non-zero segment and key position <= query position."""
-  same = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
+  """[B, T, S] bool: same non-zero segment and key position <= query position.
+  A negative key segment is a shared prefix: every real query of its row
+  sees it (a prompt under several packed completions, rl_parts)."""
+  q, k = q_seg[:, :, None], k_seg[:, None, :]
+  same = ((q == k) & (k != 0)) | ((k < 0) & (q > 0))
   causal = k_pos[:, None, :] <= q_pos[:, :, None]
   mask = same & causal
   if sliding_window is not None:

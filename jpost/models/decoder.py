@@ -397,13 +397,15 @@ def _block_output(x, attn, w, cfg: ModelConfig):
 def shared_prompt_stack(x_prompt, x_comp, layer_params, prompt_pos, prompt_seg, comp_pos,
                         comp_seg, cfg: ModelConfig):
   """Runs every block over G prompts [G, P, D] and their R = G * n
-  completions [R, N, D] (completion r continues prompt r // n), computing
-  each prompt once instead of once per sample.
+  completion rows [R, N, D] (row r continues prompt r // n), computing each
+  prompt once instead of once per sample.
 
-  Completions attend to their prompt's keys and values (repeated per
-  sample, so the backward pass sums the samples' gradients into the shared
-  prompt) and causally to each other; the result equals running every
-  prompt + completion row through `decoder_stack`.
+  Completions attend to their prompt's keys and values (repeated per row,
+  so the backward pass sums the rows' gradients into the shared prompt) and
+  causally to their own segment; the result equals running every prompt +
+  completion through `decoder_stack`. A row may hold several completions of
+  its prompt as segments 1, 2, ... (packed, rl_parts.pack_plan): the
+  prompt's keys carry segment -1, which every real segment sees.
   """
   samples = x_comp.shape[0] // x_prompt.shape[0]
   prompt_seg, comp_seg = prompt_seg.astype(jnp.int32), comp_seg.astype(jnp.int32)
@@ -411,10 +413,10 @@ def shared_prompt_stack(x_prompt, x_comp, layer_params, prompt_pos, prompt_seg, 
   p_cos, p_sin = rope_tables(prompt_pos, cfg)
   c_cos, c_sin = rope_tables(comp_pos, cfg)
   prompt_visible = attn.Visibility(prompt_pos, prompt_seg, prompt_pos, prompt_seg)
-  # A completion token sees its whole (real) prompt and the completion so far.
+  # A completion token sees its whole (real) prompt and its completion so far.
   comp_visible = attn.Visibility(
       comp_pos, comp_seg, jnp.concatenate([repeat(prompt_pos), comp_pos], axis=1),
-      jnp.concatenate([jnp.where(repeat(prompt_seg) > 0, comp_seg[:, :1], 0), comp_seg], axis=1))
+      jnp.concatenate([jnp.where(repeat(prompt_seg) > 0, -1, 0), comp_seg], axis=1))
 
   def block(carry, params):
     xp, xc = saved(carry[0], 'layer_input'), saved(carry[1], 'layer_input')

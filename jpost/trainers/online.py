@@ -160,10 +160,12 @@ def step(parts: Parts, state: dict, number: int) -> tuple[dict, dict]:
   if parts.algorithm == 'ppo':
     scores = _step_rewards(parts, scored, own, completions, scores['scores'])
   scores = loop.place_batch(scores, parts.mesh)
+  lengths = loop.fetch(completions.lengths)  # every process's
+  plan = _pack_plan(parts, lengths, completions.tokens.shape[1])
   batch, out = parts.prepare(state['policy']['params'], parts.ref_params,
                              state['critic']['params'] if 'critic' in state else None,
                              prompts['placed'], completions, scores['scores'],
-                             scores.get('step_rewards'))
+                             scores.get('step_rewards'), plan)
   out = jax.device_get(out)
   prep_s, tic = time.perf_counter() - tic, time.perf_counter()
   state, updates = _updates(parts, state, batch, number)
@@ -176,17 +178,31 @@ def step(parts: Parts, state: dict, number: int) -> tuple[dict, dict]:
   for name, counts in scored.failures.items():
     parts.failures_total[name] = parts.failures_total.get(name, 0) + sum(counts.values())
     out[f'failures_total/{name}'] = parts.failures_total[name]
-  lengths = loop.fetch(completions.lengths)
   out |= {'completion/length': float(np.mean(lengths)),
           'completion/truncated': float(np.mean(loop.fetch(completions.truncated))),
           # Widths the rollout and update were compiled for (a new one recompiles).
           'shape/prompt_width': prompts['placed']['tokens'].shape[1],
           'shape/completion_width': completions.tokens.shape[1],
+          'shape/update_rows': len(lengths) if plan is None else plan['pack_source'].shape[0],
           'time/rollout_s': rollout_s, 'time/reward_s': reward_s, 'time/prep_s': prep_s,
           'time/update_s': update_s,
           'memory/reference_params': parts.ref_size,
           'time/step_s': rollout_s + reward_s + prep_s + update_s}
   return state, out | {f'data/{k}': v for k, v in parts.prompt_stats.as_dict()['encoded'].items()}
+
+
+def _pack_plan(parts: Parts, lengths: np.ndarray, width: int) -> dict | None:
+  """The step's rl_parts.pack_plan placed on the mesh (each process places
+  its rows' share), or None: rl.pack_completions off, minibatches (which
+  draw rows apart), or nothing to save."""
+  config = parts.config
+  if not config.rl.get('pack_completions', True) or config.rl.minibatches > 1:
+    return None
+  plan = rl_parts.pack_plan(lengths, config.sampling.num_samples, width,
+                            row_multiple=loop.batch_devices(parts.mesh))
+  if plan is None:
+    return None
+  return loop.place_batch({k: v[loop.own_rows(len(v))] for k, v in plan.items()}, parts.mesh)
 
 
 def _step_rewards(parts: Parts, scored: ScoreResult, own, completions, total) -> dict:

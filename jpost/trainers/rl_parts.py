@@ -87,10 +87,62 @@ def training_rows(prompts: dict, completions, num_samples: int) -> dict[str, jax
                                         0.0).astype(jnp.float32)}
 
 
+def pack_plan(lengths, num_samples: int, width: int, row_multiple: int = 1) -> dict | None:
+  """Where each completion goes when a group's completions share rows (pure,
+  host-side): each group's n completions of `lengths` tokens are packed
+  first-fit, longest first, into k rows of `width` slots, k the most any
+  group needs (rounded up so G * k divides over `row_multiple` devices). The
+  update and the reference forward then run G * k rows instead of G * n,
+  without the slots after each completion's end. None when that saves no row.
+
+  Returns int32 arrays: `pack_source` [G * k, width], the flat index r * N + j
+  of the completion token (row r, slot j of the [R, N] layout, N = width) in
+  each packed slot, -1 where empty; `pack_segment` [G * k, width], 1, 2, ...
+  for the completions of a packed row, 0 where empty; `pack_target` [R, N],
+  the flat index of completion token (r, j) in the packed layout, -1 after
+  the completion's end.
+  """
+  lengths = np.asarray(lengths, np.int64).reshape(-1, num_samples)
+  groups = []  # per group, per packed row: its samples in order
+  for group in lengths:
+    rows, free = [], []
+    for sample in np.argsort(-group, kind='stable'):
+      if group[sample] <= 0:
+        continue
+      fits = [i for i, space in enumerate(free) if space >= group[sample]]
+      if not fits:
+        rows.append([])
+        free.append(width)
+        fits = [len(rows) - 1]
+      rows[fits[0]].append(int(sample))
+      free[fits[0]] -= group[sample]
+    groups.append(rows)
+  num_groups = len(groups)
+  step = row_multiple // np.gcd(num_groups, row_multiple)
+  per_group = max(1, max(len(rows) for rows in groups))
+  per_group = -(-per_group // step) * step
+  if per_group >= num_samples:
+    return None
+  source = np.full((num_groups * per_group, width), -1, np.int32)
+  segment = np.zeros((num_groups * per_group, width), np.int32)
+  target = np.full((num_groups * num_samples, width), -1, np.int32)
+  for g, rows in enumerate(groups):
+    for i, samples in enumerate(rows):
+      packed, start = g * per_group + i, 0
+      for s, sample in enumerate(samples):
+        r, n = g * num_samples + sample, int(lengths[g, sample])
+        source[packed, start:start + n] = r * width + np.arange(n)
+        segment[packed, start:start + n] = s + 1
+        target[r, :n] = packed * width + start + np.arange(n)
+        start += n
+  return {'pack_source': source, 'pack_segment': segment, 'pack_target': target}
+
+
 POLICY_KEYS = ('prompt_tokens', 'prompt_positions', 'prompt_segment_ids', 'completion_tokens',
                'completion_positions', 'completion_mask')
 CRITIC_KEYS = ('tokens', 'positions', 'segment_ids', 'completion_mask')
 PROMPT_KEYS = ('prompt_tokens', 'prompt_positions', 'prompt_segment_ids')
+PACK_KEYS = ('pack_source', 'pack_segment', 'pack_target')
 
 
 def select_rows(rows: dict, picked: np.ndarray, num_samples: int) -> dict:
@@ -100,23 +152,41 @@ def select_rows(rows: dict, picked: np.ndarray, num_samples: int) -> dict:
 
 
 def completion_hidden(model, batch):
-  """Hidden states [R, N, D] predicting each completion token: token j is
-  predicted from the hidden state before it, the prompt's last for j = 0."""
+  """(hidden states [R', N, D], the tokens they predict [R', N]): token j is
+  predicted from the hidden state before it, the prompt's last for j = 0.
+  R' = R rows as given, or the packed rows of `pack_plan` when the batch
+  has its PACK_KEYS (each packed completion restarting from the prompt)."""
+  tokens, positions = batch['completion_tokens'], batch['completion_positions']
+  segments = batch['completion_mask']
+  if 'pack_source' in batch:
+    source = batch['pack_source']
+    take = lambda a: jnp.take(a.reshape(-1), jnp.maximum(source, 0))
+    tokens, positions, segments = take(tokens), take(positions), batch['pack_segment']
   prompt_hidden, comp_hidden = model.shared_prompt_hidden_states(
       batch['prompt_tokens'], batch['prompt_positions'], batch['prompt_segment_ids'],
-      batch['completion_tokens'], batch['completion_positions'], batch['completion_mask'])
-  samples = comp_hidden.shape[0] // prompt_hidden.shape[0]
+      tokens, positions, segments)
+  rows_per_prompt = comp_hidden.shape[0] // prompt_hidden.shape[0]
   # Prompts are left-padded, so column -1 is each prompt's last real token.
-  last_prompt = jnp.repeat(prompt_hidden[:, -1:], samples, axis=0)
-  return jnp.concatenate([last_prompt, comp_hidden[:, :-1]], axis=1)
+  last_prompt = jnp.repeat(prompt_hidden[:, -1:], rows_per_prompt, axis=0)
+  hidden = jnp.concatenate([last_prompt, comp_hidden[:, :-1]], axis=1)
+  if 'pack_source' in batch:  # a completion's first token follows the prompt
+    starts = batch['pack_source'] % batch['completion_tokens'].shape[1] == 0
+    hidden = jnp.where(starts[..., None], last_prompt, hidden)
+  return hidden, tokens
 
 
 def completion_logprobs(model, batch, temperature: float, entropy: str = 'none'):
   """log p(completion token j) [R, N] at the rollout temperature (the
   distribution the sampler drew from); with `entropy` ('metric' or 'loss'),
-  also each position's entropy [R, N] (ops.head_logprobs)."""
-  return model.target_logprobs(completion_hidden(model, batch), batch['completion_tokens'],
-                               temperature=temperature, entropy=entropy)
+  also each position's entropy [R, N] (ops.head_logprobs). Packed rows are
+  unpacked: 0 after each completion's end."""
+  hidden, targets = completion_hidden(model, batch)
+  out = model.target_logprobs(hidden, targets, temperature=temperature, entropy=entropy)
+  if 'pack_target' not in batch:
+    return out
+  target = batch['pack_target']
+  unpack = lambda a: jnp.where(target >= 0, jnp.take(a.reshape(-1), jnp.maximum(target, 0)), 0.0)
+  return jax.tree.map(unpack, out)
 
 
 def make_logprobs_fn(graphdef, temperature: float):
@@ -237,9 +307,10 @@ def step_reward_tokens(tokenizer, tokens, lengths, steps, width: int) -> np.ndar
 def make_prepare(policy_graphdef, critic_graphdef, *, algorithm: str, rl, num_samples: int,
                  temperature: float, kl_coef: float, mesh, reference: str = 'params'):
   """Jitted (params, ref_params, critic_params, prompts, completions, scores,
-  step_rewards=None) -> (train batch, metrics): the training rows, old log-probs (the sampler's
-  or recomputed), reference log-probs, values, advantages and the mask the
-  loss uses, all on device. ref_params / critic_params may be None.
+  step_rewards=None, plan=None) -> (train batch, metrics): the training rows, old log-probs
+  (the sampler's or recomputed), reference log-probs, values, advantages and
+  the mask the loss uses, all on device; with a `pack_plan` the policy's
+  forward passes run on packed rows (and the batch carries the plan). ref_params / critic_params may be None.
   reference='adapters_off': the reference is the policy's params with its
   LoRA adapters switched off (ref_params unused)."""
   def logprobs(params, rows):
@@ -247,9 +318,9 @@ def make_prepare(policy_graphdef, critic_graphdef, *, algorithm: str, rl, num_sa
     return completion_logprobs(model, rows, temperature)
 
   def prepare(params, ref_params, critic_params, prompts, completions, scores,
-              step_rewards=None):
+              step_rewards=None, plan=None):
     with sharding.activation_rules(mesh):
-      rows = training_rows(prompts, completions, num_samples)
+      rows = training_rows(prompts, completions, num_samples) | (plan or {})
       weights = rows['completion_mask']
       out = {}
       old_lp = rows['sampler_logprobs']
@@ -260,7 +331,7 @@ def make_prepare(policy_graphdef, critic_graphdef, *, algorithm: str, rl, num_sa
       if reference == 'adapters_off':
         ref_params = lora.adapters_off(params)
       ref_lp = None if ref_params is None else logprobs(ref_params, rows)
-      keys = POLICY_KEYS
+      keys = POLICY_KEYS + (PACK_KEYS if plan else ())
       if algorithm == 'grpo':
         if ref_lp is not None and rl.kl_in == 'reward':  # k1 per sequence, in the reward
           scores = scores - rl.beta * jnp.sum((old_lp - ref_lp) * weights, axis=1)
