@@ -79,19 +79,22 @@ def main():
     records = [json.loads(line) for line in
                (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
   steps = [r for r in records if 'time/step_s' in r]
-  # A step whose prompt width (rollout) or prompt + completion widths
-  # (update) were not seen before compiles; `warm_s_per_step` leaves those out.
+  # A step whose prompt width (rollout) or prompt + completion widths and
+  # update rows (packed completions) were not seen before compiles;
+  # `warm_s_per_step` leaves those out.
   seen, warm = set(), []
   for r in steps:
     widths = (r['shape/prompt_width'], r['shape/completion_width'])
-    compiled = widths[0] not in seen or widths not in seen
-    seen |= {widths[0], widths}
+    update = widths + (r['shape/update_rows'],)
+    compiled = widths[0] not in seen or update not in seen
+    seen |= {widths[0], update}
     if not compiled:
       warm.append(r['time/step_s'])
     print(f"step {r['step']}: {r['time/step_s']:.1f} s (rollout {r['time/rollout_s']:.1f}, "
           f"reward {r['time/reward_s']:.2f}, prep {r['time/prep_s']:.1f}, "
           f"update {r['time/update_s']:.1f}); completion length {r['completion/length']:.0f}, "
-          f"truncated {r['completion/truncated']:.2f}, widths {widths[0]} + {widths[1]}"
+          f"truncated {r['completion/truncated']:.2f}, widths {widths[0]} + {widths[1]}, "
+          f"{r['shape/update_rows']} update rows"
           f"{', compiled' if compiled else ''}")
   rest = steps[1:] or steps
   median = lambda key: statistics.median(r[key] for r in rest)
