@@ -519,7 +519,30 @@ def rms_norm(x, weight, eps: float):
   """RMSNorm computed in float32 and cast back before the scale, as HF does."""
   x32 = x.astype(jnp.float32)
   normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return weight.astype(x.dtype) * normed.astype(x.dtype)
+  return scale_features(normed.astype(x.dtype), weight.astype(x.dtype))
+
+
+@jax.custom_vjp
+def scale_features(x, w):
+  """x [..., D] * w [D], whose weight gradient (a sum over every token) runs
+  as a ones-vector matmul in float32. XLA:CPU lowers that sum, written as a
+  reduction, to a tree of reduce-windows: 3 ms a call at 8 x 256 x 576, 60
+  calls an SFT step of SmolLM2 (bench/RESULTS.md)."""
+  return x * w
+
+
+def _scale_features_fwd(x, w):
+  return x * w, (x, w)
+
+
+def _scale_features_bwd(residuals, g):
+  x, w = residuals
+  terms = (g.astype(jnp.float32) * x.astype(jnp.float32)).reshape(-1, x.shape[-1])
+  w_grad = jnp.ones((1, terms.shape[0]), jnp.float32) @ terms
+  return (g * w).astype(x.dtype), w_grad[0].astype(w.dtype)
+
+
+scale_features.defvjp(_scale_features_fwd, _scale_features_bwd)
 
 
 def rope_inv_freq(cfg: ModelConfig):
