@@ -1,7 +1,7 @@
 """GRPO step time for SmolLM2-135M: seconds per step, split into rollout and update.
 
   python bench/grpo_step.py [--steps 5] [--prompts 2] [--samples 8] [--max-new 128]
-                            [--beta 0.04] [--dtype auto] [--remat | --no-remat]
+                            [--beta 0.04] [--dtype auto] [--remat full|dots | --no-remat]
                             [--data gsm8k:rl_train] [--logits-chunk N]
 
 Runs the real online loop (jpost.trainers.online, configs/grpo.py with these
@@ -43,7 +43,7 @@ def grpo_config(args):
   c.rl.beta = args.beta
   c.model.dtype = args.dtype
   c.model.path = args.model
-  c.model.remat = c.model.remat if args.remat else 'none'  # the recipe's policy
+  c.model.remat = c.model.remat if args.remat == 'recipe' else args.remat
   c.rl.minibatches = args.minibatches
   if args.logits_chunk is not None:
     c.model.logits_chunk = args.logits_chunk
@@ -65,7 +65,9 @@ def main():
   parser.add_argument('--dtype', default='auto')  # the recipe's default (resolve_dtype)
   parser.add_argument('--data', default='gsm8k:rl_train')
   parser.add_argument('--model', default='smollm2-135m-instruct')
-  parser.add_argument('--remat', action=argparse.BooleanOptionalAction, default=True)
+  parser.add_argument('--remat', nargs='?', const='recipe', default='recipe',
+                      help="full, dots or none; by default the recipe's policy")
+  parser.add_argument('--no-remat', dest='remat', action='store_const', const='none')
   parser.add_argument('--minibatches', type=int, default=1)
   parser.add_argument('--logits-chunk', type=int, help="LM-head positions per chunk (the recipe's)")
   args = parser.parse_args()
@@ -102,7 +104,7 @@ def main():
       'machine': common.machine(),
       'setup': f'{args.prompts} prompts x {args.samples} samples x <= {args.max_new} new tokens, '
                f'beta {args.beta}, {args.dtype}, {args.minibatches} minibatch(es), '
-               f'remat {args.remat}, LM-head chunk {c.model.logits_chunk}, {args.data}',
+               f'remat {c.model.remat}, LM-head chunk {c.model.logits_chunk}, {args.data}',
       's_per_step': round(median('time/step_s'), 2),
       'warm_s_per_step': round(statistics.median(warm), 2) if warm else None,
       'warm_steps': len(warm),

@@ -307,10 +307,11 @@ def step_reward_tokens(tokenizer, tokens, lengths, steps, width: int) -> np.ndar
 def make_prepare(policy_graphdef, critic_graphdef, *, algorithm: str, rl, num_samples: int,
                  temperature: float, kl_coef: float, mesh, reference: str = 'params'):
   """Jitted (params, ref_params, critic_params, prompts, completions, scores,
-  step_rewards=None, plan=None) -> (train batch, metrics): the training rows, old log-probs
-  (the sampler's or recomputed), reference log-probs, values, advantages and
-  the mask the loss uses, all on device; with a `pack_plan` the policy's
-  forward passes run on packed rows (and the batch carries the plan). ref_params / critic_params may be None.
+  step_rewards=None, plan=None) -> (train batch, metrics): the training
+  rows, old log-probs (the sampler's or recomputed), reference log-probs,
+  values, advantages and the mask the loss uses, all on device; with a
+  `pack_plan` the policy's forward passes run on packed rows (and the batch
+  carries the plan for the update). ref_params / critic_params may be None.
   reference='adapters_off': the reference is the policy's params with its
   LoRA adapters switched off (ref_params unused)."""
   def logprobs(params, rows):
