@@ -196,7 +196,10 @@ def test_packed_updates_equal_unpacked_ones(tiny_checkpoint, algorithm):
   kl_coef = 0.05 if algorithm == 'grpo' else 0.0
   graphdef, state, update, _, critic_graphdef = online._update_fns(
       config, algorithm, tiny_checkpoint, mesh, model, kl_coef)
-  ref = jax.tree.map(jnp.copy, state['policy']['params'])
+  # A reference apart from the policy, so the KL term and its gradient are not 0.
+  ref = jax.tree.map(
+      lambda x: x + 0.02 * jax.random.normal(jax.random.key(0), x.shape, x.dtype),
+      state['policy']['params'])
   prepare = rl_parts.make_prepare(graphdef, critic_graphdef, algorithm=algorithm, rl=config.rl,
                                   num_samples=4, temperature=1.0, kl_coef=kl_coef, mesh=mesh)
   rng = np.random.RandomState(4)
@@ -229,6 +232,8 @@ def test_packed_updates_equal_unpacked_ones(tiny_checkpoint, algorithm):
     if key in apart:
       at = real if apart[key].ndim == 2 else slice(None)
       np.testing.assert_allclose(packed[key][at], apart[key][at], atol=1e-5, err_msg=key)
+  if kl_coef:
+    assert apart_out['kl'] > 1e-4, apart_out  # the reference is another model
   for key in ('loss', 'grad_norm', 'ratio_mean') + (('kl',) if kl_coef else ()):
     assert packed_out[key] == pytest.approx(apart_out[key], rel=1e-4, abs=1e-6), key
   assert_norm_close(packed_params, apart_params, bound=1e-5, what='updated weights ')

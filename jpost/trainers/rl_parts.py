@@ -109,13 +109,12 @@ def pack_plan(lengths, num_samples: int, width: int, row_multiple: int = 1) -> d
     for sample in np.argsort(-group, kind='stable'):
       if group[sample] <= 0:
         continue
-      fits = [i for i, space in enumerate(free) if space >= group[sample]]
-      if not fits:
+      row = next((i for i, space in enumerate(free) if space >= group[sample]), len(rows))
+      if row == len(rows):
         rows.append([])
         free.append(width)
-        fits = [len(rows) - 1]
-      rows[fits[0]].append(int(sample))
-      free[fits[0]] -= group[sample]
+      rows[row].append(int(sample))
+      free[row] -= group[sample]
     groups.append(rows)
   num_groups = len(groups)
   step = row_multiple // np.gcd(num_groups, row_multiple)
