@@ -2,7 +2,7 @@
 
   python bench/grpo_step.py [--steps 5] [--prompts 2] [--samples 8] [--max-new 128]
                             [--beta 0.04] [--dtype auto] [--remat full|dots | --no-remat]
-                            [--data gsm8k:rl_train] [--logits-chunk N]
+                            [--data gsm8k:rl_train] [--logits-chunk N] [--attention auto]
 
 Runs the real online loop (jpost.trainers.online, configs/grpo.py with these
 overrides: GSM8K prompts, 2 prompts x 8 samples x up to 128 new tokens,
@@ -47,6 +47,7 @@ def grpo_config(args):
   c.rl.minibatches = args.minibatches
   if args.logits_chunk is not None:
     c.model.logits_chunk = args.logits_chunk
+  c.model.attention = args.attention
   c.total_steps = args.steps
   c.eval_every = 0
   c.export_hf = False
@@ -70,6 +71,7 @@ def main():
   parser.add_argument('--no-remat', dest='remat', action='store_const', const='none')
   parser.add_argument('--minibatches', type=int, default=1)
   parser.add_argument('--logits-chunk', type=int, help="LM-head positions per chunk (the recipe's)")
+  parser.add_argument('--attention', default='auto', help='auto, xla or blockwise (the recipe: auto)')
   args = parser.parse_args()
   from jpost.models.config import resolve_dtype
   args.dtype = resolve_dtype(args.dtype)
@@ -104,7 +106,8 @@ def main():
       'machine': common.machine(),
       'setup': f'{args.prompts} prompts x {args.samples} samples x <= {args.max_new} new tokens, '
                f'beta {args.beta}, {args.dtype}, {args.minibatches} minibatch(es), '
-               f'remat {c.model.remat}, LM-head chunk {c.model.logits_chunk}, {args.data}',
+               f'remat {c.model.remat}, LM-head chunk {c.model.logits_chunk}, '
+               f'attention {args.attention}, {args.data}',
       's_per_step': round(median('time/step_s'), 2),
       'warm_s_per_step': round(statistics.median(warm), 2) if warm else None,
       'warm_steps': len(warm),

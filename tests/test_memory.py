@@ -30,13 +30,17 @@ def test_sft_parts_by_hand():
   assert parts == {
       'saved_activations': 2 * 8 * 2 * 16 * 3,  # each layer's bfloat16 input
       'layer_backward': 2 * layer,
-      'attention': 2 * 4 * 8 * 8 * 4 * 3,  # 8 keys fit one block: 'xla', 3 float32 [T, T]
+      # 'auto' on CPU is blockwise, even for 8 keys in one block: 2 float32 [T, block]
+      'attention': 2 * 4 * 8 * 8 * 4 * 2,
       'lm_head': 2 * 4 * 100 * 4}  # a chunk of 4 positions of float32 logits
   # 16 tokens: blockwise over 8-key blocks, 2 blocks' worth alive.
   assert memory.step_activations(cfg, rows=1, seq_len=16)['attention'] == 4 * 16 * 8 * 4 * 2
+  # 'xla' (what 'auto' picks for one block on a GPU): 3 float32 [T, T].
+  xla = memory.step_activations(_config(attention='xla'), rows=2, seq_len=8)
+  assert xla['attention'] == 2 * 4 * 8 * 8 * 4 * 3
   # No remat: every layer's activations and materialised scores are kept.
-  none = memory.step_activations(_config(remat='none'), rows=2, seq_len=8)
-  assert none['saved_activations'] == 3 * layer and none['attention'] == 3 * parts['attention']
+  none = memory.step_activations(_config(remat='none', attention='xla'), rows=2, seq_len=8)
+  assert none['saved_activations'] == 3 * layer and none['attention'] == 3 * xla['attention']
   dots = memory.step_activations(_config(remat='dots'), rows=2, seq_len=8)
   assert dots['saved_activations'] == 2 * 8 * 2 * (16 + 32 + 16 + 2 * 32) * 3
   # Fused kernels keep no scores; cuDNN's backward workspace grows with the
@@ -57,13 +61,13 @@ def test_sft_parts_by_hand():
 
 def test_rl_update_parts_by_hand():
   """2 prompts of 4 tokens, 3 samples each of 6 new tokens: the prompts go
-  through once, the completions attend to 10 keys (blockwise past 8), and
-  only completion positions reach the LM head."""
+  through once, the completions attend to 10 keys (blockwise: 'auto' on CPU,
+  in blocks of 8), and only completion positions reach the LM head."""
   cfg = _config()
   parts = memory.rl_update_activations(cfg, prompts=2, samples=3, prompt_len=4, new_tokens=6)
   tokens = 2 * 4 + 6 * 6
   assert parts['saved_activations'] == tokens * 2 * 16 * 3
-  assert parts['attention'] == 2 * 4 * 4 * 4 * 4 * 3 + 6 * 4 * 6 * 8 * 4 * 2
+  assert parts['attention'] == 2 * 4 * 4 * 4 * 4 * 2 + 6 * 4 * 6 * 8 * 4 * 2
   assert parts['lm_head'] == 6 * 4 * 100 * 4
 
 

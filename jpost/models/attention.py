@@ -2,7 +2,7 @@
 (`ModelConfig.attention`; README, "Attention and memory").
 
 - 'xla': scores [B, N, T, S] materialised, then softmax. The reference, and
-  the fastest where T x S is small.
+  on a GPU the fastest where T x S is small.
 - 'blockwise': online softmax over key blocks (pure JAX, every backend), with
   a recomputing backward, so memory is O(T x block) per head instead of
   O(T x S). The mask is built per block from positions and segment ids:
@@ -20,10 +20,13 @@
   float16 only; no sliding window. Reached through jax's private cuDNN
   module: the public `jax.nn.dot_product_attention` takes one length per
   row, not segments.
-- 'auto': 'xla' while the keys fit in one block (nothing to gain, and the
-  path every short run has used); beyond that, on a GPU without a sliding
-  window, 'cudnn' for bfloat16/float16 compute on Hopper or newer, else
-  'pallas'; elsewhere 'blockwise'.
+- 'auto': on CPU 'blockwise', even for keys that fit in one block: its
+  backward recomputes the probabilities from the saved log-sum-exp, with
+  fewer passes over [T, S] than autodiff of 'xla' (the SmolLM2 SFT step at
+  8 x 256 ran 4-8% faster, bench/RESULTS.md). Elsewhere 'xla' while the
+  keys fit in one block; beyond that, on a GPU without a sliding window,
+  'cudnn' for bfloat16/float16 compute on Hopper or newer, else 'pallas';
+  on other backends 'blockwise'.
 
 Queries are [B, T, N, H], keys [B, K, H, S], values [B, K, S, H] (K key/value
 heads serve N // K query heads each), as in jpost.models.decoder.
@@ -76,9 +79,11 @@ def choose(name: str, *, key_len: int, block: int, sliding_window: int | None,
     raise ValueError(f'attention={name!r}; use one of {IMPLEMENTATIONS}.')
   if name != 'auto':
     return name
+  backend = backend or jax.default_backend()
+  if backend == 'cpu':
+    return 'blockwise'
   if key_len <= block:
     return 'xla'
-  backend = backend or jax.default_backend()
   if backend != 'gpu' or sliding_window is not None:
     return 'blockwise'
   # cuDNN's packed layout needs Hopper (9.0) and 16-bit inputs; there its
