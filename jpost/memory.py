@@ -55,9 +55,10 @@ def _implementation(cfg: ModelConfig, key_len: int) -> str:
 
 
 def _activations(cfg: ModelConfig, tokens: float, attention: float, head_rows: float,
-                 head_len: int) -> dict:
-  """By part: `tokens` positions through the layers, the attention's score
-  bytes, and the LM head over `head_rows` x `head_len` positions."""
+                 head_len: int, blockwise_tokens: float = 0) -> dict:
+  """By part: `tokens` positions through the layers (`blockwise_tokens` of
+  them as queries of the blockwise attention), the attention's score bytes,
+  and the LM head over `head_rows` x `head_len` positions."""
   a = 2 if cfg.dtype != 'float32' else 4
   d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_size
   qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * h
@@ -66,8 +67,10 @@ def _activations(cfg: ModelConfig, tokens: float, attention: float, head_rows: f
   # gate/up/their product (F-wide).
   layer = tokens * (a * (6 * d + 2 * qkv + 3 * f) + 4 * 2 * d)
   saved = {'full': tokens * a * d,  # each layer's input, the scan's carry
-           # and the weight matmuls' outputs but down's (q, k, v, o, gate, up)
-           'dots': tokens * a * (d + qkv + d + 2 * f),
+           # and the weight matmuls' outputs but down's (q, k, v, o, gate, up),
+           # and the blockwise attention's float32 output and log-sum-exp
+           'dots': tokens * a * (d + qkv + d + 2 * f)
+                   + blockwise_tokens * 4 * cfg.num_heads * (h + 1),
            'none': layer}[cfg.remat_policy] * cfg.num_layers
   chunk = min(cfg.logits_chunk or head_len, head_len)
   logits = head_rows * chunk * cfg.vocab_size * 4
@@ -79,8 +82,10 @@ def step_activations(cfg: ModelConfig, rows: float, seq_len: int, *, lm_head: bo
   """A step over `rows` rows of `seq_len` tokens on this device (SFT; DPO
   and reward models put both sides of their pairs in one batch, and a scalar
   head instead of the LM head adds nothing worth counting)."""
-  scores = _attention(cfg, _implementation(cfg, seq_len), rows, seq_len, seq_len)
-  return _activations(cfg, rows * seq_len, scores, rows if lm_head else 0, seq_len)
+  name = _implementation(cfg, seq_len)
+  scores = _attention(cfg, name, rows, seq_len, seq_len)
+  return _activations(cfg, rows * seq_len, scores, rows if lm_head else 0, seq_len,
+                      rows * seq_len if name == 'blockwise' else 0)
 
 
 def rl_update_activations(cfg: ModelConfig, prompts: float, samples: int, prompt_len: int,
@@ -91,9 +96,13 @@ def rl_update_activations(cfg: ModelConfig, prompts: float, samples: int, prompt
   completion = _implementation(cfg, prompt_len + new_tokens)
   if completion in ('pallas', 'cudnn'):  # the kernels are self-attention only (attention.attend)
     completion = 'blockwise'
-  scores = (_attention(cfg, _implementation(cfg, prompt_len), prompts, prompt_len, prompt_len)
+  prompt = _implementation(cfg, prompt_len)
+  scores = (_attention(cfg, prompt, prompts, prompt_len, prompt_len)
             + _attention(cfg, completion, rows, new_tokens, prompt_len + new_tokens))
-  return _activations(cfg, prompts * prompt_len + rows * new_tokens, scores, rows, new_tokens)
+  blockwise = ((prompts * prompt_len if prompt == 'blockwise' else 0)
+               + (rows * new_tokens if completion == 'blockwise' else 0))
+  return _activations(cfg, prompts * prompt_len + rows * new_tokens, scores, rows, new_tokens,
+                      blockwise)
 
 
 def with_state(cfg: ModelConfig, activations: dict, fsdp: int = 1) -> dict:

@@ -39,6 +39,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 IMPLEMENTATIONS = ('auto', 'xla', 'blockwise', 'pallas', 'cudnn')
 
@@ -188,8 +189,8 @@ def _flash_fwd(q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, wind
   init = (jnp.full(stats_shape, MASK_VALUE, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
           jnp.zeros(q.shape, jnp.float32))
   (m, l, acc), _ = jax.lax.scan(step, init, (k_blocks, v_blocks, pos_blocks, seg_blocks))
-  out = acc / l[..., None]
-  lse = m + jnp.log(l)
+  out = checkpoint_name(acc / l[..., None], 'attention')
+  lse = checkpoint_name(m + jnp.log(l), 'attention')
   return out, (q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, out, lse)
 
 
