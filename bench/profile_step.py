@@ -1,7 +1,7 @@
 """Where a training step's time goes, by XLA operation kind, from JAX's profiler.
 
   python bench/profile_step.py [--dtype bfloat16] [--remat [full|dots|none]] [--batch 8]
-      [--seq-len 256]
+      [--seq-len 256] [--by-source]
 
 Runs the SFT step of a randomly initialised SmolLM2-135M-shaped model (as
 `sft_throughput.py --random-init`), profiles one warm step and prints the
@@ -10,7 +10,9 @@ numbers: `ynn_fusion` are YNNPACK's matmul fusions on CPU), largest first.
 Thread time on a multi-threaded CPU adds up to more than the step's wall
 time, and leaves out the helper threads a matmul splits its work over; the
 CPU time of the process over the step's wall time says how many cores were
-busy.
+busy. `--by-source` adds the same time by where it came from: the forward
+or backward scan over the layers or outside it, matmul or not, and the JAX
+source of each operation (from the compiled step's HLO metadata).
 """
 
 import argparse
@@ -34,16 +36,45 @@ from sft_throughput import synthetic_batches
 _WRAPPERS = ('ThunkExecutor', '$', 'SlinkyThreadPool')
 
 
-def thread_time_by_kind(trace_dir: str) -> collections.Counter:
-  """Microseconds per operation kind in the perfetto trace under `trace_dir`."""
+def _operations(trace_dir: str) -> list[dict]:
+  """The operation spans ('X' events, wrappers left out) of the perfetto
+  trace under `trace_dir`."""
   path = next(pathlib.Path(trace_dir).rglob('perfetto_trace.json.gz'))
   trace = json.load(gzip.open(path))
   events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  return [e for e in events
+          if e.get('ph') == 'X' and 'dur' in e and not e['name'].startswith(_WRAPPERS)]
+
+
+def thread_time_by_kind(trace_dir: str) -> collections.Counter:
+  """Microseconds per operation kind in the perfetto trace under `trace_dir`."""
   kinds = collections.Counter()
-  for event in events:
-    if event.get('ph') == 'X' and 'dur' in event and not event['name'].startswith(_WRAPPERS):
-      kinds[re.sub(r'\.\d+$', '', event['name'])] += event['dur']
+  for event in _operations(trace_dir):
+    kinds[re.sub(r'\.\d+$', '', event['name'])] += event['dur']
   return kinds
+
+
+def thread_time_by_source(trace_dir: str, compiled_hlo: str) -> collections.Counter:
+  """Microseconds per (loop, kind, source) of the step: each operation's
+  name looked up in the compiled HLO for the JAX source it came from
+  (`op_name`). The loop is the forward or backward scan over the layers, or
+  outside them; the kind is a YNNPACK matmul, another YNNPACK operation (a
+  reduction) or XLA's own (elementwise, copies); the source is the tail of
+  the op_name (an einsum's equation, a primitive). Some fusions carry no
+  op_name: their loop shows as 'no source'."""
+  sources = dict(re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"', compiled_hlo,
+                            re.M))
+  by = collections.Counter()
+  for event in _operations(trace_dir):
+    source = sources.get(event['name'], '')
+    loop = ('no source' if not source  # fusions XLA made without an op_name
+            else 'outside' if '/while' not in source
+            else 'backward loop' if 'transpose(' in source.split('/while')[0] else 'forward loop')
+    ynn = event['name'].startswith('ynn')
+    kind = ('matmul' if ynn and 'dot_general' in source else 'ynn other' if ynn
+            else re.sub(r'\.\d+$', '', event['name']))
+    by[loop, kind, '/'.join(source.split('/')[-2:])] += event['dur']
+  return by
 
 
 def _cpu_seconds() -> float:
@@ -61,6 +92,8 @@ def main():
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--seq-len', type=int, default=256)
   parser.add_argument('--top', type=int, default=15)
+  parser.add_argument('--by-source', action='store_true',
+                      help='also attribute thread time to (loop, kind, JAX source)')
   args = parser.parse_args()
   mesh = sharding.make_mesh()
   model = common.load_model(random_init=True, mesh=mesh, dtype=args.dtype, remat=args.remat)
@@ -82,11 +115,18 @@ def main():
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       run_step()
     kinds = thread_time_by_kind(trace_dir)
+    if args.by_source:
+      batch = loop.place_batch(next(batches), mesh)
+      by_source = thread_time_by_source(trace_dir, step.lower(state, batch).compile().as_text())
   total = sum(kinds.values())
   print(f'warm step {wall:.2f} s wall, {cores:.2f} cores busy on average; '
         f'{total / 1e6:.2f} s of operation thread time')
   for kind, us in kinds.most_common(args.top):
     print(f'{us / 1e3:9.1f} ms {100 * us / total:5.1f}%  {kind}')
+  if args.by_source:
+    print('by loop, kind and source:')
+    for (where, kind, source), us in by_source.most_common(args.top):
+      print(f'{us / 1e3:9.1f} ms {100 * us / total:5.1f}%  {where:13s} {kind:28s} {source}')
   print(json.dumps({'machine': common.machine(), 'dtype': args.dtype, 'remat': args.remat,
                     'batch': args.batch, 'seq_len': args.seq_len, 'step_s': round(wall, 3),
                     'cores_busy': round(cores, 2), 'thread_s': round(total / 1e6, 3),
