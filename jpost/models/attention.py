@@ -148,10 +148,26 @@ def blockwise_attention(q_btnh, keys, values, visible: Visibility, *, block: int
   k_blocks = keys.reshape(b, k, h, nb, block).transpose(3, 0, 1, 2, 4)
   v_blocks = values.reshape(b, k, nb, block, h).transpose(2, 0, 1, 3, 4)
   pos_blocks, seg_blocks = (a.reshape(b, nb, block).transpose(1, 0, 2) for a in (k_pos, k_seg))
-  q_bkgth = q_btnh.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
-  out = _flash(q_bkgth, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks,
-               sliding_window)
+  if _is_self_attention(q_btnh, keys, visible) and nb > 1:
+    # Queries in blocks too, each seeing only the key blocks up to its own.
+    q_pad = jnp.pad(q_btnh, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    q_bkgth = q_pad.reshape(b, t + pad, k, n // k, h).transpose(0, 2, 3, 1, 4)
+    out = _causal_flash(q_bkgth, k_blocks, v_blocks, pos_blocks, seg_blocks, sliding_window)
+    out = out[:, :, :, :t]
+  else:
+    q_bkgth = q_btnh.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
+    out = _flash(q_bkgth, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks,
+                 sliding_window)
   return out.astype(q_btnh.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def _is_self_attention(q_btnh, keys, visible: Visibility) -> bool:
+  """Whether the queries are the keys' own tokens (a training or scoring
+  forward: one Visibility built from one positions and one segments array),
+  so that within a segment a later index is a later position and a query
+  never sees a key after it. A KV cache or a shared prompt has other keys."""
+  return (keys.shape[-1] == q_btnh.shape[1] and visible.q_pos is visible.k_pos
+          and visible.q_seg is visible.k_seg)
 
 
 def _block_scores(q, kb, q_pos, q_seg, kp, ks, window):
@@ -222,6 +238,114 @@ def _flash_bwd(window, residuals, d_out):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# Self-attention skips the key blocks after each query block (and, with a
+# sliding window, those before it): half of a long row's score tiles, which
+# the mask would only zero. Rows are causal by index there
+# (_is_self_attention), so the skipped tiles hold no visible key.
+
+
+def _key_block_range(i, nb, block, window):
+  """Key blocks [lo, i] that query block i may see."""
+  lo = 0 if window is None else jnp.maximum(0, (i * block - window + 1) // block)
+  return lo, i + 1
+
+
+def _query_block_range(j, nb, block, window):
+  """Query blocks [j, hi) that may see key block j."""
+  hi = nb if window is None else jnp.minimum(nb, (j * block + block + window - 2) // block + 1)
+  return j, hi
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _causal_flash(q, k_blocks, v_blocks, pos_blocks, seg_blocks, window):
+  return _causal_fwd(q, k_blocks, v_blocks, pos_blocks, seg_blocks, window)[0]
+
+
+def _query_blocks(a, nb):
+  """[B, K, G, T, ...] -> [nb, B, K, G, T / nb, ...]."""
+  b, k, g, t = a.shape[:4]
+  a = a.reshape(b, k, g, nb, t // nb, *a.shape[4:])
+  return jnp.moveaxis(a, 3, 0)
+
+
+def _from_query_blocks(a):
+  a = jnp.moveaxis(a, 0, 3)
+  return a.reshape(*a.shape[:3], a.shape[3] * a.shape[4], *a.shape[5:])
+
+
+def _causal_fwd(q, k_blocks, v_blocks, pos_blocks, seg_blocks, window):
+  nb, block = k_blocks.shape[0], k_blocks.shape[-1]
+  take = lambda a, j: jax.lax.dynamic_index_in_dim(a, j, keepdims=False)
+
+  def query_block(_, xs):
+    i, qb, qp, qs = xs
+    stats_shape = qb.shape[:-1]
+
+    def key_block(j, carry):
+      m, l, acc = carry
+      scores = _block_scores(qb, take(k_blocks, j), qp, qs, take(pos_blocks, j),
+                             take(seg_blocks, j), window)
+      m_new = jnp.maximum(m, scores.max(-1))
+      correction = jnp.exp(m - m_new)
+      p = jnp.exp(scores - m_new[..., None])
+      vb = take(v_blocks, j)
+      pv = jnp.einsum('bkgts,bksh->bkgth', p.astype(vb.dtype), vb,
+                      preferred_element_type=jnp.float32)
+      return m_new, l * correction + p.sum(-1), acc * correction[..., None] + pv
+
+    init = (jnp.full(stats_shape, MASK_VALUE, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
+            jnp.zeros(qb.shape, jnp.float32))
+    m, l, acc = jax.lax.fori_loop(*_key_block_range(i, nb, block, window), key_block, init)
+    return None, (acc / l[..., None], m + jnp.log(l))
+
+  _, (out, lse) = jax.lax.scan(query_block, None, (jnp.arange(nb), _query_blocks(q, nb),
+                                                   pos_blocks, seg_blocks))
+  out = checkpoint_name(_from_query_blocks(out), 'attention')
+  lse = checkpoint_name(_from_query_blocks(lse), 'attention')
+  return out, (q, k_blocks, v_blocks, pos_blocks, seg_blocks, out, lse)
+
+
+def _causal_bwd(window, residuals, d_out):
+  q, k_blocks, v_blocks, pos_blocks, seg_blocks, out, lse = residuals
+  nb, block = k_blocks.shape[0], k_blocks.shape[-1]
+  low = q.dtype
+  d_out = d_out.astype(jnp.float32)
+  delta = jnp.sum(d_out * out, axis=-1)
+  scale = q.shape[-1] ** -0.5
+  q_b, do_b = _query_blocks(q, nb), _query_blocks(d_out.astype(low), nb)
+  lse_b, delta_b = _query_blocks(lse, nb), _query_blocks(delta, nb)
+  take = lambda a, i: jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
+
+  def key_block(dq, xs):
+    j, kb, vb, kp, ks = xs
+    kb_low, vb_low = kb.astype(low), vb.astype(low)
+
+    def query_block(i, carry):
+      dq, dk, dv = carry
+      qb, dob = take(q_b, i), take(do_b, i)
+      scores = _block_scores(qb, kb, take(pos_blocks, i), take(seg_blocks, i), kp, ks, window)
+      p = jnp.exp(scores - take(lse_b, i)[..., None])
+      dv = dv + jnp.einsum('bkgts,bkgth->bksh', p.astype(low), dob,
+                           preferred_element_type=jnp.float32)
+      dp = jnp.einsum('bkgth,bksh->bkgts', dob, vb_low, preferred_element_type=jnp.float32)
+      ds = (p * (dp - take(delta_b, i)[..., None]) * scale).astype(low)
+      dq_i = take(dq, i) + jnp.einsum('bkgts,bkhs->bkgth', ds, kb_low,
+                                      preferred_element_type=jnp.float32)
+      dk = dk + jnp.einsum('bkgts,bkgth->bkhs', ds, qb, preferred_element_type=jnp.float32)
+      return jax.lax.dynamic_update_index_in_dim(dq, dq_i, i, 0), dk, dv
+
+    init = (dq, jnp.zeros(kb.shape, jnp.float32), jnp.zeros(vb.shape, jnp.float32))
+    dq, dk, dv = jax.lax.fori_loop(*_query_block_range(j, nb, block, window), query_block, init)
+    return dq, (dk.astype(kb.dtype), dv.astype(vb.dtype))
+
+  dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(q_b.shape, jnp.float32),
+                              (jnp.arange(nb), k_blocks, v_blocks, pos_blocks, seg_blocks))
+  return _from_query_blocks(dq).astype(q.dtype), dk, dv, None, None
+
+
+_causal_flash.defvjp(_causal_fwd, _causal_bwd)
 
 
 # --- pallas: the Triton flash-attention kernel with segment ids (GPU) ----------
