@@ -27,11 +27,14 @@ from jpost.models import attention as attn
 from jpost.models.config import ModelConfig
 
 
-def _attention(cfg: ModelConfig, name: str, rows: float, queries: int, keys: int) -> float:
+def _attention(cfg: ModelConfig, name: str, rows: float, queries: int, keys: int,
+               self_attention: bool = False) -> float:
   """float32 scores, probabilities and their gradient of `rows` x `queries`
-  attending to `keys` (blockwise: one block's probabilities and gradient; a
-  fused kernel keeps none); materialised ones times the layers when nothing
-  recomputes them (the blockwise path recomputes its blocks in its own backward)."""
+  attending to `keys` (blockwise: one key block's probabilities and gradient,
+  for one query block in self-attention, which runs its queries in blocks
+  too; a fused kernel keeps none); materialised ones times the layers when
+  nothing recomputes them (the blockwise path recomputes its blocks in its
+  own backward)."""
   if name == 'pallas':  # fused: no scores leave the kernel
     return 0.0
   if name == 'cudnn':
@@ -44,6 +47,8 @@ def _attention(cfg: ModelConfig, name: str, rows: float, queries: int, keys: int
     slots = attn.cudnn_span_slots(cfg.attention_max_segments)
     return rows * slots * queries * cfg.num_heads * cfg.head_size * 8
   width = {'xla': keys, 'blockwise': min(cfg.attention_block, keys)}[name]
+  if name == 'blockwise' and self_attention:
+    queries = min(queries, width)
   alive = {'xla': 3, 'blockwise': 2}[name]
   return rows * cfg.num_heads * queries * width * 4 * alive * (
       cfg.num_layers if cfg.remat_policy == 'none' and name == 'xla' else 1)
@@ -83,7 +88,7 @@ def step_activations(cfg: ModelConfig, rows: float, seq_len: int, *, lm_head: bo
   and reward models put both sides of their pairs in one batch, and a scalar
   head instead of the LM head adds nothing worth counting)."""
   name = _implementation(cfg, seq_len)
-  scores = _attention(cfg, name, rows, seq_len, seq_len)
+  scores = _attention(cfg, name, rows, seq_len, seq_len, self_attention=True)
   return _activations(cfg, rows * seq_len, scores, rows if lm_head else 0, seq_len,
                       rows * seq_len if name == 'blockwise' else 0)
 
@@ -97,7 +102,7 @@ def rl_update_activations(cfg: ModelConfig, prompts: float, samples: int, prompt
   if completion in ('pallas', 'cudnn'):  # the kernels are self-attention only (attention.attend)
     completion = 'blockwise'
   prompt = _implementation(cfg, prompt_len)
-  scores = (_attention(cfg, prompt, prompts, prompt_len, prompt_len)
+  scores = (_attention(cfg, prompt, prompts, prompt_len, prompt_len, self_attention=True)
             + _attention(cfg, completion, rows, new_tokens, prompt_len + new_tokens))
   blockwise = ((prompts * prompt_len if prompt == 'blockwise' else 0)
                + (rows * new_tokens if completion == 'blockwise' else 0))

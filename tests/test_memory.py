@@ -33,8 +33,9 @@ def test_sft_parts_by_hand():
       # 'auto' on CPU is blockwise, even for 8 keys in one block: 2 float32 [T, block]
       'attention': 2 * 4 * 8 * 8 * 4 * 2,
       'lm_head': 2 * 4 * 100 * 4}  # a chunk of 4 positions of float32 logits
-  # 16 tokens: blockwise over 8-key blocks, 2 blocks' worth alive.
-  assert memory.step_activations(cfg, rows=1, seq_len=16)['attention'] == 4 * 16 * 8 * 4 * 2
+  # 16 tokens: blockwise over 8-key blocks, queries in blocks of 8 too, 2
+  # [block, block] tiles' worth alive.
+  assert memory.step_activations(cfg, rows=1, seq_len=16)['attention'] == 4 * 8 * 8 * 4 * 2
   # 'xla' (what 'auto' picks for one block on a GPU): 3 float32 [T, T].
   xla = memory.step_activations(_config(attention='xla'), rows=2, seq_len=8)
   assert xla['attention'] == 2 * 4 * 8 * 8 * 4 * 3
