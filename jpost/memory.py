@@ -8,8 +8,9 @@ config and the batch's shape before anything is compiled or allocated
   saved activations: what the remat policy keeps per layer, x layers;
   layer backward: one layer's recomputed activations and their gradients;
   attention: the score blocks alive at once (T x T materialised, T x block
-      blockwise, none for the Pallas kernel; cuDNN's backward workspace,
-      which grows with `attention_max_segments`);
+      blockwise, block x block in blockwise self-attention, none for the
+      Pallas kernel; cuDNN's backward workspace, which grows with
+      `attention_max_segments`);
   LM head: one chunk of float32 logits (XLA reuses it for the gradient).
 
 The constants (how many [tokens, D] / [tokens, F] buffers are alive) were
