@@ -250,7 +250,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # (_is_self_attention), so the skipped tiles hold no visible key.
 
 
-def _key_block_range(i, nb, block, window):
+def _key_block_range(i, block, window):
   """Key blocks [lo, i] that query block i may see."""
   lo = 0 if window is None else jnp.maximum(0, (i * block - window + 1) // block)
   return lo, i + 1
@@ -301,7 +301,7 @@ def _causal_fwd(q, k_blocks, v_blocks, pos_blocks, seg_blocks, window):
 
     init = (jnp.full(stats_shape, MASK_VALUE, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
             jnp.zeros(qb.shape, jnp.float32))
-    m, l, acc = jax.lax.fori_loop(*_key_block_range(i, nb, block, window), key_block, init)
+    m, l, acc = jax.lax.fori_loop(*_key_block_range(i, block, window), key_block, init)
     return None, (acc / l[..., None], m + jnp.log(l))
 
   _, (out, lse) = jax.lax.scan(query_block, None, (jnp.arange(nb), _query_blocks(q, nb),
