@@ -142,6 +142,7 @@ def blockwise_attention(q_btnh, keys, values, visible: Visibility, *, block: int
   k, s = keys.shape[1], keys.shape[-1]
   block = min(block, s)
   pad = -s % block
+  self_attention = _is_self_attention(q_btnh, keys, visible)  # asked before keys are padded
   q_pos, q_seg, k_pos, k_seg = (a.astype(jnp.int32) for a in visible)
   if pad:  # padded keys have segment 0: nothing sees them
     keys = jnp.pad(keys, ((0, 0), (0, 0), (0, 0), (0, pad)))
@@ -152,7 +153,7 @@ def blockwise_attention(q_btnh, keys, values, visible: Visibility, *, block: int
   k_blocks = keys.reshape(b, k, h, nb, block).transpose(3, 0, 1, 2, 4)
   v_blocks = values.reshape(b, k, nb, block, h).transpose(2, 0, 1, 3, 4)
   pos_blocks, seg_blocks = (a.reshape(b, nb, block).transpose(1, 0, 2) for a in (k_pos, k_seg))
-  if _is_self_attention(q_btnh, keys, visible) and nb > 1:
+  if self_attention and nb > 1:
     # Queries in blocks too, each seeing only the key blocks up to its own.
     q_pad = jnp.pad(q_btnh, ((0, 0), (0, pad), (0, 0), (0, 0)))
     q_bkgth = q_pad.reshape(b, t + pad, k, n // k, h).transpose(0, 2, 3, 1, 4)
