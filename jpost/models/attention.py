@@ -182,6 +182,43 @@ def _block_scores(q, kb, q_pos, q_seg, kp, ks, window):
   return jnp.where(visible, scores * (q.shape[-1] ** -0.5), MASK_VALUE)
 
 
+def _softmax_init(q):
+  """(running max, sum, weighted values) before any key block. Starting at
+  the mask value (not -inf) keeps a row with no visible key finite: every
+  score equals the start, so it averages all values, as the materialised
+  softmax does."""
+  stats_shape = q.shape[:-1]
+  return (jnp.full(stats_shape, MASK_VALUE, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
+          jnp.zeros(q.shape, jnp.float32))
+
+
+def _softmax_step(carry, q, kb, vb, q_pos, q_seg, kp, ks, window):
+  """The online softmax's state after one more key block."""
+  m, l, acc = carry
+  scores = _block_scores(q, kb, q_pos, q_seg, kp, ks, window)
+  m_new = jnp.maximum(m, scores.max(-1))
+  correction = jnp.exp(m - m_new)
+  p = jnp.exp(scores - m_new[..., None])
+  pv = jnp.einsum('bkgts,bksh->bkgth', p.astype(vb.dtype), vb,
+                  preferred_element_type=jnp.float32)
+  return m_new, l * correction + p.sum(-1), acc * correction[..., None] + pv
+
+
+def _tile_grads(q, d_out_low, lse, delta, kb, vb, q_pos, q_seg, kp, ks, window):
+  """(dq, dk, dv) float32 of one query x key tile, its probabilities
+  recomputed from the saved log-sum-exp; `delta` is sum(d_out * out) per query."""
+  low = q.dtype
+  p = jnp.exp(_block_scores(q, kb, q_pos, q_seg, kp, ks, window) - lse[..., None])
+  dv = jnp.einsum('bkgts,bkgth->bksh', p.astype(low), d_out_low,
+                  preferred_element_type=jnp.float32)
+  dp = jnp.einsum('bkgth,bksh->bkgts', d_out_low, vb.astype(low),
+                  preferred_element_type=jnp.float32)
+  ds = (p * (dp - delta[..., None]) * q.shape[-1] ** -0.5).astype(low)
+  dq = jnp.einsum('bkgts,bkhs->bkgth', ds, kb.astype(low), preferred_element_type=jnp.float32)
+  dk = jnp.einsum('bkgts,bkgth->bkhs', ds, q, preferred_element_type=jnp.float32)
+  return dq, dk, dv
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _flash(q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, window):
   return _flash_fwd(q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, window)[0]
@@ -190,26 +227,12 @@ def _flash(q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, window):
 def _flash_fwd(q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, window):
   """Output [B, K, G, T, H] (float32) and, for the backward, the row
   log-sum-exp: nothing of size T x S is kept."""
-  stats_shape = q.shape[:-1]
-
   def step(carry, blocks):
-    m, l, acc = carry
     kb, vb, kp, ks = blocks
-    scores = _block_scores(q, kb, q_pos, q_seg, kp, ks, window)
-    m_new = jnp.maximum(m, scores.max(-1))
-    correction = jnp.exp(m - m_new)
-    p = jnp.exp(scores - m_new[..., None])
-    l = l * correction + p.sum(-1)
-    pv = jnp.einsum('bkgts,bksh->bkgth', p.astype(vb.dtype), vb,
-                    preferred_element_type=jnp.float32)
-    return (m_new, l, acc * correction[..., None] + pv), None
+    return _softmax_step(carry, q, kb, vb, q_pos, q_seg, kp, ks, window), None
 
-  # Starting at the mask value (not -inf) keeps a row with no visible key
-  # finite: every score equals the start, so it averages all values, as the
-  # materialised softmax does.
-  init = (jnp.full(stats_shape, MASK_VALUE, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
-          jnp.zeros(q.shape, jnp.float32))
-  (m, l, acc), _ = jax.lax.scan(step, init, (k_blocks, v_blocks, pos_blocks, seg_blocks))
+  (m, l, acc), _ = jax.lax.scan(step, _softmax_init(q),
+                                (k_blocks, v_blocks, pos_blocks, seg_blocks))
   out = checkpoint_name(acc / l[..., None], 'attention')
   lse = checkpoint_name(m + jnp.log(l), 'attention')
   return out, (q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, out, lse)
@@ -218,24 +241,14 @@ def _flash_fwd(q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, wind
 def _flash_bwd(window, residuals, d_out):
   """Recomputes each block's probabilities from the saved log-sum-exp."""
   q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, out, lse = residuals
-  low = q.dtype
   d_out = d_out.astype(jnp.float32)
   delta = jnp.sum(d_out * out, axis=-1)  # [B, K, G, T]
-  scale = q.shape[-1] ** -0.5
-  d_out_low = d_out.astype(low)
+  d_out_low = d_out.astype(q.dtype)
 
   def step(dq, blocks):
     kb, vb, kp, ks = blocks
-    p = jnp.exp(_block_scores(q, kb, q_pos, q_seg, kp, ks, window) - lse[..., None])
-    dv = jnp.einsum('bkgts,bkgth->bksh', p.astype(low), d_out_low,
-                    preferred_element_type=jnp.float32)
-    dp = jnp.einsum('bkgth,bksh->bkgts', d_out_low, vb.astype(low),
-                    preferred_element_type=jnp.float32)
-    ds = (p * (dp - delta[..., None]) * scale).astype(low)
-    dq = dq + jnp.einsum('bkgts,bkhs->bkgth', ds, kb.astype(low),
-                         preferred_element_type=jnp.float32)
-    dk = jnp.einsum('bkgts,bkgth->bkhs', ds, q, preferred_element_type=jnp.float32)
-    return dq, (dk.astype(kb.dtype), dv.astype(vb.dtype))
+    dq_tile, dk, dv = _tile_grads(q, d_out_low, lse, delta, kb, vb, q_pos, q_seg, kp, ks, window)
+    return dq + dq_tile, (dk.astype(kb.dtype), dv.astype(vb.dtype))
 
   dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32),
                               (k_blocks, v_blocks, pos_blocks, seg_blocks))
@@ -286,23 +299,11 @@ def _causal_fwd(q, k_blocks, v_blocks, pos_blocks, seg_blocks, window):
 
   def query_block(_, xs):
     i, qb, qp, qs = xs
-    stats_shape = qb.shape[:-1]
-
-    def key_block(j, carry):
-      m, l, acc = carry
-      scores = _block_scores(qb, take(k_blocks, j), qp, qs, take(pos_blocks, j),
-                             take(seg_blocks, j), window)
-      m_new = jnp.maximum(m, scores.max(-1))
-      correction = jnp.exp(m - m_new)
-      p = jnp.exp(scores - m_new[..., None])
-      vb = take(v_blocks, j)
-      pv = jnp.einsum('bkgts,bksh->bkgth', p.astype(vb.dtype), vb,
-                      preferred_element_type=jnp.float32)
-      return m_new, l * correction + p.sum(-1), acc * correction[..., None] + pv
-
-    init = (jnp.full(stats_shape, MASK_VALUE, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
-            jnp.zeros(qb.shape, jnp.float32))
-    m, l, acc = jax.lax.fori_loop(*_key_block_range(i, block, window), key_block, init)
+    key_block = lambda j, carry: _softmax_step(carry, qb, take(k_blocks, j), take(v_blocks, j),
+                                               qp, qs, take(pos_blocks, j), take(seg_blocks, j),
+                                               window)
+    m, l, acc = jax.lax.fori_loop(*_key_block_range(i, block, window), key_block,
+                                  _softmax_init(qb))
     return None, (acc / l[..., None], m + jnp.log(l))
 
   _, (out, lse) = jax.lax.scan(query_block, None, (jnp.arange(nb), _query_blocks(q, nb),
@@ -315,31 +316,22 @@ def _causal_fwd(q, k_blocks, v_blocks, pos_blocks, seg_blocks, window):
 def _causal_bwd(window, residuals, d_out):
   q, k_blocks, v_blocks, pos_blocks, seg_blocks, out, lse = residuals
   nb, block = k_blocks.shape[0], k_blocks.shape[-1]
-  low = q.dtype
   d_out = d_out.astype(jnp.float32)
   delta = jnp.sum(d_out * out, axis=-1)
-  scale = q.shape[-1] ** -0.5
-  q_b, do_b = _query_blocks(q, nb), _query_blocks(d_out.astype(low), nb)
+  q_b, do_b = _query_blocks(q, nb), _query_blocks(d_out.astype(q.dtype), nb)
   lse_b, delta_b = _query_blocks(lse, nb), _query_blocks(delta, nb)
   take = lambda a, i: jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
 
   def key_block(dq, xs):
     j, kb, vb, kp, ks = xs
-    kb_low, vb_low = kb.astype(low), vb.astype(low)
 
     def query_block(i, carry):
       dq, dk, dv = carry
-      qb, dob = take(q_b, i), take(do_b, i)
-      scores = _block_scores(qb, kb, take(pos_blocks, i), take(seg_blocks, i), kp, ks, window)
-      p = jnp.exp(scores - take(lse_b, i)[..., None])
-      dv = dv + jnp.einsum('bkgts,bkgth->bksh', p.astype(low), dob,
-                           preferred_element_type=jnp.float32)
-      dp = jnp.einsum('bkgth,bksh->bkgts', dob, vb_low, preferred_element_type=jnp.float32)
-      ds = (p * (dp - take(delta_b, i)[..., None]) * scale).astype(low)
-      dq_i = take(dq, i) + jnp.einsum('bkgts,bkhs->bkgth', ds, kb_low,
-                                      preferred_element_type=jnp.float32)
-      dk = dk + jnp.einsum('bkgts,bkgth->bkhs', ds, qb, preferred_element_type=jnp.float32)
-      return jax.lax.dynamic_update_index_in_dim(dq, dq_i, i, 0), dk, dv
+      dq_tile, dk_tile, dv_tile = _tile_grads(
+          take(q_b, i), take(do_b, i), take(lse_b, i), take(delta_b, i), kb, vb,
+          take(pos_blocks, i), take(seg_blocks, i), kp, ks, window)
+      dq = jax.lax.dynamic_update_index_in_dim(dq, take(dq, i) + dq_tile, i, 0)
+      return dq, dk + dk_tile, dv + dv_tile
 
     init = (dq, jnp.zeros(kb.shape, jnp.float32), jnp.zeros(vb.shape, jnp.float32))
     dq, dk, dv = jax.lax.fori_loop(*_query_block_range(j, nb, block, window), query_block, init)
