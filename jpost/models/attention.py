@@ -27,7 +27,7 @@
 - 'auto': on CPU 'blockwise', even for keys that fit in one block: its
   backward recomputes the probabilities from the saved log-sum-exp, with
   fewer passes over [T, S] than autodiff of 'xla' (the SmolLM2 SFT step at
-  8 x 256 ran 4-8% faster, bench/RESULTS.md). Elsewhere 'xla' while the
+  8 x 256 ran 2-8% faster, bench/RESULTS.md). Elsewhere 'xla' while the
   keys fit in one block; beyond that, on a GPU without a sliding window,
   'cudnn' for bfloat16/float16 compute on Hopper or newer, else 'pallas';
   on other backends 'blockwise'.
