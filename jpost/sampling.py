@@ -243,8 +243,9 @@ def _scans(sampling: SamplingConfig, streaming: bool) -> bool:
   in Python): `sampling.scan_layers`, by default only when streaming.
 
   The loop decodes faster in a batch: each layer's weights and cache are
-  read in place, where a scan slices them every step (bf16, batch 32: 306
-  vs 177 tokens/s on the 2-core CPU; 28.7k vs 18.0k on an H100). But XLA
+  read in place, where a scan slices them every step (bf16, batch 16: 514
+  vs 432 tokens/s on the 2-core CPU; 28.7k vs 18.0k on an H100 at batch
+  32). But XLA
   then compiles 30 blocks instead of one: a first call compiles for 9 s
   instead of 2.4 s on the CPU (float32, batch 1), and for 26-80 s instead
   of 9-11 s on an H100. A chat turn usually opens a new prompt-length

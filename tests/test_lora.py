@@ -2,7 +2,9 @@
 export, quantisation error, the trainable split and the adapters-off reference."""
 
 import json
+import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -242,3 +244,54 @@ def test_dropout_acts_only_inside_a_train_update_context(tiny_checkpoint):
     dropped = np.asarray(nnx.jit(lambda m, *a: m(*a))(model, *tokens))
   assert np.abs(dropped - plain).max() > 1e-3
   np.testing.assert_array_equal(np.asarray(forward(model, *tokens)), plain)
+
+
+def _stacks_converted_to_float32(hlo: str, cfg) -> int:
+  """How many float32 conversions of a whole [L, ...] base-kernel stack the
+  compiled program makes."""
+  from jpost.models.decoder import layer_param_shapes
+  stacks = {','.join(map(str, (cfg.num_layers, *shape)))
+            for name, (shape, _) in layer_param_shapes(cfg).items() if name in lora.KERNELS}
+  found = re.findall(r'%[\w.\-]*convert[\w.\-]* = f32\[([\d,]+)\]', hlo)
+  return sum(shape in stacks for shape in found)
+
+
+def test_a_bfloat16_base_is_sliced_without_float32_copies(monkeypatch):
+  """XLA:CPU slices a 16-bit float stack inside the scan over layers by
+  converting the whole stack to float32 before the loop, on every call: a
+  float32 copy of the bfloat16 base each step. The frozen base goes through
+  the scan as its bits (decoder._loop_operands), so the compiled gradient
+  converts no base stack, and a bitcast is exact: the loss and the adapters'
+  gradients equal, to the bit, those without it (which does convert, showing
+  the check finds such copies). Where loops do not go through float32 (a
+  GPU) nothing changes."""
+  from jpost.models import remat
+  from jpost.models.config import ModelConfig
+  from jpost.models.decoder import Decoder
+  cfg = ModelConfig(vocab_size=64, hidden_size=48, intermediate_size=80, num_layers=3,
+                    num_heads=4, num_kv_heads=2, dtype='bfloat16', remat='full',
+                    lora=lora.LoraConfig(rank=4, alpha=8))
+  graphdef, state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
+  trainable, frozen = lora.trainable(state)
+  trainable = jax.tree.map(lambda x: x + 0.01, trainable)  # B != 0: the adapters act
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, 64, (2, 24)))
+  positions = jnp.tile(jnp.arange(24), (2, 1))
+  segments = jnp.ones((2, 24), jnp.int32)
+
+  def loss(trainable, frozen):  # the base an argument, as in a train step (not a constant)
+    logits = nnx.merge(graphdef, trainable, frozen)(tokens, positions, segments)
+    return jnp.mean(logits.astype(jnp.float32) ** 2)
+
+  results = {}
+  for bits in (True, False):
+    if not bits:
+      monkeypatch.setattr(lora, 'frozen_in_training', lambda cfg, name: False)
+    grad = jax.jit(jax.value_and_grad(loss))
+    hlo = grad.lower(trainable, frozen).compile().as_text()
+    results[bits] = (_stacks_converted_to_float32(hlo, cfg), grad(trainable, frozen))
+  if not remat.loops_go_through_float32(jnp.bfloat16):
+    assert results[True][0] == results[False][0] == 0
+  else:
+    assert results[True][0] == 0 and results[False][0] >= len(lora.KERNELS)
+  chex.assert_trees_all_equal(results[True][1], results[False][1])

@@ -28,7 +28,7 @@ from jpost import ops, sharding
 from jpost.models import attention as attn
 from jpost.models import lora
 from jpost.models.config import ModelConfig
-from jpost.models.remat import loop_writes_go_through_float32, remat, saved
+from jpost.models.remat import loops_go_through_float32, remat, saved
 
 def layer_param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
   """Name -> (shape without the layer axis, logical axes) of each layer parameter."""
@@ -230,7 +230,7 @@ def cache_storage_dtype(compute_dtype):
   storage holds the same values; only the attention probabilities meet the
   values matmul in the storage dtype (bfloat16 rounds them, float32 not)."""
   dtype = jnp.dtype(compute_dtype)
-  return jnp.dtype(jnp.float32) if loop_writes_go_through_float32(dtype) else dtype
+  return jnp.dtype(jnp.float32) if loops_go_through_float32(dtype) else dtype
 
 
 def _write_slots(cache, new, start):
@@ -251,9 +251,13 @@ def decoder_stack(x, layer_params, positions, segment_ids, cfg: ModelConfig, cac
   if cache is None:
     visible = attn.Visibility(positions, segment_ids, positions, segment_ids)
 
+    stacks, bits_of = _loop_operands(_with_dropout_keys(layer_params, cfg),
+                                     lambda name: lora.frozen_in_training(cfg, name))
+
     def block(x, params):
+      params = _viewed(params, bits_of)
       return decoder_block(saved(x, 'layer_input'), params, cos, sin, visible, cfg)[0], None
-    x, _ = jax.lax.scan(remat(block, cfg), x, _with_dropout_keys(layer_params, cfg))
+    x, _ = jax.lax.scan(remat(block, cfg), x, stacks)
     return x, None
 
   # The new tokens' keys and values are written into each layer's cache
@@ -281,10 +285,13 @@ def decoder_stack(x, layer_params, positions, segment_ids, cfg: ModelConfig, cac
     if not isinstance(layer_params, dict):
       raise TypeError('a stacked KV cache needs stacked layer parameters '
                       '(decode_layers(stacked=True)), not a list of layers.')
+    stacks, bits_of = _loop_operands(layer_params, lambda name: True)  # nothing differentiated
+
     def block(x, params_and_cache):
       params, cache_k, cache_v = params_and_cache
-      return decoder_block(x, params, cos, sin, visible, cfg, (cache_k, cache_v, index))
-    x, (keys, values) = jax.lax.scan(block, x, (layer_params, cache['k'], cache['v']))
+      return decoder_block(x, _viewed(params, bits_of), cos, sin, visible, cfg,
+                           (cache_k, cache_v, index))
+    x, (keys, values) = jax.lax.scan(block, x, (stacks, cache['k'], cache['v']))
   return x, dict(cache, index=index + x.shape[1], k=keys, v=values, positions=cache_positions,
                  segment_ids=cache_segments)
 
@@ -346,6 +353,33 @@ def _with_dropout_keys(layer_params: dict, cfg: ModelConfig) -> dict:
   when a train update asked for dropout (lora.dropout)."""
   keys = lora.dropout_keys(cfg, cfg.num_layers)
   return layer_params if keys is None else layer_params | {'dropout_key': keys}
+
+
+def _loop_operands(layer_params: dict, frozen) -> tuple[dict, dict]:
+  """The stacked [L, ...] parameters as a scan over the layers slices them,
+  and {name: dtype} of those it holds as bits (`_viewed` restores a layer's).
+
+  Where loops go through float32 (XLA:CPU, 16-bit floats), a scan slicing a
+  bfloat16 stack converts the whole stack to float32 before the loop, on
+  every call: with LoRA's bfloat16 base, a float32 copy of every base kernel
+  each step (424 MB for SmolLM2-135M); in a stacked decode step, of every
+  weight each token (bench/RESULTS.md). Such stacks travel as their uint16
+  bits instead (a bitcast: free), each layer's slice viewed back in the
+  body. Integers carry no gradient, so only those `frozen(name)` marks as
+  never differentiated go as bits."""
+  stacks, bits_of = {}, {}
+  for name, value in layer_params.items():
+    if frozen(name) and loops_go_through_float32(value.dtype):
+      bits_of[name] = value.dtype
+      value = jax.lax.bitcast_convert_type(value, jnp.uint16)
+    stacks[name] = value
+  return stacks, bits_of
+
+
+def _viewed(params: dict, bits_of: dict) -> dict:
+  """One layer's parameters from `_loop_operands`, in their own dtypes."""
+  return {name: jax.lax.bitcast_convert_type(value, bits_of[name]) if name in bits_of else value
+          for name, value in params.items()}
 
 
 def _project(x, w, name: str, cfg: ModelConfig):
@@ -418,9 +452,12 @@ def shared_prompt_stack(x_prompt, x_comp, layer_params, prompt_pos, prompt_seg, 
       comp_pos, comp_seg, jnp.concatenate([repeat(prompt_pos), comp_pos], axis=1),
       jnp.concatenate([jnp.where(repeat(prompt_seg) > 0, -1, 0), comp_seg], axis=1))
 
+  stacks, bits_of = _loop_operands(_with_dropout_keys(layer_params, cfg),
+                                   lambda name: lora.frozen_in_training(cfg, name))
+
   def block(carry, params):
     xp, xc = saved(carry[0], 'layer_input'), saved(carry[1], 'layer_input')
-    w = _block_weights(params, xp.dtype, cfg)
+    w = _block_weights(_viewed(params, bits_of), xp.dtype, cfg)
     pq, pk, pv = _attention_inputs(xp, w, p_cos, p_sin, cfg)
     cq, ck, cv = _attention_inputs(xc, w, c_cos, c_sin, cfg)
     keys = jnp.concatenate([repeat(pk), ck], axis=-1)
@@ -429,8 +466,7 @@ def shared_prompt_stack(x_prompt, x_comp, layer_params, prompt_pos, prompt_seg, 
     xc = _block_output(xc, _attend(cq, keys, values, comp_visible, cfg), w, cfg)
     return (xp, xc), None
 
-  (x_prompt, x_comp), _ = jax.lax.scan(remat(block, cfg), (x_prompt, x_comp),
-                                       _with_dropout_keys(layer_params, cfg))
+  (x_prompt, x_comp), _ = jax.lax.scan(remat(block, cfg), (x_prompt, x_comp), stacks)
   return x_prompt, x_comp
 
 

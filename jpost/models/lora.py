@@ -303,6 +303,12 @@ def merged(p: dict, cfg, dtype=jnp.float32) -> dict:
   return {k: v.astype(dtype) if k in KERNELS else v for k, v in out.items()}
 
 
+def frozen_in_training(cfg, name: str) -> bool:
+  """Whether layer parameter `name` is never differentiated: with adapters,
+  everything in the layers but the adapters themselves (`trainable`)."""
+  return cfg.lora is not None and not name.endswith(('_lora_a', '_lora_b'))
+
+
 def has_adapters(state) -> bool:
   return any(isinstance(v, nnx.LoRAParam)
              for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)))

@@ -14,7 +14,7 @@ XLA:CPU writes a 16-bit float array inside a loop through float32: each
 layer's write converts the whole stack to float32 and back, and the
 backward converts every stack to float32 once more (bench/RESULTS.md). So
 there, a named value is kept as same-width integers (a bitcast, which costs
-nothing) and bitcast back where it is read; `loop_writes_go_through_float32`
+nothing) and bitcast back where it is read; `loops_go_through_float32`
 is the one place that decides. 'none' leaves the keeping to JAX, whose
 stacks of unnamed values still go through float32 on CPU, which makes it
 the slowest policy there.
@@ -45,19 +45,20 @@ def remat(block, cfg: ModelConfig):
   return jax.checkpoint(block, policy=POLICIES[name])
 
 
-def loop_writes_go_through_float32(dtype) -> bool:
-  """Whether this backend writes a `dtype` array inside a loop by converting
-  the whole array to float32 and back (XLA:CPU, 16-bit floats): the same
-  cause makes the KV cache float32 there (decoder.cache_storage_dtype)."""
-  dtype = jnp.dtype(dtype)
-  return (dtype.itemsize == 2 and jnp.issubdtype(dtype, jnp.floating)
+def loops_go_through_float32(dtype) -> bool:
+  """Whether this backend writes or slices a `dtype` array inside a loop by
+  converting the whole array to float32 (and back, for a write) around the
+  loop (XLA:CPU, 16-bit floats). Writes: the kept values here and the KV
+  cache, float32 there (decoder.cache_storage_dtype). Reads: the stacked
+  weights a scan over the layers slices (decoder._loop_operands)."""
+  return (jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize == 2
           and jax.default_backend() == 'cpu')
 
 
 def saved(value, name: str):
   """`value`, named `name` for the remat policies; where 16-bit loop writes
   go through float32, the named value is its bits as uint16."""
-  if not loop_writes_go_through_float32(value.dtype):
+  if not loops_go_through_float32(value.dtype):
     return checkpoint_name(value, name)
   return _saved_as_bits(value, name)
 
