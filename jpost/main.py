@@ -138,5 +138,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from jpost import host
+  host.restart_with_huge_pages()  # before JAX allocates anything (jpost/host.py)
   flags.mark_flag_as_required('config')
   app.run(main, flags_parser=_parse_flags)
