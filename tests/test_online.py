@@ -366,6 +366,34 @@ def test_trim_prompts_keeps_a_bucketed_width():
   assert trimmed['prompt'] == ['a', 'b']
   assert rl_parts.trim_prompts(batch, 0) is batch
   assert rl_parts.trim_prompts(batch, 16)['tokens'].shape == (2, 10)  # never wider
+  # A width compiled already, at most one bucket wider, is reused; a narrower one is not.
+  assert rl_parts.trim_prompts(batch, 4, compiled=(10, 4))['tokens'].shape == (2, 10)
+  assert rl_parts.trim_prompts(batch, 2, compiled=(10, 4))['tokens'].shape == (2, 6)
+
+
+def test_reuse_compiled_takes_the_narrowest_size_within_the_slack():
+  assert rl_parts.reuse_compiled(8, {16, 12, 4}, 4) == 12
+  assert rl_parts.reuse_compiled(8, {8, 12}, 4) == 8
+  assert rl_parts.reuse_compiled(8, {16, 4}, 4) == 8  # 16: more than one bucket up
+  assert rl_parts.reuse_compiled(8, (), 4) == 8
+  assert rl_parts.reuse_compiled(8, {9}, 0) == 8
+
+
+def test_pack_plan_reuses_a_compiled_row_count_with_empty_rows():
+  lengths = np.array([3, 3, 2, 2, 4, 1, 1, 1])  # two groups of 4 in rows of 6: 2 rows each
+  assert len(rl_parts.pack_plan(lengths, 4, 6)['pack_source']) == 4
+  plan = rl_parts.pack_plan(lengths, 4, 6, compiled=(3,))
+  assert len(plan['pack_source']) == 6
+  for group in range(2):  # the third row of each group is empty
+    assert (plan['pack_source'][group * 3 + 2] == -1).all()
+    assert (plan['pack_segment'][group * 3 + 2] == 0).all()
+  want = rl_parts.pack_plan(lengths, 4, 6)  # and every token lands where it did, by row
+  flat = lambda p: sorted(map(tuple, p['pack_source'][p['pack_source'][:, 0] >= 0].tolist()))
+  assert flat(plan) == flat(want)
+  assert len(rl_parts.pack_plan(lengths, 4, 6, compiled=(4, 1))['pack_source']) == 4
+  three = np.array([4, 4, 4, 1, 1, 1, 1, 1])  # 3 rows for the first group
+  assert len(rl_parts.pack_plan(three, 4, 6)['pack_source']) == 6
+  assert rl_parts.pack_plan(three, 4, 6, compiled=(4,)) is None  # 4 a group: the unpacked shape
 
 
 def test_trim_completions_keeps_a_bucketed_width():
@@ -379,6 +407,9 @@ def test_trim_completions_keeps_a_bucketed_width():
   np.testing.assert_array_equal(trimmed.lengths, [3, 5])
   assert rl_parts.trim_completions(completions, 0) is completions
   assert rl_parts.trim_completions(completions, 16) is completions  # never wider
+  assert rl_parts.trim_completions(completions, 2, compiled=(8,)).tokens.shape == (2, 8)
+  assert rl_parts.trim_completions(completions, 2, compiled=(10,)).tokens.shape == (2, 6)
+  assert rl_parts.trim_completions(completions, 4, compiled=(10,)) is completions
 
 
 @pytest.mark.parametrize('filter_zero_variance', [False, True])
@@ -628,16 +659,22 @@ def test_truncation_rate_and_length_are_the_rollouts(char_checkpoint, digit_shar
 
 
 def test_resume_continues_exactly(char_checkpoint, digit_share, tmp_path):
+  """Rewards, losses and the shapes each step ran at (prompt and completion
+  widths cut in buckets, widths and packed rows reused one bucket up when
+  compiled already: the checkpoint keeps which were) equal the
+  uninterrupted run's."""
   rewards_cfg = {'rewards': {digit_share: {'weight': 1.0}}, 'optim.lr': 1e-3,
-                 'checkpoint.every': 2}
-  online.run(_config(char_checkpoint, total_steps=4, **rewards_cfg), tmp_path / 'a', 'grpo')
+                 'checkpoint.every': 2, 'data.prompt_bucket': 8, 'data.completion_bucket': 4}
+  online.run(_config(char_checkpoint, total_steps=6, **rewards_cfg), tmp_path / 'a', 'grpo')
   online.run(_config(char_checkpoint, total_steps=2, **rewards_cfg), tmp_path / 'b', 'grpo')
-  online.run(_config(char_checkpoint, total_steps=4, **rewards_cfg), tmp_path / 'b', 'grpo')
+  online.run(_config(char_checkpoint, total_steps=6, **rewards_cfg), tmp_path / 'b', 'grpo')
   a, b = _records(tmp_path / 'a'), _records(tmp_path / 'b')
-  assert [r['step'] for r in b] == [1, 2, 3, 4]
+  assert [r['step'] for r in b] == [1, 2, 3, 4, 5, 6]
+  shapes = ('shape/prompt_width', 'shape/completion_width', 'shape/update_rows')
   for ra, rb in zip(a, b):
     assert ra['reward/total/mean'] == rb['reward/total/mean']
     assert ra['loss'] == pytest.approx(rb['loss'], rel=1e-5, abs=1e-7)
+    assert [ra[k] for k in shapes] == [rb[k] for k in shapes]
 
 
 def test_filtered_sampling_recomputes_old_logprobs_and_logs_the_gap(char_checkpoint, digit_share,

@@ -141,6 +141,34 @@ class Parts:
   prompt_stats: Any
   base_key: jax.Array  # raw uint32[2] key data, replicated on the mesh
   failures_total: dict = dataclasses.field(default_factory=dict)  # reward failures so far
+  # Shapes compiled so far (rl_parts.reuse_compiled): the rollout's prompt
+  # widths, and the update's (prompt width, completion width, packed rows
+  # per group) triples.
+  compiled: dict = dataclasses.field(default_factory=lambda: {'prompt': set(), 'update': set()})
+
+
+class _PromptsAndShapes:
+  """What a checkpoint keeps of the run besides its state: the prompt
+  iterator's position and the shapes compiled so far, so that a resumed run
+  picks the widths and packed rows the uninterrupted one would
+  (rl_parts.reuse_compiled), and continues exactly."""
+
+  def __init__(self, parts: Parts):
+    self.parts = parts
+
+  def get_state(self) -> dict:
+    compiled = self.parts.compiled
+    return {'prompts': self.parts.prompts.get_state(),
+            'compiled': {'prompt': sorted(compiled['prompt']),
+                         'update': sorted(map(list, compiled['update']))}}
+
+  def set_state(self, saved: dict) -> None:
+    if 'compiled' not in saved:  # a checkpoint of before the shapes were kept
+      self.parts.prompts.set_state(saved)
+      return
+    self.parts.prompts.set_state(saved['prompts'])
+    self.parts.compiled['prompt'].update(saved['compiled']['prompt'])
+    self.parts.compiled['update'].update(map(tuple, saved['compiled']['update']))
 
 
 def step(parts: Parts, state: dict, number: int) -> tuple[dict, dict]:
@@ -161,7 +189,8 @@ def step(parts: Parts, state: dict, number: int) -> tuple[dict, dict]:
     scores = _step_rewards(parts, scored, own, completions, scores['scores'])
   scores = loop.place_batch(scores, parts.mesh)
   lengths = loop.fetch(completions.lengths)  # every process's
-  plan = _pack_plan(parts, lengths, completions.tokens.shape[1])
+  plan = _pack_plan(parts, lengths, prompts['placed']['tokens'].shape[1],
+                    completions.tokens.shape[1])
   batch, out = parts.prepare(state['policy']['params'], parts.ref_params,
                              state['critic']['params'] if 'critic' in state else None,
                              prompts['placed'], completions, scores['scores'],
@@ -191,15 +220,19 @@ def step(parts: Parts, state: dict, number: int) -> tuple[dict, dict]:
   return state, out | {f'data/{k}': v for k, v in parts.prompt_stats.as_dict()['encoded'].items()}
 
 
-def _pack_plan(parts: Parts, lengths: np.ndarray, width: int) -> dict | None:
+def _pack_plan(parts: Parts, lengths: np.ndarray, prompt_width: int,
+               width: int) -> dict | None:
   """The step's rl_parts.pack_plan placed on the mesh (each process places
   its rows' share), or None: rl.pack_completions off, minibatches (which
-  draw rows apart), or nothing to save."""
-  config = parts.config
-  if not config.rl.get('pack_completions', True) or config.rl.minibatches > 1:
-    return None
-  plan = rl_parts.pack_plan(lengths, config.sampling.num_samples, width,
-                            row_multiple=loop.batch_devices(parts.mesh))
+  draw rows apart), or nothing to save. Notes the update's shape as compiled."""
+  config, samples = parts.config, parts.config.sampling.num_samples
+  plan = None
+  if config.rl.get('pack_completions', True) and config.rl.minibatches == 1:
+    seen = tuple(k for p, n, k in parts.compiled['update'] if (p, n) == (prompt_width, width))
+    plan = rl_parts.pack_plan(lengths, samples, width,
+                              row_multiple=loop.batch_devices(parts.mesh), compiled=seen)
+  per_group = samples if plan is None else len(plan['pack_source']) * samples // len(lengths)
+  parts.compiled['update'].add((prompt_width, width, per_group))
   if plan is None:
     return None
   return loop.place_batch({k: v[loop.own_rows(len(v))] for k, v in plan.items()}, parts.mesh)
@@ -228,7 +261,10 @@ def _rollout(parts: Parts, state: dict, number: int):
   config = parts.config
   batch = next(parts.prompts)
   longest = int(loop.gather_rows(np.sum(batch['segment_ids'] > 0, axis=1)).max())
-  batch = rl_parts.trim_prompts(batch, config.data.get('prompt_bucket', 0), longest)
+  batch = rl_parts.trim_prompts(batch, config.data.get('prompt_bucket', 0), longest,
+                                compiled=tuple(parts.compiled['prompt']))
+  prompt_width = batch['tokens'].shape[1]
+  parts.compiled['prompt'].add(prompt_width)
   placed = loop.place_batch({'tokens': batch['tokens'], 'segment_ids': batch['segment_ids'],
                              'mask': batch['segment_ids'] > 0}, parts.mesh,
                             replicate_uneven=('tokens', 'segment_ids', 'mask'))
@@ -239,7 +275,8 @@ def _rollout(parts: Parts, state: dict, number: int):
   completions = parts.by_rows(completions)
   longest = int(loop.fetch(completions.lengths).max())  # over every process's rows
   completions = rl_parts.trim_completions(
-      completions, config.data.get('completion_bucket', 0), longest)
+      completions, config.data.get('completion_bucket', 0), longest,
+      compiled=tuple(n for p, n, _ in parts.compiled['update'] if p == prompt_width))
   return batch | {'placed': placed}, completions
 
 
@@ -404,7 +441,7 @@ def run(config, workdir: str | None, algorithm: str) -> dict[str, Any]:
 
   # --- loop -------------------------------------------------------------------------------
   greedy = dataclasses.replace(settings, num_samples=1, temperature=0.0)
-  done = loop.train(config, workdir, state=state, data_iter=parts.prompts,
+  done = loop.train(config, workdir, state=state, data_iter=_PromptsAndShapes(parts),
                     step_fn=functools.partial(step, parts),
                     evaluate=functools.partial(_held_out, parts, workdir, greedy)
                     if config.data.eval else None)

@@ -28,28 +28,44 @@ from jpost.models import lora
 # --- rollout -> training rows ---------------------------------------------------
 
 
-def trim_prompts(batch: dict, bucket: int, longest: int | None = None) -> dict:
+def reuse_compiled(size: int, compiled, slack: int) -> int:
+  """`size`, or the smallest of the sizes already `compiled` that is at
+  least `size` and at most `size + slack`. A step whose prompts, completions
+  or packed rows take a shape not seen before compiles its programs again
+  (on the 2-core CPU: ~6 s for the rollout, ~4 s for the update, against a
+  warm step of ~12 s); one bucket wider, it runs the program it has, over
+  slots that are masked."""
+  fits = [c for c in compiled if size <= c <= size + slack]
+  return min(fits) if fits else size
+
+
+def trim_prompts(batch: dict, bucket: int, longest: int | None = None,
+                 compiled: tuple[int, ...] = ()) -> dict:
   """Drops left-padding columns no prompt uses (`longest`: the longest prompt
   of every process's batch; by default this batch's), keeping the width a
-  multiple of `bucket` (0: no trimming) so only a few shapes compile."""
+  multiple of `bucket` (0: no trimming) so only a few shapes compile, or a
+  width `compiled` already, up to one bucket wider (`reuse_compiled`)."""
   if longest is None:
     longest = int(np.max(np.sum(batch['segment_ids'] > 0, axis=1)))
   width = batch['tokens'].shape[1]
   if bucket <= 0 or longest >= width:
     return batch
-  keep = min(width, -(-longest // bucket) * bucket)
+  keep = min(width, reuse_compiled(-(-longest // bucket) * bucket, compiled, bucket))
   return batch | {k: batch[k][:, width - keep:] for k in ('tokens', 'positions', 'segment_ids')}
 
 
-def trim_completions(completions, bucket: int, longest: int | None = None):
+def trim_completions(completions, bucket: int, longest: int | None = None,
+                     compiled: tuple[int, ...] = ()):
   """Drops completion slots after the longest completion of the rollout
   (`longest`; by default from these rows), keeping the width a multiple of
   `bucket` (0: no trimming), so the update does not run over slots every
-  row left empty. Device arrays are sliced where they are."""
+  row left empty; or a width `compiled` already, up to one bucket wider.
+  Device arrays are sliced where they are."""
   if longest is None:
     longest = int(np.max(completions.lengths))
   width = completions.tokens.shape[1]
-  keep = width if bucket <= 0 else min(width, max(bucket, -(-longest // bucket) * bucket))
+  keep = width if bucket <= 0 else min(
+      width, reuse_compiled(max(bucket, -(-longest // bucket) * bucket), compiled, bucket))
   if keep == width:
     return completions
   return dataclasses.replace(
@@ -87,13 +103,16 @@ def training_rows(prompts: dict, completions, num_samples: int) -> dict[str, jax
                                         0.0).astype(jnp.float32)}
 
 
-def pack_plan(lengths, num_samples: int, width: int, row_multiple: int = 1) -> dict | None:
+def pack_plan(lengths, num_samples: int, width: int, row_multiple: int = 1,
+              compiled: tuple[int, ...] = ()) -> dict | None:
   """Where each completion goes when a group's completions share rows (pure,
   host-side): each group's n completions of `lengths` tokens are packed
   first-fit, longest first, into k rows of `width` slots, k the most any
-  group needs (rounded up so G * k divides over `row_multiple` devices). The
-  update and the reference forward then run G * k rows instead of G * n,
-  without the slots after each completion's end. None when that saves no row.
+  group needs (rounded up so G * k divides over `row_multiple` devices), or
+  a k `compiled` already, up to one such step more (`reuse_compiled`; n:
+  unpacked). The update and the reference forward then run G * k rows
+  instead of G * n, without the slots after each completion's end. None
+  when that saves no row.
 
   Returns int32 arrays: `pack_source` [G * k, width], the flat index r * N + j
   of the completion token (row r, slot j of the [R, N] layout, N = width) in
@@ -119,7 +138,7 @@ def pack_plan(lengths, num_samples: int, width: int, row_multiple: int = 1) -> d
   num_groups = len(groups)
   step = row_multiple // np.gcd(num_groups, row_multiple)
   per_group = max(1, max(len(rows) for rows in groups))
-  per_group = -(-per_group // step) * step
+  per_group = reuse_compiled(-(-per_group // step) * step, compiled, step)
   if per_group >= num_samples:
     return None
   source = np.full((num_groups * per_group, width), -1, np.int32)
