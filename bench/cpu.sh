@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The CPU benchmarks issue #23's acceptance reads, in one run, on whatever
+# machine this is (an AMX Xeon, an EPYC with or without AVX512-BF16):
+#   bash bench/cpu.sh OUTDIR [quick]
+# Each bench's output goes to OUTDIR/NAME.txt; the last lines printed (and
+# OUTDIR/summary.json) are the figures: the machine (CPU model, AMX and
+# AVX512-BF16 flags, transparent huge pages, measured bfloat16 peak), SFT
+# tokens/s and MFU against TRL in float32 and bf16 autocast, the GRPO step
+# against TRL's, decode tokens/s, and the bfloat16 matmul speed at a step's
+# shapes (with YNNPACK, XLA:CPU's default, and with oneDNN). `quick` skips
+# the peers and the profile. About 25 minutes on 2 cores; run nothing else
+# meanwhile (figures of a shared 2-core machine move with its load).
+# The peers need TRL in the venv: .venv/bin/pip install -e '.[bench]'.
+set -u
+out=${1:-/tmp/jpost_cpu}
+what=${2:-all}
+mkdir -p "$out"
+py=${PYTHON:-.venv/bin/python}
+export PYTHONUNBUFFERED=1
+run() { name=$1; shift; echo "== $name: $*"; timeout 1500 "$py" "$@" > "$out/$name.txt" 2>&1;
+        tail -1 "$out/$name.txt" | cut -c1-400; }
+{
+  grep -m1 'model name' /proc/cpuinfo
+  echo "flags: $(grep -m1 flags /proc/cpuinfo | tr ' ' '\n' | grep -E 'amx|avx512_bf16' | sort -u | tr '\n' ' ')"
+  echo "transparent huge pages: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null)"
+  nproc
+} | tee "$out/machine.txt"
+run matmul_shapes bench/matmul_shapes.py
+XLA_FLAGS=--xla_cpu_use_onednn=true run matmul_shapes_onednn bench/matmul_shapes.py
+run sft bench/sft_throughput.py --steps 4
+run grpo bench/grpo_step.py --steps 5
+run generate bench/generate_throughput.py --batches 16 --dtypes bfloat16
+if [ "$what" != quick ]; then
+  if "$py" -c 'import trl' 2>/dev/null; then
+    run peer_sft bench/peer_trl_sft.py --steps 4
+    run peer_grpo bench/peer_trl_grpo.py --steps 3
+  else
+    echo "TRL is not installed: no peer figures (.venv/bin/pip install -e '.[bench]')"
+  fi
+  run profile bench/profile_step.py --remat dots --by-source
+fi
+"$py" - "$out" <<'EOF'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+
+def last_json(name):
+  path = out / f'{name}.txt'
+  if not path.exists():
+    return None
+  for line in reversed(path.read_text().splitlines()):
+    if line.startswith('{'):
+      try:
+        return json.loads(line)
+      except ValueError:
+        return None
+  return None
+
+sft, grpo, gen = last_json('sft'), last_json('grpo'), last_json('generate')
+peer_sft, peer_grpo = last_json('peer_sft'), last_json('peer_grpo')
+summary = {'machine': (sft or {}).get('machine')}
+if sft:
+  summary['sft'] = {'tokens_per_s': sft['tokens_per_s'], 'mfu': sft['mfu'],
+                    'peak_rss_mb': sft.get('peak_rss_mb')}
+if sft and peer_sft:
+  for s in peer_sft['settings']:
+    summary['sft'][f'vs_trl_{s["dtype"]}'] = round(sft['tokens_per_s'] / s['tokens_per_s'], 2)
+if grpo:
+  summary['grpo'] = {k: grpo[k] for k in ('s_per_step', 'warm_s_per_step', 'rollout_s',
+                                         'update_s', 'peak_rss_mb')}
+if grpo and peer_grpo:
+  for s in peer_grpo['settings']:
+    summary['grpo'][f'vs_trl_{s["dtype"]}'] = round(s['s_per_step'] / grpo['s_per_step'], 2)
+if gen:
+  summary['generate_tokens_per_s'] = gen.get('tokens_per_s')
+(out / 'summary.json').write_text(json.dumps(summary, indent=1))
+print(json.dumps(summary))
+EOF
