@@ -16,6 +16,7 @@ import time
 import numpy as np
 import openai
 
+from jpost import host
 from jpost.serve import api, engine, recipe
 
 QUESTIONS = ['What is the capital of France?', 'Write a haiku about the sea.',
@@ -80,6 +81,7 @@ def run_mode(name, slots, mode, clients, mix):
 
 
 def main():
+  host.restart_with_huge_pages()  # as `python -m jpost.main` serves (jpost/host.py)
   parser = argparse.ArgumentParser()
   parser.add_argument('--clients', type=int, default=32)
   parser.add_argument('--requests', type=int, default=64)
