@@ -281,6 +281,11 @@ def _causal_flash(q, k_blocks, v_blocks, pos_blocks, seg_blocks, window):
   return _causal_fwd(q, k_blocks, v_blocks, pos_blocks, seg_blocks, window)[0]
 
 
+def _take(a, i):
+  """Block i of blocks stacked along the leading axis (i traced)."""
+  return jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
+
+
 def _query_blocks(a, nb):
   """[B, K, G, T, ...] -> [nb, B, K, G, T / nb, ...]."""
   b, k, g, t = a.shape[:4]
@@ -295,12 +300,11 @@ def _from_query_blocks(a):
 
 def _causal_fwd(q, k_blocks, v_blocks, pos_blocks, seg_blocks, window):
   nb, block = k_blocks.shape[0], k_blocks.shape[-1]
-  take = lambda a, j: jax.lax.dynamic_index_in_dim(a, j, keepdims=False)
 
   def query_block(_, xs):
     i, qb, qp, qs = xs
-    key_block = lambda j, carry: _softmax_step(carry, qb, take(k_blocks, j), take(v_blocks, j),
-                                               qp, qs, take(pos_blocks, j), take(seg_blocks, j),
+    key_block = lambda j, carry: _softmax_step(carry, qb, _take(k_blocks, j), _take(v_blocks, j),
+                                               qp, qs, _take(pos_blocks, j), _take(seg_blocks, j),
                                                window)
     m, l, acc = jax.lax.fori_loop(*_key_block_range(i, block, window), key_block,
                                   _softmax_init(qb))
@@ -320,7 +324,6 @@ def _causal_bwd(window, residuals, d_out):
   delta = jnp.sum(d_out * out, axis=-1)
   q_b, do_b = _query_blocks(q, nb), _query_blocks(d_out.astype(q.dtype), nb)
   lse_b, delta_b = _query_blocks(lse, nb), _query_blocks(delta, nb)
-  take = lambda a, i: jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
 
   def key_block(dq, xs):
     j, kb, vb, kp, ks = xs
@@ -328,9 +331,9 @@ def _causal_bwd(window, residuals, d_out):
     def query_block(i, carry):
       dq, dk, dv = carry
       dq_tile, dk_tile, dv_tile = _tile_grads(
-          take(q_b, i), take(do_b, i), take(lse_b, i), take(delta_b, i), kb, vb,
-          take(pos_blocks, i), take(seg_blocks, i), kp, ks, window)
-      dq = jax.lax.dynamic_update_index_in_dim(dq, take(dq, i) + dq_tile, i, 0)
+          _take(q_b, i), _take(do_b, i), _take(lse_b, i), _take(delta_b, i), kb, vb,
+          _take(pos_blocks, i), _take(seg_blocks, i), kp, ks, window)
+      dq = jax.lax.dynamic_update_index_in_dim(dq, _take(dq, i) + dq_tile, i, 0)
       return dq, dk + dk_tile, dv + dv_tile
 
     init = (dq, jnp.zeros(kb.shape, jnp.float32), jnp.zeros(vb.shape, jnp.float32))

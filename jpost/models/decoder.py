@@ -251,8 +251,7 @@ def decoder_stack(x, layer_params, positions, segment_ids, cfg: ModelConfig, cac
   if cache is None:
     visible = attn.Visibility(positions, segment_ids, positions, segment_ids)
 
-    stacks, bits_of = _loop_operands(_with_dropout_keys(layer_params, cfg),
-                                     lambda name: lora.frozen_in_training(cfg, name))
+    stacks, bits_of = _training_operands(layer_params, cfg)
 
     def block(x, params):
       params = _viewed(params, bits_of)
@@ -376,6 +375,13 @@ def _loop_operands(layer_params: dict, frozen) -> tuple[dict, dict]:
   return stacks, bits_of
 
 
+def _training_operands(layer_params: dict, cfg: ModelConfig) -> tuple[dict, dict]:
+  """`_loop_operands` of a training forward: with the adapter-dropout keys,
+  and only what is never differentiated (LoRA's frozen base) as bits."""
+  return _loop_operands(_with_dropout_keys(layer_params, cfg),
+                        lambda name: lora.frozen_in_training(cfg, name))
+
+
 def _viewed(params: dict, bits_of: dict) -> dict:
   """One layer's parameters from `_loop_operands`, in their own dtypes."""
   return {name: jax.lax.bitcast_convert_type(value, bits_of[name]) if name in bits_of else value
@@ -452,8 +458,7 @@ def shared_prompt_stack(x_prompt, x_comp, layer_params, prompt_pos, prompt_seg, 
       comp_pos, comp_seg, jnp.concatenate([repeat(prompt_pos), comp_pos], axis=1),
       jnp.concatenate([jnp.where(repeat(prompt_seg) > 0, -1, 0), comp_seg], axis=1))
 
-  stacks, bits_of = _loop_operands(_with_dropout_keys(layer_params, cfg),
-                                   lambda name: lora.frozen_in_training(cfg, name))
+  stacks, bits_of = _training_operands(layer_params, cfg)
 
   def block(carry, params):
     xp, xc = saved(carry[0], 'layer_input'), saved(carry[1], 'layer_input')
