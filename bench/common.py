@@ -27,9 +27,12 @@ def load_model(*, random_init: bool, mesh=None, shape: str = 'smollm2-135m', **o
 
 
 def machine() -> dict:
-  """What a figure was measured on: the CPU (model, cores, AMX and AVX512-BF16,
-  whose kernels set a bfloat16 step's speed), the JAX device, and the measured
-  bfloat16 matmul peak (float32-accumulating, the MFU denominator)."""
+  """What a figure was measured on: the CPU (model, logical cores, hardware
+  threads per physical core, AMX and AVX512-BF16, whose kernels set a
+  bfloat16 step's speed), the JAX device, and the measured bfloat16 matmul
+  peak (float32-accumulating, the MFU denominator). Two logical cores that
+  are one physical core's two threads share its matmul units (AMX's tiles
+  among them)."""
   import jax
 
   from jpost import metrics
@@ -41,9 +44,21 @@ def machine() -> dict:
     names = [line.split(':', 1)[1].strip() for line in lines if line.startswith('model name')]
     flags = cpu_flags()
     info.update(cpu=names[0] if names else info['cpu'], cores=len(names) or None,
+                threads_per_core=_threads_per_core(lines),
                 amx_bf16='amx_bf16' in flags, avx512_bf16='avx512_bf16' in flags)
   info['peak_bf16_gflops'] = round(metrics.measured_peak_flops('bfloat16') / 1e9, 1)
   return info
+
+
+def _threads_per_core(cpuinfo_lines: list[str]) -> int | None:
+  """'siblings' (logical CPUs per package) over 'cpu cores' (physical cores
+  per package) of /proc/cpuinfo, where both are given (x86)."""
+  fields = dict(line.split(':', 1) for line in cpuinfo_lines if ':' in line)
+  fields = {key.strip(): value.strip() for key, value in fields.items()}
+  try:
+    return int(fields['siblings']) // int(fields['cpu cores'])
+  except (KeyError, ValueError, ZeroDivisionError):
+    return None
 
 
 def time_steps(step, state, batches, mesh, count: int):

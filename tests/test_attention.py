@@ -323,16 +323,26 @@ def test_chunked_lm_head_equals_whole_logits_with_gradients():
       logp, ent = ops.head_logprobs(fn, hidden, targets, chunk=chunk, entropy='loss')
       return jnp.sum(logp * weights) + jnp.sum(ent * weights[:, ::-1]), (logp, ent)
     return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(hidden, head)
+  def by_log_softmax(hidden, head_):  # the textbook formulas, whole logits
+    all_logp = jax.nn.log_softmax(hidden @ head_ / 0.7, axis=-1)
+    logp = jnp.take_along_axis(all_logp, targets[..., None], axis=-1)[..., 0]
+    ent = -jnp.sum(jnp.exp(all_logp) * all_logp, axis=-1)
+    return jnp.sum(logp * weights) + jnp.sum(ent * weights[:, ::-1])
+
   (_, (logp, ent)), grads = loss(16)
   (_, (ref_logp, ref_ent)), ref_grads = loss(0)
   logits = np.asarray(logits_fn(hidden), np.float64)
-  want = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-  want = np.take_along_axis(want, np.asarray(targets)[..., None], -1)[..., 0]
+  all_logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  want = np.take_along_axis(all_logp, np.asarray(targets)[..., None], -1)[..., 0]
   assert_norm_close(logp, want, bound=1e-6)
   assert_norm_close(ref_logp, want, bound=1e-6)
-  assert_norm_close(ent, ref_ent, bound=1e-6)
-  for g, w in zip(grads, ref_grads):
+  want_ent = -(np.exp(all_logp) * all_logp).sum(-1)
+  assert_norm_close(ent, want_ent, bound=1e-6)
+  assert_norm_close(ref_ent, want_ent, bound=1e-6)
+  textbook_grads = jax.grad(by_log_softmax, argnums=(0, 1))(hidden, head)
+  for g, w, t in zip(grads, ref_grads, textbook_grads):
     assert_norm_close(g, w, bound=1e-5)
+    assert_norm_close(g, t, bound=1e-5)
   # 'metric' entropy carries no gradient; 'none' returns the log-probs alone.
   g = jax.grad(lambda h: jnp.sum(ops.head_logprobs(logits_fn, h, targets, chunk=16,
                                                    entropy='metric')[1]))(hidden)
