@@ -118,10 +118,26 @@ def whiten(x, mask, *, shift_mean=True, eps=1e-8):
 def token_entropy(logits):
   """Entropy [B, T-1] of the next-token distribution at each position that has a
   target, aligned with `token_logprobs` (the last position is dropped)."""
-  logits = logits[:, :-1].astype(jnp.float32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
+  return _entropy(*_softmax_terms(logits[:, :-1].astype(jnp.float32)))
+
+
+def _softmax_terms(logits):
+  """(logits [..., V] - their max, exp of that, its sum [...]): what log-probs
+  and entropies are made of. The max is a constant to differentiation (any
+  shift gives the same values), as in logsumexp."""
+  top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  shifted = logits - jnp.where(jnp.isfinite(top), top, 0.0)  # a row all -inf stays -inf
+  exp = jnp.exp(shifted)
+  return shifted, exp, jnp.sum(exp, axis=-1)
+
+
+def _entropy(shifted, exp, total):
+  """-sum p log p = log total - sum(exp * shifted) / total: a sum that XLA
+  computes in the same pass over the logits as `total`, where log_softmax
+  would first write (and reread) another [..., V] float32 array."""
   # Tokens masked to -inf have probability 0 and contribute 0 (not 0 * -inf).
-  return -jnp.sum(jnp.exp(logp) * jnp.where(jnp.isfinite(logp), logp, 0.0), axis=-1)
+  spread = jnp.sum(jnp.where(jnp.isfinite(shifted), exp * shifted, 0.0), axis=-1)
+  return jnp.log(total) - spread / total
 
 
 def head_logprobs(logits_fn, hidden, targets, *, chunk: int = 0, entropy: str = 'none'):
@@ -135,13 +151,14 @@ def head_logprobs(logits_fn, hidden, targets, *, chunk: int = 0, entropy: str = 
   [B, T, V] float32 logits (2 GB per 4k tokens) are never held whole.
   """
   def one(h, t):
-    logits = logits_fn(h)
-    picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-    logp = picked - jax.nn.logsumexp(logits, axis=-1)
+    # Both from one max and one sum pass over the chunk's [B, C, V] logits.
+    # Through log_softmax the entropy metric cost a GRPO update of SmolLM2
+    # (2 x 8 x <= 128) 0.55 s of 6.4 (bench/RESULTS.md).
+    shifted, exp, total = _softmax_terms(logits_fn(h))
+    logp = jnp.take_along_axis(shifted, t[..., None], axis=-1)[..., 0] - jnp.log(total)
     if entropy == 'none':
       return logp, jnp.zeros_like(logp)
-    pad = jnp.zeros_like(logits[:, :1])  # token_entropy drops the last position
-    ent = token_entropy(jnp.concatenate([logits, pad], axis=1))
+    ent = _entropy(shifted, exp, total)
     return logp, ent if entropy == 'loss' else jax.lax.stop_gradient(ent)
 
   b, t, _ = hidden.shape
