@@ -25,7 +25,7 @@ run() { name=$1; shift; echo "== $name: $*"; timeout 1500 "$py" "$@" > "$out/$na
   echo "transparent huge pages: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null)"
   nproc
   # Two logical CPUs may be one core's two threads, sharing its AMX unit.
-  lscpu 2>/dev/null | grep -E '^(Thread|Core|Socket)|cache' 
+  lscpu 2>/dev/null | grep -E '^(Thread|Core|Socket)|cache'
 } | tee "$out/machine.txt"
 run matmul_shapes bench/matmul_shapes.py
 XLA_FLAGS=--xla_cpu_use_onednn=true run matmul_shapes_onednn bench/matmul_shapes.py

@@ -132,9 +132,9 @@ def _softmax_terms(logits):
 
 
 def _entropy(shifted, exp, total):
-  """-sum p log p = log total - sum(exp * shifted) / total: a sum that XLA
-  computes in the same pass over the logits as `total`, where log_softmax
-  would first write (and reread) another [..., V] float32 array."""
+  """-sum p log p = log total - sum(exp * shifted) / total, from the terms the
+  log-probs have already computed; log_softmax would compute the max, exp and
+  sum again and write another [..., V] float32 array."""
   # Tokens masked to -inf have probability 0 and contribute 0 (not 0 * -inf).
   spread = jnp.sum(jnp.where(jnp.isfinite(shifted), exp * shifted, 0.0), axis=-1)
   return jnp.log(total) - spread / total
@@ -151,8 +151,9 @@ def head_logprobs(logits_fn, hidden, targets, *, chunk: int = 0, entropy: str = 
   [B, T, V] float32 logits (2 GB per 4k tokens) are never held whole.
   """
   def one(h, t):
-    # Both from one max and one sum pass over the chunk's [B, C, V] logits.
-    # Through log_softmax the entropy metric cost a GRPO update of SmolLM2
+    # Log-probs and entropies share one max, exp and sum over the chunk's
+    # [B, C, V] logits. Through logsumexp, then log_softmax over a copy with a
+    # pad column, the entropy metric cost a GRPO update of SmolLM2
     # (2 x 8 x <= 128) 0.55 s of 6.4 (bench/RESULTS.md).
     shifted, exp, total = _softmax_terms(logits_fn(h))
     logp = jnp.take_along_axis(shifted, t[..., None], axis=-1)[..., 0] - jnp.log(total)
