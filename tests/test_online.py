@@ -677,6 +677,26 @@ def test_resume_continues_exactly(char_checkpoint, digit_share, tmp_path):
     assert [ra[k] for k in shapes] == [rb[k] for k in shapes]
 
 
+def test_resume_from_a_checkpoint_without_compiled_shapes(char_checkpoint, digit_share,
+                                                          tmp_path):
+  """A checkpoint written before the compiled shapes were kept holds only the
+  prompt iterator's position: the run resumes from it with the same prompts
+  (rewards equal the uninterrupted run's); its shape record starts anew."""
+  rewards_cfg = {'rewards': {digit_share: {'weight': 1.0}}, 'checkpoint.every': 2,
+                 'checkpoint.async_save': False}
+  online.run(_config(char_checkpoint, total_steps=3, **rewards_cfg), tmp_path / 'a', 'grpo')
+  online.run(_config(char_checkpoint, total_steps=2, **rewards_cfg), tmp_path / 'b', 'grpo')
+  saved = tmp_path / 'b' / 'checkpoints' / '2' / 'data' / 'metadata'  # Orbax's JsonSave
+  data = json.loads(saved.read_text())
+  assert all('compiled' in process for process in data['processes']), data
+  data['processes'] = [process['prompts'] for process in data['processes']]  # the old format
+  saved.write_text(json.dumps(data))
+  online.run(_config(char_checkpoint, total_steps=3, **rewards_cfg), tmp_path / 'b', 'grpo')
+  a, b = _records(tmp_path / 'a'), _records(tmp_path / 'b')
+  assert [r['step'] for r in b] == [1, 2, 3]
+  assert a[2]['reward/total/mean'] == b[2]['reward/total/mean']
+
+
 def test_filtered_sampling_recomputes_old_logprobs_and_logs_the_gap(char_checkpoint, digit_share,
                                                                     tmp_path, capsys):
   """With top-k the sampler draws from a renormalised distribution the trainer
