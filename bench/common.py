@@ -3,6 +3,7 @@ randomly initialised model of exactly its shape (`--random-init`, for machines
 that cannot fetch the weights; speed does not depend on weight values), and
 the machine a figure was measured on."""
 
+import os
 import pathlib
 import platform
 
@@ -27,9 +28,9 @@ def load_model(*, random_init: bool, mesh=None, shape: str = 'smollm2-135m', **o
 
 
 def machine() -> dict:
-  """What a figure was measured on: the CPU (model, logical cores, hardware
-  threads per physical core, AMX and AVX512-BF16, whose kernels set a
-  bfloat16 step's speed), the JAX device, and the measured bfloat16 matmul
+  """What a figure was measured on: the CPU (model, logical cores, those
+  this process may use, hardware threads per physical core, AMX and
+  AVX512-BF16, whose kernels set a bfloat16 step's speed), the JAX device, and the measured bfloat16 matmul
   peak (float32-accumulating, the MFU denominator). Two logical cores that
   are one physical core's two threads share its matmul units (AMX's tiles
   among them)."""
@@ -46,6 +47,9 @@ def machine() -> dict:
     info.update(cpu=names[0] if names else info['cpu'], cores=len(names) or None,
                 threads_per_core=_threads_per_core(lines),
                 amx_bf16='amx_bf16' in flags, avx512_bf16='avx512_bf16' in flags)
+  # The logical CPUs this process may run on (fewer under taskset): what
+  # XLA's thread pool and the measured peak below use.
+  info['cpus_used'] = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None
   info['peak_bf16_gflops'] = round(metrics.measured_peak_flops('bfloat16') / 1e9, 1)
   return info
 

@@ -7,8 +7,9 @@
 # AVX512-BF16 flags, transparent huge pages, measured bfloat16 peak), SFT
 # tokens/s and MFU against TRL in float32 and bf16 autocast, the GRPO step
 # against TRL's, decode tokens/s, and the bfloat16 matmul speed at a step's
-# shapes (with YNNPACK, XLA:CPU's default, and with oneDNN). `quick` skips
-# the peers and the profile. About 25 minutes on 2 cores; run nothing else
+# shapes (with YNNPACK, XLA:CPU's default, and with oneDNN), and SFT on one
+# logical CPU against two. `quick` skips the peers, the profile and the
+# one-CPU run. About 25 minutes on 2 cores; run nothing else
 # meanwhile (figures of a shared 2-core machine move with its load).
 # The peers need TRL in the venv: .venv/bin/pip install -e '.[bench]'.
 set -u
@@ -17,7 +18,7 @@ what=${2:-all}
 mkdir -p "$out"
 py=${PYTHON:-.venv/bin/python}
 export PYTHONUNBUFFERED=1
-run() { name=$1; shift; echo "== $name: $*"; timeout 1500 "$py" "$@" > "$out/$name.txt" 2>&1;
+run() { name=$1; shift; echo "== $name: ${wrap:-}$*"; timeout 1500 ${wrap:-} "$py" "$@" > "$out/$name.txt" 2>&1;
         tail -1 "$out/$name.txt" | cut -c1-400; }
 {
   grep -m1 'model name' /proc/cpuinfo
@@ -40,6 +41,11 @@ if [ "$what" != quick ]; then
     echo "TRL is not installed: no peer figures (.venv/bin/pip install -e '.[bench]')"
   fi
   run profile bench/profile_step.py --remat dots --by-source
+  # The SFT step on one logical CPU: where the two are one core's threads,
+  # the second adds little (two cores: about 1.9x on the EPYC).
+  if command -v taskset > /dev/null; then
+    wrap='taskset -c 0 ' run sft_one_cpu bench/sft_throughput.py --steps 3
+  fi
 fi
 "$py" - "$out" <<'EOF'
 import json, pathlib, sys
@@ -58,11 +64,16 @@ def last_json(name):
   return None
 
 sft, grpo, gen = last_json('sft'), last_json('grpo'), last_json('generate')
+one_cpu = last_json('sft_one_cpu')
 peer_sft, peer_grpo = last_json('peer_sft'), last_json('peer_grpo')
 summary = {'machine': (sft or {}).get('machine')}
 if sft:
   summary['sft'] = {'tokens_per_s': sft['tokens_per_s'], 'mfu': sft['mfu'],
                     'peak_rss_mb': sft.get('peak_rss_mb')}
+if sft and one_cpu:
+  summary['sft']['one_cpu'] = {'tokens_per_s': one_cpu['tokens_per_s'], 'mfu': one_cpu['mfu'],
+                               'peak_bf16_gflops': one_cpu['machine'].get('peak_bf16_gflops'),
+                               'two_over_one': round(sft['tokens_per_s'] / one_cpu['tokens_per_s'], 2)}
 if sft and peer_sft:
   for s in peer_sft['settings']:
     summary['sft'][f'vs_trl_{s["dtype"]}'] = round(sft['tokens_per_s'] / s['tokens_per_s'], 2)
