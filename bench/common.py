@@ -30,10 +30,10 @@ def load_model(*, random_init: bool, mesh=None, shape: str = 'smollm2-135m', **o
 def machine() -> dict:
   """What a figure was measured on: the CPU (model, logical cores, those
   this process may use, hardware threads per physical core, AMX and
-  AVX512-BF16, whose kernels set a bfloat16 step's speed), the JAX device, and the measured bfloat16 matmul
-  peak (float32-accumulating, the MFU denominator). Two logical cores that
-  are one physical core's two threads share its matmul units (AMX's tiles
-  among them)."""
+  AVX512-BF16, whose kernels set a bfloat16 step's speed), the JAX device,
+  and the measured bfloat16 matmul peak (float32-accumulating, the MFU
+  denominator). Two logical cores that are one physical core's two threads
+  share its matmul units (AMX's tiles among them)."""
   import jax
 
   from jpost import metrics
