@@ -593,6 +593,7 @@ def swiglu(gate, up):
   The custom backward is one elementwise pass over gate, up and the
   cotangent. Autodiff of the composed ops ran as five or six fusions a
   layer on XLA:CPU, with bfloat16 <-> float32 converts written out between
+  them: the SmolLM2 SFT step ran 2.7% and the GRPO update 5% faster without
   them (bench/RESULTS.md)."""
   return _swiglu(gate, up)
 
