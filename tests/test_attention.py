@@ -315,19 +315,21 @@ def test_chunked_lm_head_equals_whole_logits_with_gradients():
   head = jnp.asarray(rng.normal(size=(12, 50)), jnp.float32)
   targets = jnp.asarray(rng.integers(0, 50, (B, T)))
   weights = jnp.asarray(rng.normal(size=(B, T)))
-  logits_fn = lambda h: h @ head / 0.7
+  logits_of = lambda h, head_: h @ head_ / 0.7
+  logits_fn = lambda h: logits_of(h, head)
+  objective = lambda logp, ent: jnp.sum(logp * weights) + jnp.sum(ent * weights[:, ::-1])
 
   def loss(chunk):
     def f(hidden, head_):
-      fn = lambda h: h @ head_ / 0.7
-      logp, ent = ops.head_logprobs(fn, hidden, targets, chunk=chunk, entropy='loss')
-      return jnp.sum(logp * weights) + jnp.sum(ent * weights[:, ::-1]), (logp, ent)
+      logp, ent = ops.head_logprobs(lambda h: logits_of(h, head_), hidden, targets,
+                                    chunk=chunk, entropy='loss')
+      return objective(logp, ent), (logp, ent)
     return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(hidden, head)
+
   def by_log_softmax(hidden, head_):  # the textbook formulas, whole logits
-    all_logp = jax.nn.log_softmax(hidden @ head_ / 0.7, axis=-1)
+    all_logp = jax.nn.log_softmax(logits_of(hidden, head_), axis=-1)
     logp = jnp.take_along_axis(all_logp, targets[..., None], axis=-1)[..., 0]
-    ent = -jnp.sum(jnp.exp(all_logp) * all_logp, axis=-1)
-    return jnp.sum(logp * weights) + jnp.sum(ent * weights[:, ::-1])
+    return objective(logp, -jnp.sum(jnp.exp(all_logp) * all_logp, axis=-1))
 
   (_, (logp, ent)), grads = loss(16)
   (_, (ref_logp, ref_ent)), ref_grads = loss(0)
