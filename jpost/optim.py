@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jpost.errors import ConfigError
@@ -58,6 +59,21 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """Scales the gradients by min(1, max_norm / their global norm), as
+  `optax.clip_by_global_norm` does, but through one scalar factor: optax's
+  per-element `g / norm * max_norm` is a divide XLA will not duplicate into
+  AdamW's two moment updates, so it writes the clipped gradients out as a
+  whole extra copy (about 0.2 s of a 3.2 s SmolLM2 step on a 2-core CPU).
+  A multiply by a scalar fuses into both."""
+  def update(updates, state, params=None):
+    del params
+    norm = optax.global_norm(updates)
+    factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def build(optim, total_steps: int, *,
           updates_per_step: int = 1) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optimiser and its schedule over `total_steps` steps. With
@@ -74,5 +90,5 @@ def build(optim, total_steps: int, *,
   else:
     tx = optax.sgd(lr, momentum=optim.b1 or None)
   if optim.clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(optim.clip_norm), tx)
+    tx = optax.chain(clip_by_global_norm(optim.clip_norm), tx)
   return tx, lr

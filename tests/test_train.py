@@ -11,6 +11,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
+import optax
 import pytest
 import transformers
 import torch
@@ -70,6 +71,24 @@ def _assert_updates_close(a, b, checkpoint, bound):
   start = jax.device_get(nnx.split(hf.load(checkpoint))[1])
   change = lambda params: jax.tree.map(lambda x, x0: np.asarray(x) - np.asarray(x0), params, start)
   return assert_norm_close(change(a), change(b), bound=bound, what='parameter change ')
+
+
+@pytest.mark.parametrize('scale', [0.0, 0.1, 1.0, 7.0])
+def test_clip_by_global_norm_matches_optax(scale):
+  """jpost's clip (one scalar factor, which fuses into AdamW) gives optax's
+  values: unchanged gradients below the bound (bit for bit, zero included),
+  the same direction at norm max_norm above it."""
+  rng = np.random.RandomState(0)
+  grads = {'w': scale * rng.randn(6, 5).astype(np.float32),
+           'b': scale * rng.randn(5).astype(np.float32)}
+  ours, _ = optim.clip_by_global_norm(2.0).update(grads, optax.EmptyState())
+  theirs, _ = optax.clip_by_global_norm(2.0).update(grads, optax.EmptyState())
+  norm = float(optax.global_norm(grads))
+  for name in grads:
+    if norm < 2.0:
+      np.testing.assert_array_equal(ours[name], grads[name])
+    np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-6, atol=0)
+  assert float(optax.global_norm(ours)) == pytest.approx(min(norm, 2.0), rel=1e-6)
 
 
 @pytest.mark.parametrize('normalization', ['token', 'sequence'])
