@@ -64,8 +64,8 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   `optax.clip_by_global_norm` does, but through one scalar factor: optax's
   per-element `g / norm * max_norm` is a divide XLA will not duplicate into
   AdamW's two moment updates, so it writes the clipped gradients out as a
-  whole extra copy (about 0.2 s of a 3.2 s SmolLM2 step on a 2-core CPU).
-  A multiply by a scalar fuses into both."""
+  whole extra copy (0.89 GB more at the peak of a 4-layer Llama-3.2-1B
+  shape's step at 1 x 512). A multiply by a scalar fuses into both."""
   def update(updates, state, params=None):
     del params
     norm = optax.global_norm(updates)
