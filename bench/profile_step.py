@@ -13,12 +13,17 @@ CPU time of the process over the step's wall time says how many cores were
 busy. `--by-source` adds the same time by where it came from: the forward
 or backward scan over the layers or outside it, matmul or not, and the JAX
 source of each operation (from the compiled step's HLO metadata).
+`--matmuls` lists each matmul fusion with its operand shapes, calls, thread
+time and FLOP rate (from the HLO's dot shapes), and splits the step's wall
+time between matmuls and the rest (each instant shared among the operations
+running then; two matmuls that overlap each show half the rate they had).
 """
 
 import argparse
 import collections
 import gzip
 import json
+import math
 import pathlib
 import re
 import resource
@@ -77,6 +82,70 @@ def thread_time_by_source(trace_dir: str, compiled_hlo: str) -> collections.Coun
   return by
 
 
+def _dims(text: str) -> list[int]:
+  return [int(d) for d in text.split(',') if d]
+
+
+def dot_flops(compiled_hlo: str) -> dict[str, tuple[float, str]]:
+  """{fusion name: (FLOPs of one call, 'lhs x rhs -> out' shapes)} for every
+  fusion of the compiled HLO whose computation holds dots."""
+  bodies, current = {}, None
+  for line in compiled_hlo.splitlines():
+    opening = re.match(r'^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$', line)
+    if opening:
+      current = bodies.setdefault(opening.group(1), [])
+    elif current is not None:
+      current.append(line)
+  out = {}
+  for fusion, computation in re.findall(r'%([\w.\-]+) = [^\n]*?calls=%([\w.\-]+)', compiled_hlo):
+    body = '\n'.join(bodies.get(computation, ()))
+    shapes = dict(re.findall(r'%([\w.\-]+) = \w+\[([\d,]*)\]', body))
+    flops, described = 0.0, []
+    for result, lhs, rhs, contracting in re.findall(
+        r'= \w+\[([\d,]*)\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\).*?lhs_contracting_dims=\{([\d,]*)\}',
+        body):
+      lhs_dims = _dims(shapes[lhs])
+      flops += 2 * math.prod(_dims(result)) * math.prod(lhs_dims[i] for i in _dims(contracting))
+      described.append(f'{lhs_dims} x {_dims(shapes[rhs])} -> {_dims(result)}')
+    if flops:
+      out[fusion] = (flops, '; '.join(described))
+  return out
+
+
+def wall_shares(operations: list[dict]) -> collections.Counter:
+  """Microseconds of wall time per operation name, each instant shared
+  equally among the operations running then."""
+  edges = sorted([(e['ts'], 1, i) for i, e in enumerate(operations)]
+                 + [(e['ts'] + e['dur'], -1, i) for i, e in enumerate(operations)])
+  running, last, shares = set(), edges[0][0], collections.Counter()
+  for ts, kind, i in edges:
+    for j in running:
+      shares[operations[j]['name']] += (ts - last) / len(running)
+    last = ts
+    (running.add if kind == 1 else running.discard)(i)
+  return shares
+
+
+def print_matmuls(trace_dir: str, compiled_hlo: str, top: int) -> None:
+  operations = _operations(trace_dir)
+  dots = dot_flops(compiled_hlo)
+  calls, thread_us = collections.Counter(), collections.Counter()
+  for event in operations:
+    calls[event['name']] += 1
+    thread_us[event['name']] += event['dur']
+  shares = wall_shares(operations)
+  span = max(e['ts'] + e['dur'] for e in operations) - min(e['ts'] for e in operations)
+  matmul_wall = sum(us for name, us in shares.items() if name in dots)
+  flops = sum(dots[name][0] * calls[name] for name in dots if calls[name])
+  print(f'profiled step {span / 1e6:.2f} s: matmuls {matmul_wall / 1e6:.2f} s of its wall time '
+        f'({flops / 1e9:.0f} GFLOP, {flops / matmul_wall / 1e3:.0f} GFLOP/s), other operations '
+        f'{(sum(shares.values()) - matmul_wall) / 1e6:.2f} s')
+  print('matmul fusions by thread time (GFLOP/s per second of thread time):')
+  for name, us in sorted(((n, thread_us[n]) for n in dots if calls[n]), key=lambda x: -x[1])[:top]:
+    print(f'{us / 1e3:8.1f} ms x{calls[name]:3d} {dots[name][0] * calls[name] / us / 1e3:6.0f} '
+          f'GFLOP/s  {dots[name][1]}')
+
+
 def _cpu_seconds() -> float:
   """User + system CPU seconds of this process, all threads (a matmul's
   helper threads are busy without appearing as operations in the trace)."""
@@ -94,6 +163,8 @@ def main():
   parser.add_argument('--top', type=int, default=15)
   parser.add_argument('--by-source', action='store_true',
                       help='also attribute thread time to (loop, kind, JAX source)')
+  parser.add_argument('--matmuls', action='store_true',
+                      help="also list the matmuls' shapes and rates, and their share of the wall time")
   args = parser.parse_args()
   mesh = sharding.make_mesh()
   model = common.load_model(random_init=True, mesh=mesh, dtype=args.dtype, remat=args.remat)
@@ -115,9 +186,12 @@ def main():
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       run_step()
     kinds = thread_time_by_kind(trace_dir)
+    if args.by_source or args.matmuls:
+      compiled_hlo = step.lower(state, loop.place_batch(next(batches), mesh)).compile().as_text()
     if args.by_source:
-      batch = loop.place_batch(next(batches), mesh)
-      by_source = thread_time_by_source(trace_dir, step.lower(state, batch).compile().as_text())
+      by_source = thread_time_by_source(trace_dir, compiled_hlo)
+    if args.matmuls:
+      print_matmuls(trace_dir, compiled_hlo, args.top)
   total = sum(kinds.values())
   print(f'warm step {wall:.2f} s wall, {cores:.2f} cores busy on average; '
         f'{total / 1e6:.2f} s of operation thread time')
