@@ -40,7 +40,7 @@ if [ "$what" != quick ]; then
   else
     echo "TRL is not installed: no peer figures (.venv/bin/pip install -e '.[bench]')"
   fi
-  run profile bench/profile_step.py --remat dots --by-source
+  run profile bench/profile_step.py --remat dots --by-source --matmuls
   # The SFT step on one logical CPU: where the two are one core's threads,
   # the second adds little (two cores: about 1.9x on the EPYC).
   if command -v taskset > /dev/null; then
