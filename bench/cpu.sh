@@ -64,7 +64,7 @@ def last_json(name):
   return None
 
 sft, grpo, gen = last_json('sft'), last_json('grpo'), last_json('generate')
-one_cpu = last_json('sft_one_cpu')
+one_cpu, profile = last_json('sft_one_cpu'), last_json('profile')
 peer_sft, peer_grpo = last_json('peer_sft'), last_json('peer_grpo')
 summary = {'machine': (sft or {}).get('machine')}
 if sft:
@@ -74,6 +74,8 @@ if sft and one_cpu:
   summary['sft']['one_cpu'] = {'tokens_per_s': one_cpu['tokens_per_s'], 'mfu': one_cpu['mfu'],
                                'peak_bf16_gflops': one_cpu['machine'].get('peak_bf16_gflops'),
                                'two_over_one': round(sft['tokens_per_s'] / one_cpu['tokens_per_s'], 2)}
+if sft and profile and 'matmuls' in profile:
+  summary['sft']['profile_matmuls'] = profile['matmuls']  # random weights, one profiled step
 if sft and peer_sft:
   for s in peer_sft['settings']:
     summary['sft'][f'vs_trl_{s["dtype"]}'] = round(sft['tokens_per_s'] / s['tokens_per_s'], 2)

@@ -126,7 +126,8 @@ def wall_shares(operations: list[dict]) -> collections.Counter:
   return shares
 
 
-def print_matmuls(trace_dir: str, compiled_hlo: str, top: int) -> None:
+def print_matmuls(trace_dir: str, compiled_hlo: str, top: int) -> dict:
+  """Prints the matmuls' share and rates; returns the share's figures."""
   operations = _operations(trace_dir)
   dots = dot_flops(compiled_hlo)
   calls, thread_us = collections.Counter(), collections.Counter()
@@ -144,6 +145,8 @@ def print_matmuls(trace_dir: str, compiled_hlo: str, top: int) -> None:
   for name, us in sorted(((n, thread_us[n]) for n in dots if calls[n]), key=lambda x: -x[1])[:top]:
     print(f'{us / 1e3:8.1f} ms x{calls[name]:3d} {dots[name][0] * calls[name] / us / 1e3:6.0f} '
           f'GFLOP/s  {dots[name][1]}')
+  return {'profiled_step_s': round(span / 1e6, 3), 'matmul_wall_s': round(matmul_wall / 1e6, 3),
+          'matmul_gflop': round(flops / 1e9), 'matmul_gflops': round(flops / matmul_wall / 1e3)}
 
 
 def _cpu_seconds() -> float:
@@ -190,8 +193,7 @@ def main():
       compiled_hlo = step.lower(state, loop.place_batch(next(batches), mesh)).compile().as_text()
     if args.by_source:
       by_source = thread_time_by_source(trace_dir, compiled_hlo)
-    if args.matmuls:
-      print_matmuls(trace_dir, compiled_hlo, args.top)
+    matmuls = print_matmuls(trace_dir, compiled_hlo, args.top) if args.matmuls else None
   total = sum(kinds.values())
   print(f'warm step {wall:.2f} s wall, {cores:.2f} cores busy on average; '
         f'{total / 1e6:.2f} s of operation thread time')
@@ -204,7 +206,8 @@ def main():
   print(json.dumps({'machine': common.machine(), 'dtype': args.dtype, 'remat': args.remat,
                     'batch': args.batch, 'seq_len': args.seq_len, 'step_s': round(wall, 3),
                     'cores_busy': round(cores, 2), 'thread_s': round(total / 1e6, 3),
-                    'by_kind_ms': {k: round(v / 1e3, 1) for k, v in kinds.most_common(args.top)}}))
+                    'by_kind_ms': {k: round(v / 1e3, 1) for k, v in kinds.most_common(args.top)},
+                    **({'matmuls': matmuls} if matmuls else {})}))
 
 
 if __name__ == '__main__':
