@@ -68,6 +68,30 @@ def test_blockwise_equals_the_reference(block, window):
       q, k, v, attn.Visibility(pos, seg, pos, seg), block=block, sliding_window=window), window)
 
 
+@pytest.mark.parametrize('block,self_attention', [(64, True), (16, False)])
+def test_blockwise_follows_a_given_mask(block, self_attention):
+  """A mask made once before the layers (Visibility.mask) is the one applied:
+  the packed rows' mask with random keys hidden, as one block of
+  self-attention and as three blocks (the last padded) of other keys."""
+  q, keys, values = _inputs()
+  pos, seg = _rows()
+  hidden = np.random.default_rng(2).random((B, T, T)) < 0.3
+  mask = attn.mask_of(pos, seg, pos, seg) & jnp.asarray(~hidden | np.eye(T, dtype=bool))
+  k_pos, k_seg = (pos, seg) if self_attention else (pos + 0, seg + 0)  # other arrays: not self
+  visible = attn.Visibility(pos, seg, k_pos, k_seg, mask)
+  assert attn._is_self_attention(q, keys, visible) == self_attention
+  fn = lambda q, k, v: attn.blockwise_attention(q, k, v, visible, block=block)
+  ref = lambda q, k, v: attn.dense_attention(q, k, v, mask)
+  real = np.asarray(seg) > 0
+  weights = jnp.asarray(np.random.default_rng(1).normal(size=(B, T, N, H))) * real[..., None, None]
+  assert_norm_close(np.asarray(fn(q, keys, values))[real],
+                    np.asarray(ref(q, keys, values))[real], bound=1e-5)
+  loss = lambda f: lambda *a: jnp.sum(f(*a) * weights)
+  for g, w in zip(jax.grad(loss(fn), argnums=(0, 1, 2))(q, keys, values),
+                  jax.grad(loss(ref), argnums=(0, 1, 2))(q, keys, values)):
+    assert_norm_close(g, w, bound=1e-5)
+
+
 def test_pallas_kernel_equals_the_reference_in_interpret_mode():
   pos, seg = _rows()
   _compare(lambda q, k, v: attn.pallas_attention(

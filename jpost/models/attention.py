@@ -55,11 +55,23 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 class Visibility(NamedTuple):
   """What each query may see, as positions and segment ids ([B, T] and
   [B, S]); segment 0 is padding, a negative key segment a prefix shared by
-  every segment of the row (`mask_of`). A pytree: it passes through scans and jit."""
+  every segment of the row (`mask_of`). A pytree: it passes through scans and jit.
+
+  `mask`, where given, is their [B, T, S] `mask_of` (sliding window
+  included), computed once before a loop over layers (models/decoder.py):
+  recomputed inside each layer's rematerialised backward, XLA:CPU fused it
+  into the softmax and evaluated it once per head."""
   q_pos: jax.Array
   q_seg: jax.Array
   k_pos: jax.Array
   k_seg: jax.Array
+  mask: jax.Array | None = None
+
+  def dense_mask(self, sliding_window: int | None = None):
+    """[B, T, S] bool: `mask` or `mask_of` the positions and segments."""
+    if self.mask is not None:
+      return self.mask
+    return mask_of(self.q_pos, self.q_seg, self.k_pos, self.k_seg, sliding_window)
 
 
 def mask_of(q_pos, q_seg, k_pos, k_seg, sliding_window: int | None = None):
@@ -106,7 +118,7 @@ def attend(q_btnh, keys, values, visible: Visibility, *, implementation: str, bl
   name = choose(implementation, key_len=keys.shape[-1], block=block,
                 sliding_window=sliding_window, dtype=q_btnh.dtype)
   if name == 'xla':
-    return dense_attention(q_btnh, keys, values, mask_of(*visible, sliding_window))
+    return dense_attention(q_btnh, keys, values, visible.dense_mask(sliding_window))
   if name in ('pallas', 'cudnn') and keys.shape[-1] != q_btnh.shape[1]:
     name = 'blockwise'  # the kernels are self-attention only; shared prompts are not
   if name in ('pallas', 'cudnn'):
@@ -143,11 +155,13 @@ def blockwise_attention(q_btnh, keys, values, visible: Visibility, *, block: int
   block = min(block, s)
   pad = -s % block
   self_attention = _is_self_attention(q_btnh, keys, visible)  # asked before keys are padded
-  q_pos, q_seg, k_pos, k_seg = (a.astype(jnp.int32) for a in visible)
+  q_pos, q_seg, k_pos, k_seg = (a.astype(jnp.int32) for a in visible[:4])
+  mask = visible.mask
   if pad:  # padded keys have segment 0: nothing sees them
     keys = jnp.pad(keys, ((0, 0), (0, 0), (0, 0), (0, pad)))
     values = jnp.pad(values, ((0, 0), (0, 0), (0, pad), (0, 0)))
     k_pos, k_seg = (jnp.pad(a, ((0, 0), (0, pad))) for a in (k_pos, k_seg))
+    mask = None if mask is None else jnp.pad(mask, ((0, 0), (0, 0), (0, pad)))
   nb = (s + pad) // block
   # Key blocks along a leading axis, for a scan: [nb, B, K, H, blk] etc.
   k_blocks = keys.reshape(b, k, h, nb, block).transpose(3, 0, 1, 2, 4)
@@ -161,8 +175,10 @@ def blockwise_attention(q_btnh, keys, values, visible: Visibility, *, block: int
     out = out[:, :, :, :t]
   else:
     q_bkgth = q_btnh.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
+    # Key blocks of the given mask, [nb, B, T, blk]; None: made per block.
+    mask_blocks = None if mask is None else mask.reshape(b, t, nb, block).transpose(2, 0, 1, 3)
     out = _flash(q_bkgth, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks,
-                 sliding_window)
+                 sliding_window, mask_blocks)
   return out.astype(q_btnh.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
@@ -175,10 +191,11 @@ def _is_self_attention(q_btnh, keys, visible: Visibility) -> bool:
           and visible.q_seg is visible.k_seg)
 
 
-def _block_scores(q, kb, q_pos, q_seg, kp, ks, window):
-  """Scaled, masked float32 scores [B, K, G, T, blk] of one key block."""
+def _block_scores(q, kb, q_pos, q_seg, kp, ks, window, mask=None):
+  """Scaled, masked float32 scores [B, K, G, T, blk] of one key block
+  (`mask` [B, T, blk]: its visibility, if already made)."""
   scores = jnp.einsum('bkgth,bkhs->bkgts', q, kb, preferred_element_type=jnp.float32)
-  visible = mask_of(q_pos, q_seg, kp, ks, window)[:, None, None]
+  visible = (mask_of(q_pos, q_seg, kp, ks, window) if mask is None else mask)[:, None, None]
   return jnp.where(visible, scores * (q.shape[-1] ** -0.5), MASK_VALUE)
 
 
@@ -192,10 +209,10 @@ def _softmax_init(q):
           jnp.zeros(q.shape, jnp.float32))
 
 
-def _softmax_step(carry, q, kb, vb, q_pos, q_seg, kp, ks, window):
+def _softmax_step(carry, q, kb, vb, q_pos, q_seg, kp, ks, window, mask=None):
   """The online softmax's state after one more key block."""
   m, l, acc = carry
-  scores = _block_scores(q, kb, q_pos, q_seg, kp, ks, window)
+  scores = _block_scores(q, kb, q_pos, q_seg, kp, ks, window, mask)
   m_new = jnp.maximum(m, scores.max(-1))
   correction = jnp.exp(m - m_new)
   p = jnp.exp(scores - m_new[..., None])
@@ -204,11 +221,11 @@ def _softmax_step(carry, q, kb, vb, q_pos, q_seg, kp, ks, window):
   return m_new, l * correction + p.sum(-1), acc * correction[..., None] + pv
 
 
-def _tile_grads(q, d_out_low, lse, delta, kb, vb, q_pos, q_seg, kp, ks, window):
+def _tile_grads(q, d_out_low, lse, delta, kb, vb, q_pos, q_seg, kp, ks, window, mask=None):
   """(dq, dk, dv) float32 of one query x key tile, its probabilities
   recomputed from the saved log-sum-exp; `delta` is sum(d_out * out) per query."""
   low = q.dtype
-  p = jnp.exp(_block_scores(q, kb, q_pos, q_seg, kp, ks, window) - lse[..., None])
+  p = jnp.exp(_block_scores(q, kb, q_pos, q_seg, kp, ks, window, mask) - lse[..., None])
   dv = jnp.einsum('bkgts,bkgth->bksh', p.astype(low), d_out_low,
                   preferred_element_type=jnp.float32)
   dp = jnp.einsum('bkgth,bksh->bkgts', d_out_low, vb.astype(low),
@@ -220,39 +237,42 @@ def _tile_grads(q, d_out_low, lse, delta, kb, vb, q_pos, q_seg, kp, ks, window):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _flash(q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, window):
-  return _flash_fwd(q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, window)[0]
+def _flash(q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, window, mask_blocks):
+  return _flash_fwd(q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, window,
+                    mask_blocks)[0]
 
 
-def _flash_fwd(q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, window):
+def _flash_fwd(q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, window, mask_blocks):
   """Output [B, K, G, T, H] (float32) and, for the backward, the row
-  log-sum-exp: nothing of size T x S is kept."""
+  log-sum-exp: nothing of size T x S is kept (but a given mask)."""
   def step(carry, blocks):
-    kb, vb, kp, ks = blocks
-    return _softmax_step(carry, q, kb, vb, q_pos, q_seg, kp, ks, window), None
+    kb, vb, kp, ks, mask = blocks
+    return _softmax_step(carry, q, kb, vb, q_pos, q_seg, kp, ks, window, mask), None
 
   (m, l, acc), _ = jax.lax.scan(step, _softmax_init(q),
-                                (k_blocks, v_blocks, pos_blocks, seg_blocks))
+                                (k_blocks, v_blocks, pos_blocks, seg_blocks, mask_blocks))
   out = checkpoint_name(acc / l[..., None], 'attention')
   lse = checkpoint_name(m + jnp.log(l), 'attention')
-  return out, (q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, out, lse)
+  return out, (q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, mask_blocks, out,
+               lse)
 
 
 def _flash_bwd(window, residuals, d_out):
   """Recomputes each block's probabilities from the saved log-sum-exp."""
-  q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, out, lse = residuals
+  q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, mask_blocks, out, lse = residuals
   d_out = d_out.astype(jnp.float32)
   delta = jnp.sum(d_out * out, axis=-1)  # [B, K, G, T]
   d_out_low = d_out.astype(q.dtype)
 
   def step(dq, blocks):
-    kb, vb, kp, ks = blocks
-    dq_tile, dk, dv = _tile_grads(q, d_out_low, lse, delta, kb, vb, q_pos, q_seg, kp, ks, window)
+    kb, vb, kp, ks, mask = blocks
+    dq_tile, dk, dv = _tile_grads(q, d_out_low, lse, delta, kb, vb, q_pos, q_seg, kp, ks, window,
+                                  mask)
     return dq + dq_tile, (dk.astype(kb.dtype), dv.astype(vb.dtype))
 
   dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32),
-                              (k_blocks, v_blocks, pos_blocks, seg_blocks))
-  return (dq.astype(q.dtype), dk, dv, None, None, None, None)
+                              (k_blocks, v_blocks, pos_blocks, seg_blocks, mask_blocks))
+  return (dq.astype(q.dtype), dk, dv, None, None, None, None, None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
