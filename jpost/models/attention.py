@@ -57,10 +57,12 @@ class Visibility(NamedTuple):
   [B, S]); segment 0 is padding, a negative key segment a prefix shared by
   every segment of the row (`mask_of`). A pytree: it passes through scans and jit.
 
-  `mask`, where given, is their [B, T, S] `mask_of` (sliding window
-  included), computed once before a loop over layers (models/decoder.py):
+  `mask`, where given, must be their [B, T, S] `mask_of` (sliding window
+  included), made once before a loop over layers (models/decoder.py):
   recomputed inside each layer's rematerialised backward, XLA:CPU fused it
-  into the softmax and evaluated it once per head."""
+  into the softmax and evaluated it once per head. 'xla' and the blockwise
+  path over given key blocks read it; the paths that make masks per tile
+  (blockwise self-attention over several blocks, the GPU kernels) do not."""
   q_pos: jax.Array
   q_seg: jax.Array
   k_pos: jax.Array
