@@ -128,7 +128,9 @@ def wall_shares(operations: list[dict]) -> collections.Counter:
 
 def print_matmuls(trace_dir: str, compiled_hlo: str, top: int) -> dict:
   """Prints the matmuls' share and rates; returns the share's figures."""
-  operations = _operations(trace_dir)
+  # XLA's operations only: host-side spans (a Python call, the host's wait
+  # for a result: names with parentheses) would take shares of the wall time.
+  operations = [e for e in _operations(trace_dir) if '(' not in e['name']]
   dots = dot_flops(compiled_hlo)
   calls, thread_us = collections.Counter(), collections.Counter()
   for event in operations:
