@@ -54,7 +54,7 @@ def main():
 
   def impl(name):
     if name == 'xla':
-      return lambda q, kk, v: attn.dense_attention(q, kk, v, attn.mask_of(*visible))
+      return lambda q, kk, v: attn.dense_attention(q, kk, v, visible.dense_mask())
     if name == 'pallas':
       return lambda q, kk, v: attn.pallas_attention(q, kk, v, visible, interpret=args.interpret)
     if name == 'cudnn':

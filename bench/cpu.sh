@@ -42,7 +42,7 @@ if [ "$what" != quick ]; then
   fi
   run profile bench/profile_step.py --remat dots --by-source --matmuls
   # The SFT step on one logical CPU: where the two are one core's threads,
-  # the second adds little (two cores: about 1.9x on the EPYC).
+  # the second adds little (two cores: 1.6-1.9x one on the EPYC).
   if command -v taskset > /dev/null; then
     wrap='taskset -c 0 ' run sft_one_cpu bench/sft_throughput.py --steps 3
   fi

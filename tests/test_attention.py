@@ -165,7 +165,7 @@ def test_blockwise_holds_no_score_matrix():
     return grad.lower(q, keys, values).compile().memory_analysis().temp_size_in_bytes
   scores = N * t * t * 4
   blockwise = temp_bytes(lambda q, k, v: attn.blockwise_attention(q, k, v, visible, block=block))
-  dense = temp_bytes(lambda q, k, v: attn.dense_attention(q, k, v, attn.mask_of(*visible)))
+  dense = temp_bytes(lambda q, k, v: attn.dense_attention(q, k, v, visible.dense_mask()))
   # Each key block's scores, probabilities and their gradients: a few
   # [N, T, block] arrays, against the reference's [N, T, T] several times.
   assert dense > scores and blockwise < scores / 2, (dense, blockwise, scores)
