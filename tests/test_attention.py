@@ -92,6 +92,34 @@ def test_blockwise_follows_a_given_mask(block, self_attention):
     assert_norm_close(g, w, bound=1e-5)
 
 
+@pytest.mark.parametrize('t', [1, 3])
+def test_shared_prefix_attention_equals_the_reference_over_copied_prefixes(t):
+  """Two groups of 3 rows sharing a prefix each (GQA 3:1), random masks over
+  prefix and own keys: the same as `dense_attention` over every row's copy
+  of its prefix followed by its own keys; one token a row (a decode step)
+  and three."""
+  rng = np.random.default_rng(5)
+  g, rows, p, s = 2, 3, 11, 7
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  q = normal(g * rows, t, N, H)
+  prefix_keys, prefix_values = normal(g, K, H, p), normal(g, K, p, H)
+  keys, values = normal(g * rows, K, H, s), normal(g * rows, K, s, H)
+  prefix_mask = jnp.asarray(rng.random((g * rows, t, p)) < 0.6)
+  mask = jnp.asarray(rng.random((g * rows, t, s)) < 0.6).at[:, :, 0].set(True)
+  got = attn.shared_prefix_attention(q, prefix_keys, prefix_values, prefix_mask, keys, values, mask)
+  copied = lambda a: jnp.repeat(a, rows, axis=0)
+  want = attn.dense_attention(q, jnp.concatenate([copied(prefix_keys), keys], axis=-1),
+                              jnp.concatenate([copied(prefix_values), values], axis=-2),
+                              jnp.concatenate([prefix_mask, mask], axis=-1))
+  chex.assert_shape(got, (g * rows, t, N, H))
+  assert_norm_close(got, want, bound=1e-6)
+  # Each group reads its own prefix: another group's prefix changes nothing.
+  moved = attn.shared_prefix_attention(q, prefix_keys.at[1].set(0), prefix_values, prefix_mask,
+                                       keys, values, mask)
+  np.testing.assert_array_equal(moved[:rows], got[:rows])
+  assert not np.allclose(moved[rows:], got[rows:])
+
+
 def test_pallas_kernel_equals_the_reference_in_interpret_mode():
   pos, seg = _rows()
   _compare(lambda q, k, v: attn.pallas_attention(
@@ -413,8 +441,8 @@ def test_weighted_head_takes_the_same_gradient_in_the_forward_pass(chunk):
 
 
 def test_prefill_over_the_cache_goes_blockwise_and_samples_the_same(monkeypatch):
-  """Generation with 'blockwise' (key blocks of 16 over a 53-slot cache, a
-  sliding window of 24, GQA 3:1, left-padded prompts of 45 and 31 tokens)
+  """Generation with 'blockwise' (key blocks of 16 over the 45-slot prompt
+  cache, a sliding window of 24, GQA 3:1, left-padded prompts of 45 and 31 tokens)
   prefills through the blockwise path and samples the reference's tokens with
   its log-probs; decode steps (one token) keep the dense mask."""
   from jpost import sampling

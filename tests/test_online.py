@@ -710,12 +710,13 @@ def test_filtered_sampling_recomputes_old_logprobs_and_logs_the_gap(char_checkpo
       'sampling.top_k': 3, 'rl.old_logprobs': 'recompute',
       'rewards': {digit_share: {'weight': 1.0}}})
   online.run(config, tmp_path, 'grpo')
-  rows, slots = config.prompts_per_step * config.sampling.num_samples, 80 + 16
-  cache = sampling.cache_bytes(hf.load(char_checkpoint).config, rows, slots)  # test_sampling.py
+  prompts, rows = config.prompts_per_step, config.prompts_per_step * config.sampling.num_samples
+  cache = sampling.rollout_cache_bytes(hf.load(char_checkpoint).config, prompts, 80,
+                                       config.sampling.num_samples, 16)  # test_sampling.py
   reference = _records(tmp_path)[0]['memory/reference_params'] * 4  # float32 weights
   err = capsys.readouterr().err
-  assert (f'rollout KV cache up to {cache / 2**20:.1f} MB ({rows} rows x {slots} slots); '
-          f'reference copy {reference / 2**20:.1f} MB') in err
+  assert (f'rollout KV cache up to {cache / 2**20:.1f} MB ({prompts} prompts x 80 slots, '
+          f'shared by {rows} rows x 16 slots); reference copy {reference / 2**20:.1f} MB') in err
   # The update's activations, predicted for the longest prompts and
   # completions, per device: the mesh puts the batch over all 8 devices.
   model_config = hf.load(char_checkpoint, **hf.compute_options(config)).config

@@ -2,6 +2,7 @@
 trainer's, sampling statistics, stop/truncation bookkeeping, bad input."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -130,6 +131,27 @@ def test_sampler_logprobs_equal_full_forward(shallow_smollm2, tokenizer, dtype, 
   assert errors.max() <= max_err and np.median(errors) <= median_err, (errors.max(), np.median(errors))
 
 
+def test_samples_sharing_a_prompt_see_its_sliding_window():
+  """The samples of a prompt read its cache once (shared, not copied); with a
+  sliding window of 12 over prompts of 20 and 9 tokens, the window slides
+  off the shared prompt as the answers grow: log-probs still equal the full
+  forward's (float32)."""
+  cfg = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2,
+                    num_heads=4, num_kv_heads=2, sliding_window=12, max_position_embeddings=64)
+  model = Decoder(cfg, rngs=nnx.Rngs(6))
+  rng = np.random.default_rng(7)
+  prompts = [rng.integers(1, 31, 20).tolist(), rng.integers(1, 31, 9).tolist()]
+  tokens, mask = sampling.left_pad(prompts, 0)
+  settings = sampling.SamplingConfig(max_new_tokens=10, temperature=1.0, num_samples=3,
+                                     stop_ids=(31,))
+  out = jax.device_get(sampling.generate(model, tokens, mask, settings, jax.random.key(2)))
+  assert len({tuple(t) for t in out.tokens}) > 2  # the samples differ
+  for row in range(6):
+    completion = out.tokens[row][out.mask[row] == 1].tolist()
+    full = _full_forward_logprobs(model, prompts[row // 3], completion)
+    np.testing.assert_allclose(out.logprobs[row, :len(completion)], full, atol=1e-5)
+
+
 def _filtered_logprobs(logits, token, temperature, top_k, top_p):
   """log p(token) under logits / temperature, top-k then top-p, by hand (numpy)."""
   scaled = logits.astype(np.float64) / temperature
@@ -167,13 +189,17 @@ def test_sampling_logprobs_are_the_tempered_filtered_distribution(model, tokeniz
   assert errors.max() < 1e-4, errors  # float32 (measured: max 1.4e-5 and 1.8e-5)
 
 
-def test_cache_bytes_are_those_of_the_cache_generate_makes(model):
-  """What the RL recipes print before a rollout (online.py)."""
+def test_cache_bytes_are_those_of_the_caches_generate_makes(model):
+  """What the RL recipes print before a rollout (online.py): 3 prompts of 40
+  positions, held once, and 4 samples of each with 60 slots of their own."""
   cfg = model.config  # 6 layers, 3 KV heads of 64 dims, float32 on CPU
-  made = sampling._empty_cache_program(cfg, 12, 100, None, False, None)()
-  held = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(made))
-  by_hand = 2 * 6 * 12 * 3 * 64 * 100 * 4 + 2 * 12 * 100 * 4 + 4  # k, v; positions, segments; index
-  assert sampling.cache_bytes(cfg, 12, 100) == held == by_hand
+  make = functools.partial(sampling._empty_cache_program, cfg, cache_dtype=None, stacked=False,
+                           rows=None)
+  held = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((make(3, 40)(), make(12, 60)())))
+  one = lambda rows, slots: 2 * 6 * rows * 3 * 64 * slots * 4 + 2 * rows * slots * 4 + 4
+  by_hand = one(3, 40) + one(12, 60)  # k, v; positions, segments; index
+  assert sampling.rollout_cache_bytes(cfg, 3, 40, 4, 60) == held == by_hand
+  assert sampling.cache_bytes(cfg, 12, 60) == one(12, 60)
 
 
 def test_samples_of_a_prompt_differ_and_seed_replays(tokenizer, model):

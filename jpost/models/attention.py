@@ -147,6 +147,48 @@ def dense_attention(q_btnh, keys, values, mask):
   return out.astype(q_btnh.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
+
+def shared_prefix_attention(q_btnh, prefix_keys, prefix_values, prefix_mask, keys, values, mask):
+  """`dense_attention` over a prefix shared by groups of rows, then each
+  row's own keys: R = G x n query rows [R, T, N, H], where rows g*n .. g*n+n-1
+  share prefix g (keys [G, K, H, P], values [G, K, P, H]); prefix_mask
+  [R, T, P], own keys [R, K, H, S], values [R, K, S, H], mask [R, T, S].
+
+  Equal to `dense_attention` over each row's copy of its prefix followed by
+  its own keys (one softmax over both), without the copies: the n rows'
+  queries meet the prefix in one matmul per group, which reads it once. A
+  decode step of n samples of one prompt reads the prompt's cache once
+  instead of n times (sampling.generate)."""
+  r, t, n, h = q_btnh.shape
+  g, k = prefix_keys.shape[0], prefix_keys.shape[1]
+  rows = r // g
+  # Queries as [G, K, rows x N/K x T, H]: one operand per group and key head.
+  q_grouped = q_btnh.reshape(g, rows, t, k, n // k, h).transpose(0, 3, 1, 4, 2, 5)
+  q_grouped = q_grouped.reshape(g, k, rows * (n // k) * t, h)
+  scale = h ** -0.5
+  shared = jnp.einsum('gkmh,gkhp->gkmp', q_grouped, prefix_keys,
+                      preferred_element_type=jnp.float32)
+  shared = shared.reshape(g, k, rows, n // k, t, -1)
+  shared_mask = prefix_mask.reshape(g, rows, 1, 1, t, -1).transpose(0, 2, 1, 3, 4, 5)
+  shared = jnp.where(shared_mask, shared * scale, MASK_VALUE)
+  q_own = q_btnh.reshape(r, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
+  own = jnp.einsum('rkgth,rkhs->rkgts', q_own, keys, preferred_element_type=jnp.float32)
+  own = jnp.where(mask[:, None, None], own * scale, MASK_VALUE)
+  # [R, K, N/K, T, S] -> [G, K, rows, N/K, T, S], beside the shared scores.
+  own = own.reshape(g, rows, k, n // k, t, -1).transpose(0, 2, 1, 3, 4, 5)
+  # One softmax over both parts, without concatenating them.
+  top = jnp.maximum(shared.max(axis=-1, keepdims=True), own.max(axis=-1, keepdims=True))
+  shared, own = jnp.exp(shared - top), jnp.exp(own - top)
+  total = shared.sum(axis=-1, keepdims=True) + own.sum(axis=-1, keepdims=True)
+  shared = (shared / total).astype(prefix_values.dtype).reshape(g, k, rows * (n // k) * t, -1)
+  own = (own / total).astype(values.dtype)
+  out = jnp.einsum('gkmp,gkph->gkmh', shared, prefix_values, preferred_element_type=jnp.float32)
+  out = out.reshape(g, k, rows, n // k, t, h)
+  own = own.transpose(0, 2, 1, 3, 4, 5).reshape(r, k, n // k, t, -1)
+  own_out = jnp.einsum('rkgts,rksh->rkgth', own, values, preferred_element_type=jnp.float32)
+  out = out.transpose(0, 2, 1, 3, 4, 5).reshape(r, k, n // k, t, h) + own_out
+  return out.astype(q_btnh.dtype).transpose(0, 3, 1, 2, 4).reshape(r, t, n, h)
+
 # --- blockwise: online softmax over key blocks ---------------------------------
 
 

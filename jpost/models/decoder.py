@@ -96,11 +96,12 @@ class Decoder(nnx.Module):
     return self.logits(hidden)
 
   def hidden_states(self, tokens, positions, segment_ids, cache: dict | None = None,
-                    layers: list[dict] | None = None):
+                    layers: list[dict] | None = None, prefix: dict | None = None):
     """Final-normed hidden states [B, T, D] (for heads) and the updated KV cache.
 
     `layers` (from `decode_layers()`) are the per-layer parameters a decode
-    loop prepared once, outside the loop.
+    loop prepared once, outside the loop. `prefix`: a filled cache of G
+    prompts that the B = G x n rows of `cache` continue (see decoder_stack).
     """
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
@@ -108,7 +109,7 @@ class Decoder(nnx.Module):
       layers = self.stacked_layers()
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
     x = sharding.constrain(x, ('batch', 'seq', 'act_embed'))
-    x, cache = decoder_stack(x, layers, positions, segment_ids, cfg, cache)
+    x, cache = decoder_stack(x, layers, positions, segment_ids, cfg, cache, prefix)
     return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), cache
 
   def shared_prompt_hidden_states(self, prompt_tokens, prompt_positions, prompt_segment_ids,
@@ -239,13 +240,19 @@ def _write_slots(cache, new, start):
   return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), start)
 
 
-def decoder_stack(x, layer_params, positions, segment_ids, cfg: ModelConfig, cache=None):
+def decoder_stack(x, layer_params, positions, segment_ids, cfg: ModelConfig, cache=None,
+                  prefix=None):
   """Runs every block over x [B, T, D].
 
   Without a cache (training), a scan over the stacked [L, ...] parameters:
   one layer is traced and compiled. With a cache (generation), a scan too
   when the cache is stacked, else a loop over the layers with `layer_params`
   either stacked or a list of per-layer dicts.
+
+  `prefix`, with a cache: a filled cache (the same structure) of G prompts,
+  read but not written, that the B = G x n rows continue (row b continues
+  prompt b // n): the tokens attend to their prompt's keys there and to
+  their own in `cache`, through dense masks (attention.shared_prefix_attention).
   """
   cos, sin = rope_tables(positions, cfg)
   if cache is None:
@@ -269,15 +276,29 @@ def decoder_stack(x, layer_params, positions, segment_ids, cfg: ModelConfig, cac
       cache['positions'], positions.astype(jnp.int32), index, axis=1)
   cache_segments = jax.lax.dynamic_update_slice_in_dim(
       cache['segment_ids'], segment_ids.astype(jnp.int32), index, axis=1)
-  visible = _cache_visibility(positions, segment_ids, cache_positions, cache_segments, cfg)
+  if prefix is None:
+    visible = _cache_visibility(positions, segment_ids, cache_positions, cache_segments, cfg)
+    prefix_k = prefix_v = prefix_mask = None
+  else:
+    visible = attn.mask_of(positions, segment_ids, cache_positions, cache_segments,
+                           cfg.sliding_window)
+    # [B, T, P] from the G prompts' positions and segments (small integer arrays).
+    per_prompt = lambda a: jnp.repeat(a, x.shape[0] // a.shape[0], axis=0)
+    prefix_mask = attn.mask_of(positions, segment_ids, per_prompt(prefix['positions']),
+                               per_prompt(prefix['segment_ids']), cfg.sliding_window)
+    prefix_k, prefix_v = prefix['k'], prefix['v']
   if isinstance(cache['k'], list):
     if isinstance(layer_params, dict):
       layer_params = [{name: value[i] for name, value in layer_params.items()}
                       for i in range(cfg.num_layers)]
+    if prefix is None:
+      prefix_k = prefix_v = [None] * cfg.num_layers
     keys, values = [], []
-    for params, cache_k, cache_v in zip(layer_params, cache['k'], cache['v'], strict=True):
+    for params, cache_k, cache_v, shared_k, shared_v in zip(
+        layer_params, cache['k'], cache['v'], prefix_k, prefix_v, strict=True):
+      shared = None if prefix is None else (shared_k, shared_v, prefix_mask)
       x, (cache_k, cache_v) = decoder_block(x, params, cos, sin, visible, cfg,
-                                            (cache_k, cache_v, index))
+                                            (cache_k, cache_v, index), shared)
       keys.append(cache_k)
       values.append(cache_v)
   else:  # stacked [L, ...] cache: one layer traced and compiled, as in training
@@ -287,10 +308,12 @@ def decoder_stack(x, layer_params, positions, segment_ids, cfg: ModelConfig, cac
     stacks, bits_of = _loop_operands(layer_params, lambda name: True)  # nothing differentiated
 
     def block(x, params_and_cache):
-      params, cache_k, cache_v = params_and_cache
+      params, cache_k, cache_v, shared_k, shared_v = params_and_cache
+      shared = None if prefix is None else (shared_k, shared_v, prefix_mask)
       return decoder_block(x, _viewed(params, bits_of), cos, sin, visible, cfg,
-                           (cache_k, cache_v, index))
-    x, (keys, values) = jax.lax.scan(block, x, (stacks, cache['k'], cache['v']))
+                           (cache_k, cache_v, index), shared)
+    x, (keys, values) = jax.lax.scan(block, x,
+                                     (stacks, cache['k'], cache['v'], prefix_k, prefix_v))
   return x, dict(cache, index=index + x.shape[1], k=keys, v=values, positions=cache_positions,
                  segment_ids=cache_segments)
 
@@ -322,7 +345,7 @@ def _cache_visibility(positions, segment_ids, cache_positions, cache_segments,
                       cfg.sliding_window)
 
 
-def decoder_block(x, p, cos, sin, visible, cfg: ModelConfig, cache=None):
+def decoder_block(x, p, cos, sin, visible, cfg: ModelConfig, cache=None, prefix=None):
   """One pre-norm block: x + attn(norm(x)), then + SwiGLU(norm(x)).
 
   `visible` is an attention.Visibility (positions and segments of queries
@@ -332,7 +355,9 @@ def decoder_block(x, p, cos, sin, visible, cfg: ModelConfig, cache=None):
   their (keys [B, K, H, T], values [B, K, T, H]). With
   `cache` = (keys [B, K, H, S], values [B, K, S, H], slot index), the new
   keys and values are written at the index, the tokens attend over all S
-  slots, and the updated cache arrays are returned.
+  slots, and the updated cache arrays are returned. With `prefix` = (keys
+  [G, K, H, P], values [G, K, P, H], mask [B, T, P]) as well, they attend to
+  their prompt's keys there too (decoder_stack).
   """
   w = _block_weights(p, x.dtype, cfg)
   q, keys, values = _attention_inputs(x, w, cos, sin, cfg)
@@ -340,7 +365,13 @@ def decoder_block(x, p, cos, sin, visible, cfg: ModelConfig, cache=None):
     cache_k, cache_v, index = cache
     keys = _write_slots(cache_k, keys, (0, 0, 0, index))
     values = _write_slots(cache_v, values, (0, 0, index, 0))
-  return _block_output(x, _attend(q, keys, values, visible, cfg), w, cfg), (keys, values)
+  if prefix is not None:
+    prefix_k, prefix_v, prefix_mask = prefix
+    attended = attn.shared_prefix_attention(q, prefix_k, prefix_v, prefix_mask, keys, values,
+                                            visible)
+  else:
+    attended = _attend(q, keys, values, visible, cfg)
+  return _block_output(x, attended, w, cfg), (keys, values)
 
 
 def _attend(q, keys, values, visible, cfg: ModelConfig):

@@ -287,10 +287,12 @@ def _print_memory_plan(config, model_config, ref_params, mesh) -> None:
   device), then the policy update's activations per device, predicted for a
   minibatch at the longest prompts and completions (jpost.memory)."""
   rows = config.prompts_per_step * config.sampling.num_samples
-  slots = config.data.max_prompt_len + config.sampling.max_new_tokens
-  cache_mb = sampling.cache_bytes(model_config, rows, slots) / 2**20
+  prompt_len, new_tokens = config.data.max_prompt_len, config.sampling.max_new_tokens
+  cache_mb = sampling.rollout_cache_bytes(model_config, config.prompts_per_step, prompt_len,
+                                          config.sampling.num_samples, new_tokens) / 2**20
   if jax.process_index() == 0:
-    print(f'rollout KV cache up to {cache_mb:.1f} MB ({rows} rows x {slots} slots); '
+    print(f'rollout KV cache up to {cache_mb:.1f} MB ({config.prompts_per_step} prompts x '
+          f'{prompt_len} slots, shared by {rows} rows x {new_tokens} slots); '
           f'reference copy {loop.tree_mb(ref_params):.1f} MB', file=sys.stderr)
   # One minibatch keeps each prompt once for its samples; smaller ones give
   # every row its own copy (_updates).
