@@ -147,7 +147,6 @@ def dense_attention(q_btnh, keys, values, mask):
   return out.astype(q_btnh.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
-
 def shared_prefix_attention(q_btnh, prefix_keys, prefix_values, prefix_mask, keys, values, mask):
   """`dense_attention` over a prefix shared by groups of rows, then each
   row's own keys: R = G x n query rows [R, T, N, H], where rows g*n .. g*n+n-1
@@ -188,6 +187,7 @@ def shared_prefix_attention(q_btnh, prefix_keys, prefix_values, prefix_mask, key
   own_out = jnp.einsum('rkgts,rksh->rkgth', own, values, preferred_element_type=jnp.float32)
   out = out.transpose(0, 2, 1, 3, 4, 5).reshape(r, k, n // k, t, h) + own_out
   return out.astype(q_btnh.dtype).transpose(0, 3, 1, 2, 4).reshape(r, t, n, h)
+
 
 # --- blockwise: online softmax over key blocks ---------------------------------
 
