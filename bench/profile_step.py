@@ -42,13 +42,16 @@ _WRAPPERS = ('ThunkExecutor', '$', 'SlinkyThreadPool')
 
 
 def _operations(trace_dir: str) -> list[dict]:
-  """The operation spans ('X' events, wrappers left out) of the perfetto
-  trace under `trace_dir`."""
+  """XLA's operation spans ('X' events) of the perfetto trace under
+  `trace_dir`: without the wrappers around them and without host-side spans
+  (a Python call such as `PjitFunction(step)`, the runtime's
+  `...::ExecuteHelper...`), which would count as operation thread time."""
   path = next(pathlib.Path(trace_dir).rglob('perfetto_trace.json.gz'))
   trace = json.load(gzip.open(path))
   events = trace['traceEvents'] if isinstance(trace, dict) else trace
   return [e for e in events
-          if e.get('ph') == 'X' and 'dur' in e and not e['name'].startswith(_WRAPPERS)]
+          if e.get('ph') == 'X' and 'dur' in e and not e['name'].startswith(_WRAPPERS)
+          and '(' not in e['name'] and '::' not in e['name']]
 
 
 def thread_time_by_kind(trace_dir: str) -> collections.Counter:
@@ -128,9 +131,7 @@ def wall_shares(operations: list[dict]) -> collections.Counter:
 
 def print_matmuls(trace_dir: str, compiled_hlo: str, top: int) -> dict:
   """Prints the matmuls' share and rates; returns the share's figures."""
-  # XLA's operations only: host-side spans (a Python call, the host's wait
-  # for a result: names with parentheses) would take shares of the wall time.
-  operations = [e for e in _operations(trace_dir) if '(' not in e['name']]
+  operations = _operations(trace_dir)  # XLA's own: host spans would take wall shares
   dots = dot_flops(compiled_hlo)
   calls, thread_us = collections.Counter(), collections.Counter()
   for event in operations:
