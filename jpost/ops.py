@@ -8,6 +8,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jpost import sharding
+
 
 def next_token_targets(tokens, loss_mask, segment_ids):
   """(targets [B, T-1], weights [B, T-1]) for next-token prediction.
@@ -184,19 +186,21 @@ def head_weighted_logprobs(logits_fn, weight, hidden, targets, token_weights, *,
                            chunk: int = 0):
   """(sum of token_weights * log p(targets), log p(targets) [B, T]) after each
   of hidden [B, T, D], through logits_fn(hidden, weight) -> float32 logits
-  [B, T, V]; the log-probs come back without a gradient (for metrics).
+  [B, T, V]; the log-probs come back without a gradient (for metrics), and
+  0 where the token weight is 0 (on one device those are not computed:
+  `_weighted_head_compacted`).
 
   For losses linear in the log-probs, with weights known before the head
   (SFT). Their gradient with respect to `weight` and `hidden` is then the
   cotangent times one computed in the forward pass, `chunk` positions at a
-  time, while each chunk's logits are at hand: the logits are computed once,
+  time (on one device: of the B x T positions; over a mesh: of each row), while each chunk's logits are at hand: the logits are computed once,
   not again in the backward pass as `head_logprobs` with a chunk does (6
   instead of 8 x T x D x V FLOPs), and [B, T, V] is still never held whole.
   The price: the gradients ([V, D] float32 and hidden's) are held from the
   forward pass to the backward.
   """
   value, logp = _weighted_head(logits_fn, chunk, weight, hidden, targets, token_weights)
-  return value, jax.lax.stop_gradient(logp)
+  return value, jax.lax.stop_gradient(jnp.where(token_weights != 0, logp, 0.0))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -208,19 +212,13 @@ def _weighted_head(logits_fn, chunk, weight, hidden, targets, token_weights):
 
 def _weighted_head_parts(logits_fn, chunk, weight, hidden, targets, token_weights):
   """(value, log-probs, d value / d weight, d value / d hidden)."""
-  def one(h, t, w):
-    def weighted(weight, h):
-      logits = logits_fn(h, weight)
-      picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-      logp = picked - jax.nn.logsumexp(logits, axis=-1)
-      return jnp.sum(logp * w), logp
-    (value, logp), grads = jax.value_and_grad(weighted, argnums=(0, 1), has_aux=True)(weight, h)
-    return value, logp, *grads
-
   b, t, _ = hidden.shape
   token_weights = token_weights.astype(jnp.float32)
-  if not chunk or t <= chunk:
-    return one(hidden, targets, token_weights)
+  one_device = sharding.active_mesh_size() == 1
+  if not chunk or (b * t if one_device else t) <= chunk:
+    return _weighted_head_piece(logits_fn, weight, hidden, targets, token_weights)
+  if one_device:
+    return _weighted_head_compacted(logits_fn, chunk, weight, hidden, targets, token_weights)
   pad = -t % chunk
   n = (t + pad) // chunk
   # Chunks along a leading axis for the scan; the batch axis stays where the
@@ -230,7 +228,7 @@ def _weighted_head_parts(logits_fn, chunk, weight, hidden, targets, token_weight
 
   def body(carry, x):
     total, d_weight = carry
-    value, logp, dw, dh = one(*x)
+    value, logp, dw, dh = _weighted_head_piece(logits_fn, weight, *x)
     # Hidden's gradient is stacked in float32: XLA:CPU writes a 16-bit stack
     # in a loop by converting all of it to float32 and back (models/remat.py).
     return (total + value, d_weight + dw), (logp, dh.astype(jnp.float32))
@@ -242,6 +240,59 @@ def _weighted_head_parts(logits_fn, chunk, weight, hidden, targets, token_weight
   merge = lambda a: a.swapaxes(0, 1).reshape(b, n * chunk, *a.shape[3:])[:, :t]
   return (value, merge(logp), d_weight.astype(weight.dtype),
           merge(d_hidden).astype(hidden.dtype))
+
+
+def _weighted_head_piece(logits_fn, weight, h, t, w):
+  """`_weighted_head_parts` of one piece, all at once."""
+  def weighted(weight, h):
+    logits = logits_fn(h, weight)
+    picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+    logp = picked - jax.nn.logsumexp(logits, axis=-1)
+    return jnp.sum(logp * w), logp
+  (value, logp), grads = jax.value_and_grad(weighted, argnums=(0, 1), has_aux=True)(weight, h)
+  return value, logp, *grads
+
+
+def _weighted_head_compacted(logits_fn, chunk, weight, hidden, targets, token_weights):
+  """`_weighted_head_parts` over the positions that carry a weight only,
+  `chunk` of them at a time: the B x T positions are reordered so that those
+  come first (in order), and a loop runs as many pieces as they fill. An SFT
+  batch's target tokens are 35-46% of its slots (GSM8K, 8 x 256: prompts and
+  padding carry no weight), so the head's matmuls and its softmax over the
+  vocabulary run on about half the rows they would. One device only: over a mesh the
+  reordering would gather every device's rows and run the head on each."""
+  b, t, d = hidden.shape
+  n = b * t
+  flat_weights = token_weights.reshape(n)
+  weighted = flat_weights != 0
+  order = jnp.argsort(~weighted, stable=True)
+  pieces = (jnp.sum(weighted) + chunk - 1) // chunk
+  pad = -n % chunk
+  gather = lambda a: jnp.pad(a.reshape(n, *a.shape[2:])[order],
+                             ((0, pad),) + ((0, 0),) * (a.ndim - 2))
+  h, tg, w = gather(hidden), gather(targets), gather(token_weights)
+
+  def body(i, carry):
+    total, d_weight, logp, d_hidden = carry
+    start = i * chunk
+    # One row of `chunk` positions: logits_fn takes [B, T, D].
+    piece = lambda a: jax.lax.dynamic_slice_in_dim(a, start, chunk)[None]
+    value, piece_logp, dw, dh = _weighted_head_piece(logits_fn, weight, piece(h), piece(tg),
+                                                      piece(w))
+    return (total + value, d_weight + dw,
+            jax.lax.dynamic_update_slice_in_dim(logp, piece_logp[0], start, 0),
+            jax.lax.dynamic_update_slice_in_dim(d_hidden, dh[0].astype(jnp.float32), start, 0))
+
+  # Sums and the hidden gradient in float32 (models/remat.py: a 16-bit array
+  # written in a loop goes through float32 on CPU anyway).
+  init = (jnp.zeros((), jnp.float32), jnp.zeros(weight.shape, jnp.float32),
+          jnp.zeros((n + pad,), jnp.float32), jnp.zeros((n + pad, d), jnp.float32))
+  value, d_weight, logp, d_hidden = jax.lax.fori_loop(0, pieces, body, init)
+  # Back to the positions' own order; those without a weight read zeros.
+  restore = jnp.argsort(order)
+  logp = logp[restore].reshape(b, t)
+  d_hidden = d_hidden[restore].reshape(b, t, d)
+  return value, logp, d_weight.astype(weight.dtype), d_hidden.astype(hidden.dtype)
 
 
 def _weighted_head_fwd(logits_fn, chunk, weight, hidden, targets, token_weights):

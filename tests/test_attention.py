@@ -404,7 +404,7 @@ def test_chunked_lm_head_equals_whole_logits_with_gradients():
   assert ops.head_logprobs(logits_fn, hidden, targets, chunk=16).shape == (B, T)
 
 
-@pytest.mark.parametrize('chunk', [0, 20, 16])  # whole; 2 chunks; 3, the last padded
+@pytest.mark.parametrize('chunk', [0, 20, 16, 48])  # whole; pieces of 20, 16 (the last padded), 48
 def test_weighted_head_takes_the_same_gradient_in_the_forward_pass(chunk):
   """ops.head_weighted_logprobs (the SFT loss's head: the gradient taken in
   the forward pass, the logits computed once) equals autodiff through the
@@ -431,7 +431,9 @@ def test_weighted_head_takes_the_same_gradient_in_the_forward_pass(chunk):
   (ref_value, ref_logp), ref_grads = jax.value_and_grad(
       reference, argnums=(0, 1), has_aux=True)(hidden, head)
   chex.assert_shape(logp, (B, T))
-  assert_norm_close(logp, ref_logp, bound=1e-6)
+  # Log-probs where a token has weight, 0 where it has none (not computed).
+  assert_norm_close(logp, jnp.where(weights != 0, ref_logp, 0.0), bound=1e-6)
+  assert not np.any(np.asarray(logp)[np.asarray(weights) == 0])
   assert_norm_close(value - jnp.sum(logp), ref_value, bound=1e-6)
   chex.assert_trees_all_equal_shapes_and_dtypes(grads, (hidden, head))
   for g, w in zip(grads, ref_grads):
