@@ -1,9 +1,10 @@
 """Where a training step's time goes, by XLA operation kind, from JAX's profiler.
 
   python bench/profile_step.py [--dtype bfloat16] [--remat [full|dots|none]] [--batch 8]
-      [--seq-len 256] [--by-source]
+      [--seq-len 256] [--logits-chunk 256] [--synthetic] [--by-source]
 
-Runs the SFT step of a randomly initialised SmolLM2-135M-shaped model (as
+Runs the SFT step of a randomly initialised SmolLM2-135M-shaped model on
+packed GSM8K rows (as `sft_throughput.py`; `--synthetic`: random rows, as
 `sft_throughput.py --random-init`), profiles one warm step and prints the
 thread time of each operation kind (XLA's fusion names without their
 numbers: `ynn_fusion` are YNNPACK's matmul fusions on CPU), largest first.
@@ -35,7 +36,7 @@ import jax
 import common
 from jpost import sharding
 from jpost.trainers import loop
-from sft_throughput import synthetic_batches
+from sft_throughput import gsm8k_batches, synthetic_batches
 
 # Profiler spans that wrap the operations rather than being one.
 _WRAPPERS = ('ThunkExecutor', '$', 'SlinkyThreadPool')
@@ -166,6 +167,9 @@ def main():
                       choices=('full', 'dots', 'none'), help='policy (bare: full)')
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--seq-len', type=int, default=256)
+  parser.add_argument('--logits-chunk', type=int, default=256, help="configs/sft.py's")
+  parser.add_argument('--synthetic', action='store_true',
+                      help='random packed rows (sft_throughput.py --random-init) instead of GSM8K')
   parser.add_argument('--top', type=int, default=15)
   parser.add_argument('--by-source', action='store_true',
                       help='also attribute thread time to (loop, kind, JAX source)')
@@ -173,9 +177,13 @@ def main():
                       help="also list the matmuls' shapes and rates, and their share of the wall time")
   args = parser.parse_args()
   mesh = sharding.make_mesh()
-  model = common.load_model(random_init=True, mesh=mesh, dtype=args.dtype, remat=args.remat)
+  model = common.load_model(random_init=True, mesh=mesh, dtype=args.dtype, remat=args.remat,
+                            logits_chunk=args.logits_chunk)
   step, state = common.sft_step(model, mesh, 10)
-  batches = synthetic_batches(args.batch, args.seq_len, model.config.vocab_size)
+  if args.synthetic:
+    batches = synthetic_batches(args.batch, args.seq_len, model.config.vocab_size)
+  else:  # the real batches' target tokens decide how much reaches the LM head
+    batches = gsm8k_batches(args.batch, args.seq_len, model.config.attention_max_segments)
 
   def run_step():
     nonlocal state

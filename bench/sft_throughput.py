@@ -42,6 +42,18 @@ def synthetic_batches(batch: int, seq_len: int, vocab: int, pad: int = 0):
            'loss_mask': mask[None].repeat(batch, 0).astype(np.int32)}
 
 
+def gsm8k_batches(batch: int, seq_len: int, max_segments: int):
+  """GSM8K's SFT rows, packed into [batch, seq_len] as configs/sft.py packs them."""
+  from jpost.data import pipeline
+  from jpost.models import pretrained
+  from jpost.tokenizer import Tokenizer
+  tokenizer = Tokenizer.from_dir(pretrained.resolve('smollm2-135m-instruct'))
+  data, _ = pipeline.build('sft', pipeline.resolve_sources('gsm8k:sft'), tokenizer,
+                           batch_size=batch, max_len=seq_len, truncation='truncate_left',
+                           max_segments=max_segments)
+  return iter(data)
+
+
 def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: str,
             random_init: bool, attention: str = 'auto', shape: str = 'smollm2-135m',
             logits_chunk: int = 256, pad: int = 0) -> dict:
@@ -51,9 +63,6 @@ def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: str,
   dtype = resolve_dtype(dtype)
 
   from jpost import metrics, sharding
-  from jpost.data import pipeline
-  from jpost.models import pretrained
-  from jpost.tokenizer import Tokenizer
 
   import common
 
@@ -65,11 +74,7 @@ def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: str,
   if random_init:
     batches = synthetic_batches(batch, seq_len, model.config.vocab_size, pad)
   else:
-    tokenizer = Tokenizer.from_dir(pretrained.resolve('smollm2-135m-instruct'))
-    data, _ = pipeline.build('sft', pipeline.resolve_sources('gsm8k:sft'), tokenizer,
-                             batch_size=batch, max_len=seq_len, truncation='truncate_left',
-                             max_segments=model.config.attention_max_segments)
-    batches = iter(data)
+    batches = gsm8k_batches(batch, seq_len, model.config.attention_max_segments)
   out, times, tokens = common.time_steps(step, state, batches, mesh, steps + 1)
   compile_s, run_times = times[0], times[1:]
   seconds = statistics.median(run_times)
