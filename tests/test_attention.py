@@ -68,6 +68,27 @@ def test_blockwise_equals_the_reference(block, window):
       q, k, v, attn.Visibility(pos, seg, pos, seg), block=block, sliding_window=window), window)
 
 
+@pytest.mark.parametrize('window,given_mask', [(None, False), (5, False), (None, True)])
+def test_one_block_of_self_attention_in_two_halves_equals_the_reference(monkeypatch, window,
+                                                                       given_mask):
+  """Self-attention over one key block of at least HALVED_MIN_LEN keys runs
+  as two halves of the queries, the first over the first half of the keys:
+  row 0's second segment (tokens 15-24) straddles the split at 20."""
+  monkeypatch.setattr(attn, 'HALVED_MIN_LEN', 16)
+  original, parts = attn._flash_part, []
+
+  def recorded(*args):  # (first query, end query, keys) of each part
+    parts.append(args[-3:])
+    return original(*args)
+  monkeypatch.setattr(attn, '_flash_part', recorded)
+  pos, seg = _rows()
+  mask = attn.mask_of(pos, seg, pos, seg, window) if given_mask else None
+  visible = attn.Visibility(pos, seg, pos, seg, mask)
+  _compare(lambda q, k, v: attn.blockwise_attention(q, k, v, visible, block=64,
+                                                    sliding_window=window), window)
+  assert parts[:2] == [(0, T // 2, T // 2), (T // 2, T, T)]
+
+
 @pytest.mark.parametrize('block,self_attention', [(64, True), (16, False)])
 def test_blockwise_follows_a_given_mask(block, self_attention):
   """A mask made once before the layers (Visibility.mask) is the one applied:
