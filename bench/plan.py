@@ -4,7 +4,7 @@ length need per device, predicted by formula, against XLA's compiled program
 update (configs/grpo.py's: shared prompts, the KL term; formula and compiled).
 
   python bench/plan.py --shape llama-3.2-1b --batch 8 --seq-len 4096 \\
-      [--dtype bfloat16] [--remat full] [--attention auto] [--logits-chunk 256] \\
+      [--dtype bfloat16] [--remat full] [--attention auto] [--logits-chunk 32] \\
       [--layers N] [--fsdp D] [--compile] [--run --steps 4]
   python bench/plan.py --shape ... --grpo PROMPTS,SAMPLES,PROMPT_LEN,NEW_TOKENS [--compile]
       (LM-head chunk: the recipe's, 64 positions per row)
@@ -177,7 +177,7 @@ def main():
   parser.add_argument('--remat', default='full', choices=['full', 'dots', 'none'])
   parser.add_argument('--attention', default='auto')
   parser.add_argument('--logits-chunk', type=int,
-                      help="LM-head positions per chunk: the recipe's (SFT 256, GRPO 64)")
+                      help="LM-head positions per chunk: the recipe's (SFT 32, GRPO 64)")
   parser.add_argument('--max-segments', type=int,
                       help="attention_max_segments (cuDNN's workspace grows with it)")
   parser.add_argument('--layers', type=int, help='fewer layers than the shape (a quick check)')
@@ -191,7 +191,7 @@ def main():
   from jpost import metrics
   from jpost.models import shapes
   if args.logits_chunk is None:
-    args.logits_chunk = grpo_recipe().model.logits_chunk if args.grpo else 256
+    args.logits_chunk = grpo_recipe().model.logits_chunk if args.grpo else 32
   overrides = dict(dtype=args.dtype, remat=args.remat, attention=args.attention,
                    logits_chunk=args.logits_chunk)
   if args.layers:

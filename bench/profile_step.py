@@ -1,7 +1,7 @@
 """Where a training step's time goes, by XLA operation kind, from JAX's profiler.
 
   python bench/profile_step.py [--dtype bfloat16] [--remat [full|dots|none]] [--batch 8]
-      [--seq-len 256] [--logits-chunk 256] [--synthetic] [--by-source]
+      [--seq-len 256] [--logits-chunk 32] [--synthetic] [--by-source]
 
 Runs the SFT step of a randomly initialised SmolLM2-135M-shaped model on
 packed GSM8K rows (as `sft_throughput.py`; `--synthetic`: random rows, as
@@ -167,7 +167,7 @@ def main():
                       choices=('full', 'dots', 'none'), help='policy (bare: full)')
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--seq-len', type=int, default=256)
-  parser.add_argument('--logits-chunk', type=int, default=256, help="configs/sft.py's")
+  parser.add_argument('--logits-chunk', type=int, default=32, help="configs/sft.py's")
   parser.add_argument('--synthetic', action='store_true',
                       help='random packed rows (sft_throughput.py --random-init) instead of GSM8K')
   parser.add_argument('--top', type=int, default=15)

@@ -3,8 +3,8 @@ or a real model shape with random weights (jpost.models.shapes).
 
   python bench/sft_throughput.py [--batch 8] [--seq-len 256] [--steps 6] [--dtypes bfloat16]
       [--remat full,dots,none | --no-remat] [--attention auto,xla,blockwise,pallas,cudnn]
-      [--shape llama-3.2-1b] [--logits-chunk 256] [--pad N]
-      (defaults: configs/sft.py's: dtype auto, remat dots, attention auto, chunk 256)
+      [--shape llama-3.2-1b] [--logits-chunk 32] [--pad N]
+      (defaults: configs/sft.py's: dtype auto, remat dots, attention auto, chunk 32)
 
 Each (dtype, attention, remat) setting runs in its own process (float32 master
 weights, AdamW, clipping, full packed batches of GSM8K answers, or with
@@ -56,7 +56,7 @@ def gsm8k_batches(batch: int, seq_len: int, max_segments: int):
 
 def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: str,
             random_init: bool, attention: str = 'auto', shape: str = 'smollm2-135m',
-            logits_chunk: int = 256, pad: int = 0) -> dict:
+            logits_chunk: int = 32, pad: int = 0) -> dict:
   import jax
 
   from jpost.models.config import resolve_dtype
@@ -123,7 +123,7 @@ def main():
   parser.add_argument('--attention', default='auto',
                       help='comma-separated: auto, xla, blockwise, pallas, cudnn (one process each)')
   parser.add_argument('--shape', default='smollm2-135m')
-  parser.add_argument('--logits-chunk', type=int, default=256)
+  parser.add_argument('--logits-chunk', type=int, default=32)
   parser.add_argument('--random-init', action='store_true',
                       help='random weights of SmolLM2-135M shape and synthetic batches')
   parser.add_argument('--pad', type=int, default=0,

@@ -192,8 +192,10 @@ def head_weighted_logprobs(logits_fn, weight, hidden, targets, token_weights, *,
 
   For losses linear in the log-probs, with weights known before the head
   (SFT). Their gradient with respect to `weight` and `hidden` is then the
-  cotangent times one computed in the forward pass, `chunk` positions at a
-  time (on one device: of the B x T positions; over a mesh: of each row), while each chunk's logits are at hand: the logits are computed once,
+  cotangent times one computed in the forward pass, `chunk` positions of
+  every row at a time (on one device, B x `chunk` of the positions that
+  have a weight, gathered from all rows), while each chunk's logits are at
+  hand: the logits are computed once,
   not again in the backward pass as `head_logprobs` with a chunk does (6
   instead of 8 x T x D x V FLOPs), and [B, T, V] is still never held whole.
   The price: the gradients ([V, D] float32 and hidden's) are held from the
@@ -214,11 +216,11 @@ def _weighted_head_parts(logits_fn, chunk, weight, hidden, targets, token_weight
   """(value, log-probs, d value / d weight, d value / d hidden)."""
   b, t, _ = hidden.shape
   token_weights = token_weights.astype(jnp.float32)
-  one_device = sharding.active_mesh_size() == 1
-  if not chunk or (b * t if one_device else t) <= chunk:
+  if not chunk or t <= chunk:
     return _weighted_head_piece(logits_fn, weight, hidden, targets, token_weights)
-  if one_device:
-    return _weighted_head_compacted(logits_fn, chunk, weight, hidden, targets, token_weights)
+  if sharding.active_mesh_size() == 1:
+    return _weighted_head_compacted(logits_fn, b * chunk, weight, hidden, targets,
+                                    token_weights)
   pad = -t % chunk
   n = (t + pad) // chunk
   # Chunks along a leading axis for the scan; the batch axis stays where the
@@ -255,8 +257,9 @@ def _weighted_head_piece(logits_fn, weight, h, t, w):
 
 def _weighted_head_compacted(logits_fn, chunk, weight, hidden, targets, token_weights):
   """`_weighted_head_parts` over the positions that carry a weight only,
-  `chunk` of them at a time: the B x T positions are reordered so that those
-  come first (in order), and a loop runs as many pieces as they fill. An SFT
+  `chunk` of them at a time (as many as B rows' chunks would hold): the B x T
+  positions are reordered so that those come first (in order), and a loop
+  runs as many pieces as they fill. An SFT
   batch's target tokens are 35-46% of its slots (GSM8K, 8 x 256: prompts and
   padding carry no weight), so the head's matmuls and its softmax over the
   vocabulary run on about half the rows they would. One device only: over a mesh the

@@ -99,7 +99,7 @@ class ModelConfig:
   # Losses compute the LM head's logits this many positions at a time (0:
   # all at once), recomputed in the backward pass (ops.head_logprobs) or, for
   # SFT, with their gradient taken in the forward (ops.head_weighted_logprobs;
-  # on one device, chunks of the target positions only, out of all rows).
+  # on one device, of the target positions only, gathered from all rows).
   logits_chunk: int = 0
   lora: Any = None  # a lora.LoraConfig: adapters on a frozen (maybe quantised) base
 
