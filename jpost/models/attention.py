@@ -236,11 +236,12 @@ def blockwise_attention(q_btnh, keys, values, visible: Visibility, *, block: int
 # Self-attention over one key block of at least this many keys runs as two
 # halves of the queries, the first over the first half of the keys only: a
 # quarter of the scores never computed, and smaller arrays for XLA:CPU's
-# elementwise passes. SmolLM2's attention at 8 x 256 (bfloat16, 2-core
-# Xeon): forward 8.6-9.0 ms against 16.7-18.5, with the backward 23.9-26.4
-# against 30.8 a layer; the SFT step 4-5% faster (bench/RESULTS.md). Four
-# parts were no faster than two.
-HALVED_MIN_LEN = 256
+# elementwise passes. SmolLM2's attention in bfloat16 on the 2-core AMX
+# Xeon, forward + backward a layer: 8 x 256, 23.9-26.4 ms against 30.8
+# (the forward alone 8.6-9.0 against 16.7-18.5; the SFT step 3-4% faster);
+# 8 x 128, 7.5 against 8.5; 8 x 512, 103 against 143. Four or eight parts
+# were no faster than two (bench/RESULTS.md).
+HALVED_MIN_LEN = 128
 
 
 def _flash_part(q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, window,
