@@ -259,11 +259,11 @@ def _weighted_head_compacted(logits_fn, chunk, weight, hidden, targets, token_we
   """`_weighted_head_parts` over the positions that carry a weight only,
   `chunk` of them at a time (as many as B rows' chunks would hold): the B x T
   positions are reordered so that those come first (in order), and a loop
-  runs as many pieces as they fill. An SFT
-  batch's target tokens are 35-46% of its slots (GSM8K, 8 x 256: prompts and
-  padding carry no weight), so the head's matmuls and its softmax over the
-  vocabulary run on about half the rows they would. One device only: over a mesh the
-  reordering would gather every device's rows and run the head on each."""
+  runs as many pieces as they fill. An SFT batch's target tokens are 35-46%
+  of its slots (GSM8K, 8 x 256: prompts and padding carry no weight), so the
+  head's matmuls and its softmax over the vocabulary run on about half the
+  rows they would. One device only: over a mesh the reordering would gather
+  every device's rows and run the head on each."""
   b, t, d = hidden.shape
   n = b * t
   flat_weights = token_weights.reshape(n)
@@ -291,7 +291,8 @@ def _weighted_head_compacted(logits_fn, chunk, weight, hidden, targets, token_we
   init = (jnp.zeros((), jnp.float32), jnp.zeros(weight.shape, jnp.float32),
           jnp.zeros((n + pad,), jnp.float32), jnp.zeros((n + pad, d), jnp.float32))
   value, d_weight, logp, d_hidden = jax.lax.fori_loop(0, pieces, body, init)
-  # Back to the positions' own order; those without a weight read zeros.
+  # Back to the positions' own order. Those past the last piece read zeros;
+  # the weightless ones inside it have their log-prob and a zero gradient.
   restore = jnp.argsort(order)
   logp = logp[restore].reshape(b, t)
   d_hidden = d_hidden[restore].reshape(b, t, d)
