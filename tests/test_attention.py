@@ -463,6 +463,23 @@ def test_weighted_head_takes_the_same_gradient_in_the_forward_pass(chunk):
   assert_norm_close(jax.jit(fused)(hidden, head)[0], value, bound=1e-6)
 
 
+def test_weighted_head_without_any_weight_runs_no_piece():
+  """A batch without a weighted token (every target masked) runs none of
+  the compacted head's pieces (logits of NaN would reach the value if one
+  ran): value, log-probs and gradients all zero."""
+  from jpost import ops
+  rng = np.random.default_rng(6)
+  hidden = jnp.asarray(rng.normal(size=(B, T, 12)), jnp.float32)
+  head = jnp.asarray(rng.normal(size=(50, 12)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 50, (B, T)))
+  logits_fn = lambda h, w: jnp.einsum('btd,vd->btv', h, w) * jnp.nan
+  fn = lambda h, w: ops.head_weighted_logprobs(logits_fn, w, h, targets, jnp.zeros((B, T)),
+                                               chunk=8)
+  (value, logp), grads = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(hidden, head)
+  assert float(value) == 0.0 and not np.any(np.asarray(logp))
+  assert not any(np.any(np.asarray(g)) for g in grads)
+
+
 def test_prefill_over_the_cache_goes_blockwise_and_samples_the_same(monkeypatch):
   """Generation with 'blockwise' (key blocks of 16 over the 45-slot prompt
   cache, a sliding window of 24, GQA 3:1, left-padded prompts of 45 and 31 tokens)
