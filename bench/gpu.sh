@@ -52,8 +52,8 @@ if [ "$what" = scale ]; then
   # The 1B shape at 8 x 4096 packed, rows ending in 384 tokens of padding:
   # 'auto' (cuDNN on Hopper) against Pallas, whose final losses must agree;
   # remat 'dots', then none (130 GB with cuDNN's 66 span slots: an H200 only).
-  # The LM head 512 positions of every row at a time (configs/sft.py's 32 is
-  # sized for CPU caches; on one device only the target positions go).
+  # The LM head 512 positions of every row at a time, as before: configs/sft.py's
+  # 32 was measured fastest on CPU only (on one device only target positions go).
   py 150 bench/sft_throughput.py --shape llama-3.2-1b --batch 8 --seq-len 4096 --steps 5 \
     --pad 384 --attention auto,pallas --remat dots --logits-chunk 512 | tee "$out/sft_1b_8x4096_dots.txt"
   py 60 bench/sft_throughput.py --random-init --batch 32 --seq-len 1024 --steps 5 \
