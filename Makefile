@@ -29,8 +29,8 @@ demo: $(STAMP_RUN)
 	rm -rf runs/demo
 	$(PY) -m jpost.main --config=configs/grpo.py --workdir=runs/demo
 
-# Two test workers keep both cores of a small machine busy (one runs while the
-# other compiles or waits on a subprocess); `make test TEST_WORKERS=8` on a bigger one.
+# Two test workers keep both cores of a small machine busy, each worker on a
+# core of its own (tests/conftest.py); `make test TEST_WORKERS=8` on a bigger one.
 TEST_WORKERS ?= 2
 
 test: setup

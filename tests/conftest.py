@@ -16,6 +16,16 @@ if os.environ.get('PYTEST_XDIST_WORKER'):
   # models) spin-wait for cores the other worker holds, and a 22 s test took
   # 171 s. One thread each keeps both workers busy without that.
   os.environ.setdefault('OMP_NUM_THREADS', '1')
+  # XLA's thread pools do the same: each worker's XLA (and its subprocesses',
+  # which inherit this) sized its pool to every core, and the workers' threads
+  # contended for them. Each worker on a core of its own (round robin when
+  # there are more workers than cores): on 2 cores the suite's test time
+  # went from 12 min 0 s to 9 min 34 s and its user CPU time from 20.1 to
+  # 14.6 min (bench/RESULTS.md); tests that run processes side by side
+  # (client and server, two training processes) take longer, the rest less.
+  _cpus = sorted(os.sched_getaffinity(0))
+  _worker = int(os.environ['PYTEST_XDIST_WORKER'].removeprefix('gw'))
+  os.sched_setaffinity(0, {_cpus[_worker % len(_cpus)]})
 
 import pytest  # noqa: E402
 
