@@ -1,7 +1,7 @@
 """Where a training step's time goes, by XLA operation kind, from JAX's profiler.
 
   python bench/profile_step.py [--dtype bfloat16] [--remat [full|dots|none]] [--batch 8]
-      [--seq-len 256] [--logits-chunk 32] [--synthetic] [--by-source]
+      [--seq-len 256] [--logits-chunk 32] [--synthetic] [--by-source] [--ops] [--matmuls]
 
 Runs the SFT step of a randomly initialised SmolLM2-135M-shaped model on
 packed GSM8K rows (as `sft_throughput.py`; `--synthetic`: random rows, as
@@ -14,6 +14,8 @@ CPU time of the process over the step's wall time says how many cores were
 busy. `--by-source` adds the same time by where it came from: the forward
 or backward scan over the layers or outside it, matmul or not, and the JAX
 source of each operation (from the compiled step's HLO metadata).
+`--ops` lists the other operations one by one (each HLO instruction's
+result shape, calls, thread time and source), largest first.
 `--matmuls` lists each matmul fusion with its operand shapes, calls, thread
 time and FLOP rate (from the HLO's dot shapes), and splits the step's wall
 time between matmuls and the rest (each instant shared among the operations
@@ -84,6 +86,24 @@ def thread_time_by_source(trace_dir: str, compiled_hlo: str) -> collections.Coun
             else re.sub(r'\.\d+$', '', event['name']))
     by[loop, kind, '/'.join(source.split('/')[-2:])] += event['dur']
   return by
+
+
+def print_operations(trace_dir: str, compiled_hlo: str, top: int) -> None:
+  """The non-matmul operations one by one: thread time, calls, the HLO
+  instruction's result type and its JAX source."""
+  lines = dict(re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ', compiled_hlo, re.M))
+  sources = dict(re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"', compiled_hlo,
+                            re.M))
+  dots = dot_flops(compiled_hlo)
+  calls, thread_us = collections.Counter(), collections.Counter()
+  for event in _operations(trace_dir):
+    if event['name'] not in dots:
+      calls[event['name']] += 1
+      thread_us[event['name']] += event['dur']
+  print('other operations by thread time:')
+  for name, us in thread_us.most_common(top):
+    source = '/'.join(sources.get(name, '').split('/')[-3:])
+    print(f'{us / 1e3:8.1f} ms x{calls[name]:3d}  {name:40s} {lines.get(name, "?"):36s} {source}')
 
 
 def _dims(text: str) -> list[int]:
@@ -173,6 +193,8 @@ def main():
   parser.add_argument('--top', type=int, default=15)
   parser.add_argument('--by-source', action='store_true',
                       help='also attribute thread time to (loop, kind, JAX source)')
+  parser.add_argument('--ops', action='store_true',
+                      help='also list the other operations one by one, with shapes and sources')
   parser.add_argument('--matmuls', action='store_true',
                       help="also list the matmuls' shapes and rates, and their share of the wall time")
   args = parser.parse_args()
@@ -200,10 +222,12 @@ def main():
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       run_step()
     kinds = thread_time_by_kind(trace_dir)
-    if args.by_source or args.matmuls:
+    if args.by_source or args.matmuls or args.ops:
       compiled_hlo = step.lower(state, loop.place_batch(next(batches), mesh)).compile().as_text()
     if args.by_source:
       by_source = thread_time_by_source(trace_dir, compiled_hlo)
+    if args.ops:
+      print_operations(trace_dir, compiled_hlo, args.top)
     matmuls = print_matmuls(trace_dir, compiled_hlo, args.top) if args.matmuls else None
   total = sum(kinds.values())
   print(f'warm step {wall:.2f} s wall, {cores:.2f} cores busy on average; '
