@@ -7,13 +7,8 @@ import os
 import pathlib
 import platform
 
-from jpost import host
 from jpost.models import hf, pretrained, shapes
 from jpost.models.config import cpu_flags
-
-# A benchmark runs as `python -m jpost.main` does: with huge pages for XLA's
-# CPU buffers where the kernel gives them only when asked (jpost/host.py).
-host.restart_with_huge_pages()
 
 # SmolLM2-135M's config.json, as read from its GGUF.
 SMOLLM2_135M = shapes.SHAPES['smollm2-135m']

@@ -36,7 +36,7 @@ import time
 import jax
 
 import common
-from jpost import sharding
+from jpost import host, sharding
 from jpost.trainers import loop
 from sft_throughput import gsm8k_batches, synthetic_batches
 
@@ -181,6 +181,7 @@ def _cpu_seconds() -> float:
 
 
 def main():
+  host.restart_with_huge_pages('sft')  # as `python -m jpost.main` runs SFT (jpost/host.py)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--dtype', default='bfloat16')
   parser.add_argument('--remat', nargs='?', const='full', default='none',

@@ -19,13 +19,14 @@ import sys
 import time
 
 import common
-
+from jpost import host
 from jpost.models import shapes
 
 SHAPES = {'llama3-8b': shapes.SHAPES['llama-3.1-8b'], 'smollm2-135m': common.SMOLLM2_135M}
 
 
 def main():
+  host.restart_with_huge_pages('sft')  # as `python -m jpost.main` runs SFT (jpost/host.py)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--shape', default='llama3-8b', choices=sorted(SHAPES))
   parser.add_argument('--quantize', default='nf4', choices=['none', 'int8', 'nf4'])

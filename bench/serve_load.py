@@ -81,7 +81,7 @@ def run_mode(name, slots, mode, clients, mix):
 
 
 def main():
-  host.restart_with_huge_pages()  # as `python -m jpost.main` serves (jpost/host.py)
+  host.restart_with_huge_pages('serve')  # as `python -m jpost.main` serves (jpost/host.py)
   parser = argparse.ArgumentParser()
   parser.add_argument('--clients', type=int, default=32)
   parser.add_argument('--requests', type=int, default=64)

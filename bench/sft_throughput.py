@@ -105,10 +105,10 @@ def _device_peak_mb():
 
 
 def main():
-  # Restart with huge pages now, not at the late `import common` below (which
-  # would run every setting again); jpost.host imports no JAX.
+  # With huge pages, as `python -m jpost.main` runs configs/sft.py
+  # (jpost/host.py); jpost.host imports no JAX.
   from jpost import host
-  host.restart_with_huge_pages()
+  host.restart_with_huge_pages('sft')
   parser = argparse.ArgumentParser()
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--seq-len', type=int, default=256)

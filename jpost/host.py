@@ -7,12 +7,22 @@ step for the SmolLM2 SFT step at 8 x 256 (its [8, 255, 49152] float32
 logits alone are 400 MB). Where the kernel gives huge pages only to memory
 that asks for them (`transparent_hugepage/enabled` = madvise, a common
 default), glibc asks when the tunable `glibc.malloc.hugetlb=1` is set: 1.4k
-faults a step, and the step 18% faster (bench/RESULTS.md). Peak RSS was the
-same.
+faults a step, and the step 7-18% faster (bench/RESULTS.md). Peak RSS was
+the same.
+
+The same tunable puts every malloc arena on huge pages, and a fresh 2 MB
+page can cost milliseconds of system time (in a virtual machine whose host
+takes freed memory back). A training run that repeats one compiled step
+earns that back; other runs lose: on the 2-core AMX Xeon the GRPO demo took
+398 s with huge pages against 316 s without (system time 233 against 89 s),
+a one-line chat 17 s against 10, while configs/sft.py's 24 steps took 94 s
+against 98. So they are asked for by the recipes of `HUGE_PAGE_RECIPES`
+only.
 
 glibc reads its tunables when the process starts, so the command-line entry
-points (`python -m jpost.main`, the benchmarks) start themselves once more
-with it set (`restart_with_huge_pages`). JPOST_HUGE_PAGES=0 turns that off.
+points (`python -m jpost.main`, the SFT benchmarks) start themselves once
+more with it set (`restart_with_huge_pages`). JPOST_HUGE_PAGES=0 turns that
+off for every recipe, JPOST_HUGE_PAGES=1 on for every recipe.
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ import pathlib
 import sys
 
 TUNABLE = 'glibc.malloc.hugetlb=1'
+# The supervised training recipes: one compiled step, run over and over.
+HUGE_PAGE_RECIPES = frozenset({'sft', 'dpo', 'reward', 'prm'})
 _THP_MODE = pathlib.Path('/sys/kernel/mm/transparent_hugepage/enabled')
 
 
@@ -44,12 +56,15 @@ def libc() -> str:
     return ''
 
 
-def huge_page_env(environ, mode: str | None, libc_name: str) -> dict | None:
+def huge_page_env(environ, mode: str | None, libc_name: str, recipe: str) -> dict | None:
   """`environ` with glibc's malloc asking for huge pages, or None when there
   is nothing to change: they are asked for already, the C library is not
-  glibc, the kernel gives them to all memory ('always') or to none, or
+  glibc, the kernel gives them to all memory ('always') or to none, the
+  recipe is not one of `HUGE_PAGE_RECIPES` (unless JPOST_HUGE_PAGES=1), or
   JPOST_HUGE_PAGES=0."""
-  if environ.get('JPOST_HUGE_PAGES', '1') == '0' or libc_name != 'glibc' or mode != 'madvise':
+  asked = environ.get('JPOST_HUGE_PAGES', '')
+  wanted = asked == '1' or (asked != '0' and recipe in HUGE_PAGE_RECIPES)
+  if not wanted or libc_name != 'glibc' or mode != 'madvise':
     return None
   tunables = [t for t in environ.get('GLIBC_TUNABLES', '').split(':') if t]
   if any(t.startswith('glibc.malloc.hugetlb=') for t in tunables):
@@ -57,11 +72,12 @@ def huge_page_env(environ, mode: str | None, libc_name: str) -> dict | None:
   return dict(environ, GLIBC_TUNABLES=':'.join([*tunables, TUNABLE]))
 
 
-def restart_with_huge_pages() -> None:
+def restart_with_huge_pages(recipe: str) -> None:
   """Replaces this process with the same command line, huge pages asked for
   (same process id, arguments and open files); returns where there is
-  nothing to change. Call it first thing in a command-line entry point."""
-  env = huge_page_env(os.environ, thp_mode(), libc())
+  nothing to change (`huge_page_env`). Call it in a command-line entry
+  point before JAX allocates anything."""
+  env = huge_page_env(os.environ, thp_mode(), libc(), recipe)
   if env is None:
     return
   sys.stdout.flush()

@@ -16,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jpost import errors
+from jpost import errors, host
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Recipe config file, e.g. configs/sft.py or configs/sft.py:tiny.',
@@ -130,6 +130,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   try:
     config = _load_config()
+    # Before JAX allocates anything; the restarted process loads the config again.
+    host.restart_with_huge_pages(config.get('trainer'))
     trainers.get(config.trainer)(config, _WORKDIR.value)
   except errors.UserError as e:
     if _traceback_asked_for():
@@ -138,7 +140,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from jpost import host
-  host.restart_with_huge_pages()  # before JAX allocates anything (jpost/host.py)
   flags.mark_flag_as_required('config')
   app.run(main, flags_parser=_parse_flags)

@@ -13,20 +13,26 @@ from jpost import host
 MADVISE_GLIBC = ('madvise', 'glibc')
 
 
-@pytest.mark.parametrize('environ, mode_libc, want', [
-    ({}, MADVISE_GLIBC, host.TUNABLE),
-    ({'GLIBC_TUNABLES': 'glibc.malloc.trim_threshold=9'}, MADVISE_GLIBC,
+@pytest.mark.parametrize('environ, mode_libc, recipe, want', [
+    ({}, MADVISE_GLIBC, 'sft', host.TUNABLE),
+    ({}, MADVISE_GLIBC, 'dpo', host.TUNABLE),
+    ({}, MADVISE_GLIBC, 'grpo', None),  # many programs: their 2 MB faults cost more than they earn
+    ({}, MADVISE_GLIBC, 'chat', None),
+    ({}, MADVISE_GLIBC, None, None),  # a config without a recipe: its error comes without a restart
+    ({'JPOST_HUGE_PAGES': '1'}, MADVISE_GLIBC, 'grpo', host.TUNABLE),  # asked for every recipe
+    ({'GLIBC_TUNABLES': 'glibc.malloc.trim_threshold=9'}, MADVISE_GLIBC, 'sft',
      f'glibc.malloc.trim_threshold=9:{host.TUNABLE}'),  # the user's tunables kept
-    ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, MADVISE_GLIBC, None),  # the user's choice stands
-    ({'GLIBC_TUNABLES': host.TUNABLE}, MADVISE_GLIBC, None),  # restarted already: no loop
-    ({'JPOST_HUGE_PAGES': '0'}, MADVISE_GLIBC, None),
-    ({}, ('always', 'glibc'), None),  # the kernel gives them unasked
-    ({}, ('never', 'glibc'), None),
-    ({}, (None, 'glibc'), None),  # no transparent huge pages to read (not Linux)
-    ({}, ('madvise', ''), None),  # not glibc (musl ignores the tunable)
+    ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, MADVISE_GLIBC, 'sft', None),  # the user's choice stands
+    ({'GLIBC_TUNABLES': host.TUNABLE}, MADVISE_GLIBC, 'sft', None),  # restarted already: no loop
+    ({'JPOST_HUGE_PAGES': '0'}, MADVISE_GLIBC, 'sft', None),
+    ({'JPOST_HUGE_PAGES': '1'}, ('always', 'glibc'), 'sft', None),  # the kernel gives them unasked
+    ({}, ('always', 'glibc'), 'sft', None),
+    ({}, ('never', 'glibc'), 'sft', None),
+    ({}, (None, 'glibc'), 'sft', None),  # no transparent huge pages to read (not Linux)
+    ({}, ('madvise', ''), 'sft', None),  # not glibc (musl ignores the tunable)
 ])
-def test_when_the_environment_asks_for_huge_pages(environ, mode_libc, want):
-  env = host.huge_page_env(environ, *mode_libc)
+def test_when_the_environment_asks_for_huge_pages(environ, mode_libc, recipe, want):
+  env = host.huge_page_env(environ, *mode_libc, recipe)
   if want is None:
     assert env is None
   else:
@@ -36,7 +42,7 @@ def test_when_the_environment_asks_for_huge_pages(environ, mode_libc, want):
 _CHILD = """
 import ctypes, json, os, sys
 from jpost import host
-host.restart_with_huge_pages()
+host.restart_with_huge_pages('sft')
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 block = libc.malloc(64 << 20)  # 64 MB from malloc, as XLA's buffers are (not numpy's,
