@@ -12,8 +12,9 @@ os.environ.setdefault('XLA_FLAGS', xla_flags(8))
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 # `jpost.main` subprocesses start without asking for huge pages
-# (jpost/host.py): each fault of a 2 MB page costs milliseconds of system time
-# here, which a long training run earns back and a test's few steps do not
+# (jpost/host.py): a fault of a 2 MB page costs milliseconds of system time
+# on the 2-core machines, which a long training run earns back and a test's
+# few steps do not
 # (tests/test_main.py and test_online.py: 133 -> 106 s, system time 58 -> 31 s).
 # test_host.py still runs the restart itself.
 os.environ.setdefault('JPOST_HUGE_PAGES', '0')
