@@ -65,6 +65,12 @@ def thread_time_by_kind(trace_dir: str) -> collections.Counter:
   return kinds
 
 
+def _op_sources(compiled_hlo: str) -> dict[str, str]:
+  """{HLO instruction name: the JAX source of it (its op_name)}."""
+  return dict(re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"', compiled_hlo,
+                         re.M))
+
+
 def thread_time_by_source(trace_dir: str, compiled_hlo: str) -> collections.Counter:
   """Microseconds per (loop, kind, source) of the step: each operation's
   name looked up in the compiled HLO for the JAX source it came from
@@ -73,8 +79,7 @@ def thread_time_by_source(trace_dir: str, compiled_hlo: str) -> collections.Coun
   reduction) or XLA's own (elementwise, copies); the source is the tail of
   the op_name (an einsum's equation, a primitive). Some fusions carry no
   op_name: their loop shows as 'no source'."""
-  sources = dict(re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"', compiled_hlo,
-                            re.M))
+  sources = _op_sources(compiled_hlo)
   by = collections.Counter()
   for event in _operations(trace_dir):
     source = sources.get(event['name'], '')
@@ -91,9 +96,8 @@ def thread_time_by_source(trace_dir: str, compiled_hlo: str) -> collections.Coun
 def print_operations(trace_dir: str, compiled_hlo: str, top: int) -> None:
   """The non-matmul operations one by one: thread time, calls, the HLO
   instruction's result type and its JAX source."""
-  lines = dict(re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ', compiled_hlo, re.M))
-  sources = dict(re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"', compiled_hlo,
-                            re.M))
+  result_types = dict(re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ', compiled_hlo, re.M))
+  sources = _op_sources(compiled_hlo)
   dots = dot_flops(compiled_hlo)
   calls, thread_us = collections.Counter(), collections.Counter()
   for event in _operations(trace_dir):
@@ -103,7 +107,7 @@ def print_operations(trace_dir: str, compiled_hlo: str, top: int) -> None:
   print('other operations by thread time:')
   for name, us in thread_us.most_common(top):
     source = '/'.join(sources.get(name, '').split('/')[-3:])
-    print(f'{us / 1e3:8.1f} ms x{calls[name]:3d}  {name:40s} {lines.get(name, "?"):36s} {source}')
+    print(f'{us / 1e3:8.1f} ms x{calls[name]:3d}  {name:40s} {result_types.get(name, "?"):36s} {source}')
 
 
 def _dims(text: str) -> list[int]:
