@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jpost.models.remat import saved
+
 IMPLEMENTATIONS = ('auto', 'xla', 'blockwise', 'pallas', 'cudnn')
 
 # Large negative instead of -inf: a padding query (no visible key) then gets a
@@ -222,15 +224,22 @@ def blockwise_attention(q_btnh, keys, values, visible: Visibility, *, block: int
     # Key blocks of the given mask, [nb, B, T, blk]; None: made per block.
     mask_blocks = None if mask is None else mask.reshape(b, t, nb, block).transpose(2, 0, 1, 3)
     if self_attention and t >= HALVED_MIN_LEN:  # then nb == 1: one key block of all T keys
-      # The first half of the queries sees only the first half of the keys.
-      part = functools.partial(_flash_part, q_bkgth, k_blocks, v_blocks, q_pos, q_seg,
-                               pos_blocks, seg_blocks, sliding_window, mask_blocks)
-      half = t // 2
-      out = jnp.concatenate([part(0, half, half), part(half, t, t)], axis=3)
-    else:
-      out = _flash(q_bkgth, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks,
-                   sliding_window, mask_blocks)
-  return out.astype(q_btnh.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+      return _halved(q_btnh, keys, values, q_pos, q_seg, mask, sliding_window)
+    out = _flash(q_bkgth, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks,
+                 sliding_window, mask_blocks)
+  return _to_btnh(out.astype(q_btnh.dtype))
+
+
+def _to_bkgth(a_btnh, k: int):
+  """[B, T, N, ...] -> [B, K, G, T, ...]: query heads grouped by key head."""
+  b, t, n = a_btnh.shape[:3]
+  a = a_btnh.reshape(b, t, k, n // k, *a_btnh.shape[3:])
+  return jnp.moveaxis(a, 1, 3)
+
+
+def _to_btnh(a_bkgth):
+  b, k, g, t = a_bkgth.shape[:4]
+  return jnp.moveaxis(a_bkgth, 3, 1).reshape(b, t, k * g, *a_bkgth.shape[4:])
 
 
 # Self-attention over one key block of at least this many keys runs as two
@@ -244,12 +253,63 @@ def blockwise_attention(q_btnh, keys, values, visible: Visibility, *, block: int
 HALVED_MIN_LEN = 128
 
 
-def _flash_part(q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, window,
-                mask_blocks, lo, hi, keys):
-  """`_flash` for queries [lo, hi) over the first `keys` keys of the one key block."""
-  return _flash(q[:, :, :, lo:hi], k_blocks[..., :keys], v_blocks[:, :, :, :keys],
-                q_pos[:, lo:hi], q_seg[:, lo:hi], pos_blocks[..., :keys], seg_blocks[..., :keys],
-                window, None if mask_blocks is None else mask_blocks[:, :, lo:hi, :keys])
+def _halves(t: int):
+  """(first query, end query, keys) of each half: the first half of the
+  queries sees only the first half of the keys."""
+  half = t // 2
+  return ((0, half, half), (half, t, t))
+
+
+def _half_operands(q, keys, values, pos, seg, mask, lo, hi, n_keys):
+  """`_flash`'s operands for queries [lo, hi) of q [B, K, G, T, H] over the
+  first `n_keys` of keys [B, K, H, T] and values [B, K, T, H] (one key block)."""
+  return dict(q=q[:, :, :, lo:hi], k_blocks=keys[None, ..., :n_keys],
+              v_blocks=values[None, :, :, :n_keys], q_pos=pos[:, lo:hi], q_seg=seg[:, lo:hi],
+              pos_blocks=pos[None, :, :n_keys], seg_blocks=seg[None, :, :n_keys],
+              mask_blocks=None if mask is None else mask[None, :, lo:hi, :n_keys])
+
+
+# Self-attention over one key block, in halves, as one custom_vjp whose
+# output is already [B, T, N, H] in the compute dtype: that array is what the
+# remat policies keep (not the float32 [B, K, G, T, H] of each half), and it
+# is the o-projection's input as it stands, so the backward rebuilds nothing
+# to reach it; the queries' gradient leaves as one [B, T, N, H] array, not
+# two zero-padded halves added. The SmolLM2 SFT step on CPU: bench/RESULTS.md.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _halved(q_btnh, keys, values, pos, seg, mask, window):
+  return _halved_fwd(q_btnh, keys, values, pos, seg, mask, window)[0]
+
+
+def _halved_fwd(q_btnh, keys, values, pos, seg, mask, window):
+  q = _to_bkgth(q_btnh, keys.shape[1])
+  outs, lses = zip(*(_flash_forward(**_half_operands(q, keys, values, pos, seg, mask, *part),
+                                    window=window)
+                     for part in _halves(q_btnh.shape[1])))
+  out = saved(_to_btnh(jnp.concatenate(outs, axis=3).astype(q_btnh.dtype)), 'attention')
+  lse = saved(jnp.concatenate(lses, axis=3), 'attention')
+  return out, (q_btnh, keys, values, pos, seg, mask, out, lse)
+
+
+def _halved_bwd(window, residuals, d_out):
+  q_btnh, keys, values, pos, seg, mask, out, lse = residuals
+  k, t = keys.shape[1], q_btnh.shape[1]
+  # sum(d_out * out) per query, from the kept output in the compute dtype
+  # (as FlashAttention-2 keeps it), then to [B, K, G, T].
+  delta = _to_bkgth(jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1), k)
+  q, d_out_low = _to_bkgth(q_btnh, k), _to_bkgth(d_out.astype(q_btnh.dtype), k)
+  dqs, dks, dvs = [], [], []
+  for lo, hi, n_keys in _halves(t):
+    dq, dk, dv = _flash_grads(**_half_operands(q, keys, values, pos, seg, mask, lo, hi, n_keys),
+                              lse=lse[..., lo:hi], delta=delta[..., lo:hi],
+                              d_out_low=d_out_low[:, :, :, lo:hi], window=window)
+    dqs.append(dq)
+    dks.append(jnp.pad(dk[0], ((0, 0),) * 3 + ((0, t - n_keys),)))
+    dvs.append(jnp.pad(dv[0], ((0, 0),) * 2 + ((0, t - n_keys), (0, 0))))
+  dq = _to_btnh(jnp.concatenate(dqs, axis=3).astype(q_btnh.dtype))
+  return (dq, sum(dks).astype(keys.dtype), sum(dvs).astype(values.dtype), None, None, None)
+
+
+_halved.defvjp(_halved_fwd, _halved_bwd)
 
 
 def _is_self_attention(q_btnh, keys, visible: Visibility) -> bool:
@@ -312,37 +372,50 @@ def _flash(q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, window, 
                     mask_blocks)[0]
 
 
-def _flash_fwd(q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, window, mask_blocks):
-  """Output [B, K, G, T, H] (float32) and, for the backward, the row
-  log-sum-exp: nothing of size T x S is kept (but a given mask)."""
+def _flash_forward(q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, window,
+                   mask_blocks):
+  """Output [B, K, G, T, H] (float32) and the row log-sum-exp [B, K, G, T]:
+  nothing of size T x S is kept (but a given mask)."""
   def step(carry, blocks):
     kb, vb, kp, ks, mask = blocks
     return _softmax_step(carry, q, kb, vb, q_pos, q_seg, kp, ks, window, mask), None
 
   (m, l, acc), _ = jax.lax.scan(step, _softmax_init(q),
                                 (k_blocks, v_blocks, pos_blocks, seg_blocks, mask_blocks))
-  out = checkpoint_name(acc / l[..., None], 'attention')
-  lse = checkpoint_name(m + jnp.log(l), 'attention')
+  return acc / l[..., None], m + jnp.log(l)
+
+
+def _flash_fwd(q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, window, mask_blocks):
+  out, lse = _flash_forward(q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, window,
+                            mask_blocks)
+  out, lse = checkpoint_name(out, 'attention'), checkpoint_name(lse, 'attention')
   return out, (q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, mask_blocks, out,
                lse)
 
 
-def _flash_bwd(window, residuals, d_out):
-  """Recomputes each block's probabilities from the saved log-sum-exp."""
-  q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, mask_blocks, out, lse = residuals
-  d_out = d_out.astype(jnp.float32)
-  delta = jnp.sum(d_out * out, axis=-1)  # [B, K, G, T]
-  d_out_low = d_out.astype(q.dtype)
-
+def _flash_grads(q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, mask_blocks, lse,
+                 delta, d_out_low, window):
+  """float32 (dq, dk blocks, dv blocks), each block's probabilities
+  recomputed from the saved log-sum-exp."""
   def step(dq, blocks):
     kb, vb, kp, ks, mask = blocks
     dq_tile, dk, dv = _tile_grads(q, d_out_low, lse, delta, kb, vb, q_pos, q_seg, kp, ks, window,
                                   mask)
-    return dq + dq_tile, (dk.astype(kb.dtype), dv.astype(vb.dtype))
+    return dq + dq_tile, (dk, dv)
 
   dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32),
                               (k_blocks, v_blocks, pos_blocks, seg_blocks, mask_blocks))
-  return (dq.astype(q.dtype), dk, dv, None, None, None, None, None)
+  return dq, dk, dv
+
+
+def _flash_bwd(window, residuals, d_out):
+  q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, mask_blocks, out, lse = residuals
+  d_out = d_out.astype(jnp.float32)
+  delta = jnp.sum(d_out * out, axis=-1)  # [B, K, G, T]
+  dq, dk, dv = _flash_grads(q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks,
+                            mask_blocks, lse, delta, d_out.astype(q.dtype), window)
+  return (dq.astype(q.dtype), dk.astype(k_blocks.dtype), dv.astype(v_blocks.dtype), None, None,
+          None, None, None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
