@@ -337,6 +337,33 @@ def test_dots_keeps_the_blockwise_attention_output():
   assert _block_gradient_matmuls('xla', 'dots') == _block_gradient_matmuls('xla', 'none') + 2
 
 
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_dots_recomputes_no_attention_forward_in_the_compiled_gradient(dtype):
+  """The compiled gradient of a model whose rows take the halved path (one
+  key block of T >= HALVED_MIN_LEN keys) under 'dots' runs none of the
+  attention's forward again: no exp, max or matmul in the rematerialised
+  computation. In bfloat16 on CPU the kept output is named as its bits
+  inside the custom_vjp's forward rule; named through `remat.saved` (a
+  custom_jvp, opaque there) it was not kept and the softmax ran twice."""
+  t = 2 * attn.HALVED_MIN_LEN
+  cfg = ModelConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_layers=2,
+                    num_heads=N, num_kv_heads=K, attention='blockwise', remat='dots',
+                    dtype=dtype)
+  graphdef, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 64, (B, t)))
+  pos, seg = jnp.tile(jnp.arange(t), (B, 1)), jnp.ones((B, t), jnp.int32)
+
+  def loss(params):
+    logits = nnx.merge(graphdef, params)(tokens, pos, seg)
+    return jnp.sum(logits.astype(jnp.float32) ** 2)
+
+  hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+  rematted = [line for line in hlo.splitlines() if 'rematted_computation' in line]
+  assert rematted  # the policy recomputes the elementwise work (RoPE, norms)
+  for op in ('exponential(', 'reduce_max', ' dot('):
+    assert not [line for line in rematted if op in line], op
+
+
 def _stacks_written_through_float32(hlo: str) -> int:
   """Dynamic-update-slices in compiled HLO whose target is a float32
   conversion of another array: a write that converts the whole array."""

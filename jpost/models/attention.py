@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jpost.models.remat import saved
+from jpost.models.remat import saved_residual
 
 IMPLEMENTATIONS = ('auto', 'xla', 'blockwise', 'pallas', 'cudnn')
 
@@ -285,8 +285,9 @@ def _halved_fwd(q_btnh, keys, values, pos, seg, mask, window):
   outs, lses = zip(*(_flash_forward(**_half_operands(q, keys, values, pos, seg, mask, *part),
                                     window=window)
                      for part in _halves(q_btnh.shape[1])))
-  out = saved(_to_btnh(jnp.concatenate(outs, axis=3).astype(q_btnh.dtype)), 'attention')
-  lse = saved(jnp.concatenate(lses, axis=3), 'attention')
+  out = saved_residual(_to_btnh(jnp.concatenate(outs, axis=3).astype(q_btnh.dtype)),
+                       'attention')
+  lse = saved_residual(jnp.concatenate(lses, axis=3), 'attention')
   return out, (q_btnh, keys, values, pos, seg, mask, out, lse)
 
 

@@ -65,6 +65,15 @@ def saved(value, name: str):
   return _saved_as_bits(value, name)
 
 
+def saved_residual(value, name: str):
+  """`saved` inside a custom_vjp's forward rule (its residuals), which is
+  never differentiated: the bits are named directly, since a custom_jvp
+  call there is opaque to the policies (the value would be recomputed)."""
+  if not loops_go_through_float32(value.dtype):
+    return checkpoint_name(value, name)
+  return _named_bits(value, name)
+
+
 def _named_bits(value, name: str):
   bits = checkpoint_name(jax.lax.bitcast_convert_type(value, jnp.uint16), name)
   return jax.lax.bitcast_convert_type(bits, value.dtype)
