@@ -690,10 +690,36 @@ def rope_tables(positions, cfg: ModelConfig):
   return jnp.cos(angles), jnp.sin(angles)
 
 
+@jax.custom_vjp
 def apply_rope(x_btnh, cos, sin):
-  """Rotate-half RoPE (HF layout), computed in float32."""
+  """Rotate-half RoPE (HF layout), computed in float32. Its gradient is the
+  inverse rotation (no gradient reaches cos and sin: they come from
+  positions)."""
+  return _rotate(x_btnh, cos, sin, inverse=False)
+
+
+def _rotate(x_btnh, cos, sin, *, inverse: bool):
+  """x cos + rotate_half(x) sin, or with `inverse` the transpose of that
+  map, x cos - rotate_half(x) sin (the tables repeat over the two halves,
+  rope_tables, so sin commutes with rotate_half): in float32. Left
+  to autodiff, the backward was two zero-padded halves added, which XLA:CPU
+  fused with the attention's transposes into one loop 4x slower than this
+  (1.8 against 0.44 ms for SmolLM2's queries at 8 x 256 alone)."""
   x32 = x_btnh.astype(jnp.float32)
   half = x32.shape[-1] // 2
+  sin = -sin if inverse else sin
   rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
   out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
   return out.astype(x_btnh.dtype)
+
+
+def _apply_rope_fwd(x_btnh, cos, sin):
+  return apply_rope(x_btnh, cos, sin), (cos, sin)
+
+
+def _apply_rope_bwd(residuals, g):
+  cos, sin = residuals
+  return _rotate(g, cos, sin, inverse=True), None, None
+
+
+apply_rope.defvjp(_apply_rope_fwd, _apply_rope_bwd)
