@@ -216,16 +216,15 @@ def blockwise_attention(q_btnh, keys, values, visible: Visibility, *, block: int
   if self_attention and nb > 1:
     # Queries in blocks too, each seeing only the key blocks up to its own.
     q_pad = jnp.pad(q_btnh, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    q_bkgth = q_pad.reshape(b, t + pad, k, n // k, h).transpose(0, 2, 3, 1, 4)
-    out = _causal_flash(q_bkgth, k_blocks, v_blocks, pos_blocks, seg_blocks, sliding_window)
+    out = _causal_flash(_to_bkgth(q_pad, k), k_blocks, v_blocks, pos_blocks, seg_blocks,
+                        sliding_window)
     out = out[:, :, :, :t]
+  elif self_attention and t >= HALVED_MIN_LEN:  # then nb == 1: one key block of all T keys
+    return _halved(q_btnh, keys, values, q_pos, q_seg, mask, sliding_window)
   else:
-    q_bkgth = q_btnh.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
     # Key blocks of the given mask, [nb, B, T, blk]; None: made per block.
     mask_blocks = None if mask is None else mask.reshape(b, t, nb, block).transpose(2, 0, 1, 3)
-    if self_attention and t >= HALVED_MIN_LEN:  # then nb == 1: one key block of all T keys
-      return _halved(q_btnh, keys, values, q_pos, q_seg, mask, sliding_window)
-    out = _flash(q_bkgth, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks,
+    out = _flash(_to_bkgth(q_btnh, k), k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks,
                  sliding_window, mask_blocks)
   return _to_btnh(out.astype(q_btnh.dtype))
 
