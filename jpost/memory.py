@@ -61,10 +61,11 @@ def _implementation(cfg: ModelConfig, key_len: int) -> str:
 
 
 def _activations(cfg: ModelConfig, tokens: float, attention: float, head_rows: float,
-                 head_len: int, blockwise_tokens: float = 0) -> dict:
+                 head_len: int, blockwise_tokens: float = 0, output_bytes: int = 4) -> dict:
   """By part: `tokens` positions through the layers (`blockwise_tokens` of
-  them as queries of the blockwise attention), the attention's score bytes,
-  and the LM head over `head_rows` x `head_len` positions."""
+  them as queries of the blockwise attention, whose kept output has
+  `output_bytes` an element), the attention's score bytes, and the LM head
+  over `head_rows` x `head_len` positions."""
   a = 2 if cfg.dtype != 'float32' else 4
   d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_size
   qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * h
@@ -74,9 +75,10 @@ def _activations(cfg: ModelConfig, tokens: float, attention: float, head_rows: f
   layer = tokens * (a * (6 * d + 2 * qkv + 3 * f) + 4 * 2 * d)
   saved = {'full': tokens * a * d,  # each layer's input, the scan's carry
            # and the weight matmuls' outputs but down's (q, k, v, o, gate, up),
-           # and the blockwise attention's float32 output and log-sum-exp
-           'dots': tokens * a * (d + qkv + d + 2 * f)
-                   + blockwise_tokens * 4 * cfg.num_heads * (h + 1),
+           # the rotated queries and keys, and the blockwise attention's
+           # output and float32 log-sum-exp
+           'dots': tokens * a * (d + qkv + d + 2 * f + (cfg.num_heads + cfg.num_kv_heads) * h)
+                   + blockwise_tokens * cfg.num_heads * (output_bytes * h + 4),
            'none': layer}[cfg.remat_policy] * cfg.num_layers
   chunk = min(cfg.logits_chunk or head_len, head_len)
   logits = head_rows * chunk * cfg.vocab_size * 4
@@ -90,8 +92,11 @@ def step_activations(cfg: ModelConfig, rows: float, seq_len: int, *, lm_head: bo
   head instead of the LM head adds nothing worth counting)."""
   name = _implementation(cfg, seq_len)
   scores = _attention(cfg, name, rows, seq_len, seq_len, self_attention=True)
+  # One key block in halves keeps its output in the compute dtype.
+  halved = seq_len <= cfg.attention_block and seq_len >= attn.HALVED_MIN_LEN
   return _activations(cfg, rows * seq_len, scores, rows if lm_head else 0, seq_len,
-                      rows * seq_len if name == 'blockwise' else 0)
+                      rows * seq_len if name == 'blockwise' else 0,
+                      output_bytes=2 if halved and cfg.dtype != 'float32' else 4)
 
 
 def rl_update_activations(cfg: ModelConfig, prompts: float, samples: int, prompt_len: int,

@@ -42,12 +42,19 @@ def test_sft_parts_by_hand():
   # No remat: every layer's activations and materialised scores are kept.
   none = memory.step_activations(_config(remat='none', attention='xla'), rows=2, seq_len=8)
   assert none['saved_activations'] == 3 * layer and none['attention'] == 3 * xla['attention']
-  # 'dots' also keeps the blockwise attention's float32 output and
-  # log-sum-exp (4 heads x (4 + 1) per token); 'xla' has none to keep.
+  # 'dots' keeps the layer input, the q/k/v/o/gate/up outputs and the
+  # rotated queries and keys (6 heads x 4), and the blockwise attention's
+  # float32 output and log-sum-exp (4 heads x (4 + 1) per token); 'xla' has
+  # none to keep. One key block of at least HALVED_MIN_LEN keys runs in
+  # halves, which keep the output in the compute dtype (4 heads x (2 x 4 + 4)).
+  kept = 16 + 32 + 16 + 2 * 32 + 6 * 4
   dots = memory.step_activations(_config(remat='dots'), rows=2, seq_len=8)
-  assert dots['saved_activations'] == 2 * 8 * (2 * (16 + 32 + 16 + 2 * 32) + 4 * 4 * 5) * 3
+  assert dots['saved_activations'] == 2 * 8 * (2 * kept + 4 * 4 * 5) * 3
   dots_xla = memory.step_activations(_config(remat='dots', attention='xla'), rows=2, seq_len=8)
-  assert dots_xla['saved_activations'] == 2 * 8 * 2 * (16 + 32 + 16 + 2 * 32) * 3
+  assert dots_xla['saved_activations'] == 2 * 8 * 2 * kept * 3
+  halved = memory.step_activations(_config(remat='dots', attention_block=128), rows=1,
+                                   seq_len=128)
+  assert halved['saved_activations'] == 128 * (2 * kept + 4 * (2 * 4 + 4)) * 3
   # Fused kernels keep no scores; cuDNN's backward workspace grows with the
   # span slots of its packed layout (attention_max_segments + 2 padding runs).
   assert memory.step_activations(_config(attention='pallas'), rows=2, seq_len=8)['attention'] == 0

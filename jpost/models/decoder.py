@@ -454,8 +454,10 @@ def _attention_inputs(x, w, cos, sin, cfg: ModelConfig):
   if cfg.qk_norm:
     q_btnh = rms_norm(q_btnh, w['q_norm'], cfg.rms_norm_eps)
     k_btkh = rms_norm(k_btkh, w['k_norm'], cfg.rms_norm_eps)
-  return (apply_rope(q_btnh, cos, sin), apply_rope(k_btkh, cos, sin).transpose(0, 2, 3, 1),
-          v_btkh.transpose(0, 2, 1, 3))
+  # Kept under 'dots' (the name 'rope'): the attention's backward reads these
+  # very arrays, which it would otherwise get by running RoPE again.
+  q_btnh, k_btkh = (saved(apply_rope(a, cos, sin), 'rope') for a in (q_btnh, k_btkh))
+  return q_btnh, k_btkh.transpose(0, 2, 3, 1), v_btkh.transpose(0, 2, 1, 3)
 
 
 def _block_output(x, attn, w, cfg: ModelConfig):

@@ -1,14 +1,16 @@
 """What a layer's backward pass keeps from its forward pass (remat), by name.
 
 The decoder names the values a policy may keep: 'layer_input' (each layer's
-input, the scan's carry), 'dense' (the weight matmuls' outputs) and
-'attention' (the blockwise attention's output and row log-sum-exp, what
-its own backward reads: for self-attention over one key block, the output
-as the o-projection reads it, [B, T, N, H] in the compute dtype; else
-float32 [B, K, G, T, H]). 'full' keeps the layer inputs and recomputes
-the rest; 'dots' also keeps the matmul outputs and the attention's, so only
-elementwise work runs twice (the SmolLM2 SFT step 8-11% faster than
-recomputing the attention, for 141 MB more at 8 x 256); 'none' keeps every
+input, the scan's carry), 'dense' (the weight matmuls' outputs), 'rope'
+(the rotated queries and keys) and 'attention' (the blockwise attention's
+output and row log-sum-exp, what its own backward reads: for
+self-attention over one key block, the output as the o-projection reads
+it, [B, T, N, H] in the compute dtype; else float32 [B, K, G, T, H]).
+'full' keeps the layer inputs and recomputes the rest; 'dots' also keeps
+the matmul outputs, the rotated queries and keys and the attention's, so
+only elementwise work runs twice (the SmolLM2 SFT step 8-11% faster than
+recomputing the attention, for 141 MB more at 8 x 256; 5% faster than
+running RoPE again, for 95 MB more, bench/RESULTS.md); 'none' keeps every
 value the backward reads.
 
 The scan over layers stacks each layer's kept values into [L, ...] arrays.
@@ -34,7 +36,8 @@ from jpost.models.config import ModelConfig
 
 POLICIES = {
     'full': jax.checkpoint_policies.save_only_these_names('layer_input'),
-    'dots': jax.checkpoint_policies.save_only_these_names('layer_input', 'dense', 'attention'),
+    'dots': jax.checkpoint_policies.save_only_these_names('layer_input', 'dense', 'rope',
+                                                          'attention'),
 }
 
 
