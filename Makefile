@@ -23,7 +23,7 @@ $(STAMP_TEST): $(STAMP_RUN)
 	$(PIP) -e '.[test]'
 	touch $(STAMP_TEST)
 
-# The main job: GRPO on SmolLM2-135M-Instruct (5 min on a 2-core Xeon with AMX);
+# The main job: GRPO on SmolLM2-135M-Instruct (5-6 min on a 2-core Xeon with AMX);
 # held-out accuracy before/after is printed, the model is exported to runs/demo/hf.
 demo: $(STAMP_RUN)
 	rm -rf runs/demo

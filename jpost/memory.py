@@ -92,8 +92,7 @@ def step_activations(cfg: ModelConfig, rows: float, seq_len: int, *, lm_head: bo
   head instead of the LM head adds nothing worth counting)."""
   name = _implementation(cfg, seq_len)
   scores = _attention(cfg, name, rows, seq_len, seq_len, self_attention=True)
-  # One key block in halves keeps its output in the compute dtype.
-  halved = seq_len <= cfg.attention_block and seq_len >= attn.HALVED_MIN_LEN
+  halved = attn.runs_in_halves(seq_len, cfg.attention_block)
   return _activations(cfg, rows * seq_len, scores, rows if lm_head else 0, seq_len,
                       rows * seq_len if name == 'blockwise' else 0,
                       output_bytes=2 if halved and cfg.dtype != 'float32' else 4)

@@ -196,13 +196,15 @@ def shared_prefix_attention(q_btnh, prefix_keys, prefix_values, prefix_mask, key
 
 def blockwise_attention(q_btnh, keys, values, visible: Visibility, *, block: int,
                         sliding_window: int | None = None):
-  b, t, n, h = q_btnh.shape
+  b, t, _, h = q_btnh.shape
   k, s = keys.shape[1], keys.shape[-1]
-  block = min(block, s)
-  pad = -s % block
   self_attention = _is_self_attention(q_btnh, keys, visible)  # asked before keys are padded
   q_pos, q_seg, k_pos, k_seg = (a.astype(jnp.int32) for a in visible[:4])
   mask = visible.mask
+  if self_attention and runs_in_halves(s, block):
+    return _halved(q_btnh, keys, values, q_pos, q_seg, mask, sliding_window)
+  block = min(block, s)
+  pad = -s % block
   if pad:  # padded keys have segment 0: nothing sees them
     keys = jnp.pad(keys, ((0, 0), (0, 0), (0, 0), (0, pad)))
     values = jnp.pad(values, ((0, 0), (0, 0), (0, pad), (0, 0)))
@@ -219,8 +221,6 @@ def blockwise_attention(q_btnh, keys, values, visible: Visibility, *, block: int
     out = _causal_flash(_to_bkgth(q_pad, k), k_blocks, v_blocks, pos_blocks, seg_blocks,
                         sliding_window)
     out = out[:, :, :, :t]
-  elif self_attention and t >= HALVED_MIN_LEN:  # then nb == 1: one key block of all T keys
-    return _halved(q_btnh, keys, values, q_pos, q_seg, mask, sliding_window)
   else:
     # Key blocks of the given mask, [nb, B, T, blk]; None: made per block.
     mask_blocks = None if mask is None else mask.reshape(b, t, nb, block).transpose(2, 0, 1, 3)
@@ -250,6 +250,12 @@ def _to_btnh(a_bkgth):
 # 8 x 128, 7.5 against 8.5; 8 x 512, 103 against 143. Four or eight parts
 # were no faster than two (bench/RESULTS.md).
 HALVED_MIN_LEN = 128
+
+
+def runs_in_halves(key_len: int, block: int) -> bool:
+  """Whether blockwise self-attention over `key_len` keys takes that path:
+  one key block (`_halved`, whose kept output is in the compute dtype)."""
+  return HALVED_MIN_LEN <= key_len <= block
 
 
 def _halves(t: int):

@@ -9,7 +9,7 @@ it, [B, T, N, H] in the compute dtype; else float32 [B, K, G, T, H]).
 'full' keeps the layer inputs and recomputes the rest; 'dots' also keeps
 the matmul outputs, the rotated queries and keys and the attention's, so
 only elementwise work runs twice (the SmolLM2 SFT step 8-11% faster than
-recomputing the attention, for 141 MB more at 8 x 256; 5% faster than
+recomputing the attention, for 141 MB more at 8 x 256; 5-8% faster than
 running RoPE again, for 95 MB more, bench/RESULTS.md); 'none' keeps every
 value the backward reads.
 
