@@ -31,10 +31,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       attention='auto', attention_block=512, attention_max_segments=16, logits_chunk=32))
   # LoRA/QLoRA (README, "LoRA and QLoRA"): rank 0 is full fine-tuning.
   c.lora = lora.default_config()
+  # pack_window: examples packed together, best-fit-decreasing (README, "Data").
   c.data = ml_collections.ConfigDict(dict(
       train=('gsm8k:sft_train',), eval=('gsm8k:sft_test',), weights=(),
       max_len=256, mask_mode='auto', truncation='truncate_left', packing=True,
-      policy='error', num_threads=0))
+      pack_window=64, policy='error', num_threads=0))
   c.batch_size = 4
   c.accum_steps = 1
   c.total_steps = 24

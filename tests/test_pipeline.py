@@ -11,6 +11,7 @@ from flax import nnx
 from jpost import assets, ops
 from jpost.data import masking, pipeline
 from jpost.data.rows import RowError
+from jpost.errors import ConfigError
 from jpost.models import pretrained
 from jpost.models.config import ModelConfig
 from jpost.models.decoder import Decoder
@@ -144,6 +145,17 @@ def test_packed_rows_hold_at_most_max_segments(smollm2):
   free, capped = segments(None), segments(2)
   assert max(free) > 2 and max(capped) == 2
   assert sum(free) == sum(capped) == 12
+
+
+def test_pack_window_is_passed_to_the_packer_and_checked(smollm2):
+  def segments(pack_window):
+    ds, _ = pipeline.build('sft', _sft_rows(12), smollm2, batch_size=1, max_len=512,
+                           num_epochs=1, seed=3, pack_window=pack_window)
+    return [len(set(b['segment_ids'][0].tolist()) - {0}) for b in ds]
+  assert segments(1) == [1] * 12 and max(segments(12)) > 1
+  for bad in (0, -2, 2.5):
+    with pytest.raises(ConfigError, match=rf'pack_window={bad}: .* 1 or more'):
+      segments(bad)
 
 
 def test_no_attention_across_segments():

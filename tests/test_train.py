@@ -268,6 +268,7 @@ def test_resume_with_another_optimiser_structure_is_a_clear_error(tiny_checkpoin
     ({'optim.name': 'adafactorx'}, r"config\.optim\.name='adafactorx': unknown optimiser"),
     ({'batch_size': 3}, r'config\.batch_size=3 .* not divisible by the mesh'),
     ({'accum_steps': 3}, r'config\.accum_steps=3: must be positive and divide'),
+    ({'data.pack_window': 0}, r'pack_window=0: the SFT packer packs windows'),
 ])
 def test_bad_config_fails_before_compiling(tiny_checkpoint, tmp_path, override, message):
   """In this process (its 8 devices); test_main.py runs such errors through

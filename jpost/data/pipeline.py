@@ -23,6 +23,7 @@ import grain
 import numpy as np
 
 from jpost.data import masking, rows, sources, steps
+from jpost.data.packing import BestFitDecreasingPackIterDataset
 from jpost.errors import ConfigError
 from jpost.tokenizer import Tokenizer
 
@@ -244,12 +245,20 @@ def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max
           weights: Sequence[float] | None = None, seed: int = 0, num_epochs: int | None = None,
           policy: str = 'error', shard_index: int = 0, shard_count: int = 1,
           num_threads: int = 0, require_assistant: bool = False, drop_remainder: bool = True,
-          step_separator: str = steps.DEFAULT_SEPARATOR, max_segments: int | None = None):
+          step_separator: str = steps.DEFAULT_SEPARATOR, max_segments: int | None = None,
+          pack_window: int = 64):
   """(grain.IterDataset of batches, PipelineStats) for `kind` in KINDS.
 
   sft: packed (or padded) rows of `tokens, positions, segment_ids, loss_mask`;
     a packed row holds at most `max_segments` samples (the model's
     `attention_max_segments`, which attention='cudnn' is compiled for).
+    Packing is best-fit-decreasing over windows of `pack_window` consecutive
+    examples (data/packing.py); a wider window fills rows better and mixes
+    examples from further apart (and, in endless streams, from adjacent
+    epochs). On GSM8K's answers (90-256 tokens) in 256-token rows, a
+    simulation filled 76.7% of slots at 8, 77.6% at 16, 79.4% at 32, 80.3%
+    at 64 and 80.8% at 128, against 76.5% for Grain's first-fit with 8 bins
+    (README, "Data": this packer's, measured).
   preference: `chosen_*` and `rejected_*` of the same row side by side, padded.
   prompt: left-padded `tokens, positions, segment_ids` plus `extra` (the row's
     other columns, unchanged) and `prompt`, lists of length batch_size.
@@ -268,6 +277,9 @@ def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max
   if batch_size <= 0 or batch_size % shard_count:
     raise ConfigError(f'batch_size={batch_size}: must be positive and divide over '
                       f'{shard_count} processes.')
+  if not isinstance(pack_window, int) or pack_window < 1:
+    raise ConfigError(f'pack_window={pack_window!r}: the SFT packer packs windows of this '
+                      'many examples; give a whole number, 1 or more (64 by default).')
   batch_size //= shard_count  # this process's rows of each batch
   stats = PipelineStats(rows.RowFilter(policy=policy))
   normalize_kw = {'require_assistant': require_assistant} if kind == 'sft' else {}
@@ -291,11 +303,8 @@ def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max
   it = it.filter(lambda x: x is not None)
   if kind == 'sft':
     if packing:
-      it = grain.experimental.FirstFitPackIterDataset(
-          it, length_struct={'tokens': max_len, 'loss_mask': max_len},
-          num_packing_bins=batch_size, seed=seed, shuffle_bins=False,
-          max_sequences_per_bin=max_segments)
-      it = it.map(_packed_fields)
+      it = BestFitDecreasingPackIterDataset(it, length=max_len, window=pack_window,
+                                            max_segments=max_segments, seed=seed)
     else:
       it = it.map(lambda x: _sequence_fields(x['tokens'], x['loss_mask'], max_len))
     it = it.batch(batch_size, drop_remainder=True)
@@ -306,11 +315,3 @@ def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max
                   batch_fn=functools.partial(_left_pad_batch, length=max_len,
                                              pad_id=tokenizer.pad_id))
   return it, stats
-
-
-def _packed_fields(packed: dict) -> dict[str, np.ndarray]:
-  """Grain's packer names fields `tokens_segment_ids` etc.; rename to the contract."""
-  return {'tokens': packed['tokens'].astype(np.int32),
-          'positions': packed['tokens_positions'].astype(np.int32),
-          'segment_ids': packed['tokens_segment_ids'].astype(np.int32),
-          'loss_mask': packed['loss_mask'].astype(np.int32)}
