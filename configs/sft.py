@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       train=('gsm8k:sft_train',), eval=('gsm8k:sft_test',), weights=(),
       max_len=256, mask_mode='auto', truncation='truncate_left', packing=True,
-      pack_window=64, policy='error', num_threads=0))
+      pack_window=128, policy='error', num_threads=0))
   c.batch_size = 4
   c.accum_steps = 1
   c.total_steps = 24

@@ -246,7 +246,7 @@ def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max
           policy: str = 'error', shard_index: int = 0, shard_count: int = 1,
           num_threads: int = 0, require_assistant: bool = False, drop_remainder: bool = True,
           step_separator: str = steps.DEFAULT_SEPARATOR, max_segments: int | None = None,
-          pack_window: int = 64):
+          pack_window: int = 128):
   """(grain.IterDataset of batches, PipelineStats) for `kind` in KINDS.
 
   sft: packed (or padded) rows of `tokens, positions, segment_ids, loss_mask`;
@@ -279,7 +279,7 @@ def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max
                       f'{shard_count} processes.')
   if not isinstance(pack_window, int) or pack_window < 1:
     raise ConfigError(f'pack_window={pack_window!r}: the SFT packer packs windows of this '
-                      'many examples; give a whole number, 1 or more (64 by default).')
+                      'many examples; give a whole number, 1 or more (128 by default).')
   batch_size //= shard_count  # this process's rows of each batch
   stats = PipelineStats(rows.RowFilter(policy=policy))
   normalize_kw = {'require_assistant': require_assistant} if kind == 'sft' else {}
