@@ -160,8 +160,8 @@ def test_a_state_from_another_window_size_is_a_clear_error():
 
 
 def test_fills_gsm8k_rows_better_than_grains_first_fit(smollm2):
-  """configs/sft.py's rows (256 tokens, truncate_left, 16 samples at most)
-  over one epoch of 'gsm8k:sft', both packers on the same examples: real
+  """configs/sft.py's rows (256 tokens, truncate_left, 16 samples at most,
+  windows of 128) over one epoch of 'gsm8k:sft', both packers on the same examples: real
   tokens over slots. Grain's first-fit has as many bins as a batch of 8 rows,
   as pipeline.build used it."""
   unpacked, _ = pipeline.build('sft', pipeline.resolve_sources('gsm8k:sft'), smollm2,
@@ -178,7 +178,7 @@ def test_fills_gsm8k_rows_better_than_grains_first_fit(smollm2):
   first_fit = list(grain.experimental.FirstFitPackIterDataset(
       source(), length_struct={'tokens': 256, 'loss_mask': 256}, num_packing_bins=8,
       shuffle_bins=False, max_sequences_per_bin=16))
-  bfd = _rows(examples, length=256, window=64, max_segments=16)
+  bfd = _rows(examples, length=256, window=128, max_segments=16)
   assert sum(np.sum(r['tokens_segment_ids'] > 0) for r in first_fit) == real
   assert sum(np.sum(r['segment_ids'] > 0) for r in bfd) == real
   first_fit_fill, bfd_fill = real / (256 * len(first_fit)), real / (256 * len(bfd))
