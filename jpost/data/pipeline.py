@@ -255,10 +255,7 @@ def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max
     Packing is best-fit-decreasing over windows of `pack_window` consecutive
     examples (data/packing.py); a wider window fills rows better and mixes
     examples from further apart (and, in endless streams, from adjacent
-    epochs). On GSM8K's answers (90-256 tokens) in 256-token rows, a
-    simulation filled 76.7% of slots at 8, 77.6% at 16, 79.4% at 32, 80.3%
-    at 64 and 80.8% at 128, against 76.5% for Grain's first-fit with 8 bins
-    (README, "Data": this packer's, measured).
+    epochs); README, "Data", has the fill it measured on GSM8K.
   preference: `chosen_*` and `rejected_*` of the same row side by side, padded.
   prompt: left-padded `tokens, positions, segment_ids` plus `extra` (the row's
     other columns, unchanged) and `prompt`, lists of length batch_size.
