@@ -43,12 +43,14 @@ def synthetic_batches(batch: int, seq_len: int, vocab: int, pad: int = 0):
 
 
 def gsm8k_batches(batch: int, seq_len: int, max_segments: int):
-  """GSM8K's SFT rows, packed into [batch, seq_len] as configs/sft.py packs them."""
+  """GSM8K's SFT training rows (configs/sft.py's `data.train`, which
+  peer_trl_sft.py reads too), packed into [batch, seq_len] as that recipe
+  packs them."""
   from jpost.data import pipeline
   from jpost.models import pretrained
   from jpost.tokenizer import Tokenizer
   tokenizer = Tokenizer.from_dir(pretrained.resolve('smollm2-135m-instruct'))
-  data, _ = pipeline.build('sft', pipeline.resolve_sources('gsm8k:sft'), tokenizer,
+  data, _ = pipeline.build('sft', pipeline.resolve_sources('gsm8k:sft_train'), tokenizer,
                            batch_size=batch, max_len=seq_len, truncation='truncate_left',
                            max_segments=max_segments)
   return iter(data)
