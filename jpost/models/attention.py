@@ -43,7 +43,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from jpost.models.remat import saved_residual
 
@@ -394,7 +393,7 @@ def _flash_forward(q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, 
 def _flash_fwd(q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, window, mask_blocks):
   out, lse = _flash_forward(q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, window,
                             mask_blocks)
-  out, lse = checkpoint_name(out, 'attention'), checkpoint_name(lse, 'attention')
+  out, lse = saved_residual(out, 'attention'), saved_residual(lse, 'attention')
   return out, (q, k_blocks, v_blocks, q_pos, q_seg, pos_blocks, seg_blocks, mask_blocks, out,
                lse)
 
@@ -481,8 +480,8 @@ def _causal_fwd(q, k_blocks, v_blocks, pos_blocks, seg_blocks, window):
 
   _, (out, lse) = jax.lax.scan(query_block, None, (jnp.arange(nb), _query_blocks(q, nb),
                                                    pos_blocks, seg_blocks))
-  out = checkpoint_name(_from_query_blocks(out), 'attention')
-  lse = checkpoint_name(_from_query_blocks(lse), 'attention')
+  out = saved_residual(_from_query_blocks(out), 'attention')
+  lse = saved_residual(_from_query_blocks(lse), 'attention')
   return out, (q, k_blocks, v_blocks, pos_blocks, seg_blocks, out, lse)
 
 

@@ -705,8 +705,8 @@ def _rotate(x_btnh, cos, sin, *, inverse: bool):
   map, x cos - rotate_half(x) sin (the tables repeat over the two halves,
   rope_tables, so sin commutes with rotate_half): in float32. Left
   to autodiff, the backward was two zero-padded halves added, which XLA:CPU
-  fused with the attention's transposes into one loop 4x slower than this
-  (1.8 against 0.44 ms for SmolLM2's queries at 8 x 256 alone)."""
+  fused with the attention's transposes into one slow loop
+  (bench/RESULTS.md)."""
   x32 = x_btnh.astype(jnp.float32)
   half = x32.shape[-1] // 2
   sin = -sin if inverse else sin
