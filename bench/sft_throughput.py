@@ -3,8 +3,9 @@ or a real model shape with random weights (jpost.models.shapes).
 
   python bench/sft_throughput.py [--batch 8] [--seq-len 256] [--steps 6] [--dtypes bfloat16]
       [--remat full,dots,none | --no-remat] [--attention auto,xla,blockwise,pallas,cudnn]
-      [--shape llama-3.2-1b] [--logits-chunk 32] [--pad N]
-      (defaults: configs/sft.py's: dtype auto, remat dots, attention auto, chunk 32)
+      [--shape llama-3.2-1b] [--logits-chunk 32] [--attention-block 512] [--pad N]
+      (defaults: configs/sft.py's: dtype auto, remat dots, attention auto, block 512,
+      chunk 32)
 
 Each (dtype, attention, remat) setting runs in its own process (float32 master
 weights, AdamW, clipping, full packed batches of GSM8K answers, or with
@@ -58,7 +59,7 @@ def gsm8k_batches(batch: int, seq_len: int, max_segments: int):
 
 def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: str,
             random_init: bool, attention: str = 'auto', shape: str = 'smollm2-135m',
-            logits_chunk: int = 32, pad: int = 0) -> dict:
+            logits_chunk: int = 32, pad: int = 0, attention_block: int = 512) -> dict:
   import jax
 
   from jpost.models.config import resolve_dtype
@@ -71,7 +72,8 @@ def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: str,
   mesh = sharding.make_mesh()
   random_init = random_init or shape != 'smollm2-135m'
   model = common.load_model(random_init=random_init, mesh=mesh, shape=shape, dtype=dtype,
-                            remat=remat, attention=attention, logits_chunk=logits_chunk)
+                            remat=remat, attention=attention, logits_chunk=logits_chunk,
+                            attention_block=attention_block)
   step, state = common.sft_step(model, mesh, steps)
   if random_init:
     batches = synthetic_batches(batch, seq_len, model.config.vocab_size, pad)
@@ -88,7 +90,7 @@ def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: str,
                        sliding_window=model.config.sliding_window, dtype=dtype)
   return {'shape': shape, 'dtype': dtype, 'random_init': random_init, 'batch': batch,
           'seq_len': seq_len, 'remat': remat, 'attention': f'{attention} ({chosen})',
-          'logits_chunk': logits_chunk, 'params': model.config.num_params(),
+          'attention_block': attention_block, 'logits_chunk': logits_chunk, 'params': model.config.num_params(),
           'device': jax.devices()[0].device_kind, 'first_step_s': round(compile_s, 2),
           'step_s_median': round(seconds, 3), 'tokens_per_step': tokens_per_step,
           'tokens_per_s': round(tokens_per_step / seconds, 1),
@@ -126,6 +128,7 @@ def main():
                       help='comma-separated: auto, xla, blockwise, pallas, cudnn (one process each)')
   parser.add_argument('--shape', default='smollm2-135m')
   parser.add_argument('--logits-chunk', type=int, default=32)
+  parser.add_argument('--attention-block', type=int, default=512)
   parser.add_argument('--random-init', action='store_true',
                       help='random weights of SmolLM2-135M shape and synthetic batches')
   parser.add_argument('--pad', type=int, default=0,
@@ -135,7 +138,7 @@ def main():
   if args.one:
     print(json.dumps(measure(args.one, args.batch, args.seq_len, args.steps, args.remat,
                              args.random_init, args.attention, args.shape, args.logits_chunk,
-                             args.pad)))
+                             args.pad, args.attention_block)))
     return
   policies = args.remat.split(',')
   if not set(policies) <= {'full', 'dots', 'none'}:
@@ -146,7 +149,8 @@ def main():
     cmd = [sys.executable, __file__, '--one', dtype, '--batch', str(args.batch),
            '--seq-len', str(args.seq_len), '--steps', str(args.steps), '--remat', remat,
            '--attention', attention, '--shape', args.shape,
-           '--logits-chunk', str(args.logits_chunk), '--pad', str(args.pad)
+           '--logits-chunk', str(args.logits_chunk), '--pad', str(args.pad),
+           '--attention-block', str(args.attention_block)
            ] + ['--random-init'] * args.random_init
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:  # e.g. out of memory: say so, and measure the other settings

@@ -68,6 +68,74 @@ def test_blockwise_equals_the_reference(block, window):
       q, k, v, attn.Visibility(pos, seg, pos, seg), block=block, sliding_window=window), window)
 
 
+def _many_segment_rows():
+  """[2, 48] rows where every row has tiles to skip. Row 0: segments of 10, 6
+  + 2 padding + 5 (one segment across a gap), 12, then 3 padding and 10.
+  Row 1: a shared prefix of 12 (segment -1) under two completions of 14
+  whose positions go on from it, then 8 padding."""
+  seg0 = np.repeat([1, 2, 0, 2, 3, 0, 4], [10, 6, 2, 5, 12, 3, 10])
+  pos0 = np.concatenate([np.arange(10), np.arange(6), [0, 0], np.arange(6, 11), np.arange(12),
+                         [0, 0, 0], np.arange(10)])
+  seg1 = np.repeat([-1, 1, 2, 0], [12, 14, 14, 8])
+  pos1 = np.concatenate([np.arange(12), np.arange(12, 26), np.arange(12, 26), np.zeros(8, int)])
+  return jnp.asarray(np.stack([pos0, pos1])), jnp.asarray(np.stack([seg0, seg1]))
+
+
+def test_visible_spans_bound_every_visible_pair():
+  """For random rows (segments with padding gaps, shared prefixes, padding
+  runs), every key a query sees lies in [its first_seen, ...) and every
+  query that sees a key lies before the key's last_seeing, against mask_of."""
+  rng = np.random.default_rng(3)
+  for _ in range(50):
+    row = [-1] * int(rng.integers(1, 5)) if rng.random() < 0.3 else []
+    segment = 1
+    while len(row) < 40:
+      if rng.random() < 0.25:
+        row += [0] * int(rng.integers(1, 4))
+        continue
+      row += [segment] * int(rng.integers(1, 8))
+      if rng.random() < 0.3:
+        row += [0] * int(rng.integers(1, 3)) + [segment] * int(rng.integers(1, 4))
+      segment += 1
+    seg = jnp.asarray([row[:40]])
+    index = jnp.arange(40)[None]  # causal by index, as in self-attention
+    mask = np.asarray(attn.mask_of(index, seg, index, seg))[0]
+    first_seen, last_seeing = (np.asarray(a)[0] for a in attn.visible_spans(seg))
+    queries, keys = np.nonzero(mask)
+    assert np.all(keys >= first_seen[queries]), row
+    assert np.all(queries < last_seeing[keys]), row
+    assert np.any(first_seen > 0), row  # a bound that skips something
+
+
+@pytest.mark.parametrize('window', [None, 7])
+def test_blockwise_skips_tiles_outside_the_segments_and_equals_the_reference(window):
+  """Blocks of 8 over rows of many segments: query blocks start past key
+  block 0 and key blocks end before the last query block, in both rows at
+  once, and the output and gradients are the reference's."""
+  pos, seg = _many_segment_rows()
+  nb = 48 // 8
+  first_block, end_block = attn._block_ranges(*(a.reshape(2, nb, 8).transpose(1, 0, 2)
+                                                 for a in (pos, seg)), window)
+  causal_tiles = nb * (nb + 1) // 2
+  assert int(np.sum(np.arange(nb) + 1 - np.asarray(first_block))) < causal_tiles
+  assert int(np.sum(np.asarray(end_block) - np.arange(nb))) < causal_tiles
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(2, 48, N, H)), jnp.float32)
+  keys = jnp.asarray(rng.normal(size=(2, K, H, 48)), jnp.float32)
+  values = jnp.asarray(rng.normal(size=(2, K, 48, H)), jnp.float32)
+  real = np.asarray(seg) > 0
+  weights = jnp.asarray(rng.normal(size=(2, 48, N, H))) * real[..., None, None]
+  fn = lambda q, k, v: attn.blockwise_attention(q, k, v, attn.Visibility(pos, seg, pos, seg),
+                                                block=8, sliding_window=window)
+  ref = lambda q, k, v: attn.dense_attention(q, k, v, attn.mask_of(pos, seg, pos, seg, window))
+  assert_norm_close(np.asarray(fn(q, keys, values))[real],
+                    np.asarray(ref(q, keys, values))[real], bound=1e-5)
+  loss = lambda f: lambda *a: jnp.sum(f(*a) * weights)
+  for g, w in zip(jax.grad(loss(fn), argnums=(0, 1, 2))(q, keys, values),
+                  jax.grad(loss(ref), argnums=(0, 1, 2))(q, keys, values)):
+    assert_norm_close(g, w, bound=1e-5)
+
+
 @pytest.mark.parametrize('window,given_mask', [(None, False), (5, False), (None, True)])
 def test_one_block_of_self_attention_in_two_halves_equals_the_reference(monkeypatch, window,
                                                                        given_mask):

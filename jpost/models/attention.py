@@ -426,22 +426,65 @@ def _flash_bwd(window, residuals, d_out):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-# Self-attention skips the key blocks after each query block (and, with a
-# sliding window, those before it): half of a long row's score tiles, which
-# the mask would only zero. Rows are causal by index there
-# (_is_self_attention), so the skipped tiles hold no visible key.
+# Self-attention skips the tiles that hold no visible key: the key blocks
+# after each query block, those before its sliding window, and those before
+# the segment of its first query (after the segment of a key block's last
+# key, for the backward's loop over query blocks). Rows are causal by index
+# there (_is_self_attention), and a segment is one run of its row, gaps of
+# padding aside (every jpost packer writes rows so), so a packed row of many
+# short samples visits about its samples' triangles instead of the whole
+# row's: the tiles the mask would only zero.
 
 
-def _key_block_range(i, block, window):
-  """Key blocks [lo, i] that query block i may see."""
-  lo = 0 if window is None else jnp.maximum(0, (i * block - window + 1) // block)
-  return lo, i + 1
+def visible_spans(seg):
+  """([B, T] int32) per token of seg [B, T]: the first index its queries may
+  see, and one past the last index whose queries may see it as a key. A
+  segment's span runs from its first to its last token across padding gaps;
+  a shared prefix (negative segment) is seen by every later query of its
+  row; a padding token's span is itself (it sees nothing, nothing sees it)."""
+  b, t = seg.shape
+  index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  real = seg != 0
+  # The last real segment at or before each token, and at or after it.
+  before = jax.lax.cummax(jnp.where(real, index, -1), axis=1)
+  after = jax.lax.cummin(jnp.where(real, index, t), axis=1, reverse=True)
+  seg_before = jnp.take_along_axis(seg, jnp.maximum(before, 0), axis=1)
+  seg_after = jnp.take_along_axis(seg, jnp.minimum(after, t - 1), axis=1)
+  prev_before = jnp.concatenate([jnp.zeros((b, 1), seg.dtype), seg_before[:, :-1]], axis=1)
+  next_after = jnp.concatenate([seg_after[:, 1:], jnp.zeros((b, 1), seg.dtype)], axis=1)
+  # A run starts at a real token whose segment differs from the last real
+  # one before it, and ends likewise; a padding token is a run of its own.
+  starts = jax.lax.cummax(jnp.where(real & (seg != prev_before), index, 0), axis=1)
+  ends = jax.lax.cummin(jnp.where(real & (seg != next_after), index + 1, t), axis=1,
+                        reverse=True)
+  prefix = jnp.where(seg < 0, index, t).min(axis=1, keepdims=True)
+  first_seen = jnp.where(real, jnp.minimum(starts, prefix), index)
+  last_seeing = jnp.where(seg < 0, t, jnp.where(real, ends, index + 1))
+  return first_seen, last_seeing
 
 
-def _query_block_range(j, nb, block, window):
-  """Query blocks [j, hi) that may see key block j."""
-  hi = nb if window is None else jnp.minimum(nb, (j * block + block + window - 2) // block + 1)
-  return j, hi
+def _block_ranges(pos_blocks, seg_blocks, window):
+  """Per query block i, the first key block it may see; per key block j,
+  one past the last query block that may see it ([nb] int32 each, over
+  every row of the batch) from pos_blocks and seg_blocks [nb, B, blk]."""
+  nb, b, block = seg_blocks.shape
+  pos, seg = (jnp.moveaxis(a, 0, 1).reshape(b, nb * block) for a in (pos_blocks, seg_blocks))
+  first_seen, last_seeing = visible_spans(seg)
+  blocks = jnp.arange(nb, dtype=jnp.int32)
+  lo = first_seen.reshape(b, nb, block).min(axis=(0, 2)) // block
+  hi = (last_seeing.reshape(b, nb, block).max(axis=(0, 2)) + block - 1) // block
+  if window is not None:
+    # The window counts positions; it bounds indices only where a visible
+    # key is as many indices back as positions: no shared prefix, and
+    # positions rising by one per index through each run (no padding gap).
+    # Elsewhere (a prefix under several completions) the segments bound alone.
+    index = jnp.arange(nb * block, dtype=jnp.int32)
+    start_offset = jnp.take_along_axis(pos - index, first_seen, axis=1)
+    by_index = jnp.all((seg == 0) | ((seg > 0) & (pos - index == start_offset)))
+    lo = jnp.where(by_index, jnp.maximum(lo, (blocks * block - window + 1) // block), lo)
+    hi = jnp.where(by_index,
+                   jnp.minimum(hi, (blocks * block + block + window - 2) // block + 1), hi)
+  return jnp.clip(lo, 0, blocks), jnp.clip(hi, blocks + 1, nb)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -467,19 +510,19 @@ def _from_query_blocks(a):
 
 
 def _causal_fwd(q, k_blocks, v_blocks, pos_blocks, seg_blocks, window):
-  nb, block = k_blocks.shape[0], k_blocks.shape[-1]
+  nb = k_blocks.shape[0]
+  first_block, _ = _block_ranges(pos_blocks, seg_blocks, window)
 
   def query_block(_, xs):
-    i, qb, qp, qs = xs
+    i, lo, qb, qp, qs = xs
     key_block = lambda j, carry: _softmax_step(carry, qb, _take(k_blocks, j), _take(v_blocks, j),
                                                qp, qs, _take(pos_blocks, j), _take(seg_blocks, j),
                                                window)
-    m, l, acc = jax.lax.fori_loop(*_key_block_range(i, block, window), key_block,
-                                  _softmax_init(qb))
+    m, l, acc = jax.lax.fori_loop(lo, i + 1, key_block, _softmax_init(qb))
     return None, (acc / l[..., None], m + jnp.log(l))
 
-  _, (out, lse) = jax.lax.scan(query_block, None, (jnp.arange(nb), _query_blocks(q, nb),
-                                                   pos_blocks, seg_blocks))
+  _, (out, lse) = jax.lax.scan(query_block, None, (jnp.arange(nb), first_block,
+                                                   _query_blocks(q, nb), pos_blocks, seg_blocks))
   out = saved_residual(_from_query_blocks(out), 'attention')
   lse = saved_residual(_from_query_blocks(lse), 'attention')
   return out, (q, k_blocks, v_blocks, pos_blocks, seg_blocks, out, lse)
@@ -487,14 +530,15 @@ def _causal_fwd(q, k_blocks, v_blocks, pos_blocks, seg_blocks, window):
 
 def _causal_bwd(window, residuals, d_out):
   q, k_blocks, v_blocks, pos_blocks, seg_blocks, out, lse = residuals
-  nb, block = k_blocks.shape[0], k_blocks.shape[-1]
+  nb = k_blocks.shape[0]
+  _, end_block = _block_ranges(pos_blocks, seg_blocks, window)
   d_out = d_out.astype(jnp.float32)
   delta = jnp.sum(d_out * out, axis=-1)
   q_b, do_b = _query_blocks(q, nb), _query_blocks(d_out.astype(q.dtype), nb)
   lse_b, delta_b = _query_blocks(lse, nb), _query_blocks(delta, nb)
 
   def key_block(dq, xs):
-    j, kb, vb, kp, ks = xs
+    j, hi, kb, vb, kp, ks = xs
 
     def query_block(i, carry):
       dq, dk, dv = carry
@@ -505,11 +549,12 @@ def _causal_bwd(window, residuals, d_out):
       return dq, dk + dk_tile, dv + dv_tile
 
     init = (dq, jnp.zeros(kb.shape, jnp.float32), jnp.zeros(vb.shape, jnp.float32))
-    dq, dk, dv = jax.lax.fori_loop(*_query_block_range(j, nb, block, window), query_block, init)
+    dq, dk, dv = jax.lax.fori_loop(j, hi, query_block, init)
     return dq, (dk.astype(kb.dtype), dv.astype(vb.dtype))
 
   dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(q_b.shape, jnp.float32),
-                              (jnp.arange(nb), k_blocks, v_blocks, pos_blocks, seg_blocks))
+                              (jnp.arange(nb), end_block, k_blocks, v_blocks, pos_blocks,
+                               seg_blocks))
   return _from_query_blocks(dq).astype(q.dtype), dk, dv, None, None
 
 
