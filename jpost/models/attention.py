@@ -8,9 +8,10 @@
   O(T x S). The mask is built per block from positions and segment ids:
   packed rows stay packed, and no [T, S] mask exists anywhere. In
   self-attention the queries go in blocks too, and each query block visits
-  only the key blocks up to its own (and from its sliding window's start):
-  about half the tiles of a long row (SmolLM2's SFT step on CPU at 1 x 4096:
-  23.7 -> 14.6 s).
+  only the key blocks up to its own, from its sliding window's start and
+  from its queries' segments' start: about half the tiles of a long row,
+  and of a row packed with short samples about their triangles only
+  (README, "Attention and memory").
 - 'pallas': the Pallas GPU (Triton) flash-attention kernel, which takes
   segment ids; causal by index, which for jpost's rows (positions rise by one
   within a segment) is causal by position. No sliding window; GQA by
