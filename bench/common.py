@@ -63,13 +63,14 @@ def _threads_per_core(cpuinfo_lines: list[str]) -> int | None:
 def time_steps(step, state, batches, mesh, count: int):
   """Runs `count` steps on host batches from the iterator `batches`: the
   last metrics, each step's seconds (the first includes compilation) and
-  each batch's real (non-padding) token count."""
+  each batch's real (non-padding) token count and `metrics.attended_length`."""
   import time
 
   import jax
 
+  from jpost import metrics
   from jpost.trainers import loop
-  times, tokens = [], []
+  times, tokens, contexts = [], [], []
   for _ in range(count):
     host = next(batches)
     tic = time.perf_counter()
@@ -77,7 +78,8 @@ def time_steps(step, state, batches, mesh, count: int):
     jax.block_until_ready(out['loss'])
     times.append(time.perf_counter() - tic)
     tokens.append(int((host['segment_ids'] > 0).sum()))
-  return out, times, tokens
+    contexts.append(metrics.attended_length(host['segment_ids']))
+  return out, times, tokens, contexts
 
 
 def sft_step(model, mesh, total_steps: int):

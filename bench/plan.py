@@ -137,8 +137,9 @@ def run_steps(cfg, batch: int, seq_len: int, steps: int) -> dict:
   from sft_throughput import synthetic_batches
   mesh = sharding.make_mesh()
   step, state = common.sft_step(shapes.init(cfg, mesh=mesh), mesh, steps)
-  _, times, _ = common.time_steps(step, state, synthetic_batches(batch, seq_len, cfg.vocab_size),
-                                  mesh, steps + 1)
+  _, times, *_ = common.time_steps(step, state,
+                                   synthetic_batches(batch, seq_len, cfg.vocab_size), mesh,
+                                   steps + 1)
   stats = jax.devices()[0].memory_stats() or {}
   return {'step_s': statistics.median(times[1:]), 'first_step_s': times[0],
           'device_peak': stats.get('peak_bytes_in_use'),

@@ -12,9 +12,11 @@ weights, AdamW, clipping, full packed batches of GSM8K answers, or with
 --random-init synthetic packed rows) so peak memory is its own: the device's
 peak bytes in use where it reports them (GPU), else the process's peak RSS.
 The first step (compilation) is reported apart; tokens/s is the median of the
-rest. A setting that fails (out of memory) is reported and the others still
-run. The last line is one JSON object: the best setting's `tokens_per_s`,
-its `mfu` and `peak_rss_mb`, plus every setting and the failed ones.
+rest. MFU's attention term counts what each token attends to, its sample's
+length (`metrics.attended_length`), not the packed row's. A setting that
+fails (out of memory) is reported and the others still run. The last line
+is one JSON object: the best setting's `tokens_per_s`, its `mfu` and
+`peak_rss_mb`, plus every setting and the failed ones.
 """
 
 import argparse
@@ -79,22 +81,26 @@ def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: str,
     batches = synthetic_batches(batch, seq_len, model.config.vocab_size, pad)
   else:
     batches = gsm8k_batches(batch, seq_len, model.config.attention_max_segments)
-  out, times, tokens = common.time_steps(step, state, batches, mesh, steps + 1)
+  out, times, tokens, contexts = common.time_steps(step, state, batches, mesh, steps + 1)
   compile_s, run_times = times[0], times[1:]
   seconds = statistics.median(run_times)
   tokens_per_step = statistics.median(tokens[1:])
   peak = metrics.measured_peak_flops(dtype)
-  flops = metrics.flops_per_token(model.config, seq_len) * tokens_per_step
+  # Model FLOPs a step, attention counted over what each token attends to.
+  flops = statistics.median(n * metrics.flops_per_token(model.config, context)
+                            for n, context in zip(tokens[1:], contexts[1:]))
   from jpost.models import attention as attn
   chosen = attn.choose(attention, key_len=seq_len, block=model.config.attention_block,
                        sliding_window=model.config.sliding_window, dtype=dtype)
   return {'shape': shape, 'dtype': dtype, 'random_init': random_init, 'batch': batch,
           'seq_len': seq_len, 'remat': remat, 'attention': f'{attention} ({chosen})',
-          'attention_block': attention_block, 'logits_chunk': logits_chunk, 'params': model.config.num_params(),
+          'attention_block': attention_block, 'logits_chunk': logits_chunk,
+          'params': model.config.num_params(),
           'device': jax.devices()[0].device_kind, 'first_step_s': round(compile_s, 2),
           'step_s_median': round(seconds, 3), 'tokens_per_step': tokens_per_step,
           'tokens_per_s': round(tokens_per_step / seconds, 1),
           'mfu': round(flops / seconds / peak, 4), 'peak_flops_measured': peak,
+          'attended_length': round(statistics.median(contexts[1:]), 1),
           'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
           'peak_device_mb': _device_peak_mb(),
           'final_loss': float(out['loss'])}

@@ -88,18 +88,39 @@ def console_line(step: int, total: int, metrics: dict) -> None:
   print(' | '.join(parts), file=sys.stderr, flush=True)
 
 
-def flops_per_token(cfg, seq_len: int) -> float:
+def flops_per_token(cfg, seq_len: float) -> float:
   """Training FLOPs per token: 6 x matmul parameters + attention scores
-  (12 x layers x heads x head_dim x context), as in the PaLM appendix. With
-  LoRA the frozen base needs no weight gradients (4 x its parameters) and
-  the adapters cost 6 x theirs."""
-  embed = cfg.vocab_size * cfg.hidden_size
-  matmul_params = cfg.num_params() - (embed if cfg.tie_embeddings else 2 * embed) + embed
+  (12 x layers x heads x head_dim x context), as in the PaLM appendix, with
+  `seq_len` the context (a batch's `attended_length`). With LoRA the frozen
+  base needs no weight gradients (4 x its parameters) and the adapters cost
+  6 x theirs."""
+  d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_size
+  q, kv = cfg.num_heads * h, cfg.num_kv_heads * h
+  # The weights a token's forward multiplies by: every layer's projections
+  # and the LM head (the embedding lookup is none; norms are elementwise).
+  matmul_params = cfg.num_layers * (d * (q + 2 * kv) + q * d + 3 * d * f) + cfg.vocab_size * d
   attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * seq_len
   if cfg.lora is not None:
     from jpost.models import lora
     return 4 * matmul_params + 6 * lora.num_params(cfg) + attention
   return 6 * matmul_params + attention
+
+
+def attended_length(*segment_ids) -> float:
+  """The context PaLM's attention term counts for a batch: each real token's
+  sequence length (its segment's, in packed rows; padding is none), averaged
+  over the real tokens: sum(L^2) / sum(L). Rows of one unpadded sequence
+  give their length, as before packing; rows packed with short samples give
+  their samples', which is all a token attends to, not the row's."""
+  squares = total = 0
+  for seg in segment_ids:
+    seg = np.asarray(seg).reshape(-1, np.shape(seg)[-1])
+    rows = np.broadcast_to(np.arange(len(seg))[:, None], seg.shape)
+    real = seg != 0
+    _, lengths = np.unique(np.stack([rows[real], seg[real]]), axis=1, return_counts=True)
+    squares += int(np.sum(lengths.astype(np.int64) ** 2))
+    total += int(np.sum(lengths))
+  return squares / total if total else 0.0
 
 
 @functools.lru_cache(maxsize=None)

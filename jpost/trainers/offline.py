@@ -155,7 +155,6 @@ def run(config, workdir: str | None, task: Task) -> dict[str, Any]:
   update = loop.make_update(graphdef, task.loss_fn, task.normalizer_fn, tx, lr_schedule,
                             accum_steps=config.accum_steps, mesh=mesh, state=state)
   eval_step = jax.jit(make_eval_step(graphdef, task, mesh))
-  flops_per_token = metrics.flops_per_token(model.config, config.data.max_len)
   # MFU's denominator: every process's devices (each host measures its own).
   peak = float(loop.gather_rows(np.array([metrics.measured_peak_flops(model.config.dtype)])).sum())
 
@@ -166,8 +165,11 @@ def run(config, workdir: str | None, task: Task) -> dict[str, Any]:
     state, out = update(state, loop.place_batch(batch, mesh))
     out = jax.device_get(out)
     seconds = time.perf_counter() - tic
-    local = sum(np.sum(v > 0) for k, v in batch.items() if k.endswith('segment_ids'))
+    segments = [v for k, v in batch.items() if k.endswith('segment_ids')]
+    local = sum(np.sum(v > 0) for v in segments)
     tokens = float(loop.gather_rows(np.array([local])).sum())
+    # Attention counted over what each token attends to (this process's rows).
+    flops_per_token = metrics.flops_per_token(model.config, metrics.attended_length(*segments))
     out |= {'tokens_per_s': tokens / seconds, 'step_seconds': seconds,
             'mfu': tokens * flops_per_token / seconds / peak}
     out |= sizes if step == 0 else {}
