@@ -42,21 +42,23 @@ def _reference(window):
   return lambda q, k, v: attn.dense_attention(q, k, v, attn.mask_of(pos, seg, pos, seg, window))
 
 
-def _compare(fn, window):
-  """Output and gradients of `fn` against the reference, on real tokens only
-  (a padding query's output is never read: no real token attends to it)."""
-  q, keys, values = _inputs()
-  pos, seg = _rows()
+def _assert_matches(fn, ref, q, keys, values, seg):
+  """Output and gradients of `fn` against `ref`, on real tokens only (a
+  padding query's output is never read: no real token attends to it)."""
   real = np.asarray(seg) > 0
-  weights = jnp.asarray(np.random.default_rng(1).normal(size=(B, T, N, H))) * real[..., None, None]
-  loss = lambda f: lambda *a: jnp.sum(f(*a) * weights)
-  ref = _reference(window)
+  weights = jnp.asarray(np.random.default_rng(1).normal(size=q.shape)) * real[..., None, None]
   assert_norm_close(np.asarray(fn(q, keys, values))[real],
                     np.asarray(ref(q, keys, values))[real], bound=1e-5)
-  got = jax.grad(loss(fn), argnums=(0, 1, 2))(q, keys, values)
-  want = jax.grad(loss(ref), argnums=(0, 1, 2))(q, keys, values)
-  for g, w in zip(got, want):
+  loss = lambda f: lambda *a: jnp.sum(f(*a) * weights)
+  for g, w in zip(jax.grad(loss(fn), argnums=(0, 1, 2))(q, keys, values),
+                  jax.grad(loss(ref), argnums=(0, 1, 2))(q, keys, values)):
     assert_norm_close(g, w, bound=1e-5)
+
+
+def _compare(fn, window):
+  """`fn` against the reference on the packed and left-padded rows."""
+  q, keys, values = _inputs()
+  _assert_matches(fn, _reference(window), q, keys, values, _rows()[1])
 
 
 # 3 blocks, the last padded; 1 block; 5 blocks of 8 with windows inside one
@@ -123,17 +125,10 @@ def test_blockwise_skips_tiles_outside_the_segments_and_equals_the_reference(win
   q = jnp.asarray(rng.normal(size=(2, 48, N, H)), jnp.float32)
   keys = jnp.asarray(rng.normal(size=(2, K, H, 48)), jnp.float32)
   values = jnp.asarray(rng.normal(size=(2, K, 48, H)), jnp.float32)
-  real = np.asarray(seg) > 0
-  weights = jnp.asarray(rng.normal(size=(2, 48, N, H))) * real[..., None, None]
   fn = lambda q, k, v: attn.blockwise_attention(q, k, v, attn.Visibility(pos, seg, pos, seg),
                                                 block=8, sliding_window=window)
   ref = lambda q, k, v: attn.dense_attention(q, k, v, attn.mask_of(pos, seg, pos, seg, window))
-  assert_norm_close(np.asarray(fn(q, keys, values))[real],
-                    np.asarray(ref(q, keys, values))[real], bound=1e-5)
-  loss = lambda f: lambda *a: jnp.sum(f(*a) * weights)
-  for g, w in zip(jax.grad(loss(fn), argnums=(0, 1, 2))(q, keys, values),
-                  jax.grad(loss(ref), argnums=(0, 1, 2))(q, keys, values)):
-    assert_norm_close(g, w, bound=1e-5)
+  _assert_matches(fn, ref, q, keys, values, seg)
 
 
 @pytest.mark.parametrize('window,given_mask', [(None, False), (5, False), (None, True)])
@@ -171,14 +166,7 @@ def test_blockwise_follows_a_given_mask(block, self_attention):
   assert attn._is_self_attention(q, keys, visible) == self_attention
   fn = lambda q, k, v: attn.blockwise_attention(q, k, v, visible, block=block)
   ref = lambda q, k, v: attn.dense_attention(q, k, v, mask)
-  real = np.asarray(seg) > 0
-  weights = jnp.asarray(np.random.default_rng(1).normal(size=(B, T, N, H))) * real[..., None, None]
-  assert_norm_close(np.asarray(fn(q, keys, values))[real],
-                    np.asarray(ref(q, keys, values))[real], bound=1e-5)
-  loss = lambda f: lambda *a: jnp.sum(f(*a) * weights)
-  for g, w in zip(jax.grad(loss(fn), argnums=(0, 1, 2))(q, keys, values),
-                  jax.grad(loss(ref), argnums=(0, 1, 2))(q, keys, values)):
-    assert_norm_close(g, w, bound=1e-5)
+  _assert_matches(fn, ref, q, keys, values, seg)
 
 
 @pytest.mark.parametrize('t', [1, 3])
