@@ -429,8 +429,9 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 # Self-attention skips the tiles that hold no visible key: the key blocks
 # after each query block, those before its sliding window, and those before
-# the segment of its first query (after the segment of a key block's last
-# key, for the backward's loop over query blocks). Rows are causal by index
+# the earliest segment its queries are in (and, for the backward's loop over
+# query blocks, those after the last segment a key block's keys are in),
+# bounded over every row of the batch. Rows are causal by index
 # there (_is_self_attention), and a segment is one run of its row, gaps of
 # padding aside (every jpost packer writes rows so), so a packed row of many
 # short samples visits about its samples' triangles instead of the whole
