@@ -1,6 +1,7 @@
 """Decoder parity with transformers for every supported family, plus checkpoint
 round trips and strict-loading errors."""
 
+import functools
 import json
 
 import chex
@@ -250,22 +251,30 @@ def test_auto_compute_dtype_follows_the_matmul_hardware():
   assert config.resolve_dtype('float16') == 'float16'
 
 
+@pytest.mark.parametrize('w_is_fd', [False, True])  # [F, D]: the tied LM head
 @pytest.mark.parametrize('d,f', [(8, 5), (5, 8)])  # the CPU transposes the narrower operand
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
-def test_dense_gradient_matches_autodiff(dtype, d, f):
+def test_dense_gradient_matches_autodiff(dtype, d, f, w_is_fd):
   """`dense` has a hand-written backward (to keep bfloat16 matmuls on the fast
-  float32-accumulating path); it must equal autodiff of the plain product."""
+  float32-accumulating path); it must equal autodiff of the plain product,
+  for a weight stored [D, F] and (the tied LM head, as [tokens, D] matmuls
+  on the CPU) [F, D] with a float32 result."""
   from jpost.models.decoder import dense
   x = jax.random.normal(jax.random.key(0), (2, 3, d)).astype(dtype)
-  w = jax.random.normal(jax.random.key(1), (d, f))  # float32 master weight
+  # float32 master weight
+  w = jax.random.normal(jax.random.key(1), (f, d) if w_is_fd else (d, f))
   cotangent = jax.random.normal(jax.random.key(2), (2, 3, f))
+  out_dtype = 'float32' if w_is_fd else dtype
 
   def loss(fn, x, w):
     return (fn(x, w).astype(jax.numpy.float32) * cotangent).sum()
 
-  reference = lambda x, w: (x.astype('float32') @ w).astype(dtype)
-  out, ref_out = dense(x, w), reference(x, w)
-  assert out.dtype == jax.numpy.dtype(dtype)
+  reference = lambda x, w: (x.astype('float32') @ (w.T if w_is_fd else w)).astype(out_dtype)
+  out = dense(x, w, w_is_fd, float32_out=w_is_fd)
+  ref_out = reference(x, w)
+  assert out.dtype == jax.numpy.dtype(out_dtype) and out.shape == (2, 3, f)
+  if w_is_fd:
+    dense = functools.partial(dense, w_is_fd=True, float32_out=True)
   (dx, dw), (ref_dx, ref_dw) = (jax.grad(loss, argnums=(1, 2))(f, x, w)
                                 for f in (dense, reference))
   chex.assert_trees_all_equal_dtypes((dx, dw), (x, w))

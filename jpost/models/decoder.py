@@ -540,7 +540,15 @@ def dense(x, w, w_is_fd: bool = False, float32_out: bool = False):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _dense(x, w, w_is_fd: bool = False, float32_out: bool = False):
   w_spec = 'fd' if w_is_fd else 'df'
-  out = _matmul(x, w.astype(x.dtype), f'...d,{w_spec}->...f')
+  if w_is_fd and _sets_layouts(x):
+    # As [tokens, D]: XLA:CPU turns x [..., T, D] @ w[F, D].T into a matmul
+    # over w.T laid out in memory, a transposed copy of w on every call (the
+    # tied LM head: 57 MB of bfloat16 a step), where [T, D] x [F, D] runs
+    # as it stands (bench/RESULTS.md).
+    out = _matmul(x.reshape(-1, x.shape[-1]), w.astype(x.dtype), 'td,fd->tf')
+    out = out.reshape(*x.shape[:-1], out.shape[-1])
+  else:
+    out = _matmul(x, w.astype(x.dtype), f'...d,{w_spec}->...f')
   return out if float32_out else out.astype(x.dtype)
 
 
