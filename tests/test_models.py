@@ -260,6 +260,7 @@ def test_dense_gradient_matches_autodiff(dtype, d, f, w_is_fd):
   for a weight stored [D, F] and (the tied LM head, as [tokens, D] matmuls
   on the CPU) [F, D] with a float32 result."""
   from jpost.models.decoder import dense
+  dense = functools.partial(dense, w_is_fd=w_is_fd, float32_out=w_is_fd)
   x = jax.random.normal(jax.random.key(0), (2, 3, d)).astype(dtype)
   # float32 master weight
   w = jax.random.normal(jax.random.key(1), (f, d) if w_is_fd else (d, f))
@@ -270,11 +271,8 @@ def test_dense_gradient_matches_autodiff(dtype, d, f, w_is_fd):
     return (fn(x, w).astype(jax.numpy.float32) * cotangent).sum()
 
   reference = lambda x, w: (x.astype('float32') @ (w.T if w_is_fd else w)).astype(out_dtype)
-  out = dense(x, w, w_is_fd, float32_out=w_is_fd)
-  ref_out = reference(x, w)
+  out, ref_out = dense(x, w), reference(x, w)
   assert out.dtype == jax.numpy.dtype(out_dtype) and out.shape == (2, 3, f)
-  if w_is_fd:
-    dense = functools.partial(dense, w_is_fd=True, float32_out=True)
   (dx, dw), (ref_dx, ref_dw) = (jax.grad(loss, argnums=(1, 2))(f, x, w)
                                 for f in (dense, reference))
   chex.assert_trees_all_equal_dtypes((dx, dw), (x, w))
