@@ -45,7 +45,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       reference='cache', cache_batch_size=8,
       kl_prompts=16, kl_max_new_tokens=64))  # after training: KL on sampled held-out answers
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=1, async_save=True))
+  c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=1, async_save=True,
+                                                compression='auto'))
   c.log_every = 1
   c.eval_every = 1000  # and at the start and the end
   c.tensorboard = False

@@ -79,7 +79,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       name='adamw', lr=2e-5, warmup_steps=0, schedule='linear', end_lr_ratio=0.0,
       b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, clip_norm=1.0))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=1, async_save=True))
+  c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=1, async_save=True,
+                                                compression='auto'))
   c.log_every = 1
   c.eval_every = 1000  # and before the first step and after the last
   c.tensorboard = False

@@ -44,7 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0))
   c.loss = ml_collections.ConfigDict(dict(normalization='token'))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(every=12, keep=2, async_save=True))
+  c.checkpoint = ml_collections.ConfigDict(dict(every=12, keep=2, async_save=True,
+                                                compression='auto'))
   c.log_every = 1
   c.eval_every = 12
   c.tensorboard = False

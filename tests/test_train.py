@@ -175,6 +175,45 @@ def test_resume_after_sigkill_is_exact(tiny_checkpoint, tmp_path):
     np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+def test_checkpoint_compression_is_chosen_and_either_restores_the_other(tmp_path):
+  """'zstd' compresses (a zero array to a fraction of its bytes), 'none'
+  writes the bytes, 'auto' compresses beside an accelerator only; a
+  checkpoint of either kind, and one written by StandardSave (the format
+  before the option), restores with either setting."""
+  import orbax.checkpoint as ocp
+  from jpost import checkpoint
+  from jpost.errors import ConfigError
+  state = {'w': jax.numpy.zeros((512, 512), np.float32), 'step': jax.numpy.asarray(3)}
+  target = jax.tree.map(jax.numpy.ones_like, state)
+  manager = ocp.CheckpointManager(  # as jpost wrote checkpoints before
+      tmp_path / 'checkpoints', item_names=('state', 'data'),
+      options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False))
+  manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          data=ocp.args.JsonSave({'at': 1})))
+  manager.wait_until_finished()
+  manager.close()
+  sizes = {}
+  for step, compression in ((2, 'none'), (3, 'zstd')):
+    ckpt = checkpoint.Checkpointer(tmp_path, every=1, compression=compression)
+    restored, data = ckpt.restore(1, target)
+    assert data == {'at': 1}
+    np.testing.assert_array_equal(restored['w'], state['w'])
+    ckpt.save(step, state, {'at': step})
+    ckpt.close()
+    sizes[compression] = sum(f.stat().st_size for f in
+                             (tmp_path / 'checkpoints' / str(step) / 'state').rglob('*'))
+  assert sizes['none'] > 512 * 512 * 4 > 10 * sizes['zstd'], sizes  # the rest is metadata
+  for step, compression in ((2, 'zstd'), (3, 'none')):
+    ckpt = checkpoint.Checkpointer(tmp_path, every=1, compression=compression)
+    restored, data = ckpt.restore(step, target)
+    ckpt.close()
+    assert data == {'at': step} and int(restored['step']) == 3
+    np.testing.assert_array_equal(restored['w'], state['w'])
+  assert [checkpoint.compresses('auto', b) for b in ('cpu', 'gpu', 'tpu')] == [False, True, True]
+  with pytest.raises(ConfigError, match=r"compression='lz4'; use one of"):
+    checkpoint.compresses('lz4')
+
+
 def test_metrics_on_resume_only_process_0_drops_lines_after_the_checkpoint(tmp_path,
                                                                            monkeypatch, capsys):
   """Every process builds a writer; if another one rewrote the file too, it
@@ -269,6 +308,7 @@ def test_resume_with_another_optimiser_structure_is_a_clear_error(tiny_checkpoin
     ({'batch_size': 3}, r'config\.batch_size=3 .* not divisible by the mesh'),
     ({'accum_steps': 3}, r'config\.accum_steps=3: must be positive and divide'),
     ({'data.pack_window': 0}, r'pack_window=0: the SFT packer packs windows'),
+    ({'checkpoint.compression': 'lz4'}, r"checkpoint\.compression='lz4'; use one of"),
 ])
 def test_bad_config_fails_before_compiling(tiny_checkpoint, tmp_path, override, message):
   """In this process (its 8 devices); test_main.py runs such errors through

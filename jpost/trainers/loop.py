@@ -342,7 +342,8 @@ def train(config, workdir: pathlib.Path, *, state, data_iter, step_fn: Callable,
   saves and stops every process; a non-finite loss stops without saving."""
   ckpt = checkpoint.Checkpointer(workdir, every=config.checkpoint.every,
                                  keep=config.checkpoint.keep,
-                                 async_save=config.checkpoint.async_save)
+                                 async_save=config.checkpoint.async_save,
+                                 compression=config.checkpoint.get('compression', 'auto'))
   step = ckpt.latest_step() or 0
   if step:
     saved, data_states = ckpt.restore(step, _saved_part(state))
