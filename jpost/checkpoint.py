@@ -38,10 +38,16 @@ def compresses(compression: str, backend: str | None = None) -> bool:
   return compression == 'zstd'
 
 
-def _state_handler(compress: bool):
-  """Orbax's pytree handler, compressing or not (older Orbax: its default)."""
+def _state_handler(compression: str):
+  """Orbax's pytree handler, compressing as `compresses` says. Orbax before
+  0.11.26 always compresses: there 'auto' does too, and 'none' is an error."""
+  compress = compresses(compression)
   if 'use_compression' in inspect.signature(ocp.PyTreeCheckpointHandler).parameters:
     return ocp.PyTreeCheckpointHandler(use_compression=compress)
+  if compression == 'none':
+    raise ConfigError(
+        "config.checkpoint.compression='none' needs orbax-checkpoint >= 0.11.26 (this one "
+        f"always compresses: {getattr(ocp, '__version__', 'unknown')}); upgrade it or use 'auto'.")
   return ocp.PyTreeCheckpointHandler()
 
 
@@ -56,7 +62,7 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save),
-        item_handlers={'state': _state_handler(compresses(compression)),
+        item_handlers={'state': _state_handler(compression),
                        'data': ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:

@@ -175,7 +175,7 @@ def test_resume_after_sigkill_is_exact(tiny_checkpoint, tmp_path):
     np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
-def test_checkpoint_compression_is_chosen_and_either_restores_the_other(tmp_path):
+def test_checkpoint_compression_is_chosen_and_either_restores_the_other(tmp_path, monkeypatch):
   """'zstd' compresses (a zero array to a fraction of its bytes), 'none'
   writes the bytes, 'auto' compresses beside an accelerator only; a
   checkpoint of either kind, and one written by StandardSave (the format
@@ -212,6 +212,14 @@ def test_checkpoint_compression_is_chosen_and_either_restores_the_other(tmp_path
   assert [checkpoint.compresses('auto', b) for b in ('cpu', 'gpu', 'tpu')] == [False, True, True]
   with pytest.raises(ConfigError, match=r"compression='lz4'; use one of"):
     checkpoint.compresses('lz4')
+
+  class Before0_11_26(ocp.PyTreeCheckpointHandler):  # no use_compression: always zstd
+    def __init__(self):
+      super().__init__()
+  monkeypatch.setattr(ocp, 'PyTreeCheckpointHandler', Before0_11_26)
+  assert isinstance(checkpoint._state_handler('auto'), Before0_11_26)
+  with pytest.raises(ConfigError, match=r"'none' needs orbax-checkpoint >= 0.11.26"):
+    checkpoint.Checkpointer(tmp_path / 'older', every=1, compression='none')
 
 
 def test_metrics_on_resume_only_process_0_drops_lines_after_the_checkpoint(tmp_path,
