@@ -193,6 +193,7 @@ def main():
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--seq-len', type=int, default=256)
   parser.add_argument('--logits-chunk', type=int, default=32, help="configs/sft.py's")
+  parser.add_argument('--attention-block', type=int, default=512, help="configs/sft.py's")
   parser.add_argument('--synthetic', action='store_true',
                       help='random packed rows (sft_throughput.py --random-init) instead of GSM8K')
   parser.add_argument('--top', type=int, default=15)
@@ -205,7 +206,7 @@ def main():
   args = parser.parse_args()
   mesh = sharding.make_mesh()
   model = common.load_model(random_init=True, mesh=mesh, dtype=args.dtype, remat=args.remat,
-                            logits_chunk=args.logits_chunk)
+                            logits_chunk=args.logits_chunk, attention_block=args.attention_block)
   step, state = common.sft_step(model, mesh, 10)
   if args.synthetic:
     batches = synthetic_batches(args.batch, args.seq_len, model.config.vocab_size)
