@@ -5,7 +5,8 @@
 # Each bench's output goes to OUTDIR/NAME.txt; the last lines printed (and
 # OUTDIR/summary.json) are the figures: the machine (CPU model, AMX and
 # AVX512-BF16 flags, transparent huge pages, measured bfloat16 peak), SFT
-# tokens/s and MFU against TRL in float32 and bf16 autocast, the GRPO step
+# tokens/s and MFU against TRL in float32 and bf16 autocast (and the
+# step's MFU on full rows of random tokens), the GRPO step
 # against TRL's, decode tokens/s, and the bfloat16 matmul speed at a step's
 # shapes (with YNNPACK, XLA:CPU's default, and with oneDNN), and SFT on one
 # logical CPU against two. `quick` skips the peers, the profile and the
@@ -31,6 +32,10 @@ run() { name=$1; shift; echo "== $name: ${wrap:-}$*"; timeout 1500 ${wrap:-} "$p
 run matmul_shapes bench/matmul_shapes.py
 XLA_FLAGS=--xla_cpu_use_onednn=true run matmul_shapes_onednn bench/matmul_shapes.py
 run sft bench/sft_throughput.py --steps 4
+# The same step on random rows, every slot a real token: its MFU without the
+# padding that GSM8K's answer lengths leave in 256-token rows (at most 83.4%
+# of the slots are real there).
+run sft_full_rows bench/sft_throughput.py --steps 4 --random-init
 run grpo bench/grpo_step.py --steps 5
 run generate bench/generate_throughput.py --batches 16 --dtypes bfloat16
 if [ "$what" != quick ]; then
@@ -65,11 +70,15 @@ def last_json(name):
 
 sft, grpo, gen = last_json('sft'), last_json('grpo'), last_json('generate')
 one_cpu, profile = last_json('sft_one_cpu'), last_json('profile')
+full_rows = last_json('sft_full_rows')
 peer_sft, peer_grpo = last_json('peer_sft'), last_json('peer_grpo')
 summary = {'machine': (sft or {}).get('machine')}
 if sft:
   summary['sft'] = {'tokens_per_s': sft['tokens_per_s'], 'mfu': sft['mfu'],
                     'peak_rss_mb': sft.get('peak_rss_mb')}
+if sft and full_rows:
+  summary['sft']['full_rows'] = {'tokens_per_s': full_rows['tokens_per_s'],
+                                 'mfu': full_rows['mfu']}
 if sft and one_cpu:
   summary['sft']['one_cpu'] = {'tokens_per_s': one_cpu['tokens_per_s'], 'mfu': one_cpu['mfu'],
                                'peak_bf16_gflops': one_cpu['machine'].get('peak_bf16_gflops'),
