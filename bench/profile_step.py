@@ -1,7 +1,8 @@
 """Where a training step's time goes, by XLA operation kind, from JAX's profiler.
 
   python bench/profile_step.py [--dtype bfloat16] [--remat [full|dots|none]] [--batch 8]
-      [--seq-len 256] [--logits-chunk 32] [--synthetic] [--by-source] [--ops] [--matmuls]
+      [--seq-len 256] [--logits-chunk 32] [--attention-block 512] [--synthetic] [--by-source]
+      [--ops] [--matmuls]
 
 Runs the SFT step of a randomly initialised SmolLM2-135M-shaped model on
 packed GSM8K rows (as `sft_throughput.py`; `--synthetic`: random rows, as
