@@ -36,7 +36,7 @@ def _attention(cfg: ModelConfig, name: str, rows: float, queries: int, keys: int
   too; a fused kernel keeps none); materialised ones times the layers when
   nothing recomputes them (the blockwise path recomputes its blocks in its
   own backward)."""
-  if name == 'pallas':  # fused: no scores leave the kernel
+  if name in ('pallas', 'cpu'):  # fused: no scores leave the kernel
     return 0.0
   if name == 'cudnn':
     # No scores either, but cuDNN's backward takes a workspace of about 8
@@ -92,9 +92,11 @@ def step_activations(cfg: ModelConfig, rows: float, seq_len: int, *, lm_head: bo
   head instead of the LM head adds nothing worth counting)."""
   name = _implementation(cfg, seq_len)
   scores = _attention(cfg, name, rows, seq_len, seq_len, self_attention=True)
-  halved = attn.runs_in_halves(seq_len, cfg.attention_block)
+  # The kept attention output: the CPU kernel's and the halved blockwise
+  # path's in the compute dtype, the blockwise path's over blocks in float32.
+  halved = attn.runs_in_halves(seq_len, cfg.attention_block) or name == 'cpu'
   return _activations(cfg, rows * seq_len, scores, rows if lm_head else 0, seq_len,
-                      rows * seq_len if name == 'blockwise' else 0,
+                      rows * seq_len if name in ('blockwise', 'cpu') else 0,
                       output_bytes=2 if halved and cfg.dtype != 'float32' else 4)
 
 
@@ -104,12 +106,12 @@ def rl_update_activations(cfg: ModelConfig, prompts: float, samples: int, prompt
   `samples` completions (decoder.shared_prompt_stack)."""
   rows = prompts * samples
   completion = _implementation(cfg, prompt_len + new_tokens)
-  if completion in ('pallas', 'cudnn'):  # the kernels are self-attention only (attention.attend)
+  if completion in ('pallas', 'cudnn', 'cpu'):  # the kernels are self-attention only (attention.attend)
     completion = 'blockwise'
   prompt = _implementation(cfg, prompt_len)
   scores = (_attention(cfg, prompt, prompts, prompt_len, prompt_len, self_attention=True)
             + _attention(cfg, completion, rows, new_tokens, prompt_len + new_tokens))
-  blockwise = ((prompts * prompt_len if prompt == 'blockwise' else 0)
+  blockwise = ((prompts * prompt_len if prompt in ('blockwise', 'cpu') else 0)
                + (rows * new_tokens if completion == 'blockwise' else 0))
   return _activations(cfg, prompts * prompt_len + rows * new_tokens, scores, rows, new_tokens,
                       blockwise)

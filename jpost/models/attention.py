@@ -47,7 +47,7 @@ import jax.numpy as jnp
 
 from jpost.models.remat import saved_residual
 
-IMPLEMENTATIONS = ('auto', 'xla', 'blockwise', 'pallas', 'cudnn')
+IMPLEMENTATIONS = ('auto', 'xla', 'blockwise', 'cpu', 'pallas', 'cudnn')
 
 # Large negative instead of -inf: a padding query (no visible key) then gets a
 # uniform, finite softmax rather than NaNs that would leak into gradients.
@@ -102,7 +102,7 @@ def choose(name: str, *, key_len: int, block: int, sliding_window: int | None,
     return name
   backend = backend or jax.default_backend()
   if backend == 'cpu':
-    return 'blockwise'
+    return 'cpu' if _cpu_kernel_fits(dtype, sliding_window) else 'blockwise'
   if key_len <= block:
     return 'xla'
   if backend != 'gpu' or sliding_window is not None:
@@ -116,6 +116,30 @@ def choose(name: str, *, key_len: int, block: int, sliding_window: int | None,
   return 'cudnn' if sixteen_bit and capability >= 9.0 else 'pallas'
 
 
+def _cpu_kernel_fits(dtype, sliding_window) -> bool:
+  """Whether 'auto' takes the fused CPU kernel (models/cpu_attention.py):
+  bfloat16, no sliding window, one device (the kernel has no rule for
+  splitting its operands over a mesh), and the kernel built here. On the
+  2-core AMX Xeon it ran SmolLM2's attention forward + backward 2.6x faster
+  than the blockwise path (bench/RESULTS.md)."""
+  if dtype is None or jnp.dtype(dtype) != jnp.bfloat16 or sliding_window is not None:
+    return False
+  if jax.device_count() != 1:
+    return False
+  from jpost.models import cpu_attention
+  reason = cpu_attention.unavailable_reason()
+  if reason is not None:
+    _say_once(f'jpost: the fused CPU attention kernel is not available ({reason}); '
+              'attention runs blockwise instead.')
+  return reason is None
+
+
+@functools.lru_cache(maxsize=None)
+def _say_once(message: str) -> None:
+  import sys
+  print(message, file=sys.stderr, flush=True)
+
+
 def attend(q_btnh, keys, values, visible: Visibility, *, implementation: str, block: int,
            sliding_window: int | None = None, max_segments: int = 16):
   """Attention output [B, T, N, H] by the named implementation."""
@@ -123,6 +147,9 @@ def attend(q_btnh, keys, values, visible: Visibility, *, implementation: str, bl
                 sliding_window=sliding_window, dtype=q_btnh.dtype)
   if name == 'xla':
     return dense_attention(q_btnh, keys, values, visible.dense_mask(sliding_window))
+  if name == 'cpu':
+    return _cpu_attention(q_btnh, keys, values, visible, block=block,
+                          sliding_window=sliding_window, asked=implementation == 'cpu')
   if name in ('pallas', 'cudnn') and keys.shape[-1] != q_btnh.shape[1]:
     name = 'blockwise'  # the kernels are self-attention only; shared prompts are not
   if name in ('pallas', 'cudnn'):
@@ -135,6 +162,31 @@ def attend(q_btnh, keys, values, visible: Visibility, *, implementation: str, bl
     return pallas_attention(q_btnh, keys, values, visible)
   return blockwise_attention(q_btnh, keys, values, visible, block=block,
                              sliding_window=sliding_window)
+
+
+def _cpu_attention(q_btnh, keys, values, visible: Visibility, *, block: int,
+                   sliding_window: int | None, asked: bool):
+  """The fused CPU kernel where it applies (packed self-attention); other
+  calls (a prefill over a cache, a shared prompt's keys) go blockwise, as
+  they do for the GPU kernels, and so do shapes it does not take unless it
+  was `asked` for by name."""
+  from jpost.models import cpu_attention
+  if jax.default_backend() != 'cpu':
+    raise ValueError("attention='cpu' needs the CPU backend; use 'auto' (it picks per backend).")
+  if sliding_window is not None:
+    raise ValueError("attention='cpu' has no sliding window; use 'blockwise' or 'auto'.")
+  cpu_attention.require()
+  _, _, n, h = q_btnh.shape
+  if not cpu_attention.supports(n, keys.shape[1], h, q_btnh.dtype):
+    if asked:
+      raise ValueError(f"attention='cpu' takes bfloat16 compute, a head size that is a "
+                       f"multiple of 32 and 1-8 query heads per key head (here "
+                       f"{q_btnh.dtype}, {h}, {n // keys.shape[1]}); use 'auto' or 'blockwise'.")
+    return blockwise_attention(q_btnh, keys, values, visible, block=block)
+  if not _is_self_attention(q_btnh, keys, visible):
+    return blockwise_attention(q_btnh, keys, values, visible, block=block)
+  return cpu_attention.attention(q_btnh, keys, values, visible.q_seg.astype(jnp.int32),
+                                 visible.q_pos.astype(jnp.int32))
 
 
 def dense_attention(q_btnh, keys, values, mask):

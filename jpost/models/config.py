@@ -89,7 +89,7 @@ class ModelConfig:
   # Recompute each layer's activations in the backward pass: 'none', 'dots'
   # (keep the weight matmuls' outputs) or 'full'; True = 'full', False = 'none'.
   remat: bool | str = False
-  # attention.IMPLEMENTATIONS: 'auto', 'xla', 'blockwise', 'pallas' or 'cudnn';
+  # attention.IMPLEMENTATIONS: 'auto', 'xla', 'blockwise', 'cpu', 'pallas' or 'cudnn';
   # the blockwise path's key block; the most segments a packed row may hold
   # under 'cudnn', whose backward workspace grows with it (SFT's packer caps
   # rows at it; README, "Attention and memory").

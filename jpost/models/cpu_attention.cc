@@ -1,0 +1,493 @@
+// Packed causal self-attention for XLA:CPU, called through XLA's FFI
+// (jpost/models/cpu_attention.py builds and registers it).
+//
+// Each real query sees the keys of its own segment up to itself and, where
+// a row has one, the row's shared prefix (negative segment ids: a prompt
+// under several packed completions); padding (segment 0) sees nothing and
+// gets a zero output. Only those keys are computed: the cost follows the
+// samples' lengths, not the row's. Scores, softmax and sums run in float32
+// over bfloat16 inputs; the forward keeps each query's log-sum-exp so the
+// backward recomputes the probabilities without a second softmax.
+//
+// Layouts are the decoder's: q [B, T, N, H], keys [B, K, H, T], values
+// [B, K, T, H], segments [B, T]; query head n uses key head n / (N / K).
+// Work is split over (row, key head) pairs on XLA's intra-op thread pool.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float V16 __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register
+
+inline V16 load16(const float* p) { V16 v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store16(float* p, V16 v) { std::memcpy(p, &v, sizeof v); }
+inline V16 splat(float x) {  // a broadcast (V16{} + x would add a zero first)
+  return V16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+}
+
+inline float from_bf16(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t to_bf16(float f) {  // round to nearest even, as XLA converts
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffff) > 0x7f800000) return 0x7fc0;
+  u += 0x7fff + ((u >> 16) & 1);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// exp(x) for the softmax's x <= 0, in a form the compiler vectorises:
+// 2^n * p(f) with a degree-6 polynomial (relative error ~2e-7).
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  // Round to nearest by adding and subtracting 1.5 * 2^23 (nearbyint is a
+  // library call the compiler does not vectorise).
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float f = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
+  float p = 1.9875691500e-4f;
+  p = p * f + 1.3981999507e-3f;
+  p = p * f + 8.3334519073e-3f;
+  p = p * f + 4.1665795894e-2f;
+  p = p * f + 1.6666665459e-1f;
+  p = p * f + 5.0000001201e-1f;
+  p = p * f * f + f + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, 4);
+  return p * two_n;
+}
+
+// max(row[0:n]) 16 at a time (a scalar loop otherwise: the compiler keeps
+// std::max's NaN order and does not vectorise it).
+inline float row_max(const float* row, int64_t n) {
+  V16 mv = splat(-INFINITY);
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    const V16 x = load16(row + c);
+    mv = x > mv ? x : mv;
+  }
+  float m = -INFINITY;
+  for (int i = 0; i < 16; ++i) m = std::max(m, mv[i]);
+  for (; c < n; ++c) m = std::max(m, row[c]);
+  return m;
+}
+
+struct Shape {
+  int64_t b, t, n, k, h;  // rows, tokens, query heads, key heads, head size
+  int64_t g() const { return n / k; }
+  int64_t ld() const { return t + 16; }  // padded row of a transposed operand
+};
+
+// The keys a row's queries may see: its shared prefix [prefix_lo,
+// prefix_hi) (empty if none) and, per query, its segment's first token.
+struct RowPlan {
+  bool ok = true;
+  int64_t prefix_lo = 0, prefix_hi = 0;
+  std::vector<int64_t> seg_start;
+};
+
+// Rows this kernel runs: segments contiguous, at most one contiguous
+// shared prefix whose positions come before every segment's.
+RowPlan plan_row(const int32_t* seg, const int32_t* pos, int64_t t) {
+  RowPlan plan;
+  plan.seg_start.assign(t, 0);
+  std::vector<int32_t> seen;
+  int64_t start = 0, prefix_count = 0;
+  int32_t prefix_pos = INT32_MIN, real_min_pos = INT32_MAX;
+  for (int64_t i = 0; i < t; ++i) {
+    if (i == 0 || seg[i] != seg[i - 1]) {
+      if (seg[i] != 0 && std::find(seen.begin(), seen.end(), seg[i]) != seen.end())
+        plan.ok = false;  // a segment in two pieces
+      seen.push_back(seg[i]);
+      start = i;
+    }
+    plan.seg_start[i] = start;
+    if (seg[i] < 0) {
+      if (prefix_count == 0) plan.prefix_lo = i;
+      plan.prefix_hi = i + 1;
+      ++prefix_count;
+      prefix_pos = std::max(prefix_pos, pos[i]);
+    } else if (seg[i] > 0) {
+      real_min_pos = std::min(real_min_pos, pos[i]);
+    }
+  }
+  if (prefix_count != plan.prefix_hi - plan.prefix_lo) plan.ok = false;  // not contiguous
+  if (prefix_count > 0 && real_min_pos != INT32_MAX && prefix_pos >= real_min_pos)
+    plan.ok = false;  // a prefix key after a query: not causal by index
+  return plan;
+}
+
+// Runs fn(item) for item in [0, items) on the calling thread and XLA's pool.
+template <typename F>
+void parallel_for(ffi::ThreadPool& pool, int64_t items, F fn) {
+  const int64_t workers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), items);
+  std::atomic<int64_t> next{0}, finished{0};
+  auto work = [&]() {
+    for (int64_t item; (item = next.fetch_add(1)) < items;) fn(item);
+    finished.fetch_add(1);
+  };
+  for (int64_t w = 1; w < workers; ++w) pool.Schedule([&work]() { work(); });
+  work();
+  while (finished.load() < workers) std::this_thread::yield();
+}
+
+// out[r][c] = sum_x a[r][x] * bt[x][cols[c]] for the block's key columns,
+// R rows of a at once (R accumulators, one load of bt per x).
+template <int64_t R>
+void scores(const float* a, const float* bt, const Shape& s, const int64_t* ranges, int n_ranges,
+            float* out, int64_t out_ld) {
+  int64_t c0 = 0;
+  for (int q = 0; q < n_ranges; ++q) {
+    const int64_t lo = ranges[2 * q], len = ranges[2 * q + 1] - lo;
+    for (int64_t jc = 0; jc < len; jc += 16) {
+      V16 acc[R];
+      for (int64_t r = 0; r < R; ++r) acc[r] = V16{};
+      for (int64_t x = 0; x < s.h; ++x) {
+        const V16 kv = load16(bt + x * s.ld() + lo + jc);
+        for (int64_t r = 0; r < R; ++r) acc[r] += splat(a[r * s.h + x]) * kv;
+      }
+      for (int64_t r = 0; r < R; ++r) store16(out + r * out_ld + c0 + jc, acc[r]);
+    }
+    c0 += len;
+  }
+}
+
+// out[r][x] = sum_c w[r][c] * rows[cols[c]][x], 32 columns of x at a time.
+template <int64_t R>
+void weighted_rows(const float* w, int64_t w_ld, const float* rows, const Shape& s,
+                   const int64_t* ranges, int n_ranges, float* out) {
+  for (int64_t xc = 0; xc < s.h; xc += 32) {
+    V16 a0[R], a1[R];
+    for (int64_t r = 0; r < R; ++r) a0[r] = a1[r] = V16{};
+    int64_t c = 0;
+    for (int q = 0; q < n_ranges; ++q)
+      for (int64_t j = ranges[2 * q]; j < ranges[2 * q + 1]; ++j, ++c) {
+        const V16 v0 = load16(rows + j * s.h + xc), v1 = load16(rows + j * s.h + xc + 16);
+        for (int64_t r = 0; r < R; ++r) {
+          const V16 p = splat(w[r * w_ld + c]);
+          a0[r] += p * v0;
+          a1[r] += p * v1;
+        }
+      }
+    for (int64_t r = 0; r < R; ++r) {
+      store16(out + r * s.h + xc, a0[r]);
+      store16(out + r * s.h + xc + 16, a1[r]);
+    }
+  }
+}
+
+// The key columns of queries [i0, i1) (one segment) and, per row r of the
+// block, how many of them it sees (prefix, then its segment up to itself).
+struct Block {
+  int64_t ranges[4];
+  int n_ranges = 0;
+  int64_t columns = 0, prefix = 0;
+};
+
+Block block_keys(const RowPlan& plan, const int32_t* seg, int64_t i0, int64_t i1) {
+  Block blk;
+  if (plan.prefix_hi > plan.prefix_lo && seg[i0] > 0) {
+    blk.ranges[0] = plan.prefix_lo;
+    blk.ranges[1] = plan.prefix_hi;
+    blk.n_ranges = 1;
+    blk.prefix = plan.prefix_hi - plan.prefix_lo;
+  }
+  blk.ranges[2 * blk.n_ranges] = plan.seg_start[i0];
+  blk.ranges[2 * blk.n_ranges + 1] = i1;
+  ++blk.n_ranges;
+  blk.columns = blk.prefix + i1 - plan.seg_start[i0];
+  return blk;
+}
+
+// Per (row, key head): the keys (transposed and as rows) and values
+// (transposed and as rows) in float32, padded so 16-wide loads stay inside.
+struct KeyHead {
+  std::vector<float> kt, vt, krows, vrows;
+  KeyHead(const Shape& s, const uint16_t* k, const uint16_t* v, bool transposed_values)
+      : kt(s.h * s.ld(), 0.0f), krows((s.t + 16) * s.h, 0.0f), vrows((s.t + 16) * s.h, 0.0f) {
+    if (transposed_values) vt.assign(s.h * s.ld(), 0.0f);
+    for (int64_t x = 0; x < s.h; ++x)
+      for (int64_t j = 0; j < s.t; ++j) {
+        const float kv = from_bf16(k[x * s.t + j]);
+        kt[x * s.ld() + j] = kv;
+        krows[j * s.h + x] = kv;
+      }
+    for (int64_t j = 0; j < s.t; ++j)
+      for (int64_t x = 0; x < s.h; ++x) {
+        const float vv = from_bf16(v[j * s.h + x]);
+        vrows[j * s.h + x] = vv;
+        if (transposed_values) vt[x * s.ld() + j] = vv;
+      }
+  }
+};
+
+// Queries per block for G query heads a key head: about 12 rows of
+// accumulators, what AVX-512's 32 registers hold with the loads.
+constexpr int64_t queries_per_block(int64_t g) { return g >= 12 ? 1 : 12 / g; }
+
+template <int64_t G>
+void forward_key_head(const Shape& s, const RowPlan& plan, const int32_t* seg,
+                      const uint16_t* q, const KeyHead& kh_data, int64_t b, int64_t kh,
+                      uint16_t* out, float* lse) {
+  constexpr int64_t QB = queries_per_block(G), R = QB * G;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(s.h));
+  const int64_t sc_ld = s.ld() + 16;
+  std::vector<float> qs(R * s.h), sc(R * sc_ld), o(R * s.h), inv(R);
+  for (int64_t i = 0; i < s.t;) {
+    if (seg[i] == 0) {  // padding: a zero output
+      for (int64_t g = 0; g < G; ++g) {
+        std::memset(out + ((b * s.t + i) * s.n + kh * G + g) * s.h, 0, s.h * 2);
+        lse[((b * s.k + kh) * G + g) * s.t + i] = 0.0f;
+      }
+      ++i;
+      continue;
+    }
+    int64_t end = i;
+    while (end < s.t && seg[end] == seg[i]) ++end;
+    for (int64_t i0 = i; i0 < end; i0 += QB) {
+      const int64_t i1 = std::min(i0 + QB, end), rows = (i1 - i0) * G;
+      const Block blk = block_keys(plan, seg, i0, i1);
+      std::fill(qs.begin(), qs.end(), 0.0f);
+      for (int64_t r = 0; r < rows; ++r) {
+        const uint16_t* src = q + ((b * s.t + i0 + r / G) * s.n + kh * G + r % G) * s.h;
+        for (int64_t x = 0; x < s.h; ++x) qs[r * s.h + x] = from_bf16(src[x]) * scale;
+      }
+      scores<R>(qs.data(), kh_data.kt.data(), s, blk.ranges, blk.n_ranges, sc.data(), sc_ld);
+      for (int64_t r = 0; r < R; ++r) {
+        float* row = sc.data() + r * sc_ld;
+        const int64_t seen = r < rows ? blk.prefix + (i0 + r / G) - plan.seg_start[i0] + 1 : 0;
+        const float m = row_max(row, seen);
+        float l = 0.0f;
+#pragma omp simd reduction(+ : l)
+        for (int64_t c = 0; c < seen; ++c) {
+          const float e = exp_nonpositive(row[c] - m);
+          row[c] = e;
+          l += e;
+        }
+        for (int64_t c = seen; c < blk.columns; ++c) row[c] = 0.0f;
+        inv[r] = seen ? 1.0f / l : 0.0f;
+        if (r < rows) lse[((b * s.k + kh) * G + r % G) * s.t + i0 + r / G] = m + std::log(l);
+      }
+      weighted_rows<R>(sc.data(), sc_ld, kh_data.vrows.data(), s, blk.ranges, blk.n_ranges,
+                       o.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        uint16_t* dst = out + ((b * s.t + i0 + r / G) * s.n + kh * G + r % G) * s.h;
+        for (int64_t x = 0; x < s.h; ++x) dst[x] = to_bf16(o[r * s.h + x] * inv[r]);
+      }
+    }
+    i = end;
+  }
+}
+
+template <int64_t G>
+void backward_key_head(const Shape& s, const RowPlan& plan, const int32_t* seg,
+                       const uint16_t* q, const uint16_t* out, const float* lse,
+                       const uint16_t* d_out, const KeyHead& kh_data, int64_t b, int64_t kh,
+                       uint16_t* dq, std::vector<float>& dk, std::vector<float>& dv) {
+  constexpr int64_t QB = queries_per_block(G), R = QB * G;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(s.h));
+  const int64_t sc_ld = s.ld() + 16;
+  std::vector<float> qs(R * s.h), dor(R * s.h), delta(R), lrow(R), p(R * sc_ld), ds(R * sc_ld),
+      dqr(R * s.h), o32(s.h);
+  for (int64_t i = 0; i < s.t;) {
+    if (seg[i] == 0) {  // padding: no gradient
+      for (int64_t g = 0; g < G; ++g)
+        std::memset(dq + ((b * s.t + i) * s.n + kh * G + g) * s.h, 0, s.h * 2);
+      ++i;
+      continue;
+    }
+    int64_t end = i;
+    while (end < s.t && seg[end] == seg[i]) ++end;
+    for (int64_t i0 = i; i0 < end; i0 += QB) {
+      const int64_t i1 = std::min(i0 + QB, end), rows = (i1 - i0) * G;
+      const Block blk = block_keys(plan, seg, i0, i1);
+      std::fill(qs.begin(), qs.end(), 0.0f);
+      std::fill(dor.begin(), dor.end(), 0.0f);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t at = ((b * s.t + i0 + r / G) * s.n + kh * G + r % G) * s.h;
+        for (int64_t x = 0; x < s.h; ++x) {
+          qs[r * s.h + x] = from_bf16(q[at + x]) * scale;
+          dor[r * s.h + x] = from_bf16(d_out[at + x]);
+          o32[x] = from_bf16(out[at + x]);
+        }
+        V16 dl = V16{};  // sum(dO * O): the softmax's backward, per query
+        for (int64_t x = 0; x < s.h; x += 16) dl += load16(dor.data() + r * s.h + x) * load16(o32.data() + x);
+        float total = 0.0f;
+        for (int i = 0; i < 16; ++i) total += dl[i];
+        delta[r] = total;
+        lrow[r] = lse[((b * s.k + kh) * G + r % G) * s.t + i0 + r / G];
+      }
+      scores<R>(qs.data(), kh_data.kt.data(), s, blk.ranges, blk.n_ranges, p.data(), sc_ld);
+      scores<R>(dor.data(), kh_data.vt.data(), s, blk.ranges, blk.n_ranges, ds.data(), sc_ld);
+      for (int64_t r = 0; r < R; ++r) {
+        float* pr = p.data() + r * sc_ld;
+        float* dsr = ds.data() + r * sc_ld;
+        const int64_t seen = r < rows ? blk.prefix + (i0 + r / G) - plan.seg_start[i0] + 1 : 0;
+        const float lr = lrow[r], dr = delta[r];
+#pragma omp simd
+        for (int64_t c = 0; c < seen; ++c) {
+          const float pc = exp_nonpositive(pr[c] - lr);
+          pr[c] = pc;
+          dsr[c] = pc * (dsr[c] - dr);
+        }
+        for (int64_t c = seen; c < blk.columns; ++c) pr[c] = dsr[c] = 0.0f;
+      }
+      weighted_rows<R>(ds.data(), sc_ld, kh_data.krows.data(), s, blk.ranges, blk.n_ranges,
+                       dqr.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        uint16_t* dst = dq + ((b * s.t + i0 + r / G) * s.n + kh * G + r % G) * s.h;
+        for (int64_t x = 0; x < s.h; ++x) dst[x] = to_bf16(dqr[r * s.h + x] * scale);
+      }
+      // dK[j] += sum_r dS[r][j] * (scale * q[r]); dV[j] += sum_r P[r][j] * dO[r],
+      // 16 columns of x at a time with the block's rows of q and dO held in
+      // registers (rows past the block's are zeros, so all R are summed).
+      for (int64_t xc = 0; xc < s.h; xc += 16) {
+        V16 qx[R], dx[R];
+        for (int64_t r = 0; r < R; ++r) {
+          qx[r] = load16(qs.data() + r * s.h + xc);
+          dx[r] = load16(dor.data() + r * s.h + xc);
+        }
+        int64_t c = 0;
+        for (int qr = 0; qr < blk.n_ranges; ++qr)
+          for (int64_t j = blk.ranges[2 * qr]; j < blk.ranges[2 * qr + 1]; ++j, ++c) {
+            V16 ak = load16(dk.data() + j * s.h + xc), av = load16(dv.data() + j * s.h + xc);
+            for (int64_t r = 0; r < R; ++r) {
+              ak += splat(ds[r * sc_ld + c]) * qx[r];
+              av += splat(p[r * sc_ld + c]) * dx[r];
+            }
+            store16(dk.data() + j * s.h + xc, ak);
+            store16(dv.data() + j * s.h + xc, av);
+          }
+      }
+    }
+    i = end;
+  }
+}
+
+template <typename F>
+bool dispatch_g(int64_t g, F&& f) {
+  switch (g) {
+    case 1: f(std::integral_constant<int64_t, 1>{}); return true;
+    case 2: f(std::integral_constant<int64_t, 2>{}); return true;
+    case 3: f(std::integral_constant<int64_t, 3>{}); return true;
+    case 4: f(std::integral_constant<int64_t, 4>{}); return true;
+    case 5: f(std::integral_constant<int64_t, 5>{}); return true;
+    case 6: f(std::integral_constant<int64_t, 6>{}); return true;
+    case 7: f(std::integral_constant<int64_t, 7>{}); return true;
+    case 8: f(std::integral_constant<int64_t, 8>{}); return true;
+    default: return false;
+  }
+}
+
+ffi::Error check(const Shape& s) {
+  if (s.h % 32 != 0 || s.g() < 1 || s.g() > 8 || s.n % s.k != 0)
+    return ffi::Error::InvalidArgument(
+        "jpost CPU attention: head size must be a multiple of 32 and 1-8 query heads per key "
+        "head; use attention='blockwise'");
+  return ffi::Error::Success();
+}
+
+const char kRowError[] =
+    "jpost CPU attention: a row whose segments are split or whose shared prefix is not one "
+    "contiguous run before them; use attention='blockwise'";
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k,
+                   ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::S32> seg,
+                   ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::BF16> out,
+                   ffi::ResultBuffer<ffi::F32> lse) {
+  const auto qd = q.dimensions();
+  const Shape s{qd[0], qd[1], qd[2], k.dimensions()[1], qd[3]};
+  if (ffi::Error e = check(s); e.failure()) return e;
+  std::atomic<bool> bad{false};
+  parallel_for(pool, s.b * s.k, [&](int64_t item) {
+    const int64_t b = item / s.k, kh = item % s.k;
+    const int32_t* srow = seg.typed_data() + b * s.t;
+    const RowPlan plan = plan_row(srow, pos.typed_data() + b * s.t, s.t);
+    if (!plan.ok) { bad = true; return; }
+    const KeyHead data(s, k.typed_data() + (b * s.k + kh) * s.h * s.t,
+                       v.typed_data() + (b * s.k + kh) * s.t * s.h, false);
+    dispatch_g(s.g(), [&](auto g) {
+      forward_key_head<decltype(g)::value>(s, plan, srow, q.typed_data(), data, b, kh,
+                                           out->typed_data(), lse->typed_data());
+    });
+  });
+  if (bad) return ffi::Error::InvalidArgument(kRowError);
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k,
+                    ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::S32> seg,
+                    ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::BF16> out,
+                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::BF16> d_out,
+                    ffi::ResultBuffer<ffi::BF16> dq, ffi::ResultBuffer<ffi::BF16> dk,
+                    ffi::ResultBuffer<ffi::BF16> dv) {
+  const auto qd = q.dimensions();
+  const Shape s{qd[0], qd[1], qd[2], k.dimensions()[1], qd[3]};
+  if (ffi::Error e = check(s); e.failure()) return e;
+  std::atomic<bool> bad{false};
+  parallel_for(pool, s.b * s.k, [&](int64_t item) {
+    const int64_t b = item / s.k, kh = item % s.k;
+    const int32_t* srow = seg.typed_data() + b * s.t;
+    const RowPlan plan = plan_row(srow, pos.typed_data() + b * s.t, s.t);
+    if (!plan.ok) { bad = true; return; }
+    const KeyHead data(s, k.typed_data() + (b * s.k + kh) * s.h * s.t,
+                       v.typed_data() + (b * s.k + kh) * s.t * s.h, true);
+    std::vector<float> dk_rows((s.t + 16) * s.h, 0.0f), dv_rows((s.t + 16) * s.h, 0.0f);
+    dispatch_g(s.g(), [&](auto g) {
+      backward_key_head<decltype(g)::value>(s, plan, srow, q.typed_data(), out.typed_data(),
+                                            lse.typed_data(), d_out.typed_data(), data, b, kh,
+                                            dq->typed_data(), dk_rows, dv_rows);
+    });
+    uint16_t* dkb = dk->typed_data() + (b * s.k + kh) * s.h * s.t;
+    uint16_t* dvb = dv->typed_data() + (b * s.k + kh) * s.t * s.h;
+    for (int64_t j = 0; j < s.t; ++j)
+      for (int64_t x = 0; x < s.h; ++x) {
+        dkb[x * s.t + j] = to_bf16(dk_rows[j * s.h + x]);
+        dvb[j * s.h + x] = to_bf16(dv_rows[j * s.h + x]);
+      }
+  });
+  if (bad) return ffi::Error::InvalidArgument(kRowError);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpostAttentionForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // q
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // keys
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // values
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // segments
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // positions
+                                  .Ret<ffi::Buffer<ffi::BF16>>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // log-sum-exp
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpostAttentionBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // q
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // keys
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // values
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // segments
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // positions
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // log-sum-exp
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // d out
+                                  .Ret<ffi::Buffer<ffi::BF16>>()  // dq
+                                  .Ret<ffi::Buffer<ffi::BF16>>()  // d keys
+                                  .Ret<ffi::Buffer<ffi::BF16>>());  // d values
