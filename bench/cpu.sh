@@ -6,11 +6,12 @@
 # OUTDIR/summary.json) are the figures: the machine (CPU model, AMX and
 # AVX512-BF16 flags, transparent huge pages, measured bfloat16 peak), SFT
 # tokens/s and MFU against TRL in float32 and bf16 autocast (and the
-# step's MFU on full rows of random tokens), the GRPO step
+# step's MFU on full rows of random tokens, without the fused attention
+# kernel, and as 4 x 512 rows), the GRPO step
 # against TRL's, decode tokens/s, and the bfloat16 matmul speed at a step's
 # shapes (with YNNPACK, XLA:CPU's default, and with oneDNN), and SFT on one
 # logical CPU against two. `quick` skips the peers, the profile and the
-# one-CPU run. 13-17 minutes on 2 cores (TRL installed); run nothing else
+# one-CPU run. 16-20 minutes on 2 cores (TRL installed); run nothing else
 # meanwhile (figures of a shared 2-core machine move with its load).
 # The peers need TRL in the venv: .venv/bin/pip install -e '.[bench]'.
 set -u
@@ -36,6 +37,12 @@ run sft bench/sft_throughput.py --steps 4
 # padding that GSM8K's answer lengths leave in 256-token rows (at most 83.4%
 # of the slots are real there).
 run sft_full_rows bench/sft_throughput.py --steps 4 --random-init
+# The step without the fused CPU attention kernel ('auto' takes it where it
+# builds), and the same 2048 slots as 4 x 512 rows, which GSM8K fills to 97%:
+# the kernel computes only each sample's own keys, so longer rows cost it
+# next to nothing more.
+run sft_blockwise bench/sft_throughput.py --steps 4 --attention blockwise
+run sft_512 bench/sft_throughput.py --steps 4 --batch 4 --seq-len 512 --logits-chunk 64
 run grpo bench/grpo_step.py --steps 5
 run generate bench/generate_throughput.py --batches 16 --dtypes bfloat16
 if [ "$what" != quick ]; then
@@ -71,6 +78,7 @@ def last_json(name):
 sft, grpo, gen = last_json('sft'), last_json('grpo'), last_json('generate')
 one_cpu, profile = last_json('sft_one_cpu'), last_json('profile')
 full_rows = last_json('sft_full_rows')
+blockwise, rows_512 = last_json('sft_blockwise'), last_json('sft_512')
 peer_sft, peer_grpo = last_json('peer_sft'), last_json('peer_grpo')
 summary = {'machine': (sft or {}).get('machine')}
 if sft:
@@ -79,6 +87,9 @@ if sft:
 if sft and full_rows:
   summary['sft']['full_rows'] = {'tokens_per_s': full_rows['tokens_per_s'],
                                  'mfu': full_rows['mfu']}
+for key, result in (('blockwise_attention', blockwise), ('rows_4x512', rows_512)):
+  if sft and result:
+    summary['sft'][key] = {'tokens_per_s': result['tokens_per_s'], 'mfu': result['mfu']}
 if sft and one_cpu:
   summary['sft']['one_cpu'] = {'tokens_per_s': one_cpu['tokens_per_s'], 'mfu': one_cpu['mfu'],
                                'peak_bf16_gflops': one_cpu['machine'].get('peak_bf16_gflops'),

@@ -71,7 +71,7 @@ def main():
   parser.add_argument('--no-remat', dest='remat', action='store_const', const='none')
   parser.add_argument('--minibatches', type=int, default=1)
   parser.add_argument('--logits-chunk', type=int, help="LM-head positions per chunk (the recipe's)")
-  parser.add_argument('--attention', default='auto', help='auto, xla or blockwise (the recipe: auto)')
+  parser.add_argument('--attention', default='auto', help='auto, xla, blockwise or cpu (the recipe: auto)')
   args = parser.parse_args()
   from jpost.models.config import resolve_dtype
   args.dtype = resolve_dtype(args.dtype)

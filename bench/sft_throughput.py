@@ -2,7 +2,7 @@
 or a real model shape with random weights (jpost.models.shapes).
 
   python bench/sft_throughput.py [--batch 8] [--seq-len 256] [--steps 6] [--dtypes bfloat16]
-      [--remat full,dots,none | --no-remat] [--attention auto,xla,blockwise,pallas,cudnn]
+      [--remat full,dots,none | --no-remat] [--attention auto,xla,blockwise,cpu,pallas,cudnn]
       [--shape llama-3.2-1b] [--logits-chunk 32] [--attention-block 512] [--pad N]
       (defaults: configs/sft.py's: dtype auto, remat dots, attention auto, block 512,
       chunk 32)
