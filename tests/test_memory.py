@@ -58,6 +58,11 @@ def test_sft_parts_by_hand():
   # Fused kernels keep no scores; cuDNN's backward workspace grows with the
   # span slots of its packed layout (attention_max_segments + 2 padding runs).
   assert memory.step_activations(_config(attention='pallas'), rows=2, seq_len=8)['attention'] == 0
+  # So does the CPU kernel, which under 'dots' keeps its output in the
+  # compute dtype and its log-sum-exp, as the halved path does.
+  cpu = memory.step_activations(_config(attention='cpu', remat='dots'), rows=2, seq_len=8)
+  assert cpu['attention'] == 0
+  assert cpu['saved_activations'] == 2 * 8 * (2 * kept + 4 * (2 * 4 + 4)) * 3
   for segments in (4, 14):
     cudnn = memory.step_activations(_config(attention='cudnn', attention_max_segments=segments),
                                     rows=2, seq_len=8)

@@ -3,9 +3,10 @@
 The decoder names the values a policy may keep: 'layer_input' (each layer's
 input, the scan's carry), 'dense' (the weight matmuls' outputs), 'rope'
 (the rotated queries and keys) and 'attention' (the blockwise attention's
-output and row log-sum-exp, what its own backward reads: for
-self-attention over one key block, the output as the o-projection reads
-it, [B, T, N, H] in the compute dtype; else float32 [B, K, G, T, H]).
+or the CPU kernel's output and row log-sum-exp, what its own backward
+reads: for the kernel and for self-attention over one key block, the
+output as the o-projection reads it, [B, T, N, H] in the compute dtype;
+else float32 [B, K, G, T, H]).
 'full' keeps the layer inputs and recomputes the rest; 'dots' also keeps
 the matmul outputs, the rotated queries and keys and the attention's, so
 only elementwise work runs twice (the SmolLM2 SFT step 8-11% faster than
