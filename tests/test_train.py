@@ -1,5 +1,6 @@
 """Training core: accumulation, sharding, exact resume, the SFT recipe end to end."""
 
+import dataclasses
 import functools
 import json
 import pathlib
@@ -346,6 +347,11 @@ def test_default_sft_lowers_held_out_loss_and_exports(shallow_smollm2, tmp_path)
   import sft as sft_config
   config = sft_config.get_config()
   model_config = hf.load(shallow_smollm2, **hf.compute_options(config)).config
+  # The run has one device, where 'auto' takes the fused CPU kernel if it
+  # builds (attention.choose); this process has 8, where it would not.
+  from jpost.models import cpu_attention
+  model_config = dataclasses.replace(
+      model_config, attention='cpu' if cpu_attention.available() else 'blockwise')
   step = memory.step_activations(model_config, config.batch_size / config.accum_steps,
                                 config.data.max_len)
   assert (f'step activations up to {sum(step.values()) / 2**20:.1f} MB per device, predicted '

@@ -119,9 +119,9 @@ def choose(name: str, *, key_len: int, block: int, sliding_window: int | None,
 def _cpu_kernel_fits(dtype, sliding_window) -> bool:
   """Whether 'auto' takes the fused CPU kernel (models/cpu_attention.py):
   bfloat16, no sliding window, one device (the kernel has no rule for
-  splitting its operands over a mesh), and the kernel built here. On the
-  2-core AMX Xeon it ran SmolLM2's attention forward + backward 2.6x faster
-  than the blockwise path (bench/RESULTS.md)."""
+  splitting its operands over a mesh), and the kernel built here. It runs
+  only the keys each query sees, without the blockwise path's separate
+  passes over every score (bench/RESULTS.md measures both)."""
   if dtype is None or jnp.dtype(dtype) != jnp.bfloat16 or sliding_window is not None:
     return False
   if jax.device_count() != 1:

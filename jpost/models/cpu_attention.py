@@ -5,14 +5,13 @@ XLA:CPU runs attention as separate passes (scores, mask, softmax, the
 probabilities' transposed copies, two matmuls each way) over every
 position pair of a row; this kernel computes only the keys each query
 sees (its sample up to itself, and a row's shared prompt), in float32
-from the bfloat16 inputs, without writing the scores out. On the 2-core
-AMX Xeon it runs SmolLM2's attention forward + backward 2.6x faster than
-the halved blockwise path (bench/RESULTS.md).
+from the bfloat16 inputs, without writing the scores out (bench/RESULTS.md
+measures it against the blockwise path).
 
 The kernel is compiled on first use with the machine's C++ compiler
 (`$CXX`, else `c++`) for the machine's own instructions, and cached in the
 jpost cache (`$JPOST_CACHE/kernels`) under a hash of the source, the
-flags and jaxlib's version. `available()` says whether that worked;
+flags, jaxlib's version and the processor. `available()` says whether that worked;
 `attention.choose('auto')` uses the kernel only then, and says once why
 not when it does not (a missing compiler, say).
 """
@@ -48,11 +47,23 @@ def _compiler() -> str | None:
   return os.environ.get('CXX') or shutil.which('c++') or shutil.which('g++')
 
 
+def _machine() -> str:
+  """The processor a `-march=native` build is for: a cache shared between
+  machines (a network home, an image) must not hand one CPU's build to another."""
+  import platform
+  try:
+    with open('/proc/cpuinfo') as f:
+      lines = [line for line in f if line.startswith(('model name', 'flags', 'Features'))]
+    return ''.join(dict.fromkeys(lines))  # each distinct line once
+  except OSError:
+    return platform.processor() + platform.machine()
+
+
 def _library_path(compiler: str) -> pathlib.Path:
   import jaxlib
   from jpost import assets
   key = hashlib.sha256(SOURCE.read_bytes() + ' '.join((compiler, *FLAGS)).encode()
-                       + jaxlib.__version__.encode()).hexdigest()[:16]
+                       + jaxlib.__version__.encode() + _machine().encode()).hexdigest()[:16]
   return assets.cache_dir() / 'kernels' / f'cpu_attention-{key}.so'
 
 
