@@ -256,6 +256,23 @@ struct KeyHead {
 // accumulators, what AVX-512's 32 registers hold with the loads.
 constexpr int64_t queries_per_block(int64_t g) { return g >= 12 ? 1 : 12 / g; }
 
+// Calls padding(i) for each padding query and block(i0, i1) for each block
+// of up to `per_block` queries [i0, i1) within one segment's run, in order.
+template <typename Padding, typename BlockFn>
+void for_each_query_block(const int32_t* seg, int64_t t, int64_t per_block, Padding padding,
+                          BlockFn block) {
+  for (int64_t i = 0; i < t;) {
+    if (seg[i] == 0) {
+      padding(i++);
+      continue;
+    }
+    int64_t end = i;
+    while (end < t && seg[end] == seg[i]) ++end;
+    for (int64_t i0 = i; i0 < end; i0 += per_block) block(i0, std::min(i0 + per_block, end));
+    i = end;
+  }
+}
+
 template <int64_t G>
 void forward_key_head(const Shape& s, const RowPlan& plan, const int32_t* seg,
                       const uint16_t* q, const KeyHead& kh_data, int64_t b, int64_t kh,
@@ -264,50 +281,43 @@ void forward_key_head(const Shape& s, const RowPlan& plan, const int32_t* seg,
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.h));
   const int64_t sc_ld = s.ld() + 16;
   std::vector<float> qs(R * s.h), sc(R * sc_ld), o(R * s.h), inv(R);
-  for (int64_t i = 0; i < s.t;) {
-    if (seg[i] == 0) {  // padding: a zero output
-      for (int64_t g = 0; g < G; ++g) {
-        std::memset(out + ((b * s.t + i) * s.n + kh * G + g) * s.h, 0, s.h * 2);
-        lse[((b * s.k + kh) * G + g) * s.t + i] = 0.0f;
-      }
-      ++i;
-      continue;
+  auto padding = [&](int64_t i) {  // a zero output
+    for (int64_t g = 0; g < G; ++g) {
+      std::memset(out + ((b * s.t + i) * s.n + kh * G + g) * s.h, 0, s.h * 2);
+      lse[((b * s.k + kh) * G + g) * s.t + i] = 0.0f;
     }
-    int64_t end = i;
-    while (end < s.t && seg[end] == seg[i]) ++end;
-    for (int64_t i0 = i; i0 < end; i0 += QB) {
-      const int64_t i1 = std::min(i0 + QB, end), rows = (i1 - i0) * G;
-      const Block blk = block_keys(plan, seg, i0, i1);
-      std::fill(qs.begin(), qs.end(), 0.0f);
-      for (int64_t r = 0; r < rows; ++r) {
-        const uint16_t* src = q + ((b * s.t + i0 + r / G) * s.n + kh * G + r % G) * s.h;
-        for (int64_t x = 0; x < s.h; ++x) qs[r * s.h + x] = from_bf16(src[x]) * scale;
-      }
-      scores<R>(qs.data(), kh_data.kt.data(), s, blk.ranges, blk.n_ranges, sc.data(), sc_ld);
-      for (int64_t r = 0; r < R; ++r) {
-        float* row = sc.data() + r * sc_ld;
-        const int64_t seen = r < rows ? blk.prefix + (i0 + r / G) - plan.seg_start[i0] + 1 : 0;
-        const float m = row_max(row, seen);
-        float l = 0.0f;
+  };
+  for_each_query_block(seg, s.t, QB, padding, [&](int64_t i0, int64_t i1) {
+    const int64_t rows = (i1 - i0) * G;
+    const Block blk = block_keys(plan, seg, i0, i1);
+    std::fill(qs.begin(), qs.end(), 0.0f);
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint16_t* src = q + ((b * s.t + i0 + r / G) * s.n + kh * G + r % G) * s.h;
+      for (int64_t x = 0; x < s.h; ++x) qs[r * s.h + x] = from_bf16(src[x]) * scale;
+    }
+    scores<R>(qs.data(), kh_data.kt.data(), s, blk.ranges, blk.n_ranges, sc.data(), sc_ld);
+    for (int64_t r = 0; r < R; ++r) {
+      float* row = sc.data() + r * sc_ld;
+      const int64_t seen = r < rows ? blk.prefix + (i0 + r / G) - plan.seg_start[i0] + 1 : 0;
+      const float m = row_max(row, seen);
+      float l = 0.0f;
 #pragma omp simd reduction(+ : l)
-        for (int64_t c = 0; c < seen; ++c) {
-          const float e = exp_nonpositive(row[c] - m);
-          row[c] = e;
-          l += e;
-        }
-        for (int64_t c = seen; c < blk.columns; ++c) row[c] = 0.0f;
-        inv[r] = seen ? 1.0f / l : 0.0f;
-        if (r < rows) lse[((b * s.k + kh) * G + r % G) * s.t + i0 + r / G] = m + std::log(l);
+      for (int64_t c = 0; c < seen; ++c) {
+        const float e = exp_nonpositive(row[c] - m);
+        row[c] = e;
+        l += e;
       }
-      weighted_rows<R>(sc.data(), sc_ld, kh_data.vrows.data(), s, blk.ranges, blk.n_ranges,
-                       o.data());
-      for (int64_t r = 0; r < rows; ++r) {
-        uint16_t* dst = out + ((b * s.t + i0 + r / G) * s.n + kh * G + r % G) * s.h;
-        for (int64_t x = 0; x < s.h; ++x) dst[x] = to_bf16(o[r * s.h + x] * inv[r]);
-      }
+      for (int64_t c = seen; c < blk.columns; ++c) row[c] = 0.0f;
+      inv[r] = seen ? 1.0f / l : 0.0f;
+      if (r < rows) lse[((b * s.k + kh) * G + r % G) * s.t + i0 + r / G] = m + std::log(l);
     }
-    i = end;
-  }
+    weighted_rows<R>(sc.data(), sc_ld, kh_data.vrows.data(), s, blk.ranges, blk.n_ranges,
+                     o.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      uint16_t* dst = out + ((b * s.t + i0 + r / G) * s.n + kh * G + r % G) * s.h;
+      for (int64_t x = 0; x < s.h; ++x) dst[x] = to_bf16(o[r * s.h + x] * inv[r]);
+    }
+  });
 }
 
 template <int64_t G>
@@ -320,79 +330,72 @@ void backward_key_head(const Shape& s, const RowPlan& plan, const int32_t* seg,
   const int64_t sc_ld = s.ld() + 16;
   std::vector<float> qs(R * s.h), dor(R * s.h), delta(R), lrow(R), p(R * sc_ld), ds(R * sc_ld),
       dqr(R * s.h), o32(s.h);
-  for (int64_t i = 0; i < s.t;) {
-    if (seg[i] == 0) {  // padding: no gradient
-      for (int64_t g = 0; g < G; ++g)
-        std::memset(dq + ((b * s.t + i) * s.n + kh * G + g) * s.h, 0, s.h * 2);
-      ++i;
-      continue;
-    }
-    int64_t end = i;
-    while (end < s.t && seg[end] == seg[i]) ++end;
-    for (int64_t i0 = i; i0 < end; i0 += QB) {
-      const int64_t i1 = std::min(i0 + QB, end), rows = (i1 - i0) * G;
-      const Block blk = block_keys(plan, seg, i0, i1);
-      std::fill(qs.begin(), qs.end(), 0.0f);
-      std::fill(dor.begin(), dor.end(), 0.0f);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t at = ((b * s.t + i0 + r / G) * s.n + kh * G + r % G) * s.h;
-        for (int64_t x = 0; x < s.h; ++x) {
-          qs[r * s.h + x] = from_bf16(q[at + x]) * scale;
-          dor[r * s.h + x] = from_bf16(d_out[at + x]);
-          o32[x] = from_bf16(out[at + x]);
-        }
-        V16 dl = V16{};  // sum(dO * O): the softmax's backward, per query
-        for (int64_t x = 0; x < s.h; x += 16) dl += load16(dor.data() + r * s.h + x) * load16(o32.data() + x);
-        float total = 0.0f;
-        for (int i = 0; i < 16; ++i) total += dl[i];
-        delta[r] = total;
-        lrow[r] = lse[((b * s.k + kh) * G + r % G) * s.t + i0 + r / G];
+  auto padding = [&](int64_t i) {  // no gradient
+    for (int64_t g = 0; g < G; ++g)
+      std::memset(dq + ((b * s.t + i) * s.n + kh * G + g) * s.h, 0, s.h * 2);
+  };
+  for_each_query_block(seg, s.t, QB, padding, [&](int64_t i0, int64_t i1) {
+    const int64_t rows = (i1 - i0) * G;
+    const Block blk = block_keys(plan, seg, i0, i1);
+    std::fill(qs.begin(), qs.end(), 0.0f);
+    std::fill(dor.begin(), dor.end(), 0.0f);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t at = ((b * s.t + i0 + r / G) * s.n + kh * G + r % G) * s.h;
+      for (int64_t x = 0; x < s.h; ++x) {
+        qs[r * s.h + x] = from_bf16(q[at + x]) * scale;
+        dor[r * s.h + x] = from_bf16(d_out[at + x]);
+        o32[x] = from_bf16(out[at + x]);
       }
-      scores<R>(qs.data(), kh_data.kt.data(), s, blk.ranges, blk.n_ranges, p.data(), sc_ld);
-      scores<R>(dor.data(), kh_data.vt.data(), s, blk.ranges, blk.n_ranges, ds.data(), sc_ld);
-      for (int64_t r = 0; r < R; ++r) {
-        float* pr = p.data() + r * sc_ld;
-        float* dsr = ds.data() + r * sc_ld;
-        const int64_t seen = r < rows ? blk.prefix + (i0 + r / G) - plan.seg_start[i0] + 1 : 0;
-        const float lr = lrow[r], dr = delta[r];
+      V16 dl = V16{};  // sum(dO * O): the softmax's backward, per query
+      for (int64_t x = 0; x < s.h; x += 16) dl += load16(dor.data() + r * s.h + x) * load16(o32.data() + x);
+      float total = 0.0f;
+      for (int i = 0; i < 16; ++i) total += dl[i];
+      delta[r] = total;
+      lrow[r] = lse[((b * s.k + kh) * G + r % G) * s.t + i0 + r / G];
+    }
+    scores<R>(qs.data(), kh_data.kt.data(), s, blk.ranges, blk.n_ranges, p.data(), sc_ld);
+    scores<R>(dor.data(), kh_data.vt.data(), s, blk.ranges, blk.n_ranges, ds.data(), sc_ld);
+    for (int64_t r = 0; r < R; ++r) {
+      float* pr = p.data() + r * sc_ld;
+      float* dsr = ds.data() + r * sc_ld;
+      const int64_t seen = r < rows ? blk.prefix + (i0 + r / G) - plan.seg_start[i0] + 1 : 0;
+      const float lr = lrow[r], dr = delta[r];
 #pragma omp simd
-        for (int64_t c = 0; c < seen; ++c) {
-          const float pc = exp_nonpositive(pr[c] - lr);
-          pr[c] = pc;
-          dsr[c] = pc * (dsr[c] - dr);
-        }
-        for (int64_t c = seen; c < blk.columns; ++c) pr[c] = dsr[c] = 0.0f;
+      for (int64_t c = 0; c < seen; ++c) {
+        const float pc = exp_nonpositive(pr[c] - lr);
+        pr[c] = pc;
+        dsr[c] = pc * (dsr[c] - dr);
       }
-      weighted_rows<R>(ds.data(), sc_ld, kh_data.krows.data(), s, blk.ranges, blk.n_ranges,
-                       dqr.data());
-      for (int64_t r = 0; r < rows; ++r) {
-        uint16_t* dst = dq + ((b * s.t + i0 + r / G) * s.n + kh * G + r % G) * s.h;
-        for (int64_t x = 0; x < s.h; ++x) dst[x] = to_bf16(dqr[r * s.h + x] * scale);
-      }
-      // dK[j] += sum_r dS[r][j] * (scale * q[r]); dV[j] += sum_r P[r][j] * dO[r],
-      // 16 columns of x at a time with the block's rows of q and dO held in
-      // registers (rows past the block's are zeros, so all R are summed).
-      for (int64_t xc = 0; xc < s.h; xc += 16) {
-        V16 qx[R], dx[R];
-        for (int64_t r = 0; r < R; ++r) {
-          qx[r] = load16(qs.data() + r * s.h + xc);
-          dx[r] = load16(dor.data() + r * s.h + xc);
-        }
-        int64_t c = 0;
-        for (int qr = 0; qr < blk.n_ranges; ++qr)
-          for (int64_t j = blk.ranges[2 * qr]; j < blk.ranges[2 * qr + 1]; ++j, ++c) {
-            V16 ak = load16(dk.data() + j * s.h + xc), av = load16(dv.data() + j * s.h + xc);
-            for (int64_t r = 0; r < R; ++r) {
-              ak += splat(ds[r * sc_ld + c]) * qx[r];
-              av += splat(p[r * sc_ld + c]) * dx[r];
-            }
-            store16(dk.data() + j * s.h + xc, ak);
-            store16(dv.data() + j * s.h + xc, av);
-          }
-      }
+      for (int64_t c = seen; c < blk.columns; ++c) pr[c] = dsr[c] = 0.0f;
     }
-    i = end;
-  }
+    weighted_rows<R>(ds.data(), sc_ld, kh_data.krows.data(), s, blk.ranges, blk.n_ranges,
+                     dqr.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      uint16_t* dst = dq + ((b * s.t + i0 + r / G) * s.n + kh * G + r % G) * s.h;
+      for (int64_t x = 0; x < s.h; ++x) dst[x] = to_bf16(dqr[r * s.h + x] * scale);
+    }
+    // dK[j] += sum_r dS[r][j] * (scale * q[r]); dV[j] += sum_r P[r][j] * dO[r],
+    // 16 columns of x at a time with the block's rows of q and dO held in
+    // registers (rows past the block's are zeros, so all R are summed).
+    for (int64_t xc = 0; xc < s.h; xc += 16) {
+      V16 qx[R], dx[R];
+      for (int64_t r = 0; r < R; ++r) {
+        qx[r] = load16(qs.data() + r * s.h + xc);
+        dx[r] = load16(dor.data() + r * s.h + xc);
+      }
+      int64_t c = 0;
+      for (int qr = 0; qr < blk.n_ranges; ++qr)
+        for (int64_t j = blk.ranges[2 * qr]; j < blk.ranges[2 * qr + 1]; ++j, ++c) {
+          V16 ak = load16(dk.data() + j * s.h + xc), av = load16(dv.data() + j * s.h + xc);
+          for (int64_t r = 0; r < R; ++r) {
+            ak += splat(ds[r * sc_ld + c]) * qx[r];
+            av += splat(p[r * sc_ld + c]) * dx[r];
+          }
+          store16(dk.data() + j * s.h + xc, ak);
+          store16(dv.data() + j * s.h + xc, av);
+        }
+    }
+  });
 }
 
 template <typename F>
@@ -422,28 +425,44 @@ const char kRowError[] =
     "jpost CPU attention: a row whose segments are split or whose shared prefix is not one "
     "contiguous run before them; use attention='blockwise'";
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k,
-                   ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::S32> seg,
-                   ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::BF16> out,
-                   ffi::ResultBuffer<ffi::F32> lse) {
-  const auto qd = q.dimensions();
-  const Shape s{qd[0], qd[1], qd[2], k.dimensions()[1], qd[3]};
+// Runs body(b, kh, plan, segments, key head data) for every (row, key head)
+// pair on the pool, after checking the shape and planning each row.
+template <typename Body>
+ffi::Error for_each_key_head(ffi::ThreadPool& pool, const Shape& s, const int32_t* seg,
+                             const int32_t* pos, const uint16_t* k, const uint16_t* v,
+                             bool transposed_values, Body body) {
   if (ffi::Error e = check(s); e.failure()) return e;
   std::atomic<bool> bad{false};
   parallel_for(pool, s.b * s.k, [&](int64_t item) {
     const int64_t b = item / s.k, kh = item % s.k;
-    const int32_t* srow = seg.typed_data() + b * s.t;
-    const RowPlan plan = plan_row(srow, pos.typed_data() + b * s.t, s.t);
+    const RowPlan plan = plan_row(seg + b * s.t, pos + b * s.t, s.t);
     if (!plan.ok) { bad = true; return; }
-    const KeyHead data(s, k.typed_data() + (b * s.k + kh) * s.h * s.t,
-                       v.typed_data() + (b * s.k + kh) * s.t * s.h, false);
-    dispatch_g(s.g(), [&](auto g) {
-      forward_key_head<decltype(g)::value>(s, plan, srow, q.typed_data(), data, b, kh,
-                                           out->typed_data(), lse->typed_data());
-    });
+    const KeyHead data(s, k + (b * s.k + kh) * s.h * s.t, v + (b * s.k + kh) * s.t * s.h,
+                       transposed_values);
+    body(b, kh, plan, seg + b * s.t, data);
   });
   if (bad) return ffi::Error::InvalidArgument(kRowError);
   return ffi::Error::Success();
+}
+
+Shape shape_of(const ffi::Buffer<ffi::BF16>& q, const ffi::Buffer<ffi::BF16>& k) {
+  const auto qd = q.dimensions();
+  return Shape{qd[0], qd[1], qd[2], k.dimensions()[1], qd[3]};
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k,
+                   ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::S32> seg,
+                   ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::BF16> out,
+                   ffi::ResultBuffer<ffi::F32> lse) {
+  const Shape s = shape_of(q, k);
+  return for_each_key_head(
+      pool, s, seg.typed_data(), pos.typed_data(), k.typed_data(), v.typed_data(), false,
+      [&](int64_t b, int64_t kh, const RowPlan& plan, const int32_t* srow, const KeyHead& data) {
+        dispatch_g(s.g(), [&](auto g) {
+          forward_key_head<decltype(g)::value>(s, plan, srow, q.typed_data(), data, b, kh,
+                                               out->typed_data(), lse->typed_data());
+        });
+      });
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k,
@@ -452,33 +471,25 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<
                     ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::BF16> d_out,
                     ffi::ResultBuffer<ffi::BF16> dq, ffi::ResultBuffer<ffi::BF16> dk,
                     ffi::ResultBuffer<ffi::BF16> dv) {
-  const auto qd = q.dimensions();
-  const Shape s{qd[0], qd[1], qd[2], k.dimensions()[1], qd[3]};
-  if (ffi::Error e = check(s); e.failure()) return e;
-  std::atomic<bool> bad{false};
-  parallel_for(pool, s.b * s.k, [&](int64_t item) {
-    const int64_t b = item / s.k, kh = item % s.k;
-    const int32_t* srow = seg.typed_data() + b * s.t;
-    const RowPlan plan = plan_row(srow, pos.typed_data() + b * s.t, s.t);
-    if (!plan.ok) { bad = true; return; }
-    const KeyHead data(s, k.typed_data() + (b * s.k + kh) * s.h * s.t,
-                       v.typed_data() + (b * s.k + kh) * s.t * s.h, true);
-    std::vector<float> dk_rows((s.t + 16) * s.h, 0.0f), dv_rows((s.t + 16) * s.h, 0.0f);
-    dispatch_g(s.g(), [&](auto g) {
-      backward_key_head<decltype(g)::value>(s, plan, srow, q.typed_data(), out.typed_data(),
-                                            lse.typed_data(), d_out.typed_data(), data, b, kh,
-                                            dq->typed_data(), dk_rows, dv_rows);
-    });
-    uint16_t* dkb = dk->typed_data() + (b * s.k + kh) * s.h * s.t;
-    uint16_t* dvb = dv->typed_data() + (b * s.k + kh) * s.t * s.h;
-    for (int64_t j = 0; j < s.t; ++j)
-      for (int64_t x = 0; x < s.h; ++x) {
-        dkb[x * s.t + j] = to_bf16(dk_rows[j * s.h + x]);
-        dvb[j * s.h + x] = to_bf16(dv_rows[j * s.h + x]);
-      }
-  });
-  if (bad) return ffi::Error::InvalidArgument(kRowError);
-  return ffi::Error::Success();
+  const Shape s = shape_of(q, k);
+  return for_each_key_head(
+      pool, s, seg.typed_data(), pos.typed_data(), k.typed_data(), v.typed_data(), true,
+      [&](int64_t b, int64_t kh, const RowPlan& plan, const int32_t* srow, const KeyHead& data) {
+        std::vector<float> dk_rows((s.t + 16) * s.h, 0.0f), dv_rows((s.t + 16) * s.h, 0.0f);
+        dispatch_g(s.g(), [&](auto g) {
+          backward_key_head<decltype(g)::value>(s, plan, srow, q.typed_data(), out.typed_data(),
+                                                lse.typed_data(), d_out.typed_data(), data, b,
+                                                kh, dq->typed_data(), dk_rows, dv_rows);
+        });
+        // The keys' gradient back in the keys' [H, T] layout, the values' in [T, H].
+        uint16_t* dkb = dk->typed_data() + (b * s.k + kh) * s.h * s.t;
+        uint16_t* dvb = dv->typed_data() + (b * s.k + kh) * s.t * s.h;
+        for (int64_t j = 0; j < s.t; ++j)
+          for (int64_t x = 0; x < s.h; ++x) {
+            dkb[x * s.t + j] = to_bf16(dk_rows[j * s.h + x]);
+            dvb[j * s.h + x] = to_bf16(dv_rows[j * s.h + x]);
+          }
+      });
 }
 
 }  // namespace
