@@ -347,7 +347,8 @@ void backward_key_head(const Shape& s, const RowPlan& plan, const int32_t* seg,
         o32[x] = from_bf16(out[at + x]);
       }
       V16 dl = V16{};  // sum(dO * O): the softmax's backward, per query
-      for (int64_t x = 0; x < s.h; x += 16) dl += load16(dor.data() + r * s.h + x) * load16(o32.data() + x);
+      for (int64_t x = 0; x < s.h; x += 16)
+        dl += load16(dor.data() + r * s.h + x) * load16(o32.data() + x);
       float total = 0.0f;
       for (int i = 0; i < 16; ++i) total += dl[i];
       delta[r] = total;

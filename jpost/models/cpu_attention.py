@@ -132,10 +132,9 @@ def _forward_call(q, keys, values, seg, pos):
   require()  # built and registered before the first call is traced
   b, t, n, _ = q.shape
   k = keys.shape[1]
-  return jax.ffi.ffi_call(
-      'jpost_cpu_attention_forward',
-      (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, k, n // k, t), jnp.float32)),
-  )(q, keys, values, seg, pos)
+  out = jax.ShapeDtypeStruct(q.shape, q.dtype)
+  lse = jax.ShapeDtypeStruct((b, k, n // k, t), jnp.float32)
+  return jax.ffi.ffi_call('jpost_cpu_attention_forward', (out, lse))(q, keys, values, seg, pos)
 
 
 @jax.custom_vjp
