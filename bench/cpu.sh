@@ -11,7 +11,7 @@
 # against TRL's, decode tokens/s, and the bfloat16 matmul speed at a step's
 # shapes (with YNNPACK, XLA:CPU's default, and with oneDNN), and SFT on one
 # logical CPU against two. `quick` skips the peers, the profile and the
-# one-CPU run. 16-20 minutes on 2 cores (TRL installed); run nothing else
+# one-CPU run. 16-22 minutes on 2 cores (TRL installed); run nothing else
 # meanwhile (figures of a shared 2-core machine move with its load).
 # The peers need TRL in the venv: .venv/bin/pip install -e '.[bench]'.
 set -u
