@@ -207,8 +207,8 @@ void weighted_rows(const float* w, int64_t w_ld, const float* rows, const Shape&
   }
 }
 
-// The key columns of queries [i0, i1) (one segment) and, per row r of the
-// block, how many of them it sees (prefix, then its segment up to itself).
+// The key columns of queries [i0, i1) (one segment): the row's shared
+// prefix, if the segment is a real one, then the segment up to i1.
 struct Block {
   int64_t ranges[4];
   int n_ranges = 0;
@@ -230,24 +230,29 @@ Block block_keys(const RowPlan& plan, const int32_t* seg, int64_t i0, int64_t i1
   return blk;
 }
 
-// Per (row, key head): the keys (transposed and as rows) and values
-// (transposed and as rows) in float32, padded so 16-wide loads stay inside.
+// Per (row, key head), in float32: the keys transposed and the values as
+// rows (the forward's operands), and for the backward also the keys as rows
+// and the values transposed. Transposed rows are padded so that 16-wide
+// loads stay inside.
 struct KeyHead {
   std::vector<float> kt, vt, krows, vrows;
-  KeyHead(const Shape& s, const uint16_t* k, const uint16_t* v, bool transposed_values)
-      : kt(s.h * s.ld(), 0.0f), krows((s.t + 16) * s.h, 0.0f), vrows((s.t + 16) * s.h, 0.0f) {
-    if (transposed_values) vt.assign(s.h * s.ld(), 0.0f);
+  KeyHead(const Shape& s, const uint16_t* k, const uint16_t* v, bool backward)
+      : kt(s.h * s.ld(), 0.0f), vrows(s.t * s.h) {
+    if (backward) {
+      vt.assign(s.h * s.ld(), 0.0f);
+      krows.assign(s.t * s.h, 0.0f);
+    }
     for (int64_t x = 0; x < s.h; ++x)
       for (int64_t j = 0; j < s.t; ++j) {
         const float kv = from_bf16(k[x * s.t + j]);
         kt[x * s.ld() + j] = kv;
-        krows[j * s.h + x] = kv;
+        if (backward) krows[j * s.h + x] = kv;
       }
     for (int64_t j = 0; j < s.t; ++j)
       for (int64_t x = 0; x < s.h; ++x) {
         const float vv = from_bf16(v[j * s.h + x]);
         vrows[j * s.h + x] = vv;
-        if (transposed_values) vt[x * s.ld() + j] = vv;
+        if (backward) vt[x * s.ld() + j] = vv;
       }
   }
 };
@@ -427,22 +432,23 @@ const char kRowError[] =
     "contiguous run before them; use attention='blockwise'";
 
 // Runs body(b, kh, plan, segments, key head data) for every (row, key head)
-// pair on the pool, after checking the shape and planning each row.
+// pair on the pool, after checking the shape and planning each row once.
 template <typename Body>
 ffi::Error for_each_key_head(ffi::ThreadPool& pool, const Shape& s, const int32_t* seg,
                              const int32_t* pos, const uint16_t* k, const uint16_t* v,
-                             bool transposed_values, Body body) {
+                             bool backward, Body body) {
   if (ffi::Error e = check(s); e.failure()) return e;
-  std::atomic<bool> bad{false};
+  std::vector<RowPlan> plans;
+  for (int64_t b = 0; b < s.b; ++b) {
+    plans.push_back(plan_row(seg + b * s.t, pos + b * s.t, s.t));
+    if (!plans.back().ok) return ffi::Error::InvalidArgument(kRowError);
+  }
   parallel_for(pool, s.b * s.k, [&](int64_t item) {
     const int64_t b = item / s.k, kh = item % s.k;
-    const RowPlan plan = plan_row(seg + b * s.t, pos + b * s.t, s.t);
-    if (!plan.ok) { bad = true; return; }
     const KeyHead data(s, k + (b * s.k + kh) * s.h * s.t, v + (b * s.k + kh) * s.t * s.h,
-                       transposed_values);
-    body(b, kh, plan, seg + b * s.t, data);
+                       backward);
+    body(b, kh, plans[b], seg + b * s.t, data);
   });
-  if (bad) return ffi::Error::InvalidArgument(kRowError);
   return ffi::Error::Success();
 }
 
