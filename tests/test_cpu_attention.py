@@ -54,6 +54,9 @@ CASES = {
     '8:1, head 128': (8, 1, 128, 64, [[64], [1, 30, 2]], 0),
     '2:1 under a shared prompt': (4, 2, 64, 300, [[100, 90, 60], [200]], 40),
     '6:1, one-token samples': (6, 1, 32, 40, [[1] * 40, [1, 1, 3]], 0),
+    # A padding-free batch: one long row, split into pieces of whole samples
+    # so that every thread has work.
+    'one row of many samples': (9, 3, 64, 700, [[90, 30, 150, 5, 64, 200, 1, 100, 40]], 0),
 }
 
 

@@ -91,7 +91,6 @@ inline float row_max(const float* row, int64_t n) {
 struct Shape {
   int64_t b, t, n, k, h;  // rows, tokens, query heads, key heads, head size
   int64_t g() const { return n / k; }
-  int64_t ld() const { return t + 16; }  // padded row of a transposed operand
 };
 
 // The keys a row's queries may see: its shared prefix [prefix_lo,
@@ -165,8 +164,8 @@ void parallel_for(ffi::ThreadPool& pool, int64_t items, F fn) {
 // out[r][c] = sum_x a[r][x] * bt[x][cols[c]] for the block's key columns,
 // R rows of a at once (R accumulators, one load of bt per x).
 template <int64_t R>
-void scores(const float* a, const float* bt, const Shape& s, const int64_t* ranges, int n_ranges,
-            float* out, int64_t out_ld) {
+void scores(const float* a, const float* bt, int64_t bt_ld, const Shape& s,
+            const int64_t* ranges, int n_ranges, float* out, int64_t out_ld) {
   int64_t c0 = 0;
   for (int q = 0; q < n_ranges; ++q) {
     const int64_t lo = ranges[2 * q], len = ranges[2 * q + 1] - lo;
@@ -174,7 +173,7 @@ void scores(const float* a, const float* bt, const Shape& s, const int64_t* rang
       V16 acc[R];
       for (int64_t r = 0; r < R; ++r) acc[r] = V16{};
       for (int64_t x = 0; x < s.h; ++x) {
-        const V16 kv = load16(bt + x * s.ld() + lo + jc);
+        const V16 kv = load16(bt + x * bt_ld + lo + jc);
         for (int64_t r = 0; r < R; ++r) acc[r] += splat(a[r * s.h + x]) * kv;
       }
       for (int64_t r = 0; r < R; ++r) store16(out + r * out_ld + c0 + jc, acc[r]);
@@ -208,51 +207,62 @@ void weighted_rows(const float* w, int64_t w_ld, const float* rows, const Shape&
 }
 
 // The key columns of queries [i0, i1) (one segment): the row's shared
-// prefix, if the segment is a real one, then the segment up to i1.
+// prefix, if the segment is a real one, then the segment up to i1; counted
+// from `base`, the first key the work item holds.
 struct Block {
   int64_t ranges[4];
   int n_ranges = 0;
   int64_t columns = 0, prefix = 0;
 };
 
-Block block_keys(const RowPlan& plan, const int32_t* seg, int64_t i0, int64_t i1) {
+Block block_keys(const RowPlan& plan, const int32_t* seg, int64_t i0, int64_t i1,
+                 int64_t base) {
   Block blk;
-  if (plan.prefix_hi > plan.prefix_lo && seg[i0] > 0) {
+  if (plan.prefix_hi > plan.prefix_lo && seg[i0] > 0) {  // base is 0: one piece a row
     blk.ranges[0] = plan.prefix_lo;
     blk.ranges[1] = plan.prefix_hi;
     blk.n_ranges = 1;
     blk.prefix = plan.prefix_hi - plan.prefix_lo;
   }
-  blk.ranges[2 * blk.n_ranges] = plan.seg_start[i0];
-  blk.ranges[2 * blk.n_ranges + 1] = i1;
+  blk.ranges[2 * blk.n_ranges] = plan.seg_start[i0] - base;
+  blk.ranges[2 * blk.n_ranges + 1] = i1 - base;
   ++blk.n_ranges;
   blk.columns = blk.prefix + i1 - plan.seg_start[i0];
   return blk;
 }
 
-// Per (row, key head), in float32: the keys transposed and the values as
-// rows (the forward's operands), and for the backward also the keys as rows
-// and the values transposed. Transposed rows are padded so that 16-wide
-// loads stay inside.
+// A work item: one key head's tokens [lo, hi) of a row, whole segments
+// (or the whole row), so that its queries see only its keys.
+struct Piece {
+  int64_t b, lo, hi;
+};
+
+// A work item's keys and values in float32, indexed from its first token:
+// the keys transposed and the values as rows (the forward's operands), and
+// for the backward also the keys as rows and the values transposed.
+// Transposed rows are padded (`ld`) so that 16-wide loads stay inside.
 struct KeyHead {
+  int64_t lo, len, ld;
   std::vector<float> kt, vt, krows, vrows;
-  KeyHead(const Shape& s, const uint16_t* k, const uint16_t* v, bool backward)
-      : kt(s.h * s.ld(), 0.0f), vrows(s.t * s.h) {
+  KeyHead(const Shape& s, const Piece& piece, const uint16_t* k, const uint16_t* v,
+          bool backward)
+      : lo(piece.lo), len(piece.hi - piece.lo), ld(len + 16), kt(s.h * ld, 0.0f),
+        vrows(len * s.h) {
     if (backward) {
-      vt.assign(s.h * s.ld(), 0.0f);
-      krows.assign(s.t * s.h, 0.0f);
+      vt.assign(s.h * ld, 0.0f);
+      krows.assign(len * s.h, 0.0f);
     }
     for (int64_t x = 0; x < s.h; ++x)
-      for (int64_t j = 0; j < s.t; ++j) {
-        const float kv = from_bf16(k[x * s.t + j]);
-        kt[x * s.ld() + j] = kv;
+      for (int64_t j = 0; j < len; ++j) {
+        const float kv = from_bf16(k[x * s.t + lo + j]);
+        kt[x * ld + j] = kv;
         if (backward) krows[j * s.h + x] = kv;
       }
-    for (int64_t j = 0; j < s.t; ++j)
+    for (int64_t j = 0; j < len; ++j)
       for (int64_t x = 0; x < s.h; ++x) {
-        const float vv = from_bf16(v[j * s.h + x]);
+        const float vv = from_bf16(v[(lo + j) * s.h + x]);
         vrows[j * s.h + x] = vv;
-        if (backward) vt[x * s.ld() + j] = vv;
+        if (backward) vt[x * ld + j] = vv;
       }
   }
 };
@@ -261,18 +271,19 @@ struct KeyHead {
 // accumulators, what AVX-512's 32 registers hold with the loads.
 constexpr int64_t queries_per_block(int64_t g) { return g >= 12 ? 1 : 12 / g; }
 
-// Calls padding(i) for each padding query and block(i0, i1) for each block
-// of up to `per_block` queries [i0, i1) within one segment's run, in order.
+// Calls padding(i) for each padding query of [lo, hi) and block(i0, i1) for
+// each block of up to `per_block` queries [i0, i1) within one segment's
+// run, in order.
 template <typename Padding, typename BlockFn>
-void for_each_query_block(const int32_t* seg, int64_t t, int64_t per_block, Padding padding,
-                          BlockFn block) {
-  for (int64_t i = 0; i < t;) {
+void for_each_query_block(const int32_t* seg, int64_t lo, int64_t hi, int64_t per_block,
+                          Padding padding, BlockFn block) {
+  for (int64_t i = lo; i < hi;) {
     if (seg[i] == 0) {
       padding(i++);
       continue;
     }
     int64_t end = i;
-    while (end < t && seg[end] == seg[i]) ++end;
+    while (end < hi && seg[end] == seg[i]) ++end;
     for (int64_t i0 = i; i0 < end; i0 += per_block) block(i0, std::min(i0 + per_block, end));
     i = end;
   }
@@ -284,7 +295,7 @@ void forward_key_head(const Shape& s, const RowPlan& plan, const int32_t* seg,
                       uint16_t* out, float* lse) {
   constexpr int64_t QB = queries_per_block(G), R = QB * G;
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.h));
-  const int64_t sc_ld = s.ld() + 16;
+  const int64_t sc_ld = s.t + 32;
   std::vector<float> qs(R * s.h), sc(R * sc_ld), o(R * s.h), inv(R);
   auto padding = [&](int64_t i) {  // a zero output
     for (int64_t g = 0; g < G; ++g) {
@@ -292,15 +303,16 @@ void forward_key_head(const Shape& s, const RowPlan& plan, const int32_t* seg,
       lse[((b * s.k + kh) * G + g) * s.t + i] = 0.0f;
     }
   };
-  for_each_query_block(seg, s.t, QB, padding, [&](int64_t i0, int64_t i1) {
+  const int64_t hi = kh_data.lo + kh_data.len;
+  for_each_query_block(seg, kh_data.lo, hi, QB, padding, [&](int64_t i0, int64_t i1) {
     const int64_t rows = (i1 - i0) * G;
-    const Block blk = block_keys(plan, seg, i0, i1);
+    const Block blk = block_keys(plan, seg, i0, i1, kh_data.lo);
     std::fill(qs.begin(), qs.end(), 0.0f);
     for (int64_t r = 0; r < rows; ++r) {
       const uint16_t* src = q + ((b * s.t + i0 + r / G) * s.n + kh * G + r % G) * s.h;
       for (int64_t x = 0; x < s.h; ++x) qs[r * s.h + x] = from_bf16(src[x]) * scale;
     }
-    scores<R>(qs.data(), kh_data.kt.data(), s, blk.ranges, blk.n_ranges, sc.data(), sc_ld);
+    scores<R>(qs.data(), kh_data.kt.data(), kh_data.ld, s, blk.ranges, blk.n_ranges, sc.data(), sc_ld);
     for (int64_t r = 0; r < R; ++r) {
       float* row = sc.data() + r * sc_ld;
       const int64_t seen = r < rows ? blk.prefix + (i0 + r / G) - plan.seg_start[i0] + 1 : 0;
@@ -332,16 +344,17 @@ void backward_key_head(const Shape& s, const RowPlan& plan, const int32_t* seg,
                        uint16_t* dq, std::vector<float>& dk, std::vector<float>& dv) {
   constexpr int64_t QB = queries_per_block(G), R = QB * G;
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.h));
-  const int64_t sc_ld = s.ld() + 16;
+  const int64_t sc_ld = s.t + 32;
   std::vector<float> qs(R * s.h), dor(R * s.h), delta(R), lrow(R), p(R * sc_ld), ds(R * sc_ld),
       dqr(R * s.h), o32(s.h);
   auto padding = [&](int64_t i) {  // no gradient
     for (int64_t g = 0; g < G; ++g)
       std::memset(dq + ((b * s.t + i) * s.n + kh * G + g) * s.h, 0, s.h * 2);
   };
-  for_each_query_block(seg, s.t, QB, padding, [&](int64_t i0, int64_t i1) {
+  const int64_t hi = kh_data.lo + kh_data.len;
+  for_each_query_block(seg, kh_data.lo, hi, QB, padding, [&](int64_t i0, int64_t i1) {
     const int64_t rows = (i1 - i0) * G;
-    const Block blk = block_keys(plan, seg, i0, i1);
+    const Block blk = block_keys(plan, seg, i0, i1, kh_data.lo);
     std::fill(qs.begin(), qs.end(), 0.0f);
     std::fill(dor.begin(), dor.end(), 0.0f);
     for (int64_t r = 0; r < rows; ++r) {
@@ -359,8 +372,8 @@ void backward_key_head(const Shape& s, const RowPlan& plan, const int32_t* seg,
       delta[r] = total;
       lrow[r] = lse[((b * s.k + kh) * G + r % G) * s.t + i0 + r / G];
     }
-    scores<R>(qs.data(), kh_data.kt.data(), s, blk.ranges, blk.n_ranges, p.data(), sc_ld);
-    scores<R>(dor.data(), kh_data.vt.data(), s, blk.ranges, blk.n_ranges, ds.data(), sc_ld);
+    scores<R>(qs.data(), kh_data.kt.data(), kh_data.ld, s, blk.ranges, blk.n_ranges, p.data(), sc_ld);
+    scores<R>(dor.data(), kh_data.vt.data(), kh_data.ld, s, blk.ranges, blk.n_ranges, ds.data(), sc_ld);
     for (int64_t r = 0; r < R; ++r) {
       float* pr = p.data() + r * sc_ld;
       float* dsr = ds.data() + r * sc_ld;
@@ -431,8 +444,36 @@ const char kRowError[] =
     "jpost CPU attention: a row whose segments are split or whose shared prefix is not one "
     "contiguous run before them; use attention='blockwise'";
 
-// Runs body(b, kh, plan, segments, key head data) for every (row, key head)
-// pair on the pool, after checking the shape and planning each row once.
+// Splits row b into about `pieces` runs of whole segments of about equal
+// work (a segment of n tokens costs about n * n), so that a batch of few
+// long rows still gives every thread work. Pieces share no keys; a row with
+// a shared prefix, which all its segments see, stays one piece.
+void split_row(const RowPlan& plan, const int32_t* seg, const Shape& s, int64_t b,
+               int64_t pieces, std::vector<Piece>& out) {
+  if (pieces <= 1 || plan.prefix_hi > plan.prefix_lo) {
+    out.push_back({b, 0, s.t});
+    return;
+  }
+  double total = 0.0;
+  for (int64_t i = 0; i < s.t; ++i)
+    if (seg[i] != 0) total += 2.0 * (i - plan.seg_start[i]) + 1.0;  // n * n over a segment
+  double done = 0.0;
+  int64_t lo = 0, made = 0;
+  for (int64_t i = 0; i < s.t; ++i) {
+    if (seg[i] != 0) done += 2.0 * (i - plan.seg_start[i]) + 1.0;
+    const bool run_ends = i + 1 < s.t && seg[i + 1] != seg[i];
+    if (run_ends && done >= total * (made + 1) / pieces) {
+      out.push_back({b, lo, i + 1});
+      lo = i + 1;
+      ++made;
+    }
+  }
+  out.push_back({b, lo, s.t});
+}
+
+// Runs body(piece, kh, plan, segments, key head data) for every piece of a
+// row and key head on the pool, after checking the shape and planning each
+// row once. Rows are split so that there are at least 8 items a thread.
 template <typename Body>
 ffi::Error for_each_key_head(ffi::ThreadPool& pool, const Shape& s, const int32_t* seg,
                              const int32_t* pos, const uint16_t* k, const uint16_t* v,
@@ -443,11 +484,17 @@ ffi::Error for_each_key_head(ffi::ThreadPool& pool, const Shape& s, const int32_
     plans.push_back(plan_row(seg + b * s.t, pos + b * s.t, s.t));
     if (!plans.back().ok) return ffi::Error::InvalidArgument(kRowError);
   }
-  parallel_for(pool, s.b * s.k, [&](int64_t item) {
-    const int64_t b = item / s.k, kh = item % s.k;
-    const KeyHead data(s, k + (b * s.k + kh) * s.h * s.t, v + (b * s.k + kh) * s.t * s.h,
-                       backward);
-    body(b, kh, plans[b], seg + b * s.t, data);
+  const int64_t wanted = 8 * std::max<int64_t>(pool.num_threads(), 1);
+  const int64_t per_row = (wanted + s.b * s.k - 1) / (s.b * s.k);
+  std::vector<Piece> pieces;
+  for (int64_t b = 0; b < s.b; ++b) split_row(plans[b], seg + b * s.t, s, b, per_row, pieces);
+  const int64_t items = static_cast<int64_t>(pieces.size()) * s.k;
+  parallel_for(pool, items, [&](int64_t item) {
+    const Piece& piece = pieces[item / s.k];
+    const int64_t kh = item % s.k;
+    const KeyHead data(s, piece, k + (piece.b * s.k + kh) * s.h * s.t,
+                       v + (piece.b * s.k + kh) * s.t * s.h, backward);
+    body(piece.b, kh, plans[piece.b], seg + piece.b * s.t, data);
   });
   return ffi::Error::Success();
 }
@@ -482,16 +529,18 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<
   return for_each_key_head(
       pool, s, seg.typed_data(), pos.typed_data(), k.typed_data(), v.typed_data(), true,
       [&](int64_t b, int64_t kh, const RowPlan& plan, const int32_t* srow, const KeyHead& data) {
-        std::vector<float> dk_rows((s.t + 16) * s.h, 0.0f), dv_rows((s.t + 16) * s.h, 0.0f);
+        const int64_t len = data.len;
+        std::vector<float> dk_rows((len + 16) * s.h, 0.0f), dv_rows((len + 16) * s.h, 0.0f);
         dispatch_g(s.g(), [&](auto g) {
           backward_key_head<decltype(g)::value>(s, plan, srow, q.typed_data(), out.typed_data(),
                                                 lse.typed_data(), d_out.typed_data(), data, b,
                                                 kh, dq->typed_data(), dk_rows, dv_rows);
         });
-        // The keys' gradient back in the keys' [H, T] layout, the values' in [T, H].
-        uint16_t* dkb = dk->typed_data() + (b * s.k + kh) * s.h * s.t;
-        uint16_t* dvb = dv->typed_data() + (b * s.k + kh) * s.t * s.h;
-        for (int64_t j = 0; j < s.t; ++j)
+        // The piece's keys' gradient back in the keys' [H, T] layout, the
+        // values' in [T, H].
+        uint16_t* dkb = dk->typed_data() + (b * s.k + kh) * s.h * s.t + data.lo;
+        uint16_t* dvb = dv->typed_data() + ((b * s.k + kh) * s.t + data.lo) * s.h;
+        for (int64_t j = 0; j < len; ++j)
           for (int64_t x = 0; x < s.h; ++x) {
             dkb[x * s.t + j] = to_bf16(dk_rows[j * s.h + x]);
             dvb[j * s.h + x] = to_bf16(dv_rows[j * s.h + x]);
