@@ -82,9 +82,10 @@ def time_steps(step, state, batches, mesh, count: int):
   return out, times, tokens, contexts
 
 
-def sft_step(model, mesh, total_steps: int):
+def sft_step(model, mesh, total_steps: int, max_len: int | None = None):
   """The SFT recipe's jitted train step (AdamW, clip 1.0, token-normalised
-  loss, state donated) and its initial state, as the benches time it."""
+  loss, state donated) and its initial state, as the benches time it;
+  `max_len`: the recipe's data.max_len, for padding-free rows (sft.loss_fn)."""
   import functools
 
   import ml_collections
@@ -95,7 +96,7 @@ def sft_step(model, mesh, total_steps: int):
       name='adamw', lr=1e-5, warmup_steps=0, schedule='constant', end_lr_ratio=1.0,
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0)), total_steps)
   graphdef, state = loop.init_state(model, tx, 0, mesh)
-  step = loop.make_update(graphdef, functools.partial(sft.loss_fn, normalization='token'),
+  step = loop.make_update(graphdef, functools.partial(sft.loss_fn, normalization='token', max_len=max_len),
                           functools.partial(sft.normalizer_fn, normalization='token'), tx,
                           schedule, accum_steps=1, mesh=mesh, state=state)
   return step, state

@@ -31,11 +31,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       attention='auto', attention_block=512, attention_max_segments=16, logits_chunk=32))
   # LoRA/QLoRA (README, "LoRA and QLoRA"): rank 0 is full fine-tuning.
   c.lora = lora.default_config()
-  # pack_window: examples packed together, best-fit-decreasing (README, "Data").
+  # pack_window: examples packed together, best-fit-decreasing; padding_free:
+  # a device's rows of a micro-batch packed as one row ('auto': where
+  # attention runs on the fused CPU kernel) (README, "Data").
   c.data = ml_collections.ConfigDict(dict(
       train=('gsm8k:sft_train',), eval=('gsm8k:sft_test',), weights=(),
       max_len=256, mask_mode='auto', truncation='truncate_left', packing=True,
-      pack_window=128, policy='error', num_threads=0))
+      pack_window=128, padding_free='auto', policy='error', num_threads=0))
   c.batch_size = 4
   c.accum_steps = 1
   c.total_steps = 24

@@ -352,8 +352,14 @@ def test_default_sft_lowers_held_out_loss_and_exports(shallow_smollm2, tmp_path)
   from jpost.models import cpu_attention
   model_config = dataclasses.replace(
       model_config, attention='cpu' if cpu_attention.available() else 'blockwise')
-  step = memory.step_activations(model_config, config.batch_size / config.accum_steps,
-                                config.data.max_len)
+  # There data.padding_free='auto' packs each batch as one row (sft.packing).
+  row_len = sft.packing(config, model_config, 1)['row_len']
+  if cpu_attention.available():
+    assert row_len == config.batch_size * config.data.max_len
+    assert f'data: padding-free rows of {row_len} tokens' in proc.stderr
+  step = memory.step_activations(
+      model_config, config.batch_size * config.data.max_len / row_len / config.accum_steps,
+      row_len)
   assert (f'step activations up to {sum(step.values()) / 2**20:.1f} MB per device, predicted '
           f"(saved {step['saved_activations'] / 2**20:.1f}, ") in proc.stderr
   records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]

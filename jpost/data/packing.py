@@ -141,7 +141,7 @@ class _BestFitDecreasingPackIterator(grain.DatasetIterator):
     # Between windows the parent already stands at the next window's start.
     parent = self._parent.get_state() if self._rows is None else self._window_start
     return {'parent': parent, 'window_index': self._window_index, 'emitted': self._emitted,
-            'window': self._window}
+            'window': self._window, 'length': self._length}
 
   def set_state(self, state: dict[str, Any]) -> None:
     # Rows emitted count within a window of this size; in another's they
@@ -152,6 +152,13 @@ class _BestFitDecreasingPackIterator(grain.DatasetIterator):
           f'{self._window}-example windows: resume with the data.pack_window it was saved '
           'with (a checkpoint from before best-fit-decreasing packing cannot resume its '
           'data position).')
+    # So do rows of another length. (A state saved before the packer
+    # recorded its row length is taken as it is.)
+    if state.get('length', self._length) != self._length:
+      raise ConfigError(
+          f'the data iterator state is that of a packer of {state["length"]}-token rows, this '
+          f'one packs {self._length}-token rows: resume with the row layout it was saved with '
+          '(data.max_len and data.padding_free).')
     self._parent.set_state(state['parent'])
     self._window_index, self._emitted = state['window_index'], state['emitted']
     # The window is read again (and its emitted rows skipped) on the next row.

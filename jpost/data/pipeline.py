@@ -246,12 +246,16 @@ def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max
           policy: str = 'error', shard_index: int = 0, shard_count: int = 1,
           num_threads: int = 0, require_assistant: bool = False, drop_remainder: bool = True,
           step_separator: str = steps.DEFAULT_SEPARATOR, max_segments: int | None = None,
-          pack_window: int = 128):
+          pack_window: int = 128, row_len: int | None = None):
   """(grain.IterDataset of batches, PipelineStats) for `kind` in KINDS.
 
   sft: packed (or padded) rows of `tokens, positions, segment_ids, loss_mask`;
     a packed row holds at most `max_segments` samples (the model's
     `attention_max_segments`, which attention='cudnn' is compiled for).
+    `row_len` (a multiple of max_len; default max_len) packs the samples of
+    row_len // max_len rows into one row, padding-free: a batch still holds
+    batch_size x max_len tokens, as batch_size x max_len // row_len rows,
+    and samples still have at most max_len tokens.
     Packing is best-fit-decreasing over windows of `pack_window` consecutive
     examples (data/packing.py); a wider window fills rows better and mixes
     examples from further apart (and, in endless streams, from adjacent
@@ -278,6 +282,14 @@ def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max
     raise ConfigError(f'pack_window={pack_window!r}: the SFT packer packs windows of this '
                       'many examples; give a whole number, 1 or more (128 by default).')
   batch_size //= shard_count  # this process's rows of each batch
+  row_len = row_len or max_len
+  if kind == 'sft' and row_len != max_len:
+    merged = row_len // max_len
+    if row_len % max_len or not packing or batch_size % merged:
+      raise ConfigError(
+          f'row_len={row_len}: padding-free rows hold the samples of whole rows of '
+          f'max_len={max_len}, packed; {batch_size} rows a process must split into rows of '
+          f'{merged} x max_len. Use a row length that divides batch_size x max_len.')
   stats = PipelineStats(rows.RowFilter(policy=policy))
   normalize_kw = {'require_assistant': require_assistant} if kind == 'sft' else {}
   ds = _examples_dataset(source_specs, kind, weights=weights, seed=seed, num_epochs=num_epochs,
@@ -300,11 +312,11 @@ def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max
   it = it.filter(lambda x: x is not None)
   if kind == 'sft':
     if packing:
-      it = BestFitDecreasingPackIterDataset(it, length=max_len, window=pack_window,
+      it = BestFitDecreasingPackIterDataset(it, length=row_len, window=pack_window,
                                             max_segments=max_segments, seed=seed)
     else:
       it = it.map(lambda x: _sequence_fields(x['tokens'], x['loss_mask'], max_len))
-    it = it.batch(batch_size, drop_remainder=True)
+    it = it.batch(batch_size * max_len // row_len, drop_remainder=True)
   elif kind in ('preference', 'steps'):
     it = it.batch(batch_size, drop_remainder=drop_remainder)
   else:

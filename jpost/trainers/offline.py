@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import sys
 import time
 from typing import Any, Callable
 
@@ -54,6 +55,10 @@ class Task:
   # activations(model_config, rows, seq_len) -> bytes by part of a step over
   # `rows` rows on one device (jpost.memory), printed before the first step.
   activations: Callable | None = None
+  # packing(model_config, batch_devices) -> keyword arguments for train_data
+  # and eval_data that depend on the loaded model: SFT's packed row length
+  # (`row_len`, data.max_len where absent) and segment limit.
+  packing: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -141,13 +146,22 @@ def run(config, workdir: str | None, task: Task) -> dict[str, Any]:
   graphdef, state = loop.init_state(model, tx, config.seed, mesh)
   sizes = loop.state_sizes(state)
   loop.print_sizes(sizes)
+  packing = task.packing(model.config, loop.batch_devices(mesh)) if task.packing else {}
+  if packing.get('row_len', config.data.max_len) != config.data.max_len:
+    print(f"data: padding-free rows of {packing['row_len']} tokens, each packed with the "
+          f"samples of {packing['row_len'] // config.data.max_len} rows of "
+          f'{config.data.max_len}', file=sys.stderr, flush=True)
   if task.activations is not None:
-    rows = config.batch_size / config.accum_steps / loop.batch_devices(mesh)
-    loop.print_activations(task.activations(model.config, rows, config.data.max_len), 'step')
+    # A batch holds batch_size rows of max_len tokens, or as many tokens in
+    # rows of row_len.
+    row_len = packing.get('row_len', config.data.max_len)
+    rows = (config.batch_size * config.data.max_len / row_len / config.accum_steps
+            / loop.batch_devices(mesh))
+    loop.print_activations(task.activations(model.config, rows, row_len), 'step')
 
   # --- data ------------------------------------------------------------------
   # Each process reads its rows of every global batch (pipeline.build's shard).
-  shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+  shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count(), **packing)
   train_ds, train_stats = task.train_data(tokenizer, **shard)
   train_iter = iter(train_ds)
 
