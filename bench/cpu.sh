@@ -7,7 +7,7 @@
 # AVX512-BF16 flags, transparent huge pages, measured bfloat16 peak), SFT
 # tokens/s and MFU against TRL in float32 and bf16 autocast (and the
 # step's MFU on full rows of random tokens, without the fused attention
-# kernel, and as 4 x 512 rows), the GRPO step
+# kernel, and in rows of 256 rather than padding-free), the GRPO step
 # against TRL's, decode tokens/s, and the bfloat16 matmul speed at a step's
 # shapes (with YNNPACK, XLA:CPU's default, and with oneDNN), and SFT on one
 # logical CPU against two. `quick` skips the peers, the profile and the
@@ -38,11 +38,13 @@ run sft bench/sft_throughput.py --steps 4
 # of the slots are real there).
 run sft_full_rows bench/sft_throughput.py --steps 4 --random-init
 # The step without the fused CPU attention kernel ('auto' takes it where it
-# builds), and the same 2048 slots as 4 x 512 rows, which GSM8K fills to 97%:
-# the kernel computes only each sample's own keys, so longer rows cost it
-# next to nothing more.
+# builds; without it the batch is 8 rows of 256), and with the kernel but in
+# rows of 256 rather than padding-free ('auto' packs the batch as one row
+# where the kernel runs: it computes only each sample's own keys, so the
+# row's length costs it nothing, and GSM8K fills 2048 slots to 99.7%
+# against 83% in rows of 256).
 run sft_blockwise bench/sft_throughput.py --steps 4 --attention blockwise
-run sft_512 bench/sft_throughput.py --steps 4 --batch 4 --seq-len 512 --logits-chunk 64
+run sft_rows bench/sft_throughput.py --steps 4 --padding-free off
 run grpo bench/grpo_step.py --steps 5
 run generate bench/generate_throughput.py --batches 16 --dtypes bfloat16
 if [ "$what" != quick ]; then
@@ -78,7 +80,7 @@ def last_json(name):
 sft, grpo, gen = last_json('sft'), last_json('grpo'), last_json('generate')
 one_cpu, profile = last_json('sft_one_cpu'), last_json('profile')
 full_rows = last_json('sft_full_rows')
-blockwise, rows_512 = last_json('sft_blockwise'), last_json('sft_512')
+blockwise, rows_256 = last_json('sft_blockwise'), last_json('sft_rows')
 peer_sft, peer_grpo = last_json('peer_sft'), last_json('peer_grpo')
 summary = {'machine': (sft or {}).get('machine')}
 if sft:
@@ -87,7 +89,7 @@ if sft:
 if sft and full_rows:
   summary['sft']['full_rows'] = {'tokens_per_s': full_rows['tokens_per_s'],
                                  'mfu': full_rows['mfu']}
-for key, result in (('blockwise_attention', blockwise), ('rows_4x512', rows_512)):
+for key, result in (('blockwise_attention', blockwise), ('rows_8x256', rows_256)):
   if sft and result:
     summary['sft'][key] = {'tokens_per_s': result['tokens_per_s'], 'mfu': result['mfu']}
 if sft and one_cpu:
