@@ -39,7 +39,7 @@ import jax
 import common
 from jpost import host, sharding
 from jpost.trainers import loop
-from sft_throughput import gsm8k_batches, synthetic_batches
+from sft_throughput import gsm8k_batches, recipe_packing, synthetic_batches
 
 # Profiler spans that wrap the operations rather than being one.
 _WRAPPERS = ('ThunkExecutor', '$', 'SlinkyThreadPool')
@@ -208,11 +208,13 @@ def main():
   mesh = sharding.make_mesh()
   model = common.load_model(random_init=True, mesh=mesh, dtype=args.dtype, remat=args.remat,
                             logits_chunk=args.logits_chunk, attention_block=args.attention_block)
-  step, state = common.sft_step(model, mesh, 10)
+  step, state = common.sft_step(model, mesh, 10, max_len=args.seq_len)
   if args.synthetic:
     batches = synthetic_batches(args.batch, args.seq_len, model.config.vocab_size)
   else:  # the real batches' target tokens decide how much reaches the LM head
-    batches = gsm8k_batches(args.batch, args.seq_len, model.config.attention_max_segments)
+    # Laid out as the recipe lays them out (padding-free where it packs so).
+    batches = gsm8k_batches(args.batch, args.seq_len,
+                            **recipe_packing(model.config, args.batch, args.seq_len, 'auto'))
 
   def run_step():
     nonlocal state
