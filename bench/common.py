@@ -96,7 +96,8 @@ def sft_step(model, mesh, total_steps: int, max_len: int | None = None):
       name='adamw', lr=1e-5, warmup_steps=0, schedule='constant', end_lr_ratio=1.0,
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0)), total_steps)
   graphdef, state = loop.init_state(model, tx, 0, mesh)
-  step = loop.make_update(graphdef, functools.partial(sft.loss_fn, normalization='token', max_len=max_len),
+  step = loop.make_update(graphdef,
+                          functools.partial(sft.loss_fn, normalization='token', max_len=max_len),
                           functools.partial(sft.normalizer_fn, normalization='token'), tx,
                           schedule, accum_steps=1, mesh=mesh, state=state)
   return step, state

@@ -86,16 +86,21 @@ def _activations(cfg: ModelConfig, tokens: float, attention: float, head_rows: f
           'lm_head': logits}
 
 
-def step_activations(cfg: ModelConfig, rows: float, seq_len: int, *, lm_head: bool = True) -> dict:
+def step_activations(cfg: ModelConfig, rows: float, seq_len: int, *, lm_head: bool = True,
+                     head_len: int | None = None) -> dict:
   """A step over `rows` rows of `seq_len` tokens on this device (SFT; DPO
   and reward models put both sides of their pairs in one batch, and a scalar
-  head instead of the LM head adds nothing worth counting)."""
+  head instead of the LM head adds nothing worth counting). `head_len`: the
+  LM head takes the tokens as rows of this many (SFT's padding-free rows as
+  rows of data.max_len; default seq_len)."""
   name = _implementation(cfg, seq_len)
   scores = _attention(cfg, name, rows, seq_len, seq_len, self_attention=True)
   # The kept attention output: the CPU kernel's and the halved blockwise
   # path's in the compute dtype, the blockwise path's over blocks in float32.
   halved = attn.runs_in_halves(seq_len, cfg.attention_block) or name == 'cpu'
-  return _activations(cfg, rows * seq_len, scores, rows if lm_head else 0, seq_len,
+  head_len = head_len or seq_len
+  return _activations(cfg, rows * seq_len, scores,
+                      rows * seq_len / head_len if lm_head else 0, head_len,
                       rows * seq_len if name in ('blockwise', 'cpu') else 0,
                       output_bytes=2 if halved and cfg.dtype != 'float32' else 4)
 

@@ -39,6 +39,10 @@ def test_sft_parts_by_hand():
   # 'xla' (what 'auto' picks for one block on a GPU): 3 float32 [T, T].
   xla = memory.step_activations(_config(attention='xla'), rows=2, seq_len=8)
   assert xla['attention'] == 2 * 4 * 8 * 8 * 4 * 3
+  # Padding-free SFT rows: the LM head still takes rows of max_len (8 here),
+  # so 4 rows' chunks of 4 positions at a time for one row of 32.
+  assert memory.step_activations(cfg, rows=1, seq_len=32, head_len=8)['lm_head'] == (
+      4 * 4 * 100 * 4)
   # No remat: every layer's activations and materialised scores are kept.
   none = memory.step_activations(_config(remat='none', attention='xla'), rows=2, seq_len=8)
   assert none['saved_activations'] == 3 * layer and none['attention'] == 3 * xla['attention']

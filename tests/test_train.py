@@ -359,7 +359,7 @@ def test_default_sft_lowers_held_out_loss_and_exports(shallow_smollm2, tmp_path)
     assert f'data: padding-free rows of {row_len} tokens' in proc.stderr
   step = memory.step_activations(
       model_config, config.batch_size * config.data.max_len / row_len / config.accum_steps,
-      row_len)
+      row_len, head_len=config.data.max_len)
   assert (f'step activations up to {sum(step.values()) / 2**20:.1f} MB per device, predicted '
           f"(saved {step['saved_activations'] / 2**20:.1f}, ") in proc.stderr
   records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]

@@ -312,7 +312,8 @@ void forward_key_head(const Shape& s, const RowPlan& plan, const int32_t* seg,
       const uint16_t* src = q + ((b * s.t + i0 + r / G) * s.n + kh * G + r % G) * s.h;
       for (int64_t x = 0; x < s.h; ++x) qs[r * s.h + x] = from_bf16(src[x]) * scale;
     }
-    scores<R>(qs.data(), kh_data.kt.data(), kh_data.ld, s, blk.ranges, blk.n_ranges, sc.data(), sc_ld);
+    scores<R>(qs.data(), kh_data.kt.data(), kh_data.ld, s, blk.ranges, blk.n_ranges, sc.data(),
+              sc_ld);
     for (int64_t r = 0; r < R; ++r) {
       float* row = sc.data() + r * sc_ld;
       const int64_t seen = r < rows ? blk.prefix + (i0 + r / G) - plan.seg_start[i0] + 1 : 0;
@@ -372,8 +373,10 @@ void backward_key_head(const Shape& s, const RowPlan& plan, const int32_t* seg,
       delta[r] = total;
       lrow[r] = lse[((b * s.k + kh) * G + r % G) * s.t + i0 + r / G];
     }
-    scores<R>(qs.data(), kh_data.kt.data(), kh_data.ld, s, blk.ranges, blk.n_ranges, p.data(), sc_ld);
-    scores<R>(dor.data(), kh_data.vt.data(), kh_data.ld, s, blk.ranges, blk.n_ranges, ds.data(), sc_ld);
+    scores<R>(qs.data(), kh_data.kt.data(), kh_data.ld, s, blk.ranges, blk.n_ranges, p.data(),
+              sc_ld);
+    scores<R>(dor.data(), kh_data.vt.data(), kh_data.ld, s, blk.ranges, blk.n_ranges, ds.data(),
+              sc_ld);
     for (int64_t r = 0; r < R; ++r) {
       float* pr = p.data() + r * sc_ld;
       float* dsr = ds.data() + r * sc_ld;

@@ -35,8 +35,9 @@ class Task:
   loss_fn(model, batch, normalizer) -> (loss, metrics): loss already divided
     by the whole batch's normaliser, so micro-batch losses add up.
   normalizer_fn(batch) -> scalar: that normaliser, from the whole batch.
-  train_data(tokenizer, shard_index, shard_count) -> (grain.IterDataset, stats).
-  eval_data(tokenizer, shard_index, shard_count) -> same, finite; or None.
+  train_data(tokenizer, shard_index, shard_count, **packing) -> (grain.IterDataset,
+    stats), `packing` what `Task.packing` gives (nothing without it).
+  eval_data(tokenizer, shard_index, shard_count, **packing) -> same, finite; or None.
   """
 
   loss_fn: Callable

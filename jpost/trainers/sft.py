@@ -119,6 +119,6 @@ def run(config, workdir):
       eval_data=data_fn(data, sources=list(data.eval), epochs=1, seed=0,
                         batch_size=config.batch_size)
       if data.eval else None,
-      activations=memory.step_activations,
+      activations=functools.partial(memory.step_activations, head_len=data.max_len),
       packing=functools.partial(packing, config))
   return offline.run(config, workdir, task)
