@@ -610,10 +610,16 @@ _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def rms_norm(x, weight, eps: float):
-  """RMSNorm computed in float32 and cast back before the scale, as HF does."""
-  x32 = x.astype(jnp.float32)
+  """RMSNorm computed in float32 and cast back before the scale, as HF does.
+
+  Over the tokens as rows of a 2-D array: for one packed row ([1, T, D],
+  SFT's padding-free batches) XLA:CPU otherwise hands the backward's sum over
+  D to YNNPACK as a reduction to [1, T, 1], which cost SmolLM2's SFT step 5%
+  (bench/RESULTS.md); [B, T, D] with B > 1 it fuses into its own loops."""
+  shape = x.shape
+  x32 = x.astype(jnp.float32).reshape(-1, shape[-1])
   normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return scale_features(normed.astype(x.dtype), weight.astype(x.dtype))
+  return scale_features(normed.astype(x.dtype).reshape(shape), weight.astype(x.dtype))
 
 
 @jax.custom_vjp
