@@ -127,6 +127,8 @@ def test_the_recipe_packs_padding_free_where_attention_runs_on_the_cpu_kernel():
     _packing(kernel, padding_free='maybe')
   with pytest.raises(ConfigError, match='needs config.data.packing=True'):
     _packing(blockwise, padding_free='true', packing=False)
+  # Unpacked rows stay unpacked under 'auto'.
+  assert _packing(kernel, packing=False) == rows
 
 
 def _layouts():

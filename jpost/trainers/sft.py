@@ -95,13 +95,13 @@ def packing(config, model_config, batch_devices) -> dict:
                             block=model_config.attention_block,
                             sliding_window=model_config.sliding_window, dtype=model_config.dtype)
   if choice == 'auto':
-    choice = chosen == 'cpu' and cpu_attention.supports(
+    choice = data.packing and chosen == 'cpu' and cpu_attention.supports(
         model_config.num_heads, model_config.num_kv_heads, model_config.head_size,
         model_config.dtype)
-  if not choice or not data.packing:
-    if choice and not data.packing:
-      raise ConfigError('config.data.padding_free=True packs samples into rows; it needs '
-                        'config.data.packing=True.')
+  elif choice and not data.packing:
+    raise ConfigError('config.data.padding_free=true packs samples into rows; it needs '
+                      'config.data.packing=True.')
+  if not choice:
     return {'row_len': data.max_len, 'max_segments': model_config.attention_max_segments}
   segments = model_config.attention_max_segments * (1 if chosen == 'cudnn' else per_device)
   return {'row_len': row_len, 'max_segments': segments}
