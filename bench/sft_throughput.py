@@ -8,7 +8,7 @@ or a real model shape with random weights (jpost.models.shapes).
       (defaults: configs/sft.py's: dtype auto, remat dots, attention auto, block 512,
       chunk 32, padding-free auto)
 
-Each (dtype, attention, remat) setting runs in its own process (float32 master
+Each (dtype, attention, remat, padding-free) setting runs in its own process (float32 master
 weights, AdamW, clipping, full packed batches of GSM8K answers, or with
 --random-init synthetic packed rows) so peak memory is its own: the device's
 peak bytes in use where it reports them (GPU), else the process's peak RSS.
