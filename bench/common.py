@@ -14,6 +14,17 @@ from jpost.models.config import cpu_flags
 SMOLLM2_135M = shapes.SHAPES['smollm2-135m']
 
 
+def recipe_config(name: str):
+  """configs/NAME.py's config, as shipped (configs are loaded by path, not
+  as a package)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      f'{name}_config', pathlib.Path(__file__).resolve().parents[1] / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def load_model(*, random_init: bool, mesh=None, shape: str = 'smollm2-135m', **overrides):
   """The real SmolLM2-135M-Instruct, or a random model of a named shape
   (jpost.models.shapes; any shape but SmolLM2's is random)."""

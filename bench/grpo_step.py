@@ -16,7 +16,6 @@ did not.
 """
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import resource
@@ -25,14 +24,9 @@ import tempfile
 
 import common
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
 
 def grpo_config(args):
-  spec = importlib.util.spec_from_file_location('grpo_config', ROOT / 'configs' / 'grpo.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config().unlock()
+  c = common.recipe_config('grpo').unlock()
   c.data.train = (args.data,)
   c.data.eval = ()
   c.data.max_prompt_len = args.max_prompt_len

@@ -82,14 +82,8 @@ def compiled_peak(cfg, batch: int, seq_len: int) -> dict:
 
 
 def grpo_recipe():
-  """configs/grpo.py's config (configs are loaded by path, not as a package)."""
-  import importlib.util
-  import pathlib
-  spec = importlib.util.spec_from_file_location(
-      'grpo_config', pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'grpo.py')
-  recipe = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(recipe)
-  return recipe.get_config()
+  """configs/grpo.py's config."""
+  return common.recipe_config('grpo')
 
 
 def compiled_peak_grpo(cfg, prompts: int, samples: int, prompt_len: int, new_tokens: int,

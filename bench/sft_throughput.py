@@ -116,15 +116,9 @@ def measure(dtype: str, batch: int, seq_len: int, steps: int, remat: str,
 def recipe_packing(model_config, batch: int, seq_len: int, padding_free: str) -> dict:
   """configs/sft.py's packing (jpost.trainers.sft.packing) at this batch,
   row length and padding-free setting, on one device."""
-  import importlib.util
-  import pathlib
-
+  import common
   from jpost.trainers import sft
-  path = pathlib.Path(__file__).resolve().parent.parent / 'configs' / 'sft.py'
-  spec = importlib.util.spec_from_file_location('sft_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = common.recipe_config('sft')
   with config.unlocked():
     config.batch_size, config.accum_steps, config.data.max_len = batch, 1, seq_len
     config.data.padding_free = {'auto': 'auto', 'on': 'true', 'off': 'false'}[padding_free]

@@ -134,21 +134,11 @@ def test_the_recipe_packs_padding_free_where_attention_runs_on_the_cpu_kernel():
 def _layouts():
   """The same four samples as 2 rows of 64 tokens and as one row of 128."""
   rng = np.random.RandomState(0)
-  lengths = [30, 20, 40, 10]
-  samples = [(rng.randint(0, 500, n), (rng.rand(n) < 0.7).astype(np.int32)) for n in lengths]
+  samples = [{'tokens': rng.randint(0, 500, n), 'loss_mask': (rng.rand(n) < 0.7).astype(np.int32)}
+             for n in (30, 20, 40, 10)]
   def layout(rows, length):
-    batch = {k: np.zeros((len(rows), length), np.int32)
-             for k in ('tokens', 'positions', 'segment_ids', 'loss_mask')}
-    for r, members in enumerate(rows):
-      start = 0
-      for s, i in enumerate(members, 1):
-        tokens, mask = samples[i]
-        end = start + len(tokens)
-        batch['tokens'][r, start:end], batch['loss_mask'][r, start:end] = tokens, mask
-        batch['segment_ids'][r, start:end], batch['positions'][r, start:end] = s, np.arange(
-            len(tokens))
-        start = end
-    return batch
+    packed = [packing.packed_row([samples[i] for i in members], length) for members in rows]
+    return {k: np.stack([row[k] for row in packed]) for k in packed[0]}
   return layout([[0, 1], [2, 3]], 64), layout([[0, 1, 2, 3]], 128)
 
 
