@@ -10,7 +10,9 @@
 # kernel, and in rows of 256 rather than padding-free), the GRPO step
 # against TRL's, decode tokens/s, and the bfloat16 matmul speed at a step's
 # shapes (with YNNPACK, XLA:CPU's default, and with oneDNN), and SFT on one
-# logical CPU against two. `quick` skips the peers, the profile and the
+# logical CPU against two. The peak is probed in fresh processes at the
+# start and the end too; `sft.mfu_of_highest_probe` is the SFT MFU against
+# the highest probe of the run, which a low probe cannot flatter. `quick` skips the peers, the profile and the
 # one-CPU run. 16-22 minutes on 2 cores (TRL installed); run nothing else
 # meanwhile (figures of a shared 2-core machine move with its load).
 # The peers need TRL in the venv: .venv/bin/pip install -e '.[bench]'.
@@ -30,6 +32,11 @@ run() { name=$1; shift; echo "== $name: ${wrap:-}$*"; timeout 1500 ${wrap:-} "$p
   # Two logical CPUs may be one core's two threads, sharing its AMX unit.
   lscpu 2>/dev/null | grep -E '^(Thread|Core|Socket)|cache'
 } | tee "$out/machine.txt"
+# The bfloat16 peak in a fresh process, at the start and again at the end:
+# with every bench's own probe, the highest reading is the denominator of
+# the summary's conservative SFT MFU (a busy or slow hour reads it low).
+probe='import json, sys; sys.path.insert(0, "bench"); import common; print(json.dumps({"machine": common.machine()}))'
+run peak_first -c "$probe"
 run matmul_shapes bench/matmul_shapes.py
 XLA_FLAGS=--xla_cpu_use_onednn=true run matmul_shapes_onednn bench/matmul_shapes.py
 run sft bench/sft_throughput.py --steps 4
@@ -61,6 +68,7 @@ if [ "$what" != quick ]; then
     wrap='taskset -c 0 ' run sft_one_cpu bench/sft_throughput.py --steps 3
   fi
 fi
+run peak_last -c "$probe"
 "$py" - "$out" <<'EOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
@@ -86,6 +94,20 @@ summary = {'machine': (sft or {}).get('machine')}
 if sft:
   summary['sft'] = {'tokens_per_s': sft['tokens_per_s'], 'mfu': sft['mfu'],
                     'peak_rss_mb': sft.get('peak_rss_mb')}
+# Every probe of the peak on both CPUs in this run: the fresh processes'
+# and each bench's own (the one-CPU run's is that CPU's alone). The SFT MFU
+# against the highest is the figure that no low probe flatters.
+probes = [result['machine']['peak_bf16_gflops'] for result in (
+    last_json(name) for name in ('peak_first', 'peak_last', 'sft', 'sft_full_rows',
+                                 'sft_blockwise', 'sft_rows', 'grpo', 'generate', 'profile'))
+          if result and (result.get('machine') or {}).get('peak_bf16_gflops')]
+probes += [s['peak_flops_measured'] / 1e9 for s in (sft or {}).get('settings', [])]
+if probes:
+  summary['peak_probes_gflops'] = sorted(round(p, 1) for p in probes)
+if sft and probes:
+  best = max(sft['settings'], key=lambda s: s['tokens_per_s'])
+  flops_per_s = best['mfu'] * best['peak_flops_measured']
+  summary['sft']['mfu_of_highest_probe'] = round(flops_per_s / (max(probes) * 1e9), 4)
 if sft and full_rows:
   summary['sft']['full_rows'] = {'tokens_per_s': full_rows['tokens_per_s'],
                                  'mfu': full_rows['mfu']}
