@@ -12,8 +12,8 @@
 # shapes (with YNNPACK, XLA:CPU's default, and with oneDNN), and SFT on one
 # logical CPU against two. The peak is probed in fresh processes at the
 # start and the end too; `sft.mfu_of_highest_probe` is the SFT MFU against
-# the highest probe of the run, which a low probe cannot flatter. `quick` skips the peers, the profile and the
-# one-CPU run. 16-22 minutes on 2 cores (TRL installed); run nothing else
+# the highest probe of the run, which a low probe cannot flatter. `quick`
+# skips the peers, the profile and the one-CPU run. 16-22 minutes on 2 cores (TRL installed); run nothing else
 # meanwhile (figures of a shared 2-core machine move with its load).
 # The peers need TRL in the venv: .venv/bin/pip install -e '.[bench]'.
 set -u
@@ -95,8 +95,10 @@ if sft:
   summary['sft'] = {'tokens_per_s': sft['tokens_per_s'], 'mfu': sft['mfu'],
                     'peak_rss_mb': sft.get('peak_rss_mb')}
 # Every probe of the peak on both CPUs in this run: the fresh processes'
-# and each bench's own (the one-CPU run's is that CPU's alone). The SFT MFU
-# against the highest is the figure that no low probe flatters.
+# and each bench's own (not the one-CPU run's, which is one CPU's). A
+# process in a slow stretch probes low and so reads its MFU high (an SFT
+# process here once probed 773 GFLOP/s where the others read 860-965); the
+# SFT MFU against the highest probe is the figure no low probe flatters.
 probes = [result['machine']['peak_bf16_gflops'] for result in (
     last_json(name) for name in ('peak_first', 'peak_last', 'sft', 'sft_full_rows',
                                  'sft_blockwise', 'sft_rows', 'grpo', 'generate', 'profile'))
