@@ -540,14 +540,15 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<
                                                 kh, dq->typed_data(), dk_rows, dv_rows);
         });
         // The piece's keys' gradient back in the keys' [H, T] layout, the
-        // values' in [T, H].
+        // values' in [T, H], each written along its rows. Down dK's columns
+        // (rows 2T bytes apart: 4 KB in a 2048-token row, so every store
+        // fell in one cache set) the forward and backward took 1.25x as
+        // long (bench/RESULTS.md).
         uint16_t* dkb = dk->typed_data() + (b * s.k + kh) * s.h * s.t + data.lo;
         uint16_t* dvb = dv->typed_data() + ((b * s.k + kh) * s.t + data.lo) * s.h;
-        for (int64_t j = 0; j < len; ++j)
-          for (int64_t x = 0; x < s.h; ++x) {
-            dkb[x * s.t + j] = to_bf16(dk_rows[j * s.h + x]);
-            dvb[j * s.h + x] = to_bf16(dv_rows[j * s.h + x]);
-          }
+        for (int64_t x = 0; x < s.h; ++x)
+          for (int64_t j = 0; j < len; ++j) dkb[x * s.t + j] = to_bf16(dk_rows[j * s.h + x]);
+        for (int64_t j = 0; j < len * s.h; ++j) dvb[j] = to_bf16(dv_rows[j]);
       });
 }
 
