@@ -11,7 +11,9 @@
 //
 // Layouts are the decoder's: q [B, T, N, H], keys [B, K, H, T], values
 // [B, K, T, H], segments [B, T]; query head n uses key head n / (N / K).
-// Work is split over (row, key head) pairs on XLA's intra-op thread pool.
+// The backward returns the keys' gradient as [B, K, T, H], like the
+// values'. Work is split over pieces of rows (whole segments) and key
+// heads on XLA's intra-op thread pool.
 
 #include <algorithm>
 #include <atomic>
@@ -539,16 +541,17 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<
                                                 lse.typed_data(), d_out.typed_data(), data, b,
                                                 kh, dq->typed_data(), dk_rows, dv_rows);
         });
-        // The piece's keys' gradient back in the keys' [H, T] layout, the
-        // values' in [T, H], each written along its rows. Down dK's columns
-        // (rows 2T bytes apart: 4 KB in a 2048-token row, so every store
-        // fell in one cache set) the forward and backward took 1.25x as
-        // long (bench/RESULTS.md).
-        uint16_t* dkb = dk->typed_data() + (b * s.k + kh) * s.h * s.t + data.lo;
-        uint16_t* dvb = dv->typed_data() + ((b * s.k + kh) * s.t + data.lo) * s.h;
-        for (int64_t x = 0; x < s.h; ++x)
-          for (int64_t j = 0; j < len; ++j) dkb[x * s.t + j] = to_bf16(dk_rows[j * s.h + x]);
-        for (int64_t j = 0; j < len * s.h; ++j) dvb[j] = to_bf16(dv_rows[j]);
+        // The piece's keys' and values' gradients as rows of tokens, [T, H]
+        // each. In the keys' own [H, T] layout the write went down columns
+        // 2T bytes apart (4 KB in a 2048-token row: every store in one cache
+        // set; the forward and backward took 1.25x as long), and XLA's next
+        // fusion, RoPE's backward over rows of tokens, read it transposed
+        // again (39 against 3.6 ms a step; bench/RESULTS.md).
+        const int64_t first = ((b * s.k + kh) * s.t + data.lo) * s.h;
+        for (int64_t j = 0; j < len * s.h; ++j) {
+          dk->typed_data()[first + j] = to_bf16(dk_rows[j]);
+          dv->typed_data()[first + j] = to_bf16(dv_rows[j]);
+        }
       });
 }
 
@@ -577,5 +580,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpostAttentionBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // log-sum-exp
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // d out
                                   .Ret<ffi::Buffer<ffi::BF16>>()  // dq
-                                  .Ret<ffi::Buffer<ffi::BF16>>()  // d keys
+                                  .Ret<ffi::Buffer<ffi::BF16>>()  // d keys, [B, K, T, H]
                                   .Ret<ffi::Buffer<ffi::BF16>>());  // d values

@@ -156,12 +156,14 @@ def _attention_fwd(q_btnh, keys, values, seg, pos):
 
 def _attention_bwd(residuals, d_out):
   q, keys, values, seg, pos, out, lse = residuals
-  dq, dk, dv = jax.ffi.ffi_call(
+  # The keys' gradient comes as rows of tokens, [B, K, T, H], like the
+  # values': what RoPE's backward reads next (the kernel's source says why).
+  dq, dk_rows, dv = jax.ffi.ffi_call(
       'jpost_cpu_attention_backward',
-      (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(keys.shape, keys.dtype),
+      (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(values.shape, keys.dtype),
        jax.ShapeDtypeStruct(values.shape, values.dtype)),
   )(q, keys, values, seg, pos, out, lse, d_out.astype(q.dtype))
-  return dq, dk, dv, None, None
+  return dq, dk_rows.swapaxes(2, 3), dv, None, None
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
