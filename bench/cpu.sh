@@ -98,7 +98,7 @@ if sft:
 # Every probe of the peak on both CPUs in this run: the fresh processes'
 # and each bench's own (not the one-CPU run's, which is one CPU's). A
 # process in a slow stretch probes low and so reads its MFU high (an SFT
-# process here once probed 773 GFLOP/s where the others read 860-965); the
+# process here once probed 773 GFLOP/s where the others read 791-965); the
 # SFT MFU against the highest probe is the figure no low probe flatters.
 probes = [result['machine']['peak_bf16_gflops'] for result in (
     last_json(name) for name in ('peak_first', 'peak_last', 'sft', 'sft_full_rows',
