@@ -3,10 +3,12 @@ error of output and gradients against the materialised reference ('xla',
 float32), and forward+backward time, on packed rows with left padding.
 
   python bench/attention_check.py [--batch 2] [--seq-len 2048] [--heads 32] [--kv-heads 8]
-      [--head-dim 64] [--block 512] [--impls xla,blockwise,pallas,cudnn] [--interpret]
+      [--head-dim 64] [--block 512] [--impls xla,blockwise,pallas,cudnn,cpu] [--interpret]
 
 'pallas' runs the GPU kernel (on CPU only with --interpret, slowly); 'cudnn'
-needs a GPU and runs in bfloat16 only. A kernel that fails is reported and
+needs a GPU and runs in bfloat16 only; 'cpu', jpost's fused CPU kernel,
+runs in bfloat16 only (`bench/cpu.sh` times it against 'blockwise' at
+SmolLM2's heads). A kernel that fails is reported and
 the others still run. The last line is one JSON object.
 """
 
@@ -59,6 +61,9 @@ def main():
       return lambda q, kk, v: attn.pallas_attention(q, kk, v, visible, interpret=args.interpret)
     if name == 'cudnn':
       return lambda q, kk, v: attn.cudnn_attention(q, kk, v, visible, max_segments=8)
+    if name == 'cpu':
+      return lambda q, kk, v: attn.attend(q, kk, v, visible, implementation='cpu',
+                                          block=args.block)
     return lambda q, kk, v: attn.blockwise_attention(q, kk, v, visible, block=args.block)
 
   def value_and_grads(fn, dtype):
@@ -97,7 +102,8 @@ def main():
 
   results = []
   for name in args.impls.split(','):
-    for dtype in (jnp.float32, jnp.bfloat16)[name == 'cudnn':]:  # cuDNN: 16-bit only
+    # cuDNN and the CPU kernel: 16-bit only.
+    for dtype in (jnp.float32, jnp.bfloat16)[name in ('cudnn', 'cpu'):]:
       try:
         results.append(check(name, dtype))
       except Exception as error:  # one failing kernel must not hide the others' figures

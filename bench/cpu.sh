@@ -8,7 +8,8 @@
 # tokens/s and MFU against TRL in float32 and bf16 autocast (and the
 # step's MFU on full rows of random tokens, without the fused attention
 # kernel, and in rows of 256 rather than padding-free), the GRPO step
-# against TRL's, decode tokens/s, and the bfloat16 matmul speed at a step's
+# against TRL's, decode tokens/s, SmolLM2's attention alone (the fused
+# kernel against blockwise), and the bfloat16 matmul speed at a step's
 # shapes (with YNNPACK, XLA:CPU's default, and with oneDNN), and SFT on one
 # logical CPU against two. The peak is probed in fresh processes at the
 # start and the end too; `sft.mfu_of_highest_probe` is the SFT MFU against
@@ -54,6 +55,10 @@ run sft_full_rows bench/sft_throughput.py --steps 4 --random-init
 run sft_blockwise bench/sft_throughput.py --steps 4 --attention blockwise
 run sft_rows bench/sft_throughput.py --steps 4 --padding-free off
 run grpo bench/grpo_step.py --steps 5
+# SmolLM2's attention alone (9 query heads over 3 key heads, 8 rows of 256
+# tokens with three samples each): the fused CPU kernel against blockwise.
+run attention bench/attention_check.py --batch 8 --seq-len 256 --heads 9 --kv-heads 3 \
+  --impls blockwise,cpu --repeats 30
 run generate bench/generate_throughput.py --batches 16 --dtypes bfloat16
 if [ "$what" != quick ]; then
   if "$py" -c 'import trl' 2>/dev/null; then
@@ -134,6 +139,10 @@ if grpo and peer_grpo:
     summary['grpo'][f'vs_trl_{s["dtype"]}'] = round(s['s_per_step'] / grpo['s_per_step'], 2)
 if gen:
   summary['generate_tokens_per_s'] = gen.get('tokens_per_s')
+attention = last_json('attention')
+if attention:
+  summary['attention_fwd_bwd_ms'] = {f"{r['impl']} {r['dtype']}": r.get('fwd_bwd_ms', r.get('failed'))
+                                     for r in attention['results']}
 (out / 'summary.json').write_text(json.dumps(summary, indent=1))
 print(json.dumps(summary))
 EOF
