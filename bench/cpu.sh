@@ -14,7 +14,7 @@
 # logical CPU against two. The peak is probed in fresh processes at the
 # start and the end too; `sft.mfu_of_highest_probe` is the SFT MFU against
 # the highest probe of the run, which a low probe cannot flatter. `quick`
-# skips the peers, the profile and the one-CPU run. 12-25 minutes on 2
+# skips the peers, the profile and the one-CPU run. 11-25 minutes on 2
 # cores (TRL installed); run nothing else meanwhile (figures of a shared
 # 2-core machine move with its load).
 # The peers need TRL in the venv: .venv/bin/pip install -e '.[bench]'.
