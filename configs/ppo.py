@@ -29,10 +29,11 @@ _spec.loader.exec_module(grpo)
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = grpo.get_config(arg).unlock()
   c.trainer = 'ppo'
-  # GRPO's bfloat16 + remat default was measured on GRPO only; PPO (policy and
-  # critic) stays in float32 until a bfloat16 PPO run is measured.
-  c.model.dtype = 'float32'
-  c.model.remat = 'none'
+  # GRPO's compute: 'auto' (bfloat16 where the CPU has bfloat16 matmuls) with
+  # remat 'full' for policy and critic, float32 in ':tiny'. On a 2-core EPYC
+  # this recipe ran in 4 min 49 s (steps of 14-15 s) against 8 min 14 s
+  # (26-29 s) in float32 without remat, held-out 0.417 -> 0.500 against
+  # 0.417 -> 0.438 (README, "Online RL").
   c.rl.kl_in = 'reward'  # the KL penalty is part of the per-token reward
   c.rl.entropy_coef = 0.0
   c.sampling.num_samples = 4  # no groups needed: the critic is the baseline
