@@ -22,8 +22,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.trainer = 'prm_labels'
   c.seed = 0
+  # 'auto': bfloat16 where the CPU has bfloat16 matmuls (float32 in ':tiny').
+  # On a 2-core EPYC, 16 + 16 prompts of the README's SFT'd multi-step policy
+  # took 1 min 58 s against 2 min 41 s in float32, with 54 against 58 of 128
+  # sampled answers right and mean labels 0.43-0.44 against 0.44-0.45
+  # (README, "Process reward models").
   c.model = ml_collections.ConfigDict(dict(
-      path='smollm2-135m-instruct', dtype='float32', param_dtype='float32'))
+      path='smollm2-135m-instruct', dtype='auto', param_dtype='float32'))
   c.splits = ml_collections.ConfigDict({'train': ('arith:multi_train',),
                                         'test': ('arith:multi_test',)})
   c.max_prompts = ml_collections.ConfigDict({'train': 64, 'test': 48})
@@ -37,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rewards = ml_collections.ConfigDict({'math': {'weight': 1.0}})  # the verifier
   c.answer_key = 'answer'
   if arg == 'tiny':
+    c.model.dtype = 'float32'
     c.max_prompts = ml_collections.ConfigDict({'train': 4, 'test': 2})
     c.labels.solutions = 2
     c.labels.rollouts = 2
