@@ -1,7 +1,9 @@
 """The command line: config files, overrides, the recipe registry, the demo job."""
 
+import importlib.util
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -160,3 +162,53 @@ def test_no_compilation_cache_with_several_cpu_devices(monkeypatch):
     jax.config.update('jax_enable_compilation_cache', saved)
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1')
   assert main.compilation_cache_is_safe()
+
+
+# Recipes that compute in float32 on purpose; every other recipe with a model
+# computes in 'auto' (bfloat16 where the CPU has bfloat16 matmuls), the fast
+# setting each was measured in (bench/RESULTS.md).
+_FLOAT32_BY_DESIGN = {
+    'eval': 'the reference that judges and leaderboards compare against',
+    'generate': "greedy output equal to transformers' token for token",
+    'chat': "greedy output equal to transformers' token for token",
+}
+
+
+def _recipe_configs():
+  configs = {}
+  for path in sorted((pathlib.Path(__file__).parent.parent / 'configs').glob('*.py')):
+    spec = importlib.util.spec_from_file_location(f'recipe_{path.stem}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    # serve names several models, curate a tokenizer only: no compute dtype.
+    if 'dtype' in config.get('model', {}):
+      configs[path.stem] = module
+  return configs
+
+
+_RECIPES = _recipe_configs()
+
+
+_TRAINING = {'sft', 'reward', 'dpo', 'grpo', 'ppo', 'prm'}  # the rest sample or serve
+
+
+def test_every_recipe_with_a_model_is_checked_below():
+  assert _TRAINING | {'pairs', 'prm_labels'} | set(_FLOAT32_BY_DESIGN) == set(_RECIPES)
+
+
+@pytest.mark.parametrize('name', sorted(set(_RECIPES) - set(_FLOAT32_BY_DESIGN)))
+def test_recipes_compute_fast_by_default_and_tiny_in_float32(name):
+  config = _RECIPES[name].get_config()
+  assert config.model.dtype == 'auto', (
+      f'configs/{name}.py computes in {config.model.dtype}: use "auto", measured as in '
+      'bench/RESULTS.md, or list it in _FLOAT32_BY_DESIGN with the reason')
+  if name in _TRAINING:
+    assert config.model.remat in ('full', 'dots'), config.model.remat
+  # Tests compare tiny runs exactly (resume) and bound log-probs tightly.
+  assert _RECIPES[name].get_config('tiny').model.dtype == 'float32'
+
+
+@pytest.mark.parametrize('name', sorted(_FLOAT32_BY_DESIGN))
+def test_reference_recipes_stay_float32(name):
+  assert _RECIPES[name].get_config().model.dtype == 'float32', _FLOAT32_BY_DESIGN[name]
