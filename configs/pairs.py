@@ -22,7 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       enabled=False, heartbeat_timeout_s=100, init_timeout_s=300))
   # 'auto': bfloat16 where the CPU has bfloat16 matmuls (float32 in ':tiny').
   # On a 2-core EPYC the job took 1 min 43 s against 2 min 35 s in float32,
-  # for 75 and 31 pairs against 73 and 31 (README, "Preference data").
+  # for 75 and 31 pairs against 73 and 31 (README, "Preference pairs, reward models and DPO").
   c.model = ml_collections.ConfigDict(dict(
       path='smollm2-135m-instruct', dtype='auto', param_dtype='float32'))
   c.data = ml_collections.ConfigDict(dict(
