@@ -19,7 +19,9 @@ if 'digit_share' not in rewards.names():
     return sum(c.isdigit() for c in completion) / max(len(completion), 1)
 
 
-def _recipe(name: str):
+def recipe(name: str):
+  """The module configs/{name}.py, loaded from its file (configs/ is not a
+  package)."""
   spec = importlib.util.spec_from_file_location(
       f'jpost_configs_{name}', pathlib.Path(__file__).parent.parent / 'configs' / f'{name}.py')
   module = importlib.util.module_from_spec(spec)
@@ -28,7 +30,7 @@ def _recipe(name: str):
 
 
 def get_config(arg: str):
-  c = _recipe(arg).get_config('tiny').unlock()
+  c = recipe(arg).get_config('tiny').unlock()
   c.rewards = {'digit_share': {'weight': 1.0}}
   c.data.max_prompt_len = 80
   if arg == 'grpo':

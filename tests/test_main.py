@@ -1,6 +1,5 @@
 """The command line: config files, overrides, the recipe registry, the demo job."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -10,6 +9,7 @@ import sys
 
 import pytest
 
+from digit_share_config import recipe
 from jpost import trainers
 from xla_env import xla_flags
 
@@ -177,9 +177,7 @@ _FLOAT32_BY_DESIGN = {
 def _recipe_configs():
   configs = {}
   for path in sorted((pathlib.Path(__file__).parent.parent / 'configs').glob('*.py')):
-    spec = importlib.util.spec_from_file_location(f'recipe_{path.stem}', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = recipe(path.stem)
     config = module.get_config()
     # serve names several models, curate a tokenizer only: no compute dtype.
     if 'dtype' in config.get('model', {}):
