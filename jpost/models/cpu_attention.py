@@ -8,106 +8,31 @@ sees (its sample up to itself, and a row's shared prompt), in float32
 from the bfloat16 inputs, without writing the scores out (bench/RESULTS.md
 measures it against the blockwise path).
 
-The kernel is compiled on first use with the machine's C++ compiler
-(`$CXX`, else `c++`) for the machine's own instructions, and cached in the
-jpost cache (`$JPOST_CACHE/kernels`) under a hash of the source, the
-flags, jaxlib's version and the processor. `available()` says whether that worked;
-`attention.choose('auto')` uses the kernel only then, and says once why
-not when it does not (a missing compiler, say).
+The kernel is built on first use (models/native.py says how and where);
+`available()` says whether that worked; `attention.choose('auto')` uses
+the kernel only then, and says once why not when it does not (a missing
+compiler, say).
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import os
-import pathlib
-import shutil
-import subprocess
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
 
+from jpost.models import native
 from jpost.models.remat import saved_residual
 
-SOURCE = pathlib.Path(__file__).with_name('cpu_attention.cc')
-FLAGS = ('-O3', '-march=native', '-mprefer-vector-width=512', '-fopenmp-simd',
-         '-fno-math-errno', '-std=c++17', '-shared', '-fPIC', '-w')
-_TARGETS = {'forward': 'JpostAttentionForward', 'backward': 'JpostAttentionBackward'}
+SOURCE = 'cpu_attention.cc'
+_TARGETS = (('jpost_cpu_attention_forward', 'JpostAttentionForward'),
+            ('jpost_cpu_attention_backward', 'JpostAttentionBackward'))
+KernelUnavailable = native.KernelUnavailable
 
 
-class KernelUnavailable(RuntimeError):
-  """The kernel could not be built or loaded here (the message says why)."""
-
-
-def _compiler() -> str | None:
-  return os.environ.get('CXX') or shutil.which('c++') or shutil.which('g++')
-
-
-def _machine() -> str:
-  """The processor a `-march=native` build is for: a cache shared between
-  machines (a network home, an image) must not hand one CPU's build to another."""
-  import platform
-  try:
-    with open('/proc/cpuinfo') as f:
-      lines = [line for line in f if line.startswith(('model name', 'flags', 'Features'))]
-    return ''.join(dict.fromkeys(lines))  # each distinct line once
-  except OSError:
-    return platform.processor() + platform.machine()
-
-
-def _library_path(compiler: str) -> pathlib.Path:
-  import jaxlib
-  from jpost import assets
-  key = hashlib.sha256(SOURCE.read_bytes() + ' '.join((compiler, *FLAGS)).encode()
-                       + jaxlib.__version__.encode() + _machine().encode()).hexdigest()[:16]
-  return assets.cache_dir() / 'kernels' / f'cpu_attention-{key}.so'
-
-
-def _build(compiler: str, target: pathlib.Path) -> None:
-  from jpost import assets
-  target.parent.mkdir(parents=True, exist_ok=True)
-  with assets.cache_lock('kernels'):
-    if target.exists():  # another process built it meanwhile
-      return
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-      built = pathlib.Path(tmp) / target.name
-      command = [compiler, *FLAGS, f'-I{jax.ffi.include_dir()}', str(SOURCE), '-o', str(built)]
-      result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-      if result.returncode != 0:
-        raise KernelUnavailable(f'compiling {SOURCE.name} failed ({" ".join(command)}):\n'
-                                f'{result.stderr.strip()[-2000:]}')
-      os.replace(built, target)  # atomic: a reader never sees half a library
-
-
-@functools.lru_cache(maxsize=None)
-def _load() -> None:
-  """Builds (once per machine and source) and registers the kernel."""
-  compiler = _compiler()
-  if compiler is None:
-    raise KernelUnavailable('no C++ compiler found (set $CXX or install g++)')
-  target = _library_path(compiler)
-  if not target.exists():
-    _build(compiler, target)
-  library = ctypes.cdll.LoadLibrary(str(target))
-  for name, symbol in _TARGETS.items():
-    jax.ffi.register_ffi_target(f'jpost_cpu_attention_{name}',
-                                jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
-
-
-@functools.lru_cache(maxsize=None)
 def unavailable_reason() -> str | None:
   """None if the kernel is built and registered here, else why not."""
-  if jax.default_backend() != 'cpu':
-    return f'it runs on CPU only (the backend is {jax.default_backend()})'
-  try:
-    _load()
-  except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
-    return str(e)
-  return None
+  return native.unavailable_reason(SOURCE, _TARGETS)
 
 
 def available() -> bool:

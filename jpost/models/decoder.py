@@ -26,7 +26,7 @@ from jax.experimental.layout import Layout, with_layout_constraint
 
 from jpost import ops, sharding
 from jpost.models import attention as attn
-from jpost.models import lora
+from jpost.models import cpu_matmul, lora
 from jpost.models.config import ModelConfig
 from jpost.models.remat import loops_go_through_float32, remat, saved
 
@@ -149,16 +149,19 @@ class Decoder(nnx.Module):
         [stacked_params.pop(n) for n in ('q', 'k', 'v')], axis=-1)
     stacked_params['gate_up'] = jnp.concatenate(
         [stacked_params.pop(n) for n in ('gate', 'up')], axis=-1)
+    stacked_params = {name: value.astype(dtype) for name, value in stacked_params.items()}
+    stacked_params = {name: _for_decoding(value, self.config) if value.ndim == 3 else value
+                      for name, value in stacked_params.items()}  # kernels: [L, K, N]
     if stacked:
-      return {name: value.astype(dtype) for name, value in stacked_params.items()}
-    return [{name: value[i].astype(dtype) for name, value in stacked_params.items()}
+      return stacked_params
+    return [{name: value[i] for name, value in stacked_params.items()}
             for i in range(self.config.num_layers)]
 
   def head(self):
     """The output projection in the compute dtype, as (weight, is [V, D]):
     what a decode loop computes once and passes to `logits`."""
     weight, is_vd = self._head_param()
-    return weight.astype(jnp.dtype(self.config.dtype)), is_vd
+    return _for_decoding(weight.astype(jnp.dtype(self.config.dtype)), self.config, is_vd), is_vd
 
   def _head_param(self):
     if self.config.tie_embeddings:
@@ -187,6 +190,16 @@ class Decoder(nnx.Module):
     return ops.head_weighted_logprobs(functools.partial(_head_logits, is_vd=is_vd), weight,
                                       hidden, targets, token_weights,
                                       chunk=self.config.logits_chunk)
+
+
+def _for_decoding(value, cfg: ModelConfig, w_is_fd: bool = False):
+  """A decode loop's kernel ([..., K, N], or [..., N, K] with `w_is_fd`),
+  packed for the CPU decoding matmul where `cpu_matmul.packs_for_decoding`
+  says so and its shape packs (`dense` then runs it there), else as it is."""
+  if not cpu_matmul.packs_for_decoding(cfg.decode_matmul, value.dtype):
+    return value
+  k, n = value.shape[-2:][::-1] if w_is_fd else value.shape[-2:]
+  return cpu_matmul.pack(value, w_is_fd) if cpu_matmul.packable(k, n) else value
 
 
 def _head_logits(hidden, weight, *, is_vd: bool):
@@ -534,6 +547,8 @@ def dense(x, w, w_is_fd: bool = False, float32_out: bool = False):
   is one opaque operation to JAX's dot-finding policies, which kept none of
   these outputs (so 'dots' recomputed as much as 'full').
   """
+  if cpu_matmul.is_packed(w):  # a decode loop's weight (Decoder.decode_layers)
+    return cpu_matmul.matmul(x, w, float32_out)
   return saved(_dense(x, w, w_is_fd, float32_out), 'dense')
 
 
