@@ -195,12 +195,14 @@ def build_decoder(cfg: ModelConfig, params: dict[tuple[str, ...], np.ndarray],
 
 def compute_options(config) -> dict:
   """ModelConfig fields a recipe's `config.model` sets: dtypes, remat policy,
-  attention implementation, block and segment limit."""
+  attention implementation, block and segment limit, LM-head chunk, the
+  decode loop's matmuls."""
   m = config.model
   return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.get('remat', False),
               attention=m.get('attention', 'auto'), attention_block=m.get('attention_block', 512),
               attention_max_segments=m.get('attention_max_segments', 16),
-              logits_chunk=m.get('logits_chunk', 0))
+              logits_chunk=m.get('logits_chunk', 0),
+              decode_matmul=m.get('decode_matmul', 'auto'))
 
 
 def load(path: str | pathlib.Path, *, mesh=None, rules=None, lora_adapter=None, seed: int = 0,
