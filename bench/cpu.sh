@@ -8,7 +8,7 @@
 # tokens/s and MFU against TRL in float32 and bf16 autocast (and the
 # step's MFU on full rows of random tokens, without the fused attention
 # kernel, and in rows of 256 rather than padding-free), the GRPO step
-# against TRL's, decode tokens/s (its matmuls on jpost's kernel and on
+# against TRL's, decode tokens/s (on jpost's decoding kernels and on
 # XLA's), SmolLM2's attention alone (the fused
 # kernel against blockwise), and the bfloat16 matmul speed at a step's
 # shapes (with YNNPACK, XLA:CPU's default, and with oneDNN), and SFT on one
@@ -60,9 +60,10 @@ run grpo bench/grpo_step.py --steps 5
 # tokens with three samples each): the fused CPU kernel against blockwise.
 run attention bench/attention_check.py --batch 8 --seq-len 256 --heads 9 --kv-heads 3 \
   --impls blockwise,cpu --repeats 30
-# Decoding with its matmuls on jpost's CPU kernel ('auto', where the CPU has
-# AVX512-BF16) and on XLA's: on an AMX Xeon, XLA's may be the faster.
-run generate bench/generate_throughput.py --batches 16 --dtypes bfloat16 --decode-matmul auto,xla
+# Decoding with its matmuls and attention on jpost's CPU kernels ('auto',
+# where the CPU has AVX512-BF16) and on XLA's: on an AMX Xeon, XLA's
+# matmuls may be the faster.
+run generate bench/generate_throughput.py --batches 16 --dtypes bfloat16 --decode-kernels auto,xla
 if [ "$what" != quick ]; then
   if "$py" -c 'import trl' 2>/dev/null; then
     run peer_sft bench/peer_trl_sft.py --steps 4
@@ -71,8 +72,8 @@ if [ "$what" != quick ]; then
     echo "TRL is not installed: no peer figures (.venv/bin/pip install -e '.[bench]')"
   fi
   run profile bench/profile_step.py --remat dots --by-source --matmuls
-  # The GRPO step with its rollout's matmuls on XLA's rather than jpost's kernel.
-  run grpo_xla_matmul bench/grpo_step.py --steps 5 --decode-matmul xla
+  # The GRPO step with its rollout on XLA's operations rather than jpost's kernels.
+  run grpo_xla_decode bench/grpo_step.py --steps 5 --decode-kernels xla
   # The SFT step on one logical CPU: where the two are one core's threads,
   # the second adds little (two cores: 1.6-1.9x one on the EPYC).
   if command -v taskset > /dev/null; then
@@ -139,15 +140,15 @@ if sft and peer_sft:
 if grpo:
   summary['grpo'] = {k: grpo[k] for k in ('s_per_step', 'warm_s_per_step', 'rollout_s',
                                          'update_s', 'peak_rss_mb')}
-grpo_xla = last_json('grpo_xla_matmul')
+grpo_xla = last_json('grpo_xla_decode')
 if grpo and grpo_xla:
-  summary['grpo']['xla_matmul_rollout'] = {k: grpo_xla[k] for k in ('s_per_step', 'rollout_s')}
+  summary['grpo']['xla_decode_rollout'] = {k: grpo_xla[k] for k in ('s_per_step', 'rollout_s')}
 if grpo and peer_grpo:
   for s in peer_grpo['settings']:
     summary['grpo'][f'vs_trl_{s["dtype"]}'] = round(s['s_per_step'] / grpo['s_per_step'], 2)
 if gen:
   summary['generate_tokens_per_s'] = gen.get('tokens_per_s')
-  summary['generate_by_decode_matmul'] = {r.get('decode_matmul', 'auto'): r['tokens_per_s']
+  summary['generate_by_decode_kernels'] = {r.get('decode_kernels', 'auto'): r['tokens_per_s']
                                           for r in gen.get('settings', [])}
 attention = last_json('attention')
 if attention:

@@ -7,7 +7,7 @@ One jitted chain through every layer's matmuls in a decode step's order
 and the tied LM head, each matmul's input the previous one's output cut or
 tiled to width, as the decode loop runs them one after another: once on
 XLA's bfloat16 matmul with float32 accumulation (`decoder.dense`), once on
-the kernel over weights packed once (`models/cpu_matmul.py`). Prints the
+the kernel over weights packed once (`models/cpu_decode.py`). Prints the
 median milliseconds a step, GFLOP/s and the rate the weights stream at
 (GB/s of bfloat16 weights read); the last line is one JSON object.
 """
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 import common
-from jpost.models import cpu_matmul, shapes
+from jpost.models import cpu_decode, shapes
 
 
 def layer_shapes(cfg) -> list[tuple[int, int]]:
@@ -68,17 +68,17 @@ def main():
   parser.add_argument('--shape', default='smollm2-135m')
   parser.add_argument('--repeats', type=int, default=9)
   args = parser.parse_args()
-  reason = cpu_matmul.unavailable_reason()
+  reason = cpu_decode.unavailable_reason()
   if reason is not None:
     raise SystemExit(f'the kernel is not available here: {reason}')
   cfg = shapes.config(args.shape)
   ws = weights(cfg)
-  packed = [cpu_matmul.pack(w) for w in ws]
+  packed = [cpu_decode.pack(w) for w in ws]
   flops_per_row = 2 * sum(w.size for w in ws)
   weight_bytes = 2 * sum(w.size for w in ws)
   xla = jax.jit(lambda x, ws: chain(x, ws, lambda a, w: jnp.dot(
       a, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16)))
-  kernel = jax.jit(lambda x, ws: chain(x, ws, cpu_matmul.matmul))
+  kernel = jax.jit(lambda x, ws: chain(x, ws, cpu_decode.matmul))
   results = []
   for rows in map(int, args.rows.split(',')):
     x = jax.random.normal(jax.random.key(rows), (rows, cfg.hidden_size), jnp.bfloat16)

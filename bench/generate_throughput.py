@@ -1,7 +1,7 @@
 """Generation throughput of jpost's KV-cache sampler on SmolLM2-135M.
 
   python bench/generate_throughput.py [--batches 1,8,32] [--new-tokens 128] [--dtypes float32,bfloat16]
-      [--decode default,loop:float32,scan:model] [--decode-matmul auto,xla]
+      [--decode default,loop:float32,scan:model] [--decode-kernels auto,xla]
       [--shape llama-3.2-1b]
 
 Every row generates exactly --new-tokens tokens (no early stop), sampling at
@@ -13,9 +13,10 @@ best dtype at the largest batch.
 --decode compares decode steps: `loop` or `scan` over the layers, with the
 KV cache stored in float32 or in the `model`'s dtype (`default` = what the
 backend uses; see sampling.scan_layers_by_default and decoder.cache_storage_dtype).
---decode-matmul compares the decode step's matmuls (ModelConfig.decode_matmul):
-`auto` runs them on jpost's CPU kernel where it applies (bfloat16 on one
-CPU with AVX512-BF16: models/cpu_matmul.py), `xla` on XLA's own.
+--decode-kernels compares the decode step's matmuls and attention
+(ModelConfig.decode_kernels): `auto` runs them on jpost's CPU kernels where
+they apply (bfloat16 on one CPU with AVX512-BF16: models/cpu_decode.py),
+`xla` on XLA's own operations.
 """
 
 import argparse
@@ -58,7 +59,7 @@ def decode_options(decode: str, dtype: str, settings):
           dict(cache_dtype=dtype if cache == 'model' else 'float32'))
 
 
-def run(model, settings, batch, dtype, decode, matmul, args) -> dict:
+def run(model, settings, batch, dtype, decode, kernels, args) -> dict:
   settings, options = decode_options(decode, dtype, settings)
   tokens, mask = sampling.left_pad(prompt_ids(batch, args.random_init), 2)
   tic = time.perf_counter()
@@ -76,12 +77,12 @@ def run(model, settings, batch, dtype, decode, matmul, args) -> dict:
   # Decoding reads every weight once per step: 2 x parameters FLOPs per token.
   from jpost import metrics
   mfu = 2 * model.config.num_params() * new / seconds / metrics.measured_peak_flops(dtype)
-  result = {'dtype': dtype, 'decode': decode, 'decode_matmul': matmul, 'batch': batch, 'new_tokens': args.new_tokens,
+  result = {'dtype': dtype, 'decode': decode, 'decode_kernels': kernels, 'batch': batch, 'new_tokens': args.new_tokens,
             'generated': new, 'seconds_median': round(seconds, 3),
             'first_call_s': round(first, 2), 'tokens_per_s': round(new / seconds, 1),
             'device': jax.devices()[0].device_kind, 'random_init': args.random_init,
             'shape': args.shape, 'mfu': round(mfu, 4)}
-  print(f"{args.shape} {dtype} {decode} matmul {matmul} batch {batch}: {result['tokens_per_s']} tokens/s, "
+  print(f"{args.shape} {dtype} {decode} kernels {kernels} batch {batch}: {result['tokens_per_s']} tokens/s, "
         f"MFU {100 * mfu:.1f}% "
         f"({new} tokens in {seconds:.2f}s; first call {first:.1f}s with compilation)", flush=True)
   return result
@@ -95,7 +96,7 @@ def main():
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--random-init', action='store_true')
   parser.add_argument('--decode', default='default')
-  parser.add_argument('--decode-matmul', default='auto')
+  parser.add_argument('--decode-kernels', default='auto')
   parser.add_argument('--shape', default='smollm2-135m',
                       help='a jpost.models.shapes name; any but SmolLM2 is random')
   args = parser.parse_args()
@@ -106,16 +107,16 @@ def main():
     # An id outside the vocabulary is never sampled: every row runs to the end.
     settings = sampling.SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0,
                                        stop_ids=(model.config.vocab_size,))
-    for matmul in args.decode_matmul.split(','):
-      model.config = dataclasses.replace(model.config, decode_matmul=matmul)
+    for kernels in args.decode_kernels.split(','):
+      model.config = dataclasses.replace(model.config, decode_kernels=kernels)
       for decode in args.decode.split(','):
         for batch in map(int, args.batches.split(',')):
-          results.append(run(model, settings, batch, dtype, decode, matmul, args))
+          results.append(run(model, settings, batch, dtype, decode, kernels, args))
   largest = max(r['batch'] for r in results)
   best = max((r for r in results if r['batch'] == largest), key=lambda r: r['tokens_per_s'])
   print(json.dumps({'machine': common.machine(), 'tokens_per_s': best['tokens_per_s'], 'batch': largest,
                     'best_dtype': best['dtype'], 'best_decode': best['decode'],
-                    'best_decode_matmul': best['decode_matmul'],
+                    'best_decode_kernels': best['decode_kernels'],
                     'settings': results}))
 
 

@@ -3,7 +3,7 @@
   python bench/grpo_step.py [--steps 5] [--prompts 2] [--samples 8] [--max-new 128]
                             [--beta 0.04] [--dtype auto] [--remat full|dots | --no-remat]
                             [--data gsm8k:rl_train] [--logits-chunk N] [--attention auto]
-                            [--decode-matmul auto|xla]
+                            [--decode-kernels auto|xla]
 
 Runs the real online loop (jpost.trainers.online, configs/grpo.py with these
 overrides: GSM8K prompts, 2 prompts x 8 samples x up to 128 new tokens,
@@ -43,7 +43,7 @@ def grpo_config(args):
   if args.logits_chunk is not None:
     c.model.logits_chunk = args.logits_chunk
   c.model.attention = args.attention
-  c.model.decode_matmul = args.decode_matmul
+  c.model.decode_kernels = args.decode_kernels
   c.total_steps = args.steps
   c.eval_every = 0
   c.export_hf = False
@@ -68,8 +68,9 @@ def main():
   parser.add_argument('--minibatches', type=int, default=1)
   parser.add_argument('--logits-chunk', type=int, help="LM-head positions per chunk (the recipe's)")
   parser.add_argument('--attention', default='auto', help='auto, xla, blockwise or cpu (the recipe: auto)')
-  parser.add_argument('--decode-matmul', default='auto',
-                      help="the rollout's matmuls: auto (jpost's CPU kernel where it applies) or xla")
+  parser.add_argument('--decode-kernels', default='auto',
+                      help="the rollout's matmuls and attention: auto (jpost's CPU kernels where "
+                           "they apply) or xla")
   args = parser.parse_args()
   from jpost.models.config import resolve_dtype
   args.dtype = resolve_dtype(args.dtype)
@@ -105,7 +106,7 @@ def main():
       'setup': f'{args.prompts} prompts x {args.samples} samples x <= {args.max_new} new tokens, '
                f'beta {args.beta}, {args.dtype}, {args.minibatches} minibatch(es), '
                f'remat {c.model.remat}, LM-head chunk {c.model.logits_chunk}, '
-               f'attention {args.attention}, decode matmul {args.decode_matmul}, {args.data}',
+               f'attention {args.attention}, decode kernels {args.decode_kernels}, {args.data}',
       's_per_step': round(median('time/step_s'), 2),
       'warm_s_per_step': round(statistics.median(warm), 2) if warm else None,
       'warm_steps': len(warm),

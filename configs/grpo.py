@@ -44,9 +44,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # The chunk counts positions per row, and an update has prompts x samples
       # rows: 64 (not SFT's 512) keeps their [rows, chunk, vocab] logits small.
       attention='auto', attention_block=512, attention_max_segments=16, logits_chunk=64,
-      # The rollout's matmuls: 'auto' runs them on jpost's CPU kernel in
-      # bfloat16 on one CPU with AVX512-BF16, 'xla' on XLA's (README, "Online RL").
-      decode_matmul='auto'))
+      # The rollout's matmuls and attention: 'auto' runs them on jpost's CPU
+      # kernels in bfloat16 on one CPU with AVX512-BF16, 'xla' on XLA's
+      # (README, "Generation and chat").
+      decode_kernels='auto'))
   # LoRA/QLoRA (README, "LoRA and QLoRA"): rank 0 is full fine-tuning.
   c.lora = lora.default_config()
   c.data = ml_collections.ConfigDict(dict(

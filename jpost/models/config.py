@@ -96,9 +96,10 @@ class ModelConfig:
   attention: str = 'auto'
   attention_block: int = 512
   attention_max_segments: int = 16
-  # A decode loop's matmuls: 'auto' runs them on jpost's CPU kernel where
-  # cpu_matmul.packs_for_decoding says it applies, 'xla' on XLA's always.
-  decode_matmul: str = 'auto'
+  # A decode loop's matmuls and attention: 'auto' runs them on jpost's CPU
+  # kernels where cpu_decode.decodes_on_kernels says they apply, 'xla' on
+  # XLA's operations always.
+  decode_kernels: str = 'auto'
   # Losses compute the LM head's logits this many positions at a time (0:
   # all at once), recomputed in the backward pass (ops.head_logprobs) or, for
   # SFT, with their gradient taken in the forward (ops.head_weighted_logprobs;
@@ -151,8 +152,9 @@ class ModelConfig:
     if not isinstance(self.attention_max_segments, int) or self.attention_max_segments < 1:
       raise ConfigError(f'ModelConfig.attention_max_segments={self.attention_max_segments!r}; '
                         'use an int >= 1 (16 by default).')
-    if self.decode_matmul not in ('auto', 'xla'):
-      raise ConfigError(f"ModelConfig.decode_matmul={self.decode_matmul!r}; use 'auto' or 'xla'.")
+    if self.decode_kernels not in ('auto', 'xla'):
+      raise ConfigError(f'ModelConfig.decode_kernels={self.decode_kernels!r}; '
+                        "use 'auto' or 'xla'.")
     for name in ('param_dtype', 'dtype'):
       if getattr(self, name) not in ('float32', 'bfloat16', 'float16'):
         raise ConfigError(

@@ -25,72 +25,13 @@
 #include <thread>
 #include <vector>
 
-#include "cpu_parallel.h"
+#include "cpu_kernels.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
-using jpost::parallel_for;
+using namespace jpost;  // cpu_kernels.h: vectors, bfloat16, exp, parallel_for
 
 namespace {
-
-typedef float V16 __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register
-
-inline V16 load16(const float* p) { V16 v; std::memcpy(&v, p, sizeof v); return v; }
-inline void store16(float* p, V16 v) { std::memcpy(p, &v, sizeof v); }
-inline V16 splat(float x) {  // a broadcast (V16{} + x would add a zero first)
-  return V16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
-}
-
-inline float from_bf16(uint16_t b) {
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t to_bf16(float f) {  // round to nearest even, as XLA converts
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffff) > 0x7f800000) return 0x7fc0;
-  u += 0x7fff + ((u >> 16) & 1);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-// exp(x) for the softmax's x <= 0, in a form the compiler vectorises:
-// 2^n * p(f) with a degree-6 polynomial (relative error ~2e-7).
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  // Round to nearest by adding and subtracting 1.5 * 2^23 (nearbyint is a
-  // library call the compiler does not vectorise).
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float f = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
-  float p = 1.9875691500e-4f;
-  p = p * f + 1.3981999507e-3f;
-  p = p * f + 8.3334519073e-3f;
-  p = p * f + 4.1665795894e-2f;
-  p = p * f + 1.6666665459e-1f;
-  p = p * f + 5.0000001201e-1f;
-  p = p * f * f + f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, 4);
-  return p * two_n;
-}
-
-// max(row[0:n]) 16 at a time (a scalar loop otherwise: the compiler keeps
-// std::max's NaN order and does not vectorise it).
-inline float row_max(const float* row, int64_t n) {
-  V16 mv = splat(-INFINITY);
-  int64_t c = 0;
-  for (; c + 16 <= n; c += 16) {
-    const V16 x = load16(row + c);
-    mv = x > mv ? x : mv;
-  }
-  float m = -INFINITY;
-  for (int i = 0; i < 16; ++i) m = std::max(m, mv[i]);
-  for (; c < n; ++c) m = std::max(m, row[c]);
-  return m;
-}
 
 struct Shape {
   int64_t b, t, n, k, h;  // rows, tokens, query heads, key heads, head size
@@ -393,21 +334,6 @@ void backward_key_head(const Shape& s, const RowPlan& plan, const int32_t* seg,
         }
     }
   });
-}
-
-template <typename F>
-bool dispatch_g(int64_t g, F&& f) {
-  switch (g) {
-    case 1: f(std::integral_constant<int64_t, 1>{}); return true;
-    case 2: f(std::integral_constant<int64_t, 2>{}); return true;
-    case 3: f(std::integral_constant<int64_t, 3>{}); return true;
-    case 4: f(std::integral_constant<int64_t, 4>{}); return true;
-    case 5: f(std::integral_constant<int64_t, 5>{}); return true;
-    case 6: f(std::integral_constant<int64_t, 6>{}); return true;
-    case 7: f(std::integral_constant<int64_t, 7>{}); return true;
-    case 8: f(std::integral_constant<int64_t, 8>{}); return true;
-    default: return false;
-  }
 }
 
 ffi::Error check(const Shape& s) {

@@ -1,5 +1,5 @@
 // Matmuls of a few rows by a packed bfloat16 weight, for decoding on
-// XLA:CPU, called through XLA's FFI (jpost/models/cpu_matmul.py packs the
+// XLA:CPU, called through XLA's FFI (jpost/models/cpu_decode.py packs the
 // weights and registers it).
 //
 // A decode step multiplies one row per sequence by every weight of the
@@ -21,7 +21,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "cpu_parallel.h"
+#include "cpu_kernels.h"
 #include "xla/ffi/api/ffi.h"
 
 #if !defined(__AVX512BF16__)
@@ -98,7 +98,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ff
       xd[1] != 2 * wd[1] || yd[0] != xd[0] || yd[1] != wd[0] * kBlock)
     return ffi::Error::InvalidArgument(
         "jpost cpu_matmul: expected x [M, K], a weight packed as [N/64, K/2, 64, 2] "
-        "(cpu_matmul.pack) and a result [M, N]");
+        "(cpu_decode.pack) and a result [M, N]");
   constexpr bool kFloat32Out = kOut == ffi::DataType::F32;
   const int64_t m = xd[0], k = xd[1], n = yd[1];
   const auto* xs = reinterpret_cast<const uint16_t*>(x.typed_data());

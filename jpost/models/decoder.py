@@ -26,7 +26,7 @@ from jax.experimental.layout import Layout, with_layout_constraint
 
 from jpost import ops, sharding
 from jpost.models import attention as attn
-from jpost.models import cpu_matmul, lora
+from jpost.models import cpu_decode, lora
 from jpost.models.config import ModelConfig
 from jpost.models.remat import loops_go_through_float32, remat, saved
 
@@ -194,12 +194,12 @@ class Decoder(nnx.Module):
 
 def _for_decoding(value, cfg: ModelConfig, w_is_fd: bool = False):
   """A decode loop's kernel ([..., K, N], or [..., N, K] with `w_is_fd`),
-  packed for the CPU decoding matmul where `cpu_matmul.packs_for_decoding`
+  packed for the CPU decoding matmul where `cpu_decode.decodes_on_kernels`
   says so and its shape packs (`dense` then runs it there), else as it is."""
-  if not cpu_matmul.packs_for_decoding(cfg.decode_matmul, value.dtype):
+  if not cpu_decode.decodes_on_kernels(cfg.decode_kernels, value.dtype):
     return value
   k, n = value.shape[-2:][::-1] if w_is_fd else value.shape[-2:]
-  return cpu_matmul.pack(value, w_is_fd) if cpu_matmul.packable(k, n) else value
+  return cpu_decode.pack(value, w_is_fd) if cpu_decode.packable(k, n) else value
 
 
 def _head_logits(hidden, weight, *, is_vd: bool):
@@ -378,7 +378,11 @@ def decoder_block(x, p, cos, sin, visible, cfg: ModelConfig, cache=None, prefix=
     cache_k, cache_v, index = cache
     keys = _write_slots(cache_k, keys, (0, 0, 0, index))
     values = _write_slots(cache_v, values, (0, 0, index, 0))
-  if prefix is not None:
+  if (cache is not None and not isinstance(visible, attn.Visibility)
+      and cpu_decode.decodes_on_kernels(cfg.decode_kernels, x.dtype)
+      and cpu_decode.attends(q, keys)):
+    attended = cpu_decode.attention(q, keys, values, visible, prefix)
+  elif prefix is not None:
     prefix_k, prefix_v, prefix_mask = prefix
     attended = attn.shared_prefix_attention(q, prefix_k, prefix_v, prefix_mask, keys, values,
                                             visible)
@@ -547,8 +551,8 @@ def dense(x, w, w_is_fd: bool = False, float32_out: bool = False):
   is one opaque operation to JAX's dot-finding policies, which kept none of
   these outputs (so 'dots' recomputed as much as 'full').
   """
-  if cpu_matmul.is_packed(w):  # a decode loop's weight (Decoder.decode_layers)
-    return cpu_matmul.matmul(x, w, float32_out)
+  if cpu_decode.is_packed(w):  # a decode loop's weight (Decoder.decode_layers)
+    return cpu_decode.matmul(x, w, float32_out)
   return saved(_dense(x, w, w_is_fd, float32_out), 'dense')
 
 

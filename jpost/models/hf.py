@@ -202,7 +202,7 @@ def compute_options(config) -> dict:
               attention=m.get('attention', 'auto'), attention_block=m.get('attention_block', 512),
               attention_max_segments=m.get('attention_max_segments', 16),
               logits_chunk=m.get('logits_chunk', 0),
-              decode_matmul=m.get('decode_matmul', 'auto'))
+              decode_kernels=m.get('decode_kernels', 'auto'))
 
 
 def load(path: str | pathlib.Path, *, mesh=None, rules=None, lora_adapter=None, seed: int = 0,

@@ -1,5 +1,6 @@
-"""jpost's C++ kernels for XLA:CPU (cpu_attention.cc, cpu_matmul.cc): built
-on first use with the machine's C++ compiler (`$CXX`, else `c++`) for the
+"""jpost's C++ kernels for XLA:CPU (cpu_attention.cc, cpu_matmul.cc,
+cpu_decode_attention.cc, and what they share in cpu_kernels.h): built on
+first use with the machine's C++ compiler (`$CXX`, else `c++`) for the
 machine's own instructions, cached in the jpost cache
 (`$JPOST_CACHE/kernels`) under a hash of the source, the headers beside it,
 the flags, jaxlib's version and the processor, and registered as XLA FFI

@@ -1,0 +1,140 @@
+"""A decode step on CPU: its weight matmuls and its attention over the KV
+cache on jpost's C++ kernels (cpu_matmul.cc, cpu_decode_attention.cc),
+called through XLA's FFI.
+
+A decode step multiplies a few rows (one a sequence) by every weight of the
+model, then attends over each row's cache. XLA:CPU's bfloat16 matmuls read
+the weights at those shapes well under the machine's bandwidth, and runs
+the attention as some ten small operations a layer whose fixed cost
+outweighs their arithmetic. The matmul kernel reads a weight packed as
+[N/64, K/2, 64, 2] (`pack`, once per generate call), the layout its
+AVX512-BF16 dot instruction takes; the attention kernel is one call a
+layer over the float32 cache (and a shared prompt's), skipping masked
+slots (bench/RESULTS.md).
+
+`decodes_on_kernels` is the one place that decides where they run: by
+default (ModelConfig.decode_kernels='auto') bfloat16 compute on a single
+CPU device whose processor has AVX512-BF16 and where both kernels build
+(models/native.py); 'xla' turns them off. Elsewhere decoding uses XLA's
+operations, as training always does. A weight packed by `pack` is a 4-D
+array (5-D stacked over layers); `decoder.dense` sends those to `matmul`.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from jpost.models import native
+
+_MATMUL = ('cpu_matmul.cc', (('jpost_cpu_matmul_bf16', 'JpostMatmulBf16'),
+                             ('jpost_cpu_matmul_f32', 'JpostMatmulF32')))
+_ATTENTION = ('cpu_decode_attention.cc',
+              (('jpost_cpu_decode_attention', 'JpostDecodeAttention'),
+               ('jpost_cpu_decode_attention_shared', 'JpostDecodeAttentionShared')))
+BLOCK = 64  # output columns a packed block holds (cpu_matmul.cc's kBlock)
+CHOICES = ('auto', 'xla')  # ModelConfig.decode_kernels
+
+
+def unavailable_reason() -> str | None:
+  """None if both kernels are built and registered here, else why not."""
+  return native.unavailable_reason(*_MATMUL) or native.unavailable_reason(*_ATTENTION)
+
+
+def decodes_on_kernels(choice: str, dtype) -> bool:
+  """Whether a decode loop in compute `dtype` runs on the kernels.
+  `choice` (ModelConfig.decode_kernels): 'xla' never; 'auto' for bfloat16
+  on the CPU backend with one device (a packed weight is not sharded),
+  where the kernels build. Says once on stderr why not, where only the
+  kernels' absence stands in the way."""
+  if choice not in CHOICES:
+    raise ValueError(f'decode_kernels={choice!r}; use one of {CHOICES}.')
+  return choice == 'auto' and _auto(jnp.dtype(dtype).name)
+
+
+@functools.lru_cache(maxsize=None)
+def _auto(dtype_name: str) -> bool:
+  if dtype_name != 'bfloat16' or jax.default_backend() != 'cpu' or jax.device_count() != 1:
+    return False
+  reason = unavailable_reason()
+  if reason is not None:
+    print(f'jpost: the CPU decoding kernels are not available ({reason}); '
+          "decoding uses XLA's operations.", file=sys.stderr)
+  return reason is None
+
+
+# --- the weight matmuls ----------------------------------------------------------
+
+
+def packable(k: int, n: int) -> bool:
+  """Whether a [K, N] weight packs: N a multiple of 64, K even."""
+  return n % BLOCK == 0 and k % 2 == 0
+
+
+def pack(w, w_is_fd: bool = False):
+  """w [..., K, N] (or [..., N, K] with `w_is_fd`) as [..., N/64, K/2, 64, 2]:
+  for each block of 64 output columns, the inputs in pairs."""
+  *lead, k, n = w.shape
+  if w_is_fd:
+    n, k = k, n
+    blocks = w.reshape(*lead, n // BLOCK, BLOCK, k // 2, 2)
+    return jnp.swapaxes(blocks, -3, -2)
+  blocks = w.reshape(*lead, k // 2, 2, n // BLOCK, BLOCK)
+  return jnp.moveaxis(blocks, (-2, -4, -1, -3), (-4, -3, -2, -1))
+
+
+def is_packed(w) -> bool:
+  """Whether `w` (one layer's weight) is `pack`ed."""
+  return w.ndim == 4
+
+
+def matmul(x, packed, float32_out: bool = False):
+  """x [..., K] @ the weight `packed` holds ([..., N]), accumulated in
+  float32 and returned in bfloat16 (or float32)."""
+  nb, half_k, _, _ = packed.shape
+  rows = x.reshape(-1, x.shape[-1]).astype(jnp.bfloat16)
+  if rows.shape[1] != 2 * half_k:
+    raise ValueError(f'x has {rows.shape[1]} features; the packed weight takes {2 * half_k}.')
+  out_dtype = jnp.float32 if float32_out else jnp.bfloat16
+  out = jax.ffi.ffi_call(
+      'jpost_cpu_matmul_f32' if float32_out else 'jpost_cpu_matmul_bf16',
+      jax.ShapeDtypeStruct((rows.shape[0], nb * BLOCK), out_dtype))(rows, packed)
+  return out.reshape(*x.shape[:-1], nb * BLOCK)
+
+
+# --- the attention over the cache -------------------------------------------------
+
+
+def attends(q_btnh, keys) -> bool:
+  """Whether a decoder block attends on the kernel: a decode step's
+  bfloat16 queries (one new token a row, [B, 1, N, H]) over a float32 cache
+  (keys [B, K, H, S]), a head size that is a multiple of 16 and 1-8 query
+  heads per key head. (The kernel takes any T; a prefill's many queries go
+  to XLA's batched matmuls.)"""
+  t, n, h, k = q_btnh.shape[1], q_btnh.shape[2], q_btnh.shape[3], keys.shape[1]
+  return (t == 1 and q_btnh.dtype == jnp.bfloat16 and keys.dtype == jnp.float32
+          and h % 16 == 0 and n % k == 0 and 1 <= n // k <= 8)
+
+
+def attention(q_btnh, keys, values, mask, prefix=None):
+  """attention.dense_attention(q, keys, values, mask), or with `prefix` =
+  (keys [G, K, H, P], values [G, K, P, H], mask [B, T, P])
+  attention.shared_prefix_attention: queries [B, T, N, H] bfloat16, the
+  cache's keys [B, K, H, S] and values [B, K, S, H] float32, mask [B, T, S]
+  bool. Returns [B, T, N, H] bfloat16."""
+  out = jax.ShapeDtypeStruct(q_btnh.shape, q_btnh.dtype)
+  mask = mask.astype(jnp.bool_)
+  if prefix is None:
+    return jax.ffi.ffi_call('jpost_cpu_decode_attention', out)(q_btnh, keys, values, mask)
+  prefix_keys, prefix_values, prefix_mask = prefix
+  return jax.ffi.ffi_call('jpost_cpu_decode_attention_shared', out)(
+      q_btnh, prefix_keys, prefix_values, prefix_mask.astype(jnp.bool_), keys, values, mask)
+
+
+if __name__ == '__main__':  # python -m jpost.models.cpu_decode: build them and say so
+  reason = unavailable_reason()
+  print('jpost CPU decoding kernels:', 'available' if reason is None else f'unavailable: {reason}')
+  sys.exit(0 if reason is None else 1)

@@ -1,0 +1,222 @@
+// A decode step's attention over the KV cache on XLA:CPU, called through
+// XLA's FFI (jpost/models/cpu_decode.py registers it).
+//
+// Each row's new queries attend over its cache's float32 slots under the
+// mask XLA made ([B, T, S]; slots not yet written are masked) and, with a
+// shared prefix, first over its prompt's slots (keys [G, K, H, P] shared by
+// B / G rows, under their own mask [B, T, P]): one softmax over both, as
+// attention.shared_prefix_attention computes it. XLA runs that as some ten
+// small operations a layer, whose fixed cost outweighs their arithmetic at a
+// decode step's sizes; here it is one call, which reads each slot's key and
+// value once for the key head's queries and skips the masked slots' values
+// (and keys, 16 slots at a time). Scores, softmax and sums in float32; the
+// output rounded to bfloat16. A query whose every slot is masked averages
+// them all, as a softmax of equal scores does.
+//
+// Layouts are the decoder's: q [B, T, N, H] bfloat16, keys [B, K, H, S],
+// values [B, K, S, H] (float32, as the cache stores them on CPU); query head
+// n uses key head n / (N / K). Work is split over (row, key head) pairs on
+// XLA's intra-op thread pool.
+
+#include <cstdint>
+#include <vector>
+
+#include "cpu_kernels.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using namespace jpost;  // cpu_kernels.h: vectors, bfloat16, exp, parallel_for
+
+namespace {
+
+constexpr float kMaskValue = -0.7f * 3.4028234663852886e38f;  // attention.MASK_VALUE
+constexpr int kMaxGroup = 8;  // query heads per key head
+
+struct Part {  // the slots of one key head a row reads: its prompt's or its own
+  const float* keys;    // [H, len]
+  const float* values;  // [len, H]
+  const bool* mask;     // [len] for the query at hand
+  int64_t len;
+};
+
+// scores[g][c] = scale * q_g . keys[:, c] where mask[c], else kMaskValue;
+// 16 slots at a time, those with no visible slot skipped.
+template <int G>
+void part_scores(const Part& part, const float* q, int64_t h, float scale, float* scores,
+                 int64_t ld) {
+  int64_t c = 0;
+  for (; c < part.len; c += 16) {
+    const int64_t width = std::min<int64_t>(16, part.len - c);
+    bool any = false;
+    for (int64_t j = 0; j < width; ++j) any |= part.mask[c + j];
+    if (!any) {
+      for (int i = 0; i < G; ++i)
+        for (int64_t j = 0; j < width; ++j) scores[i * ld + c + j] = kMaskValue;
+      continue;
+    }
+    V16 acc[G];
+    for (int i = 0; i < G; ++i) acc[i] = V16{};
+    if (width == 16) {
+      for (int64_t x = 0; x < h; ++x) {
+        const V16 k = load16(part.keys + x * part.len + c);
+        for (int i = 0; i < G; ++i) acc[i] += splat(q[i * h + x]) * k;
+      }
+    } else {  // the last, partial block of slots
+      for (int64_t x = 0; x < h; ++x) {
+        V16 k = V16{};
+        for (int64_t j = 0; j < width; ++j) k[j] = part.keys[x * part.len + c + j];
+        for (int i = 0; i < G; ++i) acc[i] += splat(q[i * h + x]) * k;
+      }
+    }
+    for (int i = 0; i < G; ++i)
+      for (int64_t j = 0; j < width; ++j)
+        scores[i * ld + c + j] = part.mask[c + j] ? acc[i][j] * scale : kMaskValue;
+  }
+}
+
+// out[g][:] += sum_c probs[g][c] * values[c, :] over the slots whose
+// probability is not zero, 64 columns of H at a time.
+template <int G>
+void part_values(const Part& part, const float* probs, int64_t h, int64_t ld, float* out) {
+  for (int64_t xc = 0; xc < h; xc += 64) {
+    const int64_t vecs = std::min<int64_t>(4, (h - xc) / 16);
+    V16 acc[G][4];
+    for (int i = 0; i < G; ++i)
+      for (int64_t j = 0; j < vecs; ++j) acc[i][j] = load16(out + i * h + xc + 16 * j);
+    for (int64_t c = 0; c < part.len; ++c) {
+      bool any = false;
+      for (int i = 0; i < G; ++i) any |= probs[i * ld + c] != 0.0f;
+      if (!any) continue;
+      const float* v = part.values + c * h + xc;
+      for (int64_t j = 0; j < vecs; ++j) {
+        const V16 vj = load16(v + 16 * j);
+        for (int i = 0; i < G; ++i) acc[i][j] += splat(probs[i * ld + c]) * vj;
+      }
+    }
+    for (int i = 0; i < G; ++i)
+      for (int64_t j = 0; j < vecs; ++j) store16(out + i * h + xc + 16 * j, acc[i][j]);
+  }
+}
+
+struct Dims {
+  int64_t b, t, n, k, h, s, groups, p;  // p = 0: no shared prefix
+};
+
+ffi::Error check(const Dims& d) {
+  if (d.h % 16 != 0 || d.n % d.k != 0 || d.n / d.k > kMaxGroup || (d.p > 0 && d.b % d.groups))
+    return ffi::Error::InvalidArgument(
+        "jpost cpu decode attention: head size must be a multiple of 16, 1-8 query heads "
+        "per key head, and the rows a whole number per prompt");
+  return ffi::Error::Success();
+}
+
+// One (row, key head): its G query heads at each of the T new positions.
+template <int G>
+void row_head(const Dims& d, int64_t b, int64_t kh, const uint16_t* q, const float* keys,
+              const float* values, const bool* mask, const float* pkeys, const float* pvalues,
+              const bool* pmask, uint16_t* out) {
+  constexpr int g = G;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d.h));
+  const int64_t ld = d.p + d.s;
+  thread_local std::vector<float> qf, scores, acc;  // this thread's, reused call to call
+  qf.resize(g * d.h);
+  scores.resize(g * ld);
+  acc.resize(g * d.h);
+  const int64_t group = d.p > 0 ? b / (d.b / d.groups) : 0;
+  for (int64_t t = 0; t < d.t; ++t) {
+    for (int i = 0; i < g; ++i)
+      for (int64_t x = 0; x < d.h; ++x)
+        qf[i * d.h + x] = from_bf16(q[((b * d.t + t) * d.n + kh * g + i) * d.h + x]);
+    Part own{keys + (b * d.k + kh) * d.h * d.s, values + (b * d.k + kh) * d.s * d.h,
+             mask + (b * d.t + t) * d.s, d.s};
+    Part shared{nullptr, nullptr, nullptr, 0};
+    if (d.p > 0)
+      shared = Part{pkeys + (group * d.k + kh) * d.h * d.p,
+                    pvalues + (group * d.k + kh) * d.p * d.h, pmask + (b * d.t + t) * d.p, d.p};
+    if (d.p > 0) part_scores<G>(shared, qf.data(), d.h, scale, scores.data(), ld);
+    part_scores<G>(own, qf.data(), d.h, scale, scores.data() + d.p, ld);
+    float total[kMaxGroup];
+    for (int i = 0; i < g; ++i) {
+      float* row = scores.data() + i * ld;
+      const float top = row_max(row, ld);
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t c = 0; c < ld; ++c) {
+        // Below e^-87 (float32's smallest normal) a probability is 0, as
+        // XLA's exp of a masked score is: those slots' values are skipped.
+        const float x = row[c] - top;
+        row[c] = x < -87.0f ? 0.0f : exp_nonpositive(x);
+        sum += row[c];
+      }
+      total[i] = sum;
+    }
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    if (d.p > 0) part_values<G>(shared, scores.data(), d.h, ld, acc.data());
+    part_values<G>(own, scores.data() + d.p, d.h, ld, acc.data());
+    for (int i = 0; i < g; ++i)
+      for (int64_t x = 0; x < d.h; ++x)
+        out[((b * d.t + t) * d.n + kh * g + i) * d.h + x] = to_bf16(acc[i * d.h + x] / total[i]);
+  }
+}
+
+ffi::Error Attend(ffi::ThreadPool& pool, const Dims& d, ffi::Buffer<ffi::BF16>& q,
+                  ffi::Buffer<ffi::F32>& keys, ffi::Buffer<ffi::F32>& values,
+                  ffi::Buffer<ffi::PRED>& mask, const float* pkeys, const float* pvalues,
+                  const bool* pmask, ffi::ResultBuffer<ffi::BF16>& out) {
+  if (ffi::Error e = check(d); e.failure()) return e;
+  const auto* qs = reinterpret_cast<const uint16_t*>(q.typed_data());
+  auto* os = reinterpret_cast<uint16_t*>(out->typed_data());
+  parallel_for(pool, d.b * d.k, [&](int64_t item) {
+    dispatch_g(d.n / d.k, [&](auto g) {
+      row_head<decltype(g)::value>(d, item / d.k, item % d.k, qs, keys.typed_data(),
+                                   values.typed_data(), mask.typed_data(), pkeys, pvalues,
+                                   pmask, os);
+    });
+  });
+  return ffi::Error::Success();
+}
+
+Dims dims_of(ffi::Buffer<ffi::BF16>& q, ffi::Buffer<ffi::F32>& keys) {
+  const auto qd = q.dimensions(), kd = keys.dimensions();
+  return Dims{qd[0], qd[1], qd[2], kd[1], qd[3], kd[3], 1, 0};
+}
+
+ffi::Error Own(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::F32> keys,
+               ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::PRED> mask,
+               ffi::ResultBuffer<ffi::BF16> out) {
+  return Attend(pool, dims_of(q, keys), q, keys, values, mask, nullptr, nullptr, nullptr, out);
+}
+
+ffi::Error Shared(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::F32> pkeys,
+                  ffi::Buffer<ffi::F32> pvalues, ffi::Buffer<ffi::PRED> pmask,
+                  ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
+                  ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::BF16> out) {
+  Dims d = dims_of(q, keys);
+  d.groups = pkeys.dimensions()[0];
+  d.p = pkeys.dimensions()[3];
+  return Attend(pool, d, q, keys, values, mask, pkeys.typed_data(), pvalues.typed_data(),
+                pmask.typed_data(), out);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpostDecodeAttention, Own,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // q [B, T, N, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // keys [B, K, H, S]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // values [B, K, S, H]
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask [B, T, S]
+                                  .Ret<ffi::Buffer<ffi::BF16>>());  // [B, T, N, H]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpostDecodeAttentionShared, Shared,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // q [B, T, N, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // prompt keys [G, K, H, P]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // prompt values [G, K, P, H]
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // prompt mask [B, T, P]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // keys [B, K, H, S]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // values [B, K, S, H]
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask [B, T, S]
+                                  .Ret<ffi::Buffer<ffi::BF16>>());  // [B, T, N, H]

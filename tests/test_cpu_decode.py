@@ -1,0 +1,216 @@
+"""The CPU decoding kernels (models/cpu_decode.py): the matmul against
+XLA's float32-accumulated matmul over every tile split of the rows and both
+weight layouts, the packed layout index by index; the attention against
+attention.dense_attention and shared_prefix_attention over masked, partly
+filled and fully masked caches; sampling on both against the trainer's full
+forward; where 'auto' uses them, and what happens without a compiler. The
+suite runs on 8 fake devices, where 'auto' keeps XLA's operations; the
+sampling test turns the kernels on as one device would."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jpost import ops, sampling
+from jpost.errors import ConfigError
+from jpost.models import attention as attn
+from jpost.models import cpu_decode, decoder, hf
+from jpost.models.config import ModelConfig
+from jpost.tokenizer import Tokenizer
+from norms import assert_norm_close
+
+pytestmark = [
+    pytest.mark.skipif(jax.default_backend() != 'cpu', reason='a CPU kernel'),
+    pytest.mark.skipif(cpu_decode.unavailable_reason() is not None,
+                       reason=f'kernels unavailable: {cpu_decode.unavailable_reason()}')]
+
+
+@pytest.mark.parametrize('m, k, n', [(1, 576, 576), (5, 64, 192), (6, 128, 64), (7, 128, 128),
+                                     (16, 576, 960), (16, 1536, 576), (33, 96, 64),
+                                     (130, 64, 256)])
+@pytest.mark.parametrize('w_is_fd', [False, True])
+def test_kernel_equals_xla_matmul(m, k, n, w_is_fd):
+  """Rows 1-130 (tiles of 1 to 6 rows, 16 = 6 + 5 + 5), 1 to 24 column
+  blocks, [K, N] and [N, K] weights, float32 and bfloat16 results. Inputs
+  are bfloat16 and both sides accumulate in float32, so the float32 results
+  differ only by summation order (a wrong pair, block or row is O(1))."""
+  x = jax.random.normal(jax.random.key(m), (2, m, k), jnp.bfloat16)  # leading dims flatten
+  w = jax.random.normal(jax.random.key(k + n), (n, k) if w_is_fd else (k, n), jnp.bfloat16)
+  reference = jnp.einsum('bmk,nk->bmn' if w_is_fd else 'bmk,kn->bmn', x, w,
+                         preferred_element_type=jnp.float32)
+  packed = cpu_decode.pack(w, w_is_fd)
+  assert packed.shape == (n // 64, k // 2, 64, 2) and cpu_decode.is_packed(packed)
+  out32 = jax.jit(lambda x, p: cpu_decode.matmul(x, p, float32_out=True))(x, packed)
+  out16 = jax.jit(cpu_decode.matmul)(x, packed)
+  assert out32.shape == out16.shape == (2, m, n)
+  assert out32.dtype == jnp.float32 and out16.dtype == jnp.bfloat16
+  assert_norm_close(out32, reference, bound=1e-5)
+  # Rounded to bfloat16 once: within half a bfloat16 step of the reference's rounding.
+  assert_norm_close(out16.astype(jnp.float32), reference.astype(jnp.bfloat16).astype(jnp.float32),
+                    bound=4e-3)
+
+
+def test_packed_layout_index_by_index():
+  """packed[b, p, c, j] = w[2p + j, 64b + c] ([K, N]) = w_fd[64b + c, 2p + j]."""
+  k, n = 6, 128
+  w = jnp.arange(k * n, dtype=jnp.float32).reshape(k, n)
+  packed, packed_fd = np.asarray(cpu_decode.pack(w)), np.asarray(cpu_decode.pack(w.T, True))
+  for b, p, c, j in [(0, 0, 0, 0), (0, 0, 0, 1), (1, 2, 63, 1), (1, 1, 5, 0), (0, 2, 17, 1)]:
+    assert packed[b, p, c, j] == packed_fd[b, p, c, j] == w[2 * p + j, 64 * b + c]
+  stacked = cpu_decode.pack(jnp.stack([w, w + 1]))  # over layers: [L, N/64, K/2, 64, 2]
+  np.testing.assert_array_equal(stacked[1], packed + 1)
+
+
+def test_bad_shapes_are_clear_errors():
+  packed = cpu_decode.pack(jnp.ones((64, 128), jnp.bfloat16))
+  with pytest.raises(ValueError, match='x has 32 features; the packed weight takes 64'):
+    cpu_decode.matmul(jnp.ones((3, 32), jnp.bfloat16), packed)
+  assert not cpu_decode.packable(64, 96) and not cpu_decode.packable(63, 64)
+  assert cpu_decode.packable(576, 960)
+
+
+def _attention_case(rows, groups, heads, kv_heads, t, prompt, slots, seed=0):
+  """Queries, a shared prompt's cache and the rows' own float32 cache, with
+  masks: random visibility over the prompt, own caches filled to different
+  lengths, one row that sees only its prompt, one only its own slots, one
+  nothing at all."""
+  keys = jax.random.split(jax.random.key(seed), 6)
+  head = 64
+  q = jax.random.normal(keys[0], (rows, t, heads, head), jnp.bfloat16)
+  prefix_k = jax.random.normal(keys[1], (groups, kv_heads, head, prompt), jnp.float32)
+  prefix_v = jax.random.normal(keys[2], (groups, kv_heads, prompt, head), jnp.float32)
+  own_k = jax.random.normal(keys[3], (rows, kv_heads, head, slots), jnp.float32)
+  own_v = jax.random.normal(keys[4], (rows, kv_heads, slots, head), jnp.float32)
+  prefix_mask = np.array(jax.random.uniform(keys[5], (rows, t, prompt)) < 0.8)
+  filled = 1 + np.arange(rows) * (slots - 1) // max(rows - 1, 1)
+  mask = np.arange(slots)[None, None, :] < filled[:, None, None] + np.arange(t)[None, :, None]
+  mask[1], prefix_mask[2] = False, False  # row 1: its prompt only; row 2: its own slots only
+  mask[3], prefix_mask[3] = False, False  # row 3: nothing (a softmax of equal scores)
+  return q, (prefix_k, prefix_v, jnp.asarray(prefix_mask)), own_k, own_v, jnp.asarray(mask)
+
+
+@pytest.mark.parametrize('rows, groups, heads, kv_heads, t, prompt, slots', [
+    (16, 2, 9, 3, 1, 37, 128),  # SmolLM2's heads; a prompt that is not whole blocks of 16
+    (4, 4, 4, 4, 2, 16, 20),    # one query head per key head, two new tokens, partial blocks
+    (8, 1, 16, 2, 1, 64, 48)])  # eight query heads per key head
+def test_attention_equals_xla(rows, groups, heads, kv_heads, t, prompt, slots):
+  """The kernel against attention.shared_prefix_attention (a prompt shared
+  by rows // groups rows) and, without the prompt, dense_attention. Sums
+  are float32 on both sides; the output is bfloat16, so the bound is its
+  rounding (a dropped part, a wrong mask or slot is O(1))."""
+  q, prefix, own_k, own_v, mask = _attention_case(rows, groups, heads, kv_heads, t, prompt,
+                                                  slots)
+  assert cpu_decode.attends(q, own_k) == (t == 1)  # decoding's steps; the kernel takes any T
+  got = jax.jit(cpu_decode.attention)(q, own_k, own_v, mask, prefix)
+  want = jax.jit(attn.shared_prefix_attention)(q, *prefix, own_k, own_v, mask)
+  assert got.shape == want.shape and got.dtype == jnp.bfloat16
+  assert_norm_close(got.astype(jnp.float32), want.astype(jnp.float32), bound=4e-3)
+  np.testing.assert_allclose(np.asarray(got[3], np.float32), np.asarray(want[3], np.float32),
+                             rtol=1e-2, atol=1e-2)  # the row that sees nothing, on its own
+  got = jax.jit(cpu_decode.attention)(q, own_k, own_v, mask)
+  want = jax.jit(attn.dense_attention)(q, own_k, own_v, mask)
+  assert_norm_close(got.astype(jnp.float32), want.astype(jnp.float32), bound=4e-3)
+
+
+def test_what_the_attention_kernel_takes():
+  q, _, own_k, _, _ = _attention_case(4, 1, 9, 3, 1, 16, 16)
+  assert cpu_decode.attends(q, own_k)
+  assert not cpu_decode.attends(q, own_k.astype(jnp.bfloat16))  # a 16-bit cache
+  assert not cpu_decode.attends(q.astype(jnp.float32), own_k)
+  assert not cpu_decode.attends(jnp.zeros((4, 1, 9, 24), jnp.bfloat16), own_k)  # head size
+  assert not cpu_decode.attends(jnp.zeros((4, 1, 27, 64), jnp.bfloat16), own_k)  # 9 per key head
+  assert not cpu_decode.attends(jnp.zeros((4, 5, 9, 64), jnp.bfloat16), own_k)  # a prefill
+
+
+@pytest.fixture
+def kernels_on(monkeypatch):
+  """'auto' as on one CPU device with the kernels (the suite has 8 fake
+  devices), and a count of the attention kernel's uses as traced."""
+  monkeypatch.setattr(cpu_decode, '_auto', lambda dtype_name: dtype_name == 'bfloat16')
+  uses = []
+  real = cpu_decode.attention
+  monkeypatch.setattr(cpu_decode, 'attention', lambda *a: uses.append(1) or real(*a))
+  return uses
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_sampling_on_the_kernels_equals_the_full_forward(shallow_smollm2, kernels_on,
+                                                         scan_layers):
+  """Decoding on the kernels, over per-layer and stacked weights: the
+  temperature-1 log-probs of what it samples are the trainer's (XLA's
+  operations over the whole sequence), to test_sampling's bfloat16 bounds
+  (decoding one token at a time rounds differently from a full forward)."""
+  model = hf.load(shallow_smollm2, dtype='bfloat16')
+  layers = model.decode_layers(scan_layers)
+  layer0 = {name: value[0] for name, value in layers.items()} if scan_layers else layers[0]
+  assert cpu_decode.is_packed(layer0['qkv']) and cpu_decode.is_packed(layer0['down'])
+  assert cpu_decode.is_packed(model.head()[0])
+  tokenizer = Tokenizer.from_dir(shallow_smollm2)
+  prompts = [tokenizer.encode_chat([{'role': 'user', 'content': text}],
+                                   add_generation_prompt=True).ids
+             for text in ('What is 12 * 7?', 'Name a prime number.', 'Hi')]
+  tokens, mask = sampling.left_pad(prompts, tokenizer.pad_id)
+  settings = sampling.SamplingConfig(max_new_tokens=16, temperature=1.0, num_samples=2,
+                                     stop_ids=tokenizer.stop_ids, scan_layers=scan_layers)
+  out = jax.device_get(sampling.generate(model, tokens, mask, settings, jax.random.key(3)))
+  assert kernels_on, 'the decode step did not attend on the kernel'
+  errors = []
+  for row in range(6):
+    completion = out.tokens[row][out.mask[row] == 1].tolist()
+    ids = np.asarray(prompts[row // 2] + completion)[None]
+    logits = model(ids, np.arange(ids.shape[1])[None], np.ones_like(ids))
+    full = np.asarray(ops.token_logprobs(logits, jnp.asarray(ids[:, 1:])))[0, len(prompts[row // 2]) - 1:]
+    errors.append(np.abs(full - out.logprobs[row, :len(completion)]))
+  errors = np.concatenate(errors)
+  assert len(errors) >= 30
+  assert errors.max() <= 0.4 and np.median(errors) <= 0.03, (errors.max(), np.median(errors))
+
+
+def test_where_auto_packs(kernels_on):
+  """bfloat16 only, 'xla' never, and a kernel whose output columns are not
+  whole blocks of 64 stays as it is."""
+  assert cpu_decode.decodes_on_kernels('auto', jnp.bfloat16)
+  assert not cpu_decode.decodes_on_kernels('auto', jnp.float32)
+  assert not cpu_decode.decodes_on_kernels('xla', jnp.bfloat16)
+  with pytest.raises(ValueError, match="decode_kernels='cpu'"):
+    cpu_decode.decodes_on_kernels('cpu', jnp.bfloat16)
+  cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
+                    num_heads=2, num_kv_heads=1, dtype='bfloat16')
+  assert decoder._for_decoding(jnp.zeros((2, 64, 128), jnp.bfloat16), cfg).ndim == 4 + 1
+  assert decoder._for_decoding(jnp.zeros((2, 64, 96), jnp.bfloat16), cfg).shape == (2, 64, 96)
+  off = dataclasses.replace(cfg, decode_kernels='xla')
+  assert decoder._for_decoding(jnp.zeros((2, 64, 128), jnp.bfloat16), off).shape == (2, 64, 128)
+  with pytest.raises(ConfigError, match='decode_kernels'):
+    dataclasses.replace(cfg, decode_kernels='kernel')
+
+
+def test_on_several_devices_auto_keeps_xla():
+  """A packed weight is not sharded: on a mesh (this suite's 8 devices)
+  decoding keeps XLA's matmuls."""
+  assert jax.device_count() > 1
+  assert not cpu_decode.decodes_on_kernels('auto', jnp.bfloat16)
+
+
+def test_without_a_compiler_auto_says_why_and_decodes_on_xla(tmp_path):
+  """A fresh cache and no compiler, on one device: 'auto' says once why
+  not, and decoding runs on XLA's matmuls."""
+  script = (
+      'import jax, jax.numpy as jnp\n'
+      'from jpost.models import cpu_decode\n'
+      'print("on kernels:", cpu_decode.decodes_on_kernels("auto", jnp.bfloat16),'
+      ' cpu_decode.decodes_on_kernels("auto", jnp.bfloat16))\n'
+      'print("reason:", cpu_decode.unavailable_reason())\n')
+  env = dict(os.environ, CXX=str(tmp_path / 'no-such-compiler'), JPOST_CACHE=str(tmp_path),
+             XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                          env=env, timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert 'on kernels: False False' in result.stdout, result.stdout
+  assert 'no-such-compiler' in result.stdout, result.stdout
+  assert result.stderr.count('decoding kernels are not available') == 1, result.stderr
