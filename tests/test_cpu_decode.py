@@ -126,6 +126,11 @@ def test_what_the_attention_kernel_takes():
   assert not cpu_decode.attends(jnp.zeros((4, 1, 9, 24), jnp.bfloat16), own_k)  # head size
   assert not cpu_decode.attends(jnp.zeros((4, 1, 27, 64), jnp.bfloat16), own_k)  # 9 per key head
   assert not cpu_decode.attends(jnp.zeros((4, 5, 9, 64), jnp.bfloat16), own_k)  # a prefill
+  q, prefix, own_k, own_v, mask = _attention_case(4, 2, 9, 3, 1, 16, 16)
+  with pytest.raises(ValueError, match=r'values are \(4, 3, 64, 16\); expected \(4, 3, 16, 64\)'):
+    cpu_decode.attention(q, own_k, own_v.swapaxes(2, 3), mask)
+  with pytest.raises(ValueError, match='prompt mask are'):
+    cpu_decode.attention(q, own_k, own_v, mask, (*prefix[:2], prefix[2][:, :, :8]))
 
 
 @pytest.fixture

@@ -125,6 +125,19 @@ def attention(q_btnh, keys, values, mask, prefix=None):
   attention.shared_prefix_attention: queries [B, T, N, H] bfloat16, the
   cache's keys [B, K, H, S] and values [B, K, S, H] float32, mask [B, T, S]
   bool. Returns [B, T, N, H] bfloat16."""
+  b, t, _, h = q_btnh.shape
+  k, s = keys.shape[1], keys.shape[-1]
+  expected = {'keys': (keys.shape, (b, k, h, s)), 'values': (values.shape, (b, k, s, h)),
+              'mask': (mask.shape, (b, t, s))}
+  if prefix is not None:
+    g, p = prefix[0].shape[0], prefix[0].shape[-1]
+    expected |= {'prompt keys': (prefix[0].shape, (g, k, h, p)),
+                 'prompt values': (prefix[1].shape, (g, k, p, h)),
+                 'prompt mask': (prefix[2].shape, (b, t, p))}
+  for name, (shape, want) in expected.items():
+    if tuple(shape) != want:
+      raise ValueError(f'cpu_decode.attention: {name} are {tuple(shape)}; expected {want} '
+                       f'for queries {q_btnh.shape}.')
   out = jax.ShapeDtypeStruct(q_btnh.shape, q_btnh.dtype)
   mask = mask.astype(jnp.bool_)
   if prefix is None:

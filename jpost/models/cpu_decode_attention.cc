@@ -115,18 +115,17 @@ template <int G>
 void row_head(const Dims& d, int64_t b, int64_t kh, const uint16_t* q, const float* keys,
               const float* values, const bool* mask, const float* pkeys, const float* pvalues,
               const bool* pmask, uint16_t* out) {
-  constexpr int g = G;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d.h));
   const int64_t ld = d.p + d.s;
   thread_local std::vector<float> qf, scores, acc;  // this thread's, reused call to call
-  qf.resize(g * d.h);
-  scores.resize(g * ld);
-  acc.resize(g * d.h);
+  qf.resize(G * d.h);
+  scores.resize(G * ld);
+  acc.resize(G * d.h);
   const int64_t group = d.p > 0 ? b / (d.b / d.groups) : 0;
   for (int64_t t = 0; t < d.t; ++t) {
-    for (int i = 0; i < g; ++i)
+    for (int i = 0; i < G; ++i)
       for (int64_t x = 0; x < d.h; ++x)
-        qf[i * d.h + x] = from_bf16(q[((b * d.t + t) * d.n + kh * g + i) * d.h + x]);
+        qf[i * d.h + x] = from_bf16(q[((b * d.t + t) * d.n + kh * G + i) * d.h + x]);
     Part own{keys + (b * d.k + kh) * d.h * d.s, values + (b * d.k + kh) * d.s * d.h,
              mask + (b * d.t + t) * d.s, d.s};
     Part shared{nullptr, nullptr, nullptr, 0};
@@ -135,8 +134,8 @@ void row_head(const Dims& d, int64_t b, int64_t kh, const uint16_t* q, const flo
                     pvalues + (group * d.k + kh) * d.p * d.h, pmask + (b * d.t + t) * d.p, d.p};
     if (d.p > 0) part_scores<G>(shared, qf.data(), d.h, scale, scores.data(), ld);
     part_scores<G>(own, qf.data(), d.h, scale, scores.data() + d.p, ld);
-    float total[kMaxGroup];
-    for (int i = 0; i < g; ++i) {
+    float total[G];
+    for (int i = 0; i < G; ++i) {
       float* row = scores.data() + i * ld;
       const float top = row_max(row, ld);
       float sum = 0.0f;
@@ -153,9 +152,9 @@ void row_head(const Dims& d, int64_t b, int64_t kh, const uint16_t* q, const flo
     std::fill(acc.begin(), acc.end(), 0.0f);
     if (d.p > 0) part_values<G>(shared, scores.data(), d.h, ld, acc.data());
     part_values<G>(own, scores.data() + d.p, d.h, ld, acc.data());
-    for (int i = 0; i < g; ++i)
+    for (int i = 0; i < G; ++i)
       for (int64_t x = 0; x < d.h; ++x)
-        out[((b * d.t + t) * d.n + kh * g + i) * d.h + x] = to_bf16(acc[i * d.h + x] / total[i]);
+        out[((b * d.t + t) * d.n + kh * G + i) * d.h + x] = to_bf16(acc[i * d.h + x] / total[i]);
   }
 }
 
