@@ -73,6 +73,24 @@ def pytest_unconfigure(config):
     shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.fixture
+def without_a_compiler(tmp_path):
+  """Runs a Python snippet in a fresh process on one CPU device with no C++
+  compiler and an empty jpost cache (so jpost's kernels cannot be built);
+  returns the finished process, stdout and stderr as text."""
+  import subprocess
+  import sys
+
+  def run(script: str):
+    env = dict(os.environ, CXX=str(tmp_path / 'no-such-compiler'), JPOST_CACHE=str(tmp_path),
+               XLA_FLAGS='', JAX_PLATFORMS='cpu')
+    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result
+  return run
+
+
 @pytest.fixture(scope='session')
 def tiny_checkpoint(tmp_path_factory):
   """A randomly initialised 2-layer Llama with SmolLM2's real tokenizer, saved

@@ -5,9 +5,6 @@ it against the model without; what 'auto' picks; and the errors it gives
 where it cannot run. Inputs are bfloat16, so the bound is bfloat16's
 rounding (a wrong mask or a dropped term is O(1))."""
 
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -176,7 +173,7 @@ def test_auto_picks_the_kernel_in_bfloat16_on_one_cpu_device(monkeypatch):
   assert attn.choose('auto', **common, sliding_window=None, dtype='bfloat16') == 'blockwise'
 
 
-def test_without_a_compiler_auto_says_why_and_goes_blockwise(tmp_path):
+def test_without_a_compiler_auto_says_why_and_goes_blockwise(without_a_compiler):
   """A fresh cache and no compiler: the reason names the compiler, 'auto'
   prints it once and picks the blockwise path, and asking for 'cpu' by name
   is an error that says what to use instead."""
@@ -190,11 +187,7 @@ def test_without_a_compiler_auto_says_why_and_goes_blockwise(tmp_path):
       '  cpu_attention.require()\n'
       'except cpu_attention.KernelUnavailable as e:\n'
       '  print("asked:", e)\n')
-  env = dict(os.environ, CXX=str(tmp_path / 'no-such-compiler'), JPOST_CACHE=str(tmp_path),
-             XLA_FLAGS='', JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
-                          env=env, timeout=120)
-  assert result.returncode == 0, result.stderr
+  result = without_a_compiler(script)
   assert 'reason: ' in result.stdout and 'no-such-compiler' in result.stdout, result.stdout
   assert 'auto: blockwise' in result.stdout, result.stdout
   assert "asked: attention='cpu' is not available here" in result.stdout, result.stdout

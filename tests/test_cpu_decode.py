@@ -8,9 +8,6 @@ suite runs on 8 fake devices, where 'auto' keeps XLA's operations; the
 sampling test turns the kernels on as one device would."""
 
 import dataclasses
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -202,7 +199,7 @@ def test_on_several_devices_auto_keeps_xla():
   assert not cpu_decode.decodes_on_kernels('auto', jnp.bfloat16)
 
 
-def test_without_a_compiler_auto_says_why_and_decodes_on_xla(tmp_path):
+def test_without_a_compiler_auto_says_why_and_decodes_on_xla(without_a_compiler):
   """A fresh cache and no compiler, on one device: 'auto' says once why
   not, and decoding runs on XLA's matmuls."""
   script = (
@@ -211,11 +208,7 @@ def test_without_a_compiler_auto_says_why_and_decodes_on_xla(tmp_path):
       'print("on kernels:", cpu_decode.decodes_on_kernels("auto", jnp.bfloat16),'
       ' cpu_decode.decodes_on_kernels("auto", jnp.bfloat16))\n'
       'print("reason:", cpu_decode.unavailable_reason())\n')
-  env = dict(os.environ, CXX=str(tmp_path / 'no-such-compiler'), JPOST_CACHE=str(tmp_path),
-             XLA_FLAGS='', JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
-                          env=env, timeout=120)
-  assert result.returncode == 0, result.stderr
+  result = without_a_compiler(script)
   assert 'on kernels: False False' in result.stdout, result.stdout
   assert 'no-such-compiler' in result.stdout, result.stdout
   assert result.stderr.count('decoding kernels are not available') == 1, result.stderr
