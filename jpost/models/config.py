@@ -152,9 +152,10 @@ class ModelConfig:
     if not isinstance(self.attention_max_segments, int) or self.attention_max_segments < 1:
       raise ConfigError(f'ModelConfig.attention_max_segments={self.attention_max_segments!r}; '
                         'use an int >= 1 (16 by default).')
-    if self.decode_kernels not in ('auto', 'xla'):
-      raise ConfigError(f'ModelConfig.decode_kernels={self.decode_kernels!r}; '
-                        "use 'auto' or 'xla'.")
+    from jpost.models.cpu_decode import CHOICES as DECODE_KERNELS
+    if self.decode_kernels not in DECODE_KERNELS:
+      raise ConfigError(f'ModelConfig.decode_kernels={self.decode_kernels!r}; use one of '
+                        f'{DECODE_KERNELS}.')
     for name in ('param_dtype', 'dtype'):
       if getattr(self, name) not in ('float32', 'bfloat16', 'float16'):
         raise ConfigError(

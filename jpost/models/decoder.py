@@ -139,6 +139,8 @@ class Decoder(nnx.Module):
     A loop that decodes one token per step and reads the stacked [L, ...]
     parameters slices (copies) every layer's weights every step; on CPU that
     copy cost as much as the matmuls. Sliced and cast once, they are read in place.
+    Where a decode loop runs on jpost's CPU kernels (cpu_decode), the weight
+    matrices come packed for its matmul kernel, which `dense` then calls.
     """
     dtype = jnp.dtype(self.config.dtype)
     # Adapters folded into the kernels once: a decode step runs plain matmuls.

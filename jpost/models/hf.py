@@ -196,7 +196,7 @@ def build_decoder(cfg: ModelConfig, params: dict[tuple[str, ...], np.ndarray],
 def compute_options(config) -> dict:
   """ModelConfig fields a recipe's `config.model` sets: dtypes, remat policy,
   attention implementation, block and segment limit, LM-head chunk, the
-  decode loop's matmuls."""
+  decode loop's kernels."""
   m = config.model
   return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.get('remat', False),
               attention=m.get('attention', 'auto'), attention_block=m.get('attention_block', 512),
