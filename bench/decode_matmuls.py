@@ -4,9 +4,10 @@
 
 One jitted chain through every layer's matmuls in a decode step's order
 (q/k/v joined, o, gate/up joined, down; bfloat16 weights of random values)
-and the tied LM head, each matmul's input the previous one's output cut or
+and the LM head, each matmul's input the previous one's output cut or
 tiled to width, as the decode loop runs them one after another: once on
-XLA's bfloat16 matmul with float32 accumulation (`decoder.dense`), once on
+XLA's bfloat16 matmul with float32 accumulation (what `decoder.dense`
+asks XLA for), once on
 the kernel over weights packed once (`models/cpu_decode.py`). Prints the
 median milliseconds a step, GFLOP/s and the rate the weights stream at
 (GB/s of bfloat16 weights read); the last line is one JSON object.
@@ -34,7 +35,7 @@ def layer_shapes(cfg) -> list[tuple[int, int]]:
 def weights(cfg) -> list[jax.Array]:
   key = jax.random.key(0)
   out = []
-  for layer in range(cfg.num_layers):
+  for _ in range(cfg.num_layers):
     for k, n in layer_shapes(cfg):
       key, sub = jax.random.split(key)
       out.append((jax.random.normal(sub, (k, n), jnp.float32) * k ** -0.5).astype(jnp.bfloat16))
@@ -74,8 +75,7 @@ def main():
   cfg = shapes.config(args.shape)
   ws = weights(cfg)
   packed = [cpu_decode.pack(w) for w in ws]
-  flops_per_row = 2 * sum(w.size for w in ws)
-  weight_bytes = 2 * sum(w.size for w in ws)
+  params = sum(w.size for w in ws)  # each read once a step (2 bytes), 2 FLOPs a row each
   xla = jax.jit(lambda x, ws: chain(x, ws, lambda a, w: jnp.dot(
       a, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16)))
   kernel = jax.jit(lambda x, ws: chain(x, ws, cpu_decode.matmul))
@@ -85,8 +85,8 @@ def main():
     for name, fn, operands in (('xla', xla, ws), ('kernel', kernel, packed)):
       ms = time_ms(fn, (x, operands), args.repeats)
       result = {'rows': rows, 'matmul': name, 'ms': round(ms, 2),
-                'gflops': round(flops_per_row * rows / ms / 1e6, 1),
-                'weights_gb_per_s': round(weight_bytes / ms / 1e6, 1)}
+                'gflops': round(2 * params * rows / ms / 1e6, 1),
+                'weights_gb_per_s': round(2 * params / ms / 1e6, 1)}
       results.append(result)
       print(f"{args.shape} {rows} rows, {name}: {result['ms']} ms a step, "
             f"{result['gflops']} GFLOP/s, weights at {result['weights_gb_per_s']} GB/s", flush=True)

@@ -77,13 +77,13 @@ def run(model, settings, batch, dtype, decode, kernels, args) -> dict:
   # Decoding reads every weight once per step: 2 x parameters FLOPs per token.
   from jpost import metrics
   mfu = 2 * model.config.num_params() * new / seconds / metrics.measured_peak_flops(dtype)
-  result = {'dtype': dtype, 'decode': decode, 'decode_kernels': kernels, 'batch': batch, 'new_tokens': args.new_tokens,
-            'generated': new, 'seconds_median': round(seconds, 3),
+  result = {'dtype': dtype, 'decode': decode, 'decode_kernels': kernels, 'batch': batch,
+            'new_tokens': args.new_tokens, 'generated': new, 'seconds_median': round(seconds, 3),
             'first_call_s': round(first, 2), 'tokens_per_s': round(new / seconds, 1),
             'device': jax.devices()[0].device_kind, 'random_init': args.random_init,
             'shape': args.shape, 'mfu': round(mfu, 4)}
-  print(f"{args.shape} {dtype} {decode} kernels {kernels} batch {batch}: {result['tokens_per_s']} tokens/s, "
-        f"MFU {100 * mfu:.1f}% "
+  print(f"{args.shape} {dtype} {decode} kernels {kernels} batch {batch}: "
+        f"{result['tokens_per_s']} tokens/s, MFU {100 * mfu:.1f}% "
         f"({new} tokens in {seconds:.2f}s; first call {first:.1f}s with compilation)", flush=True)
   return result
 

@@ -14,13 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jpost import ops, sampling
+from jpost import sampling
 from jpost.errors import ConfigError
 from jpost.models import attention as attn
 from jpost.models import cpu_decode, decoder, hf
 from jpost.models.config import ModelConfig
 from jpost.tokenizer import Tokenizer
 from norms import assert_norm_close
+from test_sampling import _full_forward_logprobs, _prompts
 
 pytestmark = [
     pytest.mark.skipif(jax.default_backend() != 'cpu', reason='a CPU kernel'),
@@ -154,9 +155,7 @@ def test_sampling_on_the_kernels_equals_the_full_forward(shallow_smollm2, kernel
   assert cpu_decode.is_packed(layer0['qkv']) and cpu_decode.is_packed(layer0['down'])
   assert cpu_decode.is_packed(model.head()[0])
   tokenizer = Tokenizer.from_dir(shallow_smollm2)
-  prompts = [tokenizer.encode_chat([{'role': 'user', 'content': text}],
-                                   add_generation_prompt=True).ids
-             for text in ('What is 12 * 7?', 'Name a prime number.', 'Hi')]
+  prompts = _prompts(tokenizer, 3)
   tokens, mask = sampling.left_pad(prompts, tokenizer.pad_id)
   settings = sampling.SamplingConfig(max_new_tokens=16, temperature=1.0, num_samples=2,
                                      stop_ids=tokenizer.stop_ids, scan_layers=scan_layers)
@@ -165,9 +164,7 @@ def test_sampling_on_the_kernels_equals_the_full_forward(shallow_smollm2, kernel
   errors = []
   for row in range(6):
     completion = out.tokens[row][out.mask[row] == 1].tolist()
-    ids = np.asarray(prompts[row // 2] + completion)[None]
-    logits = model(ids, np.arange(ids.shape[1])[None], np.ones_like(ids))
-    full = np.asarray(ops.token_logprobs(logits, jnp.asarray(ids[:, 1:])))[0, len(prompts[row // 2]) - 1:]
+    full = _full_forward_logprobs(model, prompts[row // 2], completion)
     errors.append(np.abs(full - out.logprobs[row, :len(completion)]))
   errors = np.concatenate(errors)
   assert len(errors) >= 30
