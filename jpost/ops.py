@@ -314,3 +314,98 @@ def _weighted_head_bwd(logits_fn, chunk, residuals, cotangents):
 
 
 _weighted_head.defvjp(_weighted_head_fwd, _weighted_head_bwd)
+
+
+def head_masked_logprobs(logits_fn, weight, hidden, targets, mask, *, chunk: int = 0):
+  """log p(targets) [B, T] where `mask` [B, T] is true, 0 (without a
+  gradient) where it is not, through logits_fn(hidden, weight) -> float32
+  logits [B, T, V].
+
+  For losses that are not linear in the log-probs, so that the head cannot
+  take its gradient in the forward pass (`head_weighted_logprobs`), e.g.
+  DPO's summed log-probs of each response inside a sigmoid. On one device,
+  with `chunk` below T, only the masked positions are computed, B x `chunk`
+  of them at a time, gathered from every row: forward and backward loop over
+  as many pieces as they fill, and the backward recomputes those pieces'
+  logits alone. A DPO batch's response tokens are about a third of its
+  slots (prompts and padding are not), so the head runs on a third of the
+  positions. Elsewhere, `head_logprobs` with the positions outside the mask
+  set to 0.
+  """
+  b, t, _ = hidden.shape
+  mask = mask.astype(bool)
+  if not chunk or t <= chunk or sharding.active_mesh_size() != 1:
+    logp = head_logprobs(lambda h: logits_fn(h, weight), hidden, targets, chunk=chunk)
+    return jnp.where(mask, logp, 0.0)
+  return _masked_head(logits_fn, b * chunk, weight, hidden, targets, mask)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _masked_head(logits_fn, piece, weight, hidden, targets, mask):
+  return _masked_head_fwd(logits_fn, piece, weight, hidden, targets, mask)[0]
+
+
+def _compacted(mask, piece):
+  """(order that puts the masked of mask's B x T positions first, in order;
+  the pieces of `piece` positions they fill; the padding that makes the
+  positions whole pieces)."""
+  flat = mask.reshape(-1)
+  order = jnp.argsort(~flat, stable=True)
+  return order, (jnp.sum(flat) + piece - 1) // piece, -flat.shape[0] % piece
+
+
+def _masked_head_fwd(logits_fn, piece, weight, hidden, targets, mask):
+  b, t, d = hidden.shape
+  order, pieces, pad = _compacted(mask, piece)
+  gather = lambda a: jnp.pad(a.reshape(b * t, *a.shape[2:])[order],
+                             ((0, pad),) + ((0, 0),) * (a.ndim - 2))
+  # The last piece's tail holds positions outside the mask: zeros there, so
+  # that nothing of theirs (a padded slot's NaN, say) reaches the gradient.
+  h = jnp.where(gather(mask)[:, None], gather(hidden), 0)
+  tg = gather(targets)
+
+  def body(i, carry):
+    logp, lse = carry
+    start = i * piece
+    logits = logits_fn(jax.lax.dynamic_slice_in_dim(h, start, piece)[None], weight)[0]
+    piece_lse = jax.nn.logsumexp(logits, axis=-1)
+    target = jax.lax.dynamic_slice_in_dim(tg, start, piece)
+    piece_logp = jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0] - piece_lse
+    update = lambda a, x: jax.lax.dynamic_update_slice_in_dim(a, x, start, 0)
+    return update(logp, piece_logp), update(lse, piece_lse)
+
+  zeros = jnp.zeros((b * t + pad,), jnp.float32)
+  logp, lse = jax.lax.fori_loop(0, pieces, body, (zeros, zeros))
+  # Back to the positions' own order: those past the last piece read zeros.
+  logp = logp[jnp.argsort(order)].reshape(b, t)
+  return jnp.where(mask, logp, 0.0), (weight, h, tg, lse, order, pieces, mask)
+
+
+def _masked_head_bwd(logits_fn, piece, residuals, d_logp):
+  weight, h, tg, lse, order, pieces, mask = residuals
+  b, t = mask.shape
+  # Positions outside the mask (the tail of the last piece) get no cotangent.
+  cot = jnp.pad(jnp.where(mask, d_logp, 0.0).reshape(-1)[order], (0, h.shape[0] - b * t))
+
+  def body(i, carry):
+    d_weight, d_hidden = carry
+    start = i * piece
+    take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, piece)
+    logits, vjp = jax.vjp(lambda x, w: logits_fn(x[None], w)[0], take(h), weight)
+    # d log p(target) / d logits = onehot(target) - softmax, times the cotangent.
+    c = take(cot)
+    d_logits = -c[:, None] * jnp.exp(logits - take(lse)[:, None])
+    d_logits = d_logits.at[jnp.arange(piece), take(tg)].add(c)
+    dh, dw = vjp(d_logits)
+    return (d_weight + dw.astype(jnp.float32),
+            jax.lax.dynamic_update_slice_in_dim(d_hidden, dh.astype(jnp.float32), start, 0))
+
+  # Sums and the hidden gradient in float32 (models/remat.py: a 16-bit array
+  # written in a loop goes through float32 on CPU anyway).
+  init = (jnp.zeros(weight.shape, jnp.float32), jnp.zeros(h.shape, jnp.float32))
+  d_weight, d_hidden = jax.lax.fori_loop(0, pieces, body, init)
+  d_hidden = d_hidden[jnp.argsort(order)].reshape(b, t, -1)
+  return d_weight.astype(weight.dtype), d_hidden.astype(h.dtype), None, None
+
+
+_masked_head.defvjp(_masked_head_fwd, _masked_head_bwd)

@@ -588,3 +588,72 @@ def test_prefill_over_the_cache_goes_blockwise_and_samples_the_same(monkeypatch)
   assert calls and set(calls) == {45}, calls  # the prefill's 45 queries, not a decode step
   np.testing.assert_array_equal(out['blockwise'].tokens, out['xla'].tokens)
   np.testing.assert_allclose(out['blockwise'].logprobs, out['xla'].logprobs, atol=1e-5)
+
+
+@pytest.mark.parametrize('chunk', [0, 8, 16, 20])  # whole; pieces of 16, 32 and 40 positions
+def test_masked_head_equals_autodiff_through_the_whole_head(chunk, monkeypatch):
+  """ops.head_masked_logprobs (DPO's head: only the masked positions
+  computed, forward and backward, in pieces gathered from every row) equals
+  autodiff through the whole logits for a loss that is not linear in the
+  log-probs: log-probs, and the gradients of hidden and head. Positions
+  outside the mask hold NaN hidden states: they must never be computed.
+  Over a mesh (no compaction) the same."""
+  from jpost import ops, sharding
+  rng = np.random.default_rng(7)
+  hidden = rng.normal(size=(B, T, 12)).astype(np.float32)
+  head = jnp.asarray(rng.normal(size=(50, 12)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 50, (B, T)))
+  mask = rng.uniform(size=(B, T)) < 0.3
+  mask[1, :] = False
+  mask[1, 5:7] = True  # 2 positions in the second row
+  logits_fn = lambda h, w: jnp.einsum('btd,vd->btv', h, w) / 0.7
+  safe = jnp.asarray(np.where(mask[..., None], hidden, 0.0))
+  nan = jnp.asarray(np.where(mask[..., None], hidden, np.nan))
+
+  def objective(logp):  # a sigmoid of row sums, as DPO's
+    sums = jnp.sum(logp, axis=1)
+    return jnp.sum(jax.nn.log_sigmoid(0.1 * (sums[0] - sums[1]))) + jnp.sum(logp ** 2) / 50
+
+  def masked(hidden, head):
+    logp = ops.head_masked_logprobs(logits_fn, head, hidden, targets, mask, chunk=chunk)
+    return objective(logp), logp
+
+  def reference(hidden, head):
+    logp = ops.head_logprobs(lambda h: logits_fn(h, head), hidden, targets)
+    return objective(jnp.where(mask, logp, 0.0)), jnp.where(mask, logp, 0.0)
+
+  (ref_value, ref_logp), ref_grads = jax.value_and_grad(
+      reference, argnums=(0, 1), has_aux=True)(safe, head)
+  runs = {'one device': nan if chunk else safe}
+  with monkeypatch.context() as m:
+    m.setattr(sharding, 'active_mesh_size', lambda: 2)
+    (value_mesh, logp_mesh), grads_mesh = jax.value_and_grad(
+        masked, argnums=(0, 1), has_aux=True)(safe, head)
+  (value, logp), grads = jax.value_and_grad(masked, argnums=(0, 1), has_aux=True)(
+      runs['one device'], head)
+  for v, lp, gs in ((value, logp, grads), (value_mesh, logp_mesh, grads_mesh)):
+    chex.assert_shape(lp, (B, T))
+    assert not np.any(np.asarray(lp)[~mask])
+    assert_norm_close(lp, ref_logp, bound=1e-6)
+    assert_norm_close(v, ref_value, bound=1e-6)
+    chex.assert_trees_all_equal_shapes_and_dtypes(gs, (safe, head))
+    assert np.all(np.isfinite(np.asarray(gs[0])))
+    assert not np.any(np.asarray(gs[0])[~mask])
+    for g, w in zip(gs, ref_grads):
+      assert_norm_close(g, w, bound=1e-5)
+  # Undifferentiated (evaluation, a reference pass): the same log-probs.
+  assert_norm_close(jax.jit(masked)(runs['one device'], head)[1], ref_logp, bound=1e-6)
+
+
+def test_masked_head_without_a_masked_position_runs_no_piece():
+  from jpost import ops
+  rng = np.random.default_rng(8)
+  hidden = jnp.asarray(rng.normal(size=(B, T, 12)), jnp.float32)
+  head = jnp.asarray(rng.normal(size=(50, 12)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 50, (B, T)))
+  logits_fn = lambda h, w: jnp.einsum('btd,vd->btv', h, w) * jnp.nan
+  fn = lambda h, w: jnp.sum(ops.head_masked_logprobs(logits_fn, w, h, targets,
+                                                     jnp.zeros((B, T), bool), chunk=8))
+  value, grads = jax.value_and_grad(fn, argnums=(0, 1))(hidden, head)
+  assert float(value) == 0.0
+  assert not any(np.any(np.asarray(g)) for g in grads)

@@ -163,3 +163,48 @@ def test_pairs_recipe_writes_ranked_preference_rows(char_checkpoint, tmp_path):
   examples = pipeline.load_examples(str(tmp_path / 'pairs_train.jsonl'), 'preference',
                                     rows.RowFilter(policy='error'))
   assert len(examples) == len(written)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_dpo_head_on_response_tokens_alone_equals_the_whole_head(tiny_checkpoint, pair_files,
+                                                                 dtype):
+  """On one device DPO's head runs on the response tokens alone, 8 rows x 4
+  of them a piece (`logits_chunk` 4, ops.head_masked_logprobs); the summed
+  log-probs and a DPO loss's gradient equal the whole head's (`logits_chunk`
+  0) on real preference batches."""
+  import jax
+  from flax import nnx
+
+  from jpost.data import pipeline
+  from jpost.losses.dpo import dpo_loss
+  from jpost.models import hf, pretrained
+  from jpost.tokenizer import Tokenizer
+  from jpost.trainers import dpo
+  from norms import assert_norm_close
+
+  tokenizer = Tokenizer.from_dir(pretrained.resolve('smollm2-135m-instruct'))
+  dataset, _ = pipeline.build('preference', pipeline.resolve_sources([str(pair_files[0])]),
+                              tokenizer, batch_size=4, max_len=48, truncation='truncate_left',
+                              seed=0, num_epochs=1, policy='error')
+  batch = next(iter(dataset))
+  weights = batch['chosen_loss_mask'][:, 1:].sum() + batch['rejected_loss_mask'][:, 1:].sum()
+  assert 0 < weights < 0.5 * 8 * 47  # most slots are prompt or padding
+  out = {}
+  for chunk in (4, 0):
+    model = hf.load(tiny_checkpoint, dtype=dtype, logits_chunk=chunk)
+    graphdef, params = nnx.split(model)
+
+    def loss(params):
+      chosen, rejected, _, _ = dpo.response_logps(nnx.merge(graphdef, params), batch)
+      value, _ = dpo_loss(chosen, rejected, chosen - 1.0, rejected + 2.0, loss_type='sigmoid',
+                          beta=0.3, label_smoothing=0.0, normalizer=4.0)
+      return value, (chosen, rejected)
+    out[chunk] = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  (value, sums), grads = out[4]
+  (ref_value, ref_sums), ref_grads = out[0]
+  bound = 1e-5 if dtype == 'float32' else 2e-2
+  for got, want in zip(sums, ref_sums):
+    assert_norm_close(got, want, bound=bound)
+  assert_norm_close(value, ref_value, bound=bound)
+  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    assert_norm_close(g, w, bound=bound * 10)

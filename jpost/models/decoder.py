@@ -176,9 +176,19 @@ class Decoder(nnx.Module):
     return dense(hidden, weight, is_vd, True)
 
   def target_logprobs(self, hidden, targets, *, temperature: float = 1.0,
-                      entropy: str = 'none'):
+                      entropy: str = 'none', mask=None):
     """log p(targets [B, T]) after each of hidden [B, T, D] (and entropies,
-    see ops.head_logprobs), `config.logits_chunk` positions at a time."""
+    see ops.head_logprobs), `config.logits_chunk` positions at a time.
+    With `mask` [B, T] (and no entropy): 0 outside it, where the head does
+    not run (ops.head_masked_logprobs)."""
+    if mask is not None:
+      if entropy != 'none':
+        raise ValueError(f'target_logprobs: mask with entropy={entropy!r}; a mask takes '
+                         "entropy='none'.")
+      weight, is_vd = self._head_param()
+      return ops.head_masked_logprobs(
+          functools.partial(_head_logits, is_vd=is_vd, temperature=temperature), weight,
+          hidden, targets, mask, chunk=self.config.logits_chunk)
     head = self._head_param()
     return ops.head_logprobs(lambda h: self.logits(h, head) / temperature, hidden, targets,
                              chunk=self.config.logits_chunk, entropy=entropy)
@@ -204,8 +214,9 @@ def _for_decoding(value, cfg: ModelConfig, w_is_fd: bool = False):
   return cpu_decode.pack(value, w_is_fd) if cpu_decode.packable(k, n) else value
 
 
-def _head_logits(hidden, weight, *, is_vd: bool):
-  return dense(hidden, weight, is_vd, True)
+def _head_logits(hidden, weight, *, is_vd: bool, temperature: float = 1.0):
+  logits = dense(hidden, weight, is_vd, True)
+  return logits if temperature == 1.0 else logits / temperature
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *,

@@ -55,7 +55,9 @@ def response_logps(model, batch):
   hidden, _ = model.hidden_states(both['tokens'], both['positions'], both['segment_ids'])
   targets, weights = ops.next_token_targets(both['tokens'], both['loss_mask'],
                                             both['segment_ids'])
-  sums = jnp.sum(model.target_logprobs(hidden[:, :-1], targets) * weights, axis=-1)
+  # The head runs on the response tokens alone (a third of the slots here).
+  logprobs = model.target_logprobs(hidden[:, :-1], targets, mask=weights > 0)
+  sums = jnp.sum(logprobs * weights, axis=-1)
   counts = jnp.sum(weights, axis=-1)
   n = batch['chosen_tokens'].shape[0]
   return sums[:n], sums[n:], counts[:n], counts[n:]
