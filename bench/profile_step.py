@@ -39,6 +39,7 @@ import jax
 
 import common
 from jpost import host, sharding
+from jpost.models import lora
 from jpost.trainers import loop
 from sft_throughput import gsm8k_batches, recipe_packing, synthetic_batches
 
@@ -199,6 +200,8 @@ def main():
   parser.add_argument('--attention-block', type=int, default=512, help="configs/sft.py's")
   parser.add_argument('--synthetic', action='store_true',
                       help='random packed rows (sft_throughput.py --random-init) instead of GSM8K')
+  parser.add_argument('--lora-rank', type=int, default=0,
+                      help='LoRA adapters of this rank on every kernel (alpha 2 x rank)')
   parser.add_argument('--top', type=int, default=15)
   parser.add_argument('--by-source', action='store_true',
                       help='also attribute thread time to (loop, kind, JAX source)')
@@ -208,8 +211,11 @@ def main():
                       help="also list the matmuls' shapes and rates, and their share of the wall time")
   args = parser.parse_args()
   mesh = sharding.make_mesh()
+  adapters = ({'lora': lora.LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank)}
+              if args.lora_rank else {})
   model = common.load_model(random_init=True, mesh=mesh, dtype=args.dtype, remat=args.remat,
-                            logits_chunk=args.logits_chunk, attention_block=args.attention_block)
+                            logits_chunk=args.logits_chunk, attention_block=args.attention_block,
+                            **adapters)
   step, state = common.sft_step(model, mesh, 10, max_len=args.seq_len)
   if args.synthetic:
     batches = synthetic_batches(args.batch, args.seq_len, model.config.vocab_size)

@@ -207,8 +207,10 @@ def head_weighted_logprobs(logits_fn, weight, hidden, targets, token_weights, *,
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _weighted_head(logits_fn, chunk, weight, hidden, targets, token_weights):
-  # Undifferentiated (evaluation): the log-probs alone, no gradients to drop.
-  logp = head_logprobs(lambda h: logits_fn(h, weight), hidden, targets, chunk=chunk)
+  # Undifferentiated (evaluation): the log-probs alone, no gradients to drop,
+  # of the weighted positions alone where those can be gathered.
+  logp = head_masked_logprobs(logits_fn, weight, hidden, targets, token_weights != 0,
+                              chunk=chunk)
   return jnp.sum(logp * token_weights.astype(jnp.float32)), logp
 
 

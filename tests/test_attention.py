@@ -543,7 +543,9 @@ def test_weighted_head_takes_the_same_gradient_in_the_forward_pass(chunk):
   for g, w in zip(grads, ref_grads):
     assert_norm_close(g, w, bound=1e-5)
   # Undifferentiated (evaluation), the same value and log-probs.
-  assert_norm_close(jax.jit(fused)(hidden, head)[0], value, bound=1e-6)
+  eval_value, eval_logp = jax.jit(fused)(hidden, head)
+  assert_norm_close(eval_value, value, bound=1e-6)
+  assert_norm_close(eval_logp, logp, bound=1e-6)
 
 
 def test_weighted_head_without_any_weight_runs_no_piece():
