@@ -223,12 +223,12 @@ def test_adapter_dropout_drops_inputs_at_its_rate_and_keeps_the_mean():
   eye = jnp.eye(64)
   p = {'q_lora_a': eye, 'q_lora_b': eye, 'dropout_key': jax.random.key(0)}
   x = jnp.ones((8, 512, 64))
-  delta = np.asarray(lora.adapter_delta(x, p, 'q', cfg, jnp.matmul))  # = dropout(x)
+  delta = np.asarray(lora.adapter_input(x, p, 'q', cfg, jnp.matmul))  # = dropout(x): A = I, scale 1
   np.testing.assert_allclose(np.unique(delta), [0.0, 1 / 0.75], rtol=1e-6)
   assert abs(np.mean(delta == 0) - 0.25) < 0.01 and abs(delta.mean() - 1) < 0.02
-  again = lora.adapter_delta(x, p, 'q', cfg, jnp.matmul)
+  again = lora.adapter_input(x, p, 'q', cfg, jnp.matmul)
   np.testing.assert_array_equal(np.asarray(again), delta)  # one key, one mask
-  no_key = lora.adapter_delta(x, {k: v for k, v in p.items() if k != 'dropout_key'}, 'q', cfg,
+  no_key = lora.adapter_input(x, {k: v for k, v in p.items() if k != 'dropout_key'}, 'q', cfg,
                               jnp.matmul)
   np.testing.assert_array_equal(np.asarray(no_key), np.asarray(x))
 
@@ -295,3 +295,35 @@ def test_a_bfloat16_base_is_sliced_without_float32_copies(monkeypatch):
   else:
     assert results[True][0] == 0 and results[False][0] >= len(lora.KERNELS)
   chex.assert_trees_all_equal(results[True][1], results[False][1])
+
+
+@pytest.mark.parametrize('dtype, bound', [('float32', 1e-6), ('bfloat16', 1e-2)])
+def test_base_and_adapter_as_one_matmul_equal_two(dtype, bound):
+  """decoder._adapted_dense (one device: x @ w + low @ b as one matmul of
+  [x, low] by [w; b], rounded once) equals the two `dense` matmuls summed in
+  float32: output and the gradients of x, low, w and b."""
+  from jpost.models import decoder
+  from norms import assert_norm_close
+  rng = np.random.default_rng(9)
+  dt = jnp.dtype(dtype)
+  x = jnp.asarray(rng.normal(size=(2, 24, 40)), dt)
+  low = jnp.asarray(rng.normal(size=(2, 24, 4)), dt)
+  w = jnp.asarray(rng.normal(size=(40, 56)) / 6, jnp.float32)
+  b = jnp.asarray(rng.normal(size=(4, 56)) / 2, jnp.float32)
+  cot = jnp.asarray(rng.normal(size=(2, 24, 56)), jnp.float32)
+
+  def two(x, low, w, b):  # in float32 throughout: the reference
+    f32 = lambda a: a.astype(jnp.float32)
+    return jnp.sum((decoder.dense(f32(x), w) + decoder.dense(f32(low), b)) * cot)
+
+  def one(x, low, w, b):
+    out = decoder._adapted_dense(x, low, w, b)
+    assert out.dtype == dt
+    return jnp.sum(out.astype(jnp.float32) * cot)
+
+  value, grads = jax.value_and_grad(one, argnums=(0, 1, 2, 3))(x, low, w, b)
+  want, want_grads = jax.value_and_grad(two, argnums=(0, 1, 2, 3))(x, low, w, b)
+  assert_norm_close(value, want, bound=bound)
+  chex.assert_trees_all_equal_shapes_and_dtypes(grads, (x, low, w, b))
+  for g, r in zip(grads, want_grads):
+    assert_norm_close(g, r, bound=bound)

@@ -250,10 +250,11 @@ def dequantized(p: dict, cfg, dtype) -> dict:
   return out
 
 
-def adapter_delta(x, p: dict, name: str, cfg, matmul):
-  """scale * (dropout(x) @ A) @ B for kernel `name`, or None when it has no
-  adapter. Dropout applies where the layer's weights carry a 'dropout_key'
-  (see `dropout_keys`), with a mask of its own per kernel."""
+def adapter_input(x, p: dict, name: str, cfg, matmul):
+  """scale * dropout(x) @ A [..., rank] for kernel `name` (its adapter's
+  output is this @ B), or None when it has no adapter. Dropout applies where
+  the layer's weights carry a 'dropout_key' (see `dropout_keys`), with a
+  mask of its own per kernel."""
   if f'{name}_lora_a' not in p:
     return None
   if p.get('dropout_key') is not None:
@@ -261,8 +262,7 @@ def adapter_delta(x, p: dict, name: str, cfg, matmul):
     mask = jax.random.bernoulli(jax.random.fold_in(p['dropout_key'], KERNELS.index(name)),
                                 keep, x.shape)
     x = jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
-  low = matmul(x, p[f'{name}_lora_a'])
-  return matmul(low, p[f'{name}_lora_b']) * jnp.asarray(cfg.lora.scale, x.dtype)
+  return matmul(x, p[f'{name}_lora_a']) * jnp.asarray(cfg.lora.scale, x.dtype)
 
 
 _DROPOUT_KEY: contextvars.ContextVar = contextvars.ContextVar('jpost_lora_dropout', default=None)
