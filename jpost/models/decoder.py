@@ -230,8 +230,7 @@ def _wide(parts, cfg: ModelConfig):
 
 
 def _head_logits(hidden, weight, *, is_vd: bool, temperature: float = 1.0):
-  logits = dense(hidden, weight, is_vd, True)
-  return logits if temperature == 1.0 else logits / temperature
+  return dense(hidden, weight, is_vd, True) / temperature
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *,
