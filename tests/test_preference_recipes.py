@@ -173,6 +173,7 @@ def test_dpo_head_on_response_tokens_alone_equals_the_whole_head(tiny_checkpoint
   log-probs and a DPO loss's gradient equal the whole head's (`logits_chunk`
   0) on real preference batches."""
   import jax
+  import jax.numpy as jnp
   from flax import nnx
 
   from jpost.data import pipeline
@@ -196,15 +197,19 @@ def test_dpo_head_on_response_tokens_alone_equals_the_whole_head(tiny_checkpoint
 
     def loss(params):
       chosen, rejected, _, _ = dpo.response_logps(nnx.merge(graphdef, params), batch)
-      value, _ = dpo_loss(chosen, rejected, chosen - 1.0, rejected + 2.0, loss_type='sigmoid',
+      ref_chosen, ref_rejected = jnp.full((4,), -20.0), jnp.full((4,), -30.0)  # constants
+      value, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, loss_type='sigmoid',
                           beta=0.3, label_smoothing=0.0, normalizer=4.0)
       return value, (chosen, rejected)
     out[chunk] = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
   (value, sums), grads = out[4]
   (ref_value, ref_sums), ref_grads = out[0]
-  bound = 1e-5 if dtype == 'float32' else 2e-2
+  # Both heads take float32 logits of the same hidden states: measured 3e-7
+  # in either dtype; the bound is loose for other machines' summation order.
+  bound = 1e-5
   for got, want in zip(sums, ref_sums):
     assert_norm_close(got, want, bound=bound)
   assert_norm_close(value, ref_value, bound=bound)
+  assert sum(float(jnp.linalg.norm(g)) for g in jax.tree.leaves(ref_grads)) > 0
   for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
     assert_norm_close(g, w, bound=bound * 10)
