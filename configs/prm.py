@@ -41,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       train=('runs/prm_labels/steps_train.jsonl',), eval=('runs/prm_labels/steps_test.jsonl',),
       weights=(), max_len=256, separator='\n', policy='skip', num_threads=0))
   c.batch_size = 8
-  c.eval_batch_size = 1  # divides any held-out set: every solution is scored
+  c.eval_batch_size = 8  # the last batch is filled up with empty rows, which weigh nothing
   c.score_batch_size = 16  # rows per forward of the end-of-run step metrics
   c.accum_steps = 1
   c.epochs = 1.0

@@ -36,7 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       train=('runs/pairs/pairs_train.jsonl',), eval=('runs/pairs/pairs_test.jsonl',),
       weights=(), max_len=128, truncation='truncate_left', policy='skip', num_threads=0))
   c.batch_size = 8
-  c.eval_batch_size = 1  # divides any held-out set: every pair is scored
+  c.eval_batch_size = 8  # the last batch is filled up with empty pairs, which weigh nothing
   c.accum_steps = 1
   c.epochs = 1.0
   c.total_steps = 0  # 0: derived from `epochs`

@@ -69,7 +69,10 @@ def _dpo(tmp_path, checkpoint, pair_files, *extra):
 
 
 def test_dpo_cached_and_on_the_fly_references_agree(tiny_checkpoint, pair_files, tmp_path):
-  cached = _dpo(tmp_path / 'cache', tiny_checkpoint, pair_files)
+  # The cached run evaluates its 4 held-out pairs as one batch of 6, filled
+  # up with 2 empty pairs (no reference to look up, no weight); the other
+  # in batches of 2.
+  cached = _dpo(tmp_path / 'cache', tiny_checkpoint, pair_files, '--config.eval_batch_size=6')
   assert cached.returncode == 0, cached.stderr[-3000:]
   assert (tmp_path / 'cache' / 'reference_logps.npz').exists()
   fly = _dpo(tmp_path / 'fly', tiny_checkpoint, pair_files, '--config.dpo.reference=on_the_fly',
@@ -213,3 +216,53 @@ def test_dpo_head_on_response_tokens_alone_equals_the_whole_head(tiny_checkpoint
   assert sum(float(jnp.linalg.norm(g)) for g in jax.tree.leaves(ref_grads)) > 0
   for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
     assert_norm_close(g, w, bound=bound * 10)
+
+
+def test_evaluation_fills_up_its_last_batch_with_pairs_that_weigh_nothing(tiny_checkpoint,
+                                                                          tmp_path):
+  """5 held-out pairs at eval_batch_size 3: a batch of 3, then 2 and an empty
+  pair (one compiled step), give the metrics of eval_batch_size 1 (nothing
+  filled up), for DPO (SimPO: no reference) and for a reward model."""
+  import functools
+
+  import jax
+  import ml_collections
+  from flax import nnx
+
+  from jpost import sharding
+  from jpost.models import hf, pretrained
+  from jpost.models import reward as reward_model
+  from jpost.tokenizer import Tokenizer
+  from jpost.trainers import dpo, offline, reward
+
+  tokenizer = Tokenizer.from_dir(pretrained.resolve('smollm2-135m-instruct'))
+  path = _pairs_file(tmp_path / 'eval.jsonl', n=5)
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  data = ml_collections.ConfigDict(dict(max_len=48, truncation='truncate_left', weights=(),
+                                        policy='error', num_threads=0))
+  simpo = ml_collections.ConfigDict(dict(loss_type='simpo', beta=2.0, label_smoothing=0.0,
+                                         simpo_gamma=0.5))
+  tasks = {
+      'dpo': (offline.Task(loss_fn=functools.partial(dpo.loss_fn, loss_cfg=simpo),
+                           normalizer_fn=dpo.normalizer_fn, train_data=None,
+                           eval_metrics=dpo.EVAL_METRICS), hf.load(tiny_checkpoint)),
+      'reward': (offline.Task(loss_fn=functools.partial(reward.loss_fn, center_coef=0.0),
+                              normalizer_fn=reward.normalizer_fn, train_data=None,
+                              eval_metrics=reward.EVAL_METRICS),
+                 reward_model.load(tiny_checkpoint)),
+  }
+  for name, (task, model) in tasks.items():
+    graphdef, params = nnx.split(model)
+    results = {}
+    for size in (1, 3):
+      batches = list(reward.preference_data(data, sources=[str(path)], epochs=1, seed=0,
+                                            batch_size=size, pad_last=True)(tokenizer, 0, 1)[0])
+      assert len(batches) == (5 if size == 1 else 2)
+      step = jax.jit(offline.make_eval_step(graphdef, task, mesh))
+      results[size] = offline.evaluate(step, params, batches, mesh)
+      assert step._cache_size() == 1
+    assert not batches[-1]['chosen_segment_ids'][-1].any()  # the empty pair
+    assert batches[-1]['chosen_segment_ids'][-2].any()
+    assert set(results[3]) == set(results[1]) and len(results[1]) > 1
+    for k in results[1]:
+      np.testing.assert_allclose(results[3][k], results[1][k], rtol=1e-5, err_msg=(name, k))

@@ -240,13 +240,19 @@ def _left_pad_batch(items: Sequence[dict], *, length: int, pad_id: int) -> dict[
   return batch
 
 
+def _filled_up(batch: dict, *, size: int) -> dict:
+  """`batch` with empty (all-zero) rows added up to `size` rows."""
+  return {k: np.concatenate([v, np.zeros((size - len(v), *v.shape[1:]), v.dtype)])
+          for k, v in batch.items()}
+
+
 def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max_len: int,
           mask_mode: str = 'auto', truncation: str = 'drop', packing: bool = True,
           weights: Sequence[float] | None = None, seed: int = 0, num_epochs: int | None = None,
           policy: str = 'error', shard_index: int = 0, shard_count: int = 1,
           num_threads: int = 0, require_assistant: bool = False, drop_remainder: bool = True,
           step_separator: str = steps.DEFAULT_SEPARATOR, max_segments: int | None = None,
-          pack_window: int = 128, row_len: int | None = None):
+          pack_window: int = 128, row_len: int | None = None, pad_last: bool = False):
   """(grain.IterDataset of batches, PipelineStats) for `kind` in KINDS.
 
   sft: packed (or padded) rows of `tokens, positions, segment_ids, loss_mask`;
@@ -271,7 +277,10 @@ def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max
   give each process batch_size / shard_count rows of it (see
   _process_block). `drop_remainder` False keeps a last, smaller batch
   (passes that must see every row once; with several shards, the rows past
-  the last whole global batch are not read).
+  the last whole global batch are not read); `pad_last` (preference and
+  steps) fills that batch up with empty rows (zeros: no tokens, no targets),
+  so that it has the others' shape and a pass compiles one step, whatever
+  its batch size; the losses give empty pairs and rows no weight.
   """
   if kind not in KINDS:
     raise ValueError(f'pipeline kind {kind!r} unknown; use one of {KINDS}.')
@@ -318,7 +327,9 @@ def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max
       it = it.map(lambda x: _sequence_fields(x['tokens'], x['loss_mask'], max_len))
     it = it.batch(batch_size * max_len // row_len, drop_remainder=True)
   elif kind in ('preference', 'steps'):
-    it = it.batch(batch_size, drop_remainder=drop_remainder)
+    it = it.batch(batch_size, drop_remainder=drop_remainder and not pad_last)
+    if pad_last:
+      it = it.map(functools.partial(_filled_up, size=batch_size))
   else:
     it = it.batch(batch_size, drop_remainder=drop_remainder,
                   batch_fn=functools.partial(_left_pad_batch, length=max_len,

@@ -5,7 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jpost import ops
+
 LOSS_TYPES = ('sigmoid', 'ipo', 'cdpo', 'simpo')
+# Relative to the summed log-probs: a log-ratio gap this small is rounding.
+TIE_TOLERANCE = 1e-6
 
 
 def _validate(loss_type, beta, label_smoothing, ref_chosen_logps, ref_rejected_logps,
@@ -34,7 +38,7 @@ def _validate(loss_type, beta, label_smoothing, ref_chosen_logps, ref_rejected_l
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
              *, loss_type: str = 'sigmoid', beta: float = 0.1, label_smoothing: float = 0.0,
              chosen_lengths=None, rejected_lengths=None, simpo_gamma: float = 0.5,
-             normalizer=None):
+             normalizer=None, weights=None):
   """Preference loss on pairs. All inputs [B]. Returns (loss, metrics).
 
   Log-probs are sums over each response's target tokens; lengths are the
@@ -56,10 +60,15 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
   count under gradient accumulation). beta, label_smoothing and loss_type are
   Python values, checked when the function is traced.
 
+  `weights` [B] (1 or 0; default all 1) leave pairs out: a batch padded to
+  its size with empty pairs (an evaluation's last batch) weighs them 0 in
+  the loss and the metrics.
+
   Metrics are means over the pairs given: 'rewards/chosen' = beta * (pc - rc)
   ('simpo': beta * pc / len_c), 'rewards/rejected' likewise, 'rewards/accuracy'
-  (fraction with chosen reward strictly above rejected; a tie is not a win, so
-  a policy equal to its reference scores 0), 'rewards/margin' (mean chosen -
+  (fraction with chosen reward strictly above rejected; a tie, a gap within
+  TIE_TOLERANCE of the summed log-probs, is not a win, so a policy equal to
+  its reference scores 0), 'rewards/margin' (mean chosen -
   rejected reward), 'logps/chosen', 'logps/rejected' (mean summed policy
   log-probs), 'loss'.
   """
@@ -82,6 +91,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     chosen_reward = beta * pc / len_c
     rejected_reward = beta * pr / len_r
     per_pair = -jax.nn.log_sigmoid(chosen_reward - rejected_reward - simpo_gamma)
+    wins = chosen_reward > rejected_reward
   else:
     chosen_reward = beta * (pc - rc)
     rejected_reward = beta * (pr - rr)
@@ -95,17 +105,28 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     else:  # ipo
       h_len = (pc / len_c - pr / len_r) - (rc / len_c - rr / len_r)
       per_pair = jnp.square(h_len - 1.0 / (2.0 * beta))
+    # The policy's and the reference's sums come from different compiled
+    # programs (a cache made in other batches), which round differently in
+    # the last bits: a gap within that is a tie, so that a policy equal to
+    # its reference scores 0 whatever the batches.
+    tie = jnp.abs(h) <= TIE_TOLERANCE * (jnp.abs(pc) + jnp.abs(pr) + jnp.abs(rc) + jnp.abs(rr))
+    wins = (chosen_reward > rejected_reward) & ~tie
 
+  w = jnp.ones_like(pc) if weights is None else jnp.asarray(weights, jnp.float32)
   if normalizer is None:
-    normalizer = pc.shape[0]
-  loss = jnp.sum(per_pair) / normalizer
+    normalizer = jnp.sum(w)
+  # A weightless (empty) pair adds nothing, whatever its terms; a batch of
+  # them alone (normaliser 0) has loss 0.
+  loss = jnp.sum(jnp.where(w > 0, per_pair, 0.0)) / jnp.maximum(normalizer, 1.0)
+  mean = lambda x: ops.masked_mean(jnp.where(w > 0, x, 0.0), w)
   metrics = {
       'loss': loss,
-      'rewards/chosen': jnp.mean(chosen_reward),
-      'rewards/rejected': jnp.mean(rejected_reward),
-      'rewards/accuracy': jnp.mean((chosen_reward > rejected_reward).astype(jnp.float32)),
-      'rewards/margin': jnp.mean(chosen_reward - rejected_reward),
-      'logps/chosen': jnp.mean(pc),
-      'logps/rejected': jnp.mean(pr),
+      'rewards/chosen': mean(chosen_reward),
+      'rewards/rejected': mean(rejected_reward),
+      'rewards/accuracy': mean(wins.astype(jnp.float32)),
+      'rewards/margin': mean(chosen_reward - rejected_reward),
+      'logps/chosen': mean(pc),
+      'logps/rejected': mean(pr),
   }
   return loss, metrics
+

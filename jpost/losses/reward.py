@@ -5,9 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jpost import ops
+
 
 def bradley_terry_loss(chosen_rewards, rejected_rewards, *, margin=None, center_coef=0.0,
-                       normalizer=None):
+                       normalizer=None, weights=None):
   """Pairwise Bradley-Terry loss on rewards [B]. Returns (loss, metrics).
 
   Per pair: -log sigmoid(r_chosen - r_rejected - margin), where `margin` [B]
@@ -24,6 +26,8 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, *, margin=None, center_
   to one large batch. Metrics are means over the pairs given here:
   'accuracy' (fraction with r_chosen > r_rejected, a tie counts 0.5),
   'margin' (mean r_chosen - r_rejected), 'chosen_reward', 'rejected_reward', 'loss'.
+  `weights` [B] (1 or 0; default all 1) leave pairs out of loss and metrics,
+  as in dpo_loss.
   """
   chosen = jnp.asarray(chosen_rewards, jnp.float32)
   rejected = jnp.asarray(rejected_rewards, jnp.float32)
@@ -33,15 +37,19 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, *, margin=None, center_
   diff = chosen - rejected
   logits = diff if margin is None else diff - jnp.asarray(margin, jnp.float32)
   per_pair = -jax.nn.log_sigmoid(logits) + center_coef * jnp.square(chosen + rejected)
+  w = jnp.ones_like(chosen) if weights is None else jnp.asarray(weights, jnp.float32)
   if normalizer is None:
-    normalizer = chosen.shape[0]
-  loss = jnp.sum(per_pair) / normalizer
+    normalizer = jnp.sum(w)
+  # A weightless (empty) pair adds nothing, whatever its terms; a batch of
+  # them alone (normaliser 0) has loss 0.
+  loss = jnp.sum(jnp.where(w > 0, per_pair, 0.0)) / jnp.maximum(normalizer, 1.0)
   wins = jnp.where(diff > 0, 1.0, jnp.where(diff == 0, 0.5, 0.0))
+  mean = lambda x: ops.masked_mean(jnp.where(w > 0, x, 0.0), w)
   metrics = {
       'loss': loss,
-      'accuracy': jnp.mean(wins),
-      'margin': jnp.mean(diff),
-      'chosen_reward': jnp.mean(chosen),
-      'rejected_reward': jnp.mean(rejected),
+      'accuracy': mean(wins),
+      'margin': mean(diff),
+      'chosen_reward': mean(chosen),
+      'rejected_reward': mean(rejected),
   }
   return loss, metrics

@@ -40,7 +40,7 @@ from jpost.models import hf, lora, pretrained
 from jpost.models.reward import as_messages
 from jpost.tokenizer import Tokenizer
 from jpost.trainers import loop, offline, register, rl_parts
-from jpost.trainers.reward import epochs_to_steps, preference_data
+from jpost.trainers.reward import epochs_to_steps, normalizer_fn, pair_weights, preference_data
 
 REFERENCE_MODES = ('cache', 'on_the_fly')
 CACHE_FILE = 'reference_logps.npz'
@@ -80,11 +80,7 @@ def loss_fn(model, batch, normalizer, *, loss_cfg):
       None if simpo else ref_rejected, loss_type=loss_cfg.loss_type,
       beta=loss_cfg.beta, label_smoothing=loss_cfg.label_smoothing,
       chosen_lengths=chosen_len, rejected_lengths=rejected_len,
-      simpo_gamma=loss_cfg.simpo_gamma, normalizer=normalizer)
-
-
-def normalizer_fn(batch):
-  return jnp.asarray(batch['chosen_tokens'].shape[0], jnp.float32)
+      simpo_gamma=loss_cfg.simpo_gamma, normalizer=normalizer, weights=pair_weights(batch))
 
 
 def pair_key(chosen_tokens: np.ndarray, rejected_tokens: np.ndarray) -> str:
@@ -168,6 +164,9 @@ def lookup_hook(index: dict, cache: dict, path: pathlib.Path):
   def hook(batch):
     rows = []
     for i, (c, r) in enumerate(zip(batch['chosen_tokens'], batch['rejected_tokens'])):
+      if not batch['chosen_segment_ids'][i].any():  # an empty pair: no weight (pair_weights)
+        rows.append(-1)
+        continue
       row = index.get(pair_key(c, r))
       if row is None:
         raise ConfigError(
@@ -175,8 +174,10 @@ def lookup_hook(index: dict, cache: dict, path: pathlib.Path):
             'for other data or another data.max_len. Delete the file to recompute it, or '
             "set config.dpo.reference='on_the_fly'.")
       rows.append(row)
-    return batch | {'ref_chosen_logps': cache['chosen'][rows],
-                    'ref_rejected_logps': cache['rejected'][rows]}
+    rows = np.asarray(rows)
+    take = lambda a: np.where(rows >= 0, a[np.maximum(rows, 0)], 0).astype(a.dtype)
+    return batch | {'ref_chosen_logps': take(cache['chosen']),
+                    'ref_rejected_logps': take(cache['rejected'])}
   return hook
 
 
@@ -252,7 +253,8 @@ def run(config, workdir):
       train_data=preference_data(data, sources=list(data.train), epochs=None,
                                  seed=config.seed, batch_size=config.batch_size),
       eval_data=preference_data(data, sources=list(data.eval), epochs=1, seed=0,
-                                batch_size=config.eval_batch_size) if data.eval else None,
+                                batch_size=config.eval_batch_size, pad_last=True)
+      if data.eval else None,
       batch_hook=make_batch_hook,
       eval_metrics=EVAL_METRICS, activations=activations)
   result = offline.run(config, workdir, task)

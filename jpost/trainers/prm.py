@@ -62,14 +62,16 @@ def normalizer_fn(batch):
   return jnp.sum(batch['step_mask']).astype(jnp.float32)
 
 
-def step_data(data, *, sources, epochs, seed, batch_size):
+def step_data(data, *, sources, epochs, seed, batch_size, pad_last=False):
+  """Batches of solutions; `pad_last` (evaluation): every one, the last batch
+  filled up with empty rows, which have no step ends (no weight)."""
   def build(tokenizer, shard_index, shard_count):
     return pipeline.build(
         'steps', pipeline.resolve_sources(sources), tokenizer, batch_size=batch_size,
         max_len=data.max_len, weights=list(data.weights) if data.weights else None,
         seed=seed, num_epochs=epochs, policy=data.policy, shard_index=shard_index,
         shard_count=shard_count, num_threads=data.num_threads,
-        step_separator=data.separator)
+        step_separator=data.separator, pad_last=pad_last)
   return build
 
 
@@ -178,7 +180,8 @@ def run(config, workdir):
       train_data=step_data(data, sources=list(data.train), epochs=None, seed=config.seed,
                            batch_size=config.batch_size),
       eval_data=step_data(data, sources=list(data.eval), epochs=1, seed=0,
-                          batch_size=config.eval_batch_size) if data.eval else None,
+                          batch_size=config.eval_batch_size, pad_last=True)
+      if data.eval else None,
       load_model=load_model,
       export=functools.partial(reward_model.save, step_separator=data.separator),
       eval_metrics=EVAL_METRICS,

@@ -43,21 +43,30 @@ def activations(model_config, rows, seq_len) -> dict:
 def loss_fn(model, batch, normalizer, *, center_coef):
   chosen, rejected = pair_rewards(model, batch)
   return bradley_terry_loss(chosen, rejected, margin=batch.get('margin'),
-                            center_coef=center_coef, normalizer=normalizer)
+                            center_coef=center_coef, normalizer=normalizer,
+                            weights=pair_weights(batch))
+
+
+def pair_weights(batch):
+  """[B]: 1 for each pair, 0 for an empty one (no tokens: the rows that fill
+  up an evaluation's last batch, or a batch of a process whose data ran out)."""
+  return jnp.any(batch['chosen_segment_ids'] > 0, axis=-1).astype(jnp.float32)
 
 
 def normalizer_fn(batch):
-  return jnp.asarray(batch['chosen_tokens'].shape[0], jnp.float32)
+  return jnp.sum(pair_weights(batch))
 
 
-def preference_data(data, *, sources, epochs, seed, batch_size):
+def preference_data(data, *, sources, epochs, seed, batch_size, pad_last=False):
+  """Batches of pairs; `pad_last` (evaluation): every pair, the last batch
+  filled up with empty pairs, which weigh nothing (pair_weights)."""
   def build(tokenizer, shard_index, shard_count):
     return pipeline.build(
         'preference', pipeline.resolve_sources(sources), tokenizer, batch_size=batch_size,
         max_len=data.max_len, truncation=data.truncation,
         weights=list(data.weights) if data.weights else None, seed=seed, num_epochs=epochs,
         policy=data.policy, shard_index=shard_index, shard_count=shard_count,
-        num_threads=data.num_threads)
+        num_threads=data.num_threads, pad_last=pad_last)
   return build
 
 
@@ -92,7 +101,8 @@ def run(config, workdir):
       train_data=preference_data(data, sources=list(data.train), epochs=None,
                                  seed=config.seed, batch_size=config.batch_size),
       eval_data=preference_data(data, sources=list(data.eval), epochs=1, seed=0,
-                                batch_size=config.eval_batch_size) if data.eval else None,
+                                batch_size=config.eval_batch_size, pad_last=True)
+      if data.eval else None,
       load_model=lambda path, mesh, cfg: reward_model.load(
           path, mesh=mesh, **hf.compute_options(cfg), **({'seed': cfg.seed} | lora.load_options(cfg))),
       export=reward_model.save,
