@@ -129,4 +129,3 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
       'logps/rejected': mean(pr),
   }
   return loss, metrics
-
