@@ -626,13 +626,14 @@ def test_masked_head_equals_autodiff_through_the_whole_head(chunk, monkeypatch):
 
   (ref_value, ref_logp), ref_grads = jax.value_and_grad(
       reference, argnums=(0, 1), has_aux=True)(safe, head)
-  runs = {'one device': nan if chunk else safe}
+  # Compacted (chunk > 0) the NaN positions are never read; whole, they would be.
+  one_device = nan if chunk else safe
   with monkeypatch.context() as m:
     m.setattr(sharding, 'active_mesh_size', lambda: 2)
     (value_mesh, logp_mesh), grads_mesh = jax.value_and_grad(
         masked, argnums=(0, 1), has_aux=True)(safe, head)
   (value, logp), grads = jax.value_and_grad(masked, argnums=(0, 1), has_aux=True)(
-      runs['one device'], head)
+      one_device, head)
   for v, lp, gs in ((value, logp, grads), (value_mesh, logp_mesh, grads_mesh)):
     chex.assert_shape(lp, (B, T))
     assert not np.any(np.asarray(lp)[~mask])
@@ -644,7 +645,7 @@ def test_masked_head_equals_autodiff_through_the_whole_head(chunk, monkeypatch):
     for g, w in zip(gs, ref_grads):
       assert_norm_close(g, w, bound=1e-5)
   # Undifferentiated (evaluation, a reference pass): the same log-probs.
-  assert_norm_close(jax.jit(masked)(runs['one device'], head)[1], ref_logp, bound=1e-6)
+  assert_norm_close(jax.jit(masked)(one_device, head)[1], ref_logp, bound=1e-6)
 
 
 def test_masked_head_without_a_masked_position_runs_no_piece():
