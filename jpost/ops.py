@@ -313,33 +313,44 @@ def _weighted_head_bwd(logits_fn, chunk, residuals, cotangents):
 _weighted_head.defvjp(_weighted_head_fwd, _weighted_head_bwd)
 
 
-def head_masked_logprobs(logits_fn, weight, hidden, targets, mask, *, chunk: int = 0):
+def head_masked_logprobs(logits_fn, weight, hidden, targets, mask, *, chunk: int = 0,
+                         entropy: str = 'none'):
   """log p(targets) [B, T] where `mask` [B, T] is true, 0 (without a
   gradient) where it is not, through logits_fn(hidden, weight) -> float32
-  logits [B, T, V].
+  logits [B, T, V]; unless `entropy` is 'none', also each masked position's
+  entropy [B, T] ('metric': without a gradient; 'loss': with one), 0 outside
+  the mask.
 
   For losses that are not linear in the log-probs, so that the head cannot
-  take its gradient in the forward pass (`head_weighted_logprobs`), e.g.
-  DPO's summed log-probs of each response inside a sigmoid. On one device,
-  with `chunk` below T, only the masked positions are computed, B x `chunk`
-  of them at a time, gathered from every row: forward and backward loop over
-  as many pieces as they fill, and the backward recomputes those pieces'
-  logits alone. A DPO batch's response tokens are under a third of its
-  slots (GSM8K pairs in rows of 128: 28%; prompts and padding are not), so
-  the head runs on about a third of the positions. Elsewhere,
-  `head_logprobs` with the positions outside the mask set to 0.
+  take its gradient in the forward pass (`head_weighted_logprobs`): DPO's
+  summed log-probs of each response inside a sigmoid, the clipped ratios of
+  GRPO and PPO. On one device, with `chunk` below T, only the masked
+  positions are computed, B x `chunk` of them at a time, gathered from every
+  row: forward and backward loop over as many pieces as they fill, and the
+  backward recomputes those pieces' logits alone. A DPO batch's response
+  tokens are under a third of its slots (GSM8K pairs in rows of 128: 28%;
+  prompts and padding are not), an RL update's completion tokens a third to
+  two thirds of its packed rows, so the head runs on that share of the
+  positions. Elsewhere, `head_logprobs` with the positions outside the mask
+  set to 0.
   """
+  if entropy not in ('none', 'metric', 'loss'):
+    raise ValueError(f"entropy={entropy!r}: use 'none', 'metric' or 'loss'.")
   b, t, _ = hidden.shape
   mask = mask.astype(bool)
   if not chunk or t <= chunk or sharding.active_mesh_size() != 1:
-    logp = head_logprobs(lambda h: logits_fn(h, weight), hidden, targets, chunk=chunk)
-    return jnp.where(mask, logp, 0.0)
-  return _masked_head(logits_fn, b * chunk, weight, hidden, targets, mask)
+    out = head_logprobs(lambda h: logits_fn(h, weight), hidden, targets, chunk=chunk,
+                        entropy=entropy)
+    return jax.tree.map(lambda a: jnp.where(mask, a, 0.0), out)
+  logp, ent = _masked_head(logits_fn, b * chunk, entropy, weight, hidden, targets, mask)
+  if entropy == 'none':
+    return logp
+  return logp, ent if entropy == 'loss' else jax.lax.stop_gradient(ent)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _masked_head(logits_fn, piece, weight, hidden, targets, mask):
-  return _masked_head_fwd(logits_fn, piece, weight, hidden, targets, mask)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _masked_head(logits_fn, piece, entropy, weight, hidden, targets, mask):
+  return _masked_head_fwd(logits_fn, piece, entropy, weight, hidden, targets, mask)[0]
 
 
 def _compacted(mask, piece):
@@ -357,7 +368,7 @@ def _gathered(a, *, order, pad):
   return jnp.pad(rows, ((0, pad),) + ((0, 0),) * (a.ndim - 2))
 
 
-def _masked_head_fwd(logits_fn, piece, weight, hidden, targets, mask):
+def _masked_head_fwd(logits_fn, piece, entropy, weight, hidden, targets, mask):
   b, t, _ = hidden.shape
   order, pieces, pad = _compacted(mask, piece)
   gather = functools.partial(_gathered, order=order, pad=pad)
@@ -367,36 +378,52 @@ def _masked_head_fwd(logits_fn, piece, weight, hidden, targets, mask):
   tg = gather(targets)
 
   def body(i, carry):
-    logp, lse = carry
+    logp, lse, ent = carry
     start = i * piece
     logits = logits_fn(jax.lax.dynamic_slice_in_dim(h, start, piece)[None], weight)[0]
-    piece_lse = jax.nn.logsumexp(logits, axis=-1)
     target = jax.lax.dynamic_slice_in_dim(tg, start, piece)
-    piece_logp = jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0] - piece_lse
     update = lambda a, x: jax.lax.dynamic_update_slice_in_dim(a, x, start, 0)
-    return update(logp, piece_logp), update(lse, piece_lse)
+    if entropy == 'none':
+      piece_lse = jax.nn.logsumexp(logits, axis=-1)
+      piece_logp = jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0] - piece_lse
+      return update(logp, piece_logp), update(lse, piece_lse), ent
+    # One max, exp and sum for both (head_logprobs).
+    shifted, exp, total = _softmax_terms(logits)
+    log_total = jnp.log(total)
+    piece_logp = jnp.take_along_axis(shifted, target[:, None], axis=-1)[:, 0] - log_total
+    top = jnp.max(logits, axis=-1)  # the max _softmax_terms took (XLA computes it once)
+    piece_lse = log_total + jnp.where(jnp.isfinite(top), top, 0.0)
+    return (update(logp, piece_logp), update(lse, piece_lse),
+            update(ent, _entropy(shifted, exp, total)))
 
   zeros = jnp.zeros((b * t + pad,), jnp.float32)
-  logp, lse = jax.lax.fori_loop(0, pieces, body, (zeros, zeros))
+  logp, lse, ent = jax.lax.fori_loop(0, pieces, body, (zeros, zeros, zeros))
   # Back to the positions' own order: those past the last piece read zeros.
-  logp = logp[jnp.argsort(order)].reshape(b, t)
-  return jnp.where(mask, logp, 0.0), (weight, h, tg, lse, order, pieces, mask)
+  restore = jnp.argsort(order)
+  unsort = lambda a: jnp.where(mask, a[restore].reshape(b, t), 0.0)
+  return (unsort(logp), unsort(ent)), (weight, h, tg, lse, ent, order, pieces, mask)
 
 
-def _masked_head_bwd(logits_fn, piece, residuals, d_logp):
-  weight, h, tg, lse, order, pieces, mask = residuals
+def _masked_head_bwd(logits_fn, piece, entropy, residuals, cotangents):
+  weight, h, tg, lse, ent, order, pieces, mask = residuals
   b, t = mask.shape
   # Positions outside the mask (the tail of the last piece) get no cotangent.
-  cot = jnp.pad(jnp.where(mask, d_logp, 0.0).reshape(-1)[order], (0, h.shape[0] - b * t))
+  sort = lambda a: jnp.pad(jnp.where(mask, a, 0.0).reshape(-1)[order], (0, h.shape[0] - b * t))
+  d_logp, d_ent = map(sort, cotangents)
 
   def body(i, carry):
     d_weight, d_hidden = carry
     start = i * piece
     take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, piece)
     logits, vjp = jax.vjp(lambda x, w: logits_fn(x[None], w)[0], take(h), weight)
-    # d log p(target) / d logits = onehot(target) - softmax, times the cotangent.
-    c = take(cot)
-    d_logits = -c[:, None] * jnp.exp(logits - take(lse)[:, None])
+    # d log p(target) / d logits = onehot(target) - p, times the cotangent;
+    # d entropy / d logits = -p (log p + entropy).
+    c, log_p = take(d_logp), logits - take(lse)[:, None]
+    p = jnp.exp(log_p)
+    if entropy == 'loss':
+      d_logits = -p * (c[:, None] + take(d_ent)[:, None] * (log_p + take(ent)[:, None]))
+    else:
+      d_logits = -c[:, None] * p
     d_logits = d_logits.at[jnp.arange(piece), take(tg)].add(c)
     dh, dw = vjp(d_logits)
     return (d_weight + dw.astype(jnp.float32),

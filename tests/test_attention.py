@@ -648,6 +648,62 @@ def test_masked_head_equals_autodiff_through_the_whole_head(chunk, monkeypatch):
   assert_norm_close(jax.jit(masked)(one_device, head)[1], ref_logp, bound=1e-6)
 
 
+@pytest.mark.parametrize('chunk', [8, 20])
+@pytest.mark.parametrize('entropy', ['metric', 'loss'])
+def test_masked_head_entropy_equals_autodiff_through_the_whole_head(chunk, entropy,
+                                                                    monkeypatch):
+  """With entropies (GRPO's and PPO's head: a metric, or a bonus in the
+  loss), ops.head_masked_logprobs equals autodiff through the whole logits:
+  log-probs, entropies (0 outside the mask) and the gradients of a loss of
+  both; 'metric' entropies carry no gradient. Positions outside the mask
+  hold NaN hidden states on one device. Over a mesh the same."""
+  from jpost import ops, sharding
+  rng = np.random.default_rng(9)
+  hidden = rng.normal(size=(B, T, 12)).astype(np.float32)
+  head = jnp.asarray(rng.normal(size=(50, 12)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 50, (B, T)))
+  mask = rng.uniform(size=(B, T)) < 0.4
+  logits_fn = lambda h, w: jnp.einsum('btd,vd->btv', h, w) / 0.7
+  safe = jnp.asarray(np.where(mask[..., None], hidden, 0.0))
+  nan = jnp.asarray(np.where(mask[..., None], hidden, np.nan))
+
+  def objective(logp, ent):  # a clipped ratio and an entropy bonus, token by token
+    ratio = jnp.exp(logp - jax.lax.stop_gradient(logp) * 0.9)
+    return jnp.sum(jnp.minimum(ratio * 0.3, jnp.clip(ratio, 0.8, 1.2) * 0.3) + 0.05 * ent)
+
+  def masked(hidden, head):
+    logp, ent = ops.head_masked_logprobs(logits_fn, head, hidden, targets, mask, chunk=chunk,
+                                         entropy=entropy)
+    return objective(logp, ent), (logp, ent)
+
+  def reference(hidden, head):
+    logp, ent = ops.head_logprobs(lambda h: logits_fn(h, head), hidden, targets,
+                                  entropy=entropy)
+    logp, ent = jnp.where(mask, logp, 0.0), jnp.where(mask, ent, 0.0)
+    return objective(logp, ent), (logp, ent)
+
+  (ref_value, ref_out), ref_grads = jax.value_and_grad(
+      reference, argnums=(0, 1), has_aux=True)(safe, head)
+  with monkeypatch.context() as m:
+    m.setattr(sharding, 'active_mesh_size', lambda: 2)
+    mesh_run = jax.value_and_grad(masked, argnums=(0, 1), has_aux=True)(safe, head)
+  one_device = jax.value_and_grad(masked, argnums=(0, 1), has_aux=True)(nan, head)
+  for (value, out), grads in (one_device, mesh_run):
+    for a, want in zip(out, ref_out):
+      chex.assert_shape(a, (B, T))
+      assert not np.any(np.asarray(a)[~mask])
+      assert_norm_close(a, want, bound=1e-6)
+    assert float(jnp.min(jnp.where(mask, out[1], 1.0))) > 0  # real entropies, not zeros
+    assert_norm_close(value, ref_value, bound=1e-6)
+    assert np.all(np.isfinite(np.asarray(grads[0])))
+    for g, w in zip(grads, ref_grads):
+      assert_norm_close(g, w, bound=1e-5)
+  if entropy == 'metric':  # the entropies add nothing to the gradient
+    no_bonus = jax.grad(lambda h: objective(
+        ops.head_masked_logprobs(logits_fn, head, h, targets, mask, chunk=chunk), 0.0))(nan)
+    assert_norm_close(one_device[1][0], no_bonus, bound=1e-6)
+
+
 def test_masked_head_without_a_masked_position_runs_no_piece():
   from jpost import ops
   rng = np.random.default_rng(8)

@@ -184,16 +184,13 @@ class Decoder(nnx.Module):
                       entropy: str = 'none', mask=None):
     """log p(targets [B, T]) after each of hidden [B, T, D] (and entropies,
     see ops.head_logprobs), `config.logits_chunk` positions at a time.
-    With `mask` [B, T] (and no entropy): 0 outside it, where the head does
-    not run (ops.head_masked_logprobs)."""
+    With `mask` [B, T]: 0 outside it, where the head does not run
+    (ops.head_masked_logprobs)."""
     if mask is not None:
-      if entropy != 'none':
-        raise ValueError(f'target_logprobs: mask with entropy={entropy!r}; a mask takes '
-                         "entropy='none'.")
       weight, is_vd = self._head_param()
       return ops.head_masked_logprobs(
           functools.partial(_head_logits, is_vd=is_vd, temperature=temperature), weight,
-          hidden, targets, mask, chunk=self.config.logits_chunk)
+          hidden, targets, mask, chunk=self.config.logits_chunk, entropy=entropy)
     head = self._head_param()
     return ops.head_logprobs(lambda h: self.logits(h, head) / temperature, hidden, targets,
                              chunk=self.config.logits_chunk, entropy=entropy)

@@ -197,9 +197,15 @@ def completion_logprobs(model, batch, temperature: float, entropy: str = 'none')
   """log p(completion token j) [R, N] at the rollout temperature (the
   distribution the sampler drew from); with `entropy` ('metric' or 'loss'),
   also each position's entropy [R, N] (ops.head_logprobs). Packed rows are
-  unpacked: 0 after each completion's end."""
+  unpacked: 0 after each completion's end.
+
+  The LM head runs on the completion tokens alone (`target_logprobs` with a
+  mask): a group's packed rows leave a third to two thirds of their slots
+  empty (ops.head_masked_logprobs)."""
   hidden, targets = completion_hidden(model, batch)
-  out = model.target_logprobs(hidden, targets, temperature=temperature, entropy=entropy)
+  mask = batch['pack_segment'] > 0 if 'pack_source' in batch else batch['completion_mask'] > 0
+  out = model.target_logprobs(hidden, targets, temperature=temperature, entropy=entropy,
+                              mask=mask)
   if 'pack_target' not in batch:
     return out
   target = batch['pack_target']
