@@ -2,10 +2,11 @@
 
   python bench/generate_throughput.py [--batches 1,8,32] [--new-tokens 128] [--dtypes float32,bfloat16]
       [--decode default,loop:float32,scan:model] [--decode-kernels auto,xla]
-      [--shape llama-3.2-1b]
+      [--shape llama-3.2-1b] [--temperature 1.0]
 
 Every row generates exactly --new-tokens tokens (no early stop), sampling at
-temperature 1 from left-padded chat prompts. The first call of each shape
+--temperature (1 by default; the RL recipes sample at 0.7, 0 is greedy) from
+left-padded chat prompts. The first call of each shape
 (compilation included) is reported apart; tokens/s is the median of the
 timed calls. The last line is one JSON object whose `tokens_per_s` is the
 best dtype at the largest batch.
@@ -99,13 +100,15 @@ def main():
   parser.add_argument('--decode-kernels', default='auto')
   parser.add_argument('--shape', default='smollm2-135m',
                       help='a jpost.models.shapes name; any but SmolLM2 is random')
+  parser.add_argument('--temperature', type=float, default=1.0)
   args = parser.parse_args()
   args.random_init = args.random_init or args.shape != 'smollm2-135m'
   results = []
   for dtype in args.dtypes.split(','):
     model = common.load_model(random_init=args.random_init, shape=args.shape, dtype=dtype)
     # An id outside the vocabulary is never sampled: every row runs to the end.
-    settings = sampling.SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0,
+    settings = sampling.SamplingConfig(max_new_tokens=args.new_tokens,
+                                       temperature=args.temperature,
                                        stop_ids=(model.config.vocab_size,))
     for kernels in args.decode_kernels.split(','):
       model.config = dataclasses.replace(model.config, decode_kernels=kernels)

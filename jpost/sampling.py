@@ -126,8 +126,16 @@ def sample_categorical(key, logits, block: int = 256):
   cumulative sums. A token of probability 0 is never drawn (the clamps only
   matter when float rounding puts the number on the very edge of the mass).
   """
+  return _drawn(key, logits, block)[0]
+
+
+def _drawn(key, logits, block: int = 256):
+  """(`sample_categorical`'s tokens [R], their log-probs under the softmax
+  of logits): the log-probs from the same exponentials and sums the draw
+  used, not from a log_softmax's passes over [R, V] of its own."""
   rows, vocab = logits.shape
-  probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  probs = jnp.exp(logits - top)
   probs = jnp.pad(probs, ((0, 0), (0, -vocab % block))).reshape(rows, -1, block)
   mass = probs.sum(axis=-1)  # [R, blocks]
   ends = jnp.cumsum(mass, axis=-1)
@@ -142,21 +150,38 @@ def sample_categorical(key, logits, block: int = 256):
   index = jnp.sum(jnp.cumsum(in_block, axis=-1) <= u[:, None] - before, axis=-1)
   index = jnp.clip(index, jnp.min(jnp.where(in_block > 0, offsets, block - 1), axis=-1),
                    jnp.max(jnp.where(in_block > 0, offsets, 0), axis=-1))
-  return (chosen * block + index).astype(jnp.int32)
+  token = (chosen * block + index).astype(jnp.int32)
+  picked = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0]
+  return token, picked - top[:, 0] - jnp.log(ends[:, -1])
+
+
+def greedy_tokens(logits):
+  """jnp.argmax(logits [R, V], axis=-1) as int32 (the first maximum; the
+  first NaN where a row has one), as a max and then a min over indices:
+  XLA:CPU runs argmax's paired value-index reduction as a scalar loop, 6.3
+  against 1.7 ms at 64 x 49152 (bench/RESULTS.md), in every greedy
+  decode step."""
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+  hit = (logits == top) | jnp.isnan(logits)
+  return jnp.min(jnp.where(hit, index, logits.shape[-1] - 1), axis=-1)
 
 
 def _pick(logits, key, sampling: SamplingConfig):
-  """(token, raw log-prob at temperature 1, log-prob under the sampling distribution)."""
-  raw = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  """(token, raw log-prob at temperature 1, log-prob under the sampling distribution).
+
+  Each pass over the [R, V] logits is a decode step's cost beside its
+  matmuls: the raw log-prob takes one max, exp and sum; the draw one exp
+  and sum more at the temperature, which its log-prob reuses."""
+  logits = logits.astype(jnp.float32)
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  raw_log_total = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
   if sampling.temperature == 0:
-    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    token = greedy_tokens(logits)
     sampled_lp = jnp.zeros(token.shape, jnp.float32)  # a point mass
   else:
-    filtered = filter_logits(logits, sampling)
-    token = sample_categorical(key, filtered)
-    sampled_lp = jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1),
-                                     token[:, None], axis=-1)[:, 0]
-  raw_lp = jnp.take_along_axis(raw, token[:, None], axis=-1)[:, 0]
+    token, sampled_lp = _drawn(key, filter_logits(logits, sampling))
+  raw_lp = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - top[:, 0] - raw_log_total
   return token, raw_lp, sampled_lp
 
 

@@ -240,6 +240,22 @@ def test_empirical_frequencies_match_filtered_softmax(tiny, settings):
   assert (expected > 1e-9).sum() < 32 or settings == dict(temperature=1.0)
 
 
+def test_greedy_tokens_are_argmax_ties_nan_and_inf_included():
+  """sampling.greedy_tokens (a max, then the least index holding it) picks
+  what jnp.argmax picks: the first of tied maxima, the first NaN of a row
+  with NaNs, 0 in a row all -inf."""
+  logits = np.random.default_rng(0).normal(size=(6, 300)).astype(np.float32)
+  logits[1, [40, 7, 250]] = 9.0  # tied maxima: the first, 7
+  logits[2, [100, 30]] = np.nan  # NaN wins, the first one
+  logits[3] = -np.inf
+  logits[4] = 0.0
+  logits[5, 299] = np.inf
+  got = np.asarray(jax.jit(sampling.greedy_tokens)(jnp.asarray(logits)))
+  np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(logits), axis=-1)))
+  np.testing.assert_array_equal(got[1:], [7, 30, 0, 0, 299])
+  assert got.dtype == np.int32
+
+
 def test_filter_logits_hand_computed():
   logits = jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05]))
   def kept(**kw):

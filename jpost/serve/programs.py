@@ -108,7 +108,7 @@ def pick_rows(logits, temperature, top_p, seeds, counts):
   top-p filtered softmax with a key made from the row's seed and token count
   (so a seeded request replays whatever else shares the batch). Sorting the
   vocabulary for top-p and drawing run only when some row needs them."""
-  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  greedy = sampling.greedy_tokens(logits)
 
   def draw(_):
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
