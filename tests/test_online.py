@@ -187,6 +187,50 @@ def test_packed_completions_equal_rows_of_their_own(tiny_checkpoint, dtype):
     assert_norm_close(other_grads, grads, bound=grad_bound, what='gradient ')
 
 
+def test_critic_values_on_the_shared_layout_equal_full_rows(tiny_checkpoint):
+  """The PPO critic's values (each prompt once for its samples, completions
+  packed or not) and a value loss's gradient equal those of full rows, each
+  with its own copy of its prompt; 0 after each completion's end when
+  packed."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from jpost.models import reward as reward_model
+  graphdef, params = nnx.split(reward_model.load(tiny_checkpoint, seed=1))
+  rng = np.random.RandomState(4)
+  prompts = {'tokens': rng.randint(3, 500, (2, 5)),
+             'segment_ids': np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])}
+  lengths = np.array([6, 2, 1, 3, 4, 4, 2, 1])
+  mask = (np.arange(6)[None] < lengths[:, None]).astype(np.int32)
+  completions = Completions(
+      tokens=rng.randint(3, 500, mask.shape), mask=mask, logprobs=np.zeros(mask.shape),
+      sampling_logprobs=np.zeros(mask.shape), truncated=np.zeros(8, bool), lengths=lengths)
+  rows = {k: jnp.asarray(v) for k, v in rl_parts.training_rows(prompts, completions, 4).items()}
+  packed = {k: jnp.asarray(v) for k, v in _packed(rows, lengths, 4).items()}
+  targets = jnp.asarray(rng.normal(size=mask.shape), jnp.float32) * rows['completion_mask']
+
+  def full_rows(params):
+    critic = nnx.merge(graphdef, params)
+    values = critic(rows['tokens'], rows['positions'], rows['segment_ids'])[:, -7:-1]
+    return jnp.sum(((values - targets) * rows['completion_mask']) ** 2), values
+
+  def shared(batch):
+    def loss(params):
+      values = rl_parts.completion_values(nnx.merge(graphdef, params), batch)
+      return jnp.sum(((values - targets) * rows['completion_mask']) ** 2), values
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+  (value, want), grads = jax.jit(jax.value_and_grad(full_rows, has_aux=True))(params)
+  real = mask > 0
+  for batch in (rows, packed):
+    (got_value, got), got_grads = shared(batch)
+    # Measured 2e-7; a value read one position off, or a prompt shared wrongly, is O(1).
+    assert_norm_close(np.asarray(got)[real], np.asarray(want)[real], bound=1e-5)
+    np.testing.assert_allclose(got_value, value, rtol=1e-5)
+    assert_norm_close(got_grads, grads, bound=1e-5, what='gradient ')
+  assert (np.asarray(got)[~real] == 0).all()
+
+
 @pytest.mark.parametrize('algorithm', ['grpo', 'ppo'])
 def test_packed_updates_equal_unpacked_ones(tiny_checkpoint, algorithm):
   """On 8 devices, the reference log-probs and the policy update (loss, KL,

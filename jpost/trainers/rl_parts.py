@@ -79,7 +79,8 @@ def training_rows(prompts: dict, completions, num_samples: int) -> dict[str, jax
   Shared-prompt (what the policy trains on): the G left-padded prompts
   `prompt_tokens` / `prompt_positions` / `prompt_segment_ids` [G, P] once,
   and `completion_tokens` / `completion_positions` [R, N], row r continuing
-  prompt r // num_samples. Full rows (for a critic): `tokens`, `positions`,
+  prompt r // num_samples. Full rows (each with its own copy of its prompt;
+  what the shared layout is checked against): `tokens`, `positions`,
   `segment_ids` [R, P + N]. Both with `completion_mask` and the sampler's
   log-probs [R, N] (0 outside the mask).
   """
@@ -158,7 +159,6 @@ def pack_plan(lengths, num_samples: int, width: int, row_multiple: int = 1,
 
 POLICY_KEYS = ('prompt_tokens', 'prompt_positions', 'prompt_segment_ids', 'completion_tokens',
                'completion_positions', 'completion_mask')
-CRITIC_KEYS = ('tokens', 'positions', 'segment_ids', 'completion_mask')
 PROMPT_KEYS = ('prompt_tokens', 'prompt_positions', 'prompt_segment_ids')
 PACK_KEYS = ('pack_source', 'pack_segment', 'pack_target')
 
@@ -223,9 +223,19 @@ def make_logprobs_fn(graphdef, temperature: float):
 
 
 def completion_values(critic, batch):
-  """The critic's value [R, N] of the state before each completion token."""
-  n = batch['completion_mask'].shape[1]
-  return critic(batch['tokens'], batch['positions'], batch['segment_ids'])[:, -n - 1:-1]
+  """The critic's value [R, N] of the state before each completion token,
+  from the policy's layout (`completion_hidden`): each prompt through the
+  trunk once for its samples, the completions packed where the batch has a
+  plan (0 after each completion's end), not every row's own copy of its
+  prompt and padding (at 52-token prompts x 4 samples, a third of the
+  tokens)."""
+  hidden, _ = completion_hidden(critic.decoder, batch)
+  values = jnp.einsum('btd,d->bt', hidden.astype(jnp.float32),
+                      critic.score[...].astype(jnp.float32))
+  if 'pack_target' not in batch:
+    return values
+  target = batch['pack_target']
+  return jnp.where(target >= 0, jnp.take(values.reshape(-1), jnp.maximum(target, 0)), 0.0)
 
 
 # --- losses ----------------------------------------------------------------------
@@ -367,7 +377,7 @@ def make_prepare(policy_graphdef, critic_graphdef, *, algorithm: str, rl, num_sa
         values = completion_values(nnx.merge(critic_graphdef, critic_params), rows)
         batch = ppo_advantages(scores, values, old_lp, ref_lp, weights, rl=rl,
                                step_rewards=step_rewards)
-        batch, mask, keys = batch | {'old_values': values}, weights, keys + CRITIC_KEYS
+        batch, mask = batch | {'old_values': values}, weights
       batch |= {k: rows[k] for k in keys} | {'completion_mask': mask, 'old_logprobs': old_lp}
       if kl_coef:
         batch['ref_logprobs'] = ref_lp
