@@ -368,6 +368,36 @@ def test_process_shards_split_every_global_batch(smollm2):
     batches(0, 3)
 
 
+@pytest.mark.parametrize('pairs', [7, 6, 3, 9])
+def test_evaluation_shards_read_every_pair_once(smollm2, pairs):
+  """With pad_last (held-out passes) the processes read the pairs past the
+  last whole global batch too, dealt out one to each in turn: every pair
+  once over the shards, as many batches in each (but where a shard's last
+  block is empty), every batch filled up to its shard's rows. Without it
+  they stop at the last whole global batch."""
+  rows = [{'prompt': f'Question {i}?', 'chosen': f'Answer {i}.', 'rejected': 'No.'}
+          for i in range(pairs)]
+
+  def answers(shard_index, pad_last=True):
+    ds, _ = pipeline.build('preference', rows, smollm2, batch_size=4, max_len=48,
+                           num_epochs=1, shard_index=shard_index, shard_count=2,
+                           drop_remainder=False, pad_last=pad_last)
+    out = []
+    for batch in ds:
+      assert batch['chosen_tokens'].shape[0] == 2  # this shard's share of the batch of 4
+      real = batch['chosen_loss_mask'].sum(axis=1) > 0
+      out.append([smollm2.decode(t[m == 1]) for t, m, r in zip(
+          batch['chosen_tokens'], batch['chosen_loss_mask'], real) if r])
+    return out
+  shards = answers(0), answers(1)
+  read = sorted(a for shard in shards for batch in shard for a in batch)
+  assert read == sorted(f'Answer {i}.<|im_end|>' for i in range(pairs))
+  assert len(shards[0]) == -(-pairs // 4)  # 7: [0, 1], [4, 6]; 6: [0, 1], [4]; 9: .., [8]
+  assert len(shards[1]) == len(shards[0]) - (pairs % 4 == 1)  # 9: shard 1's last block is empty
+  whole = sum(len(batch) for shard in (answers(0, False), answers(1, False)) for batch in shard)
+  assert whole == pairs // 4 * 4
+
+
 def test_several_sources_for_one_epoch_are_read_once_each(smollm2):
   a, b = _sft_rows(3), _sft_rows(5, seed=1)
   ds, _ = pipeline.build('sft', [a, b], smollm2, batch_size=1, max_len=128, packing=False,

@@ -130,18 +130,30 @@ def _examples_dataset(source_specs: Sequence, kind: str, *, weights, seed: int,
 
 
 def _process_block(ds: grain.MapDataset, *, block: int, shard_index: int,
-                   shard_count: int) -> grain.MapDataset:
+                   shard_count: int, tail: bool = False) -> grain.MapDataset:
   """Shard `shard_index`'s examples of the one global order: block j of
   every shard_count consecutive blocks of `block` examples. With block =
   batch_size / shard_count, shard k's batch i holds rows k*block.. of the
   global batch i one process would read (exactly, when rows are neither
-  packed nor dropped), so a run's batches do not depend on its processes."""
+  packed nor dropped), so a run's batches do not depend on its processes.
+  The examples past the last whole round of blocks are left out, or with
+  `tail` read too, dealt out one to each shard in turn (so that a shard
+  gets none of them only where they are fewer than the shards): every
+  shard then runs as many rounds, None where its last block runs out."""
   if shard_count == 1:
     return ds
+  per_round = block * shard_count
+  whole = len(ds) // per_round
+  rounds = -(-len(ds) // per_round) if tail else whole
+
   def pick(local: int):
-    rounds, offset = divmod(local, block)
-    return ds[(rounds * shard_count + shard_index) * block + offset]
-  return grain.MapDataset.range(len(ds) // (block * shard_count) * block).map(pick)
+    round_, offset = divmod(local, block)
+    if round_ < whole:
+      index = (round_ * shard_count + shard_index) * block + offset
+    else:  # the tail
+      index = whole * per_round + offset * shard_count + shard_index
+    return ds[index] if index < len(ds) else None
+  return grain.MapDataset.range(rounds * block).map(pick)
 
 
 def _counted(fn: Callable, stats: PipelineStats) -> Callable:
@@ -278,9 +290,12 @@ def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max
   _process_block). `drop_remainder` False keeps a last, smaller batch
   (passes that must see every row once; with several shards, the rows past
   the last whole global batch are not read); `pad_last` (preference and
-  steps) fills that batch up with empty rows (zeros: no tokens, no targets),
-  so that it has the others' shape and a pass compiles one step, whatever
-  its batch size; the losses give empty pairs and rows no weight.
+  steps) reads those too, and fills each shard's last batch up with empty
+  rows (zeros: no tokens, no targets), so that it has the others' shape and
+  a pass compiles one step, whatever its batch size; the losses give empty
+  pairs and rows no weight. (A shard whose last block holds no row gives
+  one batch fewer, as one whose rows a filter dropped may; the evaluation
+  loop feeds an empty batch there.)
   """
   if kind not in KINDS:
     raise ValueError(f'pipeline kind {kind!r} unknown; use one of {KINDS}.')
@@ -303,7 +318,8 @@ def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max
   normalize_kw = {'require_assistant': require_assistant} if kind == 'sft' else {}
   ds = _examples_dataset(source_specs, kind, weights=weights, seed=seed, num_epochs=num_epochs,
                          stats=stats, **normalize_kw)
-  ds = _process_block(ds, block=batch_size, shard_index=shard_index, shard_count=shard_count)
+  ds = _process_block(ds, block=batch_size, shard_index=shard_index, shard_count=shard_count,
+                      tail=pad_last and kind in ('preference', 'steps'))
   if kind == 'prompt':
     encode = functools.partial(_encode_prompt, tokenizer=tokenizer, max_len=max_len, stats=stats)
   elif kind == 'steps':
@@ -313,7 +329,8 @@ def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max
     mask_config = masking.MaskConfig(max_len=max_len, mask_mode=mask_mode, truncation=truncation)
     encoder = _encode_sft if kind == 'sft' else _encode_preference
     encode = functools.partial(encoder, tokenizer=tokenizer, mask_config=mask_config, stats=stats)
-  ds = ds.map(_counted(encode, stats))
+  counted = _counted(encode, stats)
+  ds = ds.map(lambda example: None if example is None else counted(example))
   # num_threads=0 reads in the caller's thread. (Grain's default options,
   # which `None` would give, start 16 threads that prefetch 500 rows.)
   it = ds.to_iter_dataset(grain.ReadOptions(

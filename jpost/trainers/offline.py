@@ -110,6 +110,11 @@ def evaluate(eval_step, params, dataset, mesh, hook=None) -> dict[str, float]:
     batch = next(rows, None)
     if not loop.any_process(batch is not None):
       break
+    if batch is None and shape is None:
+      raise ConfigError(
+          f'process {jax.process_index()} has no held-out rows while others have some: '
+          f'the evaluation data holds fewer rows than there are processes '
+          f'({jax.process_count()}), or its rows were all dropped here. Give it more rows.')
     if batch is None:
       batch = {k: np.zeros_like(v) for k, v in shape.items()}
     shape = {k: v for k, v in batch.items() if isinstance(v, np.ndarray)}
