@@ -391,7 +391,7 @@ def _masked_head_fwd(logits_fn, piece, entropy, weight, hidden, targets, mask):
     shifted, exp, total = _softmax_terms(logits)
     log_total = jnp.log(total)
     piece_logp = jnp.take_along_axis(shifted, target[:, None], axis=-1)[:, 0] - log_total
-    top = jnp.max(logits, axis=-1)  # the max _softmax_terms took (XLA computes it once)
+    top = jnp.max(logits, axis=-1)  # lse = the shift _softmax_terms took + log(total)
     piece_lse = log_total + jnp.where(jnp.isfinite(top), top, 0.0)
     return (update(logp, piece_logp), update(lse, piece_lse),
             update(ent, _entropy(shifted, exp, total)))

@@ -140,6 +140,24 @@ def _packed(rows: dict, lengths, num_samples: int) -> dict:
   return rows | plan
 
 
+def _packed_rollout(rng):
+  """(training rows, the same packed, completion mask [8, 6]) of 2 prompts
+  x 4 completions of lengths 6, 2, 1, 3 and 4, 4, 2, 1: 2 packed rows a
+  group instead of 4."""
+  import jax.numpy as jnp
+  prompts = {'tokens': rng.randint(3, 500, (2, 5)),
+             'segment_ids': np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])}
+  lengths = np.array([6, 2, 1, 3, 4, 4, 2, 1])
+  mask = (np.arange(6)[None] < lengths[:, None]).astype(np.int32)
+  completions = Completions(
+      tokens=rng.randint(3, 500, mask.shape), mask=mask, logprobs=np.zeros(mask.shape),
+      sampling_logprobs=np.zeros(mask.shape), truncated=np.zeros(8, bool), lengths=lengths)
+  rows = {k: jnp.asarray(v) for k, v in rl_parts.training_rows(prompts, completions, 4).items()}
+  packed = {k: jnp.asarray(v) for k, v in _packed(rows, lengths, 4).items()}
+  assert packed['pack_source'].shape[0] == 4
+  return rows, packed, mask
+
+
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 def test_packed_completions_equal_rows_of_their_own(tiny_checkpoint, dtype):
   """Completions packed into shared rows (each its own segment after the
@@ -150,17 +168,7 @@ def test_packed_completions_equal_rows_of_their_own(tiny_checkpoint, dtype):
   import jax
   import jax.numpy as jnp
   from flax import nnx
-  rng = np.random.RandomState(3)
-  prompts = {'tokens': rng.randint(3, 500, (2, 5)),
-             'segment_ids': np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])}
-  lengths = np.array([6, 2, 1, 3, 4, 4, 2, 1])
-  mask = (np.arange(6)[None] < lengths[:, None]).astype(np.int32)
-  completions = Completions(
-      tokens=rng.randint(3, 500, mask.shape), mask=mask, logprobs=np.zeros(mask.shape),
-      sampling_logprobs=np.zeros(mask.shape), truncated=np.zeros(8, bool), lengths=lengths)
-  rows = {k: jnp.asarray(v) for k, v in rl_parts.training_rows(prompts, completions, 4).items()}
-  packed = {k: jnp.asarray(v) for k, v in _packed(rows, lengths, 4).items()}
-  assert packed['pack_source'].shape[0] == 4  # 2 rows per group instead of 4
+  rows, packed, mask = _packed_rollout(np.random.RandomState(3))
   weights = rows['completion_mask'] * jnp.arange(1, 7)  # distinct per-token weights
 
   def run(batch, chunk):
@@ -198,15 +206,7 @@ def test_critic_values_on_the_shared_layout_equal_full_rows(tiny_checkpoint):
   from jpost.models import reward as reward_model
   graphdef, params = nnx.split(reward_model.load(tiny_checkpoint, seed=1))
   rng = np.random.RandomState(4)
-  prompts = {'tokens': rng.randint(3, 500, (2, 5)),
-             'segment_ids': np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])}
-  lengths = np.array([6, 2, 1, 3, 4, 4, 2, 1])
-  mask = (np.arange(6)[None] < lengths[:, None]).astype(np.int32)
-  completions = Completions(
-      tokens=rng.randint(3, 500, mask.shape), mask=mask, logprobs=np.zeros(mask.shape),
-      sampling_logprobs=np.zeros(mask.shape), truncated=np.zeros(8, bool), lengths=lengths)
-  rows = {k: jnp.asarray(v) for k, v in rl_parts.training_rows(prompts, completions, 4).items()}
-  packed = {k: jnp.asarray(v) for k, v in _packed(rows, lengths, 4).items()}
+  rows, packed, mask = _packed_rollout(rng)
   targets = jnp.asarray(rng.normal(size=mask.shape), jnp.float32) * rows['completion_mask']
 
   def full_rows(params):
