@@ -42,9 +42,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       path='smollm2-135m-instruct', dtype='auto', param_dtype='float32', remat='full',
       # README, "Attention and memory": implementation, key block, LM-head chunk.
       # The LM head runs on the completion tokens alone, rows x `logits_chunk`
-      # of them a piece (ops.head_masked_logprobs). 8, of 4-64 measured on the
-      # demo's first step: reference pass 2.28 -> 1.53 s, update 6.6 -> 5.6 s,
-      # peak RSS 5.4 -> 4.0 GB against the whole head (64 positions a row).
+      # of them a piece (ops.head_masked_logprobs). 8 on the demo's first step
+      # (48 rows): reference pass 2.28 -> 1.53 s, update 6.6 -> 5.6 s, peak RSS
+      # 5.4 -> 4.0 GB against the whole head (64 positions a row); 16 and 32
+      # were slower, 4 6% faster on the reference pass and level on the update,
+      # but its pieces shrink to 64 positions at the demo's 16-row steps.
       attention='auto', attention_block=512, attention_max_segments=16, logits_chunk=8,
       # The rollout's matmuls and attention: 'auto' runs them on jpost's CPU
       # kernels in bfloat16 on one CPU with AVX512-BF16, 'xla' on XLA's
