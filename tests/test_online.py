@@ -579,7 +579,17 @@ def test_ppo_with_kl_in_the_reward_learns(char_checkpoint, digit_share, tmp_path
   # the trunk's parameters and a scalar head (`score.weight` [1, 64], no bias,
   # as transformers' sequence classifiers).
   critic = hf.load(char_checkpoint).config.num_params() + 64
-  assert f'critic: trainable parameters {critic:,};' in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert f'critic: trainable parameters {critic:,};' in err
+  # The critic update's activations are predicted too: the policy's layout
+  # through its trunk, no LM head; 4 prompts over 8 devices.
+  model_config = hf.load(char_checkpoint, **hf.compute_options(config)).config
+  update = memory.rl_update_activations(model_config, 4 / 8, config.sampling.num_samples,
+                                        config.data.max_prompt_len,
+                                        config.sampling.max_new_tokens)
+  critic_mb = (sum(update.values()) - update['lm_head']) / 2**20
+  assert f'critic update activations up to {critic_mb:.1f} MB per device' in err
+  assert 'LM head 0.0)' in err
   # Full fine-tuning holds a copy of the starting weights as the reference.
   assert records[0]['memory/reference_params'] == hf.load(char_checkpoint).config.num_params()
   curve = [r['reward/total/mean'] for r in records]

@@ -280,12 +280,14 @@ def _rollout(parts: Parts, state: dict, number: int):
   return batch | {'placed': placed}, completions
 
 
-def _print_memory_plan(config, model_config, ref_params, mesh) -> None:
+def _print_memory_plan(config, model_config, ref_params, mesh, critic_config=None) -> None:
   """What the rollout and the update add to the train state, before anything
   runs: the KV cache at its largest (prompts cut to their longest only shrink
   it) and the reference's copy of the weights (global sizes, over every
   device), then the policy update's activations per device, predicted for a
-  minibatch at the longest prompts and completions (jpost.memory)."""
+  minibatch at the longest prompts and completions (jpost.memory), and
+  PPO's critic update's (the same layout through its trunk, a scalar head
+  instead of the LM head)."""
   rows = config.prompts_per_step * config.sampling.num_samples
   prompt_len, new_tokens = config.data.max_prompt_len, config.sampling.max_new_tokens
   cache_mb = sampling.rollout_cache_bytes(model_config, config.prompts_per_step, prompt_len,
@@ -298,9 +300,12 @@ def _print_memory_plan(config, model_config, ref_params, mesh) -> None:
   # every row its own copy (_updates).
   prompts, samples = ((config.prompts_per_step, config.sampling.num_samples)
                       if config.rl.minibatches == 1 else (rows / config.rl.minibatches, 1))
-  loop.print_activations(memory.rl_update_activations(
-      model_config, prompts / loop.batch_devices(mesh), samples, config.data.max_prompt_len,
-      config.sampling.max_new_tokens), 'policy update')
+  update = lambda cfg: memory.rl_update_activations(
+      cfg, prompts / loop.batch_devices(mesh), samples, config.data.max_prompt_len,
+      config.sampling.max_new_tokens)
+  loop.print_activations(update(model_config), 'policy update')
+  if critic_config is not None:
+    loop.print_activations(update(critic_config) | {'lm_head': 0}, 'critic update')
 
 
 def _all_processes(result: ScoreResult) -> ScoreResult:
@@ -421,7 +426,8 @@ def run(config, workdir: str | None, algorithm: str) -> dict[str, Any]:
   ref_params = (jax.tree.map(jnp.copy, state['policy']['params'])
                 if rl.beta > 0 and not adapters else None)
   settings = rollout.sampling_config(config.sampling, tokenizer)
-  _print_memory_plan(config, model.config, ref_params, mesh)
+  _print_memory_plan(config, model.config, ref_params, mesh, critic_config=nnx.merge(
+      critic_graphdef, state['critic']['params']).config if 'critic' in state else None)
   prompts, prompt_stats = _prompt_data(
       config, tokenizer, config.data.train, epochs=None, batch_size=config.prompts_per_step,
       seed=config.seed, shard=(jax.process_index(), jax.process_count()))
