@@ -172,7 +172,7 @@ def main():
   parser.add_argument('--remat', default='full', choices=['full', 'dots', 'none'])
   parser.add_argument('--attention', default='auto')
   parser.add_argument('--logits-chunk', type=int,
-                      help="LM-head positions per chunk: the recipe's (SFT 32, GRPO 64)")
+                      help="LM-head positions per chunk: the recipe's (SFT 32, GRPO 8)")
   parser.add_argument('--max-segments', type=int,
                       help="attention_max_segments (cuDNN's workspace grows with it)")
   parser.add_argument('--layers', type=int, help='fewer layers than the shape (a quick check)')
