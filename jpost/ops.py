@@ -46,6 +46,17 @@ def masked_mean(x, mask, *, normalizer=None):
   return jnp.sum(x * mask) / jnp.maximum(normalizer, 1.0)
 
 
+def pair_mean(weights, like):
+  """A mean over pairs [B] (`like`'s shape) that leaves out pairs of weight 0
+  (`weights` [B] of 1 or 0, None: all 1; the empty pairs that fill up a
+  batch), whatever their values: x [B], normalizer=None -> the weighted
+  pairs' sum of x / normalizer (default their count; at least 1, so a batch
+  of empty pairs alone gives 0)."""
+  w = jnp.ones_like(like) if weights is None else jnp.asarray(weights, jnp.float32)
+  return lambda x, normalizer=None: masked_mean(jnp.where(w > 0, x, 0.0), w,
+                                                normalizer=normalizer)
+
+
 def sequence_mean(x, mask):
   """Per-sequence masked means [B] (rows without targets give 0)."""
   return jnp.sum(x * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)

@@ -112,13 +112,9 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     tie = jnp.abs(h) <= TIE_TOLERANCE * (jnp.abs(pc) + jnp.abs(pr) + jnp.abs(rc) + jnp.abs(rr))
     wins = (chosen_reward > rejected_reward) & ~tie
 
-  w = jnp.ones_like(pc) if weights is None else jnp.asarray(weights, jnp.float32)
-  if normalizer is None:
-    normalizer = jnp.sum(w)
-  # A weightless (empty) pair adds nothing, whatever its terms; a batch of
-  # them alone (normaliser 0) has loss 0.
-  loss = jnp.sum(jnp.where(w > 0, per_pair, 0.0)) / jnp.maximum(normalizer, 1.0)
-  mean = lambda x: ops.masked_mean(jnp.where(w > 0, x, 0.0), w)
+  # A weightless (empty) pair adds nothing, whatever its terms.
+  mean = ops.pair_mean(weights, pc)
+  loss = mean(per_pair, normalizer)
   metrics = {
       'loss': loss,
       'rewards/chosen': mean(chosen_reward),

@@ -37,14 +37,10 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, *, margin=None, center_
   diff = chosen - rejected
   logits = diff if margin is None else diff - jnp.asarray(margin, jnp.float32)
   per_pair = -jax.nn.log_sigmoid(logits) + center_coef * jnp.square(chosen + rejected)
-  w = jnp.ones_like(chosen) if weights is None else jnp.asarray(weights, jnp.float32)
-  if normalizer is None:
-    normalizer = jnp.sum(w)
-  # A weightless (empty) pair adds nothing, whatever its terms; a batch of
-  # them alone (normaliser 0) has loss 0.
-  loss = jnp.sum(jnp.where(w > 0, per_pair, 0.0)) / jnp.maximum(normalizer, 1.0)
+  # A weightless (empty) pair adds nothing, whatever its terms.
+  mean = ops.pair_mean(weights, chosen)
+  loss = mean(per_pair, normalizer)
   wins = jnp.where(diff > 0, 1.0, jnp.where(diff == 0, 0.5, 0.0))
-  mean = lambda x: ops.masked_mean(jnp.where(w > 0, x, 0.0), w)
   metrics = {
       'loss': loss,
       'accuracy': mean(wins),

@@ -206,11 +206,16 @@ def completion_logprobs(model, batch, temperature: float, entropy: str = 'none')
   mask = batch['pack_segment'] > 0 if 'pack_source' in batch else batch['completion_mask'] > 0
   out = model.target_logprobs(hidden, targets, temperature=temperature, entropy=entropy,
                               mask=mask)
+  return jax.tree.map(lambda a: _unpacked(a, batch), out)
+
+
+def _unpacked(a, batch):
+  """a [R', N] of the rows as `completion_hidden` laid them out, back in the
+  [R, N] layout: as it is, or from packed rows (0 after each completion's end)."""
   if 'pack_target' not in batch:
-    return out
+    return a
   target = batch['pack_target']
-  unpack = lambda a: jnp.where(target >= 0, jnp.take(a.reshape(-1), jnp.maximum(target, 0)), 0.0)
-  return jax.tree.map(unpack, out)
+  return jnp.where(target >= 0, jnp.take(a.reshape(-1), jnp.maximum(target, 0)), 0.0)
 
 
 def make_logprobs_fn(graphdef, temperature: float):
@@ -230,12 +235,8 @@ def completion_values(critic, batch):
   prompt and padding (at 52-token prompts x 4 samples, a third of the
   tokens)."""
   hidden, _ = completion_hidden(critic.decoder, batch)
-  values = jnp.einsum('btd,d->bt', hidden.astype(jnp.float32),
-                      critic.score[...].astype(jnp.float32))
-  if 'pack_target' not in batch:
-    return values
-  target = batch['pack_target']
-  return jnp.where(target >= 0, jnp.take(values.reshape(-1), jnp.maximum(target, 0)), 0.0)
+  return _unpacked(jnp.einsum('btd,d->bt', hidden.astype(jnp.float32),
+                              critic.score[...].astype(jnp.float32)), batch)
 
 
 # --- losses ----------------------------------------------------------------------
