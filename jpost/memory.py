@@ -111,15 +111,17 @@ def rl_update_activations(cfg: ModelConfig, prompts: float, samples: int, prompt
   `samples` completions (decoder.shared_prompt_stack)."""
   rows = prompts * samples
   completion = _implementation(cfg, prompt_len + new_tokens)
-  if completion in ('pallas', 'cudnn', 'cpu'):  # the kernels are self-attention only (attention.attend)
+  if completion in ('pallas', 'cudnn'):  # the GPU kernels are self-attention only (attention.attend)
     completion = 'blockwise'
   prompt = _implementation(cfg, prompt_len)
   scores = (_attention(cfg, prompt, prompts, prompt_len, prompt_len, self_attention=True)
             + _attention(cfg, completion, rows, new_tokens, prompt_len + new_tokens))
-  blockwise = ((prompts * prompt_len if prompt in ('blockwise', 'cpu') else 0)
-               + (rows * new_tokens if completion == 'blockwise' else 0))
+  kept = ((prompts * prompt_len if prompt in ('blockwise', 'cpu') else 0)
+          + (rows * new_tokens if completion in ('blockwise', 'cpu') else 0))
+  # The CPU kernel keeps its output in the compute dtype (both parts run on it or neither).
+  sixteen_bit = completion == 'cpu' and cfg.dtype != 'float32'
   return _activations(cfg, prompts * prompt_len + rows * new_tokens, scores, rows, new_tokens,
-                      blockwise)
+                      kept, output_bytes=2 if sixteen_bit else 4)
 
 
 def with_state(cfg: ModelConfig, activations: dict, fsdp: int = 1) -> dict:

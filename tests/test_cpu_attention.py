@@ -82,6 +82,57 @@ def test_kernel_equals_the_reference_forward_and_gradients(case):
   assert not np.any(np.asarray(got[0], np.float32)[np.asarray(seg) == 0])
 
 
+CONTINUATIONS = {
+    # (left padding, prompt tokens, completions packed after it, query slots)
+    'smollm2 3:1, packed completions after a left-padded prompt': (12, 40, [30, 7, 20], 64),
+    'a prompt without padding, one completion and padding': (0, 25, [9], 16),
+    # No shared prompt: the queries are the row's last tokens, the first
+    # sample begun before them.
+    'the last tokens of a packed row': (0, 0, [50, 30], 60),
+}
+
+
+@pytest.mark.parametrize('case', CONTINUATIONS)
+def test_queries_that_continue_the_keys_equal_the_reference(case):
+  """Queries of only the last T of the keys' tokens (a group's completions
+  after their prompt's keys, decoder.shared_prompt_stack): output and
+  gradients equal the reference under the mask of those T queries over
+  every key, prompt keys included; padding queries get zeros."""
+  pad, prompt, lengths, slots = CONTINUATIONS[case]
+  n, k, h = 9, 3, 64
+  s = pad + prompt + max(slots, sum(lengths))  # queries: the last `slots` tokens
+  seg = np.zeros((2, s), np.int32)
+  pos = np.zeros_like(seg)
+  for r in range(2):  # row 1: the same prompt, the completions reversed
+    seg[r, pad:pad + prompt], pos[r, pad:pad + prompt] = -1, np.arange(prompt)
+    i = pad + prompt
+    for sample, length in enumerate(lengths if r == 0 else lengths[::-1], start=1):
+      seg[r, i:i + length], pos[r, i:i + length] = sample, prompt + np.arange(length)
+      i += length
+  seg, pos = jnp.asarray(seg), jnp.asarray(pos)
+  q, keys, values, weights = _inputs(2, s, n, k, h, seed=1)
+  q, weights = q[:, -slots:], weights[:, -slots:]
+  q_seg, q_pos = seg[:, -slots:], pos[:, -slots:]
+  real = (q_seg != 0)[:, :, None, None]
+  visible = attn.Visibility(q_pos, q_seg, pos, seg)
+
+  def loss(f):
+    return lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * weights * real)
+
+  kernel = lambda q, k, v: attn.attend(q, k, v, visible, implementation='cpu', block=512,
+                    continuation=True)
+  reference = lambda q, k, v: attn.dense_attention(
+    *(a.astype(jnp.float32) for a in (q, k, v)), visible.dense_mask())
+  out = jax.jit(kernel)(q, keys, values)
+  assert out.shape == q.shape
+  assert_norm_close(out.astype(jnp.float32) * real, reference(q, keys, values) * real,
+           bound=5e-3, what='output ')
+  got = jax.jit(jax.grad(loss(kernel), argnums=(0, 1, 2)))(q, keys, values)
+  want = jax.grad(loss(reference), argnums=(0, 1, 2))(q, keys, values)
+  assert_norm_close([g.astype(jnp.float32) for g in got], want, bound=5e-3, what='gradient ')
+  assert not np.any(np.asarray(out, np.float32)[np.asarray(q_seg) == 0])
+
+
 def _model_outputs(attention: str, remat: str, dtype: str):
   seg, pos = _layout(64, [[30, 34], [10, 20]])
   tokens = jnp.asarray(np.random.default_rng(0).integers(1, 100, (2, 64)))

@@ -25,10 +25,15 @@
   float16 only; no sliding window. Reached through jax's private cuDNN
   module: the public `jax.nn.dot_product_attention` takes one length per
   row, not segments.
-- 'auto': on CPU 'blockwise', even for keys that fit in one block: its
-  backward recomputes the probabilities from the saved log-sum-exp, with
-  fewer passes over [T, S] than autodiff of 'xla' (the SmolLM2 SFT step at
-  8 x 256 ran 2-8% faster, bench/RESULTS.md). Elsewhere 'xla' while the
+- 'cpu': jpost's fused CPU kernel (models/cpu_attention.py): packed
+  self-attention, and queries that continue their keys' tokens (completions
+  after their prompt's keys, `attend(continuation=True)`).
+- 'auto': on CPU 'cpu' where the kernel applies (bfloat16, one device, no
+  sliding window, the kernel built), else 'blockwise', even for keys that
+  fit in one block: its backward recomputes the probabilities from the
+  saved log-sum-exp, with fewer passes over [T, S] than autodiff of 'xla'
+  (the SmolLM2 SFT step at 8 x 256 ran 2-8% faster, bench/RESULTS.md).
+  Elsewhere 'xla' while the
   keys fit in one block; beyond that, on a GPU without a sliding window,
   'cudnn' for bfloat16/float16 compute on Hopper or newer, else 'pallas';
   on other backends 'blockwise'.
@@ -141,15 +146,21 @@ def _say_once(message: str) -> None:
 
 
 def attend(q_btnh, keys, values, visible: Visibility, *, implementation: str, block: int,
-           sliding_window: int | None = None, max_segments: int = 16):
-  """Attention output [B, T, N, H] by the named implementation."""
+           sliding_window: int | None = None, max_segments: int = 16,
+           continuation: bool = False):
+  """Attention output [B, T, N, H] by the named implementation.
+  `continuation`: the caller's word that the queries are the last T of the
+  keys' tokens, whose positions and segments `visible.k_pos` and `k_seg`
+  hold (completions after their prompt's keys): the fused CPU kernel then
+  runs them as the self-attention of those tokens."""
   name = choose(implementation, key_len=keys.shape[-1], block=block,
                 sliding_window=sliding_window, dtype=q_btnh.dtype)
   if name == 'xla':
     return dense_attention(q_btnh, keys, values, visible.dense_mask(sliding_window))
   if name == 'cpu':
     return _cpu_attention(q_btnh, keys, values, visible, block=block,
-                          sliding_window=sliding_window, asked=implementation == 'cpu')
+                          sliding_window=sliding_window, asked=implementation == 'cpu',
+                          continuation=continuation)
   if name in ('pallas', 'cudnn') and keys.shape[-1] != q_btnh.shape[1]:
     name = 'blockwise'  # the kernels are self-attention only; shared prompts are not
   if name in ('pallas', 'cudnn'):
@@ -165,11 +176,11 @@ def attend(q_btnh, keys, values, visible: Visibility, *, implementation: str, bl
 
 
 def _cpu_attention(q_btnh, keys, values, visible: Visibility, *, block: int,
-                   sliding_window: int | None, asked: bool):
-  """The fused CPU kernel where it applies (packed self-attention); other
-  calls (a prefill over a cache, a shared prompt's keys) go blockwise, as
-  they do for the GPU kernels, and so do shapes it does not take unless it
-  was `asked` for by name."""
+                   sliding_window: int | None, asked: bool, continuation: bool):
+  """The fused CPU kernel where it applies (packed self-attention, or a
+  `continuation` of the keys' tokens); other calls (a prefill over a cache)
+  go blockwise, as they do for the GPU kernels, and so do shapes it does not
+  take unless it was `asked` for by name."""
   from jpost.models import cpu_attention
   if jax.default_backend() != 'cpu':
     raise ValueError("attention='cpu' needs the CPU backend; use 'auto' (it picks per backend).")
@@ -183,6 +194,9 @@ def _cpu_attention(q_btnh, keys, values, visible: Visibility, *, block: int,
                        f"multiple of 32 and 1-8 query heads per key head (here "
                        f"{q_btnh.dtype}, {h}, {n // keys.shape[1]}); use 'auto' or 'blockwise'.")
     return blockwise_attention(q_btnh, keys, values, visible, block=block)
+  if continuation:
+    return cpu_attention.attention(q_btnh, keys, values, visible.k_seg.astype(jnp.int32),
+                                   visible.k_pos.astype(jnp.int32))
   if not _is_self_attention(q_btnh, keys, visible):
     return blockwise_attention(q_btnh, keys, values, visible, block=block)
   return cpu_attention.attention(q_btnh, keys, values, visible.q_seg.astype(jnp.int32),

@@ -34,8 +34,18 @@ using namespace jpost;  // cpu_kernels.h: vectors, bfloat16, exp, parallel_for
 namespace {
 
 struct Shape {
-  int64_t b, t, n, k, h;  // rows, tokens, query heads, key heads, head size
+  int64_t b, t, n, k, h;  // rows, tokens (keys), query heads, key heads, head size
+  int64_t tq;             // queries: the last tq of the t tokens
   int64_t g() const { return n / k; }
+  int64_t first_query() const { return t - tq; }
+  // Where token i's query (head n) starts in q [B, tq, N, H], and where its
+  // log-sum-exp (query head g of key head kh) is in [B, K, G, tq].
+  int64_t q_at(int64_t b, int64_t i, int64_t head) const {
+    return ((b * tq + i - first_query()) * n + head) * h;
+  }
+  int64_t lse_at(int64_t b, int64_t kh, int64_t g_, int64_t i) const {
+    return ((b * k + kh) * g() + g_) * tq + i - first_query();
+  }
 };
 
 // The keys a row's queries may see: its shared prefix [prefix_lo,
@@ -215,17 +225,17 @@ void forward_key_head(const Shape& s, const RowPlan& plan, const int32_t* seg,
   std::vector<float> qs(R * s.h), sc(R * sc_ld), o(R * s.h), inv(R);
   auto padding = [&](int64_t i) {  // a zero output
     for (int64_t g = 0; g < G; ++g) {
-      std::memset(out + ((b * s.t + i) * s.n + kh * G + g) * s.h, 0, s.h * 2);
-      lse[((b * s.k + kh) * G + g) * s.t + i] = 0.0f;
+      std::memset(out + s.q_at(b, i, kh * G + g), 0, s.h * 2);
+      lse[s.lse_at(b, kh, g, i)] = 0.0f;
     }
   };
-  const int64_t hi = kh_data.lo + kh_data.len;
-  for_each_query_block(seg, kh_data.lo, hi, QB, padding, [&](int64_t i0, int64_t i1) {
+  const int64_t lo = std::max(kh_data.lo, s.first_query()), hi = kh_data.lo + kh_data.len;
+  for_each_query_block(seg, lo, hi, QB, padding, [&](int64_t i0, int64_t i1) {
     const int64_t rows = (i1 - i0) * G;
     const Block blk = block_keys(plan, seg, i0, i1, kh_data.lo);
     std::fill(qs.begin(), qs.end(), 0.0f);
     for (int64_t r = 0; r < rows; ++r) {
-      const uint16_t* src = q + ((b * s.t + i0 + r / G) * s.n + kh * G + r % G) * s.h;
+      const uint16_t* src = q + s.q_at(b, i0 + r / G, kh * G + r % G);
       for (int64_t x = 0; x < s.h; ++x) qs[r * s.h + x] = from_bf16(src[x]) * scale;
     }
     scores<R>(qs.data(), kh_data.kt.data(), kh_data.ld, s, blk.ranges, blk.n_ranges, sc.data(),
@@ -243,12 +253,12 @@ void forward_key_head(const Shape& s, const RowPlan& plan, const int32_t* seg,
       }
       for (int64_t c = seen; c < blk.columns; ++c) row[c] = 0.0f;
       inv[r] = seen ? 1.0f / l : 0.0f;
-      if (r < rows) lse[((b * s.k + kh) * G + r % G) * s.t + i0 + r / G] = m + std::log(l);
+      if (r < rows) lse[s.lse_at(b, kh, r % G, i0 + r / G)] = m + std::log(l);
     }
     weighted_rows<R>(sc.data(), sc_ld, kh_data.vrows.data(), s, blk.ranges, blk.n_ranges,
                      o.data());
     for (int64_t r = 0; r < rows; ++r) {
-      uint16_t* dst = out + ((b * s.t + i0 + r / G) * s.n + kh * G + r % G) * s.h;
+      uint16_t* dst = out + s.q_at(b, i0 + r / G, kh * G + r % G);
       for (int64_t x = 0; x < s.h; ++x) dst[x] = to_bf16(o[r * s.h + x] * inv[r]);
     }
   });
@@ -265,17 +275,16 @@ void backward_key_head(const Shape& s, const RowPlan& plan, const int32_t* seg,
   std::vector<float> qs(R * s.h), dor(R * s.h), delta(R), lrow(R), p(R * sc_ld), ds(R * sc_ld),
       dqr(R * s.h), o32(s.h);
   auto padding = [&](int64_t i) {  // no gradient
-    for (int64_t g = 0; g < G; ++g)
-      std::memset(dq + ((b * s.t + i) * s.n + kh * G + g) * s.h, 0, s.h * 2);
+    for (int64_t g = 0; g < G; ++g) std::memset(dq + s.q_at(b, i, kh * G + g), 0, s.h * 2);
   };
-  const int64_t hi = kh_data.lo + kh_data.len;
-  for_each_query_block(seg, kh_data.lo, hi, QB, padding, [&](int64_t i0, int64_t i1) {
+  const int64_t lo = std::max(kh_data.lo, s.first_query()), hi = kh_data.lo + kh_data.len;
+  for_each_query_block(seg, lo, hi, QB, padding, [&](int64_t i0, int64_t i1) {
     const int64_t rows = (i1 - i0) * G;
     const Block blk = block_keys(plan, seg, i0, i1, kh_data.lo);
     std::fill(qs.begin(), qs.end(), 0.0f);
     std::fill(dor.begin(), dor.end(), 0.0f);
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t at = ((b * s.t + i0 + r / G) * s.n + kh * G + r % G) * s.h;
+      const int64_t at = s.q_at(b, i0 + r / G, kh * G + r % G);
       for (int64_t x = 0; x < s.h; ++x) {
         qs[r * s.h + x] = from_bf16(q[at + x]) * scale;
         dor[r * s.h + x] = from_bf16(d_out[at + x]);
@@ -287,7 +296,7 @@ void backward_key_head(const Shape& s, const RowPlan& plan, const int32_t* seg,
       float total = 0.0f;
       for (int i = 0; i < 16; ++i) total += dl[i];
       delta[r] = total;
-      lrow[r] = lse[((b * s.k + kh) * G + r % G) * s.t + i0 + r / G];
+      lrow[r] = lse[s.lse_at(b, kh, r % G, i0 + r / G)];
     }
     scores<R>(qs.data(), kh_data.kt.data(), kh_data.ld, s, blk.ranges, blk.n_ranges, p.data(),
               sc_ld);
@@ -309,7 +318,7 @@ void backward_key_head(const Shape& s, const RowPlan& plan, const int32_t* seg,
     weighted_rows<R>(ds.data(), sc_ld, kh_data.krows.data(), s, blk.ranges, blk.n_ranges,
                      dqr.data());
     for (int64_t r = 0; r < rows; ++r) {
-      uint16_t* dst = dq + ((b * s.t + i0 + r / G) * s.n + kh * G + r % G) * s.h;
+      uint16_t* dst = dq + s.q_at(b, i0 + r / G, kh * G + r % G);
       for (int64_t x = 0; x < s.h; ++x) dst[x] = to_bf16(dqr[r * s.h + x] * scale);
     }
     // dK[j] += sum_r dS[r][j] * (scale * q[r]); dV[j] += sum_r P[r][j] * dO[r],
@@ -341,6 +350,9 @@ ffi::Error check(const Shape& s) {
     return ffi::Error::InvalidArgument(
         "jpost CPU attention: head size must be a multiple of 32 and 1-8 query heads per key "
         "head; use attention='blockwise'");
+  if (s.tq < 1 || s.tq > s.t)
+    return ffi::Error::InvalidArgument(
+        "jpost CPU attention: the queries must be the last 1..T of the T key tokens");
   return ffi::Error::Success();
 }
 
@@ -404,8 +416,8 @@ ffi::Error for_each_key_head(ffi::ThreadPool& pool, const Shape& s, const int32_
 }
 
 Shape shape_of(const ffi::Buffer<ffi::BF16>& q, const ffi::Buffer<ffi::BF16>& k) {
-  const auto qd = q.dimensions();
-  return Shape{qd[0], qd[1], qd[2], k.dimensions()[1], qd[3]};
+  const auto qd = q.dimensions(), kd = k.dimensions();
+  return Shape{qd[0], kd[3], qd[2], kd[1], qd[3], qd[1]};
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k,

@@ -56,7 +56,11 @@ def require() -> None:
 def _forward_call(q, keys, values, seg, pos):
   require()  # built and registered before the first call is traced
   b, t, n, _ = q.shape
-  k = keys.shape[1]
+  k, s = keys.shape[1], keys.shape[-1]
+  if not 1 <= t <= s or seg.shape != (b, s) or pos.shape != (b, s):
+    raise ValueError(f'cpu_attention: queries {q.shape} must be the last of the keys\' '
+                     f'{s} tokens, whose segments {seg.shape} and positions {pos.shape} '
+                     f'are [{b}, {s}].')
   out = jax.ShapeDtypeStruct(q.shape, q.dtype)
   lse = jax.ShapeDtypeStruct((b, k, n // k, t), jnp.float32)
   return jax.ffi.ffi_call('jpost_cpu_attention_forward', (out, lse))(q, keys, values, seg, pos)
@@ -64,11 +68,14 @@ def _forward_call(q, keys, values, seg, pos):
 
 @jax.custom_vjp
 def attention(q_btnh, keys, values, seg, pos):
-  """Causal self-attention of packed rows: q [B, T, N, H], keys [B, K, H, T],
-  values [B, K, T, H] (bfloat16), segment ids and positions [B, T] (int32).
-  Equal to `attention.dense_attention` under `attention.mask_of` for real
-  queries; padding queries (segment 0) get zeros. Rows whose segments are
-  split, or whose shared prefix is not one run before them, are an error."""
+  """Causal self-attention of packed rows: keys [B, K, H, S], values
+  [B, K, S, H] (bfloat16), their tokens' segment ids and positions [B, S]
+  (int32), and the queries q [B, T, N, H] of the last T <= S of those
+  tokens (T = S in a training forward; T < S for completions after their
+  prompt's keys, decoder.shared_prompt_stack). Equal to
+  `attention.dense_attention` under `attention.mask_of` for real queries;
+  padding queries (segment 0) get zeros. Rows whose segments are split, or
+  whose shared prefix is not one run before them, are an error."""
   return _forward_call(q_btnh, keys, values, seg, pos)[0]
 
 

@@ -415,11 +415,11 @@ def decoder_block(x, p, cos, sin, visible, cfg: ModelConfig, cache=None, prefix=
   return _block_output(x, attended, w, cfg), (keys, values)
 
 
-def _attend(q, keys, values, visible, cfg: ModelConfig):
+def _attend(q, keys, values, visible, cfg: ModelConfig, continuation: bool = False):
   if isinstance(visible, attn.Visibility):
     return attn.attend(q, keys, values, visible, implementation=cfg.attention,
                        block=cfg.attention_block, sliding_window=cfg.sliding_window,
-                       max_segments=cfg.attention_max_segments)
+                       max_segments=cfg.attention_max_segments, continuation=continuation)
   return attn.dense_attention(q, keys, values, visible)
 
 
@@ -591,7 +591,10 @@ def shared_prompt_stack(x_prompt, x_comp, layer_params, prompt_pos, prompt_seg, 
     keys = jnp.concatenate([repeat(pk), ck], axis=-1)
     values = jnp.concatenate([repeat(pv), cv], axis=-2)
     xp = _block_output(xp, _attend(pq, pk, pv, prompt_visible, cfg), w, cfg)
-    xc = _block_output(xc, _attend(cq, keys, values, comp_visible, cfg), w, cfg)
+    # The completions' queries are the last of their keys' tokens: on CPU
+    # the fused kernel runs them, reading only the keys each one sees.
+    xc = _block_output(xc, _attend(cq, keys, values, comp_visible, cfg, continuation=True), w,
+                       cfg)
     return (xp, xc), None
 
   (x_prompt, x_comp), _ = jax.lax.scan(remat(block, cfg), (x_prompt, x_comp), stacks)
