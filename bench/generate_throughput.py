@@ -12,7 +12,7 @@ timed calls. The last line is one JSON object whose `tokens_per_s` is the
 best dtype at the largest batch.
 
 --decode compares decode steps: `loop` or `scan` over the layers, with the
-KV cache stored in float32 or in the `model`'s dtype (`default` = what the
+KV cache stored in float32 or in the `model`'s dtype as such (`default` = what the
 backend uses; see sampling.scan_layers_by_default and decoder.cache_storage_dtype).
 --decode-kernels compares the decode step's matmuls and attention
 (ModelConfig.decode_kernels): `auto` runs them on jpost's CPU kernels where

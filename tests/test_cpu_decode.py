@@ -74,17 +74,19 @@ def test_bad_shapes_are_clear_errors():
 
 
 def _attention_case(rows, groups, heads, kv_heads, t, prompt, slots, seed=0):
-  """Queries, a shared prompt's cache and the rows' own float32 cache, with
-  masks: random visibility over the prompt, own caches filled to different
-  lengths, one row that sees only its prompt, one only its own slots, one
-  nothing at all."""
+  """Queries, a shared prompt's cache and the rows' own cache (bfloat16
+  values stored as their bits, as decoder.cache_storage_dtype keeps them on
+  CPU), with masks: random visibility over the prompt, own caches filled to
+  different lengths, one row that sees only its prompt, one only its own
+  slots, one nothing at all."""
   keys = jax.random.split(jax.random.key(seed), 6)
   head = 64
   q = jax.random.normal(keys[0], (rows, t, heads, head), jnp.bfloat16)
-  prefix_k = jax.random.normal(keys[1], (groups, kv_heads, head, prompt), jnp.float32)
-  prefix_v = jax.random.normal(keys[2], (groups, kv_heads, prompt, head), jnp.float32)
-  own_k = jax.random.normal(keys[3], (rows, kv_heads, head, slots), jnp.float32)
-  own_v = jax.random.normal(keys[4], (rows, kv_heads, slots, head), jnp.float32)
+  bits = lambda key, shape: _bits(jax.random.normal(key, shape, jnp.bfloat16))
+  prefix_k = bits(keys[1], (groups, kv_heads, head, prompt))
+  prefix_v = bits(keys[2], (groups, kv_heads, prompt, head))
+  own_k = bits(keys[3], (rows, kv_heads, head, slots))
+  own_v = bits(keys[4], (rows, kv_heads, slots, head))
   prefix_mask = np.array(jax.random.uniform(keys[5], (rows, t, prompt)) < 0.8)
   filled = 1 + np.arange(rows) * (slots - 1) // max(rows - 1, 1)
   mask = np.arange(slots)[None, None, :] < filled[:, None, None] + np.arange(t)[None, :, None]
@@ -93,33 +95,44 @@ def _attention_case(rows, groups, heads, kv_heads, t, prompt, slots, seed=0):
   return q, (prefix_k, prefix_v, jnp.asarray(prefix_mask)), own_k, own_v, jnp.asarray(mask)
 
 
+def _bits(a):
+  return jax.lax.bitcast_convert_type(a, jnp.uint16)
+
+
+def _values(bits):
+  """The bfloat16 values a cache of bits holds, in float32 (exactly)."""
+  return jax.lax.bitcast_convert_type(bits, jnp.bfloat16).astype(jnp.float32)
+
+
 @pytest.mark.parametrize('rows, groups, heads, kv_heads, t, prompt, slots', [
     (16, 2, 9, 3, 1, 37, 128),  # SmolLM2's heads; a prompt that is not whole blocks of 16
     (4, 4, 4, 4, 2, 16, 20),    # one query head per key head, two new tokens, partial blocks
     (8, 1, 16, 2, 1, 64, 48)])  # eight query heads per key head
 def test_attention_equals_xla(rows, groups, heads, kv_heads, t, prompt, slots):
   """The kernel against attention.shared_prefix_attention (a prompt shared
-  by rows // groups rows) and, without the prompt, dense_attention. Sums
-  are float32 on both sides; the output is bfloat16, so the bound is its
+  by rows // groups rows) and, without the prompt, dense_attention, over
+  the cache's values in float32. Sums are float32 on both sides; the output is bfloat16, so the bound is its
   rounding (a dropped part, a wrong mask or slot is O(1))."""
   q, prefix, own_k, own_v, mask = _attention_case(rows, groups, heads, kv_heads, t, prompt,
                                                   slots)
   assert cpu_decode.attends(q, own_k) == (t == 1)  # decoding's steps; the kernel takes any T
   got = jax.jit(cpu_decode.attention)(q, own_k, own_v, mask, prefix)
-  want = jax.jit(attn.shared_prefix_attention)(q, *prefix, own_k, own_v, mask)
+  want = jax.jit(attn.shared_prefix_attention)(q, _values(prefix[0]), _values(prefix[1]),
+                                               prefix[2], _values(own_k), _values(own_v), mask)
   assert got.shape == want.shape and got.dtype == jnp.bfloat16
   assert_norm_close(got.astype(jnp.float32), want.astype(jnp.float32), bound=4e-3)
   np.testing.assert_allclose(np.asarray(got[3], np.float32), np.asarray(want[3], np.float32),
                              rtol=1e-2, atol=1e-2)  # the row that sees nothing, on its own
   got = jax.jit(cpu_decode.attention)(q, own_k, own_v, mask)
-  want = jax.jit(attn.dense_attention)(q, own_k, own_v, mask)
+  want = jax.jit(attn.dense_attention)(q, _values(own_k), _values(own_v), mask)
   assert_norm_close(got.astype(jnp.float32), want.astype(jnp.float32), bound=4e-3)
 
 
 def test_what_the_attention_kernel_takes():
   q, _, own_k, _, _ = _attention_case(4, 1, 9, 3, 1, 16, 16)
   assert cpu_decode.attends(q, own_k)
-  assert not cpu_decode.attends(q, own_k.astype(jnp.bfloat16))  # a 16-bit cache
+  assert not cpu_decode.attends(q, _values(own_k))  # a float32 cache
+  assert not cpu_decode.attends(q, _values(own_k).astype(jnp.bfloat16))  # bfloat16 as such
   assert not cpu_decode.attends(q.astype(jnp.float32), own_k)
   assert not cpu_decode.attends(jnp.zeros((4, 1, 9, 24), jnp.bfloat16), own_k)  # head size
   assert not cpu_decode.attends(jnp.zeros((4, 1, 27, 64), jnp.bfloat16), own_k)  # 9 per key head

@@ -9,8 +9,8 @@ the attention as some ten small operations a layer whose fixed cost
 outweighs their arithmetic. The matmul kernel reads a weight packed as
 [N/64, K/2, 64, 2] (`pack`, once per generate call), the layout its
 AVX512-BF16 dot instruction takes; the attention kernel is one call a
-layer over the float32 cache (and a shared prompt's), skipping masked
-slots (bench/RESULTS.md).
+layer over the cache (and a shared prompt's), stored as bfloat16 bits
+(decoder.cache_storage_dtype), skipping masked slots (bench/RESULTS.md).
 
 `decodes_on_kernels` is the one place that decides where they run: by
 default (ModelConfig.decode_kernels='auto') bfloat16 compute on a single
@@ -110,12 +110,12 @@ def matmul(x, packed, float32_out: bool = False):
 
 def attends(q_btnh, keys) -> bool:
   """Whether a decoder block attends on the kernel: a decode step's
-  bfloat16 queries (one new token a row, [B, 1, N, H]) over a float32 cache
-  (keys [B, K, H, S]), a head size that is a multiple of 16 and 1-8 query
-  heads per key head. (The kernel takes any T; a prefill's many queries go
-  to XLA's batched matmuls.)"""
+  bfloat16 queries (one new token a row, [B, 1, N, H]) over a cache of
+  bfloat16 bits (keys [B, K, H, S] uint16), a head size that is a multiple
+  of 16 and 1-8 query heads per key head. (The kernel takes any T; a
+  prefill's many queries go to XLA's batched matmuls.)"""
   t, n, h, k = q_btnh.shape[1], q_btnh.shape[2], q_btnh.shape[3], keys.shape[1]
-  return (t == 1 and q_btnh.dtype == jnp.bfloat16 and keys.dtype == jnp.float32
+  return (t == 1 and q_btnh.dtype == jnp.bfloat16 and keys.dtype == jnp.uint16
           and h % 16 == 0 and n % k == 0 and 1 <= n // k <= 8)
 
 
@@ -123,8 +123,8 @@ def attention(q_btnh, keys, values, mask, prefix=None):
   """attention.dense_attention(q, keys, values, mask), or with `prefix` =
   (keys [G, K, H, P], values [G, K, P, H], mask [B, T, P])
   attention.shared_prefix_attention: queries [B, T, N, H] bfloat16, the
-  cache's keys [B, K, H, S] and values [B, K, S, H] float32, mask [B, T, S]
-  bool. Returns [B, T, N, H] bfloat16."""
+  cache's keys [B, K, H, S] and values [B, K, S, H] as bfloat16 bits
+  (uint16), mask [B, T, S] bool. Returns [B, T, N, H] bfloat16."""
   b, t, _, h = q_btnh.shape
   k, s = keys.shape[1], keys.shape[-1]
   expected = {'keys': (keys.shape, (b, k, h, s)), 'values': (values.shape, (b, k, s, h)),

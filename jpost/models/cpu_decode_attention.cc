@@ -1,7 +1,7 @@
 // A decode step's attention over the KV cache on XLA:CPU, called through
 // XLA's FFI (jpost/models/cpu_decode.py registers it).
 //
-// Each row's new queries attend over its cache's float32 slots under the
+// Each row's new queries attend over its cache's bfloat16 slots under the
 // mask XLA made ([B, T, S]; slots not yet written are masked) and, with a
 // shared prefix, first over its prompt's slots (keys [G, K, H, P] shared by
 // B / G rows, under their own mask [B, T, P]): one softmax over both, as
@@ -14,7 +14,8 @@
 // them all, as a softmax of equal scores does.
 //
 // Layouts are the decoder's: q [B, T, N, H] bfloat16, keys [B, K, H, S],
-// values [B, K, S, H] (float32, as the cache stores them on CPU); query head
+// values [B, K, S, H] (bfloat16 as their bits, uint16, as the cache stores
+// them on CPU: decoder.cache_storage_dtype); query head
 // n uses key head n / (N / K). Work is split over (row, key head) pairs on
 // XLA's intra-op thread pool.
 
@@ -33,8 +34,8 @@ constexpr float kMaskValue = -0.7f * 3.4028234663852886e38f;  // attention.MASK_
 constexpr int kMaxGroup = 8;  // query heads per key head
 
 struct Part {  // the slots of one key head a row reads: its prompt's or its own
-  const float* keys;    // [H, len]
-  const float* values;  // [len, H]
+  const uint16_t* keys;    // [H, len], bfloat16 bits
+  const uint16_t* values;  // [len, H], bfloat16 bits
   const bool* mask;     // [len] for the query at hand
   int64_t len;
 };
@@ -58,13 +59,13 @@ void part_scores(const Part& part, const float* q, int64_t h, float scale, float
     for (int i = 0; i < G; ++i) acc[i] = V16{};
     if (width == 16) {
       for (int64_t x = 0; x < h; ++x) {
-        const V16 k = load16(part.keys + x * part.len + c);
+        const V16 k = load16_bf16(part.keys + x * part.len + c);
         for (int i = 0; i < G; ++i) acc[i] += splat(q[i * h + x]) * k;
       }
     } else {  // the last, partial block of slots
       for (int64_t x = 0; x < h; ++x) {
         V16 k = V16{};
-        for (int64_t j = 0; j < width; ++j) k[j] = part.keys[x * part.len + c + j];
+        for (int64_t j = 0; j < width; ++j) k[j] = from_bf16(part.keys[x * part.len + c + j]);
         for (int i = 0; i < G; ++i) acc[i] += splat(q[i * h + x]) * k;
       }
     }
@@ -87,9 +88,9 @@ void part_values(const Part& part, const float* probs, int64_t h, int64_t ld, fl
       bool any = false;
       for (int i = 0; i < G; ++i) any |= probs[i * ld + c] != 0.0f;
       if (!any) continue;
-      const float* v = part.values + c * h + xc;
+      const uint16_t* v = part.values + c * h + xc;
       for (int64_t j = 0; j < vecs; ++j) {
-        const V16 vj = load16(v + 16 * j);
+        const V16 vj = load16_bf16(v + 16 * j);
         for (int i = 0; i < G; ++i) acc[i][j] += splat(probs[i * ld + c]) * vj;
       }
     }
@@ -112,9 +113,9 @@ ffi::Error check(const Dims& d) {
 
 // One (row, key head): its G query heads at each of the T new positions.
 template <int G>
-void row_head(const Dims& d, int64_t b, int64_t kh, const uint16_t* q, const float* keys,
-              const float* values, const bool* mask, const float* pkeys, const float* pvalues,
-              const bool* pmask, uint16_t* out) {
+void row_head(const Dims& d, int64_t b, int64_t kh, const uint16_t* q, const uint16_t* keys,
+              const uint16_t* values, const bool* mask, const uint16_t* pkeys,
+              const uint16_t* pvalues, const bool* pmask, uint16_t* out) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(d.h));
   const int64_t ld = d.p + d.s;
   thread_local std::vector<float> qf, scores, acc;  // this thread's, reused call to call
@@ -159,8 +160,8 @@ void row_head(const Dims& d, int64_t b, int64_t kh, const uint16_t* q, const flo
 }
 
 ffi::Error Attend(ffi::ThreadPool& pool, const Dims& d, ffi::Buffer<ffi::BF16>& q,
-                  ffi::Buffer<ffi::F32>& keys, ffi::Buffer<ffi::F32>& values,
-                  ffi::Buffer<ffi::PRED>& mask, const float* pkeys, const float* pvalues,
+                  ffi::Buffer<ffi::U16>& keys, ffi::Buffer<ffi::U16>& values,
+                  ffi::Buffer<ffi::PRED>& mask, const uint16_t* pkeys, const uint16_t* pvalues,
                   const bool* pmask, ffi::ResultBuffer<ffi::BF16>& out) {
   if (ffi::Error e = check(d); e.failure()) return e;
   const auto* qs = reinterpret_cast<const uint16_t*>(q.typed_data());
@@ -175,20 +176,20 @@ ffi::Error Attend(ffi::ThreadPool& pool, const Dims& d, ffi::Buffer<ffi::BF16>& 
   return ffi::Error::Success();
 }
 
-Dims dims_of(ffi::Buffer<ffi::BF16>& q, ffi::Buffer<ffi::F32>& keys) {
+Dims dims_of(ffi::Buffer<ffi::BF16>& q, ffi::Buffer<ffi::U16>& keys) {
   const auto qd = q.dimensions(), kd = keys.dimensions();
   return Dims{qd[0], qd[1], qd[2], kd[1], qd[3], kd[3], 1, 0};
 }
 
-ffi::Error Own(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::F32> keys,
-               ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::PRED> mask,
+ffi::Error Own(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::U16> keys,
+               ffi::Buffer<ffi::U16> values, ffi::Buffer<ffi::PRED> mask,
                ffi::ResultBuffer<ffi::BF16> out) {
   return Attend(pool, dims_of(q, keys), q, keys, values, mask, nullptr, nullptr, nullptr, out);
 }
 
-ffi::Error Shared(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::F32> pkeys,
-                  ffi::Buffer<ffi::F32> pvalues, ffi::Buffer<ffi::PRED> pmask,
-                  ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
+ffi::Error Shared(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::U16> pkeys,
+                  ffi::Buffer<ffi::U16> pvalues, ffi::Buffer<ffi::PRED> pmask,
+                  ffi::Buffer<ffi::U16> keys, ffi::Buffer<ffi::U16> values,
                   ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::BF16> out) {
   Dims d = dims_of(q, keys);
   d.groups = pkeys.dimensions()[0];
@@ -203,8 +204,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpostDecodeAttention, Own,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // q [B, T, N, H]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // keys [B, K, H, S]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // values [B, K, S, H]
+                                  .Arg<ffi::Buffer<ffi::U16>>()   // keys [B, K, H, S]
+                                  .Arg<ffi::Buffer<ffi::U16>>()   // values [B, K, S, H]
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask [B, T, S]
                                   .Ret<ffi::Buffer<ffi::BF16>>());  // [B, T, N, H]
 
@@ -212,10 +213,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpostDecodeAttentionShared, Shared,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // q [B, T, N, H]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // prompt keys [G, K, H, P]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // prompt values [G, K, P, H]
+                                  .Arg<ffi::Buffer<ffi::U16>>()   // prompt keys [G, K, H, P]
+                                  .Arg<ffi::Buffer<ffi::U16>>()   // prompt values [G, K, P, H]
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // prompt mask [B, T, P]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // keys [B, K, H, S]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // values [B, K, S, H]
+                                  .Arg<ffi::Buffer<ffi::U16>>()   // keys [B, K, H, S]
+                                  .Arg<ffi::Buffer<ffi::U16>>()   // values [B, K, S, H]
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask [B, T, S]
                                   .Ret<ffi::Buffer<ffi::BF16>>());  // [B, T, N, H]

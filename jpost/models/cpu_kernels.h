@@ -34,6 +34,13 @@ inline float from_bf16(uint16_t b) {
   return f;
 }
 
+// 16 bfloat16 values (their bits) as floats.
+inline V16 load16_bf16(const uint16_t* p) {
+  V16 v;
+  for (int i = 0; i < 16; ++i) v[i] = from_bf16(p[i]);
+  return v;
+}
+
 inline uint16_t to_bf16(float f) {  // round to nearest even, as XLA converts
   uint32_t u;
   std::memcpy(&u, &f, 4);

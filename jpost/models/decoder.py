@@ -261,20 +261,30 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *,
 
 def cache_storage_dtype(compute_dtype):
   """The dtype a KV cache is stored in: the compute dtype, except that 16-bit
-  caches are stored in float32 on CPU. XLA:CPU runs a bfloat16
+  caches are stored as their bits (uint16) on CPU. XLA:CPU runs a bfloat16
   dynamic-update-slice in float32, converting the whole cache there and back
-  at every write (15 ms per decoded token for SmolLM2 at batch 32). Keys and
-  values are rounded to the compute dtype before they are stored, so either
-  storage holds the same values; only the attention probabilities meet the
-  values matmul in the storage dtype (bfloat16 rounds them, float32 not)."""
+  at every write (15 ms per decoded token for SmolLM2 at batch 32); an
+  integer one writes the new slots in place. The cache was float32 there
+  before: twice the bytes for every decode step's attention to read, and
+  every write converted first (bench/RESULTS.md). Blocks read the bits as
+  the compute dtype (`_cache_view`), a bitcast, or hand them to the CPU
+  decoding kernel, which reads bfloat16 bits."""
   dtype = jnp.dtype(compute_dtype)
-  return jnp.dtype(jnp.float32) if loops_go_through_float32(dtype) else dtype
+  return jnp.dtype(jnp.uint16) if loops_go_through_float32(dtype) else dtype
 
 
 def _write_slots(cache, new, start):
-  """Writes `new` into `cache` at `start` (rounded to new's dtype, so that a
-  bfloat16 model attends to bfloat16 keys whatever the storage)."""
+  """Writes `new` into `cache` at `start`: as its bits into a cache of bits,
+  else rounded to new's dtype, so that a bfloat16 model attends to bfloat16
+  keys whatever the storage."""
+  if cache.dtype == jnp.uint16:
+    new = jax.lax.bitcast_convert_type(new, jnp.uint16)
   return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), start)
+
+
+def _cache_view(stored, dtype):
+  """A cache array in the compute `dtype`: its bits bitcast back, or as it is."""
+  return jax.lax.bitcast_convert_type(stored, dtype) if stored.dtype == jnp.uint16 else stored
 
 
 def decoder_stack(x, layer_params, positions, segment_ids, cfg: ModelConfig, cache=None,
@@ -398,21 +408,25 @@ def decoder_block(x, p, cos, sin, visible, cfg: ModelConfig, cache=None, prefix=
   """
   w = _block_weights(p, x.dtype, cfg)
   q, keys, values = _attention_inputs(x, w, cos, sin, cfg)
-  if cache is not None:
-    cache_k, cache_v, index = cache
-    keys = _write_slots(cache_k, keys, (0, 0, 0, index))
-    values = _write_slots(cache_v, values, (0, 0, index, 0))
-  if (cache is not None and not isinstance(visible, attn.Visibility)
+  if cache is None:
+    return _block_output(x, _attend(q, keys, values, visible, cfg), w, cfg), (keys, values)
+  cache_k, cache_v, index = cache
+  stored = (_write_slots(cache_k, keys, (0, 0, 0, index)),
+            _write_slots(cache_v, values, (0, 0, index, 0)))
+  if (not isinstance(visible, attn.Visibility)
       and cpu_decode.decodes_on_kernels(cfg.decode_kernels, x.dtype)
-      and cpu_decode.attends(q, keys)):
-    attended = cpu_decode.attention(q, keys, values, visible, prefix)
-  elif prefix is not None:
-    prefix_k, prefix_v, prefix_mask = prefix
-    attended = attn.shared_prefix_attention(q, prefix_k, prefix_v, prefix_mask, keys, values,
-                                            visible)
+      and cpu_decode.attends(q, stored[0])):
+    attended = cpu_decode.attention(q, *stored, visible, prefix)  # reads the bits
   else:
-    attended = _attend(q, keys, values, visible, cfg)
-  return _block_output(x, attended, w, cfg), (keys, values)
+    keys, values = (_cache_view(a, x.dtype) for a in stored)
+    if prefix is not None:
+      prefix_k, prefix_v, prefix_mask = prefix
+      attended = attn.shared_prefix_attention(q, _cache_view(prefix_k, x.dtype),
+                                              _cache_view(prefix_v, x.dtype), prefix_mask,
+                                              keys, values, visible)
+    else:
+      attended = _attend(q, keys, values, visible, cfg)
+  return _block_output(x, attended, w, cfg), stored
 
 
 def _attend(q, keys, values, visible, cfg: ModelConfig, continuation: bool = False):
