@@ -134,23 +134,42 @@ def token_entropy(logits):
   return _entropy(*_softmax_terms(logits[:, :-1].astype(jnp.float32)))
 
 
-def _softmax_terms(logits):
+def _softmax_terms(logits, forward_only: bool = False):
   """(logits [..., V] - their max, exp of that, its sum [...]): what log-probs
   and entropies are made of. The max is a constant to differentiation (any
-  shift gives the same values), as in logsumexp."""
+  shift gives the same values), as in logsumexp. `forward_only`: the sum
+  by `_forward_vocab_sum`."""
   top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
   shifted = logits - jnp.where(jnp.isfinite(top), top, 0.0)  # a row all -inf stays -inf
   exp = jnp.exp(shifted)
-  return shifted, exp, jnp.sum(exp, axis=-1)
+  return shifted, exp, (_forward_vocab_sum(exp) if forward_only else jnp.sum(exp, axis=-1))
 
 
-def _entropy(shifted, exp, total):
+def _entropy(shifted, exp, total, forward_only: bool = False):
   """-sum p log p = log total - sum(exp * shifted) / total, from the terms the
   log-probs have already computed; log_softmax would compute the max, exp and
   sum again and write another [..., V] float32 array."""
   # Tokens masked to -inf have probability 0 and contribute 0 (not 0 * -inf).
-  spread = jnp.sum(jnp.where(jnp.isfinite(shifted), exp * shifted, 0.0), axis=-1)
+  spread = exp * jnp.where(jnp.isfinite(shifted), shifted, 0.0)
+  spread = _forward_vocab_sum(spread) if forward_only else jnp.sum(spread, axis=-1)
   return jnp.log(total) - spread / total
+
+
+def _forward_vocab_sum(x):
+  """x [..., V] summed over its last axis (a softmax's sum of exps), in a
+  computation that autodiff does not differentiate (a custom_vjp's forward).
+
+  XLA:CPU hands a large row sum to YNNPACK, and with it the exp that feeds
+  it, which YNNPACK evaluates about 4x slower than XLA's own fused loop
+  ([448, 49152] float32: 33 against 8.8 ms). XLA keeps a sum of a product to
+  itself, so on CPU the rows are multiplied by ones first, ones that XLA
+  cannot see are ones (an optimization barrier), or it would drop the
+  product again. (Under autodiff, SFT's head, the product's sum went back
+  to YNNPACK and ran slower still: bench/RESULTS.md.)"""
+  if jax.default_backend() != 'cpu':
+    return jnp.sum(x, axis=-1)
+  ones = jax.lax.optimization_barrier(jnp.ones((x.shape[-1],), x.dtype))
+  return jnp.sum(x * ones, axis=-1)
 
 
 def head_logprobs(logits_fn, hidden, targets, *, chunk: int = 0, entropy: str = 'none'):
@@ -394,18 +413,15 @@ def _masked_head_fwd(logits_fn, piece, entropy, weight, hidden, targets, mask):
     logits = logits_fn(jax.lax.dynamic_slice_in_dim(h, start, piece)[None], weight)[0]
     target = jax.lax.dynamic_slice_in_dim(tg, start, piece)
     update = lambda a, x: jax.lax.dynamic_update_slice_in_dim(a, x, start, 0)
-    if entropy == 'none':
-      piece_lse = jax.nn.logsumexp(logits, axis=-1)
-      piece_logp = jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0] - piece_lse
-      return update(logp, piece_logp), update(lse, piece_lse), ent
-    # One max, exp and sum for both (head_logprobs).
-    shifted, exp, total = _softmax_terms(logits)
+    # One max, exp and sum for the log-probs and the entropies (head_logprobs).
+    shifted, exp, total = _softmax_terms(logits, forward_only=True)
     log_total = jnp.log(total)
     piece_logp = jnp.take_along_axis(shifted, target[:, None], axis=-1)[:, 0] - log_total
     top = jnp.max(logits, axis=-1)  # lse = the shift _softmax_terms took + log(total)
     piece_lse = log_total + jnp.where(jnp.isfinite(top), top, 0.0)
-    return (update(logp, piece_logp), update(lse, piece_lse),
-            update(ent, _entropy(shifted, exp, total)))
+    if entropy != 'none':
+      ent = update(ent, _entropy(shifted, exp, total, forward_only=True))
+    return update(logp, piece_logp), update(lse, piece_lse), ent
 
   zeros = jnp.zeros((b * t + pad,), jnp.float32)
   logp, lse, ent = jax.lax.fori_loop(0, pieces, body, (zeros, zeros, zeros))
