@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jpost.errors import ConfigError
-from jpost.models.decoder import init_cache
+from jpost.models.decoder import cache_storage_dtype, init_cache
 
 _NEG_INF = -1e30  # finite: softmax of a filtered row stays NaN-free
 
@@ -219,9 +219,12 @@ def generate(model, prompt_tokens, prompt_mask, sampling: SamplingConfig, key=No
   # Made by a computation of its own, not from host zeros (no host transfer),
   # with its batch rows where the prompts' are.
   rows = getattr(tokens, 'sharding', None)
+  # The storage dtype resolved here, not in the cached maker: it follows
+  # where decoding runs (decoder.cache_storage_dtype), which is no part of its key.
+  if cache_dtype is None:
+    cache_dtype = cache_storage_dtype(model.config.dtype, model.config.decode_kernels)
   make_cache = functools.partial(
-      _empty_cache_program, model.config,
-      cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype),
+      _empty_cache_program, model.config, cache_dtype=jnp.dtype(cache_dtype),
       stacked=_scans(sampling, streaming=False),
       rows=rows if isinstance(rows, NamedSharding) else None)
   prompt_cache = make_cache(tokens.shape[0], tokens.shape[1])()

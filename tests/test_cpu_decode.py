@@ -184,6 +184,21 @@ def test_sampling_on_the_kernels_equals_the_full_forward(shallow_smollm2, kernel
   assert errors.max() <= 0.4 and np.median(errors) <= 0.03, (errors.max(), np.median(errors))
 
 
+def test_cache_storage_follows_where_decoding_runs(kernels_on):
+  """On CPU a bfloat16 cache is its bits where the kernels decode (the
+  attention kernel reads them), float32 on XLA's path, and float32 models
+  keep float32; the decoder writes and reads the bits as bfloat16."""
+  assert decoder.cache_storage_dtype('bfloat16', 'auto') == jnp.uint16
+  assert decoder.cache_storage_dtype('bfloat16', 'xla') == jnp.float32
+  assert decoder.cache_storage_dtype('float32', 'auto') == jnp.float32
+  new = jax.random.normal(jax.random.key(0), (2, 3, 4), jnp.bfloat16)
+  stored = decoder._write_slots(jnp.zeros((2, 3, 9), jnp.uint16), new, (0, 0, 5))
+  assert stored.dtype == jnp.uint16
+  np.testing.assert_array_equal(np.asarray(decoder._cache_view(stored, jnp.bfloat16)[..., 5:]),
+                                np.asarray(new))
+  assert not np.any(np.asarray(stored[..., :5]))
+
+
 def test_where_auto_packs(kernels_on):
   """bfloat16 only, 'xla' never, and a kernel whose output columns are not
   whole blocks of 64 stays as it is."""

@@ -239,9 +239,11 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *,
   transposing the cache (4x faster decoding on CPU). By default one array per
   layer, so that a decode step that loops over the layers writes each in
   place; with `stacked`, one [L, ...] array each for a scan over the layers.
-  `dtype` is the storage dtype; by default `cache_storage_dtype(cfg.dtype)`.
+  `dtype` is the storage dtype; by default `cache_storage_dtype(cfg.dtype,
+  cfg.decode_kernels)`.
   """
-  dtype = jnp.dtype(dtype) if dtype is not None else cache_storage_dtype(cfg.dtype)
+  dtype = (jnp.dtype(dtype) if dtype is not None
+           else cache_storage_dtype(cfg.dtype, cfg.decode_kernels))
   k, h = cfg.num_kv_heads, cfg.head_size
   key_shape, value_shape = (batch, k, h, max_len), (batch, k, max_len, h)
   if stacked:
@@ -259,24 +261,29 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *,
   }
 
 
-def cache_storage_dtype(compute_dtype):
-  """The dtype a KV cache is stored in: the compute dtype, except that 16-bit
-  caches are stored as their bits (uint16) on CPU. XLA:CPU runs a bfloat16
-  dynamic-update-slice in float32, converting the whole cache there and back
-  at every write (15 ms per decoded token for SmolLM2 at batch 32); an
-  integer one writes the new slots in place. The cache was float32 there
-  before: twice the bytes for every decode step's attention to read, and
-  every write converted first (bench/RESULTS.md). Blocks read the bits as
-  the compute dtype (`_cache_view`), a bitcast, or hand them to the CPU
-  decoding kernel, which reads bfloat16 bits."""
+def cache_storage_dtype(compute_dtype, decode_kernels: str = 'xla'):
+  """The dtype a KV cache is stored in: the compute dtype, except for 16-bit
+  caches on CPU. XLA:CPU runs a bfloat16 dynamic-update-slice in float32,
+  converting the whole cache there and back at every write (15 ms per
+  decoded token for SmolLM2 at batch 32). So there the cache is float32,
+  or, where the decode loop runs on the CPU decoding kernels
+  (`cpu_decode.decodes_on_kernels(decode_kernels, ...)`), its bits as
+  uint16, which are written in place and which the attention kernel reads
+  as bfloat16: half the bytes a decode step reads (SmolLM2 at batch 16:
+  865-890 -> 950-968 tokens/s). XLA's own decode attention over those bits
+  ran slower than over float32 (598 -> 503-526), hence float32 there.
+  Blocks read bits as the compute dtype through `_cache_view` (a bitcast)."""
   dtype = jnp.dtype(compute_dtype)
-  return jnp.dtype(jnp.uint16) if loops_go_through_float32(dtype) else dtype
+  if not loops_go_through_float32(dtype):
+    return dtype
+  bits = cpu_decode.decodes_on_kernels(decode_kernels, dtype)
+  return jnp.dtype(jnp.uint16 if bits else jnp.float32)
 
 
 def _write_slots(cache, new, start):
   """Writes `new` into `cache` at `start`: as its bits into a cache of bits,
-  else rounded to new's dtype, so that a bfloat16 model attends to bfloat16
-  keys whatever the storage."""
+  else rounded to new's dtype and stored in the cache's, so that a bfloat16
+  model attends to bfloat16 keys whatever the storage."""
   if cache.dtype == jnp.uint16:
     new = jax.lax.bitcast_convert_type(new, jnp.uint16)
   return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), start)

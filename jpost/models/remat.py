@@ -55,7 +55,7 @@ def loops_go_through_float32(dtype) -> bool:
   """Whether this backend writes or slices a `dtype` array inside a loop by
   converting the whole array to float32 (and back, for a write) around the
   loop (XLA:CPU, 16-bit floats). Writes: the kept values here and the KV
-  cache, kept as bits there (decoder.cache_storage_dtype). Reads: the stacked
+  cache, float32 or bits there (decoder.cache_storage_dtype). Reads: the stacked
   weights a scan over the layers slices (decoder._loop_operands)."""
   return (jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize == 2
           and jax.default_backend() == 'cpu')
