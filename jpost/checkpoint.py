@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import inspect
 import pathlib
+import shutil
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -57,6 +59,8 @@ class Checkpointer:
     if every <= 0 or keep <= 0:
       raise ConfigError(f'config.checkpoint.every ({every}) and .keep ({keep}) must be positive.')
     self.every = every
+    self.keep = keep
+    self.compresses = compresses(compression)
     self.directory = pathlib.Path(workdir).absolute() / 'checkpoints'
     self._manager = ocp.CheckpointManager(
         self.directory,
@@ -64,6 +68,25 @@ class Checkpointer:
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save),
         item_handlers={'state': _state_handler(compression),
                        'data': ocp.JsonCheckpointHandler()})
+
+  def check_space(self, state_bytes: int) -> None:
+    """Before the first step: a ConfigError if the disk under the checkpoints
+    cannot hold one uncompressed save of `state_bytes` (the run saves at its
+    last step at least, and would fail there, after all its steps, in a
+    storm of the writer threads' tracebacks); a warning on stderr if it
+    cannot hold `keep` of them plus the one being written. The steps already
+    there count as free: they are replaced."""
+    free = shutil.disk_usage(self.directory).free + _bytes_under(self.directory)
+    gb = lambda n: f'{n / 2**30:.2f} GB'
+    where = (f'{self.directory} has {gb(free)} free (counting earlier checkpoints there) '
+             f'for a train state of {gb(state_bytes)}')
+    if free < state_bytes and not self.compresses:
+      raise ConfigError(f'{where}: not one checkpoint fits. Free space there or use another '
+                        '--workdir.')
+    if free < (self.keep + 1) * state_bytes and jax.process_index() == 0:
+      print(f'jpost: warning: {where}, and config.checkpoint.keep={self.keep} keeps '
+            f'{self.keep} (plus the one being written): a save may fail on a full disk. Free '
+            'space, lower config.checkpoint.keep or use another --workdir.', file=sys.stderr)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -98,3 +121,7 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _bytes_under(directory: pathlib.Path) -> int:
+  return sum(f.stat().st_size for f in directory.rglob('*') if f.is_file())

@@ -223,6 +223,34 @@ def test_checkpoint_compression_is_chosen_and_either_restores_the_other(tmp_path
     checkpoint.Checkpointer(tmp_path / 'older', every=1, compression='none')
 
 
+def test_checkpoints_that_cannot_fit_the_disk_are_said_before_the_first_step(tmp_path, capsys):
+  """Against the real free space under tmp_path: a state larger than the
+  disk is a ConfigError (uncompressed; compressed it may fit, so a
+  warning); one that fits once but not `keep` + 1 times is a warning; a
+  small one says nothing. Earlier checkpoints there count as free."""
+  import shutil
+  from jpost import checkpoint
+  from jpost.errors import ConfigError
+  ckpt = checkpoint.Checkpointer(tmp_path, every=1, keep=2, compression='none')
+  free = shutil.disk_usage(tmp_path).free
+  with pytest.raises(ConfigError, match=r'not one checkpoint fits\. Free space there'):
+    ckpt.check_space(free + 2**30)
+  ckpt.check_space(free // 2)
+  assert 'checkpoint.keep=2 keeps 2 (plus the one being written)' in capsys.readouterr().err
+  ckpt.check_space(2**20)
+  assert capsys.readouterr().err == ''
+  # Earlier checkpoints are replaced: 256 MB of them, and a state 128 MB over
+  # the free space (the margin: other tests write beside this one).
+  (ckpt.directory / 'old').write_bytes(bytes(2**28))
+  ckpt.check_space(shutil.disk_usage(tmp_path).free + 2**27)
+  assert 'a save may fail' in capsys.readouterr().err
+  ckpt.close()
+  zstd = checkpoint.Checkpointer(tmp_path / 'z', every=1, compression='zstd')
+  zstd.check_space(free + 2**30)
+  assert 'a save may fail' in capsys.readouterr().err
+  zstd.close()
+
+
 def test_metrics_on_resume_only_process_0_drops_lines_after_the_checkpoint(tmp_path,
                                                                            monkeypatch, capsys):
   """Every process builds a writer; if another one rewrote the file too, it

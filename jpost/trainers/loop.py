@@ -344,6 +344,7 @@ def train(config, workdir: pathlib.Path, *, state, data_iter, step_fn: Callable,
                                  keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save,
                                  compression=config.checkpoint.get('compression', 'auto'))
+  ckpt.check_space(round(tree_mb(_saved_part(state)) * 2**20))
   step = ckpt.latest_step() or 0
   if step:
     saved, data_states = ckpt.restore(step, _saved_part(state))
