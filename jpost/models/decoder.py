@@ -286,7 +286,9 @@ def _write_slots(cache, new, start):
   model attends to bfloat16 keys whatever the storage."""
   if cache.dtype == jnp.uint16:
     new = jax.lax.bitcast_convert_type(new, jnp.uint16)
-  return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), start)
+  else:
+    new = new.astype(cache.dtype)
+  return jax.lax.dynamic_update_slice(cache, new, start)
 
 
 def _cache_view(stored, dtype):
