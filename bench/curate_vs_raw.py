@@ -32,7 +32,11 @@ def read(path):
 
 
 def sft(train: pathlib.Path, steps: int) -> dict:
-  workdir = tempfile.mkdtemp(prefix='sft_')
+  with tempfile.TemporaryDirectory(prefix='sft_') as workdir:
+    return _sft_in(workdir, train, steps)
+
+
+def _sft_in(workdir: str, train: pathlib.Path, steps: int) -> dict:
   proc = subprocess.run(
       [sys.executable, '-m', 'jpost.main', '--config=configs/sft.py', f'--workdir={workdir}',
        f'--config.data.train=("{train}",)', f'--config.total_steps={steps}',
