@@ -54,6 +54,55 @@ def test_kernel_equals_xla_matmul(m, k, n, w_is_fd):
                     bound=4e-3)
 
 
+@pytest.mark.parametrize('m, k, n', [(1, 576, 1536), (5, 64, 128), (16, 576, 768),
+                                     (64, 1536, 640), (130, 128, 256)])
+def test_fused_kernels_equal_the_decoders_operations(m, k, n):
+  """norm_matmul (gated or not) and matmul_add against what the decoder
+  runs on XLA around a matmul: rms_norm then dense, swiglu of the halves,
+  x + dense. The kernels round where those operations round, so the only
+  difference is summation order: rarely an element one bfloat16 step off
+  (a missing weight, a wrong half or residual is O(1)). Rows 1-130: every
+  tile split; the mean-square of each row is that row's own."""
+  keys = jax.random.split(jax.random.key(m * k + n), 4)
+  # Rows of very different scales: a norm over the wrong row or axis shows.
+  scales = jnp.exp(jax.random.uniform(keys[0], (2, m, 1), minval=-3.0, maxval=3.0))
+  x = (jax.random.normal(keys[1], (2, m, k)) * scales).astype(jnp.bfloat16)
+  norm_weight = (1 + 0.5 * jax.random.normal(keys[2], (k,))).astype(jnp.bfloat16)
+  w = (jax.random.normal(keys[3], (k, n)) / k ** 0.5).astype(jnp.bfloat16)
+  packed = cpu_decode.pack(w)
+  eps = 1e-5
+
+  def reference(x, norm_weight, w):
+    product = decoder._dense(decoder.rms_norm(x, norm_weight, eps), w)
+    gate, up = jnp.split(product, 2, axis=-1)
+    return product, decoder._swiglu(gate, up)
+  want, want_gated = jax.jit(reference)(x, norm_weight, w)
+  got = jax.jit(lambda *a: cpu_decode.norm_matmul(*a[:2], eps, a[2]))(x, norm_weight, packed)
+  got_gated = jax.jit(lambda *a: cpu_decode.norm_matmul(*a[:2], eps, a[2], gated=True))(
+      x, norm_weight, packed)
+  assert got.shape == (2, m, n) and got_gated.shape == (2, m, n // 2)
+  assert got.dtype == got_gated.dtype == jnp.bfloat16
+  assert_norm_close(got.astype(jnp.float32), want.astype(jnp.float32), bound=4e-3)
+  assert_norm_close(got_gated.astype(jnp.float32), want_gated.astype(jnp.float32), bound=4e-3)
+
+  residual = (jax.random.normal(keys[0], (2, m, n)) * scales).astype(jnp.bfloat16)
+  want_sum = jax.jit(lambda x, w, r: r + decoder._dense(x, w))(x, w, residual)
+  got_sum = jax.jit(cpu_decode.matmul_add)(x, packed, residual)
+  assert got_sum.shape == (2, m, n) and got_sum.dtype == jnp.bfloat16
+  assert_norm_close(got_sum.astype(jnp.float32), want_sum.astype(jnp.float32), bound=4e-3)
+
+
+def test_fused_kernels_refuse_what_they_do_not_take():
+  packed = cpu_decode.pack(jnp.ones((64, 192), jnp.bfloat16))  # 3 column blocks
+  x = jnp.ones((3, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match='even number of column blocks'):
+    cpu_decode.norm_matmul(x, jnp.ones((64,)), 1e-5, packed, gated=True)
+  with pytest.raises(ValueError, match=r'residual is float32\[3, 192\]; expected bfloat16'):
+    cpu_decode.matmul_add(x, packed, jnp.ones((3, 192), jnp.float32))
+  with pytest.raises(ValueError, match='x has 32 features'):
+    cpu_decode.norm_matmul(x[:, :32], jnp.ones((32,)), 1e-5, packed)
+
+
 def test_packed_layout_index_by_index():
   """packed[b, p, c, j] = w[2p + j, 64b + c] ([K, N]) = w_fd[64b + c, 2p + j]."""
   k, n = 6, 128

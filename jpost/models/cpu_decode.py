@@ -27,11 +27,15 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jpost.models import native
 
 _MATMUL = ('cpu_matmul.cc', (('jpost_cpu_matmul_bf16', 'JpostMatmulBf16'),
-                             ('jpost_cpu_matmul_f32', 'JpostMatmulF32')))
+                             ('jpost_cpu_matmul_f32', 'JpostMatmulF32'),
+                             ('jpost_cpu_matmul_add', 'JpostMatmulAddBf16'),
+                             ('jpost_cpu_norm_matmul', 'JpostNormMatmulBf16'),
+                             ('jpost_cpu_norm_matmul_gated', 'JpostNormMatmulGatedBf16')))
 _ATTENTION = ('cpu_decode_attention.cc',
               (('jpost_cpu_decode_attention', 'JpostDecodeAttention'),
                ('jpost_cpu_decode_attention_shared', 'JpostDecodeAttentionShared')))
@@ -94,15 +98,53 @@ def is_packed(w) -> bool:
 def matmul(x, packed, float32_out: bool = False):
   """x [..., K] @ the weight `packed` holds ([..., N]), accumulated in
   float32 and returned in bfloat16 (or float32)."""
-  nb, half_k, _, _ = packed.shape
-  rows = x.reshape(-1, x.shape[-1]).astype(jnp.bfloat16)
-  if rows.shape[1] != 2 * half_k:
-    raise ValueError(f'x has {rows.shape[1]} features; the packed weight takes {2 * half_k}.')
+  nb = packed.shape[0]
+  rows = _rows(x, packed)
   out_dtype = jnp.float32 if float32_out else jnp.bfloat16
   out = jax.ffi.ffi_call(
       'jpost_cpu_matmul_f32' if float32_out else 'jpost_cpu_matmul_bf16',
       jax.ShapeDtypeStruct((rows.shape[0], nb * BLOCK), out_dtype))(rows, packed)
   return out.reshape(*x.shape[:-1], nb * BLOCK)
+
+
+def matmul_add(x, packed, residual):
+  """residual + `matmul`(x, packed), as decoder's x + dense(...) rounds
+  it (the product to bfloat16, then the sum): one call, no operation of
+  XLA's between them. residual [..., N] bfloat16."""
+  rows = _rows(x, packed)
+  n = packed.shape[0] * BLOCK
+  if residual.shape != (*x.shape[:-1], n) or residual.dtype != jnp.bfloat16:
+    raise ValueError(f'matmul_add: the residual is {residual.dtype}{list(residual.shape)}; '
+                     f'expected bfloat16{[*x.shape[:-1], n]}.')
+  out = jax.ffi.ffi_call('jpost_cpu_matmul_add',
+                         jax.ShapeDtypeStruct((rows.shape[0], n), jnp.bfloat16))(
+      rows, packed, residual.reshape(-1, n))
+  return out.reshape(residual.shape)
+
+
+def norm_matmul(x, norm_weight, eps: float, packed, gated: bool = False):
+  """`matmul`(decoder.rms_norm(x, norm_weight, eps), packed) in one call,
+  with the norm's roundings. `gated`: decoder.swiglu(gate, up) of the
+  product's two halves of column blocks (a gate_up weight), [..., N/2]."""
+  rows = _rows(x, packed)
+  nb = packed.shape[0]
+  if gated and nb % 2:
+    raise ValueError(f'norm_matmul: a gated weight needs an even number of column blocks '
+                     f'(gate and up side by side), not {nb}.')
+  n = (nb // 2 if gated else nb) * BLOCK
+  out = jax.ffi.ffi_call(
+      'jpost_cpu_norm_matmul_gated' if gated else 'jpost_cpu_norm_matmul',
+      jax.ShapeDtypeStruct((rows.shape[0], n), jnp.bfloat16))(
+      rows, norm_weight.astype(jnp.bfloat16), packed, eps=np.float32(eps))
+  return out.reshape(*x.shape[:-1], n)
+
+
+def _rows(x, packed):
+  """x [..., K] as bfloat16 rows [M, K], checked against the packed weight."""
+  half_k = packed.shape[1]
+  if x.shape[-1] != 2 * half_k:
+    raise ValueError(f'x has {x.shape[-1]} features; the packed weight takes {2 * half_k}.')
+  return x.reshape(-1, x.shape[-1]).astype(jnp.bfloat16)
 
 
 # --- the attention over the cache -------------------------------------------------

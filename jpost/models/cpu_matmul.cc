@@ -15,11 +15,23 @@
 // the others from cache. Blocks of columns are split over XLA's intra-op
 // threads. The result is float32 or rounded to bfloat16 (nearest even, as
 // XLA's convert).
+//
+// Two variants take in the operations a decode step runs around its
+// matmuls, each a few microseconds of arithmetic that XLA:CPU ran as
+// operations of their own at a fixed cost each (a quarter of a SmolLM2
+// decode step at 64 rows, bench/RESULTS.md):
+//  - NormMatmul: RMSNorm of the rows first (decoder.rms_norm's roundings:
+//    float32 statistics, normed rounded to bfloat16, then times the weight
+//    rounded again); Gated, SwiGLU after it as well (decoder.swiglu over a
+//    weight whose first half of column blocks is the gate's, the second the up's).
+//  - MatmulAdd: the residual added to the rounded product (x + dense(...)).
 
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "cpu_kernels.h"
 #include "xla/ffi/api/ffi.h"
@@ -35,11 +47,86 @@ namespace {
 constexpr int64_t kBlock = 64;  // output columns a packed block holds
 constexpr int64_t kMaxRows = 6;  // rows a tile holds: 6 x 4 accumulators of 32
 
-template <int R, bool kFloat32Out>
-void tile(const uint16_t* x, int64_t k, const uint16_t* block, void* y, int64_t n) {
+// 16 floats rounded to bfloat16 (nearest even, as XLA's convert), as bits
+// and back as floats.
+inline __m256i to_bf16x16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+inline __m512 from_bf16x16(__m256i bits) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+inline __m512 load_bf16x16(const uint16_t* p) {
+  return from_bf16x16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline void store_bf16x16(uint16_t* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16x16(v));
+}
+inline __m512 round_bf16x16(__m512 v) { return from_bf16x16(to_bf16x16(v)); }
+
+// What a tile does with its float32 sums: epilogue(row, column, 16 sums).
+struct StoreF32 {
+  float* y;
+  int64_t n;
+  void operator()(int64_t row, int64_t col, __m512 v) const {
+    _mm512_storeu_ps(y + row * n + col, v);
+  }
+};
+
+struct StoreBf16 {
+  uint16_t* y;
+  int64_t n;
+  void operator()(int64_t row, int64_t col, __m512 v) const { store_bf16x16(y + row * n + col, v); }
+};
+
+// y = residual + the product rounded to bfloat16, rounded again.
+struct AddResidual {
+  const uint16_t* residual;
+  uint16_t* y;
+  int64_t n;
+  void operator()(int64_t row, int64_t col, __m512 v) const {
+    const int64_t at = row * n + col;
+    store_bf16x16(y + at, _mm512_add_ps(round_bf16x16(v), load_bf16x16(residual + at)));
+  }
+};
+
+// The gate's half of a gated tile: its product rounded to bfloat16, kept in
+// `gate` [6][64] for the up's half (rows relative to the tile's first).
+struct KeepGate {
+  float (*gate)[kBlock];
+  int64_t row0, col0;
+  void operator()(int64_t row, int64_t col, __m512 v) const {
+    _mm512_storeu_ps(&gate[row - row0][col - col0], round_bf16x16(v));
+  }
+};
+
+// The up's half: y = silu(gate) * up in float32, rounded once.
+struct SwiGlu {
+  float (*gate)[kBlock];
+  uint16_t* y;
+  int64_t n;  // the output's columns: half the weight's
+  int64_t row0, col0;  // the tile's first row, the up block's first column
+  int64_t up_offset;  // the up's columns start here in the weight
+  void operator()(int64_t row, int64_t col, __m512 v) const {
+    const float* g = &gate[row - row0][col - col0];
+    // sigmoid(g) from e = exp(-|g|) <= 1 (jpost::exp_nonpositive, a loop
+    // the compiler vectorises): 1 / (1 + e) for g >= 0, e / (1 + e) below.
+    alignas(64) float silu[16];
+    for (int i = 0; i < 16; ++i) {
+      const float e = jpost::exp_nonpositive(-std::fabs(g[i]));
+      silu[i] = g[i] * (g[i] >= 0.0f ? 1.0f : e) / (1.0f + e);
+    }
+    store_bf16x16(y + row * n + (col - up_offset),
+                  _mm512_mul_ps(_mm512_load_ps(silu), round_bf16x16(v)));
+  }
+};
+
+// Rows [row0, row0 + R) of x [M, K] times one packed block (columns
+// [col0, col0 + 64)), handed to the epilogue.
+template <int R, typename Epilogue>
+void tile(const uint16_t* x, int64_t k, const uint16_t* block, int64_t row0, int64_t col0,
+          const Epilogue& epilogue) {
   __m512 acc[R][4];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+  const uint16_t* xr = x + row0 * k;
   for (int64_t pair = 0; pair < k / 2; ++pair) {
     const uint16_t* w = block + pair * 2 * kBlock;
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w);
@@ -48,7 +135,7 @@ void tile(const uint16_t* x, int64_t k, const uint16_t* block, void* y, int64_t 
     const __m512bh w3 = (__m512bh)_mm512_loadu_si512(w + 96);
     for (int r = 0; r < R; ++r) {
       uint32_t inputs;  // x[r, 2 pair], x[r, 2 pair + 1]
-      std::memcpy(&inputs, x + r * k + 2 * pair, 4);
+      std::memcpy(&inputs, xr + r * k + 2 * pair, 4);
       const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int>(inputs));
       acc[r][0] = _mm512_dpbf16_ps(acc[r][0], b, w0);
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], b, w1);
@@ -57,58 +144,150 @@ void tile(const uint16_t* x, int64_t k, const uint16_t* block, void* y, int64_t 
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 4; ++c) {
-      if constexpr (kFloat32Out) {
-        _mm512_storeu_ps(static_cast<float*>(y) + r * n + 16 * c, acc[r][c]);
-      } else {
-        const __m256bh rounded = _mm512_cvtneps_pbh(acc[r][c]);
-        std::memcpy(static_cast<uint16_t*>(y) + r * n + 16 * c, &rounded, 32);
-      }
-    }
+    for (int c = 0; c < 4; ++c) epilogue(row0 + r, col0 + 16 * c, acc[r][c]);
 }
 
-// Rows [0, m) of x times one block of columns, in tiles of up to 6 rows of
+// fn(first row, rows) for rows [0, m) in tiles of up to 6 rows of
 // near-equal size (16 rows: 6, 5, 5), so no tile runs a row at a time.
-template <bool kFloat32Out>
-void block_rows(const uint16_t* x, int64_t m, int64_t k, const uint16_t* block, void* y,
-                int64_t n) {
-  const int64_t esize = kFloat32Out ? 4 : 2;
+template <typename F>
+void for_each_tile(int64_t m, F fn) {
   const int64_t tiles = (m + kMaxRows - 1) / kMaxRows;
   for (int64_t t = 0, row = 0; t < tiles; ++t) {
     const int64_t left = m - row, rows = (left + (tiles - t) - 1) / (tiles - t);
-    const uint16_t* xr = x + row * k;
-    void* yr = static_cast<char*>(y) + row * n * esize;
-    switch (rows) {
-      case 1: tile<1, kFloat32Out>(xr, k, block, yr, n); break;
-      case 2: tile<2, kFloat32Out>(xr, k, block, yr, n); break;
-      case 3: tile<3, kFloat32Out>(xr, k, block, yr, n); break;
-      case 4: tile<4, kFloat32Out>(xr, k, block, yr, n); break;
-      case 5: tile<5, kFloat32Out>(xr, k, block, yr, n); break;
-      default: tile<6, kFloat32Out>(xr, k, block, yr, n); break;
-    }
+    fn(row, rows);
     row += rows;
   }
 }
+
+template <typename Epilogue>
+void run_tile(int64_t rows, const uint16_t* x, int64_t k, const uint16_t* block, int64_t row0,
+              int64_t col0, const Epilogue& epilogue) {
+  switch (rows) {
+    case 1: tile<1>(x, k, block, row0, col0, epilogue); break;
+    case 2: tile<2>(x, k, block, row0, col0, epilogue); break;
+    case 3: tile<3>(x, k, block, row0, col0, epilogue); break;
+    case 4: tile<4>(x, k, block, row0, col0, epilogue); break;
+    case 5: tile<5>(x, k, block, row0, col0, epilogue); break;
+    default: tile<6>(x, k, block, row0, col0, epilogue); break;
+  }
+}
+
+// x [M, K] times every block of the packed weight, blocks split over
+// XLA's intra-op threads, each tile's sums to the epilogue.
+template <typename Epilogue>
+void matmul_blocks(ffi::ThreadPool& pool, const uint16_t* x, int64_t m, int64_t k,
+                   const uint16_t* packed, int64_t blocks, const Epilogue& epilogue) {
+  jpost::parallel_for(pool, blocks, [&](int64_t b) {
+    for_each_tile(m, [&](int64_t row0, int64_t rows) {
+      run_tile(rows, x, k, packed + b * k * kBlock, row0, b * kBlock, epilogue);
+    });
+  });
+}
+
+// decoder.rms_norm of x's rows: float32 statistics, normed rounded to
+// bfloat16, times the weight rounded again; into `out` [M, K] (bits).
+void rms_norm_rows(ffi::ThreadPool& pool, const uint16_t* x, int64_t m, int64_t k,
+                   const uint16_t* weight, float eps, uint16_t* out) {
+  jpost::parallel_for(pool, (m + 7) / 8, [&](int64_t rows) {
+    for (int64_t row = 8 * rows; row < std::min(m, 8 * rows + 8); ++row) {
+      const uint16_t* xr = x + row * k;
+      uint16_t* o = out + row * k;
+      __m512 squares = _mm512_setzero_ps();
+      for (int64_t i = 0; i < k; i += 16) {
+        const __m512 v = load_bf16x16(xr + i);
+        squares = _mm512_fmadd_ps(v, v, squares);
+      }
+      const float mean = _mm512_reduce_add_ps(squares) / static_cast<float>(k);
+      const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(mean + eps));
+      for (int64_t i = 0; i < k; i += 16) {
+        const __m512 normed = round_bf16x16(_mm512_mul_ps(load_bf16x16(xr + i), scale));
+        store_bf16x16(o + i, _mm512_mul_ps(normed, load_bf16x16(weight + i)));
+      }
+    }
+  });
+}
+
+bool packed_weight_takes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd) {
+  return xd.size() == 2 && wd.size() == 4 && wd[2] == kBlock && wd[3] == 2 &&
+         xd[1] == 2 * wd[1];
+}
+
+const uint16_t* bits(const void* data) { return reinterpret_cast<const uint16_t*>(data); }
 
 template <ffi::DataType kOut>
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
                   ffi::ResultBuffer<kOut> y) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 4 || yd.size() != 2 || wd[2] != kBlock || wd[3] != 2 ||
-      xd[1] != 2 * wd[1] || yd[0] != xd[0] || yd[1] != wd[0] * kBlock)
+  if (!packed_weight_takes(xd, wd) || yd.size() != 2 || yd[0] != xd[0] ||
+      yd[1] != wd[0] * kBlock)
     return ffi::Error::InvalidArgument(
         "jpost cpu_matmul: expected x [M, K], a weight packed as [N/64, K/2, 64, 2] "
         "(cpu_decode.pack) and a result [M, N]");
-  constexpr bool kFloat32Out = kOut == ffi::DataType::F32;
   const int64_t m = xd[0], k = xd[1], n = yd[1];
-  const auto* xs = reinterpret_cast<const uint16_t*>(x.typed_data());
-  const auto* ws = reinterpret_cast<const uint16_t*>(w.typed_data());
-  char* ys = reinterpret_cast<char*>(y->typed_data());
   if (m == 0) return ffi::Error::Success();
-  jpost::parallel_for(pool, wd[0], [&](int64_t b) {
-    block_rows<kFloat32Out>(xs, m, k, ws + b * k * kBlock,
-                            ys + b * kBlock * (kFloat32Out ? 4 : 2), n);
-  });
+  if constexpr (kOut == ffi::DataType::F32) {
+    matmul_blocks(pool, bits(x.untyped_data()), m, k, bits(w.untyped_data()), wd[0],
+                  StoreF32{reinterpret_cast<float*>(y->untyped_data()), n});
+  } else {
+    matmul_blocks(pool, bits(x.untyped_data()), m, k, bits(w.untyped_data()), wd[0],
+                  StoreBf16{reinterpret_cast<uint16_t*>(y->untyped_data()), n});
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error MatmulAdd(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                     ffi::Buffer<ffi::BF16> residual, ffi::ResultBuffer<ffi::BF16> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), rd = residual.dimensions(),
+             yd = y->dimensions();
+  if (!packed_weight_takes(xd, wd) || yd.size() != 2 || yd[0] != xd[0] ||
+      yd[1] != wd[0] * kBlock || rd.size() != 2 || rd[0] != yd[0] || rd[1] != yd[1])
+    return ffi::Error::InvalidArgument(
+        "jpost cpu_matmul_add: expected x [M, K], a weight packed as [N/64, K/2, 64, 2], "
+        "a residual [M, N] and a result [M, N]");
+  const int64_t m = xd[0], k = xd[1], n = yd[1];
+  if (m == 0) return ffi::Error::Success();
+  matmul_blocks(pool, bits(x.untyped_data()), m, k, bits(w.untyped_data()), wd[0],
+                AddResidual{bits(residual.untyped_data()),
+                            reinterpret_cast<uint16_t*>(y->untyped_data()), n});
+  return ffi::Error::Success();
+}
+
+template <bool kGated>
+ffi::Error NormMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
+                      ffi::Buffer<ffi::BF16> norm_weight, ffi::Buffer<ffi::BF16> w,
+                      ffi::ResultBuffer<ffi::BF16> y, float eps) {
+  const auto xd = x.dimensions(), nd = norm_weight.dimensions(), wd = w.dimensions(),
+             yd = y->dimensions();
+  const int64_t out_blocks = kGated ? wd[0] / 2 : wd[0];
+  if (!packed_weight_takes(xd, wd) || nd.size() != 1 || nd[0] != xd[1] || xd[1] % 16 != 0 ||
+      (kGated && wd[0] % 2 != 0) || yd.size() != 2 || yd[0] != xd[0] ||
+      yd[1] != out_blocks * kBlock)
+    return ffi::Error::InvalidArgument(
+        "jpost cpu_norm_matmul: expected x [M, K] (K a multiple of 16), a norm weight [K], a weight packed as "
+        "[N/64, K/2, 64, 2] (N/64 even when gated) and a result [M, N] ([M, N/2] gated)");
+  const int64_t m = xd[0], k = xd[1], n = yd[1];
+  if (m == 0) return ffi::Error::Success();
+  std::vector<uint16_t> normed(m * k);
+  rms_norm_rows(pool, bits(x.untyped_data()), m, k, bits(norm_weight.untyped_data()), eps,
+                normed.data());
+  const uint16_t* packed = bits(w.untyped_data());
+  auto* out = reinterpret_cast<uint16_t*>(y->untyped_data());
+  if constexpr (!kGated) {
+    matmul_blocks(pool, normed.data(), m, k, packed, wd[0], StoreBf16{out, n});
+  } else {
+    // Block b of the gate and block b of the up (b + N/128 in the weight)
+    // in one task, a tile of rows at a time.
+    jpost::parallel_for(pool, out_blocks, [&](int64_t b) {
+      for_each_tile(m, [&](int64_t row0, int64_t rows) {
+        alignas(64) float gate[kMaxRows][kBlock];
+        run_tile(rows, normed.data(), k, packed + b * k * kBlock, row0, b * kBlock,
+                 KeepGate{gate, row0, b * kBlock});
+        const int64_t up = b + out_blocks;
+        run_tile(rows, normed.data(), k, packed + up * k * kBlock, row0, up * kBlock,
+                 SwiGlu{gate, out, n, row0, up * kBlock, out_blocks * kBlock});
+      });
+    });
+  }
   return ffi::Error::Success();
 }
 
@@ -127,3 +306,29 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpostMatmulF32, Matmul<ffi::DataType::F32>,
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // x [M, K]
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // w [N/64, K/2, 64, 2]
                                   .Ret<ffi::Buffer<ffi::F32>>());  // [M, N]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpostMatmulAddBf16, MatmulAdd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // x [M, K]
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // w [N/64, K/2, 64, 2]
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // residual [M, N]
+                                  .Ret<ffi::Buffer<ffi::BF16>>());  // [M, N]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpostNormMatmulBf16, NormMatmul<false>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // x [M, K]
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // norm weight [K]
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // w [N/64, K/2, 64, 2]
+                                  .Ret<ffi::Buffer<ffi::BF16>>()  // [M, N]
+                                  .Attr<float>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpostNormMatmulGatedBf16, NormMatmul<true>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // x [M, K]
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // norm weight [K]
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // w [N/64, K/2, 64, 2]
+                                  .Ret<ffi::Buffer<ffi::BF16>>()  // [M, N/2]
+                                  .Attr<float>("eps"));

@@ -543,10 +543,14 @@ def _attention_inputs(x, w, cos, sin, cfg: ModelConfig):
   """Queries [B, T, N, H] and keys [B, K, H, T] / values [B, K, T, H] of x."""
   b, t, _ = x.shape
   n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
-  act = rms_norm(x, w['attn_norm'], cfg.rms_norm_eps)
-  if 'qkv' in w:  # fused by Decoder.decode_layers
+  if 'qkv' in w and cpu_decode.is_packed(w['qkv']):  # the norm inside the kernel's call
+    qkv = cpu_decode.norm_matmul(x, w['attn_norm'], cfg.rms_norm_eps, w['qkv'])
+    q, key, val = jnp.split(qkv, [n * h, (n + k) * h], axis=-1)
+  elif 'qkv' in w:  # fused by Decoder.decode_layers
+    act = rms_norm(x, w['attn_norm'], cfg.rms_norm_eps)
     q, key, val = jnp.split(dense(act, w['qkv']), [n * h, (n + k) * h], axis=-1)
   else:
+    act = rms_norm(x, w['attn_norm'], cfg.rms_norm_eps)
     q, key, val = (_project(act, w, name, cfg) for name in ('q', 'k', 'v'))
   if cfg.qkv_bias:
     q, key, val = q + w['q_bias'], key + w['k_bias'], val + w['v_bias']
@@ -564,12 +568,20 @@ def _attention_inputs(x, w, cos, sin, cfg: ModelConfig):
 def _block_output(x, attn, w, cfg: ModelConfig):
   """x + o(attn), then the SwiGLU half of the block."""
   b, t, n, h = attn.shape
-  out = _project(attn.reshape(b, t, n * h), w, 'o', cfg)
-  if cfg.o_bias:
-    out = out + w['o_bias']
-  x = x + out
+  if cpu_decode.is_packed(w['o']) and not cfg.o_bias:
+    x = cpu_decode.matmul_add(attn.reshape(b, t, n * h), w['o'], x)
+  else:
+    out = _project(attn.reshape(b, t, n * h), w, 'o', cfg)
+    if cfg.o_bias:
+      out = out + w['o_bias']
+    x = x + out
   x = sharding.constrain(x, ('batch', 'seq', 'act_embed'))
 
+  if 'gate_up' in w and cpu_decode.is_packed(w['gate_up']) and cpu_decode.is_packed(w['down']):
+    # A decode loop's on the CPU kernels: norm, both matmuls, SwiGLU and the
+    # residual in two calls (cpu_matmul.cc).
+    hidden = cpu_decode.norm_matmul(x, w['mlp_norm'], cfg.rms_norm_eps, w['gate_up'], True)
+    return cpu_decode.matmul_add(hidden, w['down'], x)
   act = rms_norm(x, w['mlp_norm'], cfg.rms_norm_eps)
   if 'gate_up' in w:
     gate, up = jnp.split(dense(act, w['gate_up']), 2, axis=-1)
