@@ -114,6 +114,53 @@ def test_packed_layout_index_by_index():
   np.testing.assert_array_equal(stacked[1], packed + 1)
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_packing_in_one_pass_equals_xlas(dtype):
+  """pack_side_by_side against XLA's slice, convert, pack and concatenate,
+  bit for bit: a layer of [L, K, N_i] stacks side by side, a [K, N] weight
+  and an [N, K] one (the tied head), from float32 (rounded to nearest even
+  as XLA converts) and from bfloat16."""
+  keys = jax.random.split(jax.random.key(0), 4)
+  q, k, v = (jax.random.normal(key, (3, 96, n), dtype) for key, n in zip(keys, (128, 64, 192)))
+  got = jax.jit(lambda *a: cpu_decode.pack_side_by_side(a, 2))(q, k, v)
+  want = jnp.concatenate([cpu_decode.pack(w[2].astype(jnp.bfloat16)) for w in (q, k, v)])
+  assert got.shape == (6, 48, 64, 2) and got.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16))
+  head = jax.random.normal(keys[3], (256, 96), dtype)  # [V, D]
+  for w, w_is_fd in ((head, True), (head.T, False)):
+    got = jax.jit(lambda w: cpu_decode.pack_side_by_side([w], w_is_fd=w_is_fd))(w)
+    want = cpu_decode.pack(w.astype(jnp.bfloat16), w_is_fd)
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint16),
+                                  np.asarray(want).view(np.uint16))
+  assert not cpu_decode.packs_in_one_pass([q[..., :96]])  # not whole blocks of 64
+  assert not cpu_decode.packs_in_one_pass([q, k[:, :64]])  # different K
+  assert not cpu_decode.packs_in_one_pass([q.astype(jnp.float16)])
+  with pytest.raises(ValueError, match='pack_side_by_side: the weights are'):
+    cpu_decode.pack_side_by_side([q[:, :90]])
+
+
+def test_decode_layers_pack_as_before(shallow_smollm2, kernels_on):
+  """Decoder.decode_layers on the kernels packs each layer from the stacks
+  in one pass: the same arrays as slicing, casting and packing them."""
+  model = hf.load(shallow_smollm2, dtype='bfloat16')
+  cfg = model.config
+  stacks = model.stacked_layers()
+  for i, layer in enumerate(model.decode_layers()):
+    sliced = {name: value[i].astype(jnp.bfloat16) for name, value in stacks.items()}
+    want = {'qkv': decoder._wide([sliced.pop(n) for n in ('q', 'k', 'v')], cfg),
+            'gate_up': decoder._wide([sliced.pop(n) for n in ('gate', 'up')], cfg)}
+    want |= {name: decoder._for_decoding(value, cfg) if value.ndim == 2 else value
+             for name, value in sliced.items()}
+    assert sorted(layer) == sorted(want)
+    for name in want:
+      np.testing.assert_array_equal(np.asarray(layer[name], np.float32),
+                                    np.asarray(want[name], np.float32), err_msg=name)
+  head, is_vd = model.head()
+  np.testing.assert_array_equal(
+      np.asarray(head, np.float32),
+      np.asarray(cpu_decode.pack(model._head_param()[0].astype(jnp.bfloat16), is_vd), np.float32))
+
+
 def test_bad_shapes_are_clear_errors():
   packed = cpu_decode.pack(jnp.ones((64, 128), jnp.bfloat16))
   with pytest.raises(ValueError, match='x has 32 features; the packed weight takes 64'):

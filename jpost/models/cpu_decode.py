@@ -35,7 +35,8 @@ _MATMUL = ('cpu_matmul.cc', (('jpost_cpu_matmul_bf16', 'JpostMatmulBf16'),
                              ('jpost_cpu_matmul_f32', 'JpostMatmulF32'),
                              ('jpost_cpu_matmul_add', 'JpostMatmulAddBf16'),
                              ('jpost_cpu_norm_matmul', 'JpostNormMatmulBf16'),
-                             ('jpost_cpu_norm_matmul_gated', 'JpostNormMatmulGatedBf16')))
+                             ('jpost_cpu_norm_matmul_gated', 'JpostNormMatmulGatedBf16'),
+                             ('jpost_cpu_pack', 'JpostPack')))
 _ATTENTION = ('cpu_decode_attention.cc',
               (('jpost_cpu_decode_attention', 'JpostDecodeAttention'),
                ('jpost_cpu_decode_attention_shared', 'JpostDecodeAttentionShared')))
@@ -88,6 +89,32 @@ def pack(w, w_is_fd: bool = False):
     return jnp.swapaxes(blocks, -3, -2)
   blocks = w.reshape(*lead, k // 2, 2, n // BLOCK, BLOCK)
   return jnp.moveaxis(blocks, (-2, -4, -1, -3), (-4, -3, -2, -1))
+
+
+def packs_in_one_pass(parts, w_is_fd: bool = False) -> bool:
+  """Whether `pack_side_by_side` takes these weights: float32 or bfloat16,
+  [(L,) K, N] (or [(L,) N, K]) with the same K, N a multiple of 64 and K of 16."""
+  def takes(w):
+    k, n = w.shape[-2:][::-1] if w_is_fd else w.shape[-2:]
+    return (w.ndim in (2, 3) and w.dtype in (jnp.float32, jnp.bfloat16) and n % BLOCK == 0
+            and k % 16 == 0 and k == (parts[0].shape[-1] if w_is_fd else parts[0].shape[-2]))
+  return all(takes(w) for w in parts)
+
+
+def pack_side_by_side(parts, layer: int = 0, w_is_fd: bool = False):
+  """concatenate([pack(w[layer].astype(bfloat16), w_is_fd) for w in parts],
+  axis=0) in one pass over the weights (cpu_matmul.cc's Pack), where XLA's
+  slice, convert, transpose and concatenate copied them several times.
+  `parts`: [L, K, N_i] stacks (or [K, N_i] weights, layer 0) that
+  `packs_in_one_pass`."""
+  if not packs_in_one_pass(parts, w_is_fd):
+    raise ValueError('pack_side_by_side: the weights are '
+                     f'{[(w.dtype.name, w.shape) for w in parts]}; see packs_in_one_pass.')
+  k = parts[0].shape[-1] if w_is_fd else parts[0].shape[-2]
+  blocks = sum((w.shape[-2] if w_is_fd else w.shape[-1]) // BLOCK for w in parts)
+  out = jax.ShapeDtypeStruct((blocks, k // 2, BLOCK, 2), jnp.bfloat16)
+  return jax.ffi.ffi_call('jpost_cpu_pack', out)(*parts, layer=np.int64(layer),
+                                                   w_is_fd=bool(w_is_fd))
 
 
 def is_packed(w) -> bool:

@@ -25,6 +25,11 @@
 //    rounded again); Gated, SwiGLU after it as well (decoder.swiglu over a
 //    weight whose first half of column blocks is the gate's, the second the up's).
 //  - MatmulAdd: the residual added to the rounded product (x + dense(...)).
+//
+// Pack writes the packed layout itself, from float32 or bfloat16 weights,
+// one layer of a stack and several weights side by side (q, k, v) in one
+// pass: a generate call packs every weight once, and XLA's slice, convert,
+// transpose and concatenate took 170 ms of it for SmolLM2 (bench/RESULTS.md).
 
 #include <immintrin.h>
 
@@ -207,6 +212,98 @@ void rms_norm_rows(ffi::ThreadPool& pool, const uint16_t* x, int64_t m, int64_t 
   });
 }
 
+// 16 values of a float32 or bfloat16 array as bfloat16 bits in 32-bit lanes
+// (rounded to nearest even, as XLA's convert).
+template <bool kF32>
+inline __m512i bf16_lanes(const void* p, int64_t at) {
+  if constexpr (kF32) {
+    return _mm512_cvtepu16_epi32(to_bf16x16(_mm512_loadu_ps(static_cast<const float*>(p) + at)));
+  } else {
+    return _mm512_cvtepu16_epi32(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + at)));
+  }
+}
+
+// One block of 64 output columns of w [K, N] (columns col0..col0+63) as
+// [K/2, 64, 2]: for each pair of rows, the two rows' values interleaved.
+template <bool kF32>
+void pack_block_kn(const void* w, int64_t k, int64_t n, int64_t col0, uint16_t* out) {
+  for (int64_t pair = 0; pair < k / 2; ++pair) {
+    const int64_t even = 2 * pair * n + col0, odd = even + n;
+    for (int64_t c = 0; c < kBlock; c += 16) {
+      const __m512i both = _mm512_or_si512(bf16_lanes<kF32>(w, even + c),
+                                           _mm512_slli_epi32(bf16_lanes<kF32>(w, odd + c), 16));
+      _mm512_storeu_si512(out + (pair * kBlock + c) * 2, both);
+    }
+  }
+}
+
+// The same from w [N, K] (rows row0..row0+63 are the block's columns): each
+// row's K values as K/2 pairs, written 64 pairs apart.
+template <bool kF32>
+void pack_block_nk(const void* w, int64_t k, int64_t row0, uint16_t* out) {
+  auto* pairs = reinterpret_cast<uint32_t*>(out);  // [K/2, 64] pairs of bfloat16
+  alignas(64) uint16_t row[16];
+  for (int64_t c = 0; c < kBlock; ++c) {
+    const int64_t at = (row0 + c) * k;
+    for (int64_t i = 0; i < k; i += 16) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(row),
+                         _mm512_cvtepi32_epi16(bf16_lanes<kF32>(w, at + i)));
+      for (int64_t j = 0; j < 16; j += 2)
+        pairs[((i + j) / 2) * kBlock + c] = row[j] | (static_cast<uint32_t>(row[j + 1]) << 16);
+    }
+  }
+}
+
+// parts: [L, K, N_i] (or [L, N_i, K] `w_is_fd`), float32 or bfloat16; the
+// result [sum N_i / 64, K/2, 64, 2]: layer `layer` of each, packed, side by side.
+ffi::Error Pack(ffi::ThreadPool pool, ffi::RemainingArgs parts,
+                ffi::ResultBuffer<ffi::BF16> out, int64_t layer, bool w_is_fd) {
+  struct Part { const void* data; bool f32; int64_t n, first_block; };
+  std::vector<Part> list;
+  const auto od = out->dimensions();
+  if (od.size() != 4 || od[2] != kBlock || od[3] != 2)
+    return ffi::Error::InvalidArgument("jpost cpu_pack: the result is [N/64, K/2, 64, 2]");
+  const int64_t k = 2 * od[1];
+  int64_t blocks = 0;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    auto part = parts.get<ffi::AnyBuffer>(i);
+    if (!part.has_value()) return part.error();
+    const auto d = part->dimensions();
+    const auto type = part->element_type();
+    const int64_t rank = d.size(), n = w_is_fd ? d[rank - 2] : d[rank - 1];
+    const int64_t layers = rank == 3 ? d[0] : 1;
+    if ((rank != 2 && rank != 3) || (type != ffi::DataType::F32 && type != ffi::DataType::BF16) ||
+        (w_is_fd ? d[rank - 1] : d[rank - 2]) != k || n % kBlock != 0 || k % 16 != 0 ||
+        layer < 0 || layer >= layers)
+      return ffi::Error::InvalidArgument(
+          "jpost cpu_pack: each weight is float32 or bfloat16 [(L,) K, N] ([(L,) N, K] "
+          "transposed) with N a multiple of 64 and K of 16, and the layer one of its L");
+    const int64_t esize = type == ffi::DataType::F32 ? 4 : 2;
+    const char* data = static_cast<const char*>(part->untyped_data()) + layer * k * n * esize;
+    list.push_back({data, type == ffi::DataType::F32, n, blocks});
+    blocks += n / kBlock;
+  }
+  if (blocks != od[0])
+    return ffi::Error::InvalidArgument("jpost cpu_pack: the result's blocks are not the parts'");
+  auto* result = reinterpret_cast<uint16_t*>(out->untyped_data());
+  jpost::parallel_for(pool, blocks, [&](int64_t b) {
+    size_t p = 0;
+    while (p + 1 < list.size() && list[p + 1].first_block <= b) ++p;
+    const Part& part = list[p];
+    const int64_t col0 = (b - part.first_block) * kBlock;
+    uint16_t* block = result + b * k * kBlock;
+    if (w_is_fd) {
+      part.f32 ? pack_block_nk<true>(part.data, k, col0, block)
+               : pack_block_nk<false>(part.data, k, col0, block);
+    } else {
+      part.f32 ? pack_block_kn<true>(part.data, k, part.n, col0, block)
+               : pack_block_kn<false>(part.data, k, part.n, col0, block);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 bool packed_weight_takes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd) {
   return xd.size() == 2 && wd.size() == 4 && wd[2] == kBlock && wd[3] == 2 &&
          xd[1] == 2 * wd[1];
@@ -332,3 +429,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpostNormMatmulGatedBf16, NormMatmul<true>,
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // w [N/64, K/2, 64, 2]
                                   .Ret<ffi::Buffer<ffi::BF16>>()  // [M, N/2]
                                   .Attr<float>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpostPack, Pack,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .RemainingArgs()  // the weights, side by side
+                                  .Ret<ffi::Buffer<ffi::BF16>>()  // [N/64, K/2, 64, 2]
+                                  .Attr<int64_t>("layer")
+                                  .Attr<bool>("w_is_fd"));

@@ -140,7 +140,8 @@ class Decoder(nnx.Module):
     parameters slices (copies) every layer's weights every step; on CPU that
     copy cost as much as the matmuls. Sliced and cast once, they are read in place.
     Where a decode loop runs on jpost's CPU kernels (cpu_decode), the weight
-    matrices come packed for its matmul kernel, which `dense` then calls.
+    matrices come packed for its matmul kernel, which `dense` then calls:
+    per layer, straight from the stacks in one pass (`_packed_layer`).
     """
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
@@ -155,20 +156,26 @@ class Decoder(nnx.Module):
       p = {name: take(value).astype(dtype) for name, value in stacked_params.items()}
       # One wide matmul instead of three (q, k, v) and of two (gate, up): fewer,
       # larger operations are what a small-batch decode step is short of.
-      p['qkv'] = _wide([p.pop(n) for n in ('q', 'k', 'v')], cfg)
-      p['gate_up'] = _wide([p.pop(n) for n in ('gate', 'up')], cfg)
+      for out, names in _SIDE_BY_SIDE.items():
+        p[out] = _wide([p.pop(name) for name in names], cfg)
       return {name: _for_decoding(value, cfg) if value.ndim == matrix_ndim else value
               for name, value in p.items()}  # kernels: [(L,) K, N]
 
     if stacked:
       return prepared(lambda value: value, 3)
+    if cpu_decode.decodes_on_kernels(cfg.decode_kernels, dtype):
+      return [_packed_layer(stacked_params, i, cfg) for i in range(cfg.num_layers)]
     return [prepared(lambda value, i=i: value[i], 2) for i in range(cfg.num_layers)]
 
   def head(self):
     """The output projection in the compute dtype, as (weight, is [V, D]):
     what a decode loop computes once and passes to `logits`."""
     weight, is_vd = self._head_param()
-    return _for_decoding(weight.astype(jnp.dtype(self.config.dtype)), self.config, is_vd), is_vd
+    dtype = jnp.dtype(self.config.dtype)
+    if (cpu_decode.decodes_on_kernels(self.config.decode_kernels, dtype)
+        and cpu_decode.packs_in_one_pass([weight], is_vd)):
+      return cpu_decode.pack_side_by_side([weight], w_is_fd=is_vd), is_vd
+    return _for_decoding(weight.astype(dtype), self.config, is_vd), is_vd
 
   def _head_param(self):
     if self.config.tie_embeddings:
@@ -204,6 +211,34 @@ class Decoder(nnx.Module):
     return ops.head_weighted_logprobs(functools.partial(_head_logits, is_vd=is_vd), weight,
                                       hidden, targets, token_weights,
                                       chunk=self.config.logits_chunk)
+
+
+_SIDE_BY_SIDE = {'qkv': ('q', 'k', 'v'), 'gate_up': ('gate', 'up')}  # one matmul each
+
+
+def _packed_layer(stacks: dict, i: int, cfg: ModelConfig) -> dict:
+  """Layer i of the [L, ...] `stacks` for a decode loop on the CPU kernels:
+  each weight matrix (q, k and v side by side, gate and up side by side)
+  packed from its stacks in one pass (cpu_decode.pack_side_by_side); the
+  rest, and any matrix that does not take, sliced, cast and packed as
+  Decoder.decode_layers does otherwise."""
+  joined = {name for names in _SIDE_BY_SIDE.values() for name in names}
+  groups = _SIDE_BY_SIDE | {name: (name,) for name, value in stacks.items()
+                            if value.ndim == 3 and name not in joined}
+  layer, rest = {}, dict(stacks)
+  for out, names in groups.items():
+    parts = [stacks[name] for name in names]
+    if cpu_decode.packs_in_one_pass(parts):
+      layer[out] = cpu_decode.pack_side_by_side(parts, i)
+      for name in names:
+        del rest[name]
+  dtype = jnp.dtype(cfg.dtype)
+  sliced = {name: value[i].astype(dtype) for name, value in rest.items()}
+  for out, names in _SIDE_BY_SIDE.items():
+    if out not in layer:
+      layer[out] = _wide([sliced.pop(name) for name in names], cfg)
+  return layer | {name: _for_decoding(value, cfg) if value.ndim == 2 else value
+                  for name, value in sliced.items()}
 
 
 def _for_decoding(value, cfg: ModelConfig, w_is_fd: bool = False):
