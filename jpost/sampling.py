@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jpost.errors import ConfigError
+from jpost.models import cpu_decode
 from jpost.models.decoder import cache_storage_dtype, init_cache
 
 _NEG_INF = -1e30  # finite: softmax of a filtered row stays NaN-free
@@ -167,13 +168,20 @@ def greedy_tokens(logits):
   return jnp.min(jnp.where(hit, index, logits.shape[-1] - 1), axis=-1)
 
 
-def _pick(logits, key, sampling: SamplingConfig):
+def _pick(logits, key, sampling: SamplingConfig, on_cpu_kernels: bool = False):
   """(token, raw log-prob at temperature 1, log-prob under the sampling distribution).
 
   Each pass over the [R, V] logits is a decode step's cost beside its
   matmuls: the raw log-prob takes one max, exp and sum; the draw one exp
-  and sum more at the temperature, which its log-prob reuses."""
+  and sum more at the temperature, which its log-prob reuses.
+  `on_cpu_kernels` (a decode loop on them: its head is packed): a draw at a
+  temperature with no top-k, top-p or min-p runs in one kernel call
+  (cpu_decode.draw), from the same uniform numbers."""
   logits = logits.astype(jnp.float32)
+  if (on_cpu_kernels and sampling.temperature > 0 and not sampling.top_k
+      and sampling.top_p == 1 and sampling.min_p == 0):
+    return cpu_decode.draw(logits, jax.random.uniform(key, logits.shape[:1]),
+                           sampling.temperature)
   top = jnp.max(logits, axis=-1, keepdims=True)
   raw_log_total = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
   if sampling.temperature == 0:
@@ -338,7 +346,9 @@ def _generate(graphdef, state, tokens, mask, prompt_cache, cache, key, sampling:
   stop_ids = jnp.asarray(sampling.stop_ids, jnp.int32)
 
   key, sub = jax.random.split(key)
-  first, raw_lp, sampled_lp = _pick(model.logits(last_hidden[:, None], head)[:, 0], sub, sampling)
+  on_kernels = cpu_decode.is_packed(head[0])
+  first, raw_lp, sampled_lp = _pick(model.logits(last_hidden[:, None], head)[:, 0], sub, sampling,
+                                    on_kernels)
   out = jnp.zeros((rows, n), jnp.int32).at[:, 0].set(first)
   raw_out = jnp.zeros((rows, n), jnp.float32).at[:, 0].set(raw_lp)
   sampled_out = jnp.zeros((rows, n), jnp.float32).at[:, 0].set(sampled_lp)
@@ -353,7 +363,8 @@ def _generate(graphdef, state, tokens, mask, prompt_cache, cache, key, sampling:
     pos = pos + 1
     hidden, cache = _decode(model, out[:, step - 1], pos, cache, layers, prompt_cache)
     key, sub = jax.random.split(key)
-    token, raw_lp, sampled_lp = _pick(model.logits(hidden[:, None], head)[:, 0], sub, sampling)
+    token, raw_lp, sampled_lp = _pick(model.logits(hidden[:, None], head)[:, 0], sub, sampling,
+                                      on_kernels)
     token = jnp.where(done, 0, token)
     out = out.at[:, step].set(token)
     raw_out = raw_out.at[:, step].set(raw_lp)
@@ -391,7 +402,8 @@ def _stream_prefill(graphdef, state, tokens, mask, cache):
 def _stream_step(graphdef, state, layers, head, hidden, pos, cache, key, sampling):
   model = nnx.merge(graphdef, state)
   head = (head, model.config.tie_embeddings)  # a tied head is [V, D]
-  token = _pick(model.logits(hidden[:, None], head)[:, 0], key, sampling)[0]
+  token = _pick(model.logits(hidden[:, None], head)[:, 0], key, sampling,
+                cpu_decode.is_packed(head[0]))[0]
   hidden, cache = _decode(model, token, pos + 1, cache, layers)
   return token, hidden, pos + 1, cache
 

@@ -40,13 +40,15 @@ _MATMUL = ('cpu_matmul.cc', (('jpost_cpu_matmul_bf16', 'JpostMatmulBf16'),
 _ATTENTION = ('cpu_decode_attention.cc',
               (('jpost_cpu_decode_attention', 'JpostDecodeAttention'),
                ('jpost_cpu_decode_attention_shared', 'JpostDecodeAttentionShared')))
+_SAMPLE = ('cpu_sample.cc', (('jpost_cpu_sample', 'JpostSample'),))
 BLOCK = 64  # output columns a packed block holds (cpu_matmul.cc's kBlock)
 CHOICES = ('auto', 'xla')  # ModelConfig.decode_kernels
 
 
 def unavailable_reason() -> str | None:
-  """None if both kernels are built and registered here, else why not."""
-  return native.unavailable_reason(*_MATMUL) or native.unavailable_reason(*_ATTENTION)
+  """None if the kernels are built and registered here, else why not."""
+  return (native.unavailable_reason(*_MATMUL) or native.unavailable_reason(*_ATTENTION)
+          or native.unavailable_reason(*_SAMPLE))
 
 
 def decodes_on_kernels(choice: str, dtype) -> bool:
@@ -214,6 +216,26 @@ def attention(q_btnh, keys, values, mask, prefix=None):
   prefix_keys, prefix_values, prefix_mask = prefix
   return jax.ffi.ffi_call('jpost_cpu_decode_attention_shared', out)(
       q_btnh, prefix_keys, prefix_values, prefix_mask.astype(jnp.bool_), keys, values, mask)
+
+
+# --- the draw from the logits -------------------------------------------------------
+
+
+def draw(logits, uniform, temperature: float):
+  """sampling._drawn over the temperature-`temperature` softmax of float32
+  logits [R, V] with the uniform numbers [R] it would draw (the same blocks
+  of 256 tokens, the same clamps), in one call (cpu_sample.cc): (tokens [R]
+  int32, their log-probs at temperature 1, their log-probs under the
+  temperature's softmax)."""
+  rows = logits.shape[0]
+  if logits.ndim != 2 or uniform.shape != (rows,) or not temperature > 0:
+    raise ValueError(f'cpu_decode.draw: logits {logits.shape}, uniform {uniform.shape}, '
+                     f'temperature {temperature}; expected [R, V], [R] and > 0.')
+  outs = (jax.ShapeDtypeStruct((rows,), jnp.int32), jax.ShapeDtypeStruct((rows,), jnp.float32),
+          jax.ShapeDtypeStruct((rows,), jnp.float32))
+  return jax.ffi.ffi_call('jpost_cpu_sample', outs)(
+      logits.astype(jnp.float32), uniform.astype(jnp.float32),
+      temperature=np.float32(temperature))
 
 
 if __name__ == '__main__':  # python -m jpost.models.cpu_decode: build them and say so
