@@ -174,12 +174,12 @@ def _pick(logits, key, sampling: SamplingConfig, on_cpu_kernels: bool = False):
   Each pass over the [R, V] logits is a decode step's cost beside its
   matmuls: the raw log-prob takes one max, exp and sum; the draw one exp
   and sum more at the temperature, which its log-prob reuses.
-  `on_cpu_kernels` (a decode loop on them: its head is packed): a draw at a
-  temperature with no top-k, top-p or min-p runs in one kernel call
-  (cpu_decode.draw), from the same uniform numbers."""
+  `on_cpu_kernels` (a decode loop on them: its head is packed): greedy
+  decoding, or a draw at a temperature with no top-k, top-p or min-p, runs
+  in one kernel call (cpu_decode.draw), from the same uniform numbers."""
   logits = logits.astype(jnp.float32)
-  if (on_cpu_kernels and sampling.temperature > 0 and not sampling.top_k
-      and sampling.top_p == 1 and sampling.min_p == 0):
+  unfiltered = not sampling.top_k and sampling.top_p == 1 and sampling.min_p == 0
+  if on_cpu_kernels and (sampling.temperature == 0 or unfiltered):
     return cpu_decode.draw(logits, jax.random.uniform(key, logits.shape[:1]),
                            sampling.temperature)
   top = jnp.max(logits, axis=-1, keepdims=True)

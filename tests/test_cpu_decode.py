@@ -169,18 +169,21 @@ def test_bad_shapes_are_clear_errors():
   assert cpu_decode.packable(576, 960)
 
 
-@pytest.mark.parametrize('temperature', [0.7, 1.0, 1.6])
+@pytest.mark.parametrize('temperature', [0.0, 0.7, 1.0, 1.6])
 def test_draw_equals_samplings(temperature):
   """cpu_decode.draw against sampling._pick on XLA's operations from the
   same keys: the same tokens (the same uniform numbers, blocks and clamps;
   only where rounding put a number on a token's very edge could they
   differ, and none does here), the same log-probs to float32 rounding. The
   rows: a peaked, a flat and a wide-ranging one, one whose mass sits in the
-  last, partial block, and one where all but two tokens underflow."""
+  last, partial block, one where all but two tokens underflow, and for
+  greedy decoding ties (the first maximum) and a NaN (the first NaN)."""
   vocab = 1000  # 3 full blocks of 256 and a partial one
   rows = 64
   base = jax.random.normal(jax.random.key(1), (rows, vocab)) * jnp.linspace(0.1, 8, rows)[:, None]
   logits = base.at[0].set(0.0).at[1, 990:].add(20.0).at[2].set(-300.0).at[2, [5, 700]].set(0.0)
+  if temperature == 0:
+    logits = logits.at[3, [300, 40, 900]].set(50.0).at[4, [600, 800]].set(jnp.nan)
   settings = sampling.SamplingConfig(max_new_tokens=1, temperature=temperature, stop_ids=(0,))
   xla = jax.jit(lambda l, k: sampling._pick(l, k, settings))
   kernel = jax.jit(lambda l, k: sampling._pick(l, k, settings, True))
@@ -191,6 +194,9 @@ def test_draw_equals_samplings(temperature):
     np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(got[2]), np.asarray(want[2]), atol=2e-5, rtol=1e-5)
     assert got[0][1] >= 990 and int(got[0][2]) in (5, 700)
+    if temperature == 0:
+      assert (int(got[0][3]), int(got[0][4]), int(got[0][2])) == (40, 600, 5)
+      assert not np.any(np.asarray(got[2]))
   # Filters keep XLA's path; a bad call says what it expected.
   filtered = dataclasses.replace(settings, top_k=5)
   np.testing.assert_array_equal(

@@ -226,11 +226,12 @@ def draw(logits, uniform, temperature: float):
   logits [R, V] with the uniform numbers [R] it would draw (the same blocks
   of 256 tokens, the same clamps), in one call (cpu_sample.cc): (tokens [R]
   int32, their log-probs at temperature 1, their log-probs under the
-  temperature's softmax)."""
+  temperature's softmax). At temperature 0, sampling.greedy_tokens (the
+  uniform numbers unread) and a sampling log-prob of 0, a point mass's."""
   rows = logits.shape[0]
-  if logits.ndim != 2 or uniform.shape != (rows,) or not temperature > 0:
+  if logits.ndim != 2 or uniform.shape != (rows,) or not temperature >= 0:
     raise ValueError(f'cpu_decode.draw: logits {logits.shape}, uniform {uniform.shape}, '
-                     f'temperature {temperature}; expected [R, V], [R] and > 0.')
+                     f'temperature {temperature}; expected [R, V], [R] and >= 0.')
   outs = (jax.ShapeDtypeStruct((rows,), jnp.int32), jax.ShapeDtypeStruct((rows,), jnp.float32),
           jax.ShapeDtypeStruct((rows,), jnp.float32))
   return jax.ffi.ffi_call('jpost_cpu_sample', outs)(

@@ -5,7 +5,8 @@
 // (the raw log-prob of what is drawn), the softmax at temperature T, and a
 // draw from it by inverse CDF with the row's uniform number u: the block of
 // 256 tokens whose cumulative mass passes u x total, then the token within
-// it (sampling._drawn, whose blocks and clamps these are). XLA ran that as
+// it (sampling._drawn, whose blocks and clamps these are); at temperature 0
+// the first maximum (sampling.greedy_tokens). XLA ran that as
 // some ten passes over [R, V] with a [R, V] array of exponentials written
 // between them (~3.5 ms of a SmolLM2 decode step at 64 rows,
 // bench/RESULTS.md); here it is one pass for the max, one for both sums
@@ -33,6 +34,22 @@ struct Drawn {
   int32_t token;
   float raw_logprob, sampled_logprob;
 };
+
+// Greedy (sampling.greedy_tokens): the first maximum, or the first NaN
+// where the row has one; its log-prob at temperature 1.
+Drawn greedy_row(const float* row, int64_t vocab) {
+  const float top = jpost::row_max(row, vocab);
+  float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t i = 0; i < vocab; ++i) total += exp_or_zero(row[i] - top);
+  int64_t token = 0;
+  if (std::isnan(total)) {  // a NaN's exp is NaN: find the first
+    while (token + 1 < vocab && !std::isnan(row[token])) ++token;
+  } else {
+    while (token + 1 < vocab && row[token] != top) ++token;
+  }
+  return {static_cast<int32_t>(token), row[token] - top - std::log(total), 0.0f};
+}
 
 Drawn draw_row(const float* row, int64_t vocab, float inv_temperature, float u,
                std::vector<float>& mass) {
@@ -94,9 +111,9 @@ ffi::Error Sample(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi::Buffe
                   ffi::ResultBuffer<ffi::F32> sampled, float temperature) {
   const auto d = logits.dimensions();
   if (d.size() != 2 || uniform.dimensions().size() != 1 || uniform.dimensions()[0] != d[0] ||
-      !(temperature > 0.0f))
+      !(temperature >= 0.0f))
     return ffi::Error::InvalidArgument(
-        "jpost cpu_sample: expected logits [R, V], uniform numbers [R] and a temperature > 0");
+        "jpost cpu_sample: expected logits [R, V], uniform numbers [R] and a temperature >= 0");
   const int64_t rows = d[0], vocab = d[1];
   const float* ls = logits.typed_data();
   const float* us = uniform.typed_data();
@@ -105,7 +122,9 @@ ffi::Error Sample(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi::Buffe
   float* ss = sampled->typed_data();
   jpost::parallel_for(pool, rows, [&](int64_t r) {
     std::vector<float> mass((vocab + kBlock - 1) / kBlock);
-    const Drawn drawn = draw_row(ls + r * vocab, vocab, 1.0f / temperature, us[r], mass);
+    const Drawn drawn = temperature == 0.0f
+                            ? greedy_row(ls + r * vocab, vocab)
+                            : draw_row(ls + r * vocab, vocab, 1.0f / temperature, us[r], mass);
     ts[r] = drawn.token;
     rs[r] = drawn.raw_logprob;
     ss[r] = drawn.sampled_logprob;
@@ -120,6 +139,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpostSample, Sample,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // logits [R, V]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // uniform [R] in [0, 1)
+                                                                 // (unread at temperature 0)
                                   .Ret<ffi::Buffer<ffi::S32>>()  // tokens [R]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // raw log-probs [R]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // sampled log-probs [R]
