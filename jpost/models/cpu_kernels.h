@@ -43,7 +43,8 @@ inline float from_bf16(uint16_t b) {
 // the stack and read back as one 512-bit value, a failed store forward.
 inline V16 load16_bf16(const uint16_t* p) {
 #if defined(__AVX512F__)
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m512i wide = _mm512_cvtepu16_epi32(bits);
   return reinterpret_cast<V16>(_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
 #else
   V16 v;

@@ -360,8 +360,9 @@ ffi::Error NormMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
       (kGated && wd[0] % 2 != 0) || yd.size() != 2 || yd[0] != xd[0] ||
       yd[1] != out_blocks * kBlock)
     return ffi::Error::InvalidArgument(
-        "jpost cpu_norm_matmul: expected x [M, K] (K a multiple of 16), a norm weight [K], a weight packed as "
-        "[N/64, K/2, 64, 2] (N/64 even when gated) and a result [M, N] ([M, N/2] gated)");
+        "jpost cpu_norm_matmul: expected x [M, K] (K a multiple of 16), a norm weight [K], "
+        "a weight packed as [N/64, K/2, 64, 2] (N/64 even when gated) and a result [M, N] "
+        "([M, N/2] gated)");
   const int64_t m = xd[0], k = xd[1], n = yd[1];
   if (m == 0) return ffi::Error::Success();
   std::vector<uint16_t> normed(m * k);
