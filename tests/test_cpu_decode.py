@@ -13,12 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jpost import sampling
 from jpost.errors import ConfigError
 from jpost.models import attention as attn
 from jpost.models import cpu_decode, decoder, hf
 from jpost.models.config import ModelConfig
+from jpost.models.decoder import Decoder
 from jpost.tokenizer import Tokenizer
 from norms import assert_norm_close
 from test_sampling import _full_forward_logprobs, _prompts
@@ -315,6 +317,49 @@ def test_sampling_on_the_kernels_equals_the_full_forward(shallow_smollm2, kernel
   errors = np.concatenate(errors)
   assert len(errors) >= 30
   assert errors.max() <= 0.4 and np.median(errors) <= 0.03, (errors.max(), np.median(errors))
+
+
+@pytest.mark.parametrize('layout', [
+    dict(qkv_bias=True, tie_embeddings=False, intermediate_size=256),
+    dict(o_bias=True, intermediate_size=96, head_dim=32)])
+def test_decoding_on_the_kernels_equals_xlas_for_other_layouts(kernels_on, layout):
+  """A prefill and two decode steps on the kernels against XLA's operations,
+  hidden states compared, for layouts SmolLM2 does not have: q/k/v biases
+  (added after the fused norm and matmul) with an untied [D, V] head, and
+  an o bias (its residual add stays on XLA) with an MLP whose 96 columns do
+  not pack (gate, up and down stay on XLA's matmuls), head size 32. The
+  weights are scaled up so that every layer moves the residual stream."""
+  cfg = ModelConfig(vocab_size=512, hidden_size=128, num_layers=3, num_heads=4,
+                    num_kv_heads=2, dtype='bfloat16', **layout)
+  graphdef, state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
+  keys = iter(jax.random.split(jax.random.key(2), 64))
+
+  def scaled(path, a):  # norms (and biases) random around 1, matrices 10x larger
+    noise = jax.random.normal(next(keys), a.shape)
+    return 1 + 0.3 * noise if a.ndim < 3 and 'embed' not in str(path) else a * 10
+  model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(scaled, state))
+  tokens = jax.random.randint(jax.random.key(1), (3, 9), 1, 512)
+  mask = jnp.ones((3, 9), jnp.int32).at[0, :4].set(0)
+
+  def run(kernels):
+    model.config = dataclasses.replace(cfg, decode_kernels=kernels)
+    layers = model.decode_layers()
+    packed = [cpu_decode.is_packed(layers[0][name]) for name in ('qkv', 'o', 'gate_up', 'down')]
+    cache = decoder.init_cache(model.config, 3, 12)
+    hidden, pos, cache = sampling._prefill(model, tokens, mask, cache, layers)
+    states = [hidden]
+    for token in (5, 7):
+      hidden, cache = sampling._decode(model, jnp.full((3,), token), pos + 1, cache, layers)
+      pos = pos + 1
+      states.append(hidden)
+    return jnp.stack(states).astype(jnp.float32), packed
+
+  got, packed = run('auto')
+  want, unpacked = run('xla')
+  mlp_packs = layout['intermediate_size'] % 64 == 0  # down [96, 128] packs either way
+  assert packed == [True, True, mlp_packs, True] and not any(unpacked)
+  assert kernels_on, 'the decode steps did not attend on the kernel'
+  assert_norm_close(got, want, bound=5e-2)  # 1.0-1.2e-2 here; a wrong norm weight 0.87
 
 
 def test_cache_storage_follows_where_decoding_runs(kernels_on):
