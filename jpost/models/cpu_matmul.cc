@@ -18,8 +18,9 @@
 //
 // Two variants take in the operations a decode step runs around its
 // matmuls, each a few microseconds of arithmetic that XLA:CPU ran as
-// operations of their own at a fixed cost each (a quarter of a SmolLM2
-// decode step at 64 rows, bench/RESULTS.md):
+// operations of their own at a fixed cost each (with RoPE and the cache
+// writes, a quarter of a SmolLM2 decode step at 64 rows ran outside the
+// kernels; bench/RESULTS.md):
 //  - NormMatmul: RMSNorm of the rows first (decoder.rms_norm's roundings:
 //    float32 statistics, normed rounded to bfloat16, then times the weight
 //    rounded again); Gated, SwiGLU after it as well (decoder.swiglu over a
@@ -33,8 +34,8 @@
 
 #include <immintrin.h>
 
-#include <cstdint>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
