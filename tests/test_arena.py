@@ -5,7 +5,6 @@ exported and train a reward model with configs/reward.py unchanged."""
 
 import concurrent.futures
 import json
-import os
 import shutil
 import sqlite3
 import subprocess
@@ -68,10 +67,8 @@ def arena(tmp_path_factory):
     model.engine.stop()
 
 
-def _browser(tmp_path):
-  """Headless Chromium through chromedriver (Debian: chromium, chromium-driver),
-  its temporary files (the profile's singleton socket folder) under
-  `tmp_path`, not left in /tmp."""
+def _browser():
+  """Headless Chromium through chromedriver (Debian: chromium, chromium-driver)."""
   from selenium import webdriver
   from selenium.webdriver.chrome.service import Service
 
@@ -84,8 +81,7 @@ def _browser(tmp_path):
   for flag in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage', '--disable-gpu',
                '--window-size=1200,800'):
     options.add_argument(flag)
-  return webdriver.Chrome(service=Service(driver, env={**os.environ, 'TMPDIR': str(tmp_path)}),
-                          options=options)
+  return webdriver.Chrome(service=Service(driver), options=options)
 
 
 def _wait(browser, condition, seconds=60):
@@ -97,7 +93,7 @@ def test_ask_stream_vote_reveal_and_leaderboard_in_chromium(arena, tmp_path):
   from selenium.webdriver.common.by import By
 
   url, db, served = arena
-  browser = _browser(tmp_path)
+  browser = _browser()
   try:
     browser.get(url + '/arena')
     browser.find_element(By.ID, 'prompt').send_keys('Say something nice.')
