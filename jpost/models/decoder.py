@@ -578,12 +578,12 @@ def _attention_inputs(x, w, cos, sin, cfg: ModelConfig):
   """Queries [B, T, N, H] and keys [B, K, H, T] / values [B, K, T, H] of x."""
   b, t, _ = x.shape
   n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
-  if 'qkv' in w and cpu_decode.is_packed(w['qkv']):  # the norm inside the kernel's call
-    qkv = cpu_decode.norm_matmul(x, w['attn_norm'], cfg.rms_norm_eps, w['qkv'])
+  if 'qkv' in w:  # fused by Decoder.decode_layers
+    if cpu_decode.is_packed(w['qkv']):  # the norm inside the kernel's call
+      qkv = cpu_decode.norm_matmul(x, w['attn_norm'], cfg.rms_norm_eps, w['qkv'])
+    else:
+      qkv = dense(rms_norm(x, w['attn_norm'], cfg.rms_norm_eps), w['qkv'])
     q, key, val = jnp.split(qkv, [n * h, (n + k) * h], axis=-1)
-  elif 'qkv' in w:  # fused by Decoder.decode_layers
-    act = rms_norm(x, w['attn_norm'], cfg.rms_norm_eps)
-    q, key, val = jnp.split(dense(act, w['qkv']), [n * h, (n + k) * h], axis=-1)
   else:
     act = rms_norm(x, w['attn_norm'], cfg.rms_norm_eps)
     q, key, val = (_project(act, w, name, cfg) for name in ('q', 'k', 'v'))
