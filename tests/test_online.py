@@ -637,6 +637,26 @@ def test_ppo_critic_from_a_reward_model_checkpoint(char_checkpoint, tmp_path, ca
   assert (tmp_path / 'run' / 'hf' / 'model.safetensors').exists()
 
 
+def test_ppo_fresh_critic_head_starts_at_the_configured_scale(char_checkpoint, tmp_path):
+  """configs/ppo.py's fresh value head is zero (`ppo.critic_init_std` 0), so
+  with a constant reward of 1, gamma = lam = 1 and no KL the first value loss
+  is 0.5 * (0 - 1)^2 = 0.5 exactly; the reward models' random head
+  (`critic_init_std` None) starts elsewhere."""
+  rewards.register('constant_one')(lambda prompt, completion, row: 1.0)
+  try:
+    first_losses = {}
+    for name, init_std in (('zero', 0.0), ('random', None)):
+      config = _config(char_checkpoint, ppo, total_steps=1, prompts_per_step=2, **{
+          'rl.beta': 0.0, 'rl.gamma': 1.0, 'rl.lam': 1.0, 'ppo.critic_init_std': init_std,
+          'rewards': {'constant_one': {'weight': 1.0}}, 'export_hf': False})
+      online.run(config, tmp_path / name, 'ppo')
+      first_losses[name] = _records(tmp_path / name)[0]['critic/value_loss']
+  finally:
+    rewards.unregister('constant_one')
+  assert abs(first_losses['zero'] - 0.5) < 1e-6, first_losses
+  assert abs(first_losses['random'] - 0.5) > 0.1, first_losses  # measured: 1.107
+
+
 def _failing_judge():
   """Replies alternate: a reply that is not JSON, then HTTP 500."""
   count = [0]

@@ -357,10 +357,13 @@ def _prompt_data(config, tokenizer, sources, *, epochs, batch_size, seed, shard=
 
 def _critic(config, model_dir, mesh):
   """The PPO critic: a scalar head on a trunk from ppo.critic_path (e.g. a
-  trained reward model) or, by default, the policy's own checkpoint."""
+  trained reward model, whose head it keeps) or, by default, the policy's own
+  checkpoint with a fresh head drawn with std `ppo.critic_init_std` (None:
+  the reward models' 1/sqrt(D + 1))."""
   path = pretrained.resolve(config.ppo.critic_path) if config.ppo.critic_path else model_dir
   adapters = lora.load_options(config) if config.ppo.get('critic_lora', True) else {}
   return scalar_models.load(path, mesh=mesh, **hf.compute_options(config),
+                            init_std=config.ppo.get('critic_init_std', None),
                             **({'seed': config.seed} | adapters))
 
 
