@@ -227,6 +227,8 @@ def _attention_case(rows, groups, heads, kv_heads, t, prompt, slots, seed=0):
   mask = np.arange(slots)[None, None, :] < filled[:, None, None] + np.arange(t)[None, :, None]
   mask[1], prefix_mask[2] = False, False  # row 1: its prompt only; row 2: its own slots only
   mask[3], prefix_mask[3] = False, False  # row 3: nothing (a softmax of equal scores)
+  if rows > 4:  # row 4: a left-padded prompt, its first 40 slots masked (two whole chunks)
+    prefix_mask[4, :, :40] = False
   return q, (prefix_k, prefix_v, jnp.asarray(prefix_mask)), own_k, own_v, jnp.asarray(mask)
 
 
@@ -242,7 +244,11 @@ def _values(bits):
 @pytest.mark.parametrize('rows, groups, heads, kv_heads, t, prompt, slots', [
     (16, 2, 9, 3, 1, 37, 128),  # SmolLM2's heads; a prompt that is not whole blocks of 16
     (4, 4, 4, 4, 2, 16, 20),    # one query head per key head, two new tokens, partial blocks
-    (8, 1, 16, 2, 1, 64, 48)])  # eight query heads per key head
+    (8, 1, 16, 2, 1, 64, 48),   # eight query heads per key head
+    # Several blocks of chunks (8 chunks of 16 slots at two query heads a key
+    # head, 6 at four) and a partial chunk after them, in the prompt and the own slots.
+    (6, 2, 4, 2, 1, 300, 200),
+    (6, 3, 8, 2, 1, 300, 200)])
 def test_attention_equals_xla(rows, groups, heads, kv_heads, t, prompt, slots):
   """The kernel against attention.shared_prefix_attention (a prompt shared
   by rows // groups rows) and, without the prompt, dense_attention, over

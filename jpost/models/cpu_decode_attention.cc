@@ -19,6 +19,9 @@
 // n uses key head n / (N / K). Work is split over (row, key head) pairs on
 // XLA's intra-op thread pool.
 
+#include <immintrin.h>
+
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -40,38 +43,80 @@ struct Part {  // the slots of one key head a row reads: its prompt's or its own
   int64_t len;
 };
 
-// scores[g][c] = scale * q_g . keys[:, c] where mask[c], else kMaskValue;
-// 16 slots at a time, those with no visible slot skipped.
+// Chunks of 16 slots a block of `part_scores` holds in registers for G
+// query heads: G x chunks accumulators of the 32, at most 8 chunks.
+constexpr int chunks_per_block(int g) { return g <= 3 ? 8 : 24 / g; }
+
+// scores[g][c] = scale * q_g . keys[:, c] where mask[c], else kMaskValue.
+// Blocks of up to 8 chunks of 16 slots go over the H key rows once, each
+// row read as one run of the block's slots, and the next block's lines are
+// asked into L2 meanwhile. Chunk by chunk (before), the H rows, part.len
+// slots apart, were H streams that a chunk touched for 32 bytes each (at
+// 512 slots the rows are 1 KB apart, so 64 of them share 4 of the L1's
+// sets); `perf` put 58% of the scores' time on the key load. At 16 rows x
+// 512 slots (256 filled) the call went 186-225 -> 161-212 us a layer, at
+// 128 slots after a 200-slot prompt 149-169 -> 113-126 us (bench/RESULTS.md).
+// Chunks with no visible slot are skipped at a block's ends; each visible
+// score is the same sum, in the same order, as one chunk at a time.
 template <int G>
 void part_scores(const Part& part, const float* q, int64_t h, float scale, float* scores,
                  int64_t ld) {
-  int64_t c = 0;
-  for (; c < part.len; c += 16) {
-    const int64_t width = std::min<int64_t>(16, part.len - c);
+  constexpr int kChunks = chunks_per_block(G);
+  const int64_t whole = part.len / 16 * 16;  // slots in whole chunks
+  auto visible = [&](int64_t c, int64_t width) {
     bool any = false;
     for (int64_t j = 0; j < width; ++j) any |= part.mask[c + j];
-    if (!any) {
-      for (int i = 0; i < G; ++i)
-        for (int64_t j = 0; j < width; ++j) scores[i * ld + c + j] = kMaskValue;
-      continue;
-    }
-    V16 acc[G];
-    for (int i = 0; i < G; ++i) acc[i] = V16{};
-    if (width == 16) {
-      for (int64_t x = 0; x < h; ++x) {
-        const V16 k = load16_bf16(part.keys + x * part.len + c);
-        for (int i = 0; i < G; ++i) acc[i] += splat(q[i * h + x]) * k;
-      }
-    } else {  // the last, partial block of slots
-      for (int64_t x = 0; x < h; ++x) {
-        V16 k = V16{};
-        for (int64_t j = 0; j < width; ++j) k[j] = from_bf16(part.keys[x * part.len + c + j]);
-        for (int i = 0; i < G; ++i) acc[i] += splat(q[i * h + x]) * k;
-      }
-    }
+    return any;
+  };
+  auto masked = [&](int64_t c, int64_t width) {
+    for (int i = 0; i < G; ++i)
+      for (int64_t j = 0; j < width; ++j) scores[i * ld + c + j] = kMaskValue;
+  };
+  auto finish = [&](int64_t c, int64_t width, const V16* acc) {  // acc[i]: chunk c, head i
     for (int i = 0; i < G; ++i)
       for (int64_t j = 0; j < width; ++j)
         scores[i * ld + c + j] = part.mask[c + j] ? acc[i][j] * scale : kMaskValue;
+  };
+  for (int64_t b0 = 0; b0 < whole; b0 += 16 * kChunks) {
+    const int64_t b1 = std::min<int64_t>(whole, b0 + 16 * kChunks);
+    int64_t lo = b0, hi = b1;  // the block's chunks from its first to its last visible one
+    while (lo < hi && !visible(lo, 16)) masked(lo, 16), lo += 16;
+    while (hi > lo && !visible(hi - 16, 16)) masked(hi - 16, 16), hi -= 16;
+    const int n = static_cast<int>((hi - lo) / 16);
+    if (n == 0) continue;
+    V16 acc[kChunks][G];
+    for (int j = 0; j < kChunks; ++j)
+      for (int i = 0; i < G; ++i) acc[j][i] = V16{};
+    const int64_t next = std::min<int64_t>(b1 + 16 * kChunks, whole) - b1;  // its slots
+    for (int64_t x = 0; x < h; ++x) {
+      const uint16_t* row = part.keys + x * part.len + lo;
+      for (int64_t ahead = 0; ahead < next; ahead += 32)  // the next block's lines, into L2
+        _mm_prefetch(reinterpret_cast<const char*>(part.keys + x * part.len + b1 + ahead),
+                     _MM_HINT_T1);
+      V16 qx[G];
+      for (int i = 0; i < G; ++i) qx[i] = splat(q[i * h + x]);
+      for (int j = 0; j < kChunks; ++j) {
+        if (j >= n) break;
+        const V16 k = load16_bf16(row + 16 * j);
+        for (int i = 0; i < G; ++i) acc[j][i] += qx[i] * k;
+      }
+    }
+    for (int j = 0; j < n; ++j) finish(lo + 16 * j, 16, acc[j]);
+  }
+  if (whole < part.len) {  // the last, partial chunk of slots
+    const int64_t c = whole, width = part.len - whole;
+    if (!visible(c, width)) {
+      masked(c, width);
+      return;
+    }
+    V16 acc[G];
+    for (int i = 0; i < G; ++i) acc[i] = V16{};
+    for (int64_t x = 0; x < h; ++x) {
+      V16 k = V16{};
+      for (int64_t j = 0; j < width; ++j) k[j] = from_bf16(part.keys[x * part.len + c + j]);
+      for (int i = 0; i < G; ++i) acc[i] += splat(q[i * h + x]) * k;
+    }
+    finish(c, width, acc);
   }
 }
 
