@@ -193,14 +193,50 @@ def _pick(logits, key, sampling: SamplingConfig, on_cpu_kernels: bool = False):
   return token, raw_lp, sampled_lp
 
 
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """A decode loop's weights, prepared once by `prepare` for several
+  `generate` calls on the same parameters."""
+  layers: object  # Decoder.decode_layers(stacked)
+  head: jax.Array  # Decoder.head()'s weight
+  stacked: bool  # whether `layers` are stacked for a scan over the layers
+
+
+def prepare(model, sampling: SamplingConfig) -> Prepared | None:
+  """The weights `generate` with `sampling` decodes from, prepared once:
+  pass them as `generate(..., prepared=)` to every call on this model's
+  parameters as they are now (an evaluation's batches, greedy and sampled).
+  Otherwise each call prepares its own: on jpost's CPU decoding kernels it
+  packs every weight from the float32 master weights (SmolLM2: 121 calls,
+  270 MB of fresh memory, 62-146 ms, bench/RESULTS.md). None where the
+  parameters are spread over several devices: there each call prepares its
+  own, where they lie."""
+  graphdef, state = nnx.split(model)
+  if any(len(leaf.sharding.device_set) > 1 for leaf in jax.tree.leaves(state)
+         if isinstance(leaf, jax.Array)):
+    return None
+  stacked = _scans(sampling, streaming=False)
+  layers, head = _prepare(graphdef, state, stacked)
+  return Prepared(layers, head, stacked)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _prepare(graphdef, state, stacked: bool):
+  model = nnx.merge(graphdef, state)
+  return model.decode_layers(stacked), model.head()[0]
+
+
 def generate(model, prompt_tokens, prompt_mask, sampling: SamplingConfig, key=None,
-             *, batch_sharding=None, cache_dtype=None) -> Completions:
+             *, batch_sharding=None, cache_dtype=None,
+             prepared: Prepared | None = None) -> Completions:
   """Samples completions for left-padded prompts; see Completions.
 
   `batch_sharding` (a NamedSharding for [B, P]) spreads prompts over a mesh,
   e.g. the train state's; the model's parameters are used where they are.
   `cache_dtype` overrides the cache's storage dtype (see
   decoder.cache_storage_dtype; for bfloat16 models a rounding difference only).
+  `prepared` (`prepare(model, sampling)`, for the model's parameters as they
+  are) saves the call preparing its weights again.
   """
   placed = isinstance(prompt_tokens, jax.Array)  # e.g. rows of a mesh over processes
   if not placed:
@@ -237,7 +273,13 @@ def generate(model, prompt_tokens, prompt_mask, sampling: SamplingConfig, key=No
       rows=rows if isinstance(rows, NamedSharding) else None)
   prompt_cache = make_cache(tokens.shape[0], tokens.shape[1])()
   completion_cache = make_cache(tokens.shape[0] * sampling.num_samples, sampling.max_new_tokens)()
-  return _generate(graphdef, state, tokens, mask, prompt_cache, completion_cache, key, sampling)[0]
+  if prepared is not None and prepared.stacked != _scans(sampling, streaming=False):
+    raise ValueError(f'prepared weights are for scan_layers={prepared.stacked}, this call '
+                     f'decodes with scan_layers={_scans(sampling, streaming=False)}; prepare '
+                     'them with the same SamplingConfig.')
+  layers, head = (None, None) if prepared is None else (prepared.layers, prepared.head)
+  return _generate(graphdef, state, tokens, mask, prompt_cache, completion_cache, key, sampling,
+                   layers, head)[0]
 
 
 def rollout_cache_bytes(config, prompts: int, prompt_len: int, samples: int, new_tokens: int,
@@ -324,11 +366,13 @@ def _decode(model, token, pos, cache, layers=None, prefix=None):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7), donate_argnums=(4, 5))
-def _generate(graphdef, state, tokens, mask, prompt_cache, cache, key, sampling: SamplingConfig):
+def _generate(graphdef, state, tokens, mask, prompt_cache, cache, key, sampling: SamplingConfig,
+              layers=None, head=None):
   """(Completions, the filled caches). The caches are given (donated) and
   returned so that XLA fills them in place: kept inside, the decode loop
   wrote into a copy of the empty cache (SmolLM2, 2 prompts x 8 samples x 128
-  tokens after 192: 97 MB more)."""
+  tokens after 192: 97 MB more). `layers` and `head` (weight): prepared
+  (`prepare`), or None to prepare them here."""
   model = nnx.merge(graphdef, state)
   batch = tokens.shape[0]
   n, samples = sampling.max_new_tokens, sampling.num_samples
@@ -337,8 +381,10 @@ def _generate(graphdef, state, tokens, mask, prompt_cache, cache, key, sampling:
   # each decode step reads a prompt's keys once for all its samples
   # (attention.shared_prefix_attention).
   stacked = not isinstance(cache['k'], list)
-  # Sliced and cast once here, for the prefill and every step of the loop.
-  layers, head = model.decode_layers(stacked), model.head()
+  # Sliced and cast once here (or given), for the prefill and every step of the loop.
+  if layers is None:
+    layers, head = model.decode_layers(stacked), model.head()[0]
+  head = (head, model.config.tie_embeddings)  # a tied head is [V, D]
   last_hidden, last_pos, prompt_cache = _prefill(model, tokens, mask, prompt_cache, layers)
   repeat = lambda x: jnp.repeat(x, samples, axis=0)
   last_hidden, last_pos = repeat(last_hidden), repeat(last_pos)

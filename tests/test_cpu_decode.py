@@ -325,6 +325,37 @@ def test_sampling_on_the_kernels_equals_the_full_forward(shallow_smollm2, kernel
   assert errors.max() <= 0.4 and np.median(errors) <= 0.03, (errors.max(), np.median(errors))
 
 
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
+def test_generate_on_prepared_weights_equals_preparing_its_own(shallow_smollm2, kernels_on,
+                                                               monkeypatch, dtype):
+  """`sampling.prepare` once, then several `generate` calls: the same tokens
+  and log-probs as calls preparing their own weights, on the kernels' packed
+  ones (bfloat16) and XLA's (float32), with no preparation in the calls;
+  weights prepared for the other layer layout are refused."""
+  model = hf.load(shallow_smollm2, dtype=dtype)
+  tokenizer = Tokenizer.from_dir(shallow_smollm2)
+  tokens, mask = sampling.left_pad(_prompts(tokenizer, 2), tokenizer.pad_id)
+  settings = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, num_samples=2,
+                                     stop_ids=tokenizer.stop_ids)
+  own = [jax.device_get(sampling.generate(model, tokens, mask, settings, jax.random.key(seed)))
+         for seed in (0, 1)]
+  prepared = sampling.prepare(model, settings)
+  assert cpu_decode.is_packed(prepared.head) == (dtype == 'bfloat16')
+
+  def not_again(*args, **kwargs):
+    raise AssertionError('generate prepared its weights again')
+  monkeypatch.setattr(Decoder, 'decode_layers', not_again)
+  jax.clear_caches()  # every call below is traced again
+  for seed, want in zip((0, 1), own):
+    got = jax.device_get(sampling.generate(model, tokens, mask, settings, jax.random.key(seed),
+                                           prepared=prepared))
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.logprobs, want.logprobs)
+  with pytest.raises(ValueError, match='scan_layers'):
+    sampling.generate(model, tokens, mask, dataclasses.replace(settings, scan_layers=True),
+                      jax.random.key(0), prepared=prepared)
+
+
 @pytest.mark.parametrize('layout', [
     dict(qkv_bias=True, tie_embeddings=False, intermediate_size=256),
     dict(o_bias=True, intermediate_size=96, head_dim=32)])

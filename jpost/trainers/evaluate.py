@@ -62,19 +62,23 @@ def sample_model(path: str, config, *, sources=None, max_prompt_len=None,
   model, tokenizer = load_model_and_tokenizer(model_cfg)
   sampled = rollout.sampling_config(config.sampling, tokenizer)
   greedy = sampling.SamplingConfig(max_new_tokens=max_new_tokens or sampled.max_new_tokens,
-                                   temperature=0.0, stop_ids=sampled.stop_ids)
+                                   temperature=0.0, stop_ids=sampled.stop_ids,
+                                   scan_layers=sampled.scan_layers)
   out, n = [], sampled.num_samples if with_samples else 0
+  prepared = sampling.prepare(model, greedy)  # for every batch, greedy and sampled
   # Several processes: each answers every process_count-th batch on its own
   # devices; the keys follow the batch, so the answers do not depend on it.
   for i, batch in loop.this_process_share(prompt_rows(config, tokenizer, sources,
                                                       max_prompt_len)):
     key = jax.random.fold_in(jax.random.key(config.seed), i)
     mask = batch['segment_ids'] > 0
-    first = jax.device_get(sampling.generate(model, batch['tokens'], mask, greedy, key))
+    first = jax.device_get(sampling.generate(model, batch['tokens'], mask, greedy, key,
+                                             prepared=prepared))
     texts = rollout.completion_texts(tokenizer, first.tokens, first.lengths)
     samples = [[]] * len(texts)
     if with_samples:
-      many = jax.device_get(sampling.generate(model, batch['tokens'], mask, sampled, key))
+      many = jax.device_get(sampling.generate(model, batch['tokens'], mask, sampled, key,
+                                              prepared=prepared))
       flat = rollout.completion_texts(tokenizer, many.tokens, many.lengths)
       samples = [flat[j * n:(j + 1) * n] for j in range(len(texts))]
     out.append((i, [{'prompt': rollout.prompt_text(prompt), 'extra': batch['extra'][j],

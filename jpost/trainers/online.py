@@ -94,9 +94,10 @@ def evaluate(model, tokenizer, dataset, reward_fns, settings, key) -> dict[str, 
   """Greedy answers to every held-out prompt, scored by the rewards. Every
   process runs the whole held-out set (its prompts replicated over the mesh)."""
   totals, per_source, lengths, truncated, samples = [], {}, [], [], []
+  prepared = sampling.prepare(model, settings)  # once for every batch
   for batch in dataset:
     out = loop.fetch(sampling.generate(model, batch['tokens'], batch['segment_ids'] > 0,
-                                       settings, key))
+                                       settings, key, prepared=prepared))
     texts = rollout.completion_texts(tokenizer, out.tokens, out.lengths)
     result = rewards.score(reward_fns, [rollout.prompt_text(p) for p in batch['prompt']],
                            texts, list(batch['extra']))

@@ -50,10 +50,12 @@ def make_pairs(model, tokenizer, batches, reward_fns, settings: sampling.Samplin
            'best_of_n': 0, 'reward_sum': 0.0, 'failures': {}}
   rows, best_rows = [], []
   n = settings.num_samples
+  prepared = sampling.prepare(model, settings)  # once for every batch
   for index, batch in batches:
     out = jax.device_get(sampling.generate(model, batch['tokens'], batch['segment_ids'] > 0,
                                            settings, jax.random.fold_in(jax.random.key(seed),
-                                                                        index)))
+                                                                        index),
+                                           prepared=prepared))
     texts = rollout.completion_texts(tokenizer, out.tokens, out.lengths)
     prompts = [p for p in batch['prompt'] for _ in range(n)]
     extras = [e for e in batch['extra'] for _ in range(n)]
