@@ -236,6 +236,13 @@ def test_local_chat_judge(tiny_checkpoint):
   assert isinstance(first, str) and first != second
   again = rewards.local_chat(str(tiny_checkpoint), temperature=1.0, seed=3, max_new_tokens=6)
   assert again(messages) == first
+  # Questions of other lengths within one bucket of 64 positions reuse the
+  # compiled decode loop (each length compiled its own before).
+  from jpost import sampling
+  compiled = sampling._generate._cache_size()
+  for words in (3, 9, 20):
+    chat([{'role': 'user', 'content': 'Grade this. ' + 'word ' * words}])
+  assert sampling._generate._cache_size() == compiled
   spec = dataclasses.replace(rewards.AMAZON_SUMMARY_RUBRIC,
                              judge=rewards.JudgeSpec(retries=1))
   result = rewards.judge_rubric(spec, chat, 'p', 'r')

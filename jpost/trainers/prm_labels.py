@@ -43,7 +43,7 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], settings, key, *,
            batch: int) -> list[list[str]]:
   """`settings.num_samples` completions of each prompt, as text, in chunks
   of `batch` prompts padded to one shape (left-padded to a multiple of 64)."""
-  out = []
+  out, prepared = [], sampling.prepare(model, settings)  # once for every chunk
   for start in range(0, len(prompt_ids), batch):
     chunk = prompt_ids[start:start + batch]
     real = len(chunk)
@@ -54,7 +54,7 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], settings, key, *,
     tokens = np.pad(tokens, ((0, 0), (pad, 0)), constant_values=tokenizer.pad_id)
     mask = np.pad(mask, ((0, 0), (pad, 0)))
     done = jax.device_get(sampling.generate(model, tokens, mask, settings,
-                                            jax.random.fold_in(key, start)))
+                                            jax.random.fold_in(key, start), prepared=prepared))
     texts = rollout.completion_texts(tokenizer, done.tokens, done.lengths)
     n = settings.num_samples
     out += [texts[i * n:(i + 1) * n] for i in range(real)]
