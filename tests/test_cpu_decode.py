@@ -356,6 +356,30 @@ def test_generate_on_prepared_weights_equals_preparing_its_own(shallow_smollm2, 
                       jax.random.key(0), prepared=prepared)
 
 
+@pytest.mark.parametrize('dtype, scan_layers, scans', [
+    ('bfloat16', None, False),  # on the kernels chat loops over the layers
+    ('bfloat16', True, True),   # unless asked to scan
+    ('float32', None, True)])   # on XLA's operations it scans, as before
+def test_chat_streams_on_the_kernels_in_a_loop(shallow_smollm2, kernels_on, monkeypatch, dtype,
+                                               scan_layers, scans):
+  """`sampling.stream`'s layout by default: a scan over stacked layers on
+  XLA's operations (it compiles sooner), a loop over the layers on the CPU
+  kernels, whose packed weights a scan would copy out of the stack for every
+  layer at every token (8x slower, bench/RESULTS.md)."""
+  model = hf.load(shallow_smollm2, dtype=dtype)
+  tokenizer = Tokenizer.from_dir(shallow_smollm2)
+  seen = []
+  real_step = sampling._stream_step
+  monkeypatch.setattr(sampling, '_stream_step',
+                      lambda graphdef, state, layers, *rest: seen.append(layers) or real_step(
+                          graphdef, state, layers, *rest))
+  settings = sampling.SamplingConfig(max_new_tokens=2, temperature=0.0, scan_layers=scan_layers,
+                                     stop_ids=(model.config.vocab_size,))  # none is sampled
+  tokens = list(sampling.stream(model, _prompts(tokenizer, 1)[0], settings))
+  assert len(tokens) == 2 and seen
+  assert isinstance(seen[0], dict) == scans  # stacked [L, ...] arrays, or a list of layers
+
+
 @pytest.mark.parametrize('layout', [
     dict(qkv_bias=True, tie_embeddings=False, intermediate_size=256),
     dict(o_bias=True, intermediate_size=96, head_dim=32)])
