@@ -78,14 +78,21 @@ jax.tree_util.register_dataclass(
     Completions, data_fields=[f.name for f in dataclasses.fields(Completions)], meta_fields=[])
 
 
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """[B, P] tokens and 0/1 mask, each prompt right-aligned."""
+def left_pad(prompts: list[list[int]], pad_id: int, multiple: int = 1,
+             max_width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """[B, P] tokens and 0/1 mask, each prompt right-aligned. P is the longest
+  prompt's length rounded up to a `multiple` (one compiled decode loop for a
+  bucket of lengths, not one per length), but no more than `max_width`
+  unless the longest prompt is."""
   if not prompts:
     raise ValueError('no prompts given.')
   for i, prompt in enumerate(prompts):
     if len(prompt) == 0:
       raise ValueError(f'prompt {i} is empty: every prompt needs at least one token.')
-  width = max(len(p) for p in prompts)
+  longest = max(len(p) for p in prompts)
+  width = -(-longest // multiple) * multiple
+  if max_width is not None:
+    width = max(longest, min(width, max_width))
   tokens = np.full((len(prompts), width), pad_id, np.int32)
   mask = np.zeros((len(prompts), width), np.int32)
   for row, prompt in enumerate(prompts):
@@ -267,16 +274,17 @@ def generate(model, prompt_tokens, prompt_mask, sampling: SamplingConfig, key=No
   # where decoding runs (decoder.cache_storage_dtype), which is no part of its key.
   if cache_dtype is None:
     cache_dtype = cache_storage_dtype(model.config.dtype, model.config.decode_kernels)
+  stacked = _scans(sampling, streaming=False)
   make_cache = functools.partial(
       _empty_cache_program, model.config, cache_dtype=jnp.dtype(cache_dtype),
-      stacked=_scans(sampling, streaming=False),
+      stacked=stacked,
       rows=rows if isinstance(rows, NamedSharding) else None)
   prompt_cache = make_cache(tokens.shape[0], tokens.shape[1])()
   completion_cache = make_cache(tokens.shape[0] * sampling.num_samples, sampling.max_new_tokens)()
-  if prepared is not None and prepared.stacked != _scans(sampling, streaming=False):
+  if prepared is not None and prepared.stacked != stacked:
     raise ValueError(f'prepared weights are for scan_layers={prepared.stacked}, this call '
-                     f'decodes with scan_layers={_scans(sampling, streaming=False)}; prepare '
-                     'them with the same SamplingConfig.')
+                     f'decodes with scan_layers={stacked}; prepare them with the same '
+                     'SamplingConfig.')
   layers, head = (None, None) if prepared is None else (prepared.layers, prepared.head)
   return _generate(graphdef, state, tokens, mask, prompt_cache, completion_cache, key, sampling,
                    layers, head)[0]
@@ -467,10 +475,8 @@ def stream(model, prompt: list[int], sampling: SamplingConfig, key=None):
   Prompts are left-padded to a multiple of 64 so that compilation is paid
   once per length bucket, not once per turn.
   """
-  bucket = 64 * -(-len(prompt) // 64)
-  tokens, mask = left_pad([prompt], 0)
-  tokens = np.pad(tokens, ((0, 0), (bucket - tokens.shape[1], 0)))
-  mask = np.pad(mask, ((0, 0), (bucket - mask.shape[1], 0)))
+  tokens, mask = left_pad([prompt], 0, multiple=64)
+  bucket = tokens.shape[1]
   if bucket + sampling.max_new_tokens > model.config.max_position_embeddings:
     raise ConfigError(f'conversation of {len(prompt)} tokens + max_new_tokens '
                      f'{sampling.max_new_tokens} exceeds the model context.')

@@ -283,6 +283,17 @@ def test_bad_settings(kw, message):
     sampling.SamplingConfig(**({'stop_ids': (2,)} | kw))
 
 
+def test_left_pad_to_a_bucket():
+  """Right-aligned rows, the width rounded up to a multiple, capped by
+  max_width unless the longest prompt is longer."""
+  tokens, mask = sampling.left_pad([[5, 6, 7], [8]], 0, multiple=4)
+  np.testing.assert_array_equal(tokens, [[0, 5, 6, 7], [0, 0, 0, 8]])
+  np.testing.assert_array_equal(mask, [[0, 1, 1, 1], [0, 0, 0, 1]])
+  assert sampling.left_pad([[1] * 5], 0, multiple=64)[0].shape == (1, 64)
+  assert sampling.left_pad([[1] * 5], 0, multiple=64, max_width=8)[0].shape == (1, 8)
+  assert sampling.left_pad([[1] * 9], 0, multiple=64, max_width=8)[0].shape == (1, 9)
+
+
 def test_bad_prompts(tiny):
   with pytest.raises(ValueError, match='prompt 1 is empty'):
     sampling.left_pad([[1, 2], []], 0)

@@ -74,7 +74,6 @@ def local_chat(model_path: str, *, temperature: float = 0.0, seed: int = 0,
   so replies replay exactly and a retry gets a fresh sample."""
   import jax
   import ml_collections
-  import numpy as np
 
   from jpost import sampling
   from jpost.trainers.generate import load_model_and_tokenizer
@@ -96,13 +95,11 @@ def local_chat(model_path: str, *, temperature: float = 0.0, seed: int = 0,
                                asked[conversation])
       asked[conversation] += 1
       ids = tokenizer.encode_chat(messages, add_generation_prompt=True).ids
-      tokens, mask = sampling.left_pad([ids], tokenizer.pad_id)
-      # Left-padded to a multiple of 64 positions: one compilation per
-      # bucket, not one per question length (each took ~1.7 s for SmolLM2).
-      width = max(len(ids), min(64 * -(-len(ids) // 64),
-                                model.config.max_position_embeddings - max_new_tokens))
-      tokens = np.pad(tokens, ((0, 0), (width - len(ids), 0)), constant_values=tokenizer.pad_id)
-      mask = np.pad(mask, ((0, 0), (width - len(ids), 0)))
+      # To a multiple of 64 positions: one compilation per bucket, not one
+      # per question length (each took ~1.7 s for SmolLM2).
+      tokens, mask = sampling.left_pad(
+          [ids], tokenizer.pad_id, multiple=64,
+          max_width=model.config.max_position_embeddings - max_new_tokens)
       out = jax.device_get(sampling.generate(model, tokens, mask, settings, key,
                                              prepared=prepared))
     new = [int(t) for t in out.tokens[0][:int(out.lengths[0])]]

@@ -35,10 +35,6 @@ from jpost.trainers.generate import load_model_and_tokenizer
 LABELS = ('soft', 'hard')
 
 
-def _bucket(width: int, multiple: int = 64) -> int:
-  return -(-width // multiple) * multiple
-
-
 def sample(model, tokenizer, prompt_ids: list[list[int]], settings, key, *,
            batch: int) -> list[list[str]]:
   """`settings.num_samples` completions of each prompt, as text, in chunks
@@ -48,11 +44,7 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], settings, key, *,
     chunk = prompt_ids[start:start + batch]
     real = len(chunk)
     chunk = chunk + [chunk[-1]] * (batch - real)  # one batch shape, one compilation
-    tokens, mask = sampling.left_pad(chunk, tokenizer.pad_id)
-    width = _bucket(tokens.shape[1])
-    pad = width - tokens.shape[1]
-    tokens = np.pad(tokens, ((0, 0), (pad, 0)), constant_values=tokenizer.pad_id)
-    mask = np.pad(mask, ((0, 0), (pad, 0)))
+    tokens, mask = sampling.left_pad(chunk, tokenizer.pad_id, multiple=64)
     done = jax.device_get(sampling.generate(model, tokens, mask, settings,
                                             jax.random.fold_in(key, start), prepared=prepared))
     texts = rollout.completion_texts(tokenizer, done.tokens, done.lengths)
