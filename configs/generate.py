@@ -22,8 +22,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'Write a haiku about the sea.',
       'Give me three tips for writing clear code.',
   ]
-  # scan_layers=True compiles one layer, not each of them: quicker for a few
-  # short answers, slower per token (None: see SamplingConfig).
+  # None: one call, so a scan over the layers, which compiles one of them, not
+  # each (on XLA's operations; the CPU decoding kernels loop); False loops,
+  # faster per token for many prompts or long answers (sampling.for_one_call).
   config.sampling = ml_collections.ConfigDict(dict(
       max_new_tokens=64, temperature=0.0, scan_layers=config_dict.placeholder(bool)))
   if arg == 'tiny':
