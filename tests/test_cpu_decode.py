@@ -356,6 +356,35 @@ def test_generate_on_prepared_weights_equals_preparing_its_own(shallow_smollm2, 
                       jax.random.key(0), prepared=prepared)
 
 
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
+def test_stream_on_prepared_weights_equals_preparing_its_own(shallow_smollm2, kernels_on,
+                                                             monkeypatch, dtype):
+  """A conversation's turns on decode weights prepared once (the chat
+  recipe): the same tokens as turns preparing their own, on the kernels'
+  packed weights in a loop (bfloat16) and XLA's stacked ones (float32), with
+  no preparation in the turns; weights for the other layout are refused."""
+  model = hf.load(shallow_smollm2, dtype=dtype)
+  tokenizer = Tokenizer.from_dir(shallow_smollm2)
+  settings = sampling.for_one_call(model, sampling.SamplingConfig(
+      max_new_tokens=6, temperature=1.0, stop_ids=(model.config.vocab_size,)))  # none sampled
+  assert settings.scan_layers == (dtype == 'float32')
+  prompts = _prompts(tokenizer, 2)
+  own = [list(sampling.stream(model, prompt, settings, jax.random.key(seed)))
+         for seed, prompt in enumerate(prompts)]
+  prepared = sampling.prepare(model, settings)
+
+  def not_again(*args, **kwargs):
+    raise AssertionError('the stream prepared its weights again')
+  monkeypatch.setattr(Decoder, 'decode_layers', not_again)
+  jax.clear_caches()  # every call below is traced again
+  for seed, (prompt, want) in enumerate(zip(prompts, own)):
+    assert list(sampling.stream(model, prompt, settings, jax.random.key(seed),
+                                prepared=prepared)) == want
+  with pytest.raises(ValueError, match='scan_layers'):
+    next(sampling.stream(model, prompts[0], dataclasses.replace(
+        settings, scan_layers=not settings.scan_layers), prepared=prepared))
+
+
 @pytest.mark.parametrize('dtype, scan_layers, scans', [
     ('bfloat16', None, False),  # on the kernels chat loops over the layers
     ('bfloat16', True, True),   # unless asked to scan
