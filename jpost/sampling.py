@@ -227,6 +227,13 @@ def prepare(model, sampling: SamplingConfig) -> Prepared | None:
   return Prepared(layers, head, stacked)
 
 
+def _check_layout(prepared: Prepared | None, stacked: bool):
+  if prepared is not None and prepared.stacked != stacked:
+    raise ValueError(f'prepared weights are for scan_layers={prepared.stacked}, this call '
+                     f'decodes with scan_layers={stacked}; prepare them with the SamplingConfig '
+                     'it decodes with (for chat: for_one_call(model, sampling)).')
+
+
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _prepare(graphdef, state, stacked: bool):
   model = nnx.merge(graphdef, state)
@@ -281,10 +288,7 @@ def generate(model, prompt_tokens, prompt_mask, sampling: SamplingConfig, key=No
       rows=rows if isinstance(rows, NamedSharding) else None)
   prompt_cache = make_cache(tokens.shape[0], tokens.shape[1])()
   completion_cache = make_cache(tokens.shape[0] * sampling.num_samples, sampling.max_new_tokens)()
-  if prepared is not None and prepared.stacked != stacked:
-    raise ValueError(f'prepared weights are for scan_layers={prepared.stacked}, this call '
-                     f'decodes with scan_layers={stacked}; prepare them with the same '
-                     'SamplingConfig.')
+  _check_layout(prepared, stacked)
   layers, head = (None, None) if prepared is None else (prepared.layers, prepared.head)
   return _generate(graphdef, state, tokens, mask, prompt_cache, completion_cache, key, sampling,
                    layers, head)[0]
@@ -362,11 +366,13 @@ def _scans(sampling: SamplingConfig, one_call: bool, on_kernels: bool = False) -
 
 
 def for_one_call(model, sampling: SamplingConfig) -> SamplingConfig:
-  """`sampling` with its layer layout decided for a `generate` call that is
-  the only one of its shapes (the generate recipe): left to None, the scan
-  that compiles one block, as chat does (`_scans`). configs/generate.py on
-  the 2-core Zen 4 EPYC, float32, the whole run: 21.5 s with the loop, 14.0 s with
-  the scan, the same answers."""
+  """`sampling` with its layer layout decided as for a program compiled for
+  one call (`_scans`): a `generate` call that is the only one of its shapes
+  (the generate recipe) or a chat turn (`stream`, whose weights `prepare`
+  can then prepare once). Left to None: the scan, which compiles one block,
+  except on the CPU kernels. configs/generate.py on the 2-core Zen 4 EPYC,
+  float32, the whole run: 21.5 s with the loop, 14.0 s with the scan, the
+  same answers."""
   if sampling.scan_layers is not None:
     return sampling
   on_kernels = cpu_decode.decodes_on_kernels(model.config.decode_kernels, model.config.dtype)
@@ -506,12 +512,8 @@ def stream(model, prompt: list[int], sampling: SamplingConfig, key=None, *,
                      f'{sampling.max_new_tokens} exceeds the model context.')
   graphdef, state = nnx.split(model)
   key = jax.random.key(0) if key is None else key
-  stacked = _scans(sampling, one_call=True, on_kernels=cpu_decode.decodes_on_kernels(
-      model.config.decode_kernels, model.config.dtype))
-  if prepared is not None and prepared.stacked != stacked:
-    raise ValueError(f'prepared weights are for scan_layers={prepared.stacked}, this stream '
-                     f'decodes with scan_layers={stacked}; prepare them with '
-                     'for_one_call(model, sampling).')
+  stacked = for_one_call(model, sampling).scan_layers
+  _check_layout(prepared, stacked)
   cache = init_cache(model.config, 1, bucket + sampling.max_new_tokens, stacked=stacked)
   if prepared is None:
     (hidden, pos, cache), layers, head = _stream_prefill(graphdef, state, tokens, mask, cache)
