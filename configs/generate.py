@@ -1,4 +1,4 @@
-"""Greedy answers of a chat model to a few prompts (the `make demo` job).
+"""Greedy answers of a chat model to a few prompts.
 
   python -m jpost.main --config=configs/generate.py --workdir=runs/generate
   python -m jpost.main --config=configs/generate.py:tiny --config.model.path=/my/hf/checkpoint
