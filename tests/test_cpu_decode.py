@@ -8,6 +8,8 @@ suite runs on 8 fake devices, where 'auto' keeps XLA's operations; the
 sampling test turns the kernels on as one device would."""
 
 import dataclasses
+import importlib.util
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -285,6 +287,15 @@ def test_what_the_attention_kernel_takes():
     cpu_decode.attention(q, own_k, own_v, mask, (*prefix[:2], prefix[2][:, :, :8]))
 
 
+def _recipe_config(name, arg):
+  """configs/NAME.py's config for ARG, loaded from its file."""
+  spec = importlib.util.spec_from_file_location(
+      f'jpost_configs_{name}', pathlib.Path(__file__).parent.parent / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
 @pytest.fixture
 def kernels_on(monkeypatch):
   """'auto' as on one CPU device with the kernels (the suite has 8 fake
@@ -385,6 +396,24 @@ def test_stream_on_prepared_weights_equals_preparing_its_own(shallow_smollm2, ke
         settings, scan_layers=not settings.scan_layers), prepared=prepared))
 
 
+def test_the_chat_recipe_prepares_once_for_every_turn(shallow_smollm2, monkeypatch, capsys):
+  """Two turns of an interactive chat: both prefills on the weights prepared
+  once, neither preparing its own."""
+  import io
+  from jpost import trainers
+  config = _recipe_config('chat', None).unlock()
+  config.model.path, config.sampling.max_new_tokens = str(shallow_smollm2), 2
+  calls = []
+  for name in ('_stream_prefill', '_stream_prefill_prepared'):
+    real = getattr(sampling, name)
+    monkeypatch.setattr(sampling, name, lambda *a, real=real, name=name: (
+        calls.append(name) or real(*a)))
+  monkeypatch.setattr('sys.stdin', io.StringIO('Hello!\nWhat is 2 + 2?\n'))
+  trainers.get('chat')(config, None)
+  assert calls == ['_stream_prefill_prepared'] * 2
+  assert capsys.readouterr().out.count('assistant> ') == 2
+
+
 @pytest.mark.parametrize('dtype, scan_layers, scans', [
     ('bfloat16', None, False),  # on the kernels chat loops over the layers
     ('bfloat16', True, True),   # unless asked to scan
@@ -419,19 +448,12 @@ def test_the_generate_recipe_scans_its_one_call_unless_on_the_kernels(
   the scan over stacked layers, one block to compile instead of every layer
   (configs/generate.py, float32: 21.5 -> 14.0 s on the 2-core Zen 4 EPYC), where
   `generate` alone loops (it is called again with the same shapes)."""
-  import importlib.util
-  import pathlib
-
   from jpost import trainers
-  spec = importlib.util.spec_from_file_location(
-      'generate_config', pathlib.Path(__file__).parent.parent / 'configs' / 'generate.py')
-  generate_config = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(generate_config)
   seen = []
   real = sampling.generate
   monkeypatch.setattr(sampling, 'generate', lambda model, tokens, mask, settings, *rest, **kw: (
       seen.append(settings.scan_layers) or real(model, tokens, mask, settings, *rest, **kw)))
-  config = generate_config.get_config('tiny').unlock()
+  config = _recipe_config('generate', 'tiny').unlock()
   config.model.path, config.model.dtype = str(shallow_smollm2), dtype
   config.sampling.max_new_tokens, config.sampling.scan_layers = 2, scan_layers
   records = trainers.get('generate')(config, None)
