@@ -43,6 +43,8 @@ def main():
   parser.add_argument('--weights', default='once', help='once (as chat does), per-turn, or both')
   parser.add_argument('--random-init', action='store_true')
   args = parser.parse_args()
+  if set(args.weights.split(',')) - {'once', 'per-turn'}:
+    parser.error(f'--weights takes once, per-turn or both, not {args.weights!r}')
   prompt = prompt_ids(1, args.random_init)[0]
   results = []
   for dtype in args.dtypes.split(','):
