@@ -469,18 +469,10 @@ def _generate(graphdef, state, tokens, mask, prompt_cache, cache, key, sampling:
 # per host step so text can be shown as it comes.
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
-def _stream_prefill(graphdef, state, tokens, mask, cache):
-  """The prefill, and the layers and head sliced and cast for the decode
-  steps (once per reply; compiled, not op by op: 585 -> 495 ms to the
-  first token, SmolLM2 float32 on CPU)."""
-  model = nnx.merge(graphdef, state)
-  layers = model.decode_layers(not isinstance(cache['k'], list))
-  return _prefill(model, tokens, mask, cache, layers), layers, model.head()[0]
-
-
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
-def _stream_prefill_prepared(graphdef, state, tokens, mask, cache, layers):
-  """The prefill on a conversation's decode weights, prepared once (`prepare`)."""
+def _stream_prefill(graphdef, state, tokens, mask, cache, layers):
+  """The prefill on the decode steps' layers (`_prepare`: sliced and cast
+  in a compiled program, not op by op: 585 -> 495 ms to the first token,
+  SmolLM2 float32 on CPU)."""
   return _prefill(nnx.merge(graphdef, state), tokens, mask, cache, layers)
 
 
@@ -515,11 +507,9 @@ def stream(model, prompt: list[int], sampling: SamplingConfig, key=None, *,
   stacked = for_one_call(model, sampling).scan_layers
   _check_layout(prepared, stacked)
   cache = init_cache(model.config, 1, bucket + sampling.max_new_tokens, stacked=stacked)
-  if prepared is None:
-    (hidden, pos, cache), layers, head = _stream_prefill(graphdef, state, tokens, mask, cache)
-  else:
-    layers, head = prepared.layers, prepared.head
-    hidden, pos, cache = _stream_prefill_prepared(graphdef, state, tokens, mask, cache, layers)
+  layers, head = (_prepare(graphdef, state, stacked) if prepared is None
+                  else (prepared.layers, prepared.head))
+  hidden, pos, cache = _stream_prefill(graphdef, state, tokens, mask, cache, layers)
   # The cache is updated in place (donated).
   for _ in range(sampling.max_new_tokens):
     key, sub = jax.random.split(key)

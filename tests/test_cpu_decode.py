@@ -404,13 +404,13 @@ def test_the_chat_recipe_prepares_once_for_every_turn(shallow_smollm2, monkeypat
   config = _recipe_config('chat', None).unlock()
   config.model.path, config.sampling.max_new_tokens = str(shallow_smollm2), 2
   calls = []
-  for name in ('_stream_prefill', '_stream_prefill_prepared'):
+  for name in ('_prepare', '_stream_prefill'):
     real = getattr(sampling, name)
     monkeypatch.setattr(sampling, name, lambda *a, real=real, name=name: (
         calls.append(name) or real(*a)))
   monkeypatch.setattr('sys.stdin', io.StringIO('Hello!\nWhat is 2 + 2?\n'))
   trainers.get('chat')(config, None)
-  assert calls == ['_stream_prefill_prepared'] * 2
+  assert calls == ['_prepare'] + ['_stream_prefill'] * 2
   assert capsys.readouterr().out.count('assistant> ') == 2
 
 
