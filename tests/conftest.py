@@ -241,3 +241,24 @@ def chat_server(monkeypatch):
   for httpd in servers:
     httpd.shutdown()
     httpd.server_close()
+
+
+@pytest.fixture
+def one_device(monkeypatch):
+  """A recipe's mesh (`config.mesh`, through `sharding.make_mesh`) holds only
+  the first of this process's 8 CPU devices: a one-device user's mesh. The
+  suite's 8 fake devices share one core and meet in rendezvous, so a tiny RL
+  run's steps take ~2x as long on them (test_online.py's runs: 163 -> 115 s
+  of worker time). Tests of learning, rewards and errors take this fixture;
+  tests of the mesh, of resuming on it and of per-device figures keep all 8.
+  Choices made by device count (jax.device_count(): the CPU kernels) stay as
+  in the rest of the suite."""
+  import jax
+
+  from jpost import sharding
+  every = sharding.make_mesh
+
+  def first_device(shape=(), *, devices=None):
+    return every(shape, devices=jax.devices()[:1] if devices is None else devices)
+  monkeypatch.setattr(sharding, 'make_mesh', first_device)
+

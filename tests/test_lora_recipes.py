@@ -106,7 +106,7 @@ def char_checkpoint_real_logits(char_checkpoint, tmp_path_factory):
 
 
 def test_grpo_with_lora_learns_with_the_base_as_reference(char_checkpoint_real_logits,
-                                                          digit_share, tmp_path):
+                                                          digit_share, tmp_path, one_device):
   config = _online_config(grpo_config, char_checkpoint_real_logits, digit_share,
                           total_steps=20, prompts_per_step=4,
                           **{'optim.lr': 3e-2, 'rl.beta': 0.01, 'lora.rank': 16,

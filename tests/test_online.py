@@ -557,7 +557,7 @@ def _records(workdir):
   return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
 
 
-def test_grpo_learns_a_toy_verifiable_task(char_checkpoint, digit_share, tmp_path):
+def test_grpo_learns_a_toy_verifiable_task(char_checkpoint, digit_share, tmp_path, one_device):
   config = _config(char_checkpoint, total_steps=30, prompts_per_step=4, **{
       'optim.lr': 3e-3, 'rl.beta': 0.0, 'rewards': {digit_share: {'weight': 1.0}},
       'checkpoint.every': 30})
@@ -569,7 +569,8 @@ def test_grpo_learns_a_toy_verifiable_task(char_checkpoint, digit_share, tmp_pat
   assert end > start + 0.2, curve  # measured: 0.12 -> 0.79
 
 
-def test_ppo_with_kl_in_the_reward_learns(char_checkpoint, digit_share, tmp_path, capsys):
+def test_ppo_with_kl_in_the_reward_learns(char_checkpoint, digit_share, tmp_path, capsys,
+                                          one_device):
   config = _config(char_checkpoint, ppo, total_steps=30, prompts_per_step=4, **{
       'optim.lr': 3e-3, 'ppo.critic_optim.lr': 3e-3, 'rl.beta': 0.01,
       'rewards': {digit_share: {'weight': 1.0}}, 'checkpoint.every': 30})
@@ -582,9 +583,10 @@ def test_ppo_with_kl_in_the_reward_learns(char_checkpoint, digit_share, tmp_path
   err = capsys.readouterr().err
   assert f'critic: trainable parameters {critic:,};' in err
   # The critic update's activations are predicted too: the policy's layout
-  # through its trunk, no LM head; 4 prompts over 8 devices.
+  # through its trunk, no LM head; 4 prompts on this test's one device
+  # (test_epochs_and_minibatches_... divides the policy's over 8).
   model_config = hf.load(char_checkpoint, **hf.compute_options(config)).config
-  update = memory.rl_update_activations(model_config, 4 / 8, config.sampling.num_samples,
+  update = memory.rl_update_activations(model_config, 4 / 1, config.sampling.num_samples,
                                         config.data.max_prompt_len,
                                         config.sampling.max_new_tokens)
   critic_mb = (sum(update.values()) - update['lm_head']) / 2**20
@@ -598,7 +600,7 @@ def test_ppo_with_kl_in_the_reward_learns(char_checkpoint, digit_share, tmp_path
   assert (tmp_path / 'hf' / 'model.safetensors').exists()
 
 
-def test_ppo_critic_from_a_reward_model_checkpoint(char_checkpoint, tmp_path, capsys):
+def test_ppo_critic_from_a_reward_model_checkpoint(char_checkpoint, tmp_path, capsys, one_device):
   """ppo.critic_path: the critic is the reward model's trunk and head, not
   the policy's trunk with a fresh head. The reward model here is narrower
   than the policy (its parameter count tells the trunks apart) and has a zero
@@ -637,7 +639,8 @@ def test_ppo_critic_from_a_reward_model_checkpoint(char_checkpoint, tmp_path, ca
   assert (tmp_path / 'run' / 'hf' / 'model.safetensors').exists()
 
 
-def test_ppo_fresh_critic_head_starts_at_the_configured_scale(char_checkpoint, tmp_path):
+def test_ppo_fresh_critic_head_starts_at_the_configured_scale(char_checkpoint, tmp_path,
+                                                              one_device):
   """configs/ppo.py's fresh value head is zero (`ppo.critic_init_std` 0), so
   with a constant reward of 1, gamma = lam = 1 and no KL the first value loss
   is 0.5 * (0 - 1)^2 = 0.5 exactly; the reward models' random head
@@ -667,7 +670,8 @@ def _failing_judge():
   return reply
 
 
-def test_faulty_rewards_are_counted_and_the_run_goes_on(char_checkpoint, tmp_path, chat_server):
+def test_faulty_rewards_are_counted_and_the_run_goes_on(char_checkpoint, tmp_path, chat_server,
+                                                        one_device):
   endpoint = chat_server(_failing_judge())
 
   @rewards.register('raises')
@@ -704,7 +708,8 @@ def test_faulty_rewards_are_counted_and_the_run_goes_on(char_checkpoint, tmp_pat
   assert (tmp_path / 'hf').exists()
 
 
-def test_truncation_rate_and_length_are_the_rollouts(char_checkpoint, digit_share, tmp_path):
+def test_truncation_rate_and_length_are_the_rollouts(char_checkpoint, digit_share, tmp_path,
+                                                     one_device):
   """The reported truncation rate and mean length are those of the rows the
   rewards scored. Two rewards recount them from each completion's text: the
   character tokenizer decodes every token to its own string (specials whole),
@@ -759,7 +764,7 @@ def test_resume_continues_exactly(char_checkpoint, digit_share, tmp_path):
 
 
 def test_resume_from_a_checkpoint_without_compiled_shapes(char_checkpoint, digit_share,
-                                                          tmp_path):
+                                                          tmp_path, one_device):
   """A checkpoint written before the compiled shapes were kept holds only the
   prompt iterator's position: the run resumes from it with the same prompts
   (rewards equal the uninterrupted run's); its shape record starts anew."""

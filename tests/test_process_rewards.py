@@ -223,7 +223,7 @@ def _read(path):
   return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_prm_pipeline_labels_train_rerank_and_rl(tiny_checkpoint, tmp_path):
+def test_prm_pipeline_labels_train_rerank_and_rl(tiny_checkpoint, tmp_path, one_device):
   """Labels from rollouts -> a PRM -> best-of-n in eval -> the 'prm' reward in
   GRPO and PPO: every stage reads what the one before wrote."""
   prompts = tmp_path / 'multi.jsonl'
