@@ -9,7 +9,8 @@
 # step's MFU on full rows of random tokens, without the fused attention
 # kernel, and in rows of 256 rather than padding-free), the GRPO step
 # against TRL's, decode tokens/s (on jpost's decoding kernels and on
-# XLA's), SmolLM2's attention alone (the fused
+# XLA's; transformers' generate on the same batch), SmolLM2's attention
+# alone (the fused
 # kernel against blockwise), and the bfloat16 matmul speed at a step's
 # shapes (with YNNPACK, XLA:CPU's default, and with oneDNN), and SFT on one
 # logical CPU against two. The peak is probed in fresh processes at the
@@ -89,6 +90,8 @@ if [ "$what" != quick ]; then
   else
     echo "TRL is not installed: no peer figures (.venv/bin/pip install -e '.[bench]')"
   fi
+  # transformers' generate on the generation line's prompts and batch (a test extra).
+  run peer_generate bench/peer_hf_generate.py --batches 16
   run profile bench/profile_step.py --remat dots --by-source --matmuls
   # The GRPO step with its rollout on XLA's operations rather than jpost's kernels.
   run grpo_xla_decode bench/grpo_step.py --steps 5 --decode-kernels xla
@@ -168,6 +171,11 @@ if gen:
   summary['generate_tokens_per_s'] = gen.get('tokens_per_s')
   summary['generate_by_decode_kernels'] = {r.get('decode_kernels', 'auto'): r['tokens_per_s']
                                           for r in gen.get('settings', [])}
+peer_gen = last_json('peer_generate')
+if gen and peer_gen:
+  for s in peer_gen['settings']:
+    summary[f'generate_vs_transformers_{s["dtype"]}'] = round(
+        gen['tokens_per_s'] / s['tokens_per_s'], 2)
 attention = last_json('attention')
 if attention:
   summary['attention_fwd_bwd_ms'] = {f"{r['impl']} {r['dtype']}": r.get('fwd_bwd_ms', r.get('failed'))
