@@ -261,4 +261,3 @@ def one_device(monkeypatch):
   def first_device(shape=(), *, devices=None):
     return every(shape, devices=jax.devices()[:1] if devices is None else devices)
   monkeypatch.setattr(sharding, 'make_mesh', first_device)
-
