@@ -47,11 +47,13 @@ def _assert_matches(fn, ref, q, keys, values, seg):
   padding query's output is never read: no real token attends to it)."""
   real = np.asarray(seg) > 0
   weights = jnp.asarray(np.random.default_rng(1).normal(size=q.shape)) * real[..., None, None]
-  assert_norm_close(np.asarray(fn(q, keys, values))[real],
-                    np.asarray(ref(q, keys, values))[real], bound=1e-5)
+  # Jitted, as the model runs them: one program each, not an eager compile
+  # of every small operation (a third of this file's time went there).
+  assert_norm_close(np.asarray(jax.jit(fn)(q, keys, values))[real],
+                    np.asarray(jax.jit(ref)(q, keys, values))[real], bound=1e-5)
   loss = lambda f: lambda *a: jnp.sum(f(*a) * weights)
-  for g, w in zip(jax.grad(loss(fn), argnums=(0, 1, 2))(q, keys, values),
-                  jax.grad(loss(ref), argnums=(0, 1, 2))(q, keys, values)):
+  for g, w in zip(jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))(q, keys, values),
+                  jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2)))(q, keys, values)):
     assert_norm_close(g, w, bound=1e-5)
 
 
