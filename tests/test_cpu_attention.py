@@ -72,9 +72,9 @@ def test_kernel_equals_the_reference_forward_and_gradients(case):
   reference = lambda q, k, v: attn.dense_attention(
       *(a.astype(jnp.float32) for a in (q, k, v)), mask)
   assert_norm_close(jax.jit(kernel)(q, keys, values).astype(jnp.float32) * real,
-                    reference(q, keys, values) * real, bound=5e-3, what='output ')
+                    jax.jit(reference)(q, keys, values) * real, bound=5e-3, what='output ')
   got = jax.jit(jax.grad(loss(kernel), argnums=(0, 1, 2)))(q, keys, values)
-  want = jax.grad(loss(reference), argnums=(0, 1, 2))(q, keys, values)
+  want = jax.jit(jax.grad(loss(reference), argnums=(0, 1, 2)))(q, keys, values)
   assert_norm_close([g.astype(jnp.float32) for g in got], want, bound=5e-3, what='gradient ')
   # Padding queries get zeros, and so do their gradients.
   out = np.asarray(jax.jit(kernel)(q, keys, values), np.float32)
@@ -125,10 +125,10 @@ def test_queries_that_continue_the_keys_equal_the_reference(case):
     *(a.astype(jnp.float32) for a in (q, k, v)), visible.dense_mask())
   out = jax.jit(kernel)(q, keys, values)
   assert out.shape == q.shape
-  assert_norm_close(out.astype(jnp.float32) * real, reference(q, keys, values) * real,
-           bound=5e-3, what='output ')
+  assert_norm_close(out.astype(jnp.float32) * real,
+                    jax.jit(reference)(q, keys, values) * real, bound=5e-3, what='output ')
   got = jax.jit(jax.grad(loss(kernel), argnums=(0, 1, 2)))(q, keys, values)
-  want = jax.grad(loss(reference), argnums=(0, 1, 2))(q, keys, values)
+  want = jax.jit(jax.grad(loss(reference), argnums=(0, 1, 2)))(q, keys, values)
   assert_norm_close([g.astype(jnp.float32) for g in got], want, bound=5e-3, what='gradient ')
   assert not np.any(np.asarray(out, np.float32)[np.asarray(q_seg) == 0])
 
