@@ -486,14 +486,18 @@ def test_decoding_on_the_kernels_equals_xlas_for_other_layouts(kernels_on, layou
     model.config = dataclasses.replace(cfg, decode_kernels=kernels)
     layers = model.decode_layers()
     packed = [cpu_decode.is_packed(layers[0][name]) for name in ('qkv', 'o', 'gate_up', 'down')]
-    cache = decoder.init_cache(model.config, 3, 12)
-    hidden, pos, cache = sampling._prefill(model, tokens, mask, cache, layers)
-    states = [hidden]
-    for token in (5, 7):
-      hidden, cache = sampling._decode(model, jnp.full((3,), token), pos + 1, cache, layers)
-      pos = pos + 1
-      states.append(hidden)
-    return jnp.stack(states).astype(jnp.float32), packed
+
+    @jax.jit  # as the sampler runs them: one program, not every operation compiled eagerly
+    def steps(layers):
+      cache = decoder.init_cache(model.config, 3, 12)
+      hidden, pos, cache = sampling._prefill(model, tokens, mask, cache, layers)
+      states = [hidden]
+      for token in (5, 7):
+        hidden, cache = sampling._decode(model, jnp.full((3,), token), pos + 1, cache, layers)
+        pos = pos + 1
+        states.append(hidden)
+      return jnp.stack(states).astype(jnp.float32)
+    return steps(layers), packed
 
   got, packed = run('auto')
   want, unpacked = run('xla')
