@@ -8,8 +8,6 @@ suite runs on 8 fake devices, where 'auto' keeps XLA's operations; the
 sampling test turns the kernels on as one device would."""
 
 import dataclasses
-import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +22,7 @@ from jpost.models import cpu_decode, decoder, hf
 from jpost.models.config import ModelConfig
 from jpost.models.decoder import Decoder
 from jpost.tokenizer import Tokenizer
+from digit_share_config import recipe
 from norms import assert_norm_close
 from test_sampling import _full_forward_logprobs, _prompts
 
@@ -287,15 +286,6 @@ def test_what_the_attention_kernel_takes():
     cpu_decode.attention(q, own_k, own_v, mask, (*prefix[:2], prefix[2][:, :, :8]))
 
 
-def _recipe_config(name, arg):
-  """configs/NAME.py's config for ARG, loaded from its file."""
-  spec = importlib.util.spec_from_file_location(
-      f'jpost_configs_{name}', pathlib.Path(__file__).parent.parent / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 @pytest.fixture
 def kernels_on(monkeypatch):
   """'auto' as on one CPU device with the kernels (the suite has 8 fake
@@ -401,7 +391,7 @@ def test_the_chat_recipe_prepares_once_for_every_turn(shallow_smollm2, monkeypat
   once, neither preparing its own."""
   import io
   from jpost import trainers
-  config = _recipe_config('chat', None).unlock()
+  config = recipe('chat').get_config(None).unlock()
   config.model.path, config.sampling.max_new_tokens = str(shallow_smollm2), 2
   calls = []
   for name in ('_prepare', '_stream_prefill'):
@@ -453,7 +443,7 @@ def test_the_generate_recipe_scans_its_one_call_unless_on_the_kernels(
   real = sampling.generate
   monkeypatch.setattr(sampling, 'generate', lambda model, tokens, mask, settings, *rest, **kw: (
       seen.append(settings.scan_layers) or real(model, tokens, mask, settings, *rest, **kw)))
-  config = _recipe_config('generate', 'tiny').unlock()
+  config = recipe('generate').get_config('tiny').unlock()
   config.model.path, config.model.dtype = str(shallow_smollm2), dtype
   config.sampling.max_new_tokens, config.sampling.scan_layers = 2, scan_layers
   records = trainers.get('generate')(config, None)
