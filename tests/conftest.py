@@ -59,12 +59,33 @@ def pytest_configure(config):
   os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
   import jax
   from jpost.main import compilation_cache_is_safe
-  if not compilation_cache_is_safe():  # this process's 8 CPU devices: see there
+  if not compilation_cache_is_safe() and not _cache_one_device_programs_only():
     jax.config.update('jax_enable_compilation_cache', False)
     return
   jax.config.update('jax_compilation_cache_dir', folder)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def _cache_one_device_programs_only():
+  """With several CPU devices in this process, programs that span them may
+  deadlock when loaded from the cache (`jpost.main.compilation_cache_is_safe`);
+  a program on one device has no collectives. So only those use the cache:
+  the key of every program on several devices is None, which is what jax's
+  compiler reads as "not cached". jax's private hook; where it has moved, the
+  cache stays off (False)."""
+  from jax._src import compiler
+  get_cache_key = getattr(compiler, '_get_cache_key', None)
+  if get_cache_key is None:
+    return False
+
+  def one_device_cache_key(*args, devices, **kwargs):
+    if devices.size > 1:
+      return None
+    return get_cache_key(*args, devices=devices, **kwargs)
+
+  compiler._get_cache_key = one_device_cache_key
+  return True
 
 
 def pytest_unconfigure(config):
