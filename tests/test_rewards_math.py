@@ -61,6 +61,12 @@ def test_extract_answer_without_fallback():
     ('1/0', '1', None),
     ('\\sqrt{4}', '2', None),  # not a plain number: math_verify decides
     ('x = 5', '5', None),
+    ('2.5e3', '2500', True),
+    ('1e1000', '1e1000', True),
+    # Exactly, 10**10000000: 6 s of big-integer arithmetic (10**99999999:
+    # hours) that no timeout in this process can stop. math_verify decides.
+    ('1e10000000', '60', None),
+    ('1e-10000000', '0', None),
 ])
 def test_numbers_equal(pred, gold, expected):
   assert answers.numbers_equal(pred, gold) is expected
@@ -126,6 +132,15 @@ def test_hostile_tower_times_out_and_the_worker_recovers(warm_worker):
   np.testing.assert_array_equal(result.total, [0.0, 1.0])
   assert equivalence._WORKER.kills == kills + 1
   assert rewards.is_equivalent('\\sqrt{9}', '3')  # a fresh worker answers
+
+
+def test_a_huge_exponent_is_scored_without_holding_the_process(warm_worker):
+  start = time.perf_counter()
+  result = _math(['\\boxed{1e99999999}', 'so\n#### 1e-99999999', '\\boxed{60}'], '60',
+                 verify_timeout=1.0)
+  assert time.perf_counter() - start < 2.0
+  np.testing.assert_array_equal(result.per_source['math'], [0.0, 0.0, 1.0])
+  assert sum(result.failures['math'].values()) == 0
 
 
 def test_is_equivalent_raises_verify_timeout(warm_worker):

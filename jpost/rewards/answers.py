@@ -10,7 +10,9 @@
 digit groups, `$`, a trailing '.', surrounding braces and a trailing `%` are
 ignored ('25%' equals '25', not '0.25'); `a/b` and `\\frac{a}{b}` are exact
 fractions; two numbers are equal when exactly equal or within a relative
-1e-6 (so '72.0' == '72', '3/4' == '0.75', '0.333333' == '1/3').
+1e-6 (so '72.0' == '72', '3/4' == '0.75', '0.333333' == '1/3'). A number
+with an exponent past +-MAX_EXPONENT ('1e99999999') is not a plain number
+here: computing it exactly could hold the process for hours.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ _LAST_NUMBER = re.compile(
     r'|\d+/\d+'  # 3/4
     r'|\d+(?:\.\d+)?'  # 12, 12.5
     r'|\.\d+)')  # .5
-_PLAIN = re.compile(r'[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?')
+_PLAIN = re.compile(r'[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE]([-+]?\d+))?')
+# An exact '1e99999999' is 10**99999999: minutes of big-integer arithmetic
+# that hold the interpreter, so no timeout in this process could stop it.
+# Exponents past this go to the verifier's subprocess, which can be killed.
+MAX_EXPONENT = 1000
 _GROUPED = re.compile(r'[-+]?\d{1,3}(?:,\d{3})+(?:\.\d*)?')
 _SLASH = re.compile(r'([-+]?\d+)/(\d+)')
 _FRAC = re.compile(r'(-?)\\[dt]?frac\{(-?\d+)\}\{(-?\d+)\}')
@@ -123,7 +129,9 @@ def parse_number(text: str) -> fractions.Fraction | None:
   if _GROUPED.fullmatch(s):
     s = s.replace(',', '')
   try:
-    if _PLAIN.fullmatch(s):
+    if m := _PLAIN.fullmatch(s):
+      if m.group(1) and abs(int(m.group(1))) > MAX_EXPONENT:
+        return None
       return fractions.Fraction(s)
     if m := _SLASH.fullmatch(s):
       return fractions.Fraction(int(m.group(1)), int(m.group(2)))
