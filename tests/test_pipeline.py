@@ -322,6 +322,26 @@ def test_no_assistant_turn_error_and_skip(smollm2):
   assert stats.as_dict()['rows']['skipped_by_reason'] == {'no_assistant_turn': 1}
 
 
+PLAIN_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+
+
+@pytest.mark.parametrize('policy', ['error', 'skip'])
+def test_a_template_that_ends_turns_in_plain_text_is_an_error(smollm2, policy):
+  """With no special token after an assistant turn, its content alone would be
+  the targets (ending in '\\n'), and eos never one: the model would not learn to
+  stop. That is the template's doing, not a row's, so no policy skips it."""
+  plain = smollm2.with_chat_template(PLAIN_TEMPLATE)
+  for recipe, rows in (('sft', _sft_rows(2)),
+                       ('preference', [{'prompt': [{'role': 'user', 'content': '2 + 3?'}],
+                                        'chosen': [{'role': 'assistant', 'content': '5.'}],
+                                        'rejected': [{'role': 'assistant', 'content': '6.'}]}])):
+    ds, _ = pipeline.build(recipe, rows, plain, batch_size=1, max_len=128, packing=False,
+                           num_epochs=1, policy=policy)
+    with pytest.raises(ConfigError, match=r'rows\[0\]: the chat template ends message 1 '
+                                          r'\(assistant\) with no special token'):
+      list(ds)
+
+
 def test_bad_rows_reported_with_location(tmp_path, smollm2):
   path = tmp_path / 'train.jsonl'
   good = json.dumps(_sft_rows(1)[0])

@@ -90,10 +90,16 @@ def encode_sft(example: dict, tokenizer: Tokenizer, mask_mode: str = 'auto'):
                      'add an assistant turn, or choose another mask_mode')
     for i in targets:
       span = encoding.spans[i]
+      if span.eot is None:  # a template that ends turns in plain text
+        raise ConfigError(
+            f"{where}: the chat template ends message {i} ({example['messages'][i]['role']}) "
+            'with no special token, so no target token would teach the model to stop and '
+            'its answers would run on to the token limit. Give the tokenizer a chat template '
+            "that ends each turn with a special token (e.g. SmolLM2's <|im_end|>), or use "
+            'prompt/completion text rows, whose targets end with eos.')
       # Content, any whitespace the template puts before the end-of-turn
       # token, and that token: it is how the model learns to stop.
-      end = span.eot + 1 if span.eot is not None else span.end
-      mask[span.content_start:end] = 1
+      mask[span.content_start:span.eot + 1] = 1
     if not mask.any():
       raise RowError('empty_completion', where, 'the target messages encode to no tokens',
                      'give non-empty assistant content')
