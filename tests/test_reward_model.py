@@ -72,6 +72,19 @@ def test_multi_label_classifier_is_rejected(tiny_checkpoint, tmp_path):
     reward_model.load(path)
 
 
+def test_classifier_without_its_head_is_rejected(tiny_checkpoint, tmp_path):
+  """A classifier whose weights lost score.weight (a causal LM's are fine:
+  they start a new reward model) must not come back with a random head."""
+  from safetensors.numpy import load_file, save_file
+  path = reward_model.save(reward_model.load(tiny_checkpoint), tmp_path / 'rm')
+  tensors = load_file(path / 'model.safetensors')
+  del tensors['score.weight']
+  save_file(tensors, path / 'model.safetensors', metadata={'format': 'pt'})
+  with pytest.raises(ValueError, match='names a sequence classifier, but its weights hold no '
+                                       'score.weight'):
+    reward_model.load(path)
+
+
 def test_scorer_rejects_mismatched_lists(tiny_checkpoint):
   scorer = reward_model.load_scorer(tiny_checkpoint)
   with pytest.raises(ValueError, match='2 prompts but 1 completions'):

@@ -15,6 +15,7 @@ predicts tokens) or from such a classifier.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 
 import jax
@@ -65,6 +66,11 @@ def _trunk_config(path: pathlib.Path, overrides) -> ModelConfig:
   return dataclasses.replace(cfg, tie_embeddings=True)
 
 
+def _is_classifier(path: pathlib.Path) -> bool:
+  architectures = json.loads((path / 'config.json').read_text()).get('architectures') or []
+  return any(name.endswith('ForSequenceClassification') for name in architectures)
+
+
 def load(path: str | pathlib.Path, *, mesh=None, seed: int = 0, init_std: float | None = None,
          lora_adapter=None, **overrides) -> ScalarModel:
   """A ScalarModel from a sequence-classifier or causal-LM checkpoint dir.
@@ -92,6 +98,11 @@ def load(path: str | pathlib.Path, *, mesh=None, seed: int = 0, init_std: float 
                       init_std=init_std)
   if adapter_score is not None:
     score = lambda: adapter_score[None]
+  if score is None and _is_classifier(path):  # not a causal LM: its head is lost
+    raise ValueError(
+        f'{path}: config.json names a sequence classifier, but its weights hold no '
+        f'{SCORE_TENSOR}, so its reward head would be drawn afresh. Give the folder its '
+        'trained weights, or a causal LM checkpoint to start a new reward model from.')
   if score is not None:
     weight = score()
     if weight.shape != (1, cfg.hidden_size):
