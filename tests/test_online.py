@@ -823,6 +823,8 @@ def test_filtered_sampling_recomputes_old_logprobs_and_logs_the_gap(char_checkpo
     ({'rl.minibatches': 3}, 'must divide the rollout rows'),
     ({'rl.aggregation': 'mean'}, 'aggregation'),
     ({'rl.kl_in': 'both'}, 'kl_in'),
+    ({'rl.kl_in': 'reward', 'rl.kl_estimator': 'k3'},
+     r"kl_in='reward' puts k1 .*kl_estimator='k3' would be ignored"),
     ({'sampling.temperature': 0.0}, 'temperature must be > 0'),
     ({'sampling.num_samples': 1}, 'num_samples >= 2'),
     ({'rewards': {'nope': {}}}, 'nope'),

@@ -61,6 +61,13 @@ def validate(config, algorithm: str) -> None:
   if rl.kl_estimator not in ops.KL_ESTIMATORS:
     raise ConfigError(f'config.rl.kl_estimator={rl.kl_estimator!r}; use one of '
                      f'{ops.KL_ESTIMATORS}.')
+  if rl.kl_in == 'reward' and rl.beta > 0 and rl.kl_estimator != 'k1':
+    # The reward takes log pi - log ref per token (the policy gradient then
+    # carries KL's gradient); an estimator named here would go unused.
+    raise ConfigError(
+        f"config.rl.kl_in='reward' puts k1 (log pi - log ref) in the reward, so "
+        f'config.rl.kl_estimator={rl.kl_estimator!r} would be ignored: set '
+        "--config.rl.kl_estimator=k1, or --config.rl.kl_in=loss for a KL term in the loss.")
   if rl.old_logprobs not in OLD_LOGPROBS:
     raise ConfigError(f'config.rl.old_logprobs={rl.old_logprobs!r}; use one of {OLD_LOGPROBS}.')
   # The trainer's log-probs are the unfiltered ones at the rollout temperature;
