@@ -152,6 +152,29 @@ def test_policy_loss_per_token_advantages_and_all_padding_row():
   np.testing.assert_allclose(padded, ref, rtol=1e-6)
 
 
+@pytest.mark.parametrize('aggregation, normalizer', [('token', 5.0), ('sequence', 2.0),
+                                                    ('constant', 8.0)])
+def test_micro_batches_with_the_whole_batchs_normalizer_sum_to_its_loss(aggregation,
+                                                                         normalizer):
+  """The trainer splits a batch into micro-batches and gives each the whole
+  batch's normalizer (rl_parts.policy_normalizer_fn): 5 completion tokens, 2
+  sequences with any (an all-padding row counts for nothing), 2 x 4 slots.
+  Each micro-batch's loss divided by its own count would not sum to this."""
+  from jpost.trainers import rl_parts
+  pad = lambda a, v: np.concatenate([a, np.full((1, 3), v, np.float32)])
+  new, old, adv, mask = pad(NEW, 3.0), pad(OLD, 0.0), np.append(ADV, 7.0), pad(MASK, 0.0)
+  got = rl_parts.policy_normalizer_fn({'completion_mask': jnp.asarray(mask)},
+                                      aggregation=aggregation, max_new_tokens=4)
+  assert float(got) == normalizer
+  kw = dict(aggregation=aggregation, max_tokens=4, normalizer=normalizer)
+  parts = [_policy(new[rows], old[rows], adv[rows], mask[rows], **kw)[0]
+           for rows in (slice(0, 1), slice(1, 3))]
+  whole = _policy(NEW, OLD, ADV, MASK, aggregation=aggregation, max_tokens=4)[0]
+  np.testing.assert_allclose(sum(parts), whole, rtol=1e-5)
+  expected = {'token': TOTAL / 5, 'sequence': (-3.3 / 3 + 0.85 / 2) / 2, 'constant': TOTAL / 8}
+  np.testing.assert_allclose(whole, expected[aggregation], rtol=1e-5)
+
+
 def test_policy_gradient_is_zero_exactly_on_the_clipped_side():
   # One row, token aggregation over 4 tokens, clip 0.2:
   #   A > 0, ratio 1.5 (> 1.2): clipped, zero gradient.

@@ -1,5 +1,6 @@
 """The online RL loop (GRPO, PPO): layouts, learning on a toy task, faults, resume."""
 
+import functools
 import json
 import re
 import sys
@@ -313,8 +314,8 @@ def test_reference_and_old_logprobs_use_the_policys_rows(tiny_checkpoint):
   prepare = rl_parts.make_prepare(graphdef, None, algorithm='grpo', rl=config.rl, num_samples=2,
                                   temperature=0.7, kl_coef=0.1,
                                   mesh=sharding.make_mesh(devices=jax.devices()[:1]))
-  batch, _ = prepare(params, ref_params, None, prompts, completions,
-                     jnp.array([1.0, 0.0, 0.5, 0.0]))
+  batch, prepared = prepare(params, ref_params, None, prompts, completions,
+                            jnp.array([1.0, 0.0, 0.5, 0.0]))
   rows = rl_parts.training_rows(prompts, completions, 2)
 
   def full_forward(weights):
@@ -327,6 +328,20 @@ def test_reference_and_old_logprobs_use_the_policys_rows(tiny_checkpoint):
   # The two differ (the reference is another model), on the same positions.
   assert np.abs(np.asarray(batch['ref_logprobs'] - batch['old_logprobs'])[real]).min() > 1e-4
   np.testing.assert_array_equal(np.asarray(batch['completion_mask']) > 0, real)
+  # The gap to the sampler's log-probs (all 0 here) is logged: mean |old| over real tokens.
+  np.testing.assert_allclose(prepared['logprob_mismatch/sampler_vs_trainer'],
+                             np.abs(full_forward(params)[real]).mean(), rtol=1e-5)
+
+  # The update logs |trainer - old| and the ratios: 0 and 1 with the old
+  # log-probs recomputed, 0.1 and e^0.1 with old ones 0.1 lower everywhere.
+  loss = functools.partial(rl_parts.policy_loss_fn, rl=config.rl, temperature=0.7,
+                           max_new_tokens=4, kl_coef=0.0)
+  model = nnx.merge(graphdef, params)
+  for shift in (0.0, 0.1):
+    shifted = batch | {'old_logprobs': batch['old_logprobs'] - shift}
+    _, out = jax.jit(loss)(model, shifted, jnp.sum(batch['completion_mask']))
+    assert float(out['logprob_mismatch']) == pytest.approx(shift, abs=1e-5)
+    assert float(out['ratio_mean']) == pytest.approx(np.exp(shift), rel=1e-5)
 
   # kl_in='reward': each score loses beta x the sequence's summed k1 = old - ref
   # before the group advantages (unscaled here: a group of 2 scaled by its
