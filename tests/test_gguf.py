@@ -51,6 +51,18 @@ def test_unpermute_inverts_llama_cpp_permutation():
   np.testing.assert_array_equal(jgguf.unpermute_rotary(permuted, heads), weight)
 
 
+def test_gguf_tensors_without_an_hf_name_are_an_error(gguf_file):
+  """Every tensor in the file must map to an HF name: with a config of one
+  layer fewer, layer 29's tensors would otherwise be dropped unread."""
+  import gguf
+  from jpost.errors import ConfigError
+  reader = gguf.GGUFReader(gguf_file)
+  config = jgguf.hf_config_from_gguf(reader, source='smollm2.gguf') | {'num_hidden_layers': 29}
+  with pytest.raises(ConfigError, match=r"smollm2.gguf: GGUF tensors with no HF mapping: "
+                                        r"\['blk\.29\."):
+    jgguf.hf_tensors_from_gguf(reader, config, source='smollm2.gguf')
+
+
 def test_weights_equal_transformers_gguf_loading(model, reference):
   state = reference.state_dict()
   ours = hf.params_to_hf(model)

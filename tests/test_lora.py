@@ -3,6 +3,7 @@ export, quantisation error, the trainable split and the adapters-off reference."
 
 import json
 import re
+import shutil
 
 import chex
 import jax
@@ -87,6 +88,24 @@ def test_exported_adapter_loads_in_peft_and_merged_export_matches(adapted, tmp_p
   np.testing.assert_allclose(_torch_logits(merged, tokens[0]), got, atol=1e-4, rtol=0)
   assert not any('lora' in k for k in json.loads((tmp_path / 'merged' / 'config.json')
                                                  .read_text()))
+
+
+def test_a_peft_adapter_missing_or_adding_a_tensor_is_an_error(adapted, tmp_path):
+  """Every tensor the adapter's config promises must be in its file, and every
+  tensor in the file used: a renamed or dropped tensor never loads as zeros."""
+  from safetensors.numpy import load_file, save_file
+  _, base, adapter = adapted
+  tensors = load_file(adapter / 'adapter_model.safetensors')
+  name = next(k for k in sorted(tensors) if 'layers.1.self_attn.v_proj.lora_A' in k)
+  for case, changed, message in (
+      ('missing', {k: v for k, v in tensors.items() if k != name}, f'missing {name}'),
+      ('extra', tensors | {'base_model.model.lm_head.lora_A.weight': tensors[name]},
+       r'tensors jpost would not use \(1\)')):
+    folder = tmp_path / case
+    shutil.copytree(adapter, folder)
+    save_file(changed, folder / 'adapter_model.safetensors', metadata={'format': 'pt'})
+    with pytest.raises(ConfigError, match=message):
+      _load(base, folder)
 
 
 def test_fresh_adapters_leave_the_base_unchanged(tiny_checkpoint):
