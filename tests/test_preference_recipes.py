@@ -266,3 +266,55 @@ def test_evaluation_fills_up_its_last_batch_with_pairs_that_weigh_nothing(tiny_c
     assert set(results[3]) == set(results[1]) and len(results[1]) > 1
     for k in results[1]:
       np.testing.assert_allclose(results[3][k], results[1][k], rtol=1e-5, err_msg=(name, k))
+
+
+def test_accumulated_pair_updates_equal_one_batch_with_an_empty_pair(tiny_checkpoint, tmp_path):
+  """accum_steps=2 over 4 pairs, the last one empty (a process whose data ran
+  out fills its batch so): the gradient is the whole batch's, divided by its 3
+  real pairs, for DPO (SimPO: no reference) and a reward model. Each
+  micro-batch normalised by its own pairs (2 and 1) would weigh them unequally."""
+  import functools
+
+  import jax
+  import ml_collections
+  from flax import nnx
+
+  from jpost import optim, sharding
+  from jpost.models import hf, pretrained
+  from jpost.models import reward as reward_model
+  from jpost.tokenizer import Tokenizer
+  from jpost.trainers import dpo, loop, reward
+  from norms import assert_norm_close
+
+  tokenizer = Tokenizer.from_dir(pretrained.resolve('smollm2-135m-instruct'))
+  data = ml_collections.ConfigDict(dict(max_len=48, truncation='truncate_left', weights=(),
+                                        policy='error', num_threads=0))
+  batch = next(iter(reward.preference_data(
+      data, sources=[str(_pairs_file(tmp_path / 'train.jsonl', n=3))], epochs=1, seed=0,
+      batch_size=4, pad_last=True)(tokenizer, 0, 1)[0]))
+  assert [bool(row.any()) for row in batch['chosen_segment_ids']] == [True] * 3 + [False]
+  assert float(reward.normalizer_fn(batch)) == 3.0
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  simpo = ml_collections.ConfigDict(dict(loss_type='simpo', beta=2.0, label_smoothing=0.0,
+                                         simpo_gamma=0.5))
+  optim_config = ml_collections.ConfigDict(dict(
+      name='sgd', lr=0.1, warmup_steps=0, schedule='constant', end_lr_ratio=1.0, b1=0.0,
+      b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=0.0))
+  recipes = {
+      'dpo': (functools.partial(dpo.loss_fn, loss_cfg=simpo), dpo.normalizer_fn,
+              lambda: hf.load(tiny_checkpoint)),
+      'reward': (functools.partial(reward.loss_fn, center_coef=0.01), reward.normalizer_fn,
+                 lambda: reward_model.load(tiny_checkpoint, seed=0, init_std=0.5)),
+  }
+  for name, (loss_fn, normalizer_fn, load) in recipes.items():
+    start = nnx.state(load())
+    updates = {}
+    for accum_steps in (1, 2):
+      tx, schedule = optim.build(optim_config, 10)
+      graphdef, state = loop.init_state(load(), tx, 0, mesh)
+      step = loop.make_update(graphdef, loss_fn, normalizer_fn, tx, schedule,
+                              accum_steps=accum_steps, mesh=mesh, state=state)
+      state, _ = step(state, loop.place_batch(batch, mesh))
+      updates[accum_steps] = jax.tree.map(lambda x, x0: np.asarray(x) - np.asarray(x0),
+                                          jax.device_get(state['params']), start)
+    assert_norm_close(updates[2], updates[1], bound=1e-4, what=f'{name} update ')
