@@ -135,3 +135,14 @@ def with_state(cfg: ModelConfig, activations: dict, fsdp: int = 1) -> dict:
   sizes |= activations
   sizes['total'] = sum(sizes.values())
   return sizes
+
+
+def shortfall(needed: float, stats: dict | None) -> tuple[float, float] | None:
+  """(free, limit) bytes of a device whose free memory (its memory_stats():
+  bytes_limit - bytes_in_use) is less than `needed` bytes; None when it has
+  enough, or reports no limit (XLA:CPU's devices report no stats)."""
+  if not stats or 'bytes_limit' not in stats:
+    return None
+  limit = float(stats['bytes_limit'])
+  free = limit - float(stats.get('bytes_in_use', 0))
+  return (free, limit) if needed > free else None

@@ -110,3 +110,34 @@ def test_prediction_is_within_15_percent_of_xla(args):
   kept the saved values as bits on CPU, 0.94 after.)"""
   plan = _plan(*args)
   assert 0.85 <= plan['predicted_over_compiled'] <= 1.15, plan
+
+
+def test_shortfall_compares_with_the_free_memory_a_device_reports():
+  gb = 2**30
+  stats = {'bytes_limit': 80 * gb, 'bytes_in_use': 30 * gb}  # a GPU's memory_stats(), in part
+  assert memory.shortfall(60 * gb, stats) == (50 * gb, 80 * gb)
+  assert memory.shortfall(50 * gb, stats) is None  # exactly what is free
+  assert memory.shortfall(60 * gb, {'bytes_limit': 80 * gb}) is None  # nothing in use yet
+  assert memory.shortfall(1e15, None) is None  # XLA:CPU reports no stats
+  from jpost.trainers import loop
+  warning = loop.memory_warning('policy update', 52 * gb, 8 * gb, stats)
+  assert warning.startswith('jpost: warning: the policy update needs about 60.00 GB per device '
+                            '(activations 52.00, gradients 8.00; predicted) beside the state, '
+                            'and the device has 50.00 of its 80.00 GB free')
+  assert loop.memory_warning('step', 42 * gb, 8 * gb, stats) is None
+
+
+def test_the_plan_warns_only_where_a_device_reports_its_memory(tiny_checkpoint, capsys):
+  """On CPU (no memory stats) the plan's line comes without a warning, even
+  for more memory than any machine has; the gradients are one device's
+  shards of the trainable parameters."""
+  import jax
+
+  from jpost.models import hf
+  from jpost.trainers import loop
+  assert jax.local_devices()[0].memory_stats() is None
+  params = jax.tree.leaves(hf.load(tiny_checkpoint))
+  parts = {'saved_activations': 2**50, 'layer_backward': 0, 'attention': 0, 'lm_head': 0}
+  loop.print_activations(parts, 'step', params)
+  err = capsys.readouterr().err
+  assert 'step activations up to' in err and 'warning' not in err

@@ -35,7 +35,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jpost import checkpoint, metrics, sharding
+from jpost import checkpoint, memory, metrics, sharding
 from jpost.errors import ConfigError
 from jpost.models import lora
 
@@ -245,13 +245,40 @@ def print_sizes(sizes: dict, label: str = '') -> None:
           f'{sizes["memory/opt_state_mb"]:.1f} MB', file=sys.stderr)
 
 
-def print_activations(parts: dict, what: str) -> None:
-  """One line: activation bytes by part (jpost.memory's prediction)."""
+def print_activations(parts: dict, what: str, trainable=None) -> None:
+  """One line: activation bytes by part (jpost.memory's prediction). Given
+  the `trainable` parameters (placed, so the device's memory in use holds the
+  state), warns when those activations and the gradients (one device's
+  shards of `trainable`) exceed the memory the first device has left: before
+  anything is compiled, not after minutes of it."""
   mb = {name: value / 2**20 for name, value in parts.items()}
   if jax.process_index() == 0:
     print(f"{what} activations up to {sum(mb.values()):.1f} MB per device, predicted "
           f"(saved {mb['saved_activations']:.1f}, layer backward {mb['layer_backward']:.1f}, "
           f"attention {mb['attention']:.1f}, LM head {mb['lm_head']:.1f})", file=sys.stderr)
+  if trainable is None:
+    return
+  grads = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+              for x in jax.tree.leaves(trainable))
+  warning = memory_warning(what, sum(parts.values()), grads,
+                           jax.local_devices()[0].memory_stats())
+  if warning:
+    print(warning, file=sys.stderr, flush=True)
+
+
+def memory_warning(what: str, activations: float, grads: float, stats) -> str | None:
+  """The warning for a step whose predicted activations and gradients (bytes
+  per device) exceed what the device's memory `stats` say is free, or None."""
+  needed = activations + grads
+  short = memory.shortfall(needed, stats)
+  if short is None:
+    return None
+  return (f'jpost: warning: the {what} needs about {needed / 2**30:.2f} GB per device '
+          f'(activations {activations / 2**30:.2f}, gradients {grads / 2**30:.2f}; predicted) '
+          f'beside the state, and the device has {short[0] / 2**30:.2f} of its '
+          f'{short[1] / 2**30:.2f} GB free: it may run out of memory. Make the batch smaller '
+          '(batch_size or prompts_per_step) or split it (accum_steps; rl.minibatches), set '
+          "model.remat='full', or shard the state over more devices (mesh fsdp).")
 
 
 def batch_devices(mesh) -> int:

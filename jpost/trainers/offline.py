@@ -163,7 +163,8 @@ def run(config, workdir: str | None, task: Task) -> dict[str, Any]:
     row_len = packing.get('row_len', config.data.max_len)
     rows = (config.batch_size * config.data.max_len / row_len / config.accum_steps
             / loop.batch_devices(mesh))
-    loop.print_activations(task.activations(model.config, rows, row_len), 'step')
+    loop.print_activations(task.activations(model.config, rows, row_len), 'step',
+                           lora.trainable(state['params'])[0])
 
   # --- data ------------------------------------------------------------------
   # Each process reads its rows of every global batch (pipeline.build's shard).

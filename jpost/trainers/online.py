@@ -288,7 +288,8 @@ def _rollout(parts: Parts, state: dict, number: int):
   return batch | {'placed': placed}, completions
 
 
-def _print_memory_plan(config, model_config, ref_params, mesh, critic_config=None) -> None:
+def _print_memory_plan(config, model_config, ref_params, mesh, state,
+                       critic_config=None) -> None:
   """What the rollout and the update add to the train state, before anything
   runs: the KV cache at its largest (prompts cut to their longest only shrink
   it) and the reference's copy of the weights (global sizes, over every
@@ -311,9 +312,11 @@ def _print_memory_plan(config, model_config, ref_params, mesh, critic_config=Non
   update = lambda cfg: memory.rl_update_activations(
       cfg, prompts / loop.batch_devices(mesh), samples, config.data.max_prompt_len,
       config.sampling.max_new_tokens)
-  loop.print_activations(update(model_config), 'policy update')
+  trainable = lambda part: lora.trainable(state[part]['params'])[0]
+  loop.print_activations(update(model_config), 'policy update', trainable('policy'))
   if critic_config is not None:
-    loop.print_activations(update(critic_config) | {'lm_head': 0}, 'critic update')
+    loop.print_activations(update(critic_config) | {'lm_head': 0}, 'critic update',
+                           trainable('critic'))
 
 
 def _all_processes(result: ScoreResult) -> ScoreResult:
@@ -437,7 +440,7 @@ def run(config, workdir: str | None, algorithm: str) -> dict[str, Any]:
   ref_params = (jax.tree.map(jnp.copy, state['policy']['params'])
                 if rl.beta > 0 and not adapters else None)
   settings = rollout.sampling_config(config.sampling, tokenizer)
-  _print_memory_plan(config, model.config, ref_params, mesh, critic_config=nnx.merge(
+  _print_memory_plan(config, model.config, ref_params, mesh, state, critic_config=nnx.merge(
       critic_graphdef, state['critic']['params']).config if 'critic' in state else None)
   prompts, prompt_stats = _prompt_data(
       config, tokenizer, config.data.train, epochs=None, batch_size=config.prompts_per_step,
