@@ -41,6 +41,16 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, jax.devices())"
 } 2>&1 | tee "$out/env.txt"
+# The memory plan's warning (XLA:CPU reports no memory, so only here): a
+# step predicted at 1 TB must be warned about, with the card's figures.
+python3 - <<'PY' 2>&1 | grep -v Warn | tee "$out/memory_warning.txt"
+import jax, jax.numpy as jnp
+from jpost.trainers import loop
+stats = jax.local_devices()[0].memory_stats() or {}
+print('bytes_limit', stats.get('bytes_limit'), 'bytes_in_use', stats.get('bytes_in_use'))
+loop.print_activations({'saved_activations': 2**40, 'layer_backward': 0, 'attention': 0,
+                        'lm_head': 0}, 'step', [jnp.ones((1024, 1024))])
+PY
 if [ "$what" = scale ]; then
   # One device call of at most 10 minutes: each step has its own limit, the
   # order is what the scale issue needs most, and GRPO gets what is left.
