@@ -120,12 +120,15 @@ def test_bad_completions_file_names_the_line(tmp_path):
     evaluate.run(_config({'x': str(path)}), tmp_path / 'out')
 
 
-def test_reward_model_judge_prefers_the_higher_score(tiny_checkpoint):
+def test_reward_model_judge_prefers_the_higher_score(tiny_checkpoint, tmp_path):
   from jpost.models import reward
+  from jpost.tokenizer import Tokenizer
+  judge_dir = reward.save(reward.load(tiny_checkpoint, seed=1, init_std=0.5), tmp_path / 'rm',
+                          tokenizer=Tokenizer.from_dir(tiny_checkpoint))
   config = _config({'a': 'x'}, **{'general.judge': 'reward_model',
-                                  'general.judge_model': str(tiny_checkpoint)})
+                                  'general.judge_model': str(judge_dir)})
   judge, what = evaluate.instruction_judge(config, 'a')
-  scores = reward.load_scorer(tiny_checkpoint)(['Name a colour.'] * 2, ['Blue.', 'A banana.'])
+  scores = reward.load_scorer(judge_dir)(['Name a colour.'] * 2, ['Blue.', 'A banana.'])
   assert scores[0] != scores[1] and 'reward model' in what
   want = 'win' if scores[0] > scores[1] else 'loss'
   assert judge('Name a colour.', 'Blue.', 'A banana.') == want

@@ -356,8 +356,10 @@ def test_prm_recipe_trains_exports_and_the_scorer_reloads_it(char_checkpoint, st
   assert prm.evaluate_steps(reloaded, examples) == pytest.approx(result['prm_eval'])
 
 
-def test_step_scorer_edges(char_checkpoint):
-  scorer = reward_model.load_step_scorer(char_checkpoint, batch_size=2, max_len=31)
+def test_step_scorer_edges(char_checkpoint, tmp_path):
+  prm_dir = reward_model.save(reward_model.load(char_checkpoint, init_std=0.5), tmp_path / 'prm',
+                              tokenizer=Tokenizer.from_dir(char_checkpoint), step_separator='\n')
+  scorer = reward_model.load_step_scorer(prm_dir, batch_size=2, max_len=31)
   out = scorer.score(['2+3?', '1+1?', 'x'], [['2+3=5', 'ok', 'done'], [], ['y']])
   assert [len(s) for s in out] == [2, 0, 1]  # 'done' ends at token 35, past max_len
   assert scorer.steps_cut == 1 and all(s.dtype == np.float32 for s in out)

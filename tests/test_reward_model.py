@@ -85,7 +85,18 @@ def test_classifier_without_its_head_is_rejected(tiny_checkpoint, tmp_path):
     reward_model.load(path)
 
 
-def test_scorer_rejects_mismatched_lists(tiny_checkpoint):
-  scorer = reward_model.load_scorer(tiny_checkpoint)
+def test_scorers_refuse_a_causal_lm(tiny_checkpoint):
+  """A causal LM starts a reward model or critic with a fresh head, but a
+  scorer on one (RL's reward_model or prm reward, reranking, the judge) would
+  score with that random head."""
+  for load in (reward_model.load_scorer, reward_model.load_step_scorer):
+    with pytest.raises(ValueError, match='holds no reward head .* not a trained reward model'):
+      load(tiny_checkpoint)
+
+
+def test_scorer_rejects_mismatched_lists(tiny_checkpoint, tmp_path):
+  scorer = reward_model.load_scorer(reward_model.save(
+      reward_model.load(tiny_checkpoint), tmp_path / 'rm',
+      tokenizer=Tokenizer.from_dir(tiny_checkpoint)))
   with pytest.raises(ValueError, match='2 prompts but 1 completions'):
     scorer(['a', 'b'], ['x'])

@@ -72,11 +72,13 @@ def _is_classifier(path: pathlib.Path) -> bool:
 
 
 def load(path: str | pathlib.Path, *, mesh=None, seed: int = 0, init_std: float | None = None,
-         lora_adapter=None, **overrides) -> ScalarModel:
+         lora_adapter=None, require_head: bool = False, **overrides) -> ScalarModel:
   """A ScalarModel from a sequence-classifier or causal-LM checkpoint dir.
 
   A classifier's `score.weight` is loaded (it must have one label); a causal
-  LM gets a fresh head drawn from `seed`. `overrides` set ModelConfig fields.
+  LM gets a fresh head drawn from `seed`, the start of a reward model or
+  critic to train, unless `require_head` (a scorer: a fresh head's scores
+  are noise). `overrides` set ModelConfig fields.
   """
   path = pathlib.Path(path)
   if not path.is_dir():
@@ -103,6 +105,11 @@ def load(path: str | pathlib.Path, *, mesh=None, seed: int = 0, init_std: float 
         f'{path}: config.json names a sequence classifier, but its weights hold no '
         f'{SCORE_TENSOR}, so its reward head would be drawn afresh. Give the folder its '
         'trained weights, or a causal LM checkpoint to start a new reward model from.')
+  if score is None and require_head:
+    raise ValueError(
+        f'{path} holds no reward head ({SCORE_TENSOR}): a causal LM, not a trained reward '
+        'model, so its scores would come from a randomly drawn head. Train one '
+        "(configs/reward.py, or configs/prm.py for step scores) and give its 'hf' folder.")
   if score is not None:
     weight = score()
     if weight.shape != (1, cfg.hidden_size):
@@ -213,7 +220,8 @@ def load_scorer(path: str | pathlib.Path, **kwargs) -> Scorer:
   from jpost.models import pretrained
   from jpost.tokenizer import Tokenizer
   path = pretrained.resolve(str(path))
-  return Scorer(load(path, dtype='float32'), Tokenizer.from_dir(path), **kwargs)
+  return Scorer(load(path, dtype='float32', require_head=True), Tokenizer.from_dir(path),
+                **kwargs)
 
 
 class StepScorer:
@@ -285,5 +293,5 @@ def load_step_scorer(path: str | pathlib.Path, *, separator: str | None = None,
   if separator is None:
     config = json.loads((path / 'config.json').read_text())
     separator = config.get(STEP_SEPARATOR_KEY, steps_lib.DEFAULT_SEPARATOR)
-  return StepScorer(load(path, dtype='float32'), Tokenizer.from_dir(path), separator=separator,
-                    **kwargs)
+  return StepScorer(load(path, dtype='float32', require_head=True), Tokenizer.from_dir(path),
+                    separator=separator, **kwargs)
