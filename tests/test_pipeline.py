@@ -226,11 +226,14 @@ def test_preference_batches(smollm2):
   row = {'prompt': [{'role': 'user', 'content': 'Pick a number.'}],
          'chosen': [{'role': 'assistant', 'content': 'Seven.'}],
          'rejected': [{'role': 'assistant', 'content': 'No.'}]}
-  ds, _ = pipeline.build('preference', [row] * 3, smollm2, batch_size=3, max_len=48)
+  rows_ = [row, row | {'margin': 1.5}, row]
+  ds, _ = pipeline.build('preference', rows_, smollm2, batch_size=3, max_len=48, seed=0)
   batch = next(iter(ds))
   for side in ('chosen', 'rejected'):
     for field in ('tokens', 'positions', 'segment_ids', 'loss_mask'):
       chex.assert_shape(batch[f'{side}_{field}'], (3, 48))
+  # Each pair's margin (0 where the row has none), for the reward model's loss.
+  assert batch['margin'].dtype == np.float32 and sorted(batch['margin']) == [0.0, 0.0, 1.5]
   assert _targets(batch['chosen_tokens'][0], batch['chosen_loss_mask'][0], smollm2) == ['Seven.<|im_end|>']
   assert _targets(batch['rejected_tokens'][0], batch['rejected_loss_mask'][0], smollm2) == ['No.<|im_end|>']
 

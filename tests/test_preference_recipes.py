@@ -318,3 +318,31 @@ def test_accumulated_pair_updates_equal_one_batch_with_an_empty_pair(tiny_checkp
       updates[accum_steps] = jax.tree.map(lambda x, x0: np.asarray(x) - np.asarray(x0),
                                           jax.device_get(state['params']), start)
     assert_norm_close(updates[2], updates[1], bound=1e-4, what=f'{name} update ')
+
+
+def test_the_reward_loss_subtracts_each_rows_margin(tiny_checkpoint):
+  """A preference row's 'margin' reaches the reward model's loss:
+  mean(-log sigmoid(r_chosen - r_rejected - margin)), checked in numpy."""
+  import jax
+
+  from jpost.data import pipeline
+  from jpost.models import pretrained
+  from jpost.models import reward as reward_model
+  from jpost.tokenizer import Tokenizer
+  from jpost.trainers import reward
+
+  tokenizer = Tokenizer.from_dir(pretrained.resolve('smollm2-135m-instruct'))
+  rows = [{'prompt': f'What is {i} + 2?', 'chosen': f'{i + 2}.', 'rejected': f'{i * 7}.',
+           'margin': margin} for i, margin in enumerate((0.0, 1.5, -0.5))]
+  ds, _ = pipeline.build('preference', rows, tokenizer, batch_size=3, max_len=32, seed=0,
+                         num_epochs=1)
+  batch = next(iter(ds))
+  model = reward_model.load(tiny_checkpoint, seed=0, init_std=0.5)
+  chosen, rejected = (np.asarray(r, np.float64) for r in reward.pair_rewards(model, batch))
+  loss, _ = jax.jit(lambda b: reward.loss_fn(model, b, 3.0, center_coef=0.0))(batch)
+  logits = chosen - rejected - batch['margin']
+  assert sorted(batch['margin']) == [-0.5, 0.0, 1.5]
+  assert float(loss) == pytest.approx(np.mean(np.log1p(np.exp(-logits))), rel=1e-5)
+  without = jax.jit(lambda b: reward.loss_fn(model, b, 3.0, center_coef=0.0))(
+      batch | {'margin': np.zeros(3, np.float32)})[0]
+  assert abs(float(without) - float(loss)) > 1e-3  # the margins matter

@@ -145,7 +145,13 @@ def test_require_assistant(row, reason):
       'rejected': [WRONG]}),
 ])
 def test_normalize_preference_formats(row, expected):
-  assert rows_lib.normalize_preference(row, where='rows[0]') == expected
+  assert rows_lib.normalize_preference(row, where='rows[0]') == expected | {'margin': 0.0}
+
+
+@pytest.mark.parametrize('margin', [0.5, 2, -1.0])
+def test_a_preference_rows_margin_is_kept(margin):
+  row = {'prompt': 'Q', 'chosen': 'good', 'rejected': 'bad', 'margin': margin}
+  assert rows_lib.normalize_preference(row, where='rows[0]')['margin'] == float(margin)
 
 
 @pytest.mark.parametrize('row, reason, fragment', [
@@ -175,6 +181,12 @@ def test_normalize_preference_formats(row, expected):
     ({'chosen': [USER, ASST], 'rejected': [USER, {'role': 'assistant',
                                                   'content': None}]},
      'missing_key', "rejected[1] has no 'content'"),
+    ({'prompt': 'Q', 'chosen': 'a', 'rejected': 'b', 'margin': 'high'}, 'bad_margin',
+     "'margin' is 'high', not a finite number"),
+    ({'prompt': 'Q', 'chosen': 'a', 'rejected': 'b', 'margin': float('nan')}, 'bad_margin',
+     "'margin' is nan"),
+    ({'prompt': 'Q', 'chosen': 'a', 'rejected': 'b', 'margin': True}, 'bad_margin',
+     "'margin' is True"),
 ])
 def test_normalize_preference_errors(row, reason, fragment):
   with pytest.raises(RowError) as info:

@@ -211,7 +211,7 @@ def _encode_preference(example, *, tokenizer, mask_config, stats):
                         'chosen and rejected are identical after truncation',
                         'raise max_len or remove the row')
   stats.count('encoded')
-  return out
+  return out | {'margin': np.float32(example['margin'])}
 
 
 def _encode_prompt(example, *, tokenizer, max_len, stats):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from typing import Any, Callable
 
 from jpost.errors import UserError
@@ -296,14 +297,29 @@ def _split_conversations(chosen: list[dict], rejected: list[dict], *,
 
 
 def normalize_preference(row: Any, *, where: str) -> dict[str, Any]:
-  """Canonical preference row {'format', 'prompt', 'chosen', 'rejected'}.
+  """Canonical preference row {'format', 'prompt', 'chosen', 'rejected',
+  'margin'}.
 
   'text' when all three are strings, else 'chat' with message lists (a
   string prompt becomes a user message, a string response an assistant
   one). Without 'prompt', chosen and rejected must be whole conversations;
-  the prompt is their longest common prefix.
+  the prompt is their longest common prefix. 'margin' (0 when absent): how
+  much more chosen is preferred, a finite number (the reward model's loss
+  subtracts it, as Llama 2's did).
   """
   check_object(row, where=where)
+  return _normalize_pair(row, where=where) | {'margin': _margin(row, where=where)}
+
+
+def _margin(row: dict, *, where: str) -> float:
+  value = row.get('margin', 0.0)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    raise RowError('bad_margin', where, f"'margin' is {value!r}, not a finite number",
+                   "give how much more 'chosen' is preferred as a number, or drop the column")
+  return float(value)
+
+
+def _normalize_pair(row: dict, *, where: str) -> dict[str, Any]:
   todo = "give each row 'chosen' and 'rejected' (and usually 'prompt')"
   chosen = _get(row, 'chosen', where=where, todo=todo)
   rejected = _get(row, 'rejected', where=where, todo=todo)
