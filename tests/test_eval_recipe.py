@@ -52,6 +52,22 @@ def test_saved_completions_are_graded_ranked_and_reported(tmp_path):
   assert (tmp_path / 'report' / 'report.html').stat().st_size > 10_000  # plots embedded
 
 
+def test_failed_verifications_count_as_wrong_and_are_reported(tmp_path, capsys):
+  # One greedy answer the verifier cannot decide in time (a power tower).
+  path = _completions(tmp_path / 'm.jsonl', ['60', '9^{9^{9^{9}}}', '60'])
+  config = _config({'m': str(path)}, **{'rewards.math.verify_timeout': 0.5})
+  models = evaluate.run(config, tmp_path / 'report')['models']
+  # Scoring: the greedy answer and the boxed sample. maj@4's votes over the
+  # extracted samples (the tower, '60', '9' from 'maybe 9^...', None): '60'
+  # and '9' each against the tower's group, then the winning (first) group
+  # against the gold 60. Each counts as no match; the eval goes on.
+  assert models['m']['verify_failures'] == 2 + 3
+  assert models['m']['greedy_accuracy'] == pytest.approx(2 / 3)
+  assert models['m']['maj@4'] == pytest.approx(2 / 3)
+  assert 'm: greedy accuracy 0.667 on 3 prompts; 5 verifications failed' in capsys.readouterr().err
+  assert 'verify_failures' in (tmp_path / 'report' / 'report.md').read_text()
+
+
 def _judge(body):
   """Pairwise: always 'A' (pure position bias). Rubric: fixed valid scores."""
   if '"verdict"' in body['messages'][-1]['content']:

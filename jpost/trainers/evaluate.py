@@ -100,8 +100,10 @@ def load_completions(path: pathlib.Path) -> list[dict]:
   return rows
 
 
-def correctness(reward_fns, rows: list[dict], texts_of) -> np.ndarray:
-  """Verifier score (1/0; NaN where it failed) of each row's texts [P, n]."""
+def correctness(reward_fns, rows: list[dict], texts_of) -> tuple[np.ndarray, int]:
+  """(verifier score of each row's texts [P, n], 1/0, a failed verification
+  counting 0 (not correct); how many verifications failed: raised, timed out,
+  NaN or a bad type)."""
   prompts, texts, extras = [], [], []
   for row in rows:
     for text in texts_of(row):
@@ -109,17 +111,28 @@ def correctness(reward_fns, rows: list[dict], texts_of) -> np.ndarray:
       texts.append(text)
       extras.append(row['extra'])
   result = rewards.score(reward_fns, prompts, texts, extras)
-  return result.total.reshape(len(rows), -1)
+  failed = sum(sum(kinds.values()) for kinds in result.failures.values())
+  return result.total.reshape(len(rows), -1), failed
 
 
-def ground_truth(rows: list[dict], reward_fns, answer_key: str) -> dict[str, Any]:
-  greedy = correctness(reward_fns, rows, lambda r: [r['greedy']])[:, 0]
-  samples = correctness(reward_fns, rows, lambda r: r['samples'])
+def ground_truth(rows: list[dict], reward_fns, answer_key: str,
+                 verify_timeout: float = 5.0) -> dict[str, Any]:
+  (greedy, greedy_failed), (samples, samples_failed) = (
+      correctness(reward_fns, rows, lambda r: [r['greedy']]),
+      correctness(reward_fns, rows, lambda r: r['samples']))
+  greedy = greedy[:, 0]
   k = samples.shape[1]
   report = ev.accuracy_report([list(s > 0.5) for s in samples], ks=tuple(sorted({1, k})))
+  vote_failures = []
+
+  def equivalent(a, b):  # maj@k groups answers; one it cannot decide stands alone
+    try:
+      return rewards.is_equivalent(a, b, timeout=verify_timeout)
+    except rewards.VerifyTimeout:
+      vote_failures.append((a, b))
+      return False
   majority = [ev.maj_at_k([rewards.extract_answer(t) for t in r['samples']],
-                          str(r['extra'][answer_key]), k,
-                          lambda a, b: rewards.is_equivalent(a, b))
+                          str(r['extra'][answer_key]), k, equivalent)
               for r in rows]
   low, high = ev.wilson_interval(float(np.sum(greedy > 0.5)), len(rows))
   return {'greedy_accuracy': float(np.mean(greedy > 0.5)), 'greedy_low': low,
@@ -127,6 +140,8 @@ def ground_truth(rows: list[dict], reward_fns, answer_key: str) -> dict[str, Any
           f'pass@{k}': report[f'pass@{k}'], f'maj@{k}': float(np.mean(majority)),
           'truncated': float(np.mean([r['truncated'] for r in rows])),
           'length_chars': float(np.mean([len(r['greedy']) for r in rows])),
+          # Counted as wrong above (and as no match in maj@k's votes).
+          'verify_failures': greedy_failed + samples_failed + len(vote_failures),
           '_greedy': greedy, '_per_prompt': samples.mean(axis=1),
           '_samples': (samples > 0.5).astype(np.float64)}
 
@@ -368,9 +383,12 @@ def run(config, workdir):
     return {}  # the answers are sampled; process 0 scores, judges and reports
   outputs, results = align(outputs), {}
   for name in names:
-    results[name] = ground_truth(outputs[name], reward_fns, config.answer_key)
+    results[name] = ground_truth(outputs[name], reward_fns, config.answer_key,
+                                 config.rewards.get('math', {}).get('verify_timeout', 5.0))
+    failed = results[name]['verify_failures']
     print(f'{name}: greedy accuracy {results[name]["greedy_accuracy"]:.3f} on '
-          f'{len(outputs[name])} prompts', file=sys.stderr)
+          f'{len(outputs[name])} prompts' + (f'; {failed} verifications failed (counted as '
+                                             'wrong)' if failed else ''), file=sys.stderr)
   sizes = {len(v) for v in outputs.values()}
   forgetting = general_section(config, names, results) if config.general.chunks else None
 
