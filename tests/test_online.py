@@ -703,24 +703,31 @@ def test_faulty_rewards_are_counted_and_the_run_goes_on(char_checkpoint, tmp_pat
   def nan(prompt, completion, row):
     return float('nan')
 
+  held_out = tmp_path / 'held_out.jsonl'  # two prompts, evaluated before and after
+  held_out.write_text(''.join(json.dumps({'prompt': f'What is {a} + 2?', 'answer': str(a + 2)})
+                              + '\n' for a in (3, 4)))
   try:
-    config = _config(char_checkpoint, total_steps=2, **{'rewards': {
-        'math': {'weight': 1.0}, 'raises': {}, 'hangs': {'timeout': 0.3},
-        'nan': {}, 'rubric': {'rubric': 'amazon_summary', 'judge': {
-            'endpoint': endpoint, 'model': 'judge', 'retries': 1, 'retry_delay': 0.0}}}})
+    config = _config(char_checkpoint, total_steps=2, eval_every=2, **{
+        'data.eval': (str(held_out),), 'rewards': {
+            'math': {'weight': 1.0}, 'raises': {}, 'hangs': {'timeout': 0.3},
+            'nan': {}, 'rubric': {'rubric': 'amazon_summary', 'judge': {
+                'endpoint': endpoint, 'model': 'judge', 'retries': 1, 'retry_delay': 0.0}}}})
     online.run(config, tmp_path, 'grpo')
   finally:
     for name in ('raises', 'hangs', 'nan'):
       rewards.unregister(name)
   records = _records(tmp_path)
-  assert [r['step'] for r in records] == [1, 2]
+  assert [r['step'] for r in records if 'loss' in r] == [1, 2]
   rows = 2 * 4  # prompts_per_step x num_samples
-  last = records[-1]
+  last = [r for r in records if 'loss' in r][-1]
   for name in ('raises', 'hangs', 'nan', 'rubric'):
     assert last[f'failures_total/{name}'] == 2 * rows, name
   assert last['failures_total/math'] == 0
-  assert all(np.isfinite(r['loss']) for r in records)
+  assert all(np.isfinite(r['loss']) for r in records if 'loss' in r)
   assert (tmp_path / 'hf').exists()
+  # The held-out evaluations count theirs too: 4 failing sources x 2 prompts.
+  evals = [r for r in records if 'eval/reward' in r]
+  assert [r['eval/reward_failures'] for r in evals] == [4 * 2] * 2, evals
 
 
 def test_truncation_rate_and_length_are_the_rollouts(char_checkpoint, digit_share, tmp_path,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import pathlib
 import sys
 import time
@@ -101,6 +102,7 @@ def evaluate(model, tokenizer, dataset, reward_fns, settings, key) -> dict[str, 
   """Greedy answers to every held-out prompt, scored by the rewards. Every
   process runs the whole held-out set (its prompts replicated over the mesh)."""
   totals, per_source, lengths, truncated, samples = [], {}, [], [], []
+  failures = 0
   prepared = sampling.prepare(model, settings)  # once for every batch
   for batch in dataset:
     out = loop.fetch(sampling.generate(model, batch['tokens'], batch['segment_ids'] > 0,
@@ -109,18 +111,24 @@ def evaluate(model, tokenizer, dataset, reward_fns, settings, key) -> dict[str, 
     result = rewards.score(reward_fns, [rollout.prompt_text(p) for p in batch['prompt']],
                            texts, list(batch['extra']))
     totals.append(result.total)
+    failures += sum(sum(kinds.values()) for kinds in result.failures.values())
     for name, values in result.per_source.items():
       per_source.setdefault(name, []).append(values)
     lengths.append(out.lengths)
     truncated.append(out.truncated)
     samples += [{'prompt': rollout.prompt_text(p), 'completion': t, 'reward': float(r)}
                 for p, t, r in zip(batch['prompt'], texts, result.total)]
+  # A failed reward counts 0 in the total (as in training) and is left out of
+  # its source's mean; how many failed is reported beside them.
   report = {'eval/reward': float(np.mean(np.concatenate(totals))),
+            'eval/reward_failures': failures,
             'eval/length': float(np.mean(np.concatenate(lengths))),
             'eval/truncated': float(np.mean(np.concatenate(truncated))),
             'eval/prompts': len(samples)}
   for name, values in per_source.items():
-    report[f'eval/{name}'] = float(np.nanmean(np.concatenate(values)))
+    valid = np.concatenate(values)
+    valid = valid[np.isfinite(valid)]
+    report[f'eval/{name}'] = float(valid.mean()) if valid.size else math.nan
   return report | {'samples': samples}
 
 
