@@ -223,6 +223,17 @@ def _read(path):
   return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def test_a_failed_verification_labels_0_and_is_counted():
+  from jpost import rewards
+  from jpost.trainers import prm_labels
+  counts = {'verify_failures': 0}
+  verifier = rewards.build({'math': {'verify_timeout': 0.5}})
+  ok = prm_labels.verified(verifier, 'p', ['\\boxed{9^{9^{9^{9}}}}', 'so \\boxed{5}'],
+                           {'answer': '5'}, counts)
+  np.testing.assert_array_equal(ok, [0.0, 1.0])
+  assert counts == {'verify_failures': 1}
+
+
 def test_prm_pipeline_labels_train_rerank_and_rl(tiny_checkpoint, tmp_path, one_device):
   """Labels from rollouts -> a PRM -> best-of-n in eval -> the 'prm' reward in
   GRPO and PPO: every stage reads what the one before wrote."""
@@ -239,6 +250,7 @@ def test_prm_pipeline_labels_train_rerank_and_rl(tiny_checkpoint, tmp_path, one_
   rows = _read(tmp_path / 'labels' / 'steps_train.jsonl')
   assert stats['solutions'] == len(rows) == 6 - stats['no_steps'] - stats['too_many_steps']
   assert stats['rollouts'] == 3 * sum(len(r['steps']) - 1 for r in rows) > 0
+  assert stats['verify_failures'] == 0
   for row in rows:
     assert len(row['labels']) == len(row['steps']) >= 1
     assert row['labels'][-1] == float(row['correct'])  # the answer labels its last step

@@ -53,9 +53,12 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], settings, key, *,
   return out
 
 
-def verified(verifier, prompt_text: str, texts: list[str], extra: dict) -> np.ndarray:
-  """1/0 per text: does the verifier accept its final answer (failures: 0)."""
+def verified(verifier, prompt_text: str, texts: list[str], extra: dict,
+             counts: dict) -> np.ndarray:
+  """1/0 per text: does the verifier accept its final answer (a failed
+  verification: 0, counted in counts['verify_failures'])."""
   result = rewards.score(verifier, [prompt_text] * len(texts), texts, [extra] * len(texts))
+  counts['verify_failures'] += sum(sum(kinds.values()) for kinds in result.failures.values())
   return (np.nan_to_num(result.total) > 0.5).astype(np.float64)
 
 
@@ -71,7 +74,7 @@ def label_split(model, tokenizer, rows: list[dict], config, key) -> tuple[list[d
   answers = sample(model, tokenizer, chats, answer_settings, jax.random.fold_in(key, 0),
                    batch=config.batch_size)
   counts = {'prompts': len(rows), 'solutions': 0, 'no_steps': 0, 'too_many_steps': 0,
-            'correct_solutions': 0, 'rollouts': 0}
+            'correct_solutions': 0, 'rollouts': 0, 'verify_failures': 0}
   candidates, jobs = [], []  # (row, text, steps, ends); (candidate, step, prefix ids)
   for row, chat, texts in zip(rows, chats, answers):
     for text in texts:
@@ -94,13 +97,13 @@ def label_split(model, tokenizer, rows: list[dict], config, key) -> tuple[list[d
     row, text, _, ends = candidates[index]
     prefix = text[:ends[k]] + lab.separator
     ok = verified(verifier, rollout.prompt_text(row['prompt']), [prefix + t for t in texts],
-                  row['extra'])
+                  row['extra'], counts)
     reached[index, k] = ok.mean() if lab.kind == 'soft' else float(ok.max())
     counts['rollouts'] += len(texts)
   out = []
   for index, (row, text, steps, _) in enumerate(candidates):
     correct = float(verified(verifier, rollout.prompt_text(row['prompt']), [text],
-                             row['extra'])[0])
+                             row['extra'], counts)[0])
     labels = [reached[index, k] for k in range(len(steps) - 1)] + [correct]
     counts['solutions'] += 1
     counts['correct_solutions'] += int(correct)
