@@ -1,4 +1,9 @@
-"""Optimiser and learning-rate schedule from `config.optim`, validated up front."""
+"""Optimiser and learning-rate schedule from `config.optim`, validated up front.
+
+'adamw' uses b1, b2, eps and decoupled weight_decay; 'sgd' uses b1 as its
+momentum (0: plain SGD) and weight_decay as an L2 term added to the
+gradients (PyTorch's SGD weight_decay), b2 and eps unused. Both decay
+matrices only (decay_mask) and clip by clip_norm first."""
 
 from __future__ import annotations
 
@@ -89,6 +94,8 @@ def build(optim, total_steps: int, *,
                      weight_decay=optim.weight_decay, mask=decay_mask)
   else:
     tx = optax.sgd(lr, momentum=optim.b1 or None)
+    if optim.weight_decay:
+      tx = optax.chain(optax.add_decayed_weights(optim.weight_decay, mask=decay_mask), tx)
   if optim.clip_norm:
     tx = optax.chain(clip_by_global_norm(optim.clip_norm), tx)
   return tx, lr

@@ -74,6 +74,24 @@ def _assert_updates_close(a, b, checkpoint, bound):
   return assert_norm_close(change(a), change(b), bound=bound, what='parameter change ')
 
 
+def test_sgd_uses_b1_as_momentum_and_decays_matrices_only():
+  """Two SGD steps by hand: lr 0.1, momentum (b1) 0.5, weight_decay 0.2 added
+  to a matrix's gradient as 0.2 x its value, never to a vector's."""
+  config = _optim('sgd', lr=0.1)
+  with config.unlocked():
+    config.b1, config.weight_decay = 0.5, 0.2
+  tx, _ = optim.build(config, 10)
+  params = {'w': np.full((2, 2), 3.0, np.float32), 'b': np.full(2, 3.0, np.float32)}
+  grads = {'w': np.ones((2, 2), np.float32), 'b': np.ones(2, np.float32)}
+  state = tx.init(params)
+  first, state = tx.update(grads, state, params)
+  np.testing.assert_allclose(first['w'], -0.1 * (1 + 0.2 * 3), rtol=1e-6)
+  np.testing.assert_allclose(first['b'], -0.1, rtol=1e-6)
+  second, _ = tx.update(grads, state, params)  # the same point: momentum doubles in part
+  np.testing.assert_allclose(second['w'], -0.1 * (1.6 + 0.5 * 1.6), rtol=1e-6)
+  np.testing.assert_allclose(second['b'], -0.1 * 1.5, rtol=1e-6)
+
+
 @pytest.mark.parametrize('scale', [0.0, 0.1, 1.0, 7.0])
 def test_clip_by_global_norm_matches_optax(scale):
   """jpost's clip (one scalar factor, which fuses into AdamW) gives optax's
