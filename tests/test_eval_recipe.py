@@ -129,6 +129,13 @@ def test_bad_forgetting_judges_are_refused_before_any_work(tmp_path):
     evaluate.run(_config({'a': 'x'}, **{'general.instructions': 'nope.jsonl'}), tmp_path)
 
 
+def test_the_gold_column_is_one_for_the_verifier_and_maj_at_k(tmp_path):
+  path = _completions(tmp_path / 'm.jsonl', ['60'])
+  with pytest.raises(ValueError, match=r"answer_key='solution' but config.rewards.math."
+                                       r"answer_key='answer'"):
+    evaluate.run(_config({'m': str(path)}, answer_key='solution'), tmp_path / 'out')
+
+
 def test_bad_completions_file_names_the_line(tmp_path):
   path = tmp_path / 'broken.jsonl'
   path.write_text(json.dumps({'prompt': 'p', 'greedy': 'g'}) + '\n')

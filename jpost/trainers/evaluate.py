@@ -343,6 +343,7 @@ def run(config, workdir):
   if config.pairwise.judge not in PAIRWISE_JUDGES:
     raise ConfigError(f'config.pairwise.judge={config.pairwise.judge!r}; use one of '
                      f'{PAIRWISE_JUDGES}.')
+  rollout.check_answer_key(config)
   judged = bool(config.general.instructions) and config.general.judge != 'none'
   if config.general.judge not in GENERAL_JUDGES:
     raise ConfigError(f'config.general.judge={config.general.judge!r}; use one of '

@@ -147,6 +147,7 @@ def summary(rows: list[dict], counts: dict) -> dict:
 
 
 def _validate(config):
+  rollout.check_answer_key(config)
   lab = config.labels
   if lab.kind not in LABELS:
     raise ConfigError(f'config.labels.kind={lab.kind!r}; use one of {LABELS}.')

@@ -34,3 +34,20 @@ def sampling_config(cfg, tokenizer, *, num_samples: int | None = None) -> sampli
       top_p=cfg.top_p, min_p=cfg.get('min_p', 0.0),
       num_samples=cfg.num_samples if num_samples is None else num_samples,
       stop_ids=tuple(tokenizer.stop_ids), scan_layers=cfg.get('scan_layers'))
+
+
+def check_answer_key(config) -> None:
+  """config.answer_key (which column holds the gold answer: maj@k in eval,
+  the labels' `answer` in prm_labels) and the math verifier's own
+  `rewards.math.answer_key` must name one column, or the two would grade
+  against different ones."""
+  from jpost.errors import ConfigError
+  math = config.rewards.get('math')
+  if math is None:
+    return
+  verifier_key = math.get('answer_key', 'answer')
+  if verifier_key != config.answer_key:
+    raise ConfigError(
+        f'config.answer_key={config.answer_key!r} but config.rewards.math.answer_key='
+        f'{verifier_key!r}: the verifier would grade against another column than the rest; '
+        'set both to the column that holds the gold answer.')
