@@ -187,7 +187,12 @@ def test_targets_by_name_pattern(patterns, want):
 @pytest.mark.parametrize('change, message', [
     ({'rank': -1}, 'positive'), ({'targets': ('attn',)}, 'matches no kernel'),
     ({'dropout': 1.0}, 'dropout'), ({'quantize': 'fp8'}, 'quantize'),
-    ({'rank': 0, 'quantize': 'nf4'}, 'needs adapters')])
+    ({'rank': 0, 'quantize': 'nf4'}, 'needs adapters'),
+    # Settings of adapters with LoRA off would be full fine-tuning, silently.
+    ({'rank': 0, 'alpha': 32.0}, r'lora.alpha=32.0 but lora.rank=0, which is full fine-tuning'),
+    ({'rank': 0, 'targets': ('q_proj',)}, r"lora.targets=\('q_proj',\) but lora.rank=0"),
+    # An adapter brings its own rank, alpha and targets.
+    ({'adapter': 'runs/x/peft'}, r'lora.rank=8: the adapter runs/x/peft sets its own rank')])
 def test_bad_lora_config_is_a_clear_error(change, message):
   import ml_collections
   c = ml_collections.ConfigDict(lora.default_config().to_dict() | {'rank': 8} | change)

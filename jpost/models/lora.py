@@ -120,11 +120,19 @@ def from_config(c) -> LoraConfig | None:
   An `adapter` folder (PEFT format) sets rank, alpha, targets and rsLoRA."""
   common = dict(base_dtype=c.base_dtype, quantize=c.quantize, block_size=c.block_size,
                 dropout=float(c.dropout))
+  default = default_config()
+  changed = lambda names: [f'lora.{n}={c[n]!r}' for n in names if c[n] != default[n]]
   if c.adapter:
+    if set_here := changed(('rank', 'alpha', 'targets', 'rslora')):
+      raise ConfigError(f"{', '.join(set_here)}: the adapter {c.adapter} sets its own rank, "
+                        'alpha, targets and rsLoRA (its adapter_config.json); drop these.')
     return read_peft_config(c.adapter, **common)
   if not c.rank:
     if c.quantize != 'none':
       raise ConfigError('lora.quantize needs adapters: a quantised base is frozen. Set lora.rank.')
+    if set_here := changed(('alpha', 'targets', 'rslora', 'dropout', 'base_dtype')):
+      raise ConfigError(f"{', '.join(set_here)} but lora.rank=0, which is full fine-tuning "
+                        'without adapters: set lora.rank (e.g. 16) to train LoRA adapters.')
     return None
   return LoraConfig(rank=c.rank, alpha=float(c.alpha), targets=resolve_targets(c.targets),
                     rslora=c.rslora, **common)
