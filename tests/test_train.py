@@ -357,6 +357,19 @@ def test_resume_with_another_optimiser_structure_is_a_clear_error(tiny_checkpoin
   assert 'cannot resume from step 4' in proc.stderr and 'config.optim' in proc.stderr
 
 
+def test_a_workdir_of_another_run_is_not_resumed(tiny_checkpoint, run_of_4_steps, tmp_path):
+  """Other starting weights or another seed in a workdir with checkpoints
+  would continue that run's weights: refused, in one line, before any step."""
+  workdir = _copy_of(run_of_4_steps, tmp_path)
+  other = shutil.copytree(tiny_checkpoint, tmp_path / 'other_model')
+  for extra, changed in (((f'--config.model.path={other}',), 'model.path'),
+                         (('--config.seed=7',), "seed 0 there, 7 now")):
+    proc = _train(workdir, other if 'model' in changed else tiny_checkpoint, *extra, steps=6)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f'holds checkpoints of another run ({changed}' in proc.stderr, proc.stderr[-3000:]
+    assert 'Traceback' not in proc.stderr and 'resumed from' not in proc.stderr
+
+
 @pytest.mark.parametrize('override, message', [
     ({'optim.lr': -1e-5}, r'config\.optim\.lr=-1e-05: the learning rate must be positive'),
     ({'optim.name': 'adafactorx'}, r"config\.optim\.name='adafactorx': unknown optimiser"),

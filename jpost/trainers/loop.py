@@ -360,6 +360,37 @@ def _sigterm() -> Iterator[dict]:
     signal.signal(signal.SIGTERM, previous)
 
 
+RUN_FILE = 'run.json'
+
+
+def _run_identity(config) -> dict:
+  """What makes a run the one its checkpoints continue: the starting weights,
+  the training data and the seed (a longer total_steps or another lr may
+  continue it)."""
+  data = config.get('data')
+  identity = {'model.path': str(config.model.path),
+              'data.train': list(data.get('train', ())) if data is not None else [],
+              'seed': config.get('seed')}
+  return json.loads(json.dumps(identity))
+
+
+def _same_run(config, workdir: pathlib.Path, *, resuming: bool) -> None:
+  """Resuming continues the checkpoints' run, so a workdir whose run.json
+  names other starting weights, data or seed is an error, not a silent
+  continuation of that other run; a new run records its own."""
+  identity, path = _run_identity(config), pathlib.Path(workdir) / RUN_FILE
+  if resuming and path.exists():
+    saved = json.loads(path.read_text())
+    changed = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
+    if changed:
+      what = '; '.join(f'{k} {a!r} there, {b!r} now' for k, (a, b) in changed.items())
+      raise ConfigError(
+          f'{workdir} holds checkpoints of another run ({what}), and resuming would continue '
+          'its weights. Give this run another --workdir, or delete that one to start over.')
+  elif not resuming and jax.process_index() == 0:
+    path.write_text(json.dumps(identity, indent=1) + '\n')
+
+
 def train(config, workdir: pathlib.Path, *, state, data_iter, step_fn: Callable,
           evaluate: Callable | None = None) -> Finished:
   """Runs step_fn(state, step) -> (state, metrics) up to config.total_steps,
@@ -373,6 +404,7 @@ def train(config, workdir: pathlib.Path, *, state, data_iter, step_fn: Callable,
                                  compression=config.checkpoint.get('compression', 'auto'))
   ckpt.check_space(round(tree_mb(_saved_part(state)) * 2**20))
   step = ckpt.latest_step() or 0
+  _same_run(config, workdir, resuming=bool(step))
   if step:
     saved, data_states = ckpt.restore(step, _saved_part(state))
     state = _with_frozen(saved, state)
