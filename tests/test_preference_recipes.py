@@ -48,7 +48,12 @@ def _data_flags(checkpoint, pair_files):
 
 
 def test_reward_recipe_trains_evaluates_and_exports(tiny_checkpoint, pair_files, tmp_path):
-  proc = _run('configs/reward.py:tiny', tmp_path, *_data_flags(tiny_checkpoint, pair_files),
+  # Two training sources mixed 0.7 / 0.3; the mixture is the training
+  # stream's, and the one held-out source is read whole.
+  train = pair_files[0]
+  flags = [f for f in _data_flags(tiny_checkpoint, pair_files) if 'data.train' not in f]
+  proc = _run('configs/reward.py:tiny', tmp_path, *flags,
+              f'--config.data.train=("{train}","{train}")', '--config.data.weights=(0.7,0.3)',
               '--config.optim.lr=1e-3', '--config.total_steps=6')
   assert proc.returncode == 0, proc.stderr[-3000:]
   # The predicted activations: both sides of the pairs, no LM head (a scalar one).

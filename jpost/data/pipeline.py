@@ -258,6 +258,13 @@ def _filled_up(batch: dict, *, size: int) -> dict:
           for k, v in batch.items()}
 
 
+def stream_weights(weights, epochs) -> list[float] | None:
+  """`data.weights` for a pipeline of `epochs`: the mixture of an endless
+  training stream (epochs None); a held-out pass (epochs=1) reads each of its
+  own sources whole, however many there are."""
+  return list(weights) if weights and epochs is None else None
+
+
 def build(kind: str, source_specs, tokenizer: Tokenizer, *, batch_size: int, max_len: int,
           mask_mode: str = 'auto', truncation: str = 'drop', packing: bool = True,
           weights: Sequence[float] | None = None, seed: int = 0, num_epochs: int | None = None,

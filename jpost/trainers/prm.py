@@ -68,7 +68,7 @@ def step_data(data, *, sources, epochs, seed, batch_size, pad_last=False):
   def build(tokenizer, shard_index, shard_count):
     return pipeline.build(
         'steps', pipeline.resolve_sources(sources), tokenizer, batch_size=batch_size,
-        max_len=data.max_len, weights=list(data.weights) if data.weights else None,
+        max_len=data.max_len, weights=pipeline.stream_weights(data.weights, epochs),
         seed=seed, num_epochs=epochs, policy=data.policy, shard_index=shard_index,
         shard_count=shard_count, num_threads=data.num_threads,
         step_separator=data.separator, pad_last=pad_last)

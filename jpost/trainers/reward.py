@@ -64,7 +64,7 @@ def preference_data(data, *, sources, epochs, seed, batch_size, pad_last=False):
     return pipeline.build(
         'preference', pipeline.resolve_sources(sources), tokenizer, batch_size=batch_size,
         max_len=data.max_len, truncation=data.truncation,
-        weights=list(data.weights) if data.weights else None, seed=seed, num_epochs=epochs,
+        weights=pipeline.stream_weights(data.weights, epochs), seed=seed, num_epochs=epochs,
         policy=data.policy, shard_index=shard_index, shard_count=shard_count,
         num_threads=data.num_threads, pad_last=pad_last)
   return build

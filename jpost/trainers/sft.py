@@ -63,7 +63,7 @@ def data_fn(data, *, sources, epochs, seed, batch_size):
         'sft', pipeline.resolve_sources(sources), tokenizer, batch_size=batch_size,
         max_len=data.max_len, mask_mode=data.mask_mode, truncation=data.truncation,
         packing=data.packing, pack_window=data.pack_window,
-        weights=list(data.weights) if data.weights else None,
+        weights=pipeline.stream_weights(data.weights, epochs),
         seed=seed, num_epochs=epochs, policy=data.policy, shard_index=shard_index,
         shard_count=shard_count, num_threads=data.num_threads, max_segments=max_segments,
         row_len=row_len)
