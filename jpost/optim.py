@@ -19,10 +19,11 @@ OPTIMIZERS = ('adamw', 'sgd')
 SCHEDULES = ('cosine', 'linear', 'constant')
 
 
-def validate(optim, total_steps: int) -> None:
-  """Raises ValueError naming the config field, before anything compiles."""
+def validate(optim, total_steps: int, where: str = 'config.optim') -> None:
+  """Raises ValueError naming the config field (under `where`, e.g.
+  'config.ppo.critic_optim'), before anything compiles."""
   def bad(field, message):
-    raise ConfigError(f'config.optim.{field}={optim[field]!r}: {message}')
+    raise ConfigError(f'{where}.{field}={optim[field]!r}: {message}')
   if optim.name not in OPTIMIZERS:
     bad('name', f'unknown optimiser; use one of {OPTIMIZERS}.')
   if not optim.lr > 0:
@@ -79,13 +80,13 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def build(optim, total_steps: int, *,
-          updates_per_step: int = 1) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def build(optim, total_steps: int, *, updates_per_step: int = 1,
+          where: str = 'config.optim') -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optimiser and its schedule over `total_steps` steps. With
   `updates_per_step` optimiser updates in a step (RL's epochs x minibatches)
   every update of step s gets step s's learning rate: optax counts updates,
   so a schedule over steps would otherwise run that many times too fast."""
-  validate(optim, total_steps)
+  validate(optim, total_steps, where)
   lr = schedule(optim, total_steps)
   if updates_per_step > 1:
     lr = functools.partial(_per_step, lr, updates_per_step)

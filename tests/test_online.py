@@ -858,6 +858,14 @@ def test_bad_config_is_a_clear_error(char_checkpoint, tmp_path, change, message)
     online.run(_config(char_checkpoint, **change), tmp_path, 'grpo')
 
 
+def test_a_bad_critic_optimiser_is_named_as_such(char_checkpoint, tmp_path):
+  config = _config(char_checkpoint, ppo, **{'ppo.critic_optim.lr': -1.0})
+  with pytest.raises(ValueError, match=r'config\.ppo\.critic_optim\.lr=-1\.0: the learning '
+                                       r'rate must be positive'):
+    online.run(config, tmp_path, 'ppo')
+  assert not (tmp_path / 'metrics.jsonl').exists()
+
+
 def test_shipped_grpo_config_runs_on_smollm2(shallow_smollm2, tmp_path):
   """configs/grpo.py as `make demo` runs it, cut to one short step, on
   SmolLM2's first 6 layers (every layer is compiled on its own, so the whole

@@ -398,6 +398,10 @@ def train(config, workdir: pathlib.Path, *, state, data_iter, step_fn: Callable,
   position, per process). evaluate(state, step) -> metrics runs before the
   first step and every config.eval_every steps. A SIGTERM on any process
   saves and stops every process; a non-finite loss stops without saving."""
+  for name, least in (('log_every', 1), ('eval_every', 0)):
+    if not isinstance(config[name], int) or config[name] < least:
+      raise ConfigError(f'config.{name}={config[name]!r}: must be an integer >= {least}'
+                        + (' (0: never).' if least == 0 else '.'))
   ckpt = checkpoint.Checkpointer(workdir, every=config.checkpoint.every,
                                  keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save,

@@ -93,6 +93,8 @@ def validate(config, algorithm: str) -> None:
   if algorithm == 'grpo' and config.sampling.num_samples < 2:
     raise ConfigError('GRPO needs config.sampling.num_samples >= 2 (a group per prompt).')
   optim.validate(config.optim, config.total_steps)
+  if algorithm == 'ppo':
+    optim.validate(config.ppo.critic_optim, config.total_steps, 'config.ppo.critic_optim')
 
 
 # --- evaluation ---------------------------------------------------------------------
@@ -402,7 +404,8 @@ def _update_fns(config, algorithm, model_dir, mesh, model, kl_coef):
   if algorithm != 'ppo':
     return graphdef, {'policy': policy}, policy_update, None, None
   critic_tx, critic_schedule = optim.build(config.ppo.critic_optim, config.total_steps,
-                                           updates_per_step=updates)
+                                           updates_per_step=updates,
+                                           where='config.ppo.critic_optim')
   critic_graphdef, critic = loop.init_state(_critic(config, model_dir, mesh), critic_tx,
                                             config.seed, mesh)
   critic_update = loop.make_update(
