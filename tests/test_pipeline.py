@@ -429,6 +429,9 @@ def test_several_sources_for_one_epoch_are_read_once_each(smollm2):
   with pytest.raises(ValueError, match='weighted mixture of 2 sources is an endless stream'):
     pipeline.build('sft', [a, b], smollm2, batch_size=1, max_len=128, weights=[0.5, 0.5],
                    num_epochs=1)
+  for weights in ([0.0, 1.0], [-1.0, 2.0], [float('inf'), 1.0]):  # grain: an error, a /0
+    with pytest.raises(ConfigError, match=r'mixture weights .*: each must be a positive finite'):
+      pipeline.build('sft', [a, b], smollm2, batch_size=1, max_len=128, weights=weights)
 
 
 @pytest.mark.parametrize('num_threads', [0, 2])

@@ -167,6 +167,18 @@ def test_format_reward(completion, style, expected):
   assert result.per_source['format'][0] == expected
 
 
+def test_bad_reward_options_are_config_errors():
+  """A reward's own checks of its options reach the command line as one
+  line (errors.UserError), not a traceback."""
+  from jpost.errors import ConfigError
+  for config, message in (({'math': {'fallback': 'first'}}, "reward 'math': math reward: "
+                                                            "fallback='first'"),
+                          ({'code': {'mode': 'fuzz'}}, "reward 'code': code reward: mode="),
+                          ({'math': 3}, "reward 'math': options must be a mapping")):
+    with pytest.raises(ConfigError, match=message):
+      rewards.build(config)
+
+
 def test_format_reward_rejects_unknown_style():
   with pytest.raises(ValueError, match="style='latex'"):
     rewards.build({'format': {'style': 'latex'}})

@@ -23,6 +23,7 @@ import random
 import tempfile
 
 from jpost import assets
+from jpost.errors import ConfigError
 
 INSTRUCTION = 'Put the final answer in \\boxed{}.'
 SIZES = {'train': 512, 'test': 48, 'multi_train': 256, 'multi_test': 64}
@@ -101,7 +102,7 @@ def rows(split: str, seed: int = 0) -> list[dict]:
 def build(split: str, out_dir: str | os.PathLike | None = None) -> pathlib.Path:
   """Writes the split's JSONL (tiny; rewritten each call) and returns its path."""
   if split not in SIZES:
-    raise ValueError(f'data source arith:{split}: unknown split; use one of '
+    raise ConfigError(f'data source arith:{split}: unknown split; use one of '
                      f'{", ".join("arith:" + name for name in SIZES)}.')
   folder = pathlib.Path(out_dir) if out_dir else assets.cache_dir() / 'data' / 'arith'
   folder.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 import threading
 from typing import Any, Callable, Sequence
 
@@ -103,6 +104,10 @@ def _examples_dataset(source_specs: Sequence, kind: str, *, weights, seed: int,
   if weights is not None and len(weights) != len(source_specs):
     raise ConfigError(f'{len(weights)} mixture weights for {len(source_specs)} sources; '
                      'give one weight per source.')
+  if weights is not None and not all(isinstance(w, (int, float)) and w > 0 and w < math.inf
+                                     for w in weights):
+    raise ConfigError(f'mixture weights {list(weights)}: each must be a positive finite '
+                      'number (drop a source rather than weigh it 0).')
   # Several sources for a finite pass are read one after the other; otherwise
   # they are endless streams interleaved by weight (equal weights by default).
   concatenate = len(source_specs) > 1 and num_epochs is not None

@@ -17,7 +17,7 @@ import dataclasses
 import math
 from typing import Any, Callable
 
-from jpost.errors import UserError
+from jpost.errors import ConfigError, UserError
 
 ROLES = ('system', 'user', 'assistant', 'tool')
 POLICIES = ('error', 'skip')
@@ -63,7 +63,7 @@ class RowFilter:
 
   def __post_init__(self):
     if self.policy not in POLICIES:
-      raise ValueError(
+      raise ConfigError(
           f'RowFilter policy {self.policy!r} is not one of {POLICIES} (use '
           "'error' to stop at the first bad row, 'skip' to count and drop "
           'bad rows)')

@@ -153,8 +153,8 @@ def build(config: Any) -> tuple[Source, ...]:
   if hasattr(config, 'to_dict'):
     config = config.to_dict()
   if not isinstance(config, Mapping):
-    raise TypeError('rewards config must be a mapping {name: {option: value}}, got '
-                    f'{type(config).__name__}.')
+    raise ConfigError('rewards config must be a mapping {name: {option: value}}, got '
+                      f'{type(config).__name__}.')
   if not config:
     raise ConfigError(f'rewards config is empty; name at least one of {names()}.')
   sources = []
@@ -167,8 +167,8 @@ def build(config: Any) -> tuple[Source, ...]:
     if options is None:
       options = {}
     if not isinstance(options, Mapping):
-      raise TypeError(f'reward {name!r}: options must be a mapping, got '
-                      f'{type(options).__name__}.')
+      raise ConfigError(f'reward {name!r}: options must be a mapping, got '
+                        f'{type(options).__name__}.')
     entry = _REGISTRY[name]
     options = dict(options)
     runner = {key: options.pop(key) for key in RUNNER_OPTIONS if key in options}
@@ -178,8 +178,12 @@ def build(config: Any) -> tuple[Source, ...]:
       accepted = [p for p in entry.signature.parameters if p not in ('args', 'kwargs')]
       raise ConfigError(f'reward {name!r}: {e}; it accepts {accepted} plus '
                        f'{list(RUNNER_OPTIONS)}.') from None
+    try:  # a reward's own checks of its option values (a rubric, a mode, a limit)
+      fn = entry.make(**options)
+    except ValueError as e:
+      raise ConfigError(f'reward {name!r}: {e}') from None
     sources.append(Source(
-        name=name, fn=entry.make(**options), batched=entry.batched,
+        name=name, fn=fn, batched=entry.batched,
         weight=float(runner.get('weight', 1.0)),
         timeout=float(runner.get('timeout', entry.timeout)),
         concurrency=runner.get('concurrency', entry.concurrency)))
