@@ -31,6 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       path='smollm2-135m-instruct', dtype='auto', param_dtype='float32'))
   c.splits = ml_collections.ConfigDict({'train': ('arith:multi_train',),
                                         'test': ('arith:multi_test',)})
+  # Prompts labelled per split (0 or no entry: all of them).
   c.max_prompts = ml_collections.ConfigDict({'train': 64, 'test': 48})
   c.max_prompt_len = 128
   c.labels = ml_collections.ConfigDict(dict(

@@ -129,6 +129,14 @@ def test_bad_forgetting_judges_are_refused_before_any_work(tmp_path):
     evaluate.run(_config({'a': 'x'}, **{'general.instructions': 'nope.jsonl'}), tmp_path)
 
 
+def test_reranking_one_sample_is_refused(tmp_path):
+  path = _completions(tmp_path / 'm.jsonl', ['60'])
+  with pytest.raises(ValueError, match=r'rerank picks the best of sampling.num_samples answers, '
+                                       r'which is 1'):
+    evaluate.run(_config({'m': str(path)}, **{'rerank.reward_model': 'runs/rm/hf',
+                                               'sampling.num_samples': 1}), tmp_path / 'out')
+
+
 def test_the_gold_column_is_one_for_the_verifier_and_maj_at_k(tmp_path):
   path = _completions(tmp_path / 'm.jsonl', ['60'])
   with pytest.raises(ValueError, match=r"answer_key='solution' but config.rewards.math."

@@ -223,6 +223,14 @@ def _read(path):
   return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.parametrize('limit', [-1, 2.5, True])
+def test_a_bad_prompt_limit_is_a_clear_error(limit):
+  config = overrides.apply(prm_labels_config.get_config('tiny').unlock(),
+                           {'max_prompts': {'train': limit}})
+  with pytest.raises(ValueError, match=r'config.max_prompts.train=.*: a number of prompts >= 0'):
+    prm_labels._validate(config)
+
+
 def test_a_failed_verification_labels_0_and_is_counted():
   from jpost import rewards
   from jpost.trainers import prm_labels

@@ -344,6 +344,9 @@ def run(config, workdir):
     raise ConfigError(f'config.pairwise.judge={config.pairwise.judge!r}; use one of '
                      f'{PAIRWISE_JUDGES}.')
   rollout.check_answer_key(config)
+  if (config.rerank.prm or config.rerank.reward_model) and config.sampling.num_samples < 2:
+    raise ConfigError(f'config.rerank picks the best of sampling.num_samples answers, which is '
+                      f'{config.sampling.num_samples}: sample 2 or more, or unset rerank.')
   judged = bool(config.general.instructions) and config.general.judge != 'none'
   if config.general.judge not in GENERAL_JUDGES:
     raise ConfigError(f'config.general.judge={config.general.judge!r}; use one of '
@@ -407,7 +410,7 @@ def run(config, workdir):
     sections.append(judged_section(config, names, general_answers, results))
   if len(names) > 1 and (forgetting is not None or len(general_answers) > 1):
     sections.append(drift_vs_gain(names, results))
-  if (config.rerank.prm or config.rerank.reward_model) and config.sampling.num_samples > 1:
+  if config.rerank.prm or config.rerank.reward_model:
     sections.append(rerank_section(config, names, outputs, results))
   if config.rubric.name:
     rubric_fns = rewards.build({'rubric': {'rubric': config.rubric.name,

@@ -162,6 +162,10 @@ def _validate(config):
   if not config.splits:
     raise ConfigError("config.splits is empty; name at least one, e.g. {'train': "
                       "('arith:multi_train',)}.")
+  for split, limit in config.max_prompts.items():
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+      raise ConfigError(f'config.max_prompts.{split}={limit!r}: a number of prompts >= 0 '
+                        '(0: every prompt of the split).')
 
 
 def _write(path: pathlib.Path, rows: list[dict]) -> None:
@@ -183,7 +187,8 @@ def run(config, workdir):
                              batch_size=1, max_len=config.max_prompt_len, num_epochs=1, seed=0,
                              policy='error', drop_remainder=False)
     rows = [{'prompt': b['prompt'][0], 'extra': b['extra'][0]} for b in data]
-    rows = rows[:config.max_prompts.get(split, len(rows))]
+    limit = config.max_prompts.get(split, 0)  # 0 or no entry: every prompt, as in pairs
+    rows = rows[:limit] if limit else rows
     labelled, counts = label_split(model, tokenizer, rows, config, jax.random.fold_in(key, i))
     path = workdir / f'steps_{split}.jsonl'
     _write(path, labelled)
