@@ -50,6 +50,15 @@ def checkpoint(tiny_checkpoint, tmp_path_factory):
   return path
 
 
+def test_a_cache_longer_than_the_models_context_is_cut_to_it_and_said(tiny_checkpoint, capsys):
+  limit = json.loads((tiny_checkpoint / 'config.json').read_text())['max_position_embeddings']
+  models = recipe.load_models({'tiny': str(tiny_checkpoint)}, dtype='float32',
+                              engine_config=engine.EngineConfig(slots=2, cache_len=limit * 2))
+  assert models['tiny'].engine.config.cache_len == limit
+  assert (f"serve: model 'tiny': engine.cache_len {limit * 2} -> {limit}, its "
+          'max_position_embeddings') in capsys.readouterr().err
+
+
 @pytest.fixture(scope='module')
 def served(checkpoint):
   """Two apps over the same started engine: an open one, and one with an API

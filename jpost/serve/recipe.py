@@ -38,6 +38,9 @@ def load_models(models: dict[str, str], *, dtype: str, engine_config: engine_lib
     if tokenizer.chat_template is None:
       raise ConfigError(f'model {name!r} ({path}) has no chat template; the chat API needs one.')
     limit = model.config.max_position_embeddings
+    if engine_config.cache_len > limit:  # one setting for models of several context lengths
+      print(f'serve: model {name!r}: engine.cache_len {engine_config.cache_len} -> {limit}, '
+            'its max_position_embeddings', file=sys.stderr, flush=True)
     config = dataclasses.replace(engine_config, cache_len=min(engine_config.cache_len, limit))
     served[name] = api.ServedModel(name=name, engine=engine_lib.Engine(model, tokenizer, config),
                                    tokenizer=tokenizer)
