@@ -94,6 +94,22 @@ def test_scorers_refuse_a_causal_lm(tiny_checkpoint):
       load(tiny_checkpoint)
 
 
+def test_rows_past_max_len_keep_their_end_and_are_counted(tiny_checkpoint, tmp_path, capsys):
+  path = reward_model.save(reward_model.load(tiny_checkpoint, seed=1, init_std=0.5),
+                           tmp_path / 'rm', tokenizer=Tokenizer.from_dir(tiny_checkpoint))
+  short = reward_model.load_scorer(path, max_len=512, batch_size=2)
+  prompts, completions = ['Say something long. ' * 8, 'Hi'], ['A long answer. ' * 4, 'Hello!']
+  limit = len(short.encode(prompts[1], completions[1])) + 4  # the second row fits, the first not
+  cut = reward_model.load_scorer(path, max_len=limit, batch_size=2)
+  full = short(prompts, completions)
+  assert short.rows_cut == 0
+  got = cut(prompts, completions)
+  assert cut.rows_cut == 1 and f'keep their last {limit}' in capsys.readouterr().err
+  assert got[1] == pytest.approx(full[1], abs=1e-5)  # the short row is whole in both
+  assert cut.encode(prompts[0], completions[0]) == short.encode(prompts[0],
+                                                                completions[0])[-limit:]
+
+
 def test_scorer_rejects_mismatched_lists(tiny_checkpoint, tmp_path):
   scorer = reward_model.load_scorer(reward_model.save(
       reward_model.load(tiny_checkpoint), tmp_path / 'rm',

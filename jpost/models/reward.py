@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -182,12 +183,15 @@ class Scorer:
   Each prompt (text or messages) plus its completion as the assistant turn is
   encoded with the chat template, exactly as reward training encodes pairs,
   and scored at its last token. Lengths are bucketed to multiples of 64 so a
-  run compiles a handful of shapes; longer rows keep their last `max_len`.
+  run compiles a handful of shapes; longer rows keep their last `max_len`
+  tokens (the start of the prompt goes), counted in `rows_cut` and said on
+  stderr the first time.
   """
 
   def __init__(self, model: ScalarModel, tokenizer, *, batch_size: int = 16,
                max_len: int = 1024):
     self.tokenizer, self.batch_size, self.max_len = tokenizer, batch_size, max_len
+    self.rows_cut = 0
     graphdef, self._state = nnx.split(model)
 
     @jax.jit
@@ -199,7 +203,14 @@ class Scorer:
 
   def encode(self, prompt, completion: str) -> list[int]:
     messages = as_messages(prompt) + [{'role': 'assistant', 'content': completion}]
-    return self.tokenizer.encode_chat(messages).ids[-self.max_len:]
+    ids = self.tokenizer.encode_chat(messages).ids
+    if len(ids) > self.max_len:
+      if not self.rows_cut:
+        print(f'reward model: a prompt and completion of {len(ids)} tokens keep their last '
+              f'{self.max_len} (the max_len option; later cuts are counted in rows_cut)',
+              file=sys.stderr, flush=True)
+      self.rows_cut += 1
+    return ids[-self.max_len:]
 
   def __call__(self, prompts, completions) -> np.ndarray:
     if len(prompts) != len(completions):
