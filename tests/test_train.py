@@ -359,15 +359,26 @@ def test_resume_with_another_optimiser_structure_is_a_clear_error(tiny_checkpoin
 
 def test_a_workdir_of_another_run_is_not_resumed(tiny_checkpoint, run_of_4_steps, tmp_path):
   """Other starting weights or another seed in a workdir with checkpoints
-  would continue that run's weights: refused, in one line, before any step."""
+  would continue that run's weights: refused before any step (run.json holds
+  what the run was started with); a longer run or another lr continues it."""
+  import sft as sft_config
+  from jpost.errors import ConfigError
+  from jpost.trainers import loop
   workdir = _copy_of(run_of_4_steps, tmp_path)
-  other = shutil.copytree(tiny_checkpoint, tmp_path / 'other_model')
-  for extra, changed in (((f'--config.model.path={other}',), 'model.path'),
-                         (('--config.seed=7',), "seed 0 there, 7 now")):
-    proc = _train(workdir, other if 'model' in changed else tiny_checkpoint, *extra, steps=6)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert f'holds checkpoints of another run ({changed}' in proc.stderr, proc.stderr[-3000:]
-    assert 'Traceback' not in proc.stderr and 'resumed from' not in proc.stderr
+  config = sft_config.get_config('tiny').unlock()
+  config.model.path = str(tiny_checkpoint)
+  loop._same_run(config, workdir, resuming=True)  # the same run: fine
+  for field, value, changed in (('model.path', str(tmp_path / 'other'), 'model.path'),
+                                ('seed', 7, 'seed 0 there, 7 now')):
+    other = overrides.apply(sft_config.get_config('tiny').unlock(),
+                            {'model.path': str(tiny_checkpoint), field: value})
+    with pytest.raises(ConfigError, match=rf'holds checkpoints of another run \({changed}'):
+      loop._same_run(other, workdir, resuming=True)
+  # Through the recipe: it stops before restoring or stepping (8 rows on 8 devices).
+  overrides.apply(config, {'seed': 7, 'batch_size': 8, 'total_steps': 6})
+  with pytest.raises(ConfigError, match='holds checkpoints of another run'):
+    sft.run(config, str(workdir))
+  assert len(_losses(workdir)) == 4
 
 
 @pytest.mark.parametrize('override, message', [

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jpost.data import steps as steps_lib
+from jpost.errors import ConfigError
 from jpost.models import hf
 from jpost.models.config import ModelConfig
 from jpost.models.decoder import Decoder
@@ -102,12 +103,12 @@ def load(path: str | pathlib.Path, *, mesh=None, seed: int = 0, init_std: float 
   if adapter_score is not None:
     score = lambda: adapter_score[None]
   if score is None and _is_classifier(path):  # not a causal LM: its head is lost
-    raise ValueError(
+    raise ConfigError(
         f'{path}: config.json names a sequence classifier, but its weights hold no '
         f'{SCORE_TENSOR}, so its reward head would be drawn afresh. Give the folder its '
         'trained weights, or a causal LM checkpoint to start a new reward model from.')
   if score is None and require_head:
-    raise ValueError(
+    raise ConfigError(
         f'{path} holds no reward head ({SCORE_TENSOR}): a causal LM, not a trained reward '
         'model, so its scores would come from a randomly drawn head. Train one '
         "(configs/reward.py, or configs/prm.py for step scores) and give its 'hf' folder.")

@@ -43,6 +43,10 @@ class ScoreResult:
   errors: dict[str, str]  # name -> first error message of this call
   seconds: float
 
+  def failed(self) -> int:
+    """Failed calls of this call's every source, whatever their kind."""
+    return sum(sum(kinds.values()) for kinds in self.failures.values())
+
   def metrics(self) -> dict[str, float]:
     """Flat metrics for logging; a mean over no valid values is NaN."""
     out = {}

@@ -111,8 +111,7 @@ def correctness(reward_fns, rows: list[dict], texts_of) -> tuple[np.ndarray, int
       texts.append(text)
       extras.append(row['extra'])
   result = rewards.score(reward_fns, prompts, texts, extras)
-  failed = sum(sum(kinds.values()) for kinds in result.failures.values())
-  return result.total.reshape(len(rows), -1), failed
+  return result.total.reshape(len(rows), -1), result.failed()
 
 
 def ground_truth(rows: list[dict], reward_fns, answer_key: str,

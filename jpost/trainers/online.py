@@ -113,7 +113,7 @@ def evaluate(model, tokenizer, dataset, reward_fns, settings, key) -> dict[str, 
     result = rewards.score(reward_fns, [rollout.prompt_text(p) for p in batch['prompt']],
                            texts, list(batch['extra']))
     totals.append(result.total)
-    failures += sum(sum(kinds.values()) for kinds in result.failures.values())
+    failures += result.failed()
     for name, values in result.per_source.items():
       per_source.setdefault(name, []).append(values)
     lengths.append(out.lengths)

@@ -58,7 +58,7 @@ def verified(verifier, prompt_text: str, texts: list[str], extra: dict,
   """1/0 per text: does the verifier accept its final answer (a failed
   verification: 0, counted in counts['verify_failures'])."""
   result = rewards.score(verifier, [prompt_text] * len(texts), texts, [extra] * len(texts))
-  counts['verify_failures'] += sum(sum(kinds.values()) for kinds in result.failures.values())
+  counts['verify_failures'] += result.failed()
   return (np.nan_to_num(result.total) > 0.5).astype(np.float64)
 
 
