@@ -845,6 +845,8 @@ def test_filtered_sampling_recomputes_old_logprobs_and_logs_the_gap(char_checkpo
     ({'rl.minibatches': 3}, 'must divide the rollout rows'),
     ({'rl.aggregation': 'mean'}, 'aggregation'),
     ({'rl.kl_in': 'both'}, 'kl_in'),
+    ({'rl.scale': 'mad'}, r"config.rl.scale='mad'; use one of"),
+    ({'rl.clip_low': 1.0}, r'config.rl.clip_low=1.0, clip_high=0.28: the ratio is clipped'),
     ({'rl.kl_in': 'reward', 'rl.kl_estimator': 'k3'},
      r"kl_in='reward' puts k1 .*kl_estimator='k3' would be ignored"),
     ({'sampling.temperature': 0.0}, 'temperature must be > 0'),

@@ -96,6 +96,26 @@ def test_dpo_cached_and_on_the_fly_references_agree(tiny_checkpoint, pair_files,
   assert kl['samples'] == 2 and np.isfinite(kl['kl_per_token']) and np.isfinite(kl['kl_per_sequence'])
 
 
+@pytest.mark.parametrize('change, message', [
+    ({'dpo.loss_type': 'kto'}, r"config.dpo: loss_type 'kto' unknown"),
+    ({'dpo.beta': 0.0}, r'config.dpo: beta must be > 0'),
+    ({'dpo.loss_type': 'cdpo'}, r"config.dpo: loss_type='cdpo' needs 0 < label_smoothing < 0.5"),
+])
+def test_bad_dpo_options_fail_before_any_work(tiny_checkpoint, tmp_path, change, message):
+  """Checked at the start, not when the loss is first traced (after the model
+  loaded and the reference pass ran)."""
+  sys.path.insert(0, 'configs')
+  import dpo as dpo_config
+  import overrides
+  from jpost.errors import ConfigError
+  from jpost.trainers import dpo
+  config = overrides.apply(dpo_config.get_config('tiny').unlock(),
+                           {'model.path': str(tiny_checkpoint), **change})
+  with pytest.raises(ConfigError, match=message):
+    dpo.run(config, str(tmp_path))
+  assert not any(tmp_path.iterdir())
+
+
 def test_dpo_stale_reference_cache_is_a_clear_error(tiny_checkpoint, pair_files, tmp_path):
   # A cache left by a run on other data (its keys are other pairs' tokens).
   (tmp_path / 'run').mkdir()

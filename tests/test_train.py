@@ -389,6 +389,7 @@ def test_a_workdir_of_another_run_is_not_resumed(tiny_checkpoint, run_of_4_steps
     ({'data.pack_window': 0}, r'pack_window=0: the SFT packer packs windows'),
     ({'checkpoint.compression': 'lz4'}, r"checkpoint\.compression='lz4'; use one of"),
     ({'log_every': 0}, r'config\.log_every=0: must be an integer >= 1'),
+    ({'loss.normalization': 'sample'}, r"config\.loss\.normalization='sample'; use one of"),
     ({'eval_every': -2}, r'config\.eval_every=-2: must be an integer >= 0 \(0: never\)'),
 ])
 def test_bad_config_fails_before_compiling(tiny_checkpoint, tmp_path, override, message):

@@ -12,8 +12,9 @@ LOSS_TYPES = ('sigmoid', 'ipo', 'cdpo', 'simpo')
 TIE_TOLERANCE = 1e-6
 
 
-def _validate(loss_type, beta, label_smoothing, ref_chosen_logps, ref_rejected_logps,
-              chosen_lengths, rejected_lengths):
+def check_options(loss_type, beta, label_smoothing) -> None:
+  """Raises ValueError for a loss type, beta or label smoothing that cannot
+  work together (the recipe checks them before anything runs)."""
   if loss_type not in LOSS_TYPES:
     raise ValueError(f'loss_type {loss_type!r} unknown; use one of {LOSS_TYPES}.')
   if not beta > 0:
@@ -27,6 +28,11 @@ def _validate(loss_type, beta, label_smoothing, ref_chosen_logps, ref_rejected_l
   if loss_type in ('ipo', 'simpo') and label_smoothing != 0:
     raise ValueError(f'label_smoothing applies only to loss_type=\'cdpo\'; got '
                      f'label_smoothing={label_smoothing} with {loss_type!r}.')
+
+
+def _validate(loss_type, beta, label_smoothing, ref_chosen_logps, ref_rejected_logps,
+              chosen_lengths, rejected_lengths):
+  check_options(loss_type, beta, label_smoothing)
   if loss_type in ('ipo', 'simpo') and (chosen_lengths is None or rejected_lengths is None):
     raise ValueError(f'loss_type={loss_type!r} averages log-probs per token: pass '
                      'chosen_lengths and rejected_lengths (target-token counts, [B]).')

@@ -35,6 +35,7 @@ from flax import nnx
 from jpost import memory, ops, sampling, sharding
 from jpost.data import pipeline, rows as row_lib
 from jpost.errors import ConfigError
+from jpost.losses import dpo as dpo_losses
 from jpost.losses.dpo import dpo_loss
 from jpost.models import hf, lora, pretrained
 from jpost.models.reward import as_messages
@@ -244,6 +245,10 @@ def run(config, workdir):
   if config.dpo.reference not in REFERENCE_MODES:
     raise ConfigError(f'config.dpo.reference={config.dpo.reference!r}; use one of '
                      f'{REFERENCE_MODES}.')
+  try:  # before the reference pass and the first step, not when the loss is traced
+    dpo_losses.check_options(config.dpo.loss_type, config.dpo.beta, config.dpo.label_smoothing)
+  except ValueError as e:
+    raise ConfigError(f'config.dpo: {e}') from None
   data = config.data
   with config.unlocked():
     config.total_steps = epochs_to_steps(config, list(data.train))

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jpost import advantages as adv
 from jpost import memory, ops, optim, rewards, sampling
 from jpost.data import pipeline
 from jpost.errors import ConfigError
@@ -55,6 +56,12 @@ def validate(config, algorithm: str) -> None:
                      f'(prompts_per_step x num_samples = {rows}).')
   if rl.epochs <= 0:
     raise ConfigError(f'config.rl.epochs={rl.epochs}: must be positive.')
+  if rl.scale not in adv.SCALES:
+    raise ConfigError(f'config.rl.scale={rl.scale!r}; use one of {adv.SCALES}.')
+  if not (0 <= rl.clip_low < 1 and rl.clip_high >= 0):
+    raise ConfigError(f'config.rl.clip_low={rl.clip_low}, clip_high={rl.clip_high}: the ratio '
+                      'is clipped to [1 - clip_low, 1 + clip_high], so 0 <= clip_low < 1 and '
+                      'clip_high >= 0.')
   if rl.aggregation not in AGGREGATIONS:
     raise ConfigError(f'config.rl.aggregation={rl.aggregation!r}; use one of {AGGREGATIONS}.')
   if rl.kl_in not in KL_PLACEMENT:

@@ -110,6 +110,9 @@ def packing(config, model_config, batch_devices) -> dict:
 @register('sft')
 def run(config, workdir):
   normalization = config.loss.normalization
+  if normalization not in sft_losses.NORMALIZATIONS:
+    raise ConfigError(f'config.loss.normalization={normalization!r}; use one of '
+                      f'{sft_losses.NORMALIZATIONS}.')
   data = config.data
   task = offline.Task(
       loss_fn=functools.partial(loss_fn, normalization=normalization, max_len=data.max_len),
