@@ -2,7 +2,7 @@
 an optional rubric judge, pairwise battles and a leaderboard, in a report.
 
   python -m jpost.main --config=configs/eval.py --workdir=runs/eval \\
-      --config.models='{"smollm2": "smollm2-135m-instruct", "grpo": "runs/grpo/hf"}'
+      --config.models='{"smollm2": "smollm2-135m-instruct", "grpo": "runs/demo/hf"}'
   python -m jpost.main --config=configs/eval.py:tiny --workdir=runs/eval_tiny
 
 `models` maps a name to a checkpoint directory, an embedded name or a
@@ -29,7 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       enabled=False, heartbeat_timeout_s=100, init_timeout_s=300))
   c.title = 'jpost evaluation'
   c.models = ml_collections.ConfigDict({'smollm2': 'smollm2-135m-instruct',
-                                        'grpo': 'runs/grpo/hf'})
+                                        'grpo': 'runs/demo/hf'})  # `make demo`'s
   c.anchor = 'smollm2'  # rated 1000 on the leaderboard; '' = the first name in sorted order
   c.model = ml_collections.ConfigDict(dict(path='', dtype='float32', param_dtype='float32'))
   c.data = ml_collections.ConfigDict(dict(eval=('arith:test',), max_prompt_len=64,

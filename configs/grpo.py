@@ -1,6 +1,6 @@
 """GRPO on verifiable arithmetic with SmolLM2-135M-Instruct: jpost's main job.
 
-  python -m jpost.main --config=configs/grpo.py --workdir=runs/grpo
+  python -m jpost.main --config=configs/grpo.py --workdir=runs/demo  # = make demo
   python -m jpost.main --config=configs/grpo.py:tiny --workdir=runs/grpo_tiny
   python -m jpost.main --config=configs/grpo.py --workdir=runs/mine \\
       --config.model.path=/my/hf/checkpoint --config.data.train='("prompts.jsonl",)'
