@@ -100,6 +100,9 @@ def test_dpo_cached_and_on_the_fly_references_agree(tiny_checkpoint, pair_files,
     ({'dpo.loss_type': 'kto'}, r"config.dpo: loss_type 'kto' unknown"),
     ({'dpo.beta': 0.0}, r'config.dpo: beta must be > 0'),
     ({'dpo.loss_type': 'cdpo'}, r"config.dpo: loss_type='cdpo' needs 0 < label_smoothing < 0.5"),
+    ({'dpo.reference': 'on_the_fly', 'lora.adapter': 'runs/sft/adapter'},
+     r"reference='on_the_fly' with config.lora.adapter='runs/sft/adapter': the reference would "
+     r'be the base'),
 ])
 def test_bad_dpo_options_fail_before_any_work(tiny_checkpoint, tmp_path, change, message):
   """Checked at the start, not when the loss is first traced (after the model

@@ -245,6 +245,15 @@ def run(config, workdir):
   if config.dpo.reference not in REFERENCE_MODES:
     raise ConfigError(f'config.dpo.reference={config.dpo.reference!r}; use one of '
                      f'{REFERENCE_MODES}.')
+  if (config.dpo.reference == 'on_the_fly' and config.lora.adapter
+      and config.dpo.loss_type != 'simpo'):
+    # On the fly the reference is the policy with its adapters off: the base.
+    # The starting policy here is base + the loaded adapter, which 'cache'
+    # scores once before its first step.
+    raise ConfigError(
+        f"config.dpo.reference='on_the_fly' with config.lora.adapter={config.lora.adapter!r}: "
+        'the reference would be the base without that adapter, not the policy DPO starts '
+        "from; use --config.dpo.reference=cache.")
   try:  # before the reference pass and the first step, not when the loss is traced
     dpo_losses.check_options(config.dpo.loss_type, config.dpo.beta, config.dpo.label_smoothing)
   except ValueError as e:
