@@ -28,8 +28,7 @@ def get(name: str) -> Callable:
     importlib.import_module(_ON_DEMAND[name])
   if name not in _RECIPES:
     raise ConfigError(
-        f'config.trainer={name!r} is not a known recipe; known recipes: '
-        f'{sorted(_RECIPES)}.')
+        f'config.trainer={name!r} is not a known recipe; known recipes: {names()}.')
   return _RECIPES[name]
 
 
