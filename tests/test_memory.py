@@ -129,8 +129,8 @@ def test_shortfall_compares_with_the_free_memory_a_device_reports():
 
 def test_the_plan_warns_only_where_a_device_reports_its_memory(tiny_checkpoint, capsys):
   """On CPU (no memory stats) the plan's line comes without a warning, even
-  for more memory than any machine has; the gradients are one device's
-  shards of the trainable parameters."""
+  for more memory than any machine has (bench/gpu.sh checks the warning on
+  a card)."""
   import jax
 
   from jpost.models import hf
