@@ -87,7 +87,7 @@ def test_sgd_uses_b1_as_momentum_and_decays_matrices_only():
   first, state = tx.update(grads, state, params)
   np.testing.assert_allclose(first['w'], -0.1 * (1 + 0.2 * 3), rtol=1e-6)
   np.testing.assert_allclose(first['b'], -0.1, rtol=1e-6)
-  second, _ = tx.update(grads, state, params)  # the same point: momentum doubles in part
+  second, _ = tx.update(grads, state, params)  # the same point: 1.6 + 0.5 x the last 1.6
   np.testing.assert_allclose(second['w'], -0.1 * (1.6 + 0.5 * 1.6), rtol=1e-6)
   np.testing.assert_allclose(second['b'], -0.1 * 1.5, rtol=1e-6)
 
@@ -360,7 +360,8 @@ def test_resume_with_another_optimiser_structure_is_a_clear_error(tiny_checkpoin
 def test_a_workdir_of_another_run_is_not_resumed(tiny_checkpoint, run_of_4_steps, tmp_path):
   """Other starting weights or another seed in a workdir with checkpoints
   would continue that run's weights: refused before any step (run.json holds
-  what the run was started with); a longer run or another lr continues it."""
+  what the run was started with). Another lr or a longer run continues it
+  (the NaN test above resumes this run with lr 1e30)."""
   import sft as sft_config
   from jpost.errors import ConfigError
   from jpost.trainers import loop
