@@ -343,3 +343,18 @@ def test_rope_gradient_matches_autodiff(dtype):
   assert_norm_close({'out': np.float32(decoder.apply_rope(x, cos, sin)), 'dx': np.float32(dx)},
                     {'out': np.float32(reference(x)),
                      'dx': np.float32(jax.grad(loss(reference))(x))}, bound=bound)
+
+
+def test_a_local_checkpoint_folder_wins_over_an_embedded_name(tiny_checkpoint, tmp_path,
+                                                               monkeypatch):
+  from jpost.models import pretrained
+  name = 'smollm2-135m-instruct'
+  assert name in pretrained.EMBEDDED
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / name).mkdir()  # a folder of that name without a checkpoint: still the embedded
+  embedded = pretrained.resolve(name)
+  assert embedded != tmp_path / name and (embedded / 'config.json').is_file()
+  for item in tiny_checkpoint.iterdir():  # now a checkpoint there: it is the one loaded
+    (tmp_path / name / item.name).write_bytes(item.read_bytes())
+  assert pretrained.resolve(name).resolve() == (tmp_path / name).resolve()
+  assert hf.load(name).config.num_layers == 2

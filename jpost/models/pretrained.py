@@ -42,11 +42,14 @@ def _convert_cached(gguf_path: pathlib.Path, name: str) -> pathlib.Path:
 
 
 def resolve(name_or_path: str | os.PathLike) -> pathlib.Path:
-  """A HF checkpoint directory for a path, a .gguf file or an embedded name."""
+  """A HF checkpoint directory for a path, a .gguf file or an embedded name.
+  A checkpoint folder that exists wins over an embedded model of its name
+  (as a local folder wins over a hub id in transformers): a model downloaded
+  to ./smollm2-135m-instruct and changed there is the one loaded."""
   text = str(name_or_path)
-  if text in EMBEDDED:
-    return _convert_cached(assets.fetch(EMBEDDED[text]), text)
   path = pathlib.Path(text).expanduser()
+  if text in EMBEDDED and not (path / 'config.json').is_file():
+    return _convert_cached(assets.fetch(EMBEDDED[text]), text)
   if path.is_dir():
     return path
   if path.is_file() and path.suffix == '.gguf':
