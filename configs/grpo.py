@@ -75,8 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Each group's completions share rows for the update and the reference
       # forward, so no slot after a completion's end is computed (README,
       # "Online RL"); with minibatches > 1 rows stay apart.
-      pack_completions=True,
-      gamma=1.0, lam=0.95, whiten_advantages=True))  # the last three: PPO only
+      pack_completions=True))
   c.total_steps = 16
   # 2e-5, not 1.5e-5: over seeds 0-2 the demo's held-out accuracy was 0.938,
   # 0.875, 0.875 against 0.792, 0.917, 0.854 (README, "Online RL"); with

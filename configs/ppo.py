@@ -36,6 +36,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 0.417 -> 0.438 (README, "Online RL").
   c.rl.kl_in = 'reward'  # the KL penalty is part of the per-token reward,
   c.rl.kl_estimator = 'k1'  # as log pi - log ref (the only estimator there)
+  # GAE and the advantages' whitening are PPO's; GRPO's group scaling and
+  # zero-variance filter are not, so an override of them is an unknown field.
+  c.rl.gamma, c.rl.lam, c.rl.whiten_advantages = 1.0, 0.95, True
+  del c.rl['scale'], c.rl['filter_zero_variance']
   c.rl.entropy_coef = 0.0
   c.sampling.num_samples = 4  # no groups needed: the critic is the baseline
   # critic_lora: with config.lora on, the critic gets adapters too (False:

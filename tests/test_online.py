@@ -539,7 +539,7 @@ def test_epochs_and_minibatches_keep_the_schedule_in_rollout_steps(char_checkpoi
 
 
 def test_ppo_token_rewards_put_the_score_on_the_last_token():
-  rl = grpo.get_config().rl
+  rl = ppo.get_config().rl
   weights = np.array([[0, 1, 1, 1, 0], [0, 0, 1, 0, 0]], np.float32)
   old = np.array([[0, -1, -1, -1, 0], [0, 0, -2, 0, 0]], np.float32)
   ref = np.array([[0, -1.5, -1, -0.5, 0], [0, 0, -1, 0, 0]], np.float32)

@@ -155,7 +155,7 @@ def test_step_rewards_follow_a_subword_tokenizer():
 
 
 def test_ppo_step_rewards_go_where_steps_end_and_gae_credits_them():
-  rl = grpo.get_config().rl
+  rl = ppo.get_config().rl
   with rl.unlocked():
     rl.beta, rl.gamma, rl.lam, rl.whiten_advantages = 0.0, 1.0, 1.0, False
   weights = np.array([[1, 1, 1, 1, 0]], np.float32)

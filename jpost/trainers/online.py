@@ -56,7 +56,7 @@ def validate(config, algorithm: str) -> None:
                      f'(prompts_per_step x num_samples = {rows}).')
   if rl.epochs <= 0:
     raise ConfigError(f'config.rl.epochs={rl.epochs}: must be positive.')
-  if rl.scale not in adv.SCALES:
+  if algorithm == 'grpo' and rl.scale not in adv.SCALES:
     raise ConfigError(f'config.rl.scale={rl.scale!r}; use one of {adv.SCALES}.')
   if not (0 <= rl.clip_low < 1 and rl.clip_high >= 0):
     raise ConfigError(f'config.rl.clip_low={rl.clip_low}, clip_high={rl.clip_high}: the ratio '
