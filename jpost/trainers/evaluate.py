@@ -122,13 +122,14 @@ def ground_truth(rows: list[dict], reward_fns, answer_key: str,
   greedy = greedy[:, 0]
   k = samples.shape[1]
   report = ev.accuracy_report([list(s > 0.5) for s in samples], ks=tuple(sorted({1, k})))
-  vote_failures = []
+  vote_failures = 0
 
   def equivalent(a, b):  # maj@k groups answers; one it cannot decide stands alone
+    nonlocal vote_failures
     try:
       return rewards.is_equivalent(a, b, timeout=verify_timeout)
     except rewards.VerifyTimeout:
-      vote_failures.append((a, b))
+      vote_failures += 1
       return False
   majority = [ev.maj_at_k([rewards.extract_answer(t) for t in r['samples']],
                           str(r['extra'][answer_key]), k, equivalent)
@@ -140,7 +141,7 @@ def ground_truth(rows: list[dict], reward_fns, answer_key: str,
           'truncated': float(np.mean([r['truncated'] for r in rows])),
           'length_chars': float(np.mean([len(r['greedy']) for r in rows])),
           # Counted as wrong above (and as no match in maj@k's votes).
-          'verify_failures': greedy_failed + samples_failed + len(vote_failures),
+          'verify_failures': greedy_failed + samples_failed + vote_failures,
           '_greedy': greedy, '_per_prompt': samples.mean(axis=1),
           '_samples': (samples > 0.5).astype(np.float64)}
 

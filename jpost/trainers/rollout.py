@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from jpost import sampling
+from jpost.errors import ConfigError
 
 
 def prompt_text(prompt) -> str:
@@ -41,7 +42,6 @@ def check_answer_key(config) -> None:
   the labels' `answer` in prm_labels) and the math verifier's own
   `rewards.math.answer_key` must name one column, or the two would grade
   against different ones."""
-  from jpost.errors import ConfigError
   math = config.rewards.get('math')
   if math is None:
     return
