@@ -124,16 +124,22 @@ def _load_backend(path: pathlib.Path) -> tokenizers.Tokenizer:
     raise ConfigError(f'{path}: `tokenizers` could not load it: {e}') from e
 
 
-def _generation_eos_ids(path: pathlib.Path) -> tuple[int, ...]:
+def _generation_config(path: pathlib.Path) -> dict:
+  """generation_config.json's contents ({} when there is none)."""
   if not path.is_file():
-    return ()
+    return {}
   config = _read_json(path)
   if not isinstance(config, dict):
     raise ConfigError(f'{path}: must hold a JSON object, got {type(config).__name__}.')
+  return config
+
+
+def _generation_eos_ids(config: dict, *, source: str) -> tuple[int, ...]:
   value = config.get('eos_token_id')
   ids = [value] if isinstance(value, int) else value or []
   if not all(isinstance(i, int) for i in ids):
-    raise ConfigError(f'{path}: eos_token_id must be an int or a list of ints, got {value!r}.')
+    raise ConfigError(f'{source}: generation_config.json eos_token_id must be an int or a '
+                      f'list of ints, got {value!r}.')
   return tuple(ids)
 
 
@@ -141,12 +147,15 @@ class Tokenizer:
   """A `tokenizers.Tokenizer` with its special tokens and chat template."""
 
   def __init__(self, *, backend: tokenizers.Tokenizer, config: dict, source: str,
-               chat_template: str | None, generation_eos_ids: Sequence[int] = ()):
+               chat_template: str | None, generation_config: dict | None = None):
     self._backend = backend
     self._config = dict(config)
     self._source = source
     self._chat_template = chat_template
-    self._generation_eos_ids = tuple(generation_eos_ids)
+    # The model's generation_config.json: its stop ids are read here, and the
+    # HF export writes it back beside the weights (jpost.models.hf.save).
+    self._generation_config = dict(generation_config or {})
+    self._generation_eos_ids = _generation_eos_ids(self._generation_config, source=source)
     self._special = {}  # named special token -> text
     for name in _NAMED_TOKENS:
       text = _token_text(config.get(name), field=name, source=source)
@@ -191,12 +200,12 @@ class Tokenizer:
       template = jinja_file.read_text(encoding='utf-8')
     return cls(backend=backend, config=config, source=str(path),
                chat_template=chat_template if chat_template is not None else template,
-               generation_eos_ids=_generation_eos_ids(path / 'generation_config.json'))
+               generation_config=_generation_config(path / 'generation_config.json'))
 
   @classmethod
   def from_contents(cls, tokenizer_json: dict, config: dict, *, source: str,
                     chat_template: str | None = None,
-                    generation_eos_ids: Sequence[int] = ()) -> Tokenizer:
+                    generation_config: dict | None = None) -> Tokenizer:
     """From parsed tokenizer.json / tokenizer_config.json contents (e.g. from
     `jpost.models.gguf_tokenizer.tokenizer_files_from_gguf`). `chat_template`
     defaults to the config's."""
@@ -207,7 +216,7 @@ class Tokenizer:
     if chat_template is None:
       chat_template = _chat_template(config.get('chat_template'), source=source)
     return cls(backend=backend, config=config, source=source,
-               chat_template=chat_template, generation_eos_ids=generation_eos_ids)
+               chat_template=chat_template, generation_config=generation_config)
 
   @classmethod
   def from_gguf(cls, path: str | pathlib.Path) -> Tokenizer:
@@ -226,7 +235,7 @@ class Tokenizer:
   def with_chat_template(self, chat_template: str) -> Tokenizer:
     """The same tokenizer with another chat template."""
     other = Tokenizer(backend=self._backend, config=self._config, source=self._source,
-                      chat_template=chat_template, generation_eos_ids=self._generation_eos_ids)
+                      chat_template=chat_template, generation_config=self._generation_config)
     if '_offsets_backend' in self.__dict__:  # share the copy; it is costly to build
       other.__dict__['_offsets_backend'] = self._offsets_backend
     return other
@@ -234,7 +243,8 @@ class Tokenizer:
   def save(self, path: str | pathlib.Path) -> pathlib.Path:
     """Writes tokenizer.json and tokenizer_config.json (+ chat_template.jinja)
     that transformers' AutoTokenizer.from_pretrained(path) loads. Stop ids
-    from generation_config.json are the model's: the model export writes that."""
+    from generation_config.json are the model's: the model export writes that
+    file (`generation_config`)."""
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     self._backend.save(str(path / 'tokenizer.json'))
@@ -252,6 +262,11 @@ class Tokenizer:
     (path / 'tokenizer_config.json').write_text(
         json.dumps(config, indent=2, ensure_ascii=False) + '\n', encoding='utf-8')
     return path
+
+  @property
+  def generation_config(self) -> dict:
+    """The model's generation_config.json read with the tokenizer ({} if none)."""
+    return dict(self._generation_config)
 
   # -- vocabulary ------------------------------------------------------------
 

@@ -86,3 +86,70 @@ def test_logits_match_transformers_on_chat_prompt(model, reference, checkpoint):
     ref = reference(torch.tensor(tokens)).logits.numpy()
   assert np.abs(out - ref).max() <= 1e-3
   assert (out[0, -1].argmax() == ref[0, -1].argmax())
+
+
+def _tiny_gguf(path, *, rope: dict = {}, tokenizer_model: str = 'gpt2'):
+  """A one-layer llama GGUF of random weights with the given rope.* metadata."""
+  import gguf
+  writer = gguf.GGUFWriter(path, 'llama')
+  dim, ffn = 8, 16
+  writer.add_block_count(1)
+  writer.add_embedding_length(dim)
+  writer.add_feed_forward_length(ffn)
+  writer.add_head_count(2)
+  writer.add_head_count_kv(2)
+  writer.add_layer_norm_rms_eps(1e-5)
+  writer.add_context_length(64)
+  writer.add_vocab_size(4)
+  for key, value in rope.items():
+    (writer.add_string if isinstance(value, str) else
+     writer.add_uint32 if isinstance(value, int) else writer.add_float32)(f'llama.rope.{key}', value)
+  writer.add_tokenizer_model(tokenizer_model)
+  writer.add_token_list(['<unk>', '<s>', '</s>', 'a'])
+  writer.add_token_types([2, 3, 3, 1])
+  rng = np.random.RandomState(0)
+  shapes = {'token_embd': (4, dim), 'output_norm': (dim,)} | {
+      f'blk.0.{name}': shape for name, shape in [
+          ('attn_norm', (dim,)), ('attn_q', (dim, dim)), ('attn_k', (dim, dim)),
+          ('attn_v', (dim, dim)), ('attn_output', (dim, dim)), ('ffn_norm', (dim,)),
+          ('ffn_gate', (ffn, dim)), ('ffn_up', (ffn, dim)), ('ffn_down', (dim, ffn))]}
+  for name, shape in shapes.items():
+    writer.add_tensor(f'{name}.weight', rng.randn(*shape).astype(np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return gguf.GGUFReader(path)
+
+
+@pytest.mark.parametrize('rope, scaling', [
+    ({}, None),
+    ({'scaling.type': 'none'}, None),
+    ({'scaling.type': 'linear', 'scaling.factor': 4.0}, {'rope_type': 'linear', 'factor': 4.0}),
+    ({'scale_linear': 2.0}, {'rope_type': 'linear', 'factor': 2.0}),  # the older key
+])
+def test_rope_scaling_read_from_gguf_metadata(tmp_path, rope, scaling):
+  config = jgguf.hf_config_from_gguf(_tiny_gguf(tmp_path / 'x.gguf', rope=rope), source='x')
+  assert config['rope_scaling'] == scaling and config['head_dim'] == 4
+  hf.write_checkpoint({}, config, tmp_path / 'hf')
+  read = transformers.AutoConfig.from_pretrained(tmp_path / 'hf').rope_scaling
+  assert read == (scaling or {'rope_type': 'default'}) | {'rope_theta': 10000.0}
+
+
+@pytest.mark.parametrize('rope, message', [
+    ({'scaling.type': 'yarn', 'scaling.factor': 4.0}, r"RoPE scaling 'yarn'"),
+    ({'dimension_count': 2}, r'rotates 2 of each head\'s 4 dimensions'),
+])
+def test_gguf_rope_settings_jpost_cannot_honour_are_errors(tmp_path, rope, message):
+  """Dropped, they would put every position past the original context in the wrong place."""
+  from jpost.errors import ConfigError
+  with pytest.raises(ConfigError, match=message):
+    jgguf.hf_config_from_gguf(_tiny_gguf(tmp_path / 'x.gguf', rope=rope), source='x')
+
+
+def test_a_sentencepiece_gguf_is_refused_before_its_weights_are_converted(tmp_path):
+  from jpost.errors import ConfigError
+  _tiny_gguf(tmp_path / 'spm.gguf', tokenizer_model='llama')
+  with pytest.raises(ConfigError, match=r"spm.gguf: GGUF tokenizer.ggml.model is 'llama'"):
+    jgguf.convert(tmp_path / 'spm.gguf', tmp_path / 'out')
+  assert not (tmp_path / 'out').exists()

@@ -127,6 +127,28 @@ def test_export_loads_in_transformers(family, tmp_path):
   assert again.config.tie_word_embeddings == ref.config.tie_word_embeddings
 
 
+def test_export_writes_the_source_generation_config(tiny_checkpoint, tmp_path):
+  """transformers' generate stops only at generation_config.json's eos ids
+  (Llama-3-Instruct's <|eot_id|> is listed only there): the export keeps the
+  source's file, and drops a stale one when the source has none."""
+  import shutil
+
+  from jpost.tokenizer import Tokenizer
+  source = tmp_path / 'source'
+  shutil.copytree(tiny_checkpoint, source)
+  settings = {'bos_token_id': 1, 'eos_token_id': [2, 0], 'do_sample': True,
+              'temperature': 0.6, 'top_p': 0.9}
+  (source / 'generation_config.json').write_text(json.dumps(settings))
+  model, tokenizer = hf.load(source), Tokenizer.from_dir(source)
+  hf.save(model, tmp_path / 'export', tokenizer=tokenizer)
+  loaded = transformers.GenerationConfig.from_pretrained(tmp_path / 'export')
+  assert (loaded.eos_token_id, loaded.temperature, loaded.top_p) == ([2, 0], 0.6, 0.9)
+  assert Tokenizer.from_dir(tmp_path / 'export').stop_ids == (2, 0)
+  (source / 'generation_config.json').unlink()
+  hf.save(model, tmp_path / 'export', tokenizer=Tokenizer.from_dir(source))
+  assert not (tmp_path / 'export' / 'generation_config.json').exists()
+
+
 def test_sharded_export_round_trip(tmp_path):
   ref = _hf_model('qwen3')
   ref.save_pretrained(tmp_path / 'hf', max_shard_size='40KB')
@@ -232,6 +254,10 @@ def test_config_validation_messages():
   with pytest.raises(ValueError, match="rope_scaling type 'yarn' is not supported"):
     ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
                 num_heads=2, num_kv_heads=1, rope_scaling={'rope_type': 'yarn', 'factor': 2.0})
+  with pytest.raises(ValueError, match=r"'llama3' needs the number\(s\) \['low_freq_factor', "
+                                       r"'high_freq_factor', 'original_max_position_embeddings'\]"):
+    ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
+                num_heads=2, num_kv_heads=1, rope_scaling={'rope_type': 'llama3', 'factor': 8.0})
 
 
 def test_auto_compute_dtype_follows_the_matmul_hardware():

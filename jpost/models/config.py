@@ -22,6 +22,9 @@ _ARCHITECTURES = {
     'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
     'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM'}
 _ROPE_TYPES = ('default', 'linear', 'llama3')
+_ROPE_PARAMS = {'linear': ('factor',),
+                'llama3': ('factor', 'low_freq_factor', 'high_freq_factor',
+                           'original_max_position_embeddings')}
 
 
 def resolve_dtype(name: str) -> str:
@@ -139,6 +142,11 @@ class ModelConfig:
       if kind not in _ROPE_TYPES:
         raise ConfigError(
             f'rope_scaling type {kind!r} is not supported; use one of {_ROPE_TYPES}.')
+      needs = _ROPE_PARAMS.get(kind, ())
+      missing = [k for k in needs if not isinstance(self.rope_params.get(k), (int, float))]
+      if missing:
+        raise ConfigError(f'rope_scaling type {kind!r} needs the number(s) {missing}; '
+                          f'got {self.rope_params}.')
     if self.remat not in (True, False, 'none', 'dots', 'full'):
       raise ConfigError(f"ModelConfig.remat={self.remat!r}; use 'none', 'dots' or 'full' "
                         '(True = full, False = none).')

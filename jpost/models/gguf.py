@@ -61,6 +61,7 @@ def hf_config_from_gguf(reader, *, source: str) -> dict:
   tokens = reader.fields.get('tokenizer.ggml.tokens')
   heads = int(_field(reader, f'{arch}.attention.head_count', source=source))
   hidden = int(_field(reader, f'{arch}.embedding_length', source=source))
+  head_dim = int(_field(reader, f'{arch}.attention.key_length', hidden // heads, source=source))
   def token_id(key):
     field = reader.fields.get(f'tokenizer.ggml.{key}')
     return None if field is None else int(field.contents())
@@ -74,10 +75,11 @@ def hf_config_from_gguf(reader, *, source: str) -> dict:
       'num_hidden_layers': int(_field(reader, f'{arch}.block_count', source=source)),
       'num_attention_heads': heads,
       'num_key_value_heads': int(_field(reader, f'{arch}.attention.head_count_kv', heads, source=source)),
-      'head_dim': int(_field(reader, f'{arch}.attention.key_length', hidden // heads, source=source)),
+      'head_dim': head_dim,
       'hidden_act': 'silu',
       'rms_norm_eps': float(_field(reader, f'{arch}.attention.layer_norm_rms_epsilon', source=source)),
       'rope_theta': float(_field(reader, f'{arch}.rope.freq_base', 10000.0, source=source)),
+      'rope_scaling': _rope_scaling(reader, arch, head_dim, source=source),
       'max_position_embeddings': int(_field(reader, f'{arch}.context_length', 4096, source=source)),
       'tie_word_embeddings': 'output.weight' not in names,
       'attention_bias': False,
@@ -87,6 +89,31 @@ def hf_config_from_gguf(reader, *, source: str) -> dict:
       'pad_token_id': token_id('padding_token_id'),
       'torch_dtype': 'float32',
   }
+
+
+def _rope_scaling(reader, arch: str, head_dim: int, *, source: str) -> dict | None:
+  """HF's rope_scaling for the GGUF's RoPE metadata: linear scaling maps;
+  YaRN and partial rotary embeddings are refused rather than dropped, which
+  would put every position past the original context in the wrong place."""
+  rotary = int(_field(reader, f'{arch}.rope.dimension_count', head_dim, source=source))
+  if rotary != head_dim:
+    raise ConfigError(
+        f'{source}: GGUF rotates {rotary} of each head\'s {head_dim} dimensions '
+        f'({arch}.rope.dimension_count); jpost rotates whole heads. Load an HF '
+        'checkpoint directory of a supported model instead.')
+  kind = _field(reader, f'{arch}.rope.scaling.type', 'none', source=source)
+  factor = float(_field(reader, f'{arch}.rope.scaling.factor', 0.0, source=source))
+  legacy = float(_field(reader, f'{arch}.rope.scale_linear', 0.0, source=source))
+  if kind == 'none' and legacy not in (0.0, 1.0):  # files from before rope.scaling.*
+    kind, factor = 'linear', legacy
+  if kind == 'none' or (kind == 'linear' and factor in (0.0, 1.0)):
+    return None
+  if kind != 'linear':
+    raise ConfigError(
+        f'{source}: GGUF RoPE scaling {kind!r} ({arch}.rope.scaling.type) is not '
+        "supported by the GGUF import (only 'linear'); load the HF checkpoint "
+        'directory instead.')
+  return {'rope_type': 'linear', 'factor': factor}
 
 
 def unpermute_rotary(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -132,9 +159,12 @@ def convert(gguf_path: str | pathlib.Path, out_dir: str | pathlib.Path) -> pathl
   source = str(gguf_path)
   reader = gguf.GGUFReader(gguf_path)
   config = hf_config_from_gguf(reader, source=source)
+  try:  # before the weights: a vocabulary jpost cannot convert fails in a second
+    tokenizer_json, tokenizer_config = tokenizer_files_from_gguf(reader)
+  except ValueError as e:
+    raise ConfigError(f'{source}: {e}') from e
   tensors = hf_tensors_from_gguf(reader, config, source=source)
   out_dir = hf.write_checkpoint(tensors, config, out_dir)
-  tokenizer_json, tokenizer_config = tokenizer_files_from_gguf(reader)
   (out_dir / 'tokenizer.json').write_text(json.dumps(tokenizer_json, ensure_ascii=False))
   (out_dir / 'tokenizer_config.json').write_text(json.dumps(tokenizer_config, indent=2))
   generation = {k: config[k] for k in ('bos_token_id', 'eos_token_id', 'pad_token_id')

@@ -247,7 +247,9 @@ def with_adapters(params: dict, cfg: ModelConfig, *, seed: int = 0, lora_adapter
 
 def save(model: Decoder, path: str | pathlib.Path, *, tokenizer=None,
          dtype: str | None = None, max_shard_bytes: int = 2 << 30) -> pathlib.Path:
-  """Writes config.json, safetensors (+ index when sharded) and the tokenizer."""
+  """Writes config.json, safetensors (+ index when sharded) and the tokenizer
+  with the source model's generation_config.json (its stop ids and sampling
+  defaults: transformers' `generate` stops only at the ids listed there)."""
   tensors = params_to_hf(model)
   if dtype is not None:
     np_dtype = np.dtype(jax.numpy.dtype(dtype))
@@ -255,8 +257,12 @@ def save(model: Decoder, path: str | pathlib.Path, *, tokenizer=None,
   hf_config = model.config.to_hf()
   hf_config['torch_dtype'] = dtype or model.config.param_dtype
   path = write_checkpoint(tensors, hf_config, path, max_shard_bytes=max_shard_bytes)
+  generation_file = path / 'generation_config.json'
+  generation_file.unlink(missing_ok=True)  # a stale one from an earlier export
   if tokenizer is not None:
     tokenizer.save(path)
+    if tokenizer.generation_config:
+      generation_file.write_text(json.dumps(tokenizer.generation_config, indent=2) + '\n')
   return path
 
 
