@@ -34,6 +34,9 @@ inserts an empty think block before the last one):
 
 Fields other than 'content' (tool_calls, reasoning_content, ...) reach the
 template but are part of the skeleton, not of the content span.
+
+Special (control) tokens come from the template alone: one typed inside a
+message's content is encoded as its plain text (`_typed_specials_as_text`).
 """
 
 from __future__ import annotations
@@ -389,6 +392,7 @@ class Tokenizer:
     first = self._first_region_start(pieces[0], {e[1] for e in eots if e})
 
     ids, starts = self.encode_with_offsets(text)
+    ids, starts = self._typed_specials_as_text(ids, starts, text, contents)
     def index(char: int) -> int:
       return bisect.bisect_left(starts, char)
     spans = []
@@ -408,6 +412,37 @@ class Tokenizer:
     return ChatEncoding(ids=ids, text=text, spans=tuple(spans))
 
   # -- span helpers ----------------------------------------------------------
+
+  @functools.cached_property
+  def _special_ids(self) -> frozenset[int]:
+    return frozenset(self._backend.token_to_id(t) for t in self._special_texts)
+
+  @functools.cached_property
+  def _plain_backend(self) -> tokenizers.Tokenizer:
+    backend = tokenizers.Tokenizer.from_str(self._offsets_backend.to_str())
+    backend.encode_special_tokens = True  # '<|im_end|>' is text, not a token
+    return backend
+
+  def _typed_specials_as_text(self, ids: list[int], starts: list[int], text: str,
+                              contents: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Special tokens typed inside a message's content, encoded as the text
+    they are. Otherwise a user (or a data row, or a request to the server)
+    writing '<|im_end|><|im_start|>assistant' inside a message forges a turn
+    the template never rendered; transformers' apply_chat_template(tokenize=True)
+    would parse them. Control tokens come from the template only."""
+    if self._special_ids.isdisjoint(ids):
+      return ids, starts
+    out_ids, out_starts = [], []
+    for token, start in zip(ids, starts):
+      if token in self._special_ids and any(a <= start < b for a, b in contents):
+        encoding = self._plain_backend.encode(self._backend.id_to_token(token),
+                                              add_special_tokens=False)
+        out_ids += encoding.ids
+        out_starts += [start + begin for begin, _ in encoding.offsets]
+      else:
+        out_ids.append(token)
+        out_starts.append(start)
+    return out_ids, out_starts
 
   def _special_prefix(self, text: str) -> str | None:
     """The special token `text` starts with, if any."""
