@@ -73,6 +73,17 @@ class MessageSpan:
   # The end-of-turn special token closing the message (e.g. <|im_end|>); a
   # template may put whitespace between content_end and it.
   eot: int | None
+  # Where an assistant's output starts: the end of the generation prompt the
+  # template renders for the messages before it. Text the template puts
+  # between that prompt and the content (Qwen3's <think> block, from
+  # reasoning_content or empty) is output the model writes, so it is a
+  # target; content_start where the prompt is not a prefix of the rendering.
+  output_start: int
+
+
+class ChatSpanError(ValueError):
+  """The template renders a message's content so that its span cannot be
+  found (a property of the conversation, so row encoders count it as a bad row)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -405,11 +416,28 @@ class Tokenizer:
           raise ConfigError(
               f'{where}: the end-of-turn token {token!r} of message {i} did not '
               'encode as one token; the tokenizer splits it, so spans cannot be mapped.')
+      start = index(first if i == 0 else bounds[i - 1])
+      content_start = index(contents[i][0])
+      output = self._output_start(messages, i, text, template_kwargs,
+                                  lo=first if i == 0 else bounds[i - 1], hi=contents[i][0])
       spans.append(MessageSpan(
-          role=message['role'], index=i,
-          start=index(first if i == 0 else bounds[i - 1]), end=index(bounds[i]),
-          content_start=index(contents[i][0]), content_end=index(contents[i][1]), eot=eot))
+          role=message['role'], index=i, start=start, end=index(bounds[i]),
+          content_start=content_start, content_end=index(contents[i][1]), eot=eot,
+          output_start=content_start if output is None else index(output)))
     return ChatEncoding(ids=ids, text=text, spans=tuple(spans))
+
+  def _output_start(self, messages: list[dict], i: int, text: str, template_kwargs: dict,
+                    *, lo: int, hi: int) -> int | None:
+    """The character where assistant message i's output starts: the length of
+    the rendering of messages[:i] with the generation prompt, when that is a
+    prefix of `text` ending inside message i's header (between lo and hi)."""
+    if i == 0 or messages[i]['role'] != 'assistant':
+      return None
+    try:
+      prompt = self._render(messages[:i], True, template_kwargs)
+    except ConfigError:  # a template that refuses the shorter conversation
+      return None
+    return len(prompt) if lo <= len(prompt) <= hi and text.startswith(prompt) else None
 
   # -- span helpers ----------------------------------------------------------
 
@@ -524,14 +552,14 @@ def _skeleton_pieces(skeleton: str, sentinels: list[str], *, where: str) -> list
 def _locate_contents(text: str, pieces: list[str], contents: list[str], *,
                      where: str) -> list[tuple[int, int]]:
   """(start, end) characters of each message's printed content in `text`."""
-  def error(detail: str) -> ValueError:
-    return ValueError(
+  def error(detail: str) -> ChatSpanError:
+    return ChatSpanError(
         f'{where}: cannot locate the message contents: {detail}. The template renders '
         'a message differently from the same message with other content (Qwen3, for '
         'one, moves the <think> reasoning of the last assistant turn out of its '
         'content), so jpost cannot tell which tokens are the content; change the '
-        'message or the template.')
-  def missing(i: int, piece: str) -> ValueError:
+        'message or the template (give reasoning as the message\'s reasoning_content).')
+  def missing(i: int, piece: str) -> ChatSpanError:
     place = ('before message 0' if i == 0 else 'after the last message'
              if i == len(contents) else f'between messages {i - 1} and {i}')
     return error(f'the template text {piece[:80]!r} {place} is not in the rendering')

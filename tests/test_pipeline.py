@@ -67,6 +67,10 @@ def test_mask_modes_target_exactly_assistant_text_and_eot(tokenizer, mode, row, 
   ds, _ = pipeline.build('sft', [row], tokenizer, batch_size=1, max_len=256,
                          mask_mode=mode, packing=False, num_epochs=1)
   batch = next(iter(ds))
+  if tokenizer.token_to_id('<think>') is not None:
+    # Qwen3 renders an empty think block before the last assistant turn, after
+    # its generation prompt: the model writes it, so it is a target.
+    expected = expected[:-1] + ['<think>\n\n</think>\n\n' + expected[-1]]
   assert _targets(batch['tokens'][0], batch['loss_mask'][0], tokenizer) == expected
 
 
@@ -445,3 +449,42 @@ def test_num_threads_is_the_number_of_prefetch_threads(smollm2, num_threads):
   next(it)
   started = set(threading.enumerate()) - before
   assert sum(t.name.startswith('grain-prefetch') for t in started) == num_threads
+
+
+QWEN_REASONING = [{'role': 'user', 'content': 'What is 2 + 3?'},
+                  {'role': 'assistant', 'content': '5.', 'reasoning_content': 'Two plus three.'}]
+
+
+def test_reasoning_rendered_before_the_answer_is_trained():
+  """Qwen3 renders reasoning_content as a <think> block between the generation
+  prompt and the content: the model writes it, so reasoning SFT must train it
+  (masking only the content trained answers without their reasoning)."""
+  qwen = Tokenizer.from_dir(assets.fetch('qwen3-tokenizer'))
+  ds, _ = pipeline.build('sft', [{'messages': QWEN_REASONING}], qwen, batch_size=1,
+                         max_len=128, packing=False, num_epochs=1)
+  batch = next(iter(ds))
+  assert _targets(batch['tokens'][0], batch['loss_mask'][0], qwen) == [
+      '<think>\nTwo plus three.\n</think>\n\n5.<|im_end|>']
+  # The prompt the model is sampled from ends where the targets start.
+  prompt = qwen.encode_chat(QWEN_REASONING[:1], add_generation_prompt=True).ids
+  first = int(np.argmax(batch['loss_mask'][0]))
+  assert list(batch['tokens'][0][:first]) == prompt
+
+
+def test_reasoning_inside_the_content_qwen3_moves_is_a_counted_bad_row():
+  """Qwen3's template moves <think> text out of the last turn's content, so
+  the content's span cannot be found: a RowError ('skip' counts it), not a
+  traceback."""
+  qwen = Tokenizer.from_dir(assets.fetch('qwen3-tokenizer'))
+  inline = {'messages': [QWEN_REASONING[0], {'role': 'assistant',
+                                             'content': '<think>\nTwo plus three.\n</think>\n\n5.'}]}
+  good = {'messages': QWEN_REASONING}
+  ds, _ = pipeline.build('sft', [inline, good], qwen, batch_size=1, max_len=128,
+                         packing=False, num_epochs=1, seed=0)
+  with pytest.raises(RowError, match=r'rows\[0\].*cannot locate the message contents.*'
+                                     r'reasoning_content'):
+    list(ds)
+  ds, stats = pipeline.build('sft', [inline, good], qwen, batch_size=1, max_len=128,
+                             packing=False, num_epochs=1, policy='skip')
+  assert len(list(ds)) == 1
+  assert stats.as_dict()['rows']['skipped_by_reason'] == {'unlocatable_content': 1}

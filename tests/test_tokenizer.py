@@ -391,6 +391,11 @@ def check_spans(tok, encoding, *, contents, headers, eot_token, eot_after, prefi
     assert decode(span.content_start, span.content_end) == contents[i]
     assert ids[span.eot] == tok.token_to_id(eot_token)
     assert decode(span.start, span.end) == headers[i] + contents[i] + eot_token + eot_after
+    # An assistant's output starts where its generation prompt ends: Qwen3's
+    # think block before the last turn is output, the role header is not.
+    think = QWEN_EMPTY_THINK if headers[i].endswith(QWEN_EMPTY_THINK) else ''
+    assert span.start <= span.output_start <= span.content_start
+    assert decode(span.output_start, span.content_start) == think
 
 
 @pytest.mark.parametrize('add_generation_prompt', [False, True])

@@ -1,8 +1,9 @@
 """Canonical rows -> token ids and loss masks, from the tokenizer's message spans.
 
-A target message contributes its content tokens and its end-of-turn token
-(PITFALLS: inferring masks from pad == eos drops the real EOS and the model
-never learns to stop). Masks come from `Tokenizer.encode_chat` spans, so they
+A target message contributes its output tokens (its content, and reasoning
+the template renders before it) and its end-of-turn token (PITFALLS:
+inferring masks from pad == eos drops the real EOS and the model never
+learns to stop). Masks come from `Tokenizer.encode_chat` spans, so they
 work for any chat template. Rows longer than `max_len` follow the truncation
 policy; every truncation is reported to the caller, never silent.
 """
@@ -15,7 +16,7 @@ import numpy as np
 
 from jpost.data.rows import RowError
 from jpost.errors import ConfigError
-from jpost.tokenizer import Tokenizer
+from jpost.tokenizer import ChatSpanError, Tokenizer
 
 MASK_MODES = ('auto', 'completion', 'assistant', 'last_assistant', 'all')
 TRUNCATION = ('drop', 'truncate_left', 'truncate_right')
@@ -66,6 +67,14 @@ def target_messages(example: dict, mode: str) -> list[int]:
   return list(range(len(messages)))
 
 
+def _encode_chat(tokenizer: Tokenizer, messages: list[dict], *, where: str, **kwargs):
+  try:
+    return tokenizer.encode_chat(messages, **kwargs)
+  except ChatSpanError as e:  # the row's content, not the template, is at fault
+    raise RowError('unlocatable_content', where, str(e),
+                   "rewrite the message, or skip such rows with policy='skip'") from e
+
+
 def encode_sft(example: dict, tokenizer: Tokenizer, mask_mode: str = 'auto'):
   """(tokens, loss_mask) int32 arrays of one canonical SFT example, untruncated."""
   where = example.get('_where', '?')
@@ -78,7 +87,7 @@ def encode_sft(example: dict, tokenizer: Tokenizer, mask_mode: str = 'auto'):
     else:
       mask = [0] * len(prompt) + [1] * len(completion)
     return np.asarray(tokens, np.int32), np.asarray(mask, np.int32)
-  encoding = tokenizer.encode_chat(example['messages'])
+  encoding = _encode_chat(tokenizer, example['messages'], where=where)
   mask = np.zeros(len(encoding.ids), np.int32)
   if mask_mode == 'all':
     mask[:] = 1
@@ -97,9 +106,10 @@ def encode_sft(example: dict, tokenizer: Tokenizer, mask_mode: str = 'auto'):
             'its answers would run on to the token limit. Give the tokenizer a chat template '
             "that ends each turn with a special token (e.g. SmolLM2's <|im_end|>), or use "
             'prompt/completion text rows, whose targets end with eos.')
-      # Content, any whitespace the template puts before the end-of-turn
+      # The output (reasoning the template renders before the content, the
+      # content), any whitespace the template puts before the end-of-turn
       # token, and that token: it is how the model learns to stop.
-      mask[span.content_start:span.eot + 1] = 1
+      mask[span.output_start:span.eot + 1] = 1
     if not mask.any():
       raise RowError('empty_completion', where, 'the target messages encode to no tokens',
                      'give non-empty assistant content')
@@ -133,7 +143,8 @@ def encode_prompt(example: dict, tokenizer: Tokenizer) -> np.ndarray:
   """Prompt tokens ending with the generation prompt (assistant header)."""
   if example['format'] == 'text':
     return np.asarray(tokenizer.encode(example['prompt'], add_special_tokens=True), np.int32)
-  ids = tokenizer.encode_chat(example['prompt'], add_generation_prompt=True).ids
+  ids = _encode_chat(tokenizer, example['prompt'], where=example.get('_where', '?'),
+                     add_generation_prompt=True).ids
   return np.asarray(ids, np.int32)
 
 
