@@ -78,6 +78,9 @@ def test_sft_with_lora_learns_resumes_and_exports_merged_and_peft(tiny_checkpoin
   with torch.no_grad():
     a, b = merged(tokens).logits.numpy(), adapted(tokens).logits.numpy()
   np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+  # The adapter names its base as a folder peft can load it from.
+  settings = json.loads((tmp_path / 'adapter' / 'adapter_config.json').read_text())
+  assert settings['base_model_name_or_path'] == str(tiny_checkpoint.resolve())
   with torch.no_grad(), adapted.disable_adapter():
     assert np.abs(adapted(tokens).logits.numpy() - b).max() > 1e-3
 

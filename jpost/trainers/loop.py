@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jpost import checkpoint, memory, metrics, sharding
 from jpost.errors import ConfigError
-from jpost.models import lora
+from jpost.models import lora, pretrained
 
 # Set by tests to SIGKILL the run right after the checkpoint of this step is on
 # disk, like a pre-empted machine (JPOST_FAULT_KILL_PROCESS: only that process
@@ -526,5 +526,8 @@ def export(config, workdir: pathlib.Path, graphdef, params, tokenizer, save: Cal
     print(f'exported HF checkpoint to {path}' + (' (LoRA adapters merged)' if
           model.config.lora else ''), file=sys.stderr)
     if model.config.lora:
-      path = lora.save_peft(model, workdir / 'adapter', base_model=str(config.model.path))
+      # The folder the base was read from, which peft and transformers can load
+      # (an embedded name or a .gguf file is neither a folder nor a hub id).
+      base = pretrained.resolve(config.model.path).resolve()
+      path = lora.save_peft(model, workdir / 'adapter', base_model=str(base))
       print(f'exported the LoRA adapter (PEFT format) to {path}', file=sys.stderr)
