@@ -105,7 +105,7 @@ def filter_logits(logits, sampling: SamplingConfig):
   """Temperature-scaled logits [.., V] with tokens outside top-k / top-p / min-p
   set to a large negative value; softmax of the result is what is sampled."""
   logits = logits.astype(jnp.float32) / sampling.temperature
-  if sampling.top_k:
+  if sampling.top_k and sampling.top_k < logits.shape[-1]:  # past the vocabulary: no filter
     kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
     logits = jnp.where(logits < kth, _NEG_INF, logits)
   if sampling.top_p < 1:

@@ -342,6 +342,41 @@ class Tokenizer:
   def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
     return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+  @functools.cached_property
+  def _added_ids(self) -> frozenset[int]:
+    return frozenset(self._backend.get_added_tokens_decoder())
+
+  @functools.cached_property
+  def _byte_of_char(self) -> dict[str, int] | None:
+    """Byte-level BPE's character -> byte table (GPT-2's), when the
+    vocabulary is byte-level; None otherwise."""
+    decoder = json.loads(self._backend.to_str()).get('decoder') or {}
+    kinds = {decoder.get('type')} | {d.get('type') for d in decoder.get('decoders') or ()}
+    if 'ByteLevel' not in kinds:
+      return None
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    extra = iter(range(256, 512))
+    return {chr(b if b in printable else next(extra)): b for b in range(256)}
+
+  def token_bytes(self, token_id: int) -> bytes:
+    """The bytes one token stands for. A token may hold part of a UTF-8
+    character (a Chinese character is often three tokens), which `decode`
+    can only show as U+FFFD; OpenAI's logprobs report these bytes."""
+    piece = self._backend.id_to_token(int(token_id))
+    if piece is None:
+      return b''
+    if int(token_id) in self._added_ids:  # stored as its text, not as byte-level characters
+      return piece.encode()
+    table = self._byte_of_char
+    if table and all(c in table for c in piece):
+      return bytes(table[c] for c in piece)
+    if len(piece) == 6 and piece.startswith('<0x') and piece.endswith('>'):  # byte fallback
+      try:
+        return bytes([int(piece[3:5], 16)])
+      except ValueError:
+        pass
+    return self._backend.decode([int(token_id)]).encode()
+
   def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
     """The text of `ids`. `clean_up_tokenization_spaces` is ignored, as recent
     transformers does for BPE: it deletes real spaces before punctuation."""

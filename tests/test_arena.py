@@ -222,3 +222,36 @@ def test_bad_votes_and_battles_are_errors(arena):
   assert post(f'/arena/battles/{battle}/vote', {'vote': 'model_a'})[0] == 409  # not answered yet
   assert post(f'/arena/battles/{battle}/vote', {'vote': 'maybe'})[0] == 400
   assert post('/arena/battles/nope/vote', {'vote': 'tie'})[0] == 404
+
+
+def test_an_answer_that_did_not_complete_may_be_asked_for_again(arena, monkeypatch):
+  """A side refused while the server is busy (429) was once marked asked
+  for: every retry got 409 and the battle could never be voted on."""
+  url, _, served = arena
+  calls = []
+  for model in served.values():
+    submit = model.engine.submit
+
+    def busy_once(request, submit=submit):
+      calls.append(1)
+      if len(calls) == 1:
+        raise engine.QueueFull('2 requests are already waiting.')
+      return submit(request)
+    monkeypatch.setattr(model.engine, 'submit', busy_once)
+  request = urllib.request.Request(url + '/arena/battles', data=b'{"prompt": "hi"}',
+                                   method='POST', headers={'Content-Type': 'application/json'})
+  with urllib.request.urlopen(request, timeout=30) as response:
+    battle = json.loads(response.read())['battle']
+  with pytest.raises(urllib.error.HTTPError) as refused:
+    urllib.request.urlopen(f'{url}/arena/battles/{battle}/a', timeout=60)
+  assert refused.value.code == 429
+  for side in 'ab':
+    with urllib.request.urlopen(f'{url}/arena/battles/{battle}/{side}', timeout=60) as response:
+      assert b'"done": true' in response.read()
+  with pytest.raises(urllib.error.HTTPError) as again:  # a whole answer is not drawn twice
+    urllib.request.urlopen(f'{url}/arena/battles/{battle}/a', timeout=60)
+  assert again.value.code == 409
+  vote = urllib.request.Request(url + f'/arena/battles/{battle}/vote', method='POST',
+                                data=b'{"vote": "tie"}', headers={'Content-Type': 'application/json'})
+  with urllib.request.urlopen(vote, timeout=30) as response:
+    assert json.loads(response.read())['vote'] == 'tie'

@@ -118,6 +118,25 @@ def test_chat_interactive_two_turns_streams_answers():
   assert 'Paris' in answers[0] and 'Rome' in answers[1]  # the second turn saw the first
 
 
+def test_a_conversation_past_the_context_drops_its_oldest_turns():
+  """An interactive chat once ended (and lost the conversation) when it
+  outgrew the context; now its oldest turns leave, the system prompt stays."""
+  from jpost.models import pretrained
+  from jpost.tokenizer import Tokenizer
+  from jpost.trainers.chat import fit_context
+  tokenizer = Tokenizer.from_dir(pretrained.resolve('smollm2-135m-instruct'))
+  system = [{'role': 'system', 'content': 'Be brief.'}]
+  turns = [{'role': role, 'content': f'{role} {i}: ' + 'word ' * 40}
+           for i in range(6) for role in ('user', 'assistant')][:-1]  # ends on a user turn
+  length = lambda m: len(tokenizer.encode_chat(m, add_generation_prompt=True).ids)
+  room = -(-length(system + turns[-3:]) // 64) * 64  # the last exchange and question fit
+  kept, dropped = fit_context(tokenizer, system + turns, kept=1, room=room)
+  assert kept[0] == system[0] and kept[1]['role'] == 'user' and kept[-1] == turns[-1]
+  assert dropped == len(turns) - (len(kept) - 1) and -(-length(kept) // 64) * 64 <= room
+  assert fit_context(tokenizer, system + turns, kept=1, room=10 ** 6) == (system + turns, 0)
+  assert fit_context(tokenizer, system + turns, kept=1, room=8) == (system, len(turns))
+
+
 def test_chat_one_shot():
   proc = _run('--config=configs/chat.py:greedy', '--config.prompt=What is the capital of France?',
               '--config.sampling.max_new_tokens=30', devices=1)

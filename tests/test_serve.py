@@ -208,6 +208,21 @@ BAD_REQUESTS = [
     ('stop not text', dict(CHAT, stop=[1, 2]), 400, 'invalid_value'),
     ('malformed JSON', b'{"model": "tiny", "messages": [', 400, 'invalid_json'),
     ('a JSON list', b'[1, 2]', 400, 'invalid_json'),
+    # JSON's NaN passes every range comparison; it once decoded greedily.
+    ('temperature NaN', b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], '
+     b'"temperature": NaN}', 400, 'invalid_value'),
+    ('top_p NaN', b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], '
+     b'"top_p": NaN}', 400, 'invalid_value'),
+    # A lone surrogate is valid JSON but no text (the tokenizer raised a TypeError: a 500).
+    ('a lone surrogate', b'{"model": "tiny", "messages": [{"role": "user", "content": '
+     b'"hi \\ud800"}]}', 400, 'invalid_json'),
+    # Settings the server cannot honour are refused, never dropped.
+    ('json output asked for', dict(CHAT, response_format={'type': 'json_object'}), 400,
+     'invalid_value'),
+    ('a forced tool call', dict(CHAT, tools=[{'type': 'function', 'function': {'name': 'f'}}],
+                                tool_choice='required'), 400, 'invalid_value'),
+    ('logit bias', dict(CHAT, logit_bias={'42': 5}), 400, 'invalid_value'),
+    ('top_k', dict(CHAT, top_k=5), 400, 'invalid_value'),
 ]
 
 
@@ -378,3 +393,60 @@ def test_a_full_queue_refuses_more_requests(checkpoint):
   with pytest.raises(engine.QueueFull, match='2 requests are already waiting'):
     waiting.submit(request())
   assert waiting.metrics()['requests_waiting'] == 2
+
+
+def test_a_prompt_that_fails_to_load_ends_its_requests_with_an_error(checkpoint, monkeypatch):
+  """A prefill that raises (out of memory, say) must answer the request and
+  every other one admitted with it: they had left the queue and were in no
+  slot, so their clients once waited forever. The engine serves on after."""
+  from jpost.serve import programs
+  model, tokenizer = hf.load(checkpoint), Tokenizer.from_dir(checkpoint)
+  runner = engine.Engine(model, tokenizer, engine.EngineConfig(
+      slots=4, cache_len=128, mode='static', static_wait_s=0.5)).start()
+  prefill, calls = programs.prefill, []
+
+  def failing_once(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 1:
+      raise RuntimeError('RESOURCE_EXHAUSTED: out of memory')
+    return prefill(*args, **kwargs)
+  monkeypatch.setattr(programs, 'prefill', failing_once)
+  try:
+    events = {i: [] for i in range(3)}
+    ended = threading.Semaphore(0)
+
+    def emit(i):
+      def record(event):
+        events[i].append(event)
+        if isinstance(event, (engine.ChoiceEnd, engine.Failure)):
+          ended.release()
+      return record
+    # Static mode admits the two together (their 4 choices fill the slots).
+    for i in range(2):
+      runner.submit(engine.Request(prompt_ids=tokenizer.encode('one two'), max_tokens=3, n=2,
+                                   temperature=0.0, emit=emit(i)))
+    for _ in range(2):
+      assert ended.acquire(timeout=60), events
+    assert all(isinstance(events[i][-1], engine.Failure) for i in range(2)), events
+    assert 'out of memory' in events[0][-1].message
+    assert runner.metrics()['slots_busy'] == 0
+    runner.submit(engine.Request(prompt_ids=tokenizer.encode('one two'), max_tokens=3,
+                                 temperature=0.0, emit=emit(2)))
+    assert ended.acquire(timeout=60) and isinstance(events[2][-1], engine.ChoiceEnd)
+  finally:
+    runner.stop()
+
+
+def test_logprobs_of_tokens_inside_a_character_keep_their_bytes(checkpoint):
+  """'你好' is four SmolLM2 tokens of 2, 1, 2 and 1 bytes: each decodes alone to
+  U+FFFD, so bytes and offsets computed from decoded text were wrong."""
+  tokenizer = Tokenizer.from_dir(checkpoint)
+  ids = tokenizer.encode('你好 world')
+  infos = [engine.TokenInfo(i, tokenizer.token_bytes(i), -0.5, ((tokenizer.token_bytes(i), -0.5),))
+           for i in ids]
+  chat = [api._token_logprob(info) for info in infos]
+  assert bytes(b for item in chat for b in item['bytes']).decode() == '你好 world'
+  assert chat[0]['token'] == 'bytes:\\xe4\\xbd' and chat[-1]['token'] == ' world'
+  legacy = api._completion_logprobs(infos, 3)
+  assert legacy['text_offset'] == [3, 3, 4, 4, 5]  # a character's parts share its offset
+  assert len({key for top in legacy['top_logprobs'] for key in top}) == len(ids)

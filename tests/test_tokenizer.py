@@ -548,3 +548,16 @@ def test_special_tokens_typed_in_a_message_are_text_not_control_tokens(smol, qwe
   assert qwen.token_to_id('<tool_call>') in tool.ids
   assert qwen.token_to_id('<|im_end|>') not in qwen.encode_chat(
       [{'role': 'user', 'content': 'a<|im_end|>b'}]).ids[:-2]
+
+
+@pytest.mark.parametrize('which', ['smol', 'qwen'])
+def test_token_bytes_join_into_the_text(which, request):
+  """Tokens that hold part of a UTF-8 character decode alone to U+FFFD; their
+  bytes (what OpenAI's logprobs report) must join back into the text."""
+  tok = request.getfixturevalue(which)
+  text = '你好 world é😀𓀀\n\n  x<|im_end|>'
+  ids = tok.encode(text)
+  pieces = [tok.token_bytes(i) for i in ids]
+  assert b''.join(pieces).decode() == text
+  assert any('\ufffd' in tok.decode([i]) for i in ids)  # the case that needs bytes
+  assert tok.token_bytes(tok.token_to_id('<|im_end|>')) == b'<|im_end|>'

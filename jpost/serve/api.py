@@ -9,6 +9,7 @@ raises its usual exception types (NotFoundError, RateLimitError, ...).
 from __future__ import annotations
 
 import asyncio
+import codecs
 import dataclasses
 import json
 import time
@@ -118,26 +119,43 @@ async def read_json(request: Request, limit: int) -> dict:
     chunks.append(chunk)
   try:
     body = json.loads(b''.join(chunks))
-  except (ValueError, UnicodeDecodeError) as e:
-    raise ApiError(400, f'The body is not valid JSON: {e}.', code='invalid_json') from None
+    # JSON may escape a lone UTF-16 surrogate ("\ud800"), which is no text:
+    # the tokenizer would fail on it deep inside the request.
+    json.dumps(body, ensure_ascii=False).encode('utf-8')
+  except (ValueError, UnicodeError) as e:
+    raise ApiError(400, f'The body is not valid JSON text: {e}.', code='invalid_json') from None
   if not isinstance(body, dict):
     raise ApiError(400, 'The body must be a JSON object.', code='invalid_json')
   return body
 
 
+def _token_text(data: bytes) -> str:
+  """A token as OpenAI shows it: its text, or `bytes:\\xe4\\xbd` when it holds
+  part of a UTF-8 character (its `bytes` field lets a client join such parts)."""
+  try:
+    return data.decode('utf-8')
+  except UnicodeDecodeError:
+    return 'bytes:' + ''.join(f'\\x{b:02x}' for b in data)
+
+
 def _token_logprob(info: engine_lib.TokenInfo) -> dict:
-  return {'token': info.text, 'logprob': info.logprob, 'bytes': list(info.text.encode()),
-          'top_logprobs': [{'token': t, 'logprob': lp, 'bytes': list(t.encode())}
-                           for t, lp in info.top]}
+  return {'token': _token_text(info.data), 'logprob': info.logprob, 'bytes': list(info.data),
+          'top_logprobs': [{'token': _token_text(b), 'logprob': lp, 'bytes': list(b)}
+                           for b, lp in info.top]}
 
 
 def _completion_logprobs(tokens: list[engine_lib.TokenInfo], offset: int) -> dict:
+  """Legacy completions' logprobs; a token's text_offset is where its first
+  whole character starts in the text (the parts of one character share it)."""
+  decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
   offsets, at = [], offset
   for info in tokens:
     offsets.append(at)
-    at += len(info.text)
-  return {'tokens': [t.text for t in tokens], 'token_logprobs': [t.logprob for t in tokens],
-          'top_logprobs': [dict(t.top) for t in tokens] if any(t.top for t in tokens) else None,
+    at += len(decoder.decode(info.data))
+  return {'tokens': [_token_text(t.data) for t in tokens],
+          'token_logprobs': [t.logprob for t in tokens],
+          'top_logprobs': ([{_token_text(b): lp for b, lp in t.top} for t in tokens]
+                           if any(t.top for t in tokens) else None),
           'text_offset': offsets}
 
 
@@ -286,7 +304,9 @@ def create_app(server: Server) -> FastAPI:
     prompt = params.prompt(body)
     s = params.settings(body, chat=False, max_n=served.engine.config.slots)
     if isinstance(prompt, str):
-      ids = served.tokenizer.encode(prompt)
+      # With the tokenizer's own special tokens (Llama's bos), as transformers
+      # and vLLM encode a completions prompt and jpost's text rows are trained.
+      ids = served.tokenizer.encode(prompt, add_special_tokens=True)
     else:
       ids = prompt
       if max(ids) >= served.tokenizer.vocab_size:

@@ -173,7 +173,6 @@ def add_routes(app: FastAPI, arena: Arena) -> None:
     if battle.started[index]:
       raise ApiError(409, f'Answer {side.upper()} of this battle was already asked for.',
                      code='already_started')
-    battle.started[index] = True
     served = server.models[battle.models[index]]
     settings = params.settings({'max_tokens': arena.config.max_tokens,
                                 'temperature': arena.config.temperature}, chat=True, max_n=1)
@@ -182,8 +181,16 @@ def add_routes(app: FastAPI, arena: Arena) -> None:
     if len(ids) + settings.max_tokens > served.engine.config.cache_len:
       raise ApiError(400, 'The question is too long for the models; shorten it.',
                      param='prompt', code='context_length_exceeded')
-    events = server.events(served, ids, settings)
-    first = await anext(events)
+    # Asked for once: a second stream would let a voter re-draw an answer. An
+    # answer that did not complete (the server busy, the model failing, the
+    # stream dropped) may be asked for again, or the battle could never be voted on.
+    battle.started[index] = True
+    try:
+      events = server.events(served, ids, settings)
+      first = await anext(events)
+    except BaseException:
+      battle.started[index] = False
+      raise
 
     async def body():
       text = ''
@@ -200,6 +207,9 @@ def add_routes(app: FastAPI, arena: Arena) -> None:
         yield f'data: {json.dumps({"done": True})}\n\n'
       except ApiError as e:
         yield f'data: {json.dumps(e.body())}\n\n'
+      finally:
+        if battle.answers[index] is None:
+          battle.started[index] = False
 
     return StreamingResponse(body(), media_type='text/event-stream',
                              headers={'Cache-Control': 'no-cache'})

@@ -49,9 +49,9 @@ class EngineConfig:
 @dataclasses.dataclass(frozen=True)
 class TokenInfo:
   id: int
-  text: str
+  data: bytes  # the token's bytes: at times part of a UTF-8 character
   logprob: float
-  top: tuple[tuple[str, float], ...]  # (token text, log-prob), most likely first
+  top: tuple[tuple[bytes, float], ...]  # (token bytes, log-prob), most likely first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,14 +193,16 @@ class Engine:
         if not admitted and not any(self._slots):
           self._lock.wait(timeout=self._idle_wait())
           continue
+      joining = collections.deque(admitted)  # out of the queue, not yet all in slots
       try:
-        for request in admitted:
-          self._join(request)
+        while joining:
+          self._join(joining[0])
+          joining.popleft()
         if any(self._slots):
           self._decode_step()
       except Exception as e:  # a failing step must not take the server down
         logging.exception('serving step failed')
-        self._fail_running(f'the model failed: {e}')
+        self._fail_running(f'the model failed: {e}', joining=joining)
 
   def _idle_wait(self) -> float:
     if self.config.mode == 'static' and self._waiting:
@@ -301,7 +303,7 @@ class Engine:
       top = ()
       if choice.request.top_logprobs:
         k = choice.request.top_logprobs
-        top = tuple((self.tokenizer.decode([int(t)]), float(lp))
+        top = tuple((self.tokenizer.token_bytes(int(t)), float(lp))
                     for t, lp in zip(top_ids[slot, :k], top_lps[slot, :k]))
       self._advance(choice, int(token[slot]), float(logprob[slot]), top)
 
@@ -315,7 +317,7 @@ class Engine:
     if not stopped:
       choice.ids.append(token)
       if request.logprobs:
-        choice.pending.append(TokenInfo(token, self.tokenizer.decode([token]), logprob, top))
+        choice.pending.append(TokenInfo(token, self.tokenizer.token_bytes(token), logprob, top))
     out_of_tokens = choice.count >= request.max_tokens
     full = self.tokenizer.decode(choice.ids)
     ready, hit_stop = text_lib.releasable(full, request.stop, final=stopped or out_of_tokens)
@@ -329,9 +331,13 @@ class Engine:
       request.emit(ChoiceEnd(choice.index, reason, choice.count))
       self.counters['choices_finished'] += 1
 
-  def _fail_running(self, message: str):
+  def _fail_running(self, message: str, joining=()):
+    """Ends every request in a slot, and those admitted but not yet placed
+    (a prompt that failed to load, and the ones after it), with a Failure:
+    each waiting client gets its error rather than waiting forever."""
     with self._lock:
       running = {id(c.request): c.request for c in self._slots if c is not None}
       self._slots = [None] * self.config.slots
+    running |= {id(r): r for r in joining}
     for request in running.values():
       request.emit(Failure(message))

@@ -7,6 +7,7 @@ the OpenAI error type a client expects.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 
 from jpost.serve import programs
@@ -50,6 +51,8 @@ def _number(body: dict, name: str, default, low, high, *, integer=False, low_ope
   kind = numbers.Integral if integer else numbers.Real
   if isinstance(value, bool) or not isinstance(value, kind):
     raise _bad(name, f'expected {"an integer" if integer else "a number"}, got {value!r}.')
+  if not math.isfinite(value):  # JSON's NaN would pass every comparison below
+    raise _bad(name, f'expected a finite number, got {value!r}.')
   if (value <= low if low_open else value < low) or value > high:
     raise _bad(name, f'{value!r} is outside {"(" if low_open else "["}{low}, {high}].')
   return value
@@ -67,11 +70,22 @@ def _stop(body: dict) -> tuple[str, ...]:
   return tuple(value)
 
 
+# Fields that would change the output if honoured, with the values that ask
+# for nothing: anything else is refused, never silently dropped (a client
+# asking for JSON output or a forced tool call must not get plain text).
+_UNSUPPORTED = {
+    'presence_penalty': (0,), 'frequency_penalty': (0,), 'repetition_penalty': (1,),
+    'logit_bias': ({},), 'tools': ([],), 'functions': ([],), 'tool_choice': ('none',),
+    'function_call': ('none',), 'response_format': ({'type': 'text'},),
+    'top_k': (-1, 0), 'min_p': (0,), 'echo': (False,), 'suffix': ('',), 'best_of': (1,),
+}
+
+
 def settings(body: dict, *, chat: bool, max_n: int) -> Settings:
   """The generation settings of a chat or completions request body."""
-  for name in ('presence_penalty', 'frequency_penalty'):
-    if body.get(name) not in (None, 0, 0.0):
-      raise _bad(name, 'is not supported by this server; leave it at 0.')
+  for name, neutral in _UNSUPPORTED.items():
+    if body.get(name) is not None and body[name] not in neutral:
+      raise _bad(name, f'is not supported by this server; leave it out (or {neutral[0]!r}).')
   stream = body.get('stream', False)
   if not isinstance(stream, bool) and stream is not None:
     raise _bad('stream', f'expected true or false, got {stream!r}.')
@@ -109,8 +123,9 @@ def messages(body: dict) -> list[dict]:
   out = []
   for i, message in enumerate(value):
     where = f'messages[{i}]'
-    if not isinstance(message, dict) or message.get('role') not in ('system', 'user', 'assistant'):
-      raise _bad(where, 'needs a role of "system", "user" or "assistant".')
+    if not isinstance(message, dict) or message.get('role') not in (
+        'system', 'developer', 'user', 'assistant'):
+      raise _bad(where, 'needs a role of "system", "developer", "user" or "assistant".')
     content = message.get('content')
     if isinstance(content, list):
       if not all(isinstance(p, dict) and p.get('type') == 'text' and isinstance(p.get('text'), str)
@@ -119,7 +134,9 @@ def messages(body: dict) -> list[dict]:
       content = ''.join(p['text'] for p in content)
     if not isinstance(content, str):
       raise _bad(f'{where}.content', 'expected a string.')
-    out.append({'role': message['role'], 'content': content})
+    # OpenAI's newer name for the system message; chat templates know "system".
+    role = 'system' if message['role'] == 'developer' else message['role']
+    out.append({'role': role, 'content': content})
   return out
 
 

@@ -106,8 +106,11 @@ def pick_rows(logits, temperature, top_p, seeds, counts):
   """One token per row of logits [R, V], each row with its own settings:
   argmax where temperature is 0, else a draw from the temperature-scaled,
   top-p filtered softmax with a key made from the row's seed and token count
-  (so a seeded request replays whatever else shares the batch). Sorting the
-  vocabulary for top-p and drawing run only when some row needs them."""
+  (so a seeded request draws the same numbers whatever else shares the batch;
+  its logits can still differ in the last bits with its place in the batch,
+  so a draw that falls on a boundary between two tokens can differ: seeds
+  replay best-effort, as OpenAI's do). Sorting the vocabulary for top-p and
+  drawing run only when some row needs them."""
   greedy = sampling.greedy_tokens(logits)
 
   def draw(_):

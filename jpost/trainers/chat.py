@@ -35,6 +35,23 @@ def reply(model, tokenizer, messages, settings, key, out=sys.stdout, prepared=No
   return tokenizer.decode(ids)
 
 
+def fit_context(tokenizer, messages: list[dict], *, kept: int, room: int):
+  """(messages, how many were dropped): the oldest messages after the first
+  `kept` (the system prompt) dropped, a turn at a time, until the prompt's
+  bucket of 64 positions (`sampling.stream` pads to one) fits in `room`.
+  With nothing left to drop but the last message, it is dropped too."""
+  def fits(history):
+    length = len(tokenizer.encode_chat(history, add_generation_prompt=True).ids)
+    return -(-length // 64) * 64 <= room
+  start = kept
+  while start < len(messages) and not fits(messages[:kept] + messages[start:]):
+    start += 1
+    # Never open on an assistant turn: drop up to the next user message.
+    while start < len(messages) - 1 and messages[start]['role'] != 'user':
+      start += 1
+  return messages[:kept] + messages[start:], start - kept
+
+
 @register('chat')
 def run(config, workdir):
   del workdir  # chat writes nothing
@@ -63,7 +80,16 @@ def run(config, workdir):
     if text == '/reset':
       history = list(system)
       continue
-    history.append({'role': 'user', 'content': text})
+    history, dropped = fit_context(tokenizer, history + [{'role': 'user', 'content': text}],
+                                   kept=len(system), room=model.config.max_position_embeddings
+                                   - settings.max_new_tokens)
+    if dropped:
+      print(f'(the {dropped} oldest message(s) left the conversation: it outgrew the '
+            "model's context)", file=sys.stderr)
+    if len(history) == len(system):
+      print('(that message alone is too long for the model; say something shorter)',
+            file=sys.stderr)
+      continue
     key, sub = jax.random.split(key)
     print('assistant> ', end='', flush=True)
     answer = reply(model, tokenizer, history, settings, sub, prepared=prepared)
