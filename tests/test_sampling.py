@@ -275,6 +275,7 @@ def test_filter_logits_hand_computed():
   assert kept(top_p=0.81) == [True, True, True, False]
   assert kept(top_p=0.1) == [True, False, False, False]  # the top token always stays
   assert kept(top_k=3) == [True, True, True, False]
+  assert kept(top_k=50) == [True] * 4  # past the vocabulary: no filter (transformers clamps)
   assert kept(min_p=0.5) == [True, True, False, False]  # p >= 0.5 * 0.5
   np.testing.assert_allclose(
       jax.nn.softmax(sampling.filter_logits(logits, sampling.SamplingConfig(stop_ids=(0,), temperature=2.0))),
