@@ -148,3 +148,24 @@ def test_math_symbols_make_texts_different():
                         ['What is 9 * 8? Put the answer in \\boxed{}.'])
   assert found.kept == [0] and found.reasons[1] == ('contaminated',
                                                     'what is 9 * 8 put the answer in boxed')
+
+
+def test_copies_of_a_short_eval_row_and_of_a_dropped_row_are_contaminated():
+  """An eval row whose strings are each under 13 words, copied whole into an
+  SFT row, was kept (its strings matched only whole texts, the training row
+  is prompt and answer joined); a copy of a contaminated row was counted as a
+  duplicate of a row that was not kept."""
+  from jpost.trainers.curate import _eval_texts
+  eval_row = {'prompt': 'What is 17 * 23? Answer with a number.',
+              'completion': '17 * 23 = 391. The answer is 391.'}
+  chat_row = {'messages': [{'role': 'user', 'content': 'What is 7 * 8 exactly?'},
+                           {'role': 'assistant', 'content': '7 * 8 = 56.'}]}
+  eval_texts = _eval_texts(eval_row) + _eval_texts(chat_row)
+  settings = curate.Settings(min_tokens=1, num_perm=256)
+  rows = [_row(eval_row['prompt'], eval_row['completion']),
+          _row(eval_row['prompt'], eval_row['completion']),  # an exact copy of the leak
+          {'messages': chat_row['messages']},
+          _row('What is 6 * 9?', '6 * 9 = 54.')]
+  result = curate.curate(rows, 'sft', _words, settings, eval_texts)
+  assert result.kept == [3]
+  assert [result.reasons[i][0] for i in range(3)] == ['contaminated'] * 3

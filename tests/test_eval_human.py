@@ -94,6 +94,8 @@ def test_export_item_errors(tmp_path):
     human.export_pointwise_sheet([ITEMS[0], ITEMS[0]], tmp_path / 's.csv')
   with pytest.raises(ValueError, match="item 0 needs a string 'response'"):
     human.export_pointwise_sheet([{'prompt': 'x'}], tmp_path / 's.csv')
+  with pytest.raises(ValueError, match=r"item 0 has the id ' x '; ids must be non-empty"):
+    human.export_pointwise_sheet([dict(ITEMS[0], id=' x ')], tmp_path / 's.csv')
   with pytest.raises(ValueError, match='must end in .csv or .jsonl'):
     human.export_pointwise_sheet(ITEMS, tmp_path / 's.xlsx')
   with pytest.raises(ValueError, match='same model'):
@@ -181,6 +183,8 @@ def _bad_sheet(tmp_path, cells):
     ({'clarity': '0'}, 'out_of_range', 'outside the scale'),
     ({'clarity': '4.5'}, 'bad_rating', 'not a whole number'),
     ({'clarity': 'good'}, 'bad_rating', 'not a number'),
+    ({'clarity': 'nan'}, 'bad_rating', 'not a finite number'),  # int() raised past 'skip'
+    ({'clarity': '1e400'}, 'bad_rating', 'not a finite number'),
     ({'id': 'q9'}, 'unknown_id', "id 'q9' is not in the key"),
     ({'id': 'q1'}, 'duplicate', "rated 'q1' twice"),
 ])

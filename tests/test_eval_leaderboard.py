@@ -97,6 +97,21 @@ def test_disconnected_groups_are_an_error():
   battles = _log(('a', 'b', 'model_a'), ('c', 'd', 'tie'))
   with pytest.raises(ValueError, match=r"never met: \[\['a', 'b'\], \['c', "):
     lb.bradley_terry(battles)
+  # The bootstrap alone too: it rated a model that never played at the
+  # prior's 1000 with an interval of zero width.
+  with pytest.raises(ValueError, match=r"never met: \[\['a', 'b'\], \['c', "):
+    lb.bootstrap_intervals(battles, rounds=5)
+  with pytest.raises(ValueError, match=r"never met: \[\['a', 'b'\], \['c'\]\]"):
+    lb.bootstrap_intervals(battles[:1], rounds=5, models=['a', 'b', 'c'])
+
+
+def test_leaderboard_intervals_need_a_penalty():
+  battles = _log(('a', 'b', 'model_a'), ('b', 'c', 'model_a'), ('a', 'b', 'model_b'),
+                 ('b', 'c', 'model_b'), ('a', 'b', 'model_a'), ('b', 'c', 'model_a'))
+  with pytest.raises(ValueError, match='l2 must be > 0 for its bootstrap intervals'):
+    lb.leaderboard(battles, l2=0.0, rounds=5)
+  with pytest.raises(ValueError, match='bootstrap intervals need l2 > 0'):
+    lb.bootstrap_intervals(battles, l2=0.0, rounds=5)
 
 
 def test_bad_arguments():

@@ -179,3 +179,48 @@ def test_likelihood_judge_decides_by_the_position_free_margin(tiny_checkpoint):
   assert judge('Name a colour.', 'Blue.', 'A banana.') == ('win' if margin > 0 else 'loss')
   assert judge('Name a colour.', 'A banana.', 'Blue.') == ('loss' if margin > 0 else 'win')
   assert judge('Name a colour.', 'Blue.', 'Blue.') == 'tie'
+
+
+@pytest.mark.parametrize('changes, message', [
+    ({'rewards.math.weight': 0.5}, r'rewards.math.weight=0.5: the eval reads the verifier'),
+    ({'rewards.format': {'weight': 0.6}}, r"config.rewards has \['format', 'math'\]"),
+])
+def test_correct_is_the_verifiers_verdict_not_a_weighted_sum(tmp_path, changes, message):
+  """Correctness was total > 0.5: a math weight of 0.5 made every right answer
+  wrong, a format reward of 0.6 every wrong one right, while maj@k ignored both."""
+  path = _completions(tmp_path / 'm.jsonl', ['60'] * 3)
+  config = _config({'m': str(path)})
+  with config.unlocked():
+    overrides.apply(config, changes)
+  with pytest.raises(ValueError, match=message):
+    evaluate.run(config, tmp_path / 'out')
+
+
+def test_a_prompt_given_twice_is_aligned_row_by_row(tmp_path):
+  rows = _completions(tmp_path / 'a.jsonl', ['60', '55']).read_text().splitlines()
+  same_prompt = [json.dumps(dict(json.loads(r), prompt='Problem 0')) for r in rows]
+  (tmp_path / 'a.jsonl').write_text('\n'.join(same_prompt) + '\n')
+  (tmp_path / 'b.jsonl').write_text('\n'.join(same_prompt) + '\n')
+  out = evaluate.run(_config({'a': str(tmp_path / 'a.jsonl'), 'b': str(tmp_path / 'b.jsonl')}),
+                     tmp_path / 'out')
+  assert out['models']['b']['greedy_accuracy'] == 0.5
+  battles = [json.loads(x) for x in (tmp_path / 'out' / 'battles.jsonl').read_text().splitlines()]
+  assert [b['winner'] for b in battles] == ['tie', 'both_bad']  # each row met its own twin
+
+
+def test_bad_completions_files_are_one_line_errors(tmp_path):
+  good = _completions(tmp_path / 'good.jsonl', ['60', '55']).read_text()
+  cases = {
+      'empty': ('', r'empty.jsonl: no completions rows'),
+      'blank_then_bad': (good + '\n{not json\n', r'blank_then_bad.jsonl:4: not a JSON object'),
+      'ragged': (good + json.dumps(dict(json.loads(good.splitlines()[0]), prompt='x',
+                                        samples=['1', '2'])) + '\n',
+                 r'ragged.jsonl:3: 2 samples where .*ragged.jsonl:1 has 4'),
+  }
+  for name, (text, message) in cases.items():
+    (tmp_path / f'{name}.jsonl').write_text(text)
+    with pytest.raises(ValueError, match=message):
+      evaluate.run(_config({'m': str(tmp_path / f'{name}.jsonl')}), tmp_path / 'out')
+  (tmp_path / 'blank.jsonl').write_text(good.replace('\n', '\n\n'))  # blank lines are skipped
+  assert evaluate.load_completions(tmp_path / 'blank.jsonl') == evaluate.load_completions(
+      tmp_path / 'good.jsonl')

@@ -161,15 +161,24 @@ class NearDuplicates:
     m.update_batch([s.encode() for s in shingles(text, self.n)])
     return m
 
-  def seen(self, key, text: str):
+  def find(self, text: str):
+    """(key of an added text at Jaccard >= threshold or None, this text's signature)."""
     m = self.signature(text)
     for other in self.lsh.query(m):
       # LSH returns candidates near the threshold; the signatures decide.
       if (m.hashvalues == self.signatures[other]).mean() >= self.threshold:
-        return other
-    self.lsh.insert(key, m)
-    self.signatures[key] = m.hashvalues
-    return None
+        return other, m
+    return None, m
+
+  def add(self, key, signature) -> None:
+    self.lsh.insert(key, signature)
+    self.signatures[key] = signature.hashvalues
+
+  def seen(self, key, text: str):
+    other, m = self.find(text)
+    if other is None:
+      self.add(key, m)
+    return other
 
 
 # --- contamination -----------------------------------------------------------------------
@@ -251,19 +260,20 @@ def curate(raw_rows: list[dict], kind: str, count_tokens: Callable[[str], int],
     whole = '\n'.join(parts.values())
     if reason is None:
       digest = hashlib.sha1(normalised(whole).encode()).hexdigest()
+      other, signature = (hashes[digest], None) if digest in hashes else near.find(whole)
       if digest in hashes:
-        reason = ('exact_duplicate', f'same text as {hashes[digest]}')
-      else:
-        other = near.seen(where, whole)
-        if other is not None:
-          reason = ('near_duplicate', f'similar to {other}')
-        else:
-          hashes[digest] = where
+        reason = ('exact_duplicate', f'same text as {other}')
+      elif other is not None:
+        reason = ('near_duplicate', f'similar to {other}')
     if reason is None and index:
       span = overlap(whole, index, s.decontaminate_n)
       if span is not None:
         reason = ('contaminated', span)
     if reason is None:
+      # Only kept rows are what later rows duplicate: a copy of a dropped
+      # (contaminated) row is judged on its own, not as a copy of nothing kept.
+      hashes[digest] = where
+      near.add(where, signature)
       kept.append(i)
       after.append(total)
     else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import pathlib
 from typing import Any, Iterator, Sequence
 
@@ -122,6 +123,9 @@ def _score(value: Any, criterion: str, scale: Sequence[int],
   except (TypeError, ValueError):
     raise RowError('bad_rating', where, f'{criterion}={value!r} is not a '
                    'number', todo) from None
+  if not math.isfinite(number):  # 'nan', 'inf', '1e400': int() would raise
+    raise RowError('bad_rating', where, f'{criterion}={value!r} is not a finite '
+                   'number', todo)
   if number != int(number) or isinstance(value, bool):
     raise RowError('bad_rating', where, f'{criterion}={value!r} is not a whole '
                    'number', todo)

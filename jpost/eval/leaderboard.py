@@ -100,6 +100,15 @@ def _components(games: np.ndarray, models: Sequence[str]) -> list[list[str]]:
   return groups
 
 
+def _check_connected(games: np.ndarray, models: Sequence[str]) -> None:
+  groups = _components(games, models)
+  if len(groups) > 1:
+    raise ValueError(
+        f'the battle log splits into groups that never met: {groups}; '
+        'ratings across groups are not comparable (add battles between '
+        'them or rate each group on its own)')
+
+
 def _reachable(adjacent: np.ndarray, start: int) -> set[int]:
   seen, stack = {start}, [start]
   while stack:
@@ -160,12 +169,7 @@ def bradley_terry(battles: Sequence[dict[str, Any]], *,
   log = battles_lib.encode(battles, models=models)
   _check_args(log, anchor, scale, base, l2)
   wins, games = battles_lib.score_matrix(log)
-  groups = _components(games, log.models)
-  if len(groups) > 1:
-    raise ValueError(
-        f'the battle log splits into groups that never met: {groups}; '
-        'ratings across groups are not comparable (add battles between '
-        'them or rate each group on its own)')
+  _check_connected(games, log.models)
   if l2 == 0:
     _check_finite_mle(wins, log.models)
   theta = fit_log_strengths(wins, games, l2=l2)
@@ -212,6 +216,11 @@ def bootstrap_intervals(battles: Sequence[dict[str, Any]], *,
                      'stable 95% intervals)')
   log = battles_lib.encode(battles, models=models)
   _check_args(log, anchor, scale, base, l2)
+  if l2 == 0:
+    raise ValueError('bootstrap intervals need l2 > 0: a resampled log can leave a model '
+                     'undefeated, which has no finite rating without the penalty')
+  # A model that never played would get a confident interval at the prior's rating.
+  _check_connected(battles_lib.score_matrix(log)[1], log.models)
   reps = _bootstrap(log, rounds=rounds, seed=seed, anchor=anchor, scale=scale,
                     base=base, init_rating=init_rating, l2=l2)
   low, mid, high = intervals.percentile_interval(reps, alpha=alpha)
@@ -259,6 +268,9 @@ def leaderboard(battles: Sequence[dict[str, Any]], *,
   ranked below the anchor as soon as its interval lies below the anchor's
   rating.
   """
+  if l2 == 0:
+    raise ValueError('leaderboard: l2 must be > 0 for its bootstrap intervals (a resampled '
+                     'log can leave a model undefeated); use bradley_terry for l2=0 ratings')
   ratings = bradley_terry(battles, models=models, anchor=anchor, scale=scale,
                           base=base, init_rating=init_rating, l2=l2)
   spans = bootstrap_intervals(battles, rounds=rounds, seed=seed, alpha=alpha,

@@ -152,6 +152,10 @@ def _item_ids(items: Sequence[dict], required: Sequence[str],
     ids.append(str(item.get('id', f'item-{i}')))
   seen = set()
   for i, item_id in enumerate(ids):
+    if item_id != item_id.strip() or not item_id:
+      # The import strips cells (a spreadsheet pads them): this id would not come back.
+      raise ValueError(f'{what}: item {i} has the id {item_id!r}; ids must be non-empty '
+                       'without spaces at either end')
     if item_id in seen:
       raise ValueError(f'{what}: item {i} repeats id {item_id!r}; ids must be '
                        'unique')

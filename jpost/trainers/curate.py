@@ -37,6 +37,26 @@ def _strings(value):
       yield from _strings(v)
 
 
+def _eval_texts(row: dict) -> list[str]:
+  """An evaluation row's strings, and all of them but the roles joined as one
+  text: a training row is checked as its parts joined (prompt, then answer),
+  so an eval row copied whole is caught even when each of its strings is
+  shorter than the n-gram (a short string matches only a whole text)."""
+  def contents(value, key=None):
+    if key == 'role':
+      return
+    if isinstance(value, str):
+      yield value
+    elif isinstance(value, dict):
+      for k, v in value.items():
+        if k != WHERE_KEY:
+          yield from contents(v, k)
+    elif isinstance(value, (list, tuple)):
+      for v in value:
+        yield from contents(v, key)
+  return [*_strings(row), '\n'.join(contents(row))]
+
+
 def read(specs, row_filter) -> list[dict]:
   out = []
   for spec in pipeline.resolve_sources(list(specs)):
@@ -72,7 +92,7 @@ def run(config, workdir: str | None):
   row_filter = RowFilter(policy='skip')  # malformed lines: counted, as 'unreadable'
   rows = read(config.data.train, row_filter)
   eval_texts = [text for row in read(config.data.eval, RowFilter(policy='error'))
-                for text in _strings(row)]
+                for text in _eval_texts(row)]
   result = curate.curate(rows, config.data.kind, lambda t: len(tokenizer.encode(t)),
                          settings, eval_texts)
   with open(workdir / 'curated.jsonl', 'w') as f:

@@ -19,6 +19,7 @@ For every model in `config.models` (name -> checkpoint, embedded name, or a
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import pathlib
@@ -89,15 +90,50 @@ def sample_model(path: str, config, *, sources=None, max_prompt_len=None,
 
 
 def load_completions(path: pathlib.Path) -> list[dict]:
-  rows = []
+  """A completions file's rows (blank lines skipped); every row must carry the
+  same number of samples, since pass@k and maj@k compare prompts at one k."""
+  rows, counts = [], {}
   for line_no, line in enumerate(path.read_text(encoding='utf-8').splitlines(), 1):
-    row = json.loads(line)
-    missing = {'prompt', 'greedy', 'samples', 'extra'} - set(row)
+    if not line.strip():
+      continue
+    where = f'{path}:{line_no}'
+    try:
+      row = json.loads(line)
+    except ValueError as e:
+      raise ConfigError(f'{where}: not a JSON object ({e}).') from None
+    missing = {'prompt', 'greedy', 'samples', 'extra'} - set(row) if isinstance(row, dict) else {
+        'a JSON object'}
     if missing:
-      raise ConfigError(f'{path}:{line_no}: completions row lacks {sorted(missing)}; use a '
+      raise ConfigError(f'{where}: completions row lacks {sorted(missing)}; use a '
                        'file written by the eval recipe (completions_NAME.jsonl).')
+    if not (isinstance(row['samples'], list) and all(isinstance(t, str) for t in row['samples'])):
+      raise ConfigError(f'{where}: "samples" must be a list of answer texts.')
+    counts.setdefault(len(row['samples']), where)
+    if len(counts) > 1:
+      (k, first), (other, _) = counts.items()
+      raise ConfigError(f'{where}: {other} samples where {first} has {k}; every row of a '
+                        'completions file needs the same number of samples.')
     rows.append(row)
+  if not rows:
+    raise ConfigError(f'{path}: no completions rows.')
   return rows
+
+
+VERIFIER = 'math'  # the ground truth: answers checked against answer_key
+
+
+def check_rewards(rewards_config) -> None:
+  """The eval's rewards are the verifier alone: correctness is its own
+  verdict, and maj@k groups answers by its equivalence."""
+  names = set(rewards_config)
+  if names != {VERIFIER}:
+    raise ConfigError(
+        f'config.rewards has {sorted(names)}; the eval scores answers with the {VERIFIER!r} '
+        f'verifier alone (correct or not, as maj@k compares them): give only rewards.{VERIFIER}.')
+  weight = rewards_config[VERIFIER].get('weight', 1.0)
+  if weight != 1.0:
+    raise ConfigError(f'config.rewards.{VERIFIER}.weight={weight}: the eval reads the '
+                      "verifier's verdict, which a weight does not change; leave it at 1.")
 
 
 def correctness(reward_fns, rows: list[dict], texts_of) -> tuple[np.ndarray, int]:
@@ -111,7 +147,9 @@ def correctness(reward_fns, rows: list[dict], texts_of) -> tuple[np.ndarray, int
       texts.append(text)
       extras.append(row['extra'])
   result = rewards.score(reward_fns, prompts, texts, extras)
-  return result.total.reshape(len(rows), -1), result.failed()
+  # The verifier's own 0/1, not a weighted sum that other settings would move.
+  verdict = np.nan_to_num(result.per_source[VERIFIER], nan=0.0)
+  return verdict.reshape(len(rows), -1), result.failed()
 
 
 def ground_truth(rows: list[dict], reward_fns, answer_key: str,
@@ -152,17 +190,22 @@ def _row_key(row: dict) -> str:
 
 def align(outputs: dict) -> dict:
   """Every model's rows in the first model's prompt order, so battles compare
-  answers to the same prompt; a prompt some model lacks is an error."""
+  answers to the same prompt (a prompt given twice: its rows in turn); a
+  prompt some model lacks, or has another number of times, is an error."""
   names = list(outputs)
   order = [_row_key(r) for r in outputs[names[0]]]
   for name in names[1:]:
-    by_key = {_row_key(r): r for r in outputs[name]}
-    missing = [k for k in order if k not in by_key]
-    if missing or len(by_key) != len(order):
+    by_key = collections.defaultdict(collections.deque)
+    for row in outputs[name]:
+      by_key[_row_key(row)].append(row)
+    wanted = collections.Counter(order)
+    missing = [k for k in wanted if len(by_key.get(k, ())) != wanted[k]]
+    if missing or len(outputs[name]) != len(order):
       raise ConfigError(
           f'model {name!r} answered other prompts than {names[0]!r} ({len(missing)} of '
-          f'{len(order)} missing, e.g. {missing[:1]}); evaluate every model on the same data.')
-    outputs[name] = [by_key[k] for k in order]
+          f'{len(wanted)} prompts missing or answered another number of times, e.g. '
+          f'{missing[:1]}); evaluate every model on the same data.')
+    outputs[name] = [by_key[k].popleft() for k in order]
   return outputs
 
 
@@ -344,6 +387,7 @@ def run(config, workdir):
     raise ConfigError(f'config.pairwise.judge={config.pairwise.judge!r}; use one of '
                      f'{PAIRWISE_JUDGES}.')
   rollout.check_answer_key(config)
+  check_rewards(config.rewards)
   if (config.rerank.prm or config.rerank.reward_model) and config.sampling.num_samples < 2:
     raise ConfigError(f'config.rerank picks the best of sampling.num_samples answers, which is '
                       f'{config.sampling.num_samples}: sample 2 or more, or unset rerank.')
