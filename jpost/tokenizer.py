@@ -438,7 +438,7 @@ class Tokenizer:
     first = self._first_region_start(pieces[0], {e[1] for e in eots if e})
 
     ids, starts = self.encode_with_offsets(text)
-    ids, starts = self._typed_specials_as_text(ids, starts, text, contents)
+    ids, starts = self._typed_specials_as_text(ids, starts, contents)
     def index(char: int) -> int:
       return bisect.bisect_left(starts, char)
     spans = []
@@ -486,7 +486,7 @@ class Tokenizer:
     backend.encode_special_tokens = True  # '<|im_end|>' is text, not a token
     return backend
 
-  def _typed_specials_as_text(self, ids: list[int], starts: list[int], text: str,
+  def _typed_specials_as_text(self, ids: list[int], starts: list[int],
                               contents: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
     """Special tokens typed inside a message's content, encoded as the text
     they are. Otherwise a user (or a data row, or a request to the server)
