@@ -354,9 +354,8 @@ class Tokenizer:
     kinds = {decoder.get('type')} | {d.get('type') for d in decoder.get('decoders') or ()}
     if 'ByteLevel' not in kinds:
       return None
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    extra = iter(range(256, 512))
-    return {chr(b if b in printable else next(extra)): b for b in range(256)}
+    from jpost.models.gguf_tokenizer import byte_alphabet
+    return {char: byte for byte, char in byte_alphabet().items()}
 
   def token_bytes(self, token_id: int) -> bytes:
     """The bytes one token stands for. A token may hold part of a UTF-8

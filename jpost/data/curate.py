@@ -260,11 +260,12 @@ def curate(raw_rows: list[dict], kind: str, count_tokens: Callable[[str], int],
     whole = '\n'.join(parts.values())
     if reason is None:
       digest = hashlib.sha1(normalised(whole).encode()).hexdigest()
-      other, signature = (hashes[digest], None) if digest in hashes else near.find(whole)
       if digest in hashes:
-        reason = ('exact_duplicate', f'same text as {other}')
-      elif other is not None:
-        reason = ('near_duplicate', f'similar to {other}')
+        reason = ('exact_duplicate', f'same text as {hashes[digest]}')
+      else:
+        other, signature = near.find(whole)
+        if other is not None:
+          reason = ('near_duplicate', f'similar to {other}')
     if reason is None and index:
       span = overlap(whole, index, s.decontaminate_n)
       if span is not None:

@@ -80,7 +80,7 @@ PRE_TOKENIZERS = {
 
 
 @functools.cache
-def _byte_alphabet() -> dict[int, str]:
+def byte_alphabet() -> dict[int, str]:
   """GPT-2's byte -> printable character table (as in `tokenizers`' ByteLevel)."""
   printable = (list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1))
                + list(range(ord('®'), ord('ÿ') + 1)))
@@ -118,7 +118,7 @@ def _special_id(reader, key: str, tokens: list[str]) -> int | None:
 
 
 def _vocab(tokens: list[str], types: list[int]) -> dict[str, int]:
-  alphabet = _byte_alphabet()
+  alphabet = byte_alphabet()
   letters = set(alphabet.values())
   vocab = {}
   for i, (token, kind) in enumerate(zip(tokens, types)):

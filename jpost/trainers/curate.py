@@ -23,18 +23,21 @@ from jpost.tokenizer import Tokenizer
 from jpost.trainers import register
 
 
-def _strings(value):
+def _strings(value, *, roles: bool = True, key: str | None = None):
   """Every string inside a row (prompts, messages, answers): the text an
-  evaluation row exposes to contamination."""
+  evaluation row exposes to contamination; `roles=False` leaves out the
+  messages' role names."""
+  if key == 'role' and not roles:
+    return
   if isinstance(value, str):
     yield value
   elif isinstance(value, dict):
     for k, v in value.items():
       if k != WHERE_KEY:
-        yield from _strings(v)
+        yield from _strings(v, roles=roles, key=k)
   elif isinstance(value, (list, tuple)):
     for v in value:
-      yield from _strings(v)
+      yield from _strings(v, roles=roles, key=key)
 
 
 def _eval_texts(row: dict) -> list[str]:
@@ -42,19 +45,7 @@ def _eval_texts(row: dict) -> list[str]:
   text: a training row is checked as its parts joined (prompt, then answer),
   so an eval row copied whole is caught even when each of its strings is
   shorter than the n-gram (a short string matches only a whole text)."""
-  def contents(value, key=None):
-    if key == 'role':
-      return
-    if isinstance(value, str):
-      yield value
-    elif isinstance(value, dict):
-      for k, v in value.items():
-        if k != WHERE_KEY:
-          yield from contents(v, k)
-    elif isinstance(value, (list, tuple)):
-      for v in value:
-        yield from contents(v, key)
-  return [*_strings(row), '\n'.join(contents(row))]
+  return [*_strings(row), '\n'.join(_strings(row, roles=False))]
 
 
 def read(specs, row_filter) -> list[dict]:

@@ -92,7 +92,7 @@ def sample_model(path: str, config, *, sources=None, max_prompt_len=None,
 def load_completions(path: pathlib.Path) -> list[dict]:
   """A completions file's rows (blank lines skipped); every row must carry the
   same number of samples, since pass@k and maj@k compare prompts at one k."""
-  rows, counts = [], {}
+  rows, first = [], None  # first: (sample count, where) of the first row
   for line_no, line in enumerate(path.read_text(encoding='utf-8').splitlines(), 1):
     if not line.strip():
       continue
@@ -101,18 +101,19 @@ def load_completions(path: pathlib.Path) -> list[dict]:
       row = json.loads(line)
     except ValueError as e:
       raise ConfigError(f'{where}: not a JSON object ({e}).') from None
-    missing = {'prompt', 'greedy', 'samples', 'extra'} - set(row) if isinstance(row, dict) else {
-        'a JSON object'}
+    if not isinstance(row, dict):
+      raise ConfigError(f'{where}: not a JSON object ({type(row).__name__}).')
+    missing = {'prompt', 'greedy', 'samples', 'extra'} - set(row)
     if missing:
       raise ConfigError(f'{where}: completions row lacks {sorted(missing)}; use a '
                        'file written by the eval recipe (completions_NAME.jsonl).')
     if not (isinstance(row['samples'], list) and all(isinstance(t, str) for t in row['samples'])):
       raise ConfigError(f'{where}: "samples" must be a list of answer texts.')
-    counts.setdefault(len(row['samples']), where)
-    if len(counts) > 1:
-      (k, first), (other, _) = counts.items()
-      raise ConfigError(f'{where}: {other} samples where {first} has {k}; every row of a '
-                        'completions file needs the same number of samples.')
+    first = first or (len(row['samples']), where)
+    if len(row['samples']) != first[0]:
+      raise ConfigError(f'{where}: {len(row["samples"])} samples where {first[1]} has '
+                        f'{first[0]}; every row of a completions file needs the same number '
+                        'of samples.')
     rows.append(row)
   if not rows:
     raise ConfigError(f'{path}: no completions rows.')
